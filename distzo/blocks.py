@@ -1,0 +1,153 @@
+"""Blocks: the model cut in execution order, each one contiguous flat buffer with a manifest.
+
+Block 0 holds what runs before the first decoder layer (token and position embeddings),
+blocks 1..L one decoder layer each, block L+1 what runs after (final norm, head). A tied
+weight is stored once, in the block whose module uses it first; later users (a tied
+``lm_head``) read it from there. Element ``i`` of tensor ``t`` in block ``b`` has the
+global index ``b.global_offset + t.offset + i`` in the flat parameter space: the index
+the perturbation generator uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NUMPY_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
+ITEMSIZE: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # canonical parameter name in the Hugging Face state dict
+    shape: tuple[int, ...]
+    offset: int  # element offset inside the block
+    decay: bool  # weight decay applies (not to biases and norms: tensors of rank < 2)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    index: int
+    name: str  # "embed", "layer.<i>", "head"
+    global_offset: int
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def decay_segments(self) -> list[tuple[int, int, bool]]:
+        """Maximal runs of tensors sharing the decay flag: (start, end, decay)."""
+        segs: list[tuple[int, int, bool]] = []
+        for t in self.tensors:
+            if segs and segs[-1][2] == t.decay and segs[-1][1] == t.offset:
+                segs[-1] = (segs[-1][0], t.offset + t.numel, t.decay)
+            else:
+                segs.append((t.offset, t.offset + t.numel, t.decay))
+        return segs
+
+    def slice_range(self, rank: int, parts: int) -> tuple[int, int]:
+        """Element range [start, end) of slice ``rank`` of ``parts`` (even split, last ones shorter)."""
+        if parts < 1:
+            raise ValueError(f"slice count must be >= 1, got {parts}")
+        if not 0 <= rank < parts:
+            raise ValueError(f"slice index {rank} out of range for {parts} slices")
+        per = -(-self.numel // parts)
+        start = min(rank * per, self.numel)
+        return start, min(start + per, self.numel)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_type: str
+    blocks: tuple[BlockSpec, ...]
+    tied: dict[str, str] = field(default_factory=dict)  # alias name -> canonical name
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.blocks)
+
+    def tensor(self, name: str) -> tuple[BlockSpec, TensorSpec]:
+        name = self.tied.get(name, name)
+        for b in self.blocks:
+            for t in b.tensors:
+                if t.name == name:
+                    return b, t
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "Manifest":
+        raw = json.loads(text)
+        blocks = tuple(
+            BlockSpec(
+                index=b["index"],
+                name=b["name"],
+                global_offset=b["global_offset"],
+                tensors=tuple(
+                    TensorSpec(name=t["name"], shape=tuple(t["shape"]), offset=t["offset"], decay=t["decay"])
+                    for t in b["tensors"]
+                ),
+            )
+            for b in raw["blocks"]
+        )
+        return Manifest(model_type=raw["model_type"], blocks=blocks, tied=dict(raw["tied"]))
+
+
+def build_manifest(
+    model_type: str,
+    block_of_param: dict[str, int],
+    shapes: dict[str, tuple[int, ...]],
+    order: list[str],
+    num_blocks: int,
+    names: dict[int, str],
+    tied: dict[str, str],
+) -> Manifest:
+    """Lay tensors out block by block (in ``order`` within a block) with global offsets."""
+    per_block: list[list[str]] = [[] for _ in range(num_blocks)]
+    for name in order:
+        per_block[block_of_param[name]].append(name)
+    blocks = []
+    offset_global = 0
+    for b in range(num_blocks):
+        tensors = []
+        off = 0
+        for name in per_block[b]:
+            shape = tuple(int(d) for d in shapes[name])
+            spec = TensorSpec(name=name, shape=shape, offset=off, decay=len(shape) >= 2)
+            tensors.append(spec)
+            off += spec.numel
+        blocks.append(BlockSpec(index=b, name=names[b], global_offset=offset_global, tensors=tuple(tensors)))
+        offset_global += off
+    return Manifest(model_type=model_type, blocks=tuple(blocks), tied=dict(tied))
+
+
+def flatten_block(spec: BlockSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Copy the block's tensors into one new contiguous flat buffer."""
+    flat = torch.empty(spec.numel, dtype=dtype)
+    for t in spec.tensors:
+        src = tensors[t.name]
+        if tuple(src.shape) != t.shape:
+            raise ValueError(f"tensor {t.name} has shape {tuple(src.shape)}, manifest says {t.shape}")
+        flat[t.offset : t.offset + t.numel].copy_(src.reshape(-1))
+    return flat
+
+
+def block_views(spec: BlockSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-tensor views into a flat block buffer (no copies)."""
+    if flat.numel() != spec.numel:
+        raise ValueError(f"block {spec.index} buffer has {flat.numel()} elements, manifest says {spec.numel}")
+    return {t.name: flat[t.offset : t.offset + t.numel].view(t.shape) for t in spec.tensors}

@@ -1,0 +1,46 @@
+"""Write blocks out as a standard Hugging Face model directory (``save_pretrained`` layout)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from distzo.modeling import BlockModel, _empty_model
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def export_model_dir(model: BlockModel, buffers: list[torch.Tensor], out_dir: str | Path) -> Path:
+    """Save the weights in ``buffers`` (fp32 blocks) with the model's config and tokenizer files.
+
+    The exported model's parameters are views of the block buffers (no second copy of the
+    weights in memory); ``save_pretrained`` writes them as safetensors.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = _empty_model(model.config)
+    state = model.state_dict_from_blocks(buffers)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise RuntimeError(f"export: unexpected tensors {unexpected[:5]}")
+    untied = [m for m in missing if m not in model.manifest.tied and m not in dict(hf.named_buffers())]
+    if untied:
+        raise RuntimeError(f"export: tensors missing from the blocks: {untied[:5]}")
+    hf.tie_weights()
+    hf.save_pretrained(str(out), safe_serialization=True)
+    if model.source_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = model.source_dir / name
+            if src.is_file():
+                shutil.copyfile(src, out / name)
+    return out

@@ -1,0 +1,288 @@
+"""Block-streaming forward: several forward jobs over one pass of the blocks.
+
+A *job* is one forward of one batch at ``theta + coef * z(seed)`` (``coef = 0``: clean
+weights, used by eval). All jobs of a run share each block while it is resident: the
+first job to reach block ``b`` gets its clean buffer from the feed and makes every job's
+perturbed copy (out of place, z generated once per seed), each job runs its part of the
+model on its copy, and the block is dropped when the last job has moved past it. This
+is the dual forward of ZO2 (both signs per fetch), generalized to any number of jobs.
+
+The jobs are the skeleton's own Hugging Face ``forward`` running in threads that take
+turns in strict order (job 0 on block b, job 1 on block b, ..., job 0 on block b+1):
+only one thread computes at any time, so every job's result is bitwise that of running
+the forwards one after another, whatever the thread scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from distzo.data import Batch
+from distzo.generator import Distribution
+from distzo.mezo import perturb_block
+from distzo.modeling import BlockModel
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class ForwardJob:
+    batch: Batch
+    seed: int = 0
+    coef: float = 0.0  # sign * eps; 0.0 runs the clean weights
+    want_scores: bool = False  # per-row summed log-prob of the label tokens (eval)
+    want_logits: bool = False  # full logits (tests)
+
+
+@dataclass
+class JobResult:
+    loss: float  # mean cross-entropy over the label tokens
+    label_tokens: int
+    tokens: int  # attended tokens in the batch
+    scores: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class BlockFeed(Protocol):
+    """Where clean block buffers come from (memory for the reference, the server for workers)."""
+
+    def get(self, block: int) -> torch.Tensor: ...
+
+    def release(self, block: int) -> None: ...
+
+
+class _Lockstep:
+    """Turn-taking over (block, job): the unfinished job with the lowest (block, index) runs."""
+
+    def __init__(self, njobs: int):
+        self.pos = [-1] * njobs
+        self.done = [False] * njobs
+        self.turn = 0
+        self.cv = threading.Condition()
+
+    def _next(self) -> int:
+        live = [(p, j) for j, p in enumerate(self.pos) if not self.done[j]]
+        return min(live)[1] if live else -1
+
+    def lowest_position(self) -> float:
+        live = [p for j, p in enumerate(self.pos) if not self.done[j]]
+        return min(live) if live else math.inf
+
+    def wait_turn(self, j: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == j)
+
+    def move(self, j: int, block: int, on_moved) -> None:  # noqa: ANN001
+        with self.cv:
+            self.pos[j] = block
+            on_moved()  # still our turn: safe to drop blocks nobody will enter again
+            self.turn = self._next()
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn == j)
+
+    def finish(self, j: int) -> None:
+        with self.cv:
+            self.done[j] = True
+            self.turn = self._next()
+            self.cv.notify_all()
+
+
+@dataclass
+class _BlockState:
+    clean: torch.Tensor | None = None
+    copies: list[torch.Tensor] = field(default_factory=list)
+    views: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+class _Run:
+    def __init__(self, engine: "ForwardEngine", jobs: list[ForwardJob], feed: BlockFeed):
+        self.engine = engine
+        self.jobs = jobs
+        self.feed = feed
+        self.lockstep = _Lockstep(len(jobs))
+        self.blocks: dict[int, _BlockState] = {}
+        self.current = [-1] * len(jobs)
+
+    def prepare(self, b: int) -> _BlockState:
+        state = self.blocks.get(b)
+        if state is None:
+            state = _BlockState()
+            self.blocks[b] = state
+            try:
+                state.clean = self.feed.get(b)
+                state.copies = self.engine.make_copies(b, state.clean, self.jobs)
+            except BaseException as exc:  # every job entering this block fails the same way
+                state.error = exc
+        if state.error is not None:
+            raise state.error
+        return state
+
+    def views(self, j: int, b: int) -> dict[str, torch.Tensor]:
+        state = self.prepare(b)
+        v = state.views.get(j)
+        if v is None:
+            v = self.engine.model.views(self.engine.model.manifest.blocks[b], state.copies[j])
+            state.views[j] = v
+        return v
+
+    def release_passed(self) -> None:
+        lowest = self.lockstep.lowest_position()
+        for b in sorted(self.blocks):
+            if b < lowest and b not in self.engine.model.pinned_blocks and self.blocks[b].clean is not None:
+                self.drop(b)
+
+    def drop(self, b: int) -> None:
+        state = self.blocks[b]
+        self.engine.model.unbind_block(b)
+        state.copies = []
+        state.views = {}
+        if state.clean is not None:
+            state.clean = None
+            self.feed.release(b)
+
+
+class ForwardEngine:
+    """Runs forward jobs over a block feed with the model's skeleton."""
+
+    def __init__(
+        self,
+        model: BlockModel,
+        dist: Distribution | str = Distribution.RADEMACHER,
+        device: str | torch.device = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+    ):
+        self.model = model
+        self.dist = Distribution(dist)
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self._tls = threading.local()
+        self._lock = threading.Lock()  # one run at a time per engine (the skeleton is shared)
+        for mod in model.module_refs:
+            mod.register_forward_pre_hook(self._pre_hook)
+
+    # ------------------------------------------------------------------ perturbation
+    def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+        """Each job's weights for block b, made out of place from the clean buffer."""
+        spec = self.model.manifest.blocks[b]
+        copies: list[torch.Tensor | None] = [None] * len(jobs)
+        by_seed: dict[int, list[int]] = {}
+        for j, job in enumerate(jobs):
+            if job.coef == 0.0:
+                copies[j] = clean if clean.dtype == self.compute_dtype else clean.to(self.compute_dtype)
+            else:
+                by_seed.setdefault(job.seed, []).append(j)
+        for seed, idx in by_seed.items():
+            outs = perturb_block(clean, spec.global_offset, seed, self.dist, [jobs[j].coef for j in idx], self.compute_dtype)
+            for j, out in zip(idx, outs):
+                copies[j] = out
+        return copies  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, module: torch.nn.Module, _args: object) -> None:
+        ctx = getattr(self._tls, "ctx", None)
+        if ctx is None:
+            raise RuntimeError("the model skeleton has no weights outside ForwardEngine.run")
+        run, j = ctx
+        b = self.model.module_block[module]
+        if b != run.current[j]:
+            if b < run.current[j]:
+                raise RuntimeError(f"module of block {b} ran after block {run.current[j]}: not a block-ordered model")
+            run.lockstep.move(j, b, run.release_passed)
+            run.current[j] = b
+        refs = self.model.module_refs[module]
+        self.model.bind(module, {r.block: run.views(j, r.block) for r in refs})
+
+    # ------------------------------------------------------------------ running
+    def run(self, jobs: list[ForwardJob], feed: BlockFeed) -> list[JobResult]:
+        if not jobs:
+            return []
+        with self._lock:
+            run = _Run(self, jobs, feed)
+            results: list[JobResult | None] = [None] * len(jobs)
+            errors: list[BaseException | None] = [None] * len(jobs)
+            threads = [
+                threading.Thread(target=self._job, args=(run, j, results, errors), name=f"fwd-job-{j}", daemon=True)
+                for j in range(1, len(jobs))
+            ]
+            for t in threads:
+                t.start()
+            self._job(run, 0, results, errors)
+            for t in threads:
+                t.join()
+            for b in list(run.blocks):
+                run.drop(b)
+            self.model.unbind_all()
+            for err in errors:
+                if err is not None:
+                    raise err
+            return results  # type: ignore[return-value]
+
+    def _job(self, run: _Run, j: int, results: list, errors: list) -> None:
+        self._tls.ctx = (run, j)
+        try:
+            run.lockstep.wait_turn(j)
+            with torch.inference_mode():
+                results[j] = self._forward(run.jobs[j])
+        except BaseException as exc:  # reported to the caller after every job has finished
+            errors[j] = exc
+        finally:
+            self._tls.ctx = None
+            run.lockstep.finish(j)
+
+    def _forward(self, job: ForwardJob) -> JobResult:
+        skel = self.model.skeleton
+        batch = job.batch
+        ids = batch.input_ids.to(self.device)
+        mask = batch.attention_mask.to(self.device)
+        hidden = skel.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        head = skel.get_output_embeddings()
+        logits_full = head(hidden).float() if job.want_logits else None
+        labels = batch.labels.to(self.device)[:, 1:]
+        picked = labels != IGNORE
+        n = int(picked.sum())
+        if n == 0:
+            raise ValueError("the batch has no label tokens to compute a loss on")
+        if logits_full is not None:
+            logits = logits_full[:, :-1][picked]
+        else:
+            logits = head(hidden[:, :-1][picked]).float()
+        token_logp = torch.log_softmax(logits, dim=-1).gather(1, labels[picked].unsqueeze(1)).squeeze(1)
+        loss = float(-token_logp.sum() / n)
+        scores = None
+        if job.want_scores:
+            rows = picked.nonzero()[:, 0]
+            scores = torch.zeros(ids.shape[0], dtype=torch.float64, device=self.device)
+            scores.index_add_(0, rows, token_logp.to(torch.float64))
+            scores = scores.cpu()
+        return JobResult(
+            loss=loss,
+            label_tokens=n,
+            tokens=int(mask.sum()),
+            scores=scores,
+            logits=logits_full.cpu() if logits_full is not None else None,
+        )
+
+
+class MemoryFeed:
+    """Blocks already in memory (the reference trainer, eval, tests)."""
+
+    def __init__(self, buffers: list[torch.Tensor]):
+        self.buffers = buffers
+
+    def get(self, block: int) -> torch.Tensor:
+        return self.buffers[block]
+
+    def release(self, block: int) -> None:
+        pass
+
+
+def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """HF-style shifted mean CE over non-ignored labels (for checking the engine)."""
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE))

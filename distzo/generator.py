@@ -1,0 +1,556 @@
+"""The perturbation generator: counter-based z(seed, index), identical on every device.
+
+Algorithm (documented here because every service depends on it bit for bit):
+
+* Random bits come from Philox4x32-10 (Salmon et al., SC'11; Random123 known-answer
+  vectors are checked in the tests). The key is the 64-bit seed split into two 32-bit
+  words ``(seed & 0xffffffff, seed >> 32)``; the counter is ``(c & 0xffffffff, c >> 32, 0, 0)``.
+* **Rademacher**: element ``i`` uses counter ``c = i >> 7`` and bit ``i & 31`` of output
+  word ``(i >> 5) & 3``; ``z = +1`` when the bit is 0, ``-1`` when it is 1.
+* **Gaussian**: element ``i`` uses counter ``c = i >> 2``. Output words ``(x0, x1)`` feed
+  elements ``4c`` and ``4c+1``, ``(x2, x3)`` feed ``4c+2`` and ``4c+3``, by Box-Muller:
+  ``r = sqrt(-2 ln((x0 + 1) / 2^32))``, angle ``q*pi/2 + phi`` with quadrant ``q = x1 >> 30``
+  and ``phi = ((x1 & 0x3fffffff) - 2^29) * 2pi / 2^32`` in ``[-pi/4, pi/4)``;
+  ``z = (float32(r*cos), float32(r*sin))``. ``ln``, ``sin`` and ``cos`` are fixed polynomials
+  evaluated in float64 with only IEEE-exact operations (+, -, *, /, sqrt, bit moves), in a
+  fixed order and never fused, so the CPU kernels here and the torch path (CUDA) return the
+  same bits; no libm call whose last bit could differ between machines.
+* Every value is a pure function of ``(seed, i)``: any slice can be generated, perturbed or
+  updated alone, in any order, on any device or thread count, with the same result.
+
+The arithmetic built on z (also one rounding each, float64 inside):
+* perturb: ``out = float32(theta + c * z)``
+* update:  ``w = float32(w - (sum_j a_j * z_j + d * w))`` with directions applied in order.
+
+The CPU path is numba-compiled (vectorized, GIL released) and split across a thread pool in
+128-aligned chunks; the torch path runs on whatever device its tensors live on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
+from typing import Sequence
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.core.extending import intrinsic
+
+SEED_LIMIT = 1 << 63  # seeds are non-negative int64 so they travel through protobuf/JSON unchanged
+
+
+class Distribution(str, Enum):
+    RADEMACHER = "rademacher"
+    GAUSSIAN = "gaussian"
+
+
+# ----------------------------------------------------------------------------- constants
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+_MASK32 = 0xFFFFFFFF
+_LN2 = math.log(2.0)
+_SQRT_HALF = math.sqrt(0.5)
+_TWO_PI_OVER_2_32 = 2.0 * math.pi / 2.0**32
+_HALF_QUADRANT = 536870912.0  # 2^29
+# Polynomials sized for float32 output (truncation error < 3e-9 relative, far below float32's 6e-8):
+# ln(m) = 2*atanh(s) = 2s * sum_k s^(2k)/(2k+1) with |s| <= 0.1716; sin, cos Taylor on [-pi/4, pi/4].
+_ATANH = tuple(1.0 / (2 * k + 1) for k in range(6))
+_SIN = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(6))
+_COS = tuple((-1) ** k / math.factorial(2 * k) for k in range(7))
+_MAGIC_U32 = 0x4330000000000000  # bits of 2^52: OR a u32 into the mantissa, subtract 2^52
+_TWO_52 = 4503599627370496.0
+
+_U64_M0, _U64_M1 = np.uint64(_M0), np.uint64(_M1)
+_U64_W0, _U64_W1 = np.uint64(_W0), np.uint64(_W1)
+_U64_MASK = np.uint64(_MASK32)
+_U64_32 = np.uint64(32)
+
+_SCRATCH = 4096  # elements generated per inner chunk (multiple of 128)
+_ALIGN = 128  # thread chunks start on Philox-call boundaries of both distributions
+
+
+# ----------------------------------------------------------------------------- numba kernels
+@intrinsic
+def _f64_bits(typingctx, x):  # noqa: ANN001 - numba intrinsic signature
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_f64(typingctx, x):  # noqa: ANN001
+    if x != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@njit(inline="always", cache=True)
+def _philox(c0, c1, c2, c3, k0, k1):  # noqa: ANN001, ANN202
+    for _ in range(10):
+        p0 = _U64_M0 * c0
+        p1 = _U64_M1 * c2
+        c0, c1, c2, c3 = (p1 >> _U64_32) ^ c1 ^ k0, p1 & _U64_MASK, (p0 >> _U64_32) ^ c3 ^ k1, p0 & _U64_MASK
+        k0 = (k0 + _U64_W0) & _U64_MASK
+        k1 = (k1 + _U64_W1) & _U64_MASK
+    return c0, c1, c2, c3
+
+
+@njit(nogil=True, cache=True)
+def _philox_block(c0, c1, c2, c3, k0, k1):  # noqa: ANN001, ANN202
+    return _philox(np.uint64(c0), np.uint64(c1), np.uint64(c2), np.uint64(c3), np.uint64(k0), np.uint64(k1))
+
+
+@njit(nogil=True, cache=True)
+def _philox_words(words, first_counter, k0, k1):  # noqa: ANN001, ANN202
+    for i in range(words.shape[0] // 4):
+        cnt = first_counter + np.uint64(i)
+        x0, x1, x2, x3 = _philox(cnt & _U64_MASK, cnt >> _U64_32, np.uint64(0), np.uint64(0), k0, k1)
+        words[4 * i] = np.uint32(x0)
+        words[4 * i + 1] = np.uint32(x1)
+        words[4 * i + 2] = np.uint32(x2)
+        words[4 * i + 3] = np.uint32(x3)
+
+
+@njit(inline="always", cache=True)
+def _u32_to_f64(x):  # noqa: ANN001, ANN202
+    return _bits_f64(np.int64(x) | _MAGIC_U32) - _TWO_52
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _box_muller(words, z):  # noqa: ANN001, ANN202
+    # error_model="numpy" drops numba's ZeroDivisionError branch so the loop vectorizes
+    for k in range(z.shape[0] // 2):
+        x0 = words[2 * k]
+        x1 = words[2 * k + 1]
+        # ln((x0 + 1) / 2^32): split v = m * 2^e exactly via the float64 bits, m in [sqrt(1/2), sqrt(2))
+        b = _f64_bits(_u32_to_f64(x0) + 1.0)
+        e = ((b >> 52) & 0x7FF) - 1022
+        m = _bits_f64((b & 0xFFFFFFFFFFFFF) | (1022 << 52))
+        small = np.int64(m < _SQRT_HALF)
+        m = m * (1.0 + np.float64(small))
+        e = e - small
+        s = (m - 1.0) / (m + 1.0)
+        t = s * s
+        p = _ATANH[5]
+        p = p * t + _ATANH[4]
+        p = p * t + _ATANH[3]
+        p = p * t + _ATANH[2]
+        p = p * t + _ATANH[1]
+        p = p * t + _ATANH[0]
+        ln = np.float64(e - 32) * _LN2 + 2.0 * s * p
+        r = math.sqrt(-2.0 * ln)
+        q = np.int64(x1 >> np.uint32(30))
+        phi = (_u32_to_f64(x1 & np.uint32(0x3FFFFFFF)) - _HALF_QUADRANT) * _TWO_PI_OVER_2_32
+        f = phi * phi
+        sn = _SIN[5]
+        sn = sn * f + _SIN[4]
+        sn = sn * f + _SIN[3]
+        sn = sn * f + _SIN[2]
+        sn = sn * f + _SIN[1]
+        sn = sn * f + _SIN[0]
+        sn = sn * phi
+        cs = _COS[6]
+        cs = cs * f + _COS[5]
+        cs = cs * f + _COS[4]
+        cs = cs * f + _COS[3]
+        cs = cs * f + _COS[2]
+        cs = cs * f + _COS[1]
+        cs = cs * f + _COS[0]
+        # rotate by q quadrants with bit selects and sign flips (exact, branch-free)
+        odd = -(q & 1)
+        bs = _f64_bits(sn)
+        bc = _f64_bits(cs)
+        first = (bs & odd) | (bc & ~odd)
+        second = (bc & odd) | (bs & ~odd)
+        z[2 * k] = np.float32(r * _bits_f64(first ^ ((((q + 1) >> 1) & 1) << 63)))
+        z[2 * k + 1] = np.float32(r * _bits_f64(second ^ ((q >> 1) << 63)))
+
+
+@njit(nogil=True, cache=True)
+def _rademacher_expand(words, z):  # noqa: ANN001, ANN202
+    for wi in range(words.shape[0]):
+        x = words[wi]
+        for bit in range(32):
+            z[32 * wi + bit] = np.float32(1.0) - np.float32(2.0) * np.float32((x >> np.uint32(bit)) & np.uint32(1))
+
+
+@njit(inline="always", cache=True)
+def _z_chunk(gaussian, start, n, k0, k1, words, zbuf):  # noqa: ANN001, ANN202
+    """Fill zbuf with z for the aligned range covering [start, start+n); return start's index in it."""
+    if gaussian:
+        c_first = start >> 2
+        c_last = (start + n + 3) >> 2
+        count = 4 * (c_last - c_first)
+        _philox_words(words[:count], np.uint64(c_first), k0, k1)
+        _box_muller(words[:count], zbuf[:count])
+        return start - 4 * c_first
+    c_first = start >> 7
+    c_last = (start + n + 127) >> 7
+    count = 128 * (c_last - c_first)
+    _philox_words(words[: count // 32], np.uint64(c_first), k0, k1)
+    _rademacher_expand(words[: count // 32], zbuf[:count])
+    return start - 128 * c_first
+
+
+@njit(nogil=True, cache=True)
+def _fill_kernel(out, start, k0, k1, gaussian):  # noqa: ANN001, ANN202
+    words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
+    zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
+    for off in range(0, out.shape[0], _SCRATCH):
+        n = min(_SCRATCH, out.shape[0] - off)
+        base = _z_chunk(gaussian, start + off, n, np.uint64(k0), np.uint64(k1), words, zbuf)
+        # explicit views: LLVM vectorizes these loops, not the offset-indexed form
+        o = out[off : off + n]
+        z = zbuf[base : base + n]
+        for j in range(n):
+            o[j] = z[j]
+
+
+@njit(nogil=True, cache=True)
+def _perturb_kernel(clean, out, coefs, start, k0, k1, gaussian):  # noqa: ANN001, ANN202
+    # out[r, j] = float32(clean[j] + coefs[r] * z[start + j]) for each requested coefficient r
+    words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
+    zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
+    for off in range(0, clean.shape[0], _SCRATCH):
+        n = min(_SCRATCH, clean.shape[0] - off)
+        base = _z_chunk(gaussian, start + off, n, np.uint64(k0), np.uint64(k1), words, zbuf)
+        x = clean[off : off + n]
+        z = zbuf[base : base + n]
+        for r in range(coefs.shape[0]):
+            c = coefs[r]
+            o = out[r, off : off + n]
+            for j in range(n):
+                o[j] = np.float32(np.float64(x[j]) + c * np.float64(z[j]))
+
+
+@njit(nogil=True, cache=True)
+def _update_kernel(w, start, keys, coefs, decay, gaussian):  # noqa: ANN001, ANN202
+    # w[j] = float32(w[j] - (sum_r coefs[r] * z_r[start + j] + decay * w[j])), directions in order,
+    # the sum starting from 0.0 (kept explicit: it decides the sign of a zero sum)
+    words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
+    zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
+    acc = np.empty(_SCRATCH + 2 * _ALIGN, np.float64)
+    for off in range(0, w.shape[0], _SCRATCH):
+        n = min(_SCRATCH, w.shape[0] - off)
+        if gaussian:
+            base = 0
+            a = acc[:n]
+            for j in range(n):
+                a[j] = 0.0
+            for r in range(coefs.shape[0]):
+                zb = _z_chunk(True, start + off, n, keys[r, 0], keys[r, 1], words, zbuf)
+                c = coefs[r]
+                z = zbuf[zb : zb + n]
+                for j in range(n):
+                    a[j] = a[j] + c * np.float64(z[j])
+        else:
+            # Rademacher: c * z is +-c exactly, so build the signed sum straight from the bits
+            c_first = (start + off) >> 7
+            c_last = (start + off + n + 127) >> 7
+            nwords = 4 * (c_last - c_first)
+            base = start + off - 128 * c_first
+            for r in range(coefs.shape[0]):
+                _philox_words(words[:nwords], np.uint64(c_first), keys[r, 0], keys[r, 1])
+                c = coefs[r]
+                for wi in range(nwords):
+                    x = words[wi]
+                    a = acc[32 * wi : 32 * wi + 32]
+                    if r == 0:
+                        for bit in range(32):
+                            a[bit] = 0.0 + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
+                    else:
+                        for bit in range(32):
+                            a[bit] = a[bit] + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
+        if coefs.shape[0] == 0:
+            for j in range(n):
+                acc[base + j] = 0.0
+        v = w[off : off + n]
+        a = acc[base : base + n]
+        for j in range(n):
+            x = np.float64(v[j])
+            v[j] = np.float32(x - (a[j] + decay * x))
+
+
+@njit(nogil=True, cache=True)
+def _rademacher_update_aligned(w, start, k0, k1, c, decay):  # noqa: ANN001, ANN202
+    # one direction, start and length multiples of 128: the same float64 operations as
+    # _update_kernel (x - ((0.0 + c*z) + decay*x)), fused into a single pass over w
+    for i in range(w.shape[0] // 128):
+        cnt = np.uint64(start // 128 + i)
+        x0, x1, x2, x3 = _philox(cnt & _U64_MASK, cnt >> _U64_32, np.uint64(0), np.uint64(0), np.uint64(k0), np.uint64(k1))
+        for wi in range(4):
+            word = np.uint32(x0) if wi == 0 else np.uint32(x1) if wi == 1 else np.uint32(x2) if wi == 2 else np.uint32(x3)
+            v = w[128 * i + 32 * wi : 128 * i + 32 * wi + 32]
+            for bit in range(32):
+                z = 1.0 - 2.0 * np.float64((word >> np.uint32(bit)) & np.uint32(1))
+                x = np.float64(v[bit])
+                v[bit] = np.float32(x - ((0.0 + c * z) + decay * x))
+
+
+# ----------------------------------------------------------------------------- CPU API
+_pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Threads the CPU kernels split work over (results never depend on it)."""
+    global _pool, _pool_threads
+    threads = max(1, int(threads))
+    if threads == _pool_threads:
+        return
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+    _pool = ThreadPoolExecutor(threads, thread_name_prefix="zgen") if threads > 1 else None
+    _pool_threads = threads
+
+
+def cpu_threads() -> int:
+    return _pool_threads
+
+
+set_cpu_threads(min(2, os.cpu_count() or 1))
+
+
+def _split(n: int, start: int) -> list[tuple[int, int]]:
+    """Cut [0, n) into per-thread pieces whose global start is 128-aligned (only for speed)."""
+    threads = _pool_threads
+    if threads <= 1 or n < 1 << 16:
+        return [(0, n)]
+    step = -(-n // threads)
+    bounds = [0]
+    for t in range(1, threads):
+        cut = ((start + t * step) // _ALIGN) * _ALIGN - start
+        bounds.append(min(max(cut, bounds[-1]), n))
+    bounds.append(n)
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _run_split(fn, n: int, start: int) -> None:  # noqa: ANN001
+    pieces = _split(n, start)
+    if len(pieces) == 1:
+        fn(*pieces[0])
+        return
+    assert _pool is not None
+    futures = [_pool.submit(fn, a, b) for a, b in pieces]
+    for fut in futures:
+        fut.result()
+
+
+def check_seed(seed: int) -> int:
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed {seed} is out of range: expected an integer in [0, 2^63)")
+    return seed
+
+
+def _key(seed: int) -> tuple[int, int]:
+    seed = check_seed(seed)
+    return seed & _MASK32, seed >> 32
+
+
+def _check_offset(offset: int, n: int) -> None:
+    if offset < 0 or offset + n > SEED_LIMIT:
+        raise ValueError(f"element range [{offset}, {offset + n}) is outside [0, 2^63)")
+
+
+def philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> tuple[int, int, int, int]:
+    """One Philox4x32-10 block (for known-answer tests and documentation)."""
+    out = _philox_block(*[int(c) & _MASK32 for c in counter], *[int(k) & _MASK32 for k in key])
+    return tuple(int(x) for x in out)  # type: ignore[return-value]
+
+
+def fill_z(out: np.ndarray, seed: int, offset: int, dist: Distribution | str) -> np.ndarray:
+    """Write z(seed, offset + j) into the float32 array ``out`` (CPU)."""
+    if out.dtype != np.float32 or out.ndim != 1:
+        raise TypeError("fill_z expects a 1-D float32 array")
+    _check_offset(offset, out.shape[0])
+    k0, k1 = _key(seed)
+    gaussian = Distribution(dist) is Distribution.GAUSSIAN
+    _run_split(lambda a, b: _fill_kernel(out[a:b], offset + a, k0, k1, gaussian), out.shape[0], offset)
+    return out
+
+
+def perturb_cpu(
+    clean: np.ndarray, offset: int, seed: int, dist: Distribution | str, coefs: Sequence[float], out: np.ndarray
+) -> np.ndarray:
+    """``out[r] = float32(clean + coefs[r] * z)`` for every coefficient, z generated once per chunk."""
+    if clean.dtype != np.float32 or clean.ndim != 1:
+        raise TypeError("perturb expects a 1-D float32 clean buffer")
+    coef_arr = np.asarray(coefs, dtype=np.float64)
+    if out.dtype != np.float32 or out.shape != (coef_arr.shape[0], clean.shape[0]):
+        raise TypeError(f"perturb output must be float32 of shape {(coef_arr.shape[0], clean.shape[0])}")
+    _check_offset(offset, clean.shape[0])
+    k0, k1 = _key(seed)
+    gaussian = Distribution(dist) is Distribution.GAUSSIAN
+    _run_split(
+        lambda a, b: _perturb_kernel(clean[a:b], out[:, a:b], coef_arr, offset + a, k0, k1, gaussian),
+        clean.shape[0],
+        offset,
+    )
+    return out
+
+
+def update_cpu(
+    w: np.ndarray, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str
+) -> None:
+    """In place: ``w = float32(w - (sum_r coefs[r] * z(seeds[r]) + decay * w))``."""
+    if w.dtype != np.float32 or w.ndim != 1:
+        raise TypeError("update expects a 1-D float32 buffer")
+    if len(seeds) != len(coefs):
+        raise ValueError("one coefficient per seed")
+    _check_offset(offset, w.shape[0])
+    keys = np.array([_key(s) for s in seeds], dtype=np.uint64).reshape(len(seeds), 2)
+    coef_arr = np.asarray(coefs, dtype=np.float64)
+    gaussian = Distribution(dist) is Distribution.GAUSSIAN
+    decay = float(decay)
+
+    def piece(a: int, b: int) -> None:
+        if gaussian or len(seeds) != 1:
+            _update_kernel(w[a:b], offset + a, keys, coef_arr, decay, gaussian)
+            return
+        # single Rademacher direction: fused pass over the 128-aligned interior
+        lo = min(b, a + (-(offset + a)) % _ALIGN)
+        hi = max(lo, b - (offset + b) % _ALIGN)
+        if lo > a:
+            _update_kernel(w[a:lo], offset + a, keys, coef_arr, decay, False)
+        if hi > lo:
+            _rademacher_update_aligned(w[lo:hi], offset + lo, int(keys[0, 0]), int(keys[0, 1]), float(coef_arr[0]), decay)
+        if b > hi:
+            _update_kernel(w[hi:b], offset + hi, keys, coef_arr, decay, False)
+
+    _run_split(piece, w.shape[0], offset)
+
+
+# ----------------------------------------------------------------------------- torch path
+# Same algorithm with int64/float64 tensor ops, one op per rounding, so it runs on CUDA with
+# the CPU kernels' bits. Slower on CPU; used on GPUs and as an independent check in tests.
+_T_MASK = _MASK32
+_TORCH_CHUNK = 1 << 22
+
+
+def _t_mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p = a * m  # int64 wraps; the low 64 bits of the unsigned product are exact
+    return (p >> 32) & _T_MASK, p & _T_MASK
+
+
+def _t_philox(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    c0 = counters & _T_MASK
+    c1 = (counters >> 32) & _T_MASK
+    c2 = torch.zeros_like(counters)
+    c3 = torch.zeros_like(counters)
+    for _ in range(10):
+        hi0, lo0 = _t_mulhilo(c0, _M0)
+        hi1, lo1 = _t_mulhilo(c2, _M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)  # words in counter order
+
+
+def _t_u32_to_f64(x: torch.Tensor) -> torch.Tensor:
+    return (x | _MAGIC_U32).view(torch.float64) - _TWO_52
+
+
+def _t_horner(coefs: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    acc = torch.full_like(x, coefs[-1])
+    for c in reversed(coefs[:-1]):
+        acc = acc * x
+        acc = acc + c
+    return acc
+
+
+def _t_box_muller(words: torch.Tensor) -> torch.Tensor:
+    x0 = words[0::2]
+    x1 = words[1::2]
+    b = (_t_u32_to_f64(x0) + 1.0).view(torch.int64)
+    e = ((b >> 52) & 0x7FF) - 1022
+    m = ((b & 0xFFFFFFFFFFFFF) | (1022 << 52)).view(torch.float64)
+    small = (m < _SQRT_HALF).to(torch.int64)
+    m = m * (small.to(torch.float64) + 1.0)
+    e = e - small
+    s = (m - 1.0) / (m + 1.0)
+    p = _t_horner(_ATANH, s * s)
+    ln = (e - 32).to(torch.float64) * _LN2 + (s * 2.0) * p
+    r = torch.sqrt(ln * -2.0)
+    q = (x1 >> 30) & 3
+    phi = (_t_u32_to_f64(x1 & 0x3FFFFFFF) - _HALF_QUADRANT) * _TWO_PI_OVER_2_32
+    f = phi * phi
+    sn = _t_horner(_SIN, f) * phi
+    cs = _t_horner(_COS, f)
+    odd = -(q & 1)
+    bs = sn.view(torch.int64)
+    bc = cs.view(torch.int64)
+    first = (bs & odd) | (bc & ~odd)
+    second = (bc & odd) | (bs & ~odd)
+    first = (first ^ ((((q + 1) >> 1) & 1) << 63)).view(torch.float64)
+    second = (second ^ ((q >> 1) << 63)).view(torch.float64)
+    z = torch.stack([(r * first).to(torch.float32), (r * second).to(torch.float32)], dim=1)
+    return z.reshape(-1)
+
+
+def _t_z_range(seed: int, start: int, n: int, gaussian: bool, device: torch.device) -> torch.Tensor:
+    k0, k1 = _key(seed)
+    if gaussian:
+        c_first, c_last = start >> 2, (start + n + 3) >> 2
+        counters = torch.arange(c_first, c_last, dtype=torch.int64, device=device)
+        z = _t_box_muller(_t_philox(counters, k0, k1))
+        base = start - 4 * c_first
+    else:
+        c_first, c_last = start >> 7, (start + n + 127) >> 7
+        counters = torch.arange(c_first, c_last, dtype=torch.int64, device=device)
+        words = _t_philox(counters, k0, k1)
+        bits = (words.unsqueeze(1) >> torch.arange(32, device=device)) & 1
+        z = 1.0 - 2.0 * bits.reshape(-1).to(torch.float32)
+        base = start - 128 * c_first
+    return z[base : base + n]
+
+
+def z_torch(seed: int, offset: int, n: int, dist: Distribution | str, device: torch.device | str) -> torch.Tensor:
+    """z(seed, offset + j) for j < n as a float32 tensor on ``device``."""
+    _check_offset(offset, n)
+    gaussian = Distribution(dist) is Distribution.GAUSSIAN
+    device = torch.device(device)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for a in range(0, n, _TORCH_CHUNK):
+        b = min(n, a + _TORCH_CHUNK)
+        out[a:b] = _t_z_range(seed, offset + a, b - a, gaussian, device)
+    return out
+
+
+def perturb_torch(
+    clean: torch.Tensor, offset: int, seed: int, dist: Distribution | str, coef: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``dtype(clean + coef * z)`` on clean's device, float64 inside (bits equal perturb_cpu for float32)."""
+    out = torch.empty(clean.shape[0], dtype=out_dtype, device=clean.device)
+    for a in range(0, clean.shape[0], _TORCH_CHUNK):
+        b = min(clean.shape[0], a + _TORCH_CHUNK)
+        z = z_torch(seed, offset + a, b - a, dist, clean.device).to(torch.float64)
+        out[a:b] = (clean[a:b].to(torch.float64) + z * float(coef)).to(torch.float32).to(out_dtype)
+    return out
+
+
+def update_torch(
+    w: torch.Tensor, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str
+) -> None:
+    """In-place update of a float32 tensor, same bits as update_cpu."""
+    if w.dtype != torch.float32:
+        raise TypeError("update expects a float32 master buffer")
+    for a in range(0, w.shape[0], _TORCH_CHUNK):
+        b = min(w.shape[0], a + _TORCH_CHUNK)
+        acc = torch.zeros(b - a, dtype=torch.float64, device=w.device)
+        for seed, coef in zip(seeds, coefs):
+            acc = acc + z_torch(seed, offset + a, b - a, dist, w.device).to(torch.float64) * float(coef)
+        x = w[a:b].to(torch.float64)
+        w[a:b] = (x - (acc + x * float(decay))).to(torch.float32)

@@ -1,0 +1,108 @@
+"""A job's resolved inputs (model directory, tokenizer, examples) and its batches.
+
+Shared by the reference trainer and the coordinator so both cut the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distzo.config import JobConfig
+from distzo.data import Batch, DataError, Example, TaskEncoder, load_jsonl
+from distzo.modeling import ModelError, load_config
+from distzo.plan import StepPlan, shard_bounds
+from distzo.presets import DEFAULT_DEV, DEFAULT_TRAIN, resolve_model
+
+EVAL_BATCH_EXAMPLES = 32
+
+
+@dataclass
+class JobData:
+    cfg: JobConfig
+    model_dir: Path
+    encoder: TaskEncoder
+    train: list[Example]
+    dev: list[Example]
+
+    @classmethod
+    def load(cls, cfg: JobConfig) -> "JobData":
+        from transformers import AutoTokenizer
+
+        model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
+        config = load_config(model_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+            raise ModelError(f"no usable tokenizer in {str(model_dir)!r}: {exc}") from None
+        encoder = TaskEncoder(tokenizer, cfg.data.template, cfg.data.label_words, cfg.data.max_seq_len)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if limit is not None and cfg.data.max_seq_len > limit:
+            raise DataError(f"data.max_seq_len {cfg.data.max_seq_len} exceeds the model's {limit} positions")
+        train = load_jsonl(cfg.data.train or DEFAULT_TRAIN, cfg.data.label_words)
+        if cfg.data.dev is not None:
+            dev = load_jsonl(cfg.data.dev, cfg.data.label_words)
+        elif cfg.data.train is not None:
+            # a user task without a dev file: hold out its last tenth (deterministic)
+            if len(train) < 2:
+                raise DataError(f"{cfg.data.train}: need at least 2 examples to hold out a dev split (or set data.dev)")
+            cut = len(train) - max(1, len(train) // 10)
+            train, dev = train[:cut], train[cut:]
+        else:
+            dev = load_jsonl(DEFAULT_DEV, cfg.data.label_words)
+        if cfg.data.dev_examples is not None:
+            dev = dev[: cfg.data.dev_examples]
+        return cls(cfg, model_dir, encoder, train, dev)
+
+    def shard_batches(self, plan: StepPlan) -> list[Batch]:
+        """The step's batch cut into the layout's data shards."""
+        examples = [self.train[i] for i in plan.examples]
+        return [self.encoder.train_batch(examples[a:b]) for a, b in shard_bounds(len(examples), self.cfg.layout.ddp)]
+
+    def eval_chunks(self) -> list[tuple[list[Example], Batch]]:
+        out = []
+        for a in range(0, len(self.dev), EVAL_BATCH_EXAMPLES):
+            chunk = self.dev[a : a + EVAL_BATCH_EXAMPLES]
+            out.append((chunk, self.encoder.eval_batch(chunk)))
+        return out
+
+
+@dataclass
+class EvalTally:
+    """Accumulates candidate scores into dev loss and accuracy."""
+
+    n_labels: int
+    correct: int = 0
+    examples: int = 0
+    gold_logp: float = 0.0
+    gold_tokens: int = 0
+    _parts: list[tuple[int, float, int, int]] = field(default_factory=list)
+
+    def add(self, chunk_index: int, examples: list[Example], batch: Batch, scores: torch.Tensor) -> None:
+        tokens_per_row = (batch.labels[:, 1:] != -100).sum(dim=1)
+        s = scores.view(len(examples), self.n_labels)
+        t = tokens_per_row.view(len(examples), self.n_labels)
+        correct = 0
+        logp = 0.0
+        tok = 0
+        for i, ex in enumerate(examples):
+            correct += int(int(torch.argmax(s[i])) == ex.label)
+            logp += float(s[i, ex.label])
+            tok += int(t[i, ex.label])
+        self._parts.append((chunk_index, logp, tok, correct))
+        self.examples += len(examples)
+
+    def result(self) -> dict[str, float]:
+        # sum in chunk order so the figure does not depend on which worker finished first
+        parts = sorted(self._parts)
+        logp = sum(p[1] for p in parts)
+        tok = sum(p[2] for p in parts)
+        correct = sum(p[3] for p in parts)
+        return {
+            "dev_loss": -logp / tok if tok else math.nan,
+            "dev_accuracy": correct / self.examples if self.examples else math.nan,
+            "dev_examples": self.examples,
+        }

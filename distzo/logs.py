@@ -1,0 +1,62 @@
+"""Structured, quiet-by-default logging (logfmt lines on stderr)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+_QUIET_LIBS = ("transformers", "accelerate", "numba", "grpc", "urllib3", "filelock", "huggingface_hub")
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        parts = [f"ts={ts}", f"level={record.levelname.lower()}", f"logger={record.name}", f"msg={_quote(record.getMessage())}"]
+        for key, value in getattr(record, "fields", {}).items():
+            parts.append(f"{key}={_quote(str(value))}")
+        if record.exc_info:
+            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+def _quote(s: str) -> str:
+    if s and all(c.isalnum() or c in "-_./:@" for c in s):
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def setup_logging(verbose: int = 0, service: str | None = None) -> None:
+    """WARNING by default; -v: INFO; -vv: DEBUG. Third-party libraries stay at WARNING or above."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    for lib in _QUIET_LIBS:
+        logging.getLogger(lib).setLevel(max(level, logging.WARNING))
+    quiet_transformers()
+    if service:
+        logging.getLogger("distzo").info("starting", extra={"fields": {"service": service, "pid": os.getpid()}})
+
+
+def quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def kv(**fields: object) -> dict[str, dict[str, object]]:
+    """``log.info("msg", extra=kv(step=3))``"""
+    return {"fields": fields}

@@ -1,0 +1,153 @@
+"""MeZO-SGD, the one implementation of its math (reference trainer, server and workers).
+
+One step t with directions j = 1..q (seed s_j), DDP shards d = 1..D, step size eps:
+
+    l±_{j,d} = L(theta ± eps * z(s_j); shard d)                 (forward.py)
+    g_j      = mean_d (l+_{j,d} - l-_{j,d}) / (2 eps)            projected_gradients
+    g_j      = clip(g_j, ±clip)                                  (when configured)
+    theta   <- theta - lr_t * ((1/q) sum_j g_j z(s_j) + wd * theta)   apply_update
+                                                  (wd = 0 for biases and norms)
+
+Perturbed weights are made out of place from the clean block (``perturb_block``), so the
+master copy is never perturbed and never needs restoring. A step whose losses are not all
+finite is not applied (``UpdateRecord.skipped``): it still advances the version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from distzo.blocks import BlockSpec
+from distzo.generator import Distribution, check_seed, perturb_cpu, perturb_torch, update_cpu, update_torch
+
+
+@dataclass(frozen=True)
+class Direction:
+    seed: int
+    g: float
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """Everything the server needs to apply step ``step``: a few bytes, journaled."""
+
+    step: int
+    directions: tuple[Direction, ...]
+    lr: float
+    weight_decay: float
+    skipped: bool = False
+
+    def validate(self) -> None:
+        if self.step < 0:
+            raise ValueError(f"step must be >= 0, got {self.step}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not self.skipped and not self.directions:
+            raise ValueError("an update that is not skipped needs at least one (seed, g) direction")
+        for d in self.directions:
+            check_seed(d.seed)
+            if not math.isfinite(d.g):
+                raise ValueError(f"projected gradient g for seed {d.seed} is not finite ({d.g})")
+
+
+# ----------------------------------------------------------------------------- forward side
+def perturb_block(
+    clean: torch.Tensor, global_offset: int, seed: int, dist: Distribution, coefs: Sequence[float], out_dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """``clean + coef * z(seed)`` for each coefficient, each rounded once from the clean block."""
+    if clean.device.type == "cpu":
+        src = clean if clean.dtype == torch.float32 else clean.to(torch.float32)
+        out = np.empty((len(coefs), src.numel()), dtype=np.float32)
+        perturb_cpu(src.numpy(), global_offset, seed, dist, coefs, out)
+        rows = [torch.from_numpy(out[i]) for i in range(len(coefs))]
+        return rows if out_dtype == torch.float32 else [r.to(out_dtype) for r in rows]
+    return [perturb_torch(clean, global_offset, seed, dist, c, out_dtype) for c in coefs]  # GPU path
+
+
+def projected_gradients(
+    losses: Mapping[tuple[int, int, int], float], q: int, shards: int, eps: float
+) -> list[float]:
+    """g_j = mean over shards of (l+ - l-) / (2 eps); ``losses[(j, d, sign)]`` with sign in {+1, -1}."""
+    gs = []
+    for j in range(q):
+        total = 0.0
+        for d in range(shards):
+            total += (losses[(j, d, 1)] - losses[(j, d, -1)]) / (2.0 * eps)
+        gs.append(total / shards)
+    return gs
+
+
+def clip_gradient(g: float, clip: float | None) -> float:
+    if clip is None or not math.isfinite(g):
+        return g
+    return max(-clip, min(clip, g))
+
+
+def learning_rate(step: int, base_lr: float, schedule: str, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
+    """lr at ``step`` (0-based): linear warmup, then constant, linear or cosine decay to min_ratio * base."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        factor = 1.0 - progress
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}: expected constant, linear or cosine")
+    return base_lr * (min_ratio + (1.0 - min_ratio) * factor)
+
+
+@dataclass
+class StepOutcome:
+    record: UpdateRecord
+    loss: float  # mean of (l+ + l-)/2 over shards and directions (nan when skipped)
+    nonfinite: bool = False
+    gs_raw: list[float] = field(default_factory=list)
+
+
+def make_update(
+    step: int,
+    seeds: Sequence[int],
+    losses: Mapping[tuple[int, int, int], float],
+    shards: int,
+    eps: float,
+    lr: float,
+    weight_decay: float,
+    clip: float | None,
+) -> StepOutcome:
+    """Turn one step's losses into its update record (skipped when a loss is not finite)."""
+    q = len(seeds)
+    values = [losses[(j, d, s)] for j in range(q) for d in range(shards) for s in (1, -1)]
+    if not all(math.isfinite(v) for v in values):
+        return StepOutcome(UpdateRecord(step, (), lr, weight_decay, skipped=True), math.nan, nonfinite=True)
+    gs = projected_gradients(losses, q, shards, eps)
+    dirs = tuple(Direction(seed=s, g=clip_gradient(g, clip)) for s, g in zip(seeds, gs))
+    mean_loss = sum(values) / len(values)
+    return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), mean_loss, gs_raw=gs)
+
+
+# ----------------------------------------------------------------------------- server side
+def apply_update(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, dist: Distribution) -> None:
+    """theta <- theta - lr * ((1/q) sum_j g_j z_j + wd * theta) on one fp32 block, in place."""
+    if record.skipped:
+        return
+    q = len(record.directions)
+    seeds = [d.seed for d in record.directions]
+    coefs = [record.lr * d.g / q for d in record.directions]
+    decay = record.lr * record.weight_decay
+    for start, end, decays in block.decay_segments():
+        seg = buffer[start:end]
+        if buffer.device.type == "cpu":
+            update_cpu(seg.numpy(), block.global_offset + start, seeds, coefs, decay if decays else 0.0, dist)
+        else:
+            update_torch(seg, block.global_offset + start, seeds, coefs, decay if decays else 0.0, dist)

@@ -1,0 +1,150 @@
+"""The reference MeZO-SGD trainer: the correctness oracle, in one process.
+
+Same generator, seeds, data order, layout arithmetic, forward engine and update code as
+the distributed system; only the transport is missing. The distributed run's exported
+weights must equal this trainer's, bit for bit, on CPU with the same thread settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from distzo import generator
+from distzo.config import JobConfig
+from distzo.export import export_model_dir
+from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
+from distzo.job import EvalTally, JobData
+from distzo.logs import kv
+from distzo.mezo import apply_update, make_update
+from distzo.modeling import BlockModel
+from distzo.plan import all_roles, step_plan
+
+log = logging.getLogger("distzo.reference")
+
+
+class TrainingStopped(RuntimeError):
+    """The non-finite policy stopped the run."""
+
+
+def check_skip_policy(cfg: JobConfig, step: int, consecutive: int) -> None:
+    """Raise TrainingStopped when the non-finite policy says the run cannot go on."""
+    if cfg.train.nonfinite_policy == "stop":
+        raise TrainingStopped(f"step {step}: losses are not finite and train.nonfinite_policy is 'stop'")
+    if consecutive >= cfg.train.max_consecutive_skips:
+        raise TrainingStopped(
+            f"step {step}: {consecutive} steps in a row had non-finite losses (train.max_consecutive_skips); "
+            "the run has diverged: lower train.lr or set train.grad_clip"
+        )
+
+
+def apply_runtime_threads(cfg: JobConfig) -> None:
+    torch.set_num_threads(cfg.runtime.threads)
+    generator.set_cpu_threads(cfg.runtime.kernel_threads)
+
+
+@dataclass
+class TrainLog:
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    nonfinite_retries: int = 0
+    tokens: int = 0
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    def final_loss(self) -> float:
+        tail = [x for x in self.losses[-10:] if math.isfinite(x)]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed) -> dict[str, float]:
+    tally = EvalTally(len(job.cfg.data.label_words))
+    for i, (examples, batch) in enumerate(job.eval_chunks()):
+        res = engine.run([ForwardJob(batch, want_scores=True)], feed)[0]
+        tally.add(i, examples, batch, res.scores)
+    return tally.result()
+
+
+class ReferenceTrainer:
+    def __init__(self, cfg: JobConfig, job: JobData | None = None):
+        self.cfg = cfg
+        self.job = job or JobData.load(cfg)
+        self.model = BlockModel.from_dir(self.job.model_dir)
+        self.buffers = self.model.load_block_buffers()
+        self.engine = ForwardEngine(self.model, cfg.train.distribution)
+        self.log = TrainLog()
+
+    def step(self, t: int) -> float:
+        cfg = self.cfg
+        plan = step_plan(cfg, t, len(self.job.train))
+        batches = self.job.shard_batches(plan)
+        roles = all_roles(cfg.layout)
+        jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * cfg.train.eps) for r in roles]
+        feed = MemoryFeed(self.buffers)
+        for attempt in range(cfg.train.nonfinite_retries + 1):
+            results = self.engine.run(jobs, feed)
+            losses = {(r.direction, r.shard, r.sign): res.loss for r, res in zip(roles, results)}
+            outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, cfg.train.eps, plan.lr,
+                                  cfg.train.weight_decay, cfg.train.grad_clip)
+            if not outcome.nonfinite:
+                break
+            if attempt < cfg.train.nonfinite_retries:
+                self.log.nonfinite_retries += 1
+        self.log.tokens += sum(res.tokens for res in results)
+        if outcome.record.skipped:
+            self.log.skipped_steps += 1
+            self.log.consecutive_skips += 1
+            log.warning("step skipped: non-finite loss", extra=kv(step=t))
+            check_skip_policy(cfg, t, self.log.consecutive_skips)
+        else:
+            self.log.consecutive_skips = 0
+        for spec, buf in zip(self.model.manifest.blocks, self.buffers):
+            apply_update(spec, buf, outcome.record, self.engine.dist)
+        self.log.losses.append(outcome.loss)
+        return outcome.loss
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.engine, self.job, MemoryFeed(self.buffers))
+
+    def train(self, out_dir: str | Path | None = None, progress: bool | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        apply_runtime_threads(cfg)
+        start = time.perf_counter()
+        train_seconds = 0.0
+        bar = tqdm(total=cfg.train.steps, desc="reference", unit="step", disable=not progress if progress is not None else None)
+        for t in range(cfg.train.steps):
+            t0 = time.perf_counter()
+            loss = self.step(t)
+            train_seconds += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0 and t + 1 < cfg.train.steps:
+                self.log.evals.append({"step": t + 1, **self.evaluate()})
+        bar.close()
+        final_eval = self.evaluate()
+        self.log.evals.append({"step": cfg.train.steps, **final_eval})
+        if out_dir is not None:
+            export_model_dir(self.model, self.buffers, out_dir)
+        wall = time.perf_counter() - start
+        return {
+            "mode": "reference",
+            "model": cfg.model.source,
+            "layout": cfg.layout.name,
+            "workers": cfg.layout.workers,
+            "steps": cfg.train.steps,
+            "final_loss": self.log.final_loss(),
+            "dev_loss": final_eval["dev_loss"],
+            "dev_accuracy": final_eval["dev_accuracy"],
+            "skipped_steps": self.log.skipped_steps,
+            "train_tokens": self.log.tokens,
+            "tokens_per_second": self.log.tokens / train_seconds if train_seconds > 0 else 0.0,
+            "wall_seconds": wall,
+            "out_dir": str(out_dir) if out_dir is not None else None,
+        }
