@@ -102,7 +102,9 @@ class ServerSection(_Section):
     chunk_bytes: int = Field(4 << 20, ge=1 << 20, le=16 << 20, description="data-plane chunk size (1-16 MiB)")
     update_threads: int = Field(1, ge=1, description="threads applying an update (results never depend on it)")
     shared_memory: bool = Field(True, description="offer the shared-memory fetch path to clients on this host")
-    data_dir: str | None = Field(None, description="snapshots and journal; default: <out>/server")
+    shm_dir: str = Field("/dev/shm", description="where shared-memory segments live (a memory-backed directory)")
+    export_root: str | None = Field(None, description="exports must be written under this directory (None: anywhere)")
+    fetch_timeout_s: float = Field(120.0, gt=0, description="how long a fetch may wait for a version")
 
 
 class RuntimeSection(_Section):
@@ -113,6 +115,34 @@ class RuntimeSection(_Section):
     cache_dir: str | None = Field(None, description="where presets are built; default ~/.cache/distzo")
 
 
+class SecuritySection(_Section):
+    token: str | None = Field(None, description="bearer token for state-changing RPCs (prefer token_file)")
+    token_file: str | None = Field(None, description="file holding the bearer token (a mounted Secret)")
+    tls_cert: str | None = Field(None, description="PEM certificate of this service (enables TLS)")
+    tls_key: str | None = Field(None, description="PEM private key of this service")
+    tls_ca: str | None = Field(None, description="PEM CA that signed the peers' certificates")
+    mutual_tls: bool = Field(False, description="servers require client certificates signed by tls_ca")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "SecuritySection":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.mutual_tls and (self.tls_ca is None or self.tls_cert is None):
+            raise ValueError("mutual_tls needs tls_ca, tls_cert and tls_key")
+        return self
+
+    def resolve_token(self) -> str | None:
+        if self.token_file:
+            p = Path(self.token_file)
+            if not p.is_file():
+                raise ConfigError(f"security.token_file {self.token_file!r} does not exist")
+            token = p.read_text().strip()
+            if not token:
+                raise ConfigError(f"security.token_file {self.token_file!r} is empty")
+            return token
+        return self.token
+
+
 class JobConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -120,6 +150,7 @@ class JobConfig(_Section):
     layout: LayoutSection = Field(default_factory=LayoutSection)
     server: ServerSection = Field(default_factory=ServerSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    security: SecuritySection = Field(default_factory=SecuritySection)
 
     @model_validator(mode="after")
     def _batch_fits_layout(self) -> "JobConfig":

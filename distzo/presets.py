@@ -90,6 +90,8 @@ PRESETS: dict[str, tuple[Callable[..., Any], dict[str, int]]] = {
     "tiny-mistral": (_mistral, {}),
     # a preset whose forward dominates start-up and overheads (benchmarks)
     "small-opt": (_opt, {"hidden": 256, "layers": 8, "heads": 8}),
+    # ~26M parameters (~100 MB fp32): transport and update benchmarks
+    "medium-opt": (_opt, {"hidden": 512, "layers": 8, "heads": 8}),
     # many thin layers: resident-memory tests (layers dominate the size)
     "deep-opt": (_opt, {"hidden": 128, "layers": 24, "heads": 4}),
 }

@@ -23,7 +23,7 @@ from distzo.export import export_model_dir
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
 from distzo.job import EvalTally, JobData
 from distzo.logs import kv
-from distzo.mezo import apply_update, make_update
+from distzo.mezo import UpdateRecord, apply_update, make_update
 from distzo.modeling import BlockModel
 from distzo.plan import all_roles, step_plan
 
@@ -58,6 +58,7 @@ class TrainLog:
     nonfinite_retries: int = 0
     tokens: int = 0
     evals: list[dict[str, Any]] = field(default_factory=list)
+    records: list[UpdateRecord] = field(default_factory=list)  # what a parameter server would be sent
 
     def final_loss(self) -> float:
         tail = [x for x in self.losses[-10:] if math.isfinite(x)]
@@ -107,6 +108,7 @@ class ReferenceTrainer:
             self.log.consecutive_skips = 0
         for spec, buf in zip(self.model.manifest.blocks, self.buffers):
             apply_update(spec, buf, outcome.record, self.engine.dist)
+        self.log.records.append(outcome.record)
         self.log.losses.append(outcome.loss)
         return outcome.loss
 

@@ -21,3 +21,16 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert main.index("torch==2.13.0") < main.index("pip install -e")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci, "'.ci/run' must run the README's test command verbatim"
+
+
+def test_generated_stubs_are_fresh(tmp_path):
+    """protos/*_pb2*.py are committed; regenerating them from the .proto files changes nothing."""
+    from protos.generate import PROTOS, generate
+
+    generate(tmp_path)
+    for proto in PROTOS:
+        stem = proto.removesuffix(".proto")
+        for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"):
+            fresh = (tmp_path / "protos" / f"{stem}{suffix}").read_bytes()
+            committed = (ROOT / "protos" / f"{stem}{suffix}").read_bytes()
+            assert fresh == committed, f"protos/{stem}{suffix} is stale: run python -m protos.generate"

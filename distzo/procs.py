@@ -1,0 +1,83 @@
+"""Starting and stopping service processes (zoctl up, tests): spawned, announced, reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServiceFailed(RuntimeError):
+    """A service process exited or did not announce itself in time."""
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    argv: list[str]
+    ready_file: Path
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    info: dict = field(default_factory=dict)
+
+    def start(self, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> dict:
+        """Start the process (its own session, so a kill reaches its children) and wait for its ready file."""
+        self.ready_file.unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, env={**os.environ, **(env or {})})
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_file.is_file():
+                self.info = json.loads(self.ready_file.read_text())
+                return self.info
+            code = self.proc.poll()
+            if code is not None:
+                raise ServiceFailed(f"{self.name} exited with code {code} while starting:\n{self.tail()}")
+            time.sleep(0.05)
+        self.kill()
+        raise ServiceFailed(f"{self.name} did not become ready in {timeout_s:.0f}s:\n{self.tail()}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after the timeout; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]

@@ -1,0 +1,170 @@
+"""gRPC plumbing shared by the services: channels, TLS, bearer-token auth, health, ready files."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import tempfile
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from distzo.config import SecuritySection
+
+log = logging.getLogger("distzo.rpc")
+
+MAX_MESSAGE_BYTES = 64 << 20  # data-plane chunks are at most 16 MiB plus a small header
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+# Unary control calls retry transient failures inside the channel (gRPC's own retry policy).
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{}],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]
+})
+
+
+def channel_options() -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        *_KEEPALIVE,
+    ]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a process presents and checks: TLS material and the bearer token."""
+
+    token: str | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+    mutual: bool = False
+
+    @classmethod
+    def from_config(cls, sec: SecuritySection) -> "Credentials":
+        def read(p: str | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+
+        return cls(token=sec.resolve_token(), cert=read(sec.tls_cert), key=read(sec.tls_key), ca=read(sec.tls_ca), mutual=sec.mutual_tls)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None or self.ca is not None
+
+    def call_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+
+def make_channel(address: str, creds: Credentials | None = None) -> grpc.Channel:
+    creds = creds or Credentials()
+    if creds.tls:
+        ssl = grpc.ssl_channel_credentials(
+            root_certificates=creds.ca,
+            private_key=creds.key if creds.mutual else None,
+            certificate_chain=creds.cert if creds.mutual else None,
+        )
+        return grpc.secure_channel(address, ssl, options=channel_options())
+    return grpc.insecure_channel(address, options=channel_options())
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Rejects calls to the protected methods without the right bearer token (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str | None, protected: Iterable[str]):
+        self.token = token
+        self.protected = frozenset(protected)
+
+    def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201
+        if self.token is None or details.method.rsplit("/", 1)[-1] not in self.protected:
+            return continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            return continuation(details)
+        reason = "missing bearer token" if not given else "wrong bearer token"
+        method = details.method
+
+        def deny(_request, context):  # noqa: ANN001, ANN202
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {reason}; this RPC changes state and needs 'authorization: Bearer <token>'")
+
+        handler = continuation(details)
+        if handler is not None and handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+        if handler is not None and handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny, request_deserializer=handler.request_deserializer)
+        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer if handler else None)
+
+
+def make_server(
+    creds: Credentials,
+    protected: Iterable[str],
+    max_workers: int = 32,
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
+) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=[BearerAuth(creds.token, protected), *interceptors],
+        options=channel_options(),
+    )
+
+
+def bind(server: grpc.Server, address: str, creds: Credentials) -> int:
+    """Bind (port 0 picks a free one) and return the port."""
+    if creds.cert is not None:
+        ssl = grpc.ssl_server_credentials(
+            [(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=creds.mutual
+        )
+        port = server.add_secure_port(address, ssl)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = list(service_names)
+    for name in names:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return servicer
+
+
+def write_ready_file(path: str | Path | None, info: dict[str, object]) -> None:
+    """Atomically publish where a started service listens (read by zoctl up and tests)."""
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, p)
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode | None:
+    return exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None

@@ -1,0 +1,96 @@
+"""Replicas: state-machine replication over the primary's journal.
+
+A replica holds the same blocks as its primary and applies every update itself, so the
+two stay bitwise identical while only journal records (a few bytes per step) cross the
+network. It catches up from its own snapshot + journal when it has one; otherwise (or if
+the primary's journal no longer reaches back that far) it copies the primary's fp32
+blocks, at whatever version each has, and replays records per block until all meet.
+Only then does it report SERVING; until a block reaches a version, fetches for it wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from distzo.logs import kv
+from paramserver.client import MASTER_DTYPE, ParamServerClient
+from paramserver.snapshot import list_snapshots
+from paramserver.state import ServerState
+
+log = logging.getLogger("distzo.paramserver.replica")
+
+
+class Follower(threading.Thread):
+    def __init__(self, state: ServerState, primary: ParamServerClient, on_caught_up, stop: threading.Event):  # noqa: ANN001
+        super().__init__(name="follower", daemon=True)
+        self.state = state
+        self.primary = primary
+        self.on_caught_up = on_caught_up
+        self.stop_event = stop
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self._follow()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    log.warning("primary's journal no longer reaches our position: re-syncing blocks", extra=kv(detail=exc.details()))
+                    self._resync()
+                    continue
+                if self.stop_event.is_set():
+                    return
+                log.warning("lost the primary, retrying", extra=kv(code=str(exc.code()), detail=exc.details()))
+                time.sleep(1.0)
+            except BaseException as exc:  # noqa: BLE001 - a follower that cannot apply must stop loudly
+                self.error = exc
+                log.critical("replica stopped following", extra=kv(error=repr(exc)))
+                return
+
+    def _follow(self) -> None:
+        st = self.state
+        step = st.journal.next_step
+        caught_up = False
+        target = self.primary.journaled_steps()
+        if step >= target:
+            self.on_caught_up()
+            caught_up = True
+        for record in self.primary.follow(step):
+            if self.stop_event.is_set():
+                return
+            st.submit(record)  # journaled and applied exactly as on the primary
+            if not caught_up and record.step + 1 >= target:
+                st.drain()
+                self.on_caught_up()
+                caught_up = True
+
+    def _resync(self) -> None:
+        """Copy the primary's blocks, replay records per block until all share one version."""
+        st = self.state
+        versions = {}
+        for b in st.owned:
+            buf, res = self.primary.fetch_block(b, -1, dtype=MASTER_DTYPE)
+            st.store.set_block(b, buf.view(np.float32), res.version)
+            versions[b] = res.version
+        low, high = min(versions.values()), max(versions.values())
+        if high > low:
+            for record in self.primary.follow(low):
+                st.store.apply(record, st.dist)  # blocks already past a step skip it
+                if record.step + 1 >= high:
+                    break
+        version = st.store.applied_version()
+        for seg in st.journal.segments():
+            seg.path.unlink()
+        for snap in list_snapshots(st.data_dir):
+            snap.path.unlink(missing_ok=True)
+            snap.path.with_suffix(".json").unlink(missing_ok=True)
+        st.journal.close()
+        st.journal.open(version)
+        st.journal.recent.clear()
+        st._start_snapshot(version, force=True)  # this replica's own durable starting point
+        log.info("re-synced from the primary", extra=kv(version=version))

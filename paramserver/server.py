@@ -1,0 +1,99 @@
+"""Parameter server process: recover, serve, follow a primary (replicas), shut down cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from grpc_health.v1 import health_pb2
+
+from distzo.config import JobConfig
+from distzo.logs import kv
+from distzo.rpc import Credentials, add_health_and_reflection, bind, make_server, write_ready_file
+from paramserver.client import ParamServerClient
+from paramserver.replication import Follower
+from paramserver.service import SERVICE, STATE_CHANGING, ParamServerService
+from paramserver.state import ServerState
+
+log = logging.getLogger("distzo.paramserver")
+
+
+class ParamServer:
+    """One parameter-server process (primary or replica) for a block range."""
+
+    def __init__(self, cfg: JobConfig, data_dir: str | Path, listen: str = "127.0.0.1:0",
+                 blocks: tuple[int, int] | None = None, follow: str | None = None, name: str | None = None):
+        self.cfg = cfg
+        self.creds = Credentials.from_config(cfg.security)
+        if self.creds.token is None:
+            log.warning("no bearer token configured: state-changing RPCs are not authenticated")
+        self.follow_address = follow
+        self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
+        self._stopped = threading.Event()  # stopping has begun (followers quit)
+        self._finished = threading.Event()  # everything is closed
+        self.service = ParamServerService(self.state, on_shutdown=self.stop)
+        self.grpc = make_server(self.creds, STATE_CHANGING, max_workers=64)
+        self.grpc.add_generic_rpc_handlers((self.service.generic_handler(),))
+        self.health = add_health_and_reflection(self.grpc, [SERVICE])
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = bind(self.grpc, listen, self.creds)
+        self.host = listen.rsplit(":", 1)[0]
+        self.follower: Follower | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "ParamServer":
+        try:
+            version = self.state.recover()
+        except BaseException:
+            self.grpc.stop(0)
+            self.state.close()  # unlink shared memory; nothing was served
+            raise
+        self.state.start()
+        self.grpc.start()
+        if self.follow_address:
+            primary = ParamServerClient(self.follow_address, self.creds).connect()
+            self.follower = Follower(self.state, primary, self._serving, self._stopped)
+            self.follower.start()
+        else:
+            self._serving()
+        log.info("parameter server listening", extra=kv(address=self.address, role=self.state.role, version=version,
+                                                         blocks=f"{self.state.first}:{self.state.end}"))
+        return self
+
+    def _serving(self) -> None:
+        self.service.ready.set()
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._stopped.is_set():
+            self._finished.wait()
+            return
+        self._stopped.set()
+        try:
+            self.health.enter_graceful_shutdown()
+            self.grpc.stop(grace).wait()
+            self.state.close()
+            log.info("parameter server stopped", extra=kv(address=self.address))
+        finally:
+            self._finished.set()
+
+    def wait(self) -> None:
+        self._finished.wait()
+
+
+def run(cfg: JobConfig, data_dir: str, listen: str, ready_file: str | None, blocks: tuple[int, int] | None,
+        follow: str | None, name: str | None) -> int:
+    server = ParamServer(cfg, data_dir, listen=listen, blocks=blocks, follow=follow, name=name).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
+    write_ready_file(ready_file, {"address": server.address, "port": server.port, "pid": os.getpid(),
+                                  "role": server.state.role, "server_id": server.state.server_id})
+    server.wait()
+    return 0

@@ -1,0 +1,231 @@
+"""The parameter server's RPC handlers. Every bad input gets a status naming the problem."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Iterator
+
+import grpc
+
+from distzo.blocks import ITEMSIZE
+from distzo.logs import kv
+from paramserver.journal import record_from_pb, record_to_pb
+from paramserver.shm import StaleVersion
+from paramserver.state import ServerState, UpdateRejected
+from paramserver.wire import checksum, encode_chunk, identity
+from protos import common_pb2
+from protos import paramserver_pb2 as pb
+
+log = logging.getLogger("distzo.paramserver.rpc")
+SERVICE = "distzo.v1.ParameterServer"
+STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")
+MASTER_DTYPE = "float32_master"
+MAX_DIRECTIONS = 4096
+
+
+class ParamServerService:
+    def __init__(self, state: ServerState, on_shutdown: Callable[[], None]):
+        self.state = state
+        self.on_shutdown = on_shutdown
+        self.ready = threading.Event()  # replicas serve fetches only once caught up
+
+    # ------------------------------------------------------------------ validation
+    def _block(self, b: int, context: grpc.ServicerContext) -> int:
+        n = len(self.state.manifest.blocks)
+        if not 0 <= b < n:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown block {b}: the model has blocks 0-{n - 1}")
+        if b not in self.state.owned:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"block {b} is held by another shard; this server holds blocks {self.state.first}-{self.state.end - 1}")
+        return b
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        limit = self.state.cfg.server.fetch_timeout_s
+        return limit if remaining is None else max(0.0, min(limit, remaining - 0.05))
+
+    def _wait(self, b: int, version: int, context: grpc.ServicerContext) -> int:
+        if version < -1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0 (or -1 for the current one), got {version}")
+        try:
+            return self.state.store.wait_version(b, version, self._timeout(context))
+        except StaleVersion as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except TimeoutError as exc:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ read side
+    def GetManifest(self, request: pb.ManifestRequest, context: grpc.ServicerContext) -> pb.ManifestReply:
+        st = self.state
+        seg = st.store.segments
+        reply = pb.ManifestReply(
+            model_type=st.manifest.model_type,
+            manifest_json=st.manifest_json,
+            served_dtype=st.cfg.server.served_dtype,
+            distribution=st.cfg.train.distribution,
+            first_block=st.first,
+            end_block=st.end,
+            server_id=st.server_id,
+            config_yaml=st.cfg.to_yaml(),
+        )
+        if seg is not None:
+            reply.shm_versions_path = str(seg.versions_path)
+            reply.shm_data_path = str(seg.data_path)
+            reply.shm_nonce = seg.nonce
+        for spec in st.manifest.blocks:
+            reply.blocks.append(pb.BlockInfo(
+                index=spec.index, name=spec.name, global_offset=spec.global_offset, numel=spec.numel,
+                tensors=[pb.TensorInfo(name=t.name, shape=list(t.shape), offset=t.offset, decay=t.decay) for t in spec.tensors],
+                version=st.store.version(spec.index) if spec.index in st.owned else -1,
+                owned=spec.index in st.owned,
+            ))
+        return reply
+
+    def FetchSlice(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        st = self.state
+        b = self._block(request.block, context)
+        if request.parts < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"parts (k) must be >= 1, got {request.parts}")
+        if not 0 <= request.rank < request.parts:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"slice index {request.rank} is out of range for {request.parts} slices")
+        served = st.cfg.server.served_dtype
+        if request.dtype not in ("", served, MASTER_DTYPE):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"dtype {request.dtype!r} is not served: this server serves {served} (and {MASTER_DTYPE} for replicas)")
+        master = request.dtype == MASTER_DTYPE
+        dtype = "float32" if master else served
+        itemsize = ITEMSIZE[dtype]
+        first_el, end_el = st.manifest.blocks[b].slice_range(request.rank, request.parts)
+        start, end = first_el * itemsize, end_el * itemsize
+        if not 0 <= request.resume_offset <= end - start:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"resume_offset {request.resume_offset} is outside the slice's {end - start} bytes")
+        version = self._wait(b, request.version, context)
+        chunk = st.cfg.server.chunk_bytes
+        pos = start + request.resume_offset
+        while True:
+            n = min(chunk, end - pos)
+            with st.store.reading(b):
+                now = st.store.version(b)
+                if now != version:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"block {b} moved from version {version} to {now} while streaming; fetch again")
+                data = memoryview(st.store.bytes_of(b, master)[pos : pos + n])
+                header = pb.ChunkHeader(block=b, version=version, dtype=dtype, slice_start=start, slice_bytes=end - start,
+                                        offset=pos - start, checksum=checksum(data))
+                message = encode_chunk(header, data)  # the one server-side copy, under the read lock
+            st.served_bytes += n
+            yield message
+            pos += n
+            if pos >= end or not context.is_active():
+                return
+
+    def WaitVersion(self, request: pb.WaitRequest, context: grpc.ServicerContext) -> pb.WaitReply:
+        b = self._block(request.block, context)
+        version = self._wait(b, request.version, context)
+        seg = self.state.store.segments
+        return pb.WaitReply(version=version, shm_nonce=seg.nonce if seg is not None else 0)
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        st = self.state
+        return pb.StatusReply(
+            versions=[st.store.version(b) for b in st.owned],
+            applied_version=st.store.applied_version(),
+            journaled_steps=st.journal.next_step,
+            snapshot_version=st.snapshot_version,
+            role=st.role,
+            served_bytes=st.served_bytes,
+            first_block=st.first,
+            end_block=st.end,
+        )
+
+    def BlockDigest(self, request: pb.DigestRequest, context: grpc.ServicerContext) -> pb.DigestReply:
+        b = self._block(request.block, context)
+        version, digest = self.state.store.digest(b)
+        return pb.DigestReply(block=b, version=version, xxh3=digest)
+
+    def FollowJournal(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
+        journal = self.state.journal
+        step = request.from_step
+        if step < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"from_step must be >= 0, got {step}")
+        while context.is_active():
+            try:
+                pending = list(journal.records_from(step))
+            except LookupError as exc:
+                context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            for r in pending:
+                if r.step == step:
+                    yield record_to_pb(r)
+                    step += 1
+            with journal.appended:
+                journal.appended.wait_for(lambda: journal.next_step > step, timeout=1.0)
+
+    # ------------------------------------------------------------------ state-changing (token required)
+    def ApplyUpdate(self, request: pb.UpdateRequest, context: grpc.ServicerContext) -> pb.UpdateReply:
+        st = self.state
+        if st.role != "primary":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server is a replica: updates reach it from its primary")
+        if len(request.record.directions) > MAX_DIRECTIONS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{len(request.record.directions)} directions in one update; at most {MAX_DIRECTIONS}")
+        record = record_from_pb(request.record)
+        try:
+            duplicate, size = st.submit(record)
+        except UpdateRejected as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad update for step {record.step}: {exc}")
+        except RuntimeError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        if duplicate:
+            log.info("duplicate update acknowledged", extra=kv(step=record.step))
+        return pb.UpdateReply(step=record.step, duplicate=duplicate, journal_bytes=size)
+
+    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotReply:
+        try:
+            job = self.state.snapshot_now(timeout_s=self._timeout(context) or 600.0)
+        except (TimeoutError, OSError) as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"snapshot failed: {exc}")
+        return pb.SnapshotReply(version=job.version, path=str(job.path), bytes=job.bytes)
+
+    def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> pb.ExportReply:
+        if not request.path:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "export needs a directory path")
+        try:
+            path, version = self.state.export(request.path)
+        except PermissionError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except OSError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, f"export to {request.path!r} failed: {exc}")
+        return pb.ExportReply(path=path, version=version)
+
+    def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
+        threading.Timer(0.1, self.on_shutdown).start()  # reply first
+        return pb.ShutdownReply()
+
+    # ------------------------------------------------------------------ registration
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        def uu(fn, req, resp):  # noqa: ANN001, ANN202
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "GetManifest": uu(self.GetManifest, pb.ManifestRequest, pb.ManifestReply),
+            # data plane: handlers yield ready-made Chunk bytes
+            "FetchSlice": grpc.unary_stream_rpc_method_handler(
+                self.FetchSlice, request_deserializer=pb.FetchRequest.FromString, response_serializer=identity),
+            "WaitVersion": uu(self.WaitVersion, pb.WaitRequest, pb.WaitReply),
+            "ApplyUpdate": uu(self.ApplyUpdate, pb.UpdateRequest, pb.UpdateReply),
+            "Snapshot": uu(self.Snapshot, pb.SnapshotRequest, pb.SnapshotReply),
+            "Export": uu(self.Export, pb.ExportRequest, pb.ExportReply),
+            "Shutdown": uu(self.Shutdown, pb.ShutdownRequest, pb.ShutdownReply),
+            "GetStatus": uu(self.GetStatus, pb.StatusRequest, pb.StatusReply),
+            "BlockDigest": uu(self.BlockDigest, pb.DigestRequest, pb.DigestReply),
+            "FollowJournal": grpc.unary_stream_rpc_method_handler(
+                self.FollowJournal, request_deserializer=pb.FollowRequest.FromString,
+                response_serializer=common_pb2.UpdateRecord.SerializeToString),
+        })

@@ -1,0 +1,192 @@
+"""Shared-memory segments: the served blocks, mapped read-only by clients on the same host.
+
+Two files in a memory-backed directory: ``<id>.data`` holds every owned block's served
+bytes; ``<id>.versions`` holds a header (magic, nonce, block count) and, per block, a
+sequence counter, the version, and the block's byte range in the data file. The server
+writes a block under a seqlock (sequence odd while writing, even when stable); a reader
+copies the block, then checks the sequence did not move, so it never uses torn bytes.
+The nonce, also reported over gRPC, tells a client it mapped this server's live segments.
+x86-64 keeps stores ordered, which the seqlock relies on.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 0x445A_5348_4D31  # "DZSHM1"
+HEADER_WORDS = 4  # magic, nonce, nblocks, owner pid
+BLOCK_WORDS = 4  # seq, version, byte offset, byte count
+ALIGN = 64
+
+
+class StaleVersion(Exception):
+    """The block moved past the wanted version."""
+
+
+class SegmentGone(Exception):
+    """The mapped segments belong to a server that is gone or restarted."""
+
+
+def _mmap(path: Path, size: int, writable: bool) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0), flags=mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+
+
+class ServedSegments:
+    """Server side: creates the segments and writes blocks under the seqlock."""
+
+    def __init__(self, directory: str | Path, name: str, block_bytes: list[int]):
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"shared-memory directory {str(d)!r} does not exist")
+        self.data_path = d / f"{name}.data"
+        self.versions_path = d / f"{name}.versions"
+        offsets, total = [], 0
+        for n in block_bytes:
+            offsets.append(total)
+            total += -(-n // ALIGN) * ALIGN
+        self.nonce = secrets.randbits(63)
+        self.total = max(total, ALIGN)
+        words = HEADER_WORDS + BLOCK_WORDS * len(block_bytes)
+        for p in (self.data_path, self.versions_path):
+            if p.exists():
+                p.unlink()  # a dead predecessor's segment; clients notice the new nonce
+        for p, size in ((self.data_path, self.total), (self.versions_path, words * 8)):
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o640)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        self._data = _mmap(self.data_path, self.total, writable=True)
+        self._meta = _mmap(self.versions_path, words * 8, writable=True)
+        self.data = np.frombuffer(self._data, dtype=np.uint8)
+        self.words = np.frombuffer(self._meta, dtype=np.int64)
+        self.table = self.words[HEADER_WORDS:].reshape(len(block_bytes), BLOCK_WORDS)
+        self.table[:, 0] = 0
+        self.table[:, 1] = -1
+        self.table[:, 2] = offsets
+        self.table[:, 3] = block_bytes
+        self.words[3] = os.getpid()
+        self.words[2] = len(block_bytes)
+        self.words[1] = self.nonce
+        self.words[0] = MAGIC  # last: a reader seeing the magic sees a complete header
+
+    def block(self, b: int) -> np.ndarray:
+        off, n = int(self.table[b, 2]), int(self.table[b, 3])
+        return self.data[off : off + n]
+
+    def begin_write(self, b: int) -> None:
+        self.table[b, 0] += 1  # odd: readers back off
+
+    def end_write(self, b: int, version: int) -> None:
+        self.table[b, 1] = version
+        self.table[b, 0] += 1  # even again
+
+    def close(self, unlink: bool = True) -> None:
+        del self.data, self.words, self.table
+        for m in (self._data, self._meta):
+            try:
+                m.close()
+            except BufferError:  # a view is still referenced somewhere; the mapping goes with it
+                pass
+        if unlink:
+            for p in (self.data_path, self.versions_path):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+def reap_stale_segments(directory: str | Path, prefix: str = "distzo-") -> list[str]:
+    """Remove segments whose owning process is gone (a server killed with SIGKILL leaves them)."""
+    removed = []
+    for meta in Path(directory).glob(f"{prefix}*.versions"):
+        try:
+            head = np.frombuffer(meta.read_bytes()[: HEADER_WORDS * 8], dtype=np.int64)
+        except OSError:
+            continue
+        if head.shape[0] < HEADER_WORDS or int(head[0]) != MAGIC:
+            continue
+        pid = int(head[3])
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        for p in (meta, meta.with_suffix(".data")):
+            p.unlink(missing_ok=True)
+        removed.append(meta.stem)
+    return removed
+
+
+class SharedView:
+    """Client side: read-only mapping of a server's segments."""
+
+    def __init__(self, data_path: str, versions_path: str, nonce: int):
+        vp, dp = Path(versions_path), Path(data_path)
+        self.versions_path = vp
+        self.inode = vp.stat().st_ino
+        self._meta = _mmap(vp, vp.stat().st_size, writable=False)
+        self._data = _mmap(dp, dp.stat().st_size, writable=False)
+        self.words = np.frombuffer(self._meta, dtype=np.int64)
+        if int(self.words[0]) != MAGIC or int(self.words[1]) != nonce:
+            self.close()
+            raise SegmentGone(f"{versions_path} does not belong to the server that named it")
+        self.nonce = nonce
+        self.table = self.words[HEADER_WORDS:].reshape(int(self.words[2]), BLOCK_WORDS)
+        self.data = np.frombuffer(self._data, dtype=np.uint8)
+
+    def alive(self, nonce: int) -> bool:
+        return int(self.words[1]) == nonce == self.nonce
+
+    def current(self) -> bool:
+        """Still the live segment? A restarted server unlinks it and creates a new file."""
+        try:
+            return self.versions_path.stat().st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    def view(self, b: int) -> np.ndarray:
+        """Read-only view of the block's served bytes (validate with ``stable`` after use)."""
+        off, n = int(self.table[b, 2]), int(self.table[b, 3])
+        return self.data[off : off + n]
+
+    def sequence(self, b: int) -> tuple[int, int]:
+        return int(self.table[b, 0]), int(self.table[b, 1])
+
+    def read_into(self, b: int, version: int, start: int, dest: np.ndarray, timeout_s: float = 5.0) -> None:
+        """Copy bytes [start, start+len(dest)) of block b at exactly ``version`` into dest."""
+        deadline = time.monotonic() + timeout_s
+        src = self.view(b)
+        while True:
+            seq, ver = self.sequence(b)
+            if ver > version:
+                raise StaleVersion(f"block {b} is at version {ver}, past the wanted {version}")
+            if seq % 2 == 0 and ver == version:
+                np.copyto(dest, src[start : start + dest.shape[0]])
+                if self.sequence(b) == (seq, ver):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"block {b} did not settle at version {version} (at {ver}, seq {seq})")
+            time.sleep(0.0002)
+
+    def close(self) -> None:
+        for name in ("data", "words", "table"):
+            if hasattr(self, name):
+                delattr(self, name)
+        for name in ("_meta", "_data"):
+            try:
+                getattr(self, name).close()
+            except (AttributeError, BufferError):
+                pass

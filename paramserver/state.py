@@ -1,0 +1,306 @@
+"""The parameter server's state machine: recover, journal, apply, snapshot, export.
+
+An update is validated, appended to the journal (fsync) and acknowledged; an applier
+thread then applies queued updates in step order, block by block, each block's version
+advancing as soon as it is updated. Recovery loads the newest valid snapshot and replays
+the journal behind it, so the weights are bitwise those acknowledged before a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distzo.config import JobConfig
+from distzo.export import export_model_dir
+from distzo import generator
+from distzo.generator import Distribution
+from distzo.logs import kv
+from distzo.mezo import UpdateRecord
+from distzo.modeling import BlockModel
+from distzo.presets import resolve_model
+from paramserver.journal import Journal, JournalCorrupt
+from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot, prune_snapshots,
+                                  remove_temporaries)
+from paramserver.shm import reap_stale_segments
+from paramserver.store import BlockStore
+
+log = logging.getLogger("distzo.paramserver")
+KEEP_SNAPSHOTS = 2
+
+
+class UpdateRejected(ValueError):
+    """An update the server will not apply (gap, conflicting duplicate, replica)."""
+
+
+class RecoveryError(RuntimeError):
+    """The data directory cannot be turned back into the weights."""
+
+
+@dataclass
+class Marker:
+    """A request queued behind the updates so it sees a consistent version."""
+
+    kind: str  # "snapshot" | "export" | "stop"
+    arg: object = None
+    done: threading.Event | None = None
+    result: object = None
+    error: BaseException | None = None
+
+
+def manifest_digest(manifest_json: str) -> str:
+    return hashlib.sha256(manifest_json.encode()).hexdigest()
+
+
+class ServerState:
+    def __init__(self, cfg: JobConfig, data_dir: str | Path, blocks: tuple[int, int] | None = None,
+                 name: str | None = None, role: str = "primary"):
+        self.cfg = cfg
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.role = role
+        self.dist = Distribution(cfg.train.distribution)
+        generator.set_cpu_threads(cfg.server.update_threads)
+        self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
+        self.model = BlockModel.from_dir(self.model_dir)
+        self.manifest = self.model.manifest
+        self.manifest_json = self.manifest.to_json()
+        nblocks = len(self.manifest.blocks)
+        first, end = blocks if blocks is not None else (0, nblocks)
+        if not 0 <= first < end <= nblocks:
+            raise ValueError(f"block range {first}:{end} is not inside the model's {nblocks} blocks (0:{nblocks})")
+        self.first, self.end = first, end
+        self.owned = range(first, end)
+        digest = manifest_digest(self.manifest_json + f"|{first}:{end}")
+        self.digest = digest
+        self.server_id = name or f"distzo-{digest[:8]}-{hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]}"
+        shm_dir = cfg.server.shm_dir if cfg.server.shared_memory else None
+        if shm_dir:
+            reaped = reap_stale_segments(shm_dir)
+            if reaped:
+                log.info("removed shared-memory segments of dead servers", extra=kv(segments=",".join(reaped)))
+        self.store = BlockStore(self.manifest, first, end, cfg.server.served_dtype, shm_dir, self.server_id)
+        self.journal = Journal(self.data_dir, rotate_every=cfg.server.snapshot_every)
+        self._submit_lock = threading.Lock()
+        self._queue: queue.Queue[UpdateRecord | Marker] = queue.Queue()
+        self._snapshot: SnapshotJob | None = None
+        self._snapshot_thread: threading.Thread | None = None
+        self.snapshot_version = -1
+        self.served_bytes = 0
+        self.updates_applied = 0
+        self._applier: threading.Thread | None = None
+        self.failed: BaseException | None = None
+
+    # ------------------------------------------------------------------ start
+    def recover(self) -> int:
+        """Load the newest valid snapshot and replay the journal; returns the version reached."""
+        remove_temporaries(self.data_dir)
+        snaps = list_snapshots(self.data_dir)
+        blocks = None
+        base = 0
+        for info in reversed(snaps):
+            try:
+                blocks = load_snapshot(info, self.digest)
+                base = info.version
+                break
+            except SnapshotCorrupt as exc:
+                log.error("snapshot unusable, trying an older one", extra=kv(error=str(exc)))
+        try:
+            records = list(self.journal.read_all(repair=True))
+        except JournalCorrupt as exc:
+            raise RecoveryError(str(exc)) from None
+        if blocks is None:
+            if snaps:
+                raise RecoveryError(f"no usable snapshot in {self.data_dir}: all {len(snaps)} fail their checks")
+            if records and records[0].step != 0:
+                raise RecoveryError(f"{self.data_dir} holds a journal from step {records[0].step} but no snapshot to replay it onto")
+            if records:  # crashed before the first snapshot completed: replay onto the initial weights
+                log.warning("no snapshot yet: replaying the journal onto the model's initial weights",
+                            extra=kv(model=str(self.model_dir), records=len(records)))
+            buffers = self.model.load_block_buffers()
+            blocks = {b: buffers[b].numpy() for b in self.owned}
+        for b in self.owned:
+            if b not in blocks:
+                raise RecoveryError(f"snapshot at version {base} lacks block {b}")
+            self.store.set_block(b, blocks[b], base)
+        del blocks
+        self.snapshot_version = base if snaps else -1
+        replay = [r for r in records if r.step >= base]
+        for i, r in enumerate(replay):
+            if r.step != base + i:
+                raise RecoveryError(f"the journal has step {r.step} where step {base + i} should follow the snapshot at "
+                                    f"version {base}: records are missing")
+        t0 = time.perf_counter()
+        for r in replay:
+            self.store.apply(r, self.dist)
+        version = base + len(replay)
+        self.journal.open(version)
+        for r in replay[-self.journal.recent.maxlen:]:
+            self.journal.recent.append(r)
+        log.info("recovered", extra=kv(snapshot=base, replayed=len(replay), version=version,
+                                       seconds=round(time.perf_counter() - t0, 3)))
+        if not snaps:
+            self._start_snapshot(version)  # never depend on the model directory again
+        return version
+
+    def start(self) -> None:
+        self._applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
+        self._applier.start()
+
+    # ------------------------------------------------------------------ updates
+    def submit(self, record: UpdateRecord) -> tuple[bool, int]:
+        """Journal and queue an update; returns (duplicate, journal bytes). Raises on bad input."""
+        record.validate()
+        if self.failed is not None:
+            raise RuntimeError(f"the server stopped applying updates: {self.failed}")
+        with self._submit_lock:
+            expected = self.journal.next_step
+            if record.step < expected:
+                known = next((r for r in self.journal.recent if r.step == record.step), None)
+                if known is not None and known != record:
+                    raise UpdateRejected(f"step {record.step} was already applied with different directions/lr")
+                return True, self.journal.bytes_written
+            if record.step > expected:
+                raise UpdateRejected(f"update for step {record.step} arrived before step {expected}: "
+                                     f"the server applies steps in order (next expected: {expected})")
+            size = self.journal.append(record)
+            self._queue.put(record)
+            return False, size
+
+    def _apply_loop(self) -> None:
+        every = self.cfg.server.snapshot_every
+        while True:
+            item = self._queue.get()
+            if isinstance(item, Marker):
+                if self._handle_marker(item):
+                    return
+                continue
+            try:
+                job = self._snapshot if self._snapshot is not None and not self._snapshot.done.is_set() else None
+                self.store.apply(item, self.dist, before_modify=job.before_modify if job else None)
+                self.updates_applied += 1
+            except BaseException as exc:  # the state is no longer trustworthy: stop taking updates
+                self.failed = exc
+                log.critical("applying an update failed", extra=kv(step=item.step, error=repr(exc)))
+                return
+            version = item.step + 1
+            if every and version % every == 0:
+                self._start_snapshot(version)
+
+    def _handle_marker(self, m: Marker) -> bool:
+        try:
+            if m.kind == "stop":
+                return True
+            if m.kind == "snapshot":
+                job = self._start_snapshot(self.store.applied_version(), force=True)
+                m.result = job
+            elif m.kind == "export":
+                self._wait_snapshot()
+                path = Path(str(m.arg))
+                buffers = [self._block_tensor(b) for b in range(len(self.manifest.blocks))]
+                export_model_dir(self.model, buffers, path)
+                m.result = (str(path), self.store.applied_version())
+        except BaseException as exc:  # reported to the caller
+            m.error = exc
+        finally:
+            if m.done is not None:
+                m.done.set()
+        return False
+
+    def _block_tensor(self, b: int):  # noqa: ANN202
+        import torch
+
+        if b not in self.owned:
+            raise ValueError(f"this shard holds blocks {self.first}:{self.end}; export needs the whole model")
+        return torch.from_numpy(self.store.master[b])
+
+    # ------------------------------------------------------------------ snapshots
+    def _start_snapshot(self, version: int, force: bool = False) -> SnapshotJob | None:
+        if self._snapshot is not None and not self._snapshot.done.is_set():
+            if not force:
+                log.warning("snapshot skipped: the previous one is still being written", extra=kv(version=version))
+                return None
+            self._snapshot.done.wait()
+        job = SnapshotJob(self.data_dir, version, list(self.owned), {b: self.manifest.blocks[b].numel for b in self.owned},
+                          lambda b: self.store.master[b], self.digest)
+        self._snapshot = job
+        self._snapshot_thread = threading.Thread(target=self._run_snapshot, args=(job,), name="snapshot", daemon=True)
+        self._snapshot_thread.start()
+        return job
+
+    def _run_snapshot(self, job: SnapshotJob) -> None:
+        try:
+            job.run()
+            if job.error is None:
+                self.snapshot_version = job.version
+                prune_snapshots(self.data_dir, KEEP_SNAPSHOTS)
+                kept = list_snapshots(self.data_dir)
+                if kept:
+                    self.journal.drop_before(kept[0].version)  # keep what the oldest kept snapshot needs
+        except OSError as exc:
+            log.error("pruning after a snapshot failed: %s", exc)
+        finally:
+            job.done.set()
+
+    def _wait_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.done.wait()
+
+    def snapshot_now(self, timeout_s: float = 600.0) -> SnapshotJob:
+        m = Marker("snapshot", done=threading.Event())
+        self._queue.put(m)
+        if not m.done.wait(timeout_s):
+            raise TimeoutError("snapshot did not start in time")
+        if m.error is not None:
+            raise m.error
+        job: SnapshotJob = m.result  # type: ignore[assignment]
+        if not job.done.wait(timeout_s):
+            raise TimeoutError("snapshot did not finish in time")
+        if job.error is not None:
+            raise job.error
+        return job
+
+    def export(self, path: str, timeout_s: float = 600.0) -> tuple[str, int]:
+        root = self.cfg.server.export_root
+        p = Path(path)
+        if not p.is_absolute():
+            p = (Path(root) if root else self.data_dir / "exports") / p
+        p = p.resolve()
+        if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
+            raise PermissionError(f"export path {str(p)!r} is outside server.export_root {root!r}")
+        m = Marker("export", arg=p, done=threading.Event())
+        self._queue.put(m)
+        if not m.done.wait(timeout_s):
+            raise TimeoutError("export did not finish in time")
+        if m.error is not None:
+            raise m.error
+        return m.result  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ queries
+    def drain(self, timeout_s: float = 60.0) -> int:
+        """Wait until every journaled update is applied; returns the applied version."""
+        deadline = time.monotonic() + timeout_s
+        while self.store.applied_version() < self.journal.next_step:
+            if self.failed is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        return self.store.applied_version()
+
+    def master_blocks(self) -> dict[int, np.ndarray]:
+        return self.store.master
+
+    def close(self) -> None:
+        self._queue.put(Marker("stop"))
+        if self._applier is not None:
+            self._applier.join(timeout=30)
+        self._wait_snapshot()
+        self.journal.close()
+        self.store.close()

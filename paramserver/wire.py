@@ -1,0 +1,78 @@
+"""Data-plane framing: a ``Chunk`` protobuf message written and read by hand.
+
+The payload is copied once on the server (into the message bytes gRPC must send) and
+once on the client (into the caller's buffer); protobuf never touches it. The bytes on
+the wire are an ordinary ``distzo.v1.Chunk`` (field 1 = header, field 2 = data), so any
+gRPC client can read them with the .proto.
+"""
+
+from __future__ import annotations
+
+import xxhash
+
+from protos import paramserver_pb2 as pb
+
+_HEADER_TAG = 0x0A  # field 1, length-delimited
+_DATA_TAG = 0x12  # field 2, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    shift = 0
+    value = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint in chunk")
+
+
+def checksum(data: memoryview | bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def encode_chunk(header: pb.ChunkHeader, payload: memoryview) -> bytes:
+    h = header.SerializeToString()
+    return b"".join((bytes((_HEADER_TAG,)), _varint(len(h)), h, bytes((_DATA_TAG,)), _varint(len(payload)), payload))
+
+
+def decode_chunk(message: bytes) -> tuple[pb.ChunkHeader, memoryview]:
+    """Split a Chunk into its parsed header and a zero-copy view of its data."""
+    buf = memoryview(message)
+    try:
+        if buf[0] != _HEADER_TAG:
+            raise ValueError
+        hlen, pos = _read_varint(buf, 1)
+        header = pb.ChunkHeader.FromString(buf[pos : pos + hlen])
+        pos += hlen
+        if pos == len(buf):  # proto3 drops an empty bytes field
+            return header, buf[pos:pos]
+        if buf[pos] != _DATA_TAG:
+            raise ValueError
+        dlen, pos = _read_varint(buf, pos + 1)
+        if pos + dlen != len(buf):
+            raise ValueError
+        return header, buf[pos : pos + dlen]
+    except (ValueError, IndexError):
+        # another encoder's field order: parse it the ordinary (copying) way
+        chunk = pb.Chunk.FromString(message)
+        return chunk.header, memoryview(chunk.data)
+
+
+def identity(b: bytes) -> bytes:
+    return b
