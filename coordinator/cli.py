@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +100,211 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    last = st.evals[-1] if st.evals else None
+    return {
+        "mode": "distributed",
+        "model": st.model,
+        "layout": st.layout,
+        "workers": st.layout_workers,
+        "steps": st.step,
+        "final_loss": st.final_loss,
+        "dev_loss": last.dev_loss if last else math.nan,
+        "dev_accuracy": last.dev_accuracy if last else math.nan,
+        "skipped_steps": st.skipped_steps,
+        "train_tokens": st.train_tokens,
+        "tokens_per_second": st.tokens_per_second,
+        "wall_seconds": wall,
+        "out_dir": out_dir,
+        "reassignments": st.reassignments,
+        "late_reports": st.late_reports,
+        "resumed_from": st.resumed_from,
+        **extra,
+    }
+
+
+class _Progress:
+    """A progress bar on stderr (a line every few seconds when stderr is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
+        self.bar = tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=not (enabled and self.tty))
+        self.last_line = 0.0
+        self.done = 0
+
+    def update(self, st) -> None:  # noqa: ANN001
+        if st.step > self.done:
+            self.bar.update(st.step - self.done)
+            self.done = st.step
+        loss = f"{st.loss:.4f}" if math.isfinite(st.loss) else "-"
+        self.bar.set_postfix_str(f"{st.state} loss={loss} tok/s={st.tokens_per_second:.0f}", refresh=False)
+        if self.enabled and not self.tty and time.monotonic() - self.last_line > 5:
+            print(f"zoctl: {st.state} step {st.step}/{st.total_steps} loss {loss} tokens/s {st.tokens_per_second:.0f}",
+                  file=sys.stderr, flush=True)
+            self.last_line = time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from distzo.job import JobData
+    from distzo.procs import ServiceFailed
+    from coordinator.local import LocalCluster
+
+    cfg = job_config_from_args(args)
+    if cfg.runtime.device == "cuda":
+        raise CliError("zoctl up runs CPU workers on this machine; set runtime.device: cpu (use k8s/ for GPU nodes)")
+    JobData.load(cfg)  # model and data errors surface here, before any process starts
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
+    out_dir = Path(args.out) if args.out else run_dir / "model"
+    cluster = LocalCluster(cfg, run_dir, verbose=args.verbose)
+    t0 = time.monotonic()
+    progress = _Progress(cfg.train.steps)
+    try:
+        cluster.start()
+        print(f"zoctl: local cluster up in {run_dir} (coordinator {cluster.coordinator_address}, "
+              f"parameter server {cluster.server_address}, {cfg.layout.workers} workers)", file=sys.stderr)
+        st = cluster.wait(progress.update)
+        progress.close()
+        if st.state != "done":
+            raise CliError(f"training {st.state}: {st.error or 'see ' + str(run_dir / 'logs')}", EXIT_FAILED)
+        reply = cluster.export(out_dir)
+        summary = summary_from_status(st, time.monotonic() - t0, reply.path,
+                                      {"run_dir": str(run_dir), "restarts": dict(cluster.restarts)})
+    except ServiceFailed as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    finally:
+        progress.close()
+        cluster.shutdown()
+    print_summary(summary, args.json)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- cluster control
+def _cluster_target(args: argparse.Namespace):  # noqa: ANN202
+    from distzo.config import SecuritySection
+    from distzo.rpc import Credentials
+    from coordinator.local import latest_cluster_file
+
+    address, token_file = args.coordinator, args.token_file
+    if address is None:
+        latest = latest_cluster_file()
+        if not latest.is_file():
+            raise CliError("no --coordinator given and no local cluster running (start one with `zoctl up`)", EXIT_UNREACHABLE)
+        info = json.loads(latest.read_text())
+        address, token_file = info["coordinator"], token_file or info.get("token_file")
+    sec = SecuritySection(token_file=token_file, tls_ca=args.tls_ca)
+    return address, Credentials.from_config(sec)
+
+
+def _call(args: argparse.Namespace, method: str, request, timeout: float = 30.0):  # noqa: ANN001, ANN202
+    import grpc
+
+    from distzo.rpc import make_channel
+    from protos import coordinator_pb2_grpc as cpb_grpc
+
+    address, creds = _cluster_target(args)
+    with make_channel(address, creds) as ch:
+        stub = cpb_grpc.CoordinatorStub(ch)
+        try:
+            return getattr(stub, method)(request, timeout=timeout, metadata=creds.call_metadata())
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise CliError(f"cannot reach the coordinator at {address}: {exc.details()}", EXIT_UNREACHABLE) from None
+            code = EXIT_BAD_INPUT if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+                                                    grpc.StatusCode.FAILED_PRECONDITION) else EXIT_FAILED
+            raise CliError(f"{exc.code().name.lower()}: {exc.details()}", code) from None
+
+
+def status_dict(st) -> dict[str, Any]:  # noqa: ANN001
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def print_status(st, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        print(json.dumps(status_dict(st), indent=2, sort_keys=True))
+        return
+    loss = f"{st.loss:.4f}" if math.isfinite(st.loss) else "-"
+    print(f"job: {st.state}  step {st.step}/{st.total_steps}  loss {loss}  tokens/s {st.tokens_per_second:.0f}  "
+          f"layout {st.layout} x{st.layout_workers}  skipped {st.skipped_steps}  reassigned {st.reassignments}")
+    if st.error:
+        print(f"error: {st.error}")
+    if st.evals:
+        e = st.evals[-1]
+        print(f"last eval: step {e.step}  dev loss {e.dev_loss:.4f}  dev accuracy {e.dev_accuracy:.3f}")
+    print(f"{'worker':<16} {'state':<7} {'pid':>8} {'node':<12} {'done':>6} {'seen':>6}")
+    for w in st.workers:
+        print(f"{w.worker_id:<16} {w.state:<7} {w.pid:>8} {w.node_id[:12]:<12} {w.assignments_done:>6} {w.last_seen_s:>5.1f}s")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from protos import coordinator_pb2 as cpb
+
+    if not args.watch:
+        print_status(_call(args, "GetStatus", cpb.StatusQuery()), args.json)
+        return EXIT_OK
+    progress = _Progress(1, enabled=not args.json)
+    while True:
+        st = _call(args, "GetStatus", cpb.StatusQuery())
+        progress.bar.total = st.total_steps
+        progress.update(st)
+        if st.state in ("done", "failed", "stopped", "idle"):
+            progress.close()
+            print_status(st, args.json)
+            return EXIT_OK if st.state != "failed" else EXIT_FAILED
+        time.sleep(1.0)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from protos import coordinator_pb2 as cpb
+
+    cfg = JobConfig.from_yaml(args.config)
+    st = _call(args, "StartJob", cpb.StartJobRequest(config_yaml=cfg.to_yaml()))
+    print(f"zoctl: job started on {args.coordinator}: {st.state}", file=sys.stderr)
+    if args.detach:
+        return EXIT_OK
+    args.watch = True
+    return cmd_status(args)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from protos import coordinator_pb2 as cpb
+
+    method = {"pause": "Pause", "resume": "Resume", "stop": "Stop", "snapshot": "Snapshot", "eval": "Eval"}[args.command]
+    reply = _call(args, method, cpb.ControlRequest(), timeout=600)
+    if method in ("Pause", "Resume", "Stop"):
+        print_status(reply, args.json)
+    elif args.json:
+        print(json.dumps(status_dict(reply), indent=2, sort_keys=True))
+    elif method == "Eval":
+        print(f"step {reply.step}: dev loss {reply.dev_loss:.4f}, dev accuracy {reply.dev_accuracy:.3f} ({reply.dev_examples} examples)")
+    else:
+        print(f"{reply.message}: {reply.path}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from protos import coordinator_pb2 as cpb
+
+    reply = _call(args, "Export", cpb.ExportJobRequest(path=str(Path(args.dir).resolve())), timeout=600)
+    print(json.dumps(status_dict(reply)) if args.json else f"{reply.message}: {reply.path}")
+    return EXIT_OK
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", metavar="ADDR", help="coordinator host:port (default: the running `zoctl up` cluster)")
+    p.add_argument("--token-file", help="bearer token file for state-changing calls")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) when the coordinator uses TLS")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoctl", description="distzo: distributed zeroth-order fine-tuning")
@@ -107,6 +314,36 @@ def build_parser() -> argparse.ArgumentParser:
                        description="In-process MeZO-SGD with the same seeds, data order and layout arithmetic as the distributed run.")
     add_job_options(p)
     p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("up", help="the main job: a local cluster (server, coordinator, N CPU workers) trains and exports",
+                       description="Start a parameter server, a coordinator and N CPU workers as processes on loopback, "
+                                   "train, export to --out, print a summary, and stop everything (also on Ctrl-C).")
+    add_job_options(p)
+    p.add_argument("--run-dir", metavar="DIR", help="logs, journal and snapshots (default runs/up-<time>)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("train", help="start a job on a running coordinator (cluster mode) and watch it")
+    p.add_argument("--config", required=True, metavar="FILE", help="job config (YAML)")
+    p.add_argument("--detach", action="store_true", help="start and return")
+    add_target_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", help="step, loss, tokens/s and workers of the job")
+    p.add_argument("--watch", action="store_true", help="refresh until the job ends")
+    add_target_options(p)
+    p.set_defaults(func=cmd_status)
+
+    for name, text in (("pause", "pause after the current step"), ("resume", "resume a paused job"),
+                       ("stop", "stop after the current step"), ("snapshot", "snapshot the parameter server now"),
+                       ("eval", "evaluate on the dev split now (between steps)")):
+        p = sub.add_parser(name, help=text)
+        add_target_options(p)
+        p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser("export", help="export the current weights as a Hugging Face model directory")
+    p.add_argument("dir", help="directory (on the parameter server's host)")
+    add_target_options(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the default job config, or validate a config file")
     p.add_argument("file", nargs="?", help="config file to validate")
@@ -122,10 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # same clean-up path as Ctrl-C: nothing is left running
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0))
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         return int(args.func(args))
     except CliError as exc:

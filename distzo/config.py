@@ -45,7 +45,7 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    steps: int = Field(300, ge=1)
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
     eps: float = Field(1e-3, gt=0, description="perturbation scale")
     lr: float = Field(5e-4, gt=0)
@@ -59,7 +59,7 @@ class TrainSection(_Section):
     nonfinite_retries: int = Field(1, ge=0, description="re-runs of a step whose losses are not finite")
     nonfinite_policy: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = Field(10, ge=1, description="stop when this many steps in a row are skipped (diverged)")
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_every: int = Field(250, ge=0, description="evaluate every N steps (0: only at the end)")
 
 
 class LayoutSection(_Section):
@@ -105,6 +105,7 @@ class ServerSection(_Section):
     shm_dir: str = Field("/dev/shm", description="where shared-memory segments live (a memory-backed directory)")
     export_root: str | None = Field(None, description="exports must be written under this directory (None: anywhere)")
     fetch_timeout_s: float = Field(120.0, gt=0, description="how long a fetch may wait for a version")
+    data_dir: str | None = Field(None, description="snapshots and journal (zoctl up: <run dir>/server)")
 
 
 class RuntimeSection(_Section):
@@ -113,6 +114,16 @@ class RuntimeSection(_Section):
     kernel_threads: int = Field(1, ge=1, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
     cache_dir: str | None = Field(None, description="where presets are built; default ~/.cache/distzo")
+
+
+class CoordinatorSection(_Section):
+    on_worker_loss: Literal["reassign", "wait"] = Field(
+        "reassign", description="a lost worker's forwards go to a live worker now, or wait for a replacement")
+    heartbeat_timeout_s: float = Field(15.0, gt=0, description="a worker silent this long is lost")
+    assignment_timeout_s: float = Field(600.0, gt=0, description="an assignment not answered in this time is re-assigned")
+    max_attempts: int = Field(5, ge=1, description="tries per forward before the step fails")
+    server_timeout_s: float = Field(300.0, gt=0, description="how long to wait for an unreachable parameter server")
+    worker_wait_s: float = Field(600.0, gt=0, description="how long to wait for the layout's workers to register")
 
 
 class SecuritySection(_Section):
@@ -151,6 +162,7 @@ class JobConfig(_Section):
     server: ServerSection = Field(default_factory=ServerSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
+    coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
 
     @model_validator(mode="after")
     def _batch_fits_layout(self) -> "JobConfig":

@@ -109,6 +109,8 @@ class _Run:
         self.lockstep = _Lockstep(len(jobs))
         self.blocks: dict[int, _BlockState] = {}
         self.current = [-1] * len(jobs)
+        self.copy_bytes = 0  # perturbed copies alive now, and the most at once
+        self.peak_copy_bytes = 0
 
     def prepare(self, b: int) -> _BlockState:
         state = self.blocks.get(b)
@@ -118,6 +120,8 @@ class _Run:
             try:
                 state.clean = self.feed.get(b)
                 state.copies = self.engine.make_copies(b, state.clean, self.jobs)
+                self.copy_bytes += self._own_bytes(state)
+                self.peak_copy_bytes = max(self.peak_copy_bytes, self.copy_bytes)
             except BaseException as exc:  # every job entering this block fails the same way
                 state.error = exc
         if state.error is not None:
@@ -138,8 +142,14 @@ class _Run:
             if b < lowest and b not in self.engine.model.pinned_blocks and self.blocks[b].clean is not None:
                 self.drop(b)
 
+    @staticmethod
+    def _own_bytes(state: _BlockState) -> int:
+        seen = {id(c) for c in state.copies if c is not state.clean}
+        return sum(c.numel() * c.element_size() for c in state.copies if id(c) in seen and c is not state.clean)
+
     def drop(self, b: int) -> None:
         state = self.blocks[b]
+        self.copy_bytes -= self._own_bytes(state)
         self.engine.model.unbind_block(b)
         state.copies = []
         state.views = {}
@@ -164,6 +174,7 @@ class ForwardEngine:
         self.compute_dtype = compute_dtype
         self._tls = threading.local()
         self._lock = threading.Lock()  # one run at a time per engine (the skeleton is shared)
+        self.last_peak_copy_bytes = 0
         for mod in model.module_refs:
             mod.register_forward_pre_hook(self._pre_hook)
 
@@ -219,6 +230,7 @@ class ForwardEngine:
             for b in list(run.blocks):
                 run.drop(b)
             self.model.unbind_all()
+            self.last_peak_copy_bytes = run.peak_copy_bytes
             for err in errors:
                 if err is not None:
                     raise err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +53,13 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
     return config
 
 
+# init_empty_weights patches nn.Module for the whole process: build one model at a time
+_BUILD_LOCK = threading.RLock()
+
+
 def _empty_model(config: PretrainedConfig) -> nn.Module:
     try:
-        with init_empty_weights(include_buffers=False):
+        with _BUILD_LOCK, init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     except ValueError as exc:
         raise ModelError(f"model type {config.model_type!r} is not a causal language model: {exc}") from exc
@@ -127,7 +132,8 @@ class BlockModel:
         self.num_blocks = num_layers + 2
         self.head_block = num_layers + 1
 
-        call_order = _trace_call_order(self.skeleton)
+        with _BUILD_LOCK:
+            call_order = _trace_call_order(self.skeleton)
         call_index = {name: i for i, name in enumerate(call_order)}
         layer_prefix = self.layers_path + "."
         first_layer_call = min(
@@ -209,6 +215,17 @@ class BlockModel:
         self._meta_params = {m: dict(m._parameters) for m in self.module_refs}
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config_json(cls, config_json: str) -> "BlockModel":
+        """The skeleton from a Hugging Face config alone (workers: no model directory needed)."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        raw = json.loads(config_json)
+        model_type = raw.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ModelError(f"unknown model type {model_type!r} in the server's model config")
+        return cls(CONFIG_MAPPING[model_type].from_dict(raw))
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "BlockModel":
         config = load_config(model_dir)

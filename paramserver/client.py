@@ -105,6 +105,8 @@ class ParamServerClient:
 
     # ------------------------------------------------------------------ discovery
     def connect(self) -> "ParamServerClient":
+        if self._manifest is not None:
+            return self
         for shard in self.shards:
             try:
                 shard.manifest = shard.stub.GetManifest(pb.ManifestRequest(), timeout=self._connect_timeout, wait_for_ready=True)
@@ -294,7 +296,7 @@ class ParamServerClient:
             s.close()
 
     def __enter__(self) -> "ParamServerClient":
-        return self.connect()
+        return self.connect()  # idempotent
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -69,6 +69,7 @@ class ParamServerService:
             end_block=st.end,
             server_id=st.server_id,
             config_yaml=st.cfg.to_yaml(),
+            model_config_json=st.model.config.to_json_string(use_diff=False),
         )
         if seg is not None:
             reply.shm_versions_path = str(seg.versions_path)

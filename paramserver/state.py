@@ -106,12 +106,14 @@ class ServerState:
         snaps = list_snapshots(self.data_dir)
         blocks = None
         base = 0
+        reasons = []
         for info in reversed(snaps):
             try:
                 blocks = load_snapshot(info, self.digest)
                 base = info.version
                 break
             except SnapshotCorrupt as exc:
+                reasons.append(str(exc))
                 log.error("snapshot unusable, trying an older one", extra=kv(error=str(exc)))
         try:
             records = list(self.journal.read_all(repair=True))
@@ -119,7 +121,8 @@ class ServerState:
             raise RecoveryError(str(exc)) from None
         if blocks is None:
             if snaps:
-                raise RecoveryError(f"no usable snapshot in {self.data_dir}: all {len(snaps)} fail their checks")
+                raise RecoveryError(f"no usable snapshot in {self.data_dir}: all {len(snaps)} fail their checks "
+                                    f"({'; '.join(reasons)})")
             if records and records[0].step != 0:
                 raise RecoveryError(f"{self.data_dir} holds a journal from step {records[0].step} but no snapshot to replay it onto")
             if records:  # crashed before the first snapshot completed: replay onto the initial weights

@@ -1,0 +1,325 @@
+"""The job: the step protocol, from seeds to the parameter server's update.
+
+    for t from the server's journaled step to train.steps:
+        plan    = seeds and examples of step t            (distzo.plan, as the reference)
+        round   = each layout worker's forwards, version t  (rounds.Round: dispatch, collect)
+        outcome = g per direction from the losses          (distzo.mezo.make_update)
+        send UpdateRecord(t, (seed, g)..., lr) to every parameter-server shard
+        eval every N steps on the dev split
+
+A restarted coordinator resumes from the parameter server's journaled step: plans are
+pure functions of (master seed, t), so the run continues exactly where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from distzo.config import JobConfig
+from distzo.job import EvalTally, JobData
+from distzo.logs import kv
+from distzo.mezo import UpdateRecord, make_update
+from distzo.plan import step_plan, worker_roles
+from distzo.reference import TrainingStopped, check_skip_policy
+from distzo.rpc import Credentials
+from coordinator.registry import Registry
+from coordinator.rounds import Round, RoundFailed
+from paramserver.client import FetchError, ParamServerClient
+from protos import coordinator_pb2 as cpb
+
+log = logging.getLogger("distzo.coordinator.job")
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    nonfinite_retries: int = 0
+    reassignments: int = 0
+    late_reports: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    phase: dict[str, float] = field(default_factory=lambda: {
+        "assign_s": 0.0, "wait_s": 0.0, "update_s": 0.0, "worker_fetch_s": 0.0, "worker_compute_s": 0.0,
+        "worker_wait_s": 0.0, "worker_gather_s": 0.0, "bytes": 0.0})
+    timed_steps: int = 0
+
+    def final_loss(self) -> float:
+        tail = [x for x in self.losses[-10:] if math.isfinite(x)]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+class Job:
+    def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials):
+        self.cfg = cfg
+        self.registry = registry
+        self.param_servers = param_servers
+        self.creds = creds
+        self.state = "idle"
+        self.error = ""
+        self.step = 0
+        self.resumed_from = 0
+        self.progress = Progress()
+        self.round: Round | None = None
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._eval_requests: list[threading.Event] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.client: ParamServerClient | None = None
+        self.data: JobData | None = None
+        self.started_at = time.monotonic()
+        self.finished_at: float | None = None
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="job", daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._paused.clear()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def request_eval(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        ev = threading.Event()
+        with self._lock:
+            self._eval_requests.append(ev)
+        if not ev.wait(timeout_s):
+            raise TimeoutError("eval did not run in time")
+        return self.progress.evals[-1]
+
+    # ------------------------------------------------------------------ the loop
+    def _main(self) -> None:
+        try:
+            self._setup()
+            self._train()
+            if self._stop.is_set():
+                self.state = "stopped"
+            else:
+                self._evaluate()
+                self.state = "done"
+        except (JobFailed, RoundFailed, TrainingStopped, FetchError) as exc:
+            if self._stop.is_set():
+                self.state = "stopped"
+            else:
+                self.state, self.error = "failed", str(exc)
+                log.error("job failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the service stays up and reports it
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.exception("job failed")
+        finally:
+            self.finished_at = time.monotonic()
+            for ev in self._eval_requests:
+                ev.set()
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.state = "starting"
+        self.data = JobData.load(cfg)
+        self.client = self._connect_servers()
+        served = self.client.shards[0].manifest
+        import yaml
+
+        server_cfg = JobConfig.from_dict(yaml.safe_load(served.config_yaml))
+        for name, ours, theirs in (("train.distribution", cfg.train.distribution, server_cfg.train.distribution),
+                                   ("model.source", cfg.model.source, server_cfg.model.source)):
+            if ours != theirs:
+                raise JobFailed(f"{name} is {ours!r} here but {theirs!r} on the parameter server")
+        self.resumed_from = self.step = self.client.journaled_steps()
+        if self.resumed_from:
+            log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
+        self.state = "waiting_for_workers"
+        need = cfg.layout.workers
+        ok = self.registry.wait_for(lambda: sum(len(u) for u in self.registry.units()) >= need or self._stop.is_set(),
+                                    cfg.coordinator.worker_wait_s)
+        if not ok:
+            raise JobFailed(f"only {sum(len(u) for u in self.registry.units())} of the layout's {need} workers registered "
+                            f"in {cfg.coordinator.worker_wait_s:.0f}s")
+        self.state = "running"
+
+    def _connect_servers(self) -> ParamServerClient:
+        deadline = time.monotonic() + self.cfg.coordinator.server_timeout_s
+        while True:
+            try:
+                return ParamServerClient(self.param_servers, self.creds, connect_timeout_s=10).connect()
+            except FetchError:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                time.sleep(1.0)
+
+    def _train(self) -> None:
+        cfg = self.cfg
+        for t in range(self.step, cfg.train.steps):
+            self._between_steps()
+            if self._stop.is_set():
+                return
+            t0 = time.perf_counter()
+            self._train_step(t)
+            self.progress.train_seconds += time.perf_counter() - t0
+            self.step = t + 1
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                self._evaluate()
+
+    def _between_steps(self) -> None:
+        while True:
+            with self._lock:
+                requests, self._eval_requests = self._eval_requests, []
+            if requests:
+                self._evaluate()
+                for ev in requests:
+                    ev.set()
+            if not self._paused.is_set() or self._stop.is_set():
+                self.state = "running" if not self._stop.is_set() else "stopping"
+                return
+            self.state = "paused"
+            time.sleep(0.05)
+
+    def _train_step(self, t: int) -> None:
+        cfg = self.cfg
+        assert self.data is not None
+        plan = step_plan(cfg, t, len(self.data.train))
+        batches = dict(enumerate(self.data.shard_batches(plan)))
+        forwards: dict[tuple[int, int, int], cpb.ForwardSpec] = {}
+        pieces = []
+        for roles in worker_roles(cfg.layout):
+            piece = []
+            for r in roles:
+                key = (r.direction, r.shard, r.sign)
+                forwards[key] = cpb.ForwardSpec(direction=r.direction, shard=r.shard, sign=r.sign,
+                                                seed=plan.seeds[r.direction], coef=r.sign * cfg.train.eps)
+                piece.append(key)
+            pieces.append(piece)
+        for attempt in range(cfg.train.nonfinite_retries + 1):
+            rnd = self._run_round(t, "train", forwards, batches, pieces)
+            losses = {k: rnd.loss(k) for k in forwards}
+            outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, cfg.train.eps, plan.lr,
+                                  cfg.train.weight_decay, cfg.train.grad_clip)
+            if not outcome.nonfinite:
+                break
+            if attempt < cfg.train.nonfinite_retries:
+                self.progress.nonfinite_retries += 1
+                log.warning("non-finite loss, re-running the step", extra=kv(step=t))
+        self.progress.tokens += sum(r.tokens for r in rnd.results.values())
+        if outcome.record.skipped:
+            self.progress.skipped_steps += 1
+            self.progress.consecutive_skips += 1
+            log.warning("step skipped: non-finite loss", extra=kv(step=t))
+            check_skip_policy(cfg, t, self.progress.consecutive_skips)
+        else:
+            self.progress.consecutive_skips = 0
+        u0 = time.perf_counter()
+        self._send_update(outcome.record)
+        self.progress.phase["update_s"] += time.perf_counter() - u0
+        self.progress.losses.append(outcome.loss)
+        self._account(rnd)
+
+    def _run_round(self, step: int, kind: str, forwards: dict, batches: dict, pieces: list) -> Round:
+        rnd = Round(self.registry, self.cfg.coordinator, step, step, kind, forwards, batches, self._stop)
+        self.round = rnd
+        try:
+            rnd.start(pieces)
+            rnd.wait()
+        finally:
+            self.round = None
+            self.progress.reassignments += rnd.reassignments
+            self.progress.late_reports += rnd.late
+        return rnd
+
+    def on_result(self, worker, result: cpb.WorkResult) -> None:  # noqa: ANN001
+        rnd = self.round
+        if rnd is None or not rnd.on_result(worker, result):
+            self.progress.late_reports += 1 if rnd is None else 0
+            worker.inflight.discard(result.assignment_id)
+            if not worker.inflight and worker.live:
+                worker.state = "idle"
+
+    def _send_update(self, record: UpdateRecord) -> None:
+        assert self.client is not None
+        deadline = time.monotonic() + self.cfg.coordinator.server_timeout_s
+        while True:
+            try:
+                self.client.apply_update(record)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > deadline:
+                    raise JobFailed(f"the parameter server refused step {record.step}: {exc.details()}") from None
+                log.warning("parameter server unavailable, retrying the update", extra=kv(step=record.step))
+                time.sleep(0.5)
+
+    def _account(self, rnd: Round) -> None:
+        p = self.progress.phase
+        p["assign_s"] += rnd.phase["assign_s"]
+        p["wait_s"] += rnd.phase["wait_s"]
+        for tm in rnd.timings:
+            p["worker_fetch_s"] += tm.fetch_s
+            p["worker_compute_s"] += tm.compute_s
+            p["worker_wait_s"] += tm.wait_s
+            p["worker_gather_s"] += tm.gather_s
+            p["bytes"] += tm.bytes_received
+        self.progress.timed_steps += 1
+
+    # ------------------------------------------------------------------ eval
+    def _evaluate(self) -> dict[str, Any]:
+        assert self.data is not None
+        chunks = self.data.eval_chunks()
+        forwards = {i: cpb.ForwardSpec(shard=i, sign=0, want_scores=True) for i in range(len(chunks))}
+        batches = {i: b for i, (_, b) in enumerate(chunks)}
+        units = max(1, sum(len(u) for u in self.registry.units()))
+        pieces = [[i for i in range(len(chunks)) if i % units == w] for w in range(units)]
+        rnd = self._run_round(self.step, "eval", forwards, batches, [p for p in pieces if p])
+        tally = EvalTally(len(self.cfg.data.label_words))
+        import torch
+
+        for i, (examples, batch) in enumerate(chunks):
+            if i in rnd.errors:
+                raise JobFailed(f"eval chunk {i} failed: {rnd.errors[i]}")
+            tally.add(i, examples, batch, torch.tensor(list(rnd.results[i].scores), dtype=torch.float64))
+        result = {"step": self.step, **tally.result()}
+        self.progress.evals.append(result)
+        log.info("eval", extra=kv(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
+        return result
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> cpb.JobStatus:
+        p = self.progress
+        n = max(1, p.timed_steps)
+        now = self.finished_at or time.monotonic()
+        st = cpb.JobStatus(
+            state=self.state, step=self.step, total_steps=self.cfg.train.steps,
+            loss=p.losses[-1] if p.losses else math.nan, final_loss=p.final_loss(),
+            tokens_per_second=p.tokens / p.train_seconds if p.train_seconds else 0.0,
+            train_tokens=p.tokens, train_seconds=p.train_seconds, skipped_steps=p.skipped_steps,
+            reassignments=p.reassignments, late_reports=p.late_reports, nonfinite_retries=p.nonfinite_retries,
+            error=self.error, layout=self.cfg.layout.name, layout_workers=self.cfg.layout.workers,
+            resumed_from=self.resumed_from, model=self.cfg.model.source, wall_seconds=now - self.started_at,
+            assign_s=p.phase["assign_s"] / n, wait_s=p.phase["wait_s"] / n, update_s=p.phase["update_s"] / n,
+            worker_fetch_s=p.phase["worker_fetch_s"] / n, worker_compute_s=p.phase["worker_compute_s"] / n,
+            worker_wait_s=p.phase["worker_wait_s"] / n, worker_gather_s=p.phase["worker_gather_s"] / n,
+            bytes_per_step=p.phase["bytes"] / n,
+        )
+        for e in p.evals:
+            st.evals.add(step=e["step"], dev_loss=e["dev_loss"], dev_accuracy=e["dev_accuracy"], dev_examples=e["dev_examples"])
+        return st

@@ -1,0 +1,229 @@
+"""The embedded local cluster behind ``zoctl up``: real processes on loopback, supervised.
+
+A parameter server, a coordinator and N workers run as separate processes with a fresh
+bearer token. A process that dies is restarted in place: the server on the same port and
+data directory (it recovers from snapshot + journal), the coordinator on the same port (it
+resumes from the server's journal), a worker under the same id (it registers again; a node
+group is restarted whole). The run therefore ends with the weights of an undisturbed one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from distzo.config import JobConfig
+from distzo.logs import kv
+from distzo.presets import cache_root
+from distzo.procs import ServiceFailed, ServiceProcess, python_module
+from distzo.rpc import Credentials, make_channel
+from protos import coordinator_pb2 as cpb
+from protos import coordinator_pb2_grpc as cpb_grpc
+
+log = logging.getLogger("distzo.local")
+EXIT_GROUP_BROKEN = 75
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_cluster_file() -> Path:
+    return cache_root() / "clusters" / "latest.json"
+
+
+@dataclass
+class LocalCluster:
+    cfg: JobConfig
+    run_dir: Path
+    verbose: int = 0
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    server_port: int = 0
+    coordinator_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.run_dir.resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        token_file = self.run_dir / "token"
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        token_file.chmod(0o600)
+        data_dir = self.cfg.server.data_dir or str(self.run_dir / "server")
+        self.cfg = self.cfg.with_overrides({"security.token_file": str(token_file), "server.data_dir": data_dir})
+        self.config_path = self.run_dir / "job.yaml"
+        self.config_path.write_text(self.cfg.to_yaml())
+        self.creds = Credentials.from_config(self.cfg.security)
+        self._stub: cpb_grpc.CoordinatorStub | None = None
+        self._channel: grpc.Channel | None = None
+
+    # ------------------------------------------------------------------ processes
+    def _v(self) -> list[str]:
+        return ["-v"] * self.verbose
+
+    def _spawn(self, name: str, argv: list[str]) -> ServiceProcess:
+        ready = self.run_dir / "ready" / f"{name}.json"
+        p = ServiceProcess(name, [*argv, "--ready-file", str(ready)], ready, self.run_dir / "logs" / f"{name}.log")
+        self.processes[name] = p
+        p.start(timeout_s=300)
+        return p
+
+    def _start_server(self) -> None:
+        listen = f"127.0.0.1:{self.server_port}"
+        p = self._spawn("paramserver", python_module("paramserver", "--config", str(self.config_path), "--data-dir",
+                                                      self.cfg.server.data_dir or "", "--listen", listen, *self._v()))
+        self.server_port = p.info["port"]
+
+    def _start_coordinator(self) -> None:
+        listen = f"127.0.0.1:{self.coordinator_port}"
+        p = self._spawn("coordinator", python_module("coordinator", "--config", str(self.config_path), "--param-server",
+                                                      self.server_address, "--listen", listen, *self._v()))
+        self.coordinator_port = p.info["port"]
+
+    def _worker_argv(self, index: int, node: int, rank: int, master: str) -> list[str]:
+        size = self.cfg.layout.node_size
+        argv = python_module("gpuworker", "--coordinator", self.coordinator_address, "--device", self.cfg.runtime.device,
+                             "--worker-id", f"worker-{index}", "--token-file", str(self.cfg.security.token_file), *self._v())
+        if size > 1:
+            argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", master, "--node-id", f"node-{node}"]
+        return argv
+
+    def _start_node(self, node: int) -> None:
+        size = self.cfg.layout.node_size
+        master = f"127.0.0.1:{free_port()}"
+        procs = []
+        for rank in range(size):
+            index = node * size + rank
+            name = f"worker-{index}"
+            # workers announce nothing: they register with the coordinator; start them without waiting
+            p = ServiceProcess(name, self._worker_argv(index, node, rank, master), self.run_dir / "ready" / f"{name}.json",
+                               self.run_dir / "logs" / f"{name}.log")
+            self.processes[name] = p
+            procs.append(p)
+        for p in procs:
+            _start_detached(p)
+
+    @property
+    def server_address(self) -> str:
+        return f"127.0.0.1:{self.server_port}"
+
+    @property
+    def coordinator_address(self) -> str:
+        return f"127.0.0.1:{self.coordinator_port}"
+
+    def start(self) -> None:
+        self._start_server()
+        self._start_coordinator()
+        for node in range(self.cfg.layout.workers // self.cfg.layout.node_size):
+            self._start_node(node)
+        info = {"coordinator": self.coordinator_address, "param_servers": [self.server_address],
+                "token_file": str(self.cfg.security.token_file), "run_dir": str(self.run_dir),
+                "pids": {n: p.pid for n, p in self.processes.items()}, "started": time.time()}
+        (self.run_dir / "cluster.json").write_text(json.dumps(info, indent=2))
+        latest = latest_cluster_file()
+        latest.parent.mkdir(parents=True, exist_ok=True)
+        latest.write_text(json.dumps(info, indent=2))
+
+    # ------------------------------------------------------------------ supervision
+    def supervise(self) -> list[str]:
+        """Restart any process that died; returns what was restarted."""
+        restarted = []
+        for name, p in list(self.processes.items()):
+            if p.alive():
+                continue
+            code = p.proc.returncode if p.proc is not None else None
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            if self.restarts[name] > 20:
+                raise ServiceFailed(f"{name} keeps dying (exit code {code}):\n{p.tail()}")
+            log.warning("process died, restarting", extra=kv(process=name, code=code))
+            if name == "paramserver":
+                self._start_server()
+            elif name == "coordinator":
+                self._start_coordinator()
+                self._stub = None
+            elif name.startswith("worker-"):
+                size = self.cfg.layout.node_size
+                node = int(name.split("-")[1]) // size
+                for rank in range(size):  # a node group is restarted whole
+                    self.processes[f"worker-{node * size + rank}"].stop(timeout_s=5)
+                self._start_node(node)
+            restarted.append(name)
+        return restarted
+
+    def stub(self) -> cpb_grpc.CoordinatorStub:
+        if self._stub is None:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = make_channel(self.coordinator_address, self.creds)
+            self._stub = cpb_grpc.CoordinatorStub(self._channel)
+        return self._stub
+
+    def status(self) -> cpb.JobStatus:
+        return self.stub().GetStatus(cpb.StatusQuery(), timeout=10)
+
+    def wait(self, on_status: Callable[[cpb.JobStatus], None] | None = None, poll_s: float = 0.25) -> cpb.JobStatus:
+        while True:
+            self.supervise()
+            try:
+                st = self.status()
+            except grpc.RpcError:
+                time.sleep(poll_s)  # the coordinator is (re)starting
+                continue
+            if on_status is not None:
+                on_status(st)
+            if st.state in ("done", "failed", "stopped"):
+                return st
+            time.sleep(poll_s)
+
+    def export(self, out_dir: Path) -> cpb.ControlReply:
+        return self.stub().Export(cpb.ExportJobRequest(path=str(out_dir.resolve())), timeout=600,
+                                  metadata=self.creds.call_metadata())
+
+    def shutdown(self) -> None:
+        """Ask the services to stop, then make sure every process is gone."""
+        try:
+            self.stub().Shutdown(cpb.ControlRequest(), timeout=5, metadata=self.creds.call_metadata())
+        except grpc.RpcError:
+            pass
+        deadline = time.monotonic() + 10
+        for name, p in self.processes.items():
+            if name.startswith("worker-"):
+                try:
+                    p.proc.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+                except Exception:  # noqa: BLE001 - stop() below handles stragglers
+                    pass
+        for p in self.processes.values():
+            p.stop(timeout_s=10)
+        if self._channel is not None:
+            self._channel.close()
+        latest = latest_cluster_file()
+        try:
+            if json.loads(latest.read_text()).get("run_dir") == str(self.run_dir):
+                latest.unlink()
+        except (OSError, ValueError):
+            pass
+
+    def kill_all(self) -> None:
+        for p in self.processes.values():
+            p.kill(signal.SIGKILL)
+
+
+def _start_detached(p: ServiceProcess) -> None:
+    """Start a process that announces itself elsewhere (a worker registers with the coordinator)."""
+    import subprocess
+
+    p.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.log_path, "ab") as log_file:
+        p.proc = subprocess.Popen(p.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True, env=dict(os.environ))

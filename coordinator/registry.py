@@ -1,0 +1,114 @@
+"""Registered workers: their sessions, liveness, and node-group units.
+
+A *unit* is what the coordinator schedules as one: a single worker, or all the workers of
+a node group (they gather block slices together, so every member gets an assignment for
+the same version at the same time).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from distzo.logs import kv
+from protos import coordinator_pb2 as cpb
+
+log = logging.getLogger("distzo.coordinator.workers")
+
+
+@dataclass(eq=False)
+class WorkerConn:
+    worker_id: str
+    hello: cpb.WorkerHello
+    outbox: queue.Queue = field(default_factory=queue.Queue)
+    state: str = "idle"  # idle | busy | lost
+    last_seen: float = field(default_factory=time.monotonic)
+    assignments_done: int = 0
+    inflight: set[int] = field(default_factory=set)
+    generation: int = 0  # bumps when the same worker id opens a new session
+
+    @property
+    def node_id(self) -> str:
+        return self.hello.node_id or self.worker_id
+
+    @property
+    def live(self) -> bool:
+        return self.state != "lost"
+
+    def send(self, msg: cpb.CoordinatorMessage) -> None:
+        self.outbox.put(msg)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.workers: dict[str, WorkerConn] = {}
+
+    def register(self, hello: cpb.WorkerHello) -> WorkerConn:
+        with self.lock:
+            wid = hello.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+            old = self.workers.get(wid)
+            conn = WorkerConn(worker_id=wid, hello=hello, generation=(old.generation + 1) if old else 0)
+            if old is not None:
+                old.state = "lost"
+                old.outbox.put(None)  # ends the old session's stream
+                conn.assignments_done = old.assignments_done
+            self.workers[wid] = conn
+            self.changed.notify_all()
+        log.info("worker registered", extra=kv(worker=wid, host=hello.host, node=hello.node_id, rank=hello.node_rank,
+                                                pid=hello.pid, again=old is not None))
+        return conn
+
+    def heartbeat(self, conn: WorkerConn) -> None:
+        conn.last_seen = time.monotonic()
+
+    def lose(self, conn: WorkerConn, reason: str) -> None:
+        with self.lock:
+            if conn.state == "lost":
+                return
+            conn.state = "lost"
+            conn.outbox.put(None)
+            self.changed.notify_all()
+        log.warning("worker lost", extra=kv(worker=conn.worker_id, reason=reason))
+
+    def expire(self, timeout_s: float) -> list[WorkerConn]:
+        now = time.monotonic()
+        lost = [w for w in self.live() if now - w.last_seen > timeout_s]
+        for w in lost:
+            self.lose(w, f"no heartbeat for {timeout_s:.0f}s")
+        return lost
+
+    def live(self) -> list[WorkerConn]:
+        with self.lock:
+            return sorted((w for w in self.workers.values() if w.live), key=lambda w: (w.node_id, w.hello.node_rank, w.worker_id))
+
+    def units(self) -> list[list[WorkerConn]]:
+        """Complete, live node groups (and single workers), in a stable order."""
+        groups: dict[str, list[WorkerConn]] = {}
+        for w in self.live():
+            groups.setdefault(w.node_id, []).append(w)
+        out = []
+        for node, members in sorted(groups.items()):
+            size = max(1, members[0].hello.node_size)
+            if len(members) == size and sorted(m.hello.node_rank for m in members) == list(range(size)):
+                out.append(sorted(members, key=lambda m: m.hello.node_rank))
+        return out
+
+    def wait_for(self, predicate, timeout_s: float) -> bool:  # noqa: ANN001
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.changed.wait(min(remaining, 0.5))
+        return True
+
+    def broadcast(self, msg: cpb.CoordinatorMessage) -> None:
+        for w in self.live():
+            w.send(msg)

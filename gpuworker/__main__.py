@@ -1,0 +1,57 @@
+"""``python -m gpuworker`` / ``distzo-worker``: one worker process per GPU (or per CPU worker)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from distzo.config import ConfigError, SecuritySection
+from distzo.logs import setup_logging
+
+EXIT_GROUP_BROKEN = 75  # a node-group collective failed: restart the whole group
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="distzo-worker", description="distzo worker")
+    ap.add_argument("--coordinator", required=True, help="coordinator address host:port")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--param-server", action="append", help="override the parameter-server addresses the coordinator gives")
+    ap.add_argument("--node-rank", type=int, default=0, help="rank inside the node group")
+    ap.add_argument("--node-size", type=int, default=1, help="workers in the node group (sliced fetch + all-gather)")
+    ap.add_argument("--node-master", help="host:port for the node group's rendezvous")
+    ap.add_argument("--node-id", help="name shared by the node group's workers")
+    ap.add_argument("--worker-id", help="stable id (default: host-pid-random)")
+    ap.add_argument("--token-file", help="bearer token file")
+    ap.add_argument("--tls-ca", help="CA certificate (PEM) to verify the services")
+    ap.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    ap.add_argument("--tls-key", help="client key (mutual TLS)")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose, service="worker")
+    from distzo.rpc import Credentials
+    from gpuworker.node import GatherError
+    from gpuworker.worker import Worker
+
+    try:
+        sec = SecuritySection(token_file=args.token_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              mutual_tls=bool(args.tls_cert))
+        creds = Credentials.from_config(sec)
+        worker = Worker(args.coordinator, creds, device=args.device, node_rank=args.node_rank, node_size=args.node_size,
+                        node_master=args.node_master, node_id=args.node_id, worker_id=args.worker_id,
+                        param_servers=args.param_server)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"distzo-worker: {exc}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    try:
+        return worker.run()
+    except GatherError:
+        return EXIT_GROUP_BROKEN
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Streaming blocks from the parameter server, a bounded number ahead of the compute.
+
+A background thread fetches block 0, 1, 2, ... at the step's version into buffers from a
+small pool (pinned host memory on GPU hosts), all-gathers slices inside a node group,
+and, on a GPU, copies to the device on its own stream with an event the compute waits on.
+At most ``depth`` blocks (plus blocks the forward keeps for a tied head) are held at once:
+resident memory is a few blocks, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distzo.blocks import DTYPES, ITEMSIZE, Manifest
+from gpuworker.node import NodeGroup
+from paramserver.client import ParamServerClient
+from paramserver.wire import checksum
+
+
+@dataclass
+class FeedTimers:
+    fetch_s: float = 0.0
+    gather_s: float = 0.0
+    h2d_s: float = 0.0
+    wait_s: float = 0.0
+    bytes_received: int = 0
+    pool_bytes: int = 0
+    transport: str = ""
+
+
+class BufferPool:
+    """Reusable host buffers big enough for any (padded) block; pinned when a GPU is used."""
+
+    def __init__(self, count: int, nbytes: int, pinned: bool):
+        self.nbytes = nbytes
+        self.free = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(count)]
+        self.lock = threading.Lock()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.nbytes * len(self.free)
+
+    def take(self) -> torch.Tensor:
+        with self.lock:
+            return self.free.pop()
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.free.append(buf)
+
+
+class PrefetchFeed:
+    """A ``BlockFeed`` over the parameter server for one assignment (one version)."""
+
+    def __init__(self, client: ParamServerClient, manifest: Manifest, version: int, device: torch.device,
+                 pool: BufferPool, depth: int, pinned_blocks: frozenset[int], node: NodeGroup | None = None,
+                 timeout_s: float = 120.0, digests: bool = False):
+        self.client = client
+        self.manifest = manifest
+        self.version = version
+        self.device = device
+        self.node = node
+        self.timeout_s = timeout_s
+        self.dtype_name = client.served_dtype
+        self.dtype = DTYPES[self.dtype_name]
+        self.itemsize = ITEMSIZE[self.dtype_name]
+        self.pool = pool
+        self.timers = FeedTimers(pool_bytes=pool.total_bytes)
+        self.digests: dict[int, int] | None = {} if digests else None
+        self._slots = threading.Semaphore(depth + len(pinned_blocks))
+        self._ready = [threading.Event() for _ in manifest.blocks]
+        self._host: dict[int, torch.Tensor] = {}
+        self._data: dict[int, torch.Tensor] = {}
+        self._events: dict[int, object] = {}
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # GPU-only: H2D overlap
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ producer
+    def _run(self) -> None:
+        for b in range(len(self.manifest.blocks)):
+            while not self._slots.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            try:
+                self._data[b] = self._fetch(b)
+                if self.digests is not None:  # of exactly the bytes the compute will use
+                    self.digests[b] = checksum(memoryview(self._data[b].view(torch.uint8).cpu().numpy()))
+            except BaseException as exc:  # handed to the compute thread in get()
+                self._error = exc
+                for ev in self._ready[b:]:
+                    ev.set()
+                return
+            self._ready[b].set()
+
+    def _fetch(self, b: int) -> torch.Tensor:
+        spec = self.manifest.blocks[b]
+        nbytes = spec.numel * self.itemsize
+        buf = self.pool.take()
+        self._host[b] = buf
+        t0 = time.perf_counter()
+        if self.node is None:
+            dest = buf[:nbytes]
+            res = self.client.fetch_into(b, self.version, dest.numpy(), timeout_s=self.timeout_s)
+            self.timers.bytes_received += res.nbytes
+            self.timers.transport = res.transport
+            self.timers.fetch_s += time.perf_counter() - t0
+        else:
+            # slice r into its place, then gather the padded slices of all members
+            k, r = self.node.size, self.node.rank
+            per = -(-spec.numel // k) * self.itemsize
+            start, end = self.client.slice_bytes(b, r, k)
+            part = buf[r * per : r * per + per]
+            res = self.client.fetch_into(b, self.version, part[: end - start].numpy(), rank=r, parts=k, timeout_s=self.timeout_s)
+            self.timers.bytes_received += res.nbytes
+            self.timers.transport = res.transport
+            t1 = time.perf_counter()
+            self.timers.fetch_s += t1 - t0
+            if self.node.device.type == "cuda":  # GPU-only: gather on the device over NVLink
+                part_dev = part.to(self.node.device, non_blocking=True)
+                out_dev = torch.empty(k * per, dtype=torch.uint8, device=self.node.device)
+                self.node.gather(part_dev, out_dev)
+                self.timers.gather_s += time.perf_counter() - t1
+                return out_dev[:nbytes].view(self.dtype)
+            self.node.gather(part.clone(), buf[: k * per])  # the input overlaps the output: copy it
+            self.timers.gather_s += time.perf_counter() - t1
+        host = buf[:nbytes].view(self.dtype)
+        if self._copy_stream is None:
+            return host
+        t2 = time.perf_counter()  # GPU-only: copy on the side stream, compute waits on the event
+        with torch.cuda.stream(self._copy_stream):
+            dev = host.to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._copy_stream)
+        self._events[b] = ev
+        self.timers.h2d_s += time.perf_counter() - t2
+        return dev
+
+    # ------------------------------------------------------------------ consumer (BlockFeed)
+    def get(self, block: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if not self._ready[block].wait(self.timeout_s + 5):
+            raise TimeoutError(f"block {block} did not arrive in {self.timeout_s:.0f}s")
+        self.timers.wait_s += time.perf_counter() - t0
+        if block not in self._data:
+            assert self._error is not None
+            raise self._error
+        ev = self._events.pop(block, None)
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)  # type: ignore[arg-type]
+        return self._data[block]
+
+    def release(self, block: int) -> None:
+        self._data.pop(block, None)
+        buf = self._host.pop(block, None)
+        if buf is not None:
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()  # the H2D copy read this buffer
+            self.pool.give(buf)
+        self._slots.release()
+
+    def drain(self) -> None:
+        """Fetch (and gather) every block without computing: a node-group member with no forwards."""
+        for b in range(len(self.manifest.blocks)):
+            self.get(b)
+            self.release(b)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.timeout_s + 10)
+        for b in list(self._host):
+            self.release(b)

@@ -1,0 +1,110 @@
+"""Runs one assignment: streams the blocks at its version, runs its forwards, reports losses.
+
+Failures become a result with an error kind, never a crash: the worker stays ready for
+the next assignment and the coordinator decides (re-assign, retry, skip).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import psutil
+import torch
+
+from distzo.blocks import ITEMSIZE
+from distzo.config import JobConfig
+from distzo.data import Batch, DataError
+from distzo.forward import ForwardEngine, ForwardJob
+from distzo.logs import kv
+from distzo.modeling import BlockModel
+from gpuworker.feed import BufferPool, PrefetchFeed
+from gpuworker.node import GatherError, NodeGroup
+from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
+from protos import coordinator_pb2 as cpb
+
+log = logging.getLogger("distzo.worker")
+
+
+class ModelRunner:
+    """The worker's model, engine and server client for one job."""
+
+    def __init__(self, cfg: JobConfig, client: ParamServerClient, device: torch.device, node: NodeGroup | None = None):
+        self.cfg = cfg
+        self.client = client
+        self.device = device
+        self.node = node
+        manifest_json = client.manifest.to_json()
+        self.model = BlockModel.from_config_json(client.shards[0].manifest.model_config_json)  # type: ignore[union-attr]
+        if self.model.manifest.to_json() != manifest_json:
+            raise RuntimeError("this worker cuts the model into different blocks than the parameter server "
+                               "(transformers versions differ?)")
+        compute_dtype = torch.float32
+        if device.type == "cuda" and client.served_dtype != "float32":  # GPU-only: 16-bit compute
+            compute_dtype = torch.bfloat16 if client.served_dtype == "bfloat16" else torch.float16
+        self.engine = ForwardEngine(self.model, cfg.train.distribution, device=device, compute_dtype=compute_dtype)
+        itemsize = ITEMSIZE[client.served_dtype]
+        k = node.size if node is not None else 1
+        biggest = max(-(-b.numel // k) * k * itemsize for b in self.model.manifest.blocks)
+        depth = cfg.runtime.prefetch_blocks
+        self.pool = BufferPool(depth + len(self.model.pinned_blocks) + 1, biggest, pinned=device.type == "cuda")
+        self.process = psutil.Process()
+
+    def run(self, a: cpb.Assignment) -> cpb.WorkResult:
+        t0 = time.perf_counter()
+        result = cpb.WorkResult(assignment_id=a.assignment_id, step=a.step)
+        feed = PrefetchFeed(self.client, self.model.manifest, a.version, self.device, self.pool,
+                            self.cfg.runtime.prefetch_blocks, self.model.pinned_blocks, self.node,
+                            timeout_s=min(self.cfg.server.fetch_timeout_s, a.deadline_s or math.inf),
+                            digests=a.report_digests)
+        compute = 0.0
+        try:
+            batches = {bd.shard: Batch.from_arrays((bd.rows, bd.cols), bd.input_ids, bd.attention_mask, bd.labels)
+                       for bd in a.batches}
+            jobs = []
+            for f in a.forwards:
+                if f.shard not in batches:
+                    raise DataError(f"forward for shard {f.shard} but the assignment carries no such batch")
+                jobs.append(ForwardJob(batches[f.shard], seed=f.seed, coef=f.coef, want_scores=f.want_scores))
+            if jobs:
+                c0 = time.perf_counter()
+                outs = self.engine.run(jobs, feed)
+                compute = time.perf_counter() - c0 - feed.timers.wait_s
+                for f, o in zip(a.forwards, outs):
+                    r = result.results.add(spec=f, loss=o.loss, label_tokens=o.label_tokens, tokens=o.tokens)
+                    if o.scores is not None:
+                        r.scores.extend(o.scores.tolist())
+            else:
+                feed.drain()  # gather-only: keep the node group's collectives paired
+        except (StaleVersionError,) as exc:
+            self._fail(result, "stale", exc)
+        except (VersionTimeout, TimeoutError) as exc:
+            self._fail(result, "version_timeout", exc)
+        except FetchError as exc:
+            self._fail(result, "fetch", exc)
+        except GatherError as exc:
+            self._fail(result, "gather", exc)
+        except (DataError, ValueError) as exc:
+            self._fail(result, "bad_input", exc)
+        except Exception as exc:  # noqa: BLE001 - anything else is reported, the worker lives on
+            log.exception("assignment failed")
+            self._fail(result, "internal", exc)
+        finally:
+            feed.close()
+        if feed.digests is not None and not result.error:
+            result.block_digests.extend(feed.digests[b] for b in sorted(feed.digests))
+        tm = feed.timers
+        peak_mem = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"  # GPU-only
+                    else self.process.memory_info().rss)
+        result.timing.CopyFrom(cpb.Timing(
+            fetch_s=tm.fetch_s, gather_s=tm.gather_s, h2d_s=tm.h2d_s, compute_s=max(0.0, compute), wait_s=tm.wait_s,
+            total_s=time.perf_counter() - t0, bytes_received=tm.bytes_received, peak_memory_bytes=peak_mem,
+            peak_block_bytes=tm.pool_bytes + self.engine.last_peak_copy_bytes, transport=tm.transport))
+        return result
+
+    @staticmethod
+    def _fail(result: cpb.WorkResult, kind: str, exc: BaseException) -> None:
+        result.error = str(exc) or type(exc).__name__
+        result.error_kind = kind
+        log.warning("assignment failed", extra=kv(step=result.step, kind=kind, error=result.error))

@@ -1,0 +1,254 @@
+"""The coordinator and zoctl up: exactness for every layout, job control, faults, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from safetensors.numpy import load_file
+
+from distzo.config import JobConfig
+from coordinator.local import LocalCluster
+
+from clusterhelpers import wait_until
+
+
+def write_config(tmp: Path, cache_dir: str, **sections) -> Path:
+    raw = {"runtime": {"cache_dir": cache_dir}, "data": {"dev_examples": 32}, "train": {"batch_size": 8}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    p = tmp / "job.yaml"
+    p.write_text(JobConfig.from_dict(raw).to_yaml())
+    return p
+
+
+def zoctl(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
+
+
+def our_processes(run_dir: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(run_dir) in part for part in (p.info["cmdline"] or [])):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("layout,workers,q", [("dual", 1, 1), ("pertp", 2, 1), ("ddp", 2, 1), ("2d", 4, 1), ("dual", 2, 2)])
+def test_distributed_run_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers, q):
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 6, "batch_size": 8, "weight_decay": 0.01})
+    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--q", str(q), "--json"]
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    assert same_weights(tmp_path / "dist", tmp_path / "ref")
+    assert set(b) - {"mode"} <= set(a)  # the same summary keys as the reference
+    for key in ("final_loss", "dev_loss", "dev_accuracy", "steps", "train_tokens"):
+        assert a[key] == b[key], key
+    assert not our_processes(tmp_path / "run")  # nothing left running
+
+
+def run_cluster(tmp_path: Path, cfg: JobConfig, during=None) -> tuple[LocalCluster, object]:  # noqa: ANN001
+    cluster = LocalCluster(cfg, tmp_path / "run")
+    try:
+        cluster.start()
+        if during is not None:
+            during(cluster)
+        st = cluster.wait()
+        assert st.state == "done", st.error
+        cluster.export(tmp_path / "dist")
+        return cluster, st
+    finally:
+        cluster.shutdown()
+
+
+def reference_export(tmp_path: Path, cfg: JobConfig) -> Path:
+    from distzo.reference import ReferenceTrainer
+
+    ReferenceTrainer(cfg).train(out_dir=tmp_path / "ref", progress=False)
+    return tmp_path / "ref"
+
+
+def base_config(cache_dir: str, steps: int = 12, **sections) -> JobConfig:
+    raw = {"runtime": {"cache_dir": cache_dir}, "data": {"dev_examples": 16},
+           "train": {"batch_size": 8, "steps": steps}, "server": {"snapshot_every": 4},
+           "coordinator": {"heartbeat_timeout_s": 5.0}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return JobConfig.from_dict(raw)
+
+
+def at_step(cluster: LocalCluster, n: int) -> None:
+    wait_until(lambda: _safe_step(cluster) >= n, timeout=180, what=f"step {n}")
+
+
+def _safe_step(cluster: LocalCluster) -> int:
+    try:
+        return cluster.status().step
+    except Exception:  # noqa: BLE001 - coordinator restarting
+        return -1
+
+
+def test_pause_and_resume_give_the_same_weights(cache_dir, tmp_path):
+    cfg = base_config(cache_dir)
+
+    def pause_resume(cluster: LocalCluster) -> None:
+        from protos import coordinator_pb2 as cpb
+
+        at_step(cluster, 3)
+        cluster.stub().Pause(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
+        wait_until(lambda: cluster.status().state == "paused", what="paused")
+        step = cluster.status().step
+        time.sleep(1.0)
+        assert cluster.status().step == step  # nothing moves while paused
+        ev = cluster.stub().Eval(cpb.ControlRequest(), timeout=120, metadata=cluster.creds.call_metadata())
+        assert ev.step == step and 0 <= ev.dev_accuracy <= 1
+        cluster.stub().Resume(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
+
+    run_cluster(tmp_path, cfg, pause_resume)
+    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
+
+
+@pytest.mark.parametrize("victim", ["worker-1", "coordinator", "paramserver"])
+def test_a_killed_process_is_replaced_and_the_weights_do_not_change(cache_dir, tmp_path, victim):
+    cfg = base_config(cache_dir, layout={"name": "ddp", "workers": 2})
+
+    def kill(cluster: LocalCluster) -> None:
+        at_step(cluster, 4)
+        cluster.processes[victim].kill(signal.SIGKILL)
+
+    cluster, st = run_cluster(tmp_path, cfg, kill)
+    assert cluster.restarts == {victim: 1}
+    if victim == "coordinator":
+        assert st.resumed_from >= 4  # picked up from the parameter server's journal
+    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
+
+
+def test_zoctl_up_with_defaults_short_variant(tmp_path):
+    """`zoctl up` as a new user runs it (own HOME, shipped preset and data), just fewer steps."""
+    env = {"HOME": str(tmp_path / "home")}
+    r = zoctl("up", "--steps", "5", "--json", "--run-dir", str(tmp_path / "run"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert s["steps"] == 5 and s["mode"] == "distributed" and s["tokens_per_second"] > 0
+    assert (Path(s["out_dir"]) / "model.safetensors").is_file()
+    assert "training" in r.stderr or "step" in r.stderr  # progress was shown
+    assert not our_processes(tmp_path / "run")
+
+
+def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
+    cfg = base_config(cache_dir, steps=400)
+    cluster = LocalCluster(cfg, tmp_path / "run")
+    try:
+        cluster.start()
+        at_step(cluster, 2)
+        target = ["--coordinator", cluster.coordinator_address, "--token-file", str(cluster.cfg.security.token_file)]
+        st = zoctl("status", "--json", *target)
+        assert st.returncode == 0, st.stderr
+        doc = json.loads(st.stdout)
+        assert doc["state"] in ("running", "paused") and int(doc["workers"][0]["pid"]) == cluster.processes["worker-0"].pid  # proto JSON: int64 as text
+        assert zoctl("pause", *target).returncode == 0
+        wait_until(lambda: cluster.status().state == "paused", what="paused")
+        snap = zoctl("snapshot", *target)
+        assert snap.returncode == 0 and "snapshot at version" in snap.stdout
+        exp = zoctl("export", str(tmp_path / "mid"), *target)
+        assert exp.returncode == 0 and (tmp_path / "mid" / "config.json").is_file()
+        no_token = zoctl("pause", "--coordinator", cluster.coordinator_address)
+        assert no_token.returncode == 2 and "bearer token" in no_token.stderr
+        assert zoctl("stop", *target).returncode == 0
+        assert cluster.status().state == "stopped"
+    finally:
+        cluster.shutdown()
+    gone = zoctl("status", "--coordinator", cluster.coordinator_address)
+    assert gone.returncode == 3 and "cannot reach the coordinator" in gone.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--layout", "dual", "--workers", "2"], "uses exactly 1 workers, got 2"),
+        (["--steps", "-3"], "train.steps"),
+    ],
+)
+def test_zoctl_up_bad_input_starts_nothing(cache_dir, tmp_path, args, needle):
+    cfg = write_config(tmp_path, cache_dir)
+    r = zoctl("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), *args, timeout=120)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert r.stderr.count("\n") <= 2  # one clear message, no traceback
+    assert not (tmp_path / "run").exists()
+
+
+def test_zoctl_up_bad_data_and_bad_config_files(cache_dir, tmp_path):
+    cfg = write_config(tmp_path, cache_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine", "label": 1}\n{"text": "broken", "label"\n')
+    r = zoctl("up", "--config", str(cfg), "--data", str(data), "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert r.returncode == 2 and f"{data}:2: not valid JSON" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    r = zoctl("up", "--config", str(bad), timeout=60)
+    assert r.returncode == 2 and "not valid YAML" in r.stderr
+
+
+def test_late_and_duplicate_reports_are_ignored_and_counted():
+    from coordinator.registry import Registry
+    from coordinator.rounds import Round
+    from distzo.config import CoordinatorSection
+    from distzo.data import Batch
+    from protos import coordinator_pb2 as cpb
+    import threading
+
+    import torch
+
+    reg = Registry()
+    a = reg.register(cpb.WorkerHello(worker_id="a", node_size=1))
+    b = reg.register(cpb.WorkerHello(worker_id="b", node_size=1))
+    batch = Batch(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), torch.full((1, 3), -100))
+    fw = {("k", s): cpb.ForwardSpec(shard=0, sign=s, seed=1, coef=s * 1e-3) for s in (1, -1)}
+    rnd = Round(reg, CoordinatorSection(heartbeat_timeout_s=60), step=3, version=3, kind="train", forwards=fw,
+                batches={0: batch}, stopping=threading.Event())
+    rnd.start([[("k", 1)], [("k", -1)]])
+    sent_a = a.outbox.get_nowait().assignment
+    sent_b = b.outbox.get_nowait().assignment
+    ok = cpb.WorkResult(assignment_id=sent_a.assignment_id, step=3,
+                        results=[cpb.ForwardResult(spec=sent_a.forwards[0], loss=1.5)])
+    assert rnd.on_result(a, ok)
+    assert not rnd.on_result(a, ok)  # duplicate
+    assert not rnd.on_result(a, cpb.WorkResult(assignment_id=999, step=2))  # an old step
+    assert rnd.late == 2
+    # worker b is lost: its forward goes to a, and b's late answer is ignored
+    reg.lose(b, "test")
+    waiter = threading.Thread(target=rnd.wait)
+    waiter.start()
+    re = None
+    deadline = time.monotonic() + 10
+    while re is None and time.monotonic() < deadline:
+        msg = a.outbox.get(timeout=10)
+        re = msg.assignment if msg is not None and msg.HasField("assignment") else None
+    assert re is not None and [f.sign for f in re.forwards] == [-1]
+    assert not rnd.on_result(b, cpb.WorkResult(assignment_id=sent_b.assignment_id, step=3,
+                                               results=[cpb.ForwardResult(spec=sent_b.forwards[0], loss=9.9)]))
+    assert rnd.on_result(a, cpb.WorkResult(assignment_id=re.assignment_id, step=3,
+                                           results=[cpb.ForwardResult(spec=re.forwards[0], loss=2.5)]))
+    waiter.join(timeout=10)
+    assert rnd.done() and rnd.loss(("k", -1)) == 2.5 and rnd.reassignments == 1 and rnd.late == 3

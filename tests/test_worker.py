@@ -1,0 +1,197 @@
+"""Workers: streaming, dual and PertP forwards, node groups, bounded memory, faults."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from distzo.forward import ForwardJob, MemoryFeed
+from distzo.plan import step_plan
+from distzo.reference import ReferenceTrainer
+
+from clusterhelpers import Harness, ResultSink, wait_until
+from conftest import small_config
+from pshelpers import CuttingProxy
+
+
+@pytest.fixture
+def harness(cache_dir, tmp_path):
+    made = []
+
+    def make(cfg=None, **kw):
+        h = Harness(cfg or small_config(cache_dir), tmp_path, **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def reference_losses(cfg, step: int = 0) -> dict:
+    """The reference trainer's losses of step 0 (weights as loaded)."""
+    ref = ReferenceTrainer(cfg)
+    plan = step_plan(cfg, step, len(ref.job.train))
+    batches = ref.job.shard_batches(plan)
+    out = {}
+    for j, seed in enumerate(plan.seeds):
+        for d, b in enumerate(batches):
+            res = ref.engine.run([ForwardJob(b, seed=seed, coef=cfg.train.eps), ForwardJob(b, seed=seed, coef=-cfg.train.eps)],
+                                 MemoryFeed(ref.buffers))
+            out[(j, d, 1)], out[(j, d, -1)] = res[0].loss, res[1].loss
+    return out
+
+
+def test_dual_worker_reproduces_the_reference_losses_bitwise(harness, cache_dir):
+    h = harness()
+    h.add_worker("w0")
+    h.wait_registered(["w0"])
+    h.send("w0", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)], report_digests=True))
+    wid, r = h.result()
+    assert not r.error, r.error
+    got = {(f.spec.direction, f.spec.shard, f.spec.sign): f.loss for f in r.results}
+    want = reference_losses(h.cfg)
+    assert got == want  # bitwise: same floats
+    assert r.timing.transport == "shm" and r.timing.bytes_received == h.server.state.manifest.numel * 4
+    server = [h.server.state.store.digest(b)[1] for b in range(len(r.block_digests))]
+    assert list(r.block_digests) == server
+
+
+def test_pertp_workers_each_reproduce_one_sign(harness):
+    h = harness()
+    h.add_worker("plus")
+    h.add_worker("minus")
+    h.wait_registered(["plus", "minus"])
+    h.send("plus", h.train_assignment(0, [(0, 0, 1)]))
+    h.send("minus", h.train_assignment(0, [(0, 0, -1)]))
+    got = {}
+    for _ in range(2):
+        _, r = h.result()
+        assert not r.error
+        got.update({(f.spec.direction, f.spec.shard, f.spec.sign): f.loss for f in r.results})
+    assert got == reference_losses(h.cfg)
+
+
+def test_node_group_of_two_gloo_workers_gathers_the_whole_block(harness, tmp_path):
+    from coordinator.local import free_port
+
+    h = harness()
+    master = f"127.0.0.1:{free_port()}"
+    for rank in range(2):
+        h.add_worker_process(f"n{rank}", "--node-rank", str(rank), "--node-size", "2", "--node-master", master, "--node-id", "node-a")
+    h.wait_registered(["n0", "n1"])
+    assert [len(u) for u in h.coord.service.registry.units()] == [2]
+    # one member computes both signs, the other only gathers: the collectives stay paired
+    a = h.train_assignment(0, [(0, 0, 1), (0, 0, -1)], report_digests=True)
+    g = h.train_assignment(0, [], report_digests=True)
+    h.send("n0", a)
+    h.send("n1", g)
+    results = dict(h.result() for _ in range(2))
+    for wid, r in results.items():
+        assert not r.error, (wid, r.error)
+    server = [h.server.state.store.digest(b)[1] for b in range(len(h.server.state.manifest.blocks))]
+    assert list(results["n0"].block_digests) == server == list(results["n1"].block_digests)
+    man = h.server.state.manifest
+    assert results["n0"].timing.bytes_received < man.numel * 4  # each fetched its slice only
+    got = {(f.spec.direction, f.spec.shard, f.spec.sign): f.loss for f in results["n0"].results}
+    assert got == reference_losses(h.cfg)
+    assert results["n0"].timing.gather_s > 0
+
+
+def test_resident_memory_is_bounded_by_a_few_blocks(harness, cache_dir):
+    peaks = {}
+    for layers in ("small-opt", "deep-opt"):
+        h = harness(small_config(cache_dir, model={"source": layers}))
+        h.add_worker(f"mem-{layers}")
+        h.wait_registered([f"mem-{layers}"])
+        h.send(f"mem-{layers}", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)]))
+        _, r = h.result()
+        assert not r.error, r.error
+        man = h.server.state.manifest
+        biggest = max(b.numel for b in man.blocks) * 4
+        peaks[layers] = (r.timing.peak_block_bytes, man.numel * 4, biggest)
+        h.close()
+    for name, (peak, model, biggest) in peaks.items():
+        # pool (prefetch + pinned + 1) plus two perturbed copies of at most two blocks
+        assert peak <= 8 * biggest, (name, peak, biggest)
+    deep_peak, deep_model, _ = peaks["deep-opt"]
+    assert deep_peak < deep_model / 2  # 26 blocks, a handful resident
+
+
+def test_faults_are_reported_and_the_worker_stays_ready(harness, cache_dir):
+    h = harness(small_config(cache_dir, server={"fetch_timeout_s": 1.0}))
+    h.add_worker("w")
+    h.wait_registered(["w"])
+    # a version the server never reaches
+    far = h.train_assignment(0, [(0, 0, 1)])
+    far.version = 7
+    far.deadline_s = 1.0
+    h.send("w", far)
+    _, r = h.result()
+    assert r.error_kind == "version_timeout" and "version 7" in r.error
+    # a shard with no label tokens
+    bad = h.train_assignment(0, [(0, 0, 1)])
+    labels = bytearray(bad.batches[0].labels)
+    import numpy as np
+
+    arr = np.frombuffer(labels, dtype=np.int32).copy()
+    arr[:] = -100
+    bad.batches[0].labels = arr.tobytes()
+    h.send("w", bad)
+    _, r = h.result()
+    assert r.error_kind == "bad_input" and "no label tokens" in r.error
+    # malformed batch bytes
+    broken = h.train_assignment(0, [(0, 0, 1)])
+    broken.batches[0].input_ids = b"\x00\x01"
+    h.send("w", broken)
+    _, r = h.result()
+    assert r.error_kind == "bad_input" and "input_ids" in r.error
+    # a NaN loss is a value, reported as such (the coordinator's policy decides)
+    nan = h.train_assignment(0, [(0, 0, 1)])
+    nan.forwards[0].coef = 1e39
+    h.send("w", nan)
+    _, r = h.result()
+    assert not r.error and math.isnan(r.results[0].loss)
+    # and the worker still works
+    h.send("w", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)]))
+    _, r = h.result()
+    assert not r.error and all(math.isfinite(f.loss) for f in r.results)
+
+
+def test_a_dropped_stream_is_resumed(harness, cache_dir, tmp_path):
+    cfg = small_config(cache_dir, model={"source": "small-opt"}, server={"chunk_bytes": 1 << 20})
+    h = harness(cfg)
+    proxy = CuttingProxy(h.server.port, cut_after=(1 << 20) + 12345)
+    try:
+        h.add_worker("w", param_servers=[f"127.0.0.1:{proxy.port}"])
+        import gpuworker.worker  # noqa: F401
+
+        h.wait_registered(["w"])
+        w = h.workers[0][0]
+        wait_until(lambda: w._client is not None, what="worker connected to the server")
+        w._client.transport = "grpc"  # force the network path through the proxy
+        h.send("w", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)]))
+        _, r = h.result()
+        assert not r.error, r.error
+        assert proxy.cuts == 1
+        assert {(f.spec.direction, f.spec.shard, f.spec.sign): f.loss for f in r.results} == reference_losses(cfg)
+    finally:
+        proxy.close()
+
+
+def test_worker_reconnects_and_registers_again(harness, cache_dir):
+    from distzo.rpc import Credentials
+    from coordinator.server import CoordinatorServer
+
+    h = harness()
+    h.add_worker("w")
+    h.wait_registered(["w"])
+    port = h.coord.port
+    h.coord.stop(grace=0.1)
+    h.coord = CoordinatorServer([h.server.address], Credentials(), listen=f"127.0.0.1:{port}").start()
+    h.coord.service.job = ResultSink(h.cfg, h.results)
+    h.wait_registered(["w"], timeout=60)
+    h.send("w", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)]))
+    _, r = h.result()
+    assert not r.error
