@@ -32,6 +32,7 @@ from paramserver.client import ParamServerClient
 def start_server(work: Path, cfg: JobConfig, tag: str) -> ServiceProcess:
     (work / f"{tag}.yaml").write_text(cfg.to_yaml())
     p = ServiceProcess(tag, python_module("paramserver", "--config", str(work / f"{tag}.yaml"), "--data-dir", str(work / tag),
+                                          "--listen", "127.0.0.1:0", "--metrics-port", "-1",
                                           "--ready-file", str(work / f"{tag}.ready")), work / f"{tag}.ready", work / f"{tag}.log")
     p.start(timeout_s=300)
     return p

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -168,6 +169,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.start()
         print(f"zoctl: local cluster up in {run_dir} (coordinator {cluster.coordinator_address}, "
               f"parameter server {cluster.server_address}, {cfg.layout.workers} workers)", file=sys.stderr)
+        print("zoctl: metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_endpoints().items()), file=sys.stderr)
         st = cluster.wait(progress.update)
         progress.close()
         if st.state != "done":
@@ -292,7 +294,8 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from protos import coordinator_pb2 as cpb
 
-    reply = _call(args, "Export", cpb.ExportJobRequest(path=str(Path(args.dir).resolve())), timeout=600)
+    # a path on the parameter server's host: only a relative one is made absolute here (local clusters)
+    reply = _call(args, "Export", cpb.ExportJobRequest(path=os.path.abspath(args.dir)), timeout=600)
     print(json.dumps(status_dict(reply)) if args.json else f"{reply.message}: {reply.path}")
     return EXIT_OK
 
@@ -381,5 +384,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+from coordinator.plan_cli import register as _register_plan  # noqa: E402  (plan_cli needs CliError, defined above)
+
+_EXTRA_COMMANDS.append(_register_plan)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the canonical module's main: under `python -m` this file is also loaded as __main__, and
+    # commands that raise coordinator.cli.CliError must meet the class main() catches
+    from coordinator.cli import main as _main
+
+    sys.exit(_main())

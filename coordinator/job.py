@@ -29,6 +29,7 @@ from distzo.mezo import UpdateRecord, make_update
 from distzo.plan import step_plan, worker_roles
 from distzo.reference import TrainingStopped, check_skip_policy
 from distzo.rpc import Credentials
+from coordinator import metrics as m
 from coordinator.registry import Registry
 from coordinator.rounds import Round, RoundFailed
 from paramserver.client import FetchError, ParamServerClient
@@ -68,7 +69,7 @@ class Job:
         self.registry = registry
         self.param_servers = param_servers
         self.creds = creds
-        self.state = "idle"
+        self._state = "idle"
         self.error = ""
         self.step = 0
         self.resumed_from = 0
@@ -83,6 +84,16 @@ class Job:
         self.data: JobData | None = None
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        for name in m.JOB_STATES:
+            m.JOB_STATE.labels(name).set(1 if name == value else 0)
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -149,6 +160,10 @@ class Job:
             if ours != theirs:
                 raise JobFailed(f"{name} is {ours!r} here but {theirs!r} on the parameter server")
         self.resumed_from = self.step = self.client.journaled_steps()
+        m.STEP.set(self.step)
+        m.PLANNED_STEPS.set(cfg.train.steps)
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.client.served_dtype]
+        m.MODEL_BYTES.set(self.client.manifest.numel * itemsize)
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
         self.state = "waiting_for_workers"
@@ -156,7 +171,7 @@ class Job:
         ok = self.registry.wait_for(lambda: sum(len(u) for u in self.registry.units()) >= need or self._stop.is_set(),
                                     cfg.coordinator.worker_wait_s)
         if not ok:
-            raise JobFailed(f"only {sum(len(u) for u in self.registry.units())} of the layout's {need} workers registered "
+            raise JobFailed(f"only {sum(len(u) for u in self.registry.units())} of the layout's {need} workers were ready "
                             f"in {cfg.coordinator.worker_wait_s:.0f}s")
         self.state = "running"
 
@@ -178,8 +193,12 @@ class Job:
                 return
             t0 = time.perf_counter()
             self._train_step(t)
-            self.progress.train_seconds += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self.progress.train_seconds += elapsed
             self.step = t + 1
+            m.STEP.set(self.step)
+            m.STEP_SECONDS.observe(elapsed)
+            self._worker_gauges()
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self._evaluate()
 
@@ -221,9 +240,22 @@ class Job:
                 break
             if attempt < cfg.train.nonfinite_retries:
                 self.progress.nonfinite_retries += 1
+                m.NONFINITE_RETRIES.inc()
                 log.warning("non-finite loss, re-running the step", extra=kv(step=t))
-        self.progress.tokens += sum(r.tokens for r in rnd.results.values())
+        tokens = sum(r.tokens for r in rnd.results.values())
+        self.progress.tokens += tokens
+        m.TOKENS.inc(tokens)
+        m.LEARNING_RATE.set(plan.lr)
+        for sign, label in ((1, "plus"), (-1, "minus")):
+            vals = [v for k, v in losses.items() if k[2] == sign]
+            m.LOSS.labels(label).set(sum(vals) / len(vals))
+        m.LOSS.labels("mean").set(outcome.loss)
+        if outcome.record.directions:
+            m.GRADIENT.set(outcome.record.directions[0].g)
+            for d in outcome.record.directions:
+                m.GRADIENT_ABS.observe(abs(d.g))
         if outcome.record.skipped:
+            m.SKIPPED.inc()
             self.progress.skipped_steps += 1
             self.progress.consecutive_skips += 1
             log.warning("step skipped: non-finite loss", extra=kv(step=t))
@@ -232,7 +264,9 @@ class Job:
             self.progress.consecutive_skips = 0
         u0 = time.perf_counter()
         self._send_update(outcome.record)
-        self.progress.phase["update_s"] += time.perf_counter() - u0
+        update_s = time.perf_counter() - u0
+        self.progress.phase["update_s"] += update_s
+        m.PHASE_SECONDS.labels("update").observe(update_s)
         self.progress.losses.append(outcome.loss)
         self._account(rnd)
 
@@ -246,12 +280,16 @@ class Job:
             self.round = None
             self.progress.reassignments += rnd.reassignments
             self.progress.late_reports += rnd.late
+            m.REASSIGNMENTS.inc(rnd.reassignments)
+            m.LATE_REPORTS.inc(rnd.late)
         return rnd
 
     def on_result(self, worker, result: cpb.WorkResult) -> None:  # noqa: ANN001
         rnd = self.round
         if rnd is None or not rnd.on_result(worker, result):
-            self.progress.late_reports += 1 if rnd is None else 0
+            if rnd is None:
+                self.progress.late_reports += 1
+                m.LATE_REPORTS.inc()
             worker.inflight.discard(result.assignment_id)
             if not worker.inflight and worker.live:
                 worker.state = "idle"
@@ -273,13 +311,25 @@ class Job:
         p = self.progress.phase
         p["assign_s"] += rnd.phase["assign_s"]
         p["wait_s"] += rnd.phase["wait_s"]
+        m.PHASE_SECONDS.labels("assign").observe(rnd.phase["assign_s"])
+        m.PHASE_SECONDS.labels("wait").observe(rnd.phase["wait_s"])
         for tm in rnd.timings:
             p["worker_fetch_s"] += tm.fetch_s
             p["worker_compute_s"] += tm.compute_s
             p["worker_wait_s"] += tm.wait_s
             p["worker_gather_s"] += tm.gather_s
             p["bytes"] += tm.bytes_received
+            for phase in ("fetch", "h2d", "gather", "compute", "wait"):
+                m.WORKER_PHASE_SECONDS.labels(phase).inc(getattr(tm, f"{phase}_s"))
+            m.BYTES_RECEIVED.inc(tm.bytes_received)
         self.progress.timed_steps += 1
+
+    def _worker_gauges(self) -> None:
+        counts = {"idle": 0, "busy": 0, "lost": 0}
+        for w in list(self.registry.workers.values()):
+            counts[w.state] = counts.get(w.state, 0) + 1
+        for state, n in counts.items():
+            m.WORKERS.labels(state).set(n)
 
     # ------------------------------------------------------------------ eval
     def _evaluate(self) -> dict[str, Any]:
@@ -299,6 +349,8 @@ class Job:
             tally.add(i, examples, batch, torch.tensor(list(rnd.results[i].scores), dtype=torch.float64))
         result = {"step": self.step, **tally.result()}
         self.progress.evals.append(result)
+        m.DEV_LOSS.set(result["dev_loss"])
+        m.DEV_ACCURACY.set(result["dev_accuracy"])
         log.info("eval", extra=kv(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
         return result
 

@@ -70,7 +70,8 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
     def _v(self) -> list[str]:
-        return ["-v"] * self.verbose
+        # every process on loopback, each with its own free metrics port
+        return ["-v"] * self.verbose + ["--metrics-port", "0", "--metrics-host", "127.0.0.1"]
 
     def _spawn(self, name: str, argv: list[str]) -> ServiceProcess:
         ready = self.run_dir / "ready" / f"{name}.json"
@@ -106,13 +107,27 @@ class LocalCluster:
         for rank in range(size):
             index = node * size + rank
             name = f"worker-{index}"
-            # workers announce nothing: they register with the coordinator; start them without waiting
-            p = ServiceProcess(name, self._worker_argv(index, node, rank, master), self.run_dir / "ready" / f"{name}.json",
+            ready = self.run_dir / "ready" / f"{name}.json"
+            ready.unlink(missing_ok=True)
+            p = ServiceProcess(name, [*self._worker_argv(index, node, rank, master), "--ready-file", str(ready)], ready,
                                self.run_dir / "logs" / f"{name}.log")
             self.processes[name] = p
             procs.append(p)
-        for p in procs:
+        for p in procs:  # all members first: a node group forms only when every member is up
             _start_detached(p)
+        deadline = time.monotonic() + 300
+        for p in procs:
+            while not p.ready_file.is_file():
+                if p.proc is not None and p.proc.poll() is not None:
+                    raise ServiceFailed(f"{p.name} exited with code {p.proc.returncode} while starting:\n{p.tail()}")
+                if time.monotonic() > deadline:
+                    raise ServiceFailed(f"{p.name} did not start:\n{p.tail()}")
+                time.sleep(0.05)
+            p.info = json.loads(p.ready_file.read_text())
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        return {name: f"http://127.0.0.1:{p.info['metrics_port']}/metrics"
+                for name, p in self.processes.items() if p.info.get("metrics_port")}
 
     @property
     def server_address(self) -> str:
@@ -128,6 +143,7 @@ class LocalCluster:
         for node in range(self.cfg.layout.workers // self.cfg.layout.node_size):
             self._start_node(node)
         info = {"coordinator": self.coordinator_address, "param_servers": [self.server_address],
+                "metrics": self.metrics_endpoints(),
                 "token_file": str(self.cfg.security.token_file), "run_dir": str(self.run_dir),
                 "pids": {n: p.pid for n, p in self.processes.items()}, "started": time.time()}
         (self.run_dir / "cluster.json").write_text(json.dumps(info, indent=2))
@@ -187,7 +203,7 @@ class LocalCluster:
             time.sleep(poll_s)
 
     def export(self, out_dir: Path) -> cpb.ControlReply:
-        return self.stub().Export(cpb.ExportJobRequest(path=str(out_dir.resolve())), timeout=600,
+        return self.stub().Export(cpb.ExportJobRequest(path=os.path.abspath(out_dir)), timeout=600,
                                   metadata=self.creds.call_metadata())
 
     def shutdown(self) -> None:

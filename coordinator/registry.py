@@ -30,6 +30,7 @@ class WorkerConn:
     assignments_done: int = 0
     inflight: set[int] = field(default_factory=set)
     generation: int = 0  # bumps when the same worker id opens a new session
+    ready: bool = False  # set up for the current job (it said so after its welcome)
 
     @property
     def node_id(self) -> str:
@@ -64,8 +65,12 @@ class Registry:
                                                 pid=hello.pid, again=old is not None))
         return conn
 
-    def heartbeat(self, conn: WorkerConn) -> None:
+    def heartbeat(self, conn: WorkerConn, ready: bool = False) -> None:
         conn.last_seen = time.monotonic()
+        if ready and not conn.ready:
+            with self.lock:
+                conn.ready = True
+                self.changed.notify_all()
 
     def lose(self, conn: WorkerConn, reason: str) -> None:
         with self.lock:
@@ -88,9 +93,11 @@ class Registry:
             return sorted((w for w in self.workers.values() if w.live), key=lambda w: (w.node_id, w.hello.node_rank, w.worker_id))
 
     def units(self) -> list[list[WorkerConn]]:
-        """Complete, live node groups (and single workers), in a stable order."""
+        """Complete, live, ready node groups (and single workers), in a stable order."""
         groups: dict[str, list[WorkerConn]] = {}
         for w in self.live():
+            if not w.ready:
+                continue
             groups.setdefault(w.node_id, []).append(w)
         out = []
         for node, members in sorted(groups.items()):

@@ -9,6 +9,7 @@ import threading
 
 from distzo.config import JobConfig
 from distzo.logs import kv
+from distzo.metrics import start_metrics_server
 from distzo.rpc import Credentials, add_health_and_reflection, bind, make_server, write_ready_file
 from coordinator.service import SERVICE, STATE_CHANGING, CoordinatorService
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -61,10 +62,13 @@ class CoordinatorServer:
 
 
 def run(cfg: JobConfig | None, param_servers: list[str], listen: str, ready_file: str | None,
-        worker_servers: list[str] | None, creds: Credentials) -> int:
+        worker_servers: list[str] | None, creds: Credentials, metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0") -> int:
     server = CoordinatorServer(param_servers, creds, listen=listen, worker_servers=worker_servers).start(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
-    write_ready_file(ready_file, {"address": server.address, "port": server.port, "pid": os.getpid()})
+    bound_metrics = start_metrics_server(metrics_port, metrics_host)
+    write_ready_file(ready_file, {"address": server.address, "port": server.port, "pid": os.getpid(),
+                                  "metrics_port": bound_metrics})
     server.wait()
     return 0

@@ -44,6 +44,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             self.job.start()
             welcome = self._welcome(cfg, "")
             for w in self.registry.live():  # workers that came before the job learn its config
+                w.ready = False  # until they say they are set up for this one
                 w.send(cpb.CoordinatorMessage(welcome=cpb.Welcome(worker_id=w.worker_id, job_config_yaml=welcome.job_config_yaml,
                                                                   param_servers=welcome.param_servers)))
             return self.job
@@ -77,7 +78,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             try:
                 for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
-                    self.registry.heartbeat(conn)
+                    self.registry.heartbeat(conn, ready=kind == "heartbeat" and msg.heartbeat.ready)
                     if kind == "result" and self.job is not None:
                         self.job.on_result(conn, msg.result)
             except grpc.RpcError:

@@ -433,6 +433,17 @@ def update_cpu(
     _run_split(piece, w.shape[0], offset)
 
 
+def warm_up() -> None:
+    """Load (or compile) every CPU kernel once, so the first real step does not pay for it."""
+    buf = np.zeros(300, np.float32)
+    out = np.empty((2, 300), np.float32)
+    for dist in Distribution:
+        fill_z(buf, 1, 5, dist)
+        perturb_cpu(buf, 5, 1, dist, [1e-3, -1e-3], out)
+        update_cpu(buf, 5, [1], [1e-3], 0.0, dist)
+        update_cpu(buf, 5, [1, 2], [1e-3, 1e-3], 0.0, dist)
+
+
 # ----------------------------------------------------------------------------- torch path
 # Same algorithm with int64/float64 tensor ops, one op per rounding, so it runs on CUDA with
 # the CPU kernels' bits. Slower on CPU; used on GPUs and as an independent check in tests.

@@ -118,6 +118,7 @@ class ReferenceTrainer:
     def train(self, out_dir: str | Path | None = None, progress: bool | None = None) -> dict[str, Any]:
         cfg = self.cfg
         apply_runtime_threads(cfg)
+        generator.warm_up()  # like every service, before the clock starts
         start = time.perf_counter()
         train_seconds = 0.0
         bar = tqdm(total=cfg.train.steps, desc="reference", unit="step", disable=not progress if progress is not None else None)

@@ -20,6 +20,9 @@ from distzo.config import SecuritySection
 
 log = logging.getLogger("distzo.rpc")
 
+# Service ports (the k8s manifests use these too; tests/test_k8s.py checks they agree)
+PORTS = {"paramserver": 7070, "paramserver_control": 7071, "coordinator": 7080,
+         "paramserver_metrics": 9400, "coordinator_metrics": 9401, "worker_metrics": 9402}
 MAX_MESSAGE_BYTES = 64 << 20  # data-plane chunks are at most 16 MiB plus a small header
 _KEEPALIVE = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -40,6 +43,17 @@ _SERVICE_CONFIG = json.dumps({
         },
     }]
 })
+
+
+def server_options() -> list[tuple[str, object]]:
+    """Servers accept the clients' keepalive pings (every 20 s, also between calls) without GOAWAY."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
 
 
 def channel_options() -> list[tuple[str, object]]:
@@ -116,16 +130,39 @@ class BearerAuth(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer if handler else None)
 
 
+class RefuseMethods(grpc.ServerInterceptor):
+    """On the data port of a server with a separate control port: refuse the state-changing RPCs."""
+
+    def __init__(self, methods: Iterable[str], where: str):
+        self.methods = frozenset(methods)
+        self.where = where
+
+    def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201
+        name = details.method.rsplit("/", 1)[-1]
+        handler = continuation(details)
+        if name not in self.methods or handler is None:
+            return handler
+        where = self.where
+
+        def deny(_request, context):  # noqa: ANN001, ANN202
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{name} is served on the control port ({where}), not this one")
+
+        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer)
+
+
 def make_server(
     creds: Credentials,
     protected: Iterable[str],
     max_workers: int = 32,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
 ) -> grpc.Server:
+    from distzo.metrics import GrpcMetrics
+
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[BearerAuth(creds.token, protected), *interceptors],
-        options=channel_options(),
+        # metrics outermost: refused calls are counted with their status too
+        interceptors=[GrpcMetrics(), BearerAuth(creds.token, protected), *interceptors],
+        options=server_options(),
     )
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 from distzo.config import ConfigError, SecuritySection
 from distzo.logs import setup_logging
+from distzo.rpc import PORTS
 
 EXIT_GROUP_BROKEN = 75  # a node-group collective failed: restart the whole group
 
@@ -26,10 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-ca", help="CA certificate (PEM) to verify the services")
     ap.add_argument("--tls-cert", help="client certificate (mutual TLS)")
     ap.add_argument("--tls-key", help="client key (mutual TLS)")
+    ap.add_argument("--metrics-port", type=int, default=PORTS["worker_metrics"], help="Prometheus /metrics port (0: free, -1: off)")
+    ap.add_argument("--metrics-host", default="0.0.0.0")
+    ap.add_argument("--ready-file", help="write pid and metrics port here once started (JSON)")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="worker")
-    from distzo.rpc import Credentials
+    from distzo.metrics import start_metrics_server
+    from distzo.rpc import Credentials, write_ready_file
     from gpuworker.node import GatherError
     from gpuworker.worker import Worker
 
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
+    bound = start_metrics_server(args.metrics_port, args.metrics_host)
+    write_ready_file(args.ready_file, {"pid": os.getpid(), "metrics_port": bound, "worker_id": worker.worker_id})
     try:
         return worker.run()
     except GatherError:

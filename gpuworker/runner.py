@@ -19,6 +19,7 @@ from distzo.data import Batch, DataError
 from distzo.forward import ForwardEngine, ForwardJob
 from distzo.logs import kv
 from distzo.modeling import BlockModel
+from gpuworker import metrics as m
 from gpuworker.feed import BufferPool, PrefetchFeed
 from gpuworker.node import GatherError, NodeGroup
 from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
@@ -97,6 +98,15 @@ class ModelRunner:
         tm = feed.timers
         peak_mem = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"  # GPU-only
                     else self.process.memory_info().rss)
+        for phase, seconds in (("fetch", tm.fetch_s), ("h2d", tm.h2d_s), ("gather", tm.gather_s),
+                               ("compute", max(0.0, compute)), ("wait", tm.wait_s)):
+            m.PHASE_SECONDS.labels(phase).inc(seconds)
+        if tm.transport:
+            m.RECEIVED_BYTES.labels(tm.transport).inc(tm.bytes_received)
+        m.ASSIGNMENTS.labels(a.kind, result.error_kind or "ok").inc()
+        m.ASSIGNMENT_SECONDS.observe(time.perf_counter() - t0)
+        m.PEAK_MEMORY.set(peak_mem)
+        m.PEAK_BLOCK_BYTES.set(tm.pool_bytes + self.engine.last_peak_copy_bytes)
         result.timing.CopyFrom(cpb.Timing(
             fetch_s=tm.fetch_s, gather_s=tm.gather_s, h2d_s=tm.h2d_s, compute_s=max(0.0, compute), wait_s=tm.wait_s,
             total_s=time.perf_counter() - t0, bytes_received=tm.bytes_received, peak_memory_bytes=peak_mem,

@@ -112,6 +112,7 @@ class Worker:
                 kind = msg.WhichOneof("kind")
                 if kind == "welcome":
                     self._welcome(msg.welcome)
+                    outbox.put(cpb.WorkerMessage(heartbeat=cpb.Heartbeat(state="idle", ready=True)))
                 elif kind == "assignment":
                     outbox.put(cpb.WorkerMessage(result=self._execute(msg.assignment)))
                 elif kind == "shutdown":
@@ -149,6 +150,7 @@ class Worker:
             self._client.close()
         self._client = ParamServerClient(servers, self.creds).connect()
         self.runner = ModelRunner(cfg, self._client, self.device, self.node)
+        generator.warm_up()
         self._job_yaml = w.job_config_yaml
         log.info("registered", extra=kv(worker=self.worker_id, servers=",".join(servers), device=str(self.device)))
 

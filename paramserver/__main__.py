@@ -8,6 +8,7 @@ import sys
 from distzo.config import ConfigError, JobConfig
 from distzo.logs import setup_logging
 from distzo.modeling import ModelError
+from distzo.rpc import PORTS
 
 
 def parse_blocks(text: str | None) -> tuple[int, int] | None:
@@ -24,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="distzo-paramserver", description="distzo parameter server")
     ap.add_argument("--config", help="job config (YAML); default config if omitted")
     ap.add_argument("--data-dir", required=True, help="snapshots and journal")
-    ap.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks a free one)")
+    ap.add_argument("--listen", default=f"0.0.0.0:{PORTS['paramserver']}", help="host:port of the data port (port 0 picks a free one)")
+    ap.add_argument("--control-listen", help=f"serve the state-changing RPCs only here (e.g. 0.0.0.0:{PORTS['paramserver_control']})")
+    ap.add_argument("--metrics-port", type=int, default=PORTS["paramserver_metrics"], help="Prometheus /metrics port (0: free port, -1: off)")
+    ap.add_argument("--metrics-host", default="0.0.0.0")
     ap.add_argument("--ready-file", help="write the bound address here once serving (JSON)")
     ap.add_argument("--blocks", type=parse_blocks, help="shard: serve only blocks FIRST:END")
     ap.add_argument("--follow", metavar="ADDR", help="replica: follow this primary's journal")
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = JobConfig.from_yaml(args.config) if args.config else JobConfig()
-        return run(cfg, args.data_dir, args.listen, args.ready_file, args.blocks, args.follow, args.name)
+        return run(cfg, args.data_dir, args.listen, args.ready_file, args.blocks, args.follow, args.name,
+                   control_listen=args.control_listen, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     except (ConfigError, ModelError, RecoveryError, ValueError, OSError) as exc:
         print(f"distzo-paramserver: {exc}", file=sys.stderr)
         return 2

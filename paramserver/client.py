@@ -80,8 +80,25 @@ class _Shard:
         self.manifest: pb.ManifestReply | None = None
         self.shm: SharedView | None = None
         self.shm_failed = False
+        self.creds = creds
+        self._control: grpc.Channel | None = None
+        self._control_stub: pb_grpc.ParameterServerStub | None = None
+
+    @property
+    def control(self) -> pb_grpc.ParameterServerStub:
+        """The stub for state-changing calls: the control port when the server has one."""
+        port = self.manifest.control_port if self.manifest is not None else 0
+        if not port:
+            return self.stub
+        if self._control_stub is None:
+            host = self.address.rsplit(":", 1)[0]
+            self._control = make_channel(f"{host}:{port}", self.creds)
+            self._control_stub = pb_grpc.ParameterServerStub(self._control)
+        return self._control_stub
 
     def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
         if self.shm is not None:
             try:
                 self.shm.close()
@@ -260,19 +277,19 @@ class ParamServerClient:
     # ------------------------------------------------------------------ control plane
     def apply_update(self, record: UpdateRecord, timeout_s: float = 60.0) -> list[pb.UpdateReply]:
         request = pb.UpdateRequest(record=record_to_pb(record))
-        return [s.stub.ApplyUpdate(request, timeout=timeout_s, metadata=self.creds.call_metadata()) for s in self.shards]
+        return [s.control.ApplyUpdate(request, timeout=timeout_s, metadata=self.creds.call_metadata()) for s in self.shards]
 
     def snapshot(self, timeout_s: float = 600.0) -> list[pb.SnapshotReply]:
-        return [s.stub.Snapshot(pb.SnapshotRequest(), timeout=timeout_s, metadata=self.creds.call_metadata()) for s in self.shards]
+        return [s.control.Snapshot(pb.SnapshotRequest(), timeout=timeout_s, metadata=self.creds.call_metadata()) for s in self.shards]
 
     def export(self, path: str, timeout_s: float = 600.0) -> pb.ExportReply:
         if len(self.shards) > 1:
             raise FetchError("export needs the whole model on one server; export each shard's range with a tool instead")
-        return self.shards[0].stub.Export(pb.ExportRequest(path=path), timeout=timeout_s, metadata=self.creds.call_metadata())
+        return self.shards[0].control.Export(pb.ExportRequest(path=path), timeout=timeout_s, metadata=self.creds.call_metadata())
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         for s in self.shards:
-            s.stub.Shutdown(pb.ShutdownRequest(), timeout=timeout_s, metadata=self.creds.call_metadata())
+            s.control.Shutdown(pb.ShutdownRequest(), timeout=timeout_s, metadata=self.creds.call_metadata())
 
     def status(self, timeout_s: float = 10.0) -> list[pb.StatusReply]:
         return [s.stub.GetStatus(pb.StatusRequest(), timeout=timeout_s) for s in self.shards]

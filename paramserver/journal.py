@@ -100,7 +100,13 @@ class Journal:
         return sorted(segs, key=lambda s: s.first_step)
 
     def total_bytes(self) -> int:
-        return sum(s.path.stat().st_size for s in self.segments())
+        total = 0
+        for seg in self.segments():
+            try:
+                total += seg.path.stat().st_size
+            except FileNotFoundError:  # pruned while we looked
+                pass
+        return total
 
     # ------------------------------------------------------------------ recovery
     def read_all(self, repair: bool = True) -> Iterator[UpdateRecord]:

@@ -12,7 +12,10 @@ from grpc_health.v1 import health_pb2
 
 from distzo.config import JobConfig
 from distzo.logs import kv
-from distzo.rpc import Credentials, add_health_and_reflection, bind, make_server, write_ready_file
+import grpc
+
+from distzo.metrics import start_metrics_server
+from distzo.rpc import Credentials, RefuseMethods, add_health_and_reflection, bind, make_server, write_ready_file
 from paramserver.client import ParamServerClient
 from paramserver.replication import Follower
 from paramserver.service import SERVICE, STATE_CHANGING, ParamServerService
@@ -25,7 +28,8 @@ class ParamServer:
     """One parameter-server process (primary or replica) for a block range."""
 
     def __init__(self, cfg: JobConfig, data_dir: str | Path, listen: str = "127.0.0.1:0",
-                 blocks: tuple[int, int] | None = None, follow: str | None = None, name: str | None = None):
+                 blocks: tuple[int, int] | None = None, follow: str | None = None, name: str | None = None,
+                 control_listen: str | None = None):
         self.cfg = cfg
         self.creds = Credentials.from_config(cfg.security)
         if self.creds.token is None:
@@ -35,12 +39,23 @@ class ParamServer:
         self._stopped = threading.Event()  # stopping has begun (followers quit)
         self._finished = threading.Event()  # everything is closed
         self.service = ParamServerService(self.state, on_shutdown=self.stop)
-        self.grpc = make_server(self.creds, STATE_CHANGING, max_workers=64)
+        # with a control port, the state-changing RPCs live only there (a NetworkPolicy can then
+        # let only the coordinator reach them); the data port refuses them
+        refuse = [RefuseMethods(STATE_CHANGING, control_listen)] if control_listen else []
+        self.grpc = make_server(self.creds, STATE_CHANGING, max_workers=64, interceptors=refuse)
         self.grpc.add_generic_rpc_handlers((self.service.generic_handler(),))
         self.health = add_health_and_reflection(self.grpc, [SERVICE])
         self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = bind(self.grpc, listen, self.creds)
         self.host = listen.rsplit(":", 1)[0]
+        self.control: grpc.Server | None = None
+        self.control_port = 0
+        if control_listen:
+            self.control = make_server(self.creds, STATE_CHANGING, max_workers=8)
+            self.control.add_generic_rpc_handlers((self.service.generic_handler(),))
+            add_health_and_reflection(self.control, [SERVICE])
+            self.control_port = bind(self.control, control_listen, self.creds)
+            self.service.control_port = self.control_port
         self.follower: Follower | None = None
 
     @property
@@ -56,6 +71,8 @@ class ParamServer:
             raise
         self.state.start()
         self.grpc.start()
+        if self.control is not None:
+            self.control.start()
         if self.follow_address:
             primary = ParamServerClient(self.follow_address, self.creds).connect()
             self.follower = Follower(self.state, primary, self._serving, self._stopped)
@@ -78,6 +95,8 @@ class ParamServer:
         self._stopped.set()
         try:
             self.health.enter_graceful_shutdown()
+            if self.control is not None:
+                self.control.stop(grace).wait()
             self.grpc.stop(grace).wait()
             self.state.close()
             log.info("parameter server stopped", extra=kv(address=self.address))
@@ -89,11 +108,15 @@ class ParamServer:
 
 
 def run(cfg: JobConfig, data_dir: str, listen: str, ready_file: str | None, blocks: tuple[int, int] | None,
-        follow: str | None, name: str | None) -> int:
-    server = ParamServer(cfg, data_dir, listen=listen, blocks=blocks, follow=follow, name=name).start()
+        follow: str | None, name: str | None, control_listen: str | None = None,
+        metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> int:
+    server = ParamServer(cfg, data_dir, listen=listen, blocks=blocks, follow=follow, name=name,
+                         control_listen=control_listen).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
+    bound_metrics = start_metrics_server(metrics_port, metrics_host)
     write_ready_file(ready_file, {"address": server.address, "port": server.port, "pid": os.getpid(),
+                                  "control_port": server.control_port, "metrics_port": bound_metrics,
                                   "role": server.state.role, "server_id": server.state.server_id})
     server.wait()
     return 0

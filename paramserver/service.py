@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Iterator
 
 import grpc
 
 from distzo.blocks import ITEMSIZE
 from distzo.logs import kv
+from paramserver import metrics as m
 from paramserver.journal import record_from_pb, record_to_pb
 from paramserver.shm import StaleVersion
 from paramserver.state import ServerState, UpdateRejected
@@ -28,6 +30,7 @@ class ParamServerService:
     def __init__(self, state: ServerState, on_shutdown: Callable[[], None]):
         self.state = state
         self.on_shutdown = on_shutdown
+        self.control_port = 0
         self.ready = threading.Event()  # replicas serve fetches only once caught up
 
     # ------------------------------------------------------------------ validation
@@ -46,6 +49,10 @@ class ParamServerService:
         return limit if remaining is None else max(0.0, min(limit, remaining - 0.05))
 
     def _wait(self, b: int, version: int, context: grpc.ServicerContext) -> int:
+        with m.VERSION_WAIT_SECONDS.time():
+            return self._wait_inner(b, version, context)
+
+    def _wait_inner(self, b: int, version: int, context: grpc.ServicerContext) -> int:
         if version < -1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0 (or -1 for the current one), got {version}")
         try:
@@ -70,6 +77,7 @@ class ParamServerService:
             server_id=st.server_id,
             config_yaml=st.cfg.to_yaml(),
             model_config_json=st.model.config.to_json_string(use_diff=False),
+            control_port=self.control_port,
         )
         if seg is not None:
             reply.shm_versions_path = str(seg.versions_path)
@@ -103,6 +111,7 @@ class ParamServerService:
         if not 0 <= request.resume_offset <= end - start:
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
                           f"resume_offset {request.resume_offset} is outside the slice's {end - start} bytes")
+        started = time.perf_counter()
         version = self._wait(b, request.version, context)
         chunk = st.cfg.server.chunk_bytes
         pos = start + request.resume_offset
@@ -118,9 +127,11 @@ class ParamServerService:
                                         offset=pos - start, checksum=checksum(data))
                 message = encode_chunk(header, data)  # the one server-side copy, under the read lock
             st.served_bytes += n
+            m.SERVED_BYTES.labels("grpc").inc(n)
             yield message
             pos += n
             if pos >= end or not context.is_active():
+                m.FETCH_SECONDS.observe(time.perf_counter() - started)
                 return
 
     def WaitVersion(self, request: pb.WaitRequest, context: grpc.ServicerContext) -> pb.WaitReply:
@@ -176,11 +187,14 @@ class ParamServerService:
         try:
             duplicate, size = st.submit(record)
         except UpdateRejected as exc:
+            m.UPDATES.labels("rejected").inc()
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
+            m.UPDATES.labels("invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad update for step {record.step}: {exc}")
         except RuntimeError as exc:
             context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        m.UPDATES.labels("duplicate" if duplicate else "skipped" if record.skipped else "journaled").inc()
         if duplicate:
             log.info("duplicate update acknowledged", extra=kv(step=record.step))
         return pb.UpdateReply(step=record.step, duplicate=duplicate, journal_bytes=size)

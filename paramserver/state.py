@@ -27,6 +27,7 @@ from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.modeling import BlockModel
 from distzo.presets import resolve_model
+from paramserver import metrics as m
 from paramserver.journal import Journal, JournalCorrupt
 from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot, prune_snapshots,
                                   remove_temporaries)
@@ -69,6 +70,7 @@ class ServerState:
         self.role = role
         self.dist = Distribution(cfg.train.distribution)
         generator.set_cpu_threads(cfg.server.update_threads)
+        generator.warm_up()
         self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
         self.model = BlockModel.from_dir(self.model_dir)
         self.manifest = self.model.manifest
@@ -157,6 +159,11 @@ class ServerState:
     def start(self) -> None:
         self._applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
         self._applier.start()
+        m.APPLIED_VERSION.set_function(self.store.applied_version)
+        m.JOURNALED_STEPS.set_function(lambda: self.journal.next_step)
+        m.VERSION_LAG.set_function(lambda: max(0, self.journal.next_step - self.store.applied_version()))
+        m.JOURNAL_BYTES.set_function(self.journal.total_bytes)
+        m.MODEL_BYTES.set(sum(self.manifest.blocks[b].numel * 4 for b in self.owned))
 
     # ------------------------------------------------------------------ updates
     def submit(self, record: UpdateRecord) -> tuple[bool, int]:
@@ -174,7 +181,8 @@ class ServerState:
             if record.step > expected:
                 raise UpdateRejected(f"update for step {record.step} arrived before step {expected}: "
                                      f"the server applies steps in order (next expected: {expected})")
-            size = self.journal.append(record)
+            with m.JOURNAL_FSYNC_SECONDS.time():
+                size = self.journal.append(record)
             self._queue.put(record)
             return False, size
 
@@ -188,7 +196,8 @@ class ServerState:
                 continue
             try:
                 job = self._snapshot if self._snapshot is not None and not self._snapshot.done.is_set() else None
-                self.store.apply(item, self.dist, before_modify=job.before_modify if job else None)
+                with m.UPDATE_SECONDS.time():
+                    self.store.apply(item, self.dist, before_modify=job.before_modify if job else None)
                 self.updates_applied += 1
             except BaseException as exc:  # the state is no longer trustworthy: stop taking updates
                 self.failed = exc
@@ -241,9 +250,12 @@ class ServerState:
 
     def _run_snapshot(self, job: SnapshotJob) -> None:
         try:
-            job.run()
+            with m.SNAPSHOT_SECONDS.time():
+                job.run()
             if job.error is None:
                 self.snapshot_version = job.version
+                m.SNAPSHOT_BYTES.set(job.bytes)
+                m.SNAPSHOT_VERSION.set(job.version)
                 prune_snapshots(self.data_dir, KEEP_SNAPSHOTS)
                 kept = list_snapshots(self.data_dir)
                 if kept:
@@ -301,6 +313,13 @@ class ServerState:
         return self.store.master
 
     def close(self) -> None:
+        # freeze the callback gauges at their last values: the store they read is going away
+        for gauge in (m.APPLIED_VERSION, m.JOURNALED_STEPS, m.VERSION_LAG, m.JOURNAL_BYTES):
+            try:
+                last = next(iter(gauge.collect())).samples[0].value
+            except Exception:  # noqa: BLE001 - a gauge that cannot be read is frozen at 0
+                last = 0.0
+            gauge.set_function(lambda v=last: v)
         self._queue.put(Marker("stop"))
         if self._applier is not None:
             self._applier.join(timeout=30)

@@ -27,12 +27,14 @@ class WorkerHello(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., node_id: _Optional[str] = ..., node_rank: _Optional[int] = ..., node_size: _Optional[int] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("assignment_id", "state")
+    __slots__ = ("assignment_id", "state", "ready")
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     assignment_id: int
     state: str
-    def __init__(self, assignment_id: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    ready: bool
+    def __init__(self, assignment_id: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class ForwardSpec(_message.Message):
     __slots__ = ("direction", "shard", "sign", "seed", "coef", "want_scores")

@@ -42,7 +42,7 @@ class BlockInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., global_offset: _Optional[int] = ..., numel: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., version: _Optional[int] = ..., owned: _Optional[bool] = ...) -> None: ...
 
 class ManifestReply(_message.Message):
-    __slots__ = ("model_type", "manifest_json", "served_dtype", "distribution", "blocks", "first_block", "end_block", "shm_versions_path", "shm_data_path", "shm_nonce", "server_id", "config_yaml", "model_config_json")
+    __slots__ = ("model_type", "manifest_json", "served_dtype", "distribution", "blocks", "first_block", "end_block", "shm_versions_path", "shm_data_path", "shm_nonce", "server_id", "config_yaml", "model_config_json", "control_port")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVED_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class ManifestReply(_message.Message):
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_PORT_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     manifest_json: str
     served_dtype: str
@@ -69,7 +70,8 @@ class ManifestReply(_message.Message):
     server_id: str
     config_yaml: str
     model_config_json: str
-    def __init__(self, model_type: _Optional[str] = ..., manifest_json: _Optional[str] = ..., served_dtype: _Optional[str] = ..., distribution: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ..., shm_versions_path: _Optional[str] = ..., shm_data_path: _Optional[str] = ..., shm_nonce: _Optional[int] = ..., server_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., model_config_json: _Optional[str] = ...) -> None: ...
+    control_port: int
+    def __init__(self, model_type: _Optional[str] = ..., manifest_json: _Optional[str] = ..., served_dtype: _Optional[str] = ..., distribution: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ..., shm_versions_path: _Optional[str] = ..., shm_data_path: _Optional[str] = ..., shm_nonce: _Optional[int] = ..., server_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., model_config_json: _Optional[str] = ..., control_port: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("block", "version", "rank", "parts", "dtype", "resume_offset")

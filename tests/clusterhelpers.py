@@ -62,7 +62,7 @@ class Harness:
         import subprocess
 
         p = ServiceProcess(worker_id, [sys.executable, "-m", "gpuworker", "--coordinator", self.coord.address,
-                                       "--worker-id", worker_id, *args], self.tmp / f"{worker_id}.ready", self.tmp / f"{worker_id}.log")
+                                       "--worker-id", worker_id, "--metrics-port", "-1", *args], self.tmp / f"{worker_id}.ready", self.tmp / f"{worker_id}.log")
         with open(p.log_path, "ab") as log:
             p.proc = subprocess.Popen(p.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)

@@ -223,6 +223,8 @@ def test_late_and_duplicate_reports_are_ignored_and_counted():
     reg = Registry()
     a = reg.register(cpb.WorkerHello(worker_id="a", node_size=1))
     b = reg.register(cpb.WorkerHello(worker_id="b", node_size=1))
+    for w in (a, b):
+        reg.heartbeat(w, ready=True)
     batch = Batch(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), torch.full((1, 3), -100))
     fw = {("k", s): cpb.ForwardSpec(shard=0, sign=s, seed=1, coef=s * 1e-3) for s in (1, -1)}
     rnd = Round(reg, CoordinatorSection(heartbeat_timeout_s=60), step=3, version=3, kind="train", forwards=fw,

@@ -368,6 +368,7 @@ def test_kill_9_mid_updates_recovers_bitwise(cache_dir, tmp_path):
 
     def spawn(tag: str) -> ServiceProcess:
         p = ServiceProcess(tag, python_module("paramserver", "--config", str(tmp_path / "job.yaml"), "--data-dir", str(data),
+                                              "--listen", "127.0.0.1:0", "--metrics-port", "-1",
                                               "--ready-file", str(tmp_path / f"{tag}.json")), tmp_path / f"{tag}.json", tmp_path / f"{tag}.log")
         p.start()
         return p

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_commands() -> list[str]:
-    return re.findall(r"```bash\n(python3 -m venv[^\n]+)\n```", (ROOT / "README.md").read_text())
+    return re.findall(r"```bash\n((?:bash scripts/install-test-tools.sh && )?python3 -m venv[^\n]+)\n```", (ROOT / "README.md").read_text())
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():

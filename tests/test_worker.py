@@ -81,7 +81,7 @@ def test_node_group_of_two_gloo_workers_gathers_the_whole_block(harness, tmp_pat
     for rank in range(2):
         h.add_worker_process(f"n{rank}", "--node-rank", str(rank), "--node-size", "2", "--node-master", master, "--node-id", "node-a")
     h.wait_registered(["n0", "n1"])
-    assert [len(u) for u in h.coord.service.registry.units()] == [2]
+    wait_until(lambda: [len(u) for u in h.coord.service.registry.units()] == [2], timeout=120, what="one ready node group of 2")
     # one member computes both signs, the other only gathers: the collectives stay paired
     a = h.train_assignment(0, [(0, 0, 1), (0, 0, -1)], report_digests=True)
     g = h.train_assignment(0, [], report_digests=True)

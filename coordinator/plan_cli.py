@@ -1,0 +1,200 @@
+"""``zoctl plan``: the step-time model (distzo.perfmodel) for a named model on a named cluster.
+
+Prints every term of a step, the bottleneck, bytes per link, memory per GPU and per
+parameter-server host, and the recommended layout, before anyone rents the GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from distzo.perfmodel import (
+    CLUSTERS,
+    DTYPE_BYTES,
+    GiB,
+    MODELS,
+    ClusterSpec,
+    LayoutSpec,
+    ModelSpec,
+    Prediction,
+    Recommendation,
+    fmt_params,
+    predict,
+    recommend,
+    with_overrides,
+)
+
+DEFAULT_CLUSTER = "h100x8"
+DEFAULT_TOKENS = 32768  # 16 sequences of 2048: MeZO's batch of 16
+DEFAULT_SEQ = 2048
+
+
+def register(sub: Any) -> None:
+    """Add ``plan`` to zoctl's subcommands (coordinator.cli's _EXTRA_COMMANDS calls this)."""
+    p = sub.add_parser(
+        "plan", help="predict step time, bottleneck, bytes and memory of a model on a cluster; recommend a layout",
+        description="The step-time model (DESIGN §10): compute, host->GPU, NVLink, network, server update and "
+                    "control per step; the floor is the largest, since they overlap. Memory per GPU is a few "
+                    "blocks, not the model. Without --layout, the recommended layout is shown.")
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help=f"{', '.join(MODELS)}; or a preset or Hugging Face model directory")
+    p.add_argument("--cluster", default=DEFAULT_CLUSTER, metavar="NAME",
+                   help=f"{', '.join(CLUSTERS)} (default {DEFAULT_CLUSTER})")
+    p.add_argument("--nodes", type=int, metavar="N", help="override the cluster's node count")
+    p.add_argument("--gpus-per-node", type=int, metavar="K", help="override the cluster's GPUs per node")
+    p.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS, metavar="T",
+                   help=f"tokens in one step's batch (default {DEFAULT_TOKENS})")
+    p.add_argument("--seq-len", type=int, metavar="S", help=f"sequence length (default min({DEFAULT_SEQ}, T))")
+    p.add_argument("--served-dtype", choices=list(DTYPE_BYTES), default="bfloat16",
+                   help="dtype the parameter server serves (default bfloat16)")
+    p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="predict this layout (default: the recommended one)")
+    p.add_argument("--q", type=int, default=1, metavar="Q", help="perturbation directions per step (default 1)")
+    p.add_argument("--shards", type=int, metavar="N", help="parameter-server shards (default: the fewest that fit)")
+    p.add_argument("--no-replicas", action="store_true", help="no server replica per node: weights cross the network")
+    p.add_argument("--json", action="store_true", help="print the same as JSON (seconds, bytes)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_plan)
+
+
+def bad_input(message: str) -> Exception:
+    """The exception for bad input: zoctl prints it and exits 2."""
+    from coordinator.cli import CliError
+
+    return CliError(message, 2)
+
+
+def _lookup(name: str, table: dict[str, Any]) -> Any:
+    folded = {k.lower(): v for k, v in table.items()}
+    return folded.get(name.lower())
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """A catalog name (any case), a local preset name, or a Hugging Face model directory."""
+    spec = _lookup(name, MODELS)
+    if spec is not None:
+        return spec
+    from distzo.presets import PRESETS, VOCAB_SIZE
+
+    if name in PRESETS:
+        factory, sizes = PRESETS[name]
+        return ModelSpec.from_hf_config(factory(VOCAB_SIZE, **sizes), name=name)
+    if (Path(name) / "config.json").is_file():
+        from distzo.modeling import load_config
+
+        return ModelSpec.from_hf_config(load_config(name), name=Path(name).name)
+    raise bad_input(f"unknown model {name!r}; known models: {', '.join(MODELS)} "
+                    f"(or a preset: {', '.join(PRESETS)}; or a model directory)")
+
+
+def resolve_cluster(args: argparse.Namespace) -> ClusterSpec:
+    base = _lookup(args.cluster, CLUSTERS)
+    if base is None:
+        raise bad_input(f"unknown cluster {args.cluster!r}; known clusters: {', '.join(CLUSTERS)}")
+    return with_overrides(base, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                          replicas=False if args.no_replicas else None)
+
+
+def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, Recommendation]:
+    """The prediction shown (the --layout asked for, or the recommended one) and the recommendation."""
+    model = resolve_model(args.model)
+    try:
+        cluster = resolve_cluster(args)
+        seq = args.seq_len or min(DEFAULT_SEQ, args.tokens_per_step)
+        rec = recommend(model, cluster, args.tokens_per_step, args.served_dtype, seq, q=args.q, shards=args.shards)
+        pred = rec.prediction
+        if args.layout:
+            layout = LayoutSpec.from_name(args.layout, cluster.workers, args.q)
+            pred = predict(model, cluster, layout, args.tokens_per_step, args.served_dtype, seq, shards=rec.prediction.shards)
+    except ValueError as exc:
+        raise bad_input(str(exc)) from None
+    return model, cluster, pred, rec
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    model, cluster, pred, rec = plan(args)
+    if args.json:
+        out = {"model": model.to_dict(), "cluster": cluster.to_dict(), "prediction": pred.to_dict(),
+               "recommended": rec.to_dict()}
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        print(render(model, cluster, pred, rec))
+    return 0
+
+
+# ----------------------------------------------------------------------------- the table
+_TERM_LABELS = {"compute": "compute", "h2d": "host->GPU", "nvlink": "NVLink gather", "network": "network",
+                "server_update": "server update", "control": "control"}
+
+
+def _size(x: float) -> str:
+    """Bytes in decimal units (the bandwidths are GB/s): 3.21 GB, 295 kB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= scale:
+            return f"{x / scale:8.2f} {unit}"
+    return f"{x:8.0f} B"
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:8.1f}"
+
+
+def _fits(ok: bool) -> str:
+    return "fits" if ok else "DOES NOT FIT"
+
+
+def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommendation) -> str:
+    """The human-readable plan: terms in ms, bytes moved in decimal units, memory in GiB."""
+    lay, b = p.layout, p.bytes
+    unit = "GPU" if cluster.device == "cuda" else "process"
+    lines = [
+        f"model    {model.name}: {fmt_params(model.params)} parameters, {model.layers} layers, hidden {model.hidden}, "
+        f"{b['model_at_served_dtype'] / 1e9:.2f} GB at {p.served_dtype}",
+        f"cluster  {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} {unit}s, "
+        f"{'a server replica on every node' if cluster.replicas else 'no server replicas'}, "
+        f"{p.shards} server shard(s)",
+        f"layout   {lay.name} (pertp={lay.pertp} ddp={lay.ddp} q={lay.q}): {lay.workers} worker(s) of "
+        f"{p.gpus_per_worker} {unit}(s); {p.tokens_per_step} tokens/step = "
+        f"{p.tokens_per_step // p.seq_len} x {p.seq_len}",
+        "",
+        "step (ms)",
+    ]
+    for name, label in _TERM_LABELS.items():
+        extra = ""
+        if name == "compute":
+            d = p.compute_detail_s
+            extra = f"   forward {d['forward'] * 1e3:.1f} + perturb {d['perturb'] * 1e3:.1f}"
+        lines.append(f"  {label:<22}{p.terms_s[name] * 1e3:12.1f}{extra}")
+    lines += [
+        f"  {'floor (max)':<22}{p.floor_s * 1e3:12.1f}   bottleneck: {p.bottleneck}",
+        f"  {'predicted step':<22}{p.step_s * 1e3:12.1f}   max of the overlapping terms + fill + control",
+        f"  {'no-overlap sum':<22}{p.sum_s * 1e3:12.1f}",
+        f"  {'tokens/s':<22}{p.tokens_per_s:12,.0f}",
+        "",
+        "bytes per step",
+        f"  {'host->GPU per ' + unit:<22}{_size(b['h2d_per_gpu'])}   per node {_size(b['h2d_per_node']).strip()}",
+        f"  {'NVLink per ' + unit:<22}{_size(b['nvlink_per_gpu'])}",
+        f"  {'network in per node':<22}{_size(b['network_in_per_node'])}   out per server host "
+        f"{_size(b['network_out_per_server_host']).strip()}",
+        f"  {'control':<22}{_size(b['control_per_step'])}",
+        "",
+    ]
+    g, h = p.memory_per_gpu_bytes, p.memory_per_server_host_bytes
+    lines.append(f"memory per {unit} (GiB) {_gib(g['total'])} of {p.gpu_memory_bytes / GiB:.1f}   {_fits(p.fits_gpu)}")
+    lines += [f"  {k.replace('_', ' '):<22}{_gib(v)}" for k, v in g.items() if k != "total"]
+    lines.append(f"memory per server host (GiB) {_gib(h['total'])} of {p.host_memory_bytes / GiB:.0f}   {_fits(p.fits_host)}")
+    lines += [f"  {k.replace('_', ' '):<22}{_gib(v)}" for k, v in h.items() if k != "total"]
+    lines += [
+        f"  {'+ snapshot headroom':<22}{_gib(p.snapshot_headroom_bytes)}   worst-case copy-on-write: "
+        f"{_fits(p.fits_host_with_snapshot)}",
+        f"whole model at {p.served_dtype}: {p.whole_model_bytes / GiB:.1f} GiB "
+        f"({'would fit' if p.whole_model_fits_gpu else 'would not fit'} one {unit}; streamed, only blocks are resident)",
+        "",
+        f"recommended: {rec.reason}",
+        "assumptions:",
+        *[f"  - {a}" for a in p.assumptions],
+    ]
+    return "\n".join(lines)
+

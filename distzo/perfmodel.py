@@ -1,0 +1,655 @@
+"""The step-time model of DESIGN §10 as code: what one MeZO step costs and where the time goes.
+
+A step streams the model block by block through every GPU while the parameter server applies
+the previous update block by block, so the resources work at the same time and the step is
+paced by the slowest one, not by their sum. Per step, for a model of P parameters, T tokens,
+``workers = pertp x ddp x q`` and b bytes per served element:
+
+* compute: ``q x 2 forwards x 2·P·T`` FLOPs split over all GPUs, at ``gpu_tflops x mfu``, plus
+  making the perturbed copies of every block (one per forward a GPU runs);
+* host->GPU: each GPU fetches ``P·b / f`` (f GPUs share one fetch, default the whole node);
+* NVLink: each GPU receives the other ``(f-1)/f`` of every block in the node's all-gather;
+* network: weight bytes between hosts; none with a server replica on every node (only journal
+  records travel), ``P·b`` into each node from the primary without replicas;
+* server update: ``P·q / shards`` values of z generated and applied (one axpy) per host;
+* control: the batch (9 bytes a token: int32 ids, int8 mask, int32 labels) and a few hundred
+  bytes per worker, plus the fixed per-step latency (RPC round trips, journal fsync).
+
+``floor_s`` is DESIGN's floor, the largest term. The prediction ``step_s`` adds what does not
+overlap: the pipeline fill (one block's worth of each stage other than the slowest: block 0 is
+fetched before its forward starts) and the control round (the next step needs g of this one).
+``sum_s`` is the no-overlap upper bound, so ``floor_s <= step_s <= sum_s``.
+
+Memory per GPU is a few blocks, never the model: ``prefetch + 1`` clean blocks, the perturbed
+copies of two adjacent blocks for each forward on the GPU (jobs run in lockstep), a tied
+embedding kept for the head, activations and a runtime allowance. Memory per server host is
+the fp32 master, the 16-bit served copy, the workers' pinned buffers; snapshot copy-on-write
+can add up to another fp32 copy (reported separately).
+
+Units: seconds, bytes, bandwidths in GB/s = 1e9 bytes/s (a 400 Gb/s NIC is 50 GB/s).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping
+
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_mask + int32 labels
+CONTROL_BYTES_PER_WORKER = 512  # assignment header + loss report (assumption: a few hundred bytes)
+UPDATE_RECORD_BYTES = 128  # one journal record (step, seed, g, lr) per server host
+RUNTIME_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # CUDA context / interpreter and allocator slack (assumption)
+MASTER_BYTES = 4  # the server's fp32 master
+GiB, TiB = 1 << 30, 1 << 40
+TIE_TOLERANCE = 0.01  # layouts within 1% of the best tokens/s count as ties (then: less GPU memory wins)
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only LM as the cost model sees it: a parameter count and the shapes of its blocks."""
+
+    name: str
+    params: int
+    layers: int
+    hidden: int
+    ffn: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool
+    positions: int = 0  # rows of a learned position embedding (OPT, GPT-2); 0 with rotary embeddings
+    gated: bool = False  # gated MLP (SwiGLU: gate and up projections both of size ffn)
+
+    @property
+    def embed_params(self) -> int:
+        return (self.vocab + self.positions) * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer (final norms and other small tensors spread over the layers)."""
+        return max(1, (self.params - self.embed_params - self.head_params) // self.layers)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers + 2
+
+    def largest_block(self, include_embed: bool = True) -> int:
+        """Parameters of the largest block (a big vocabulary makes the embedding or head the largest)."""
+        sizes = [self.layer_params, self.head_params]
+        if include_embed:
+            sizes.append(self.embed_params)
+        return max(sizes)
+
+    @classmethod
+    def opt(cls, name: str, hidden: int, layers: int, ffn: int, heads: int, vocab: int = 50272,
+            max_positions: int = 2048) -> "ModelSpec":
+        """An OPT model: learned positions (2 offset rows), biases, pre-LayerNorm, tied head."""
+        positions = max_positions + 2
+        layer = 4 * (hidden * hidden + hidden) + 2 * 2 * hidden + 2 * hidden * ffn + ffn + hidden
+        params = (vocab + positions) * hidden + layers * layer + 2 * hidden
+        return cls(name, params, layers, hidden, ffn, vocab, heads, heads, True, positions=positions)
+
+    @classmethod
+    def llama(cls, name: str, hidden: int, layers: int, ffn: int, heads: int, kv_heads: int, vocab: int,
+              tied: bool = False) -> "ModelSpec":
+        """A Llama model: grouped-query attention, SwiGLU MLP, RMSNorm, no biases, rotary positions."""
+        kv = kv_heads * (hidden // heads)
+        layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn + 2 * hidden
+        params = vocab * hidden + layers * layer + hidden + (0 if tied else vocab * hidden)
+        return cls(name, params, layers, hidden, ffn, vocab, heads, kv_heads, tied, gated=True)
+
+    @classmethod
+    def from_hf_config(cls, config: Any, name: str | None = None) -> "ModelSpec":
+        """Any ``transformers`` causal-LM config (OPT, GPT-2, Llama family): the parameter count
+        is exact, counted on a weightless (meta-device) instance of the model."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # thread-local: no weights are allocated
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        gated = any("gate_proj" in n for n, _ in model.named_parameters())
+
+        def first(*names: str, default: Any = None) -> Any:
+            for n in names:
+                v = getattr(config, n, None)
+                if v is not None:
+                    return v
+            return default
+
+        hidden = int(first("hidden_size", "n_embd", "d_model"))
+        heads = int(first("num_attention_heads", "n_head"))
+        model_type = getattr(config, "model_type", "")
+        positions = 0
+        if model_type == "opt":
+            positions = int(config.max_position_embeddings) + 2
+        elif model_type == "gpt2":
+            positions = int(config.n_positions)
+        return cls(
+            name=name or getattr(config, "name_or_path", "") or model_type or "model",
+            params=int(params),
+            layers=int(first("num_hidden_layers", "n_layer")),
+            hidden=hidden,
+            ffn=int(first("ffn_dim", "intermediate_size", "n_inner", default=4 * hidden)),
+            vocab=int(config.vocab_size),
+            heads=heads,
+            kv_heads=int(first("num_key_value_heads", default=heads)),
+            tied=bool(getattr(config, "tie_word_embeddings", True)),
+            positions=positions,
+            gated=gated,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Published architectures (OPT: Zhang et al. 2022, Table 1 / the facebook/opt-* configs; Llama 3:
+# the meta-llama config.json files). Parameter counts computed from the shapes, see ModelSpec.opt/llama.
+_OPT = [("OPT-1.3B", 2048, 24, 32), ("OPT-2.7B", 2560, 32, 32), ("OPT-6.7B", 4096, 32, 32), ("OPT-13B", 5120, 40, 40),
+        ("OPT-30B", 7168, 48, 56), ("OPT-66B", 9216, 64, 72), ("OPT-175B", 12288, 96, 96)]
+MODELS: dict[str, ModelSpec] = {n: ModelSpec.opt(n, hidden=d, layers=L, ffn=4 * d, heads=h) for n, d, L, h in _OPT}
+MODELS.update({
+    "Llama-3-8B": ModelSpec.llama("Llama-3-8B", hidden=4096, layers=32, ffn=14336, heads=32, kv_heads=8, vocab=128256),
+    "Llama-3-70B": ModelSpec.llama("Llama-3-70B", hidden=8192, layers=80, ffn=28672, heads=64, kv_heads=8, vocab=128256),
+    "Llama-3-405B": ModelSpec.llama("Llama-3-405B", hidden=16384, layers=126, ffn=53248, heads=128, kv_heads=8,
+                                    vocab=128256),
+})
+
+
+# ----------------------------------------------------------------------------- cluster
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The hardware, as rates. Bandwidths in GB/s (1e9 bytes/s), each direction.
+
+    ``h2d_gbps``: per GPU, host memory to device (effective: shared memory -> pinned -> GPU).
+    ``nvlink_gbps``: per GPU, bytes received per second in an all-gather inside a node.
+    ``network_gbps``: per host NIC. ``server_update_params_per_s``: one host applying one seed
+    update (generate z, axpy on the fp32 master, write the served copy). ``gpu_tflops``: dense
+    16-bit peak per GPU (``gpu_tflops_fp32`` for float32 compute). ``perturb_params_per_s``: one
+    GPU writing one perturbed copy. A worker is ``gpus_per_worker`` GPUs of one node (None: the
+    whole node, a node group); ``fetch_group`` GPUs split one fetch and all-gather (None: the node).
+    ``host_cores`` (CPU clusters): cores the workers, the server and the coordinator share; the
+    step then cannot be shorter than all their CPU work divided by the cores.
+    """
+
+    name: str
+    nodes: int
+    gpus_per_node: int
+    h2d_gbps: float
+    nvlink_gbps: float
+    network_gbps: float
+    server_update_params_per_s: float
+    gpu_tflops: float
+    mfu: float = 0.4
+    gpu_memory_bytes: int = 80 * GiB
+    host_memory_bytes: int = 2 * TiB
+    replicas: bool = True
+    fixed_step_overhead_s: float = 0.005
+    gpu_tflops_fp32: float | None = None
+    perturb_params_per_s: float = 6e11
+    gpus_per_worker: int | None = None
+    fetch_group: int | None = None
+    device: str = "cuda"
+    host_cores: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"cluster {self.name}: nodes and gpus_per_node must be >= 1")
+        for attr in ("h2d_gbps", "nvlink_gbps", "network_gbps", "server_update_params_per_s", "gpu_tflops", "mfu",
+                     "perturb_params_per_s"):
+            if not getattr(self, attr) > 0:
+                raise ValueError(f"cluster {self.name}: {attr} must be > 0")
+        for attr in ("gpus_per_worker", "fetch_group"):
+            v = getattr(self, attr)
+            if v is not None and (v < 1 or self.gpus_per_node % v):
+                raise ValueError(f"cluster {self.name}: {attr}={v} must divide gpus_per_node={self.gpus_per_node}")
+
+    @property
+    def worker_gpus(self) -> int:
+        return self.gpus_per_worker or self.gpus_per_node
+
+    @property
+    def fetch_gpus(self) -> int:
+        return self.fetch_group or self.gpus_per_node
+
+    @property
+    def workers(self) -> int:
+        """Workers the cluster offers the layout (workers = pertp x ddp x q)."""
+        return self.nodes * self.gpus_per_node // self.worker_gpus
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dgx(name: str, nodes: int, gpu: str) -> ClusterSpec:
+    # H100 SXM: 989 TFLOP/s dense bf16, 67 fp32; PCIe Gen5 x16 (64 GB/s raw, ~50 effective); NVLink 4
+    # 450 GB/s per direction (~370 achieved in all-gathers); one 400 Gb/s NIC for host traffic (50 GB/s);
+    # HBM3 3.35 TB/s at ~70% and 4 bytes moved per 16-bit perturbed element: 5.9e11 elements/s.
+    # A100 SXM 80GB: 312 / 19.5 TFLOP/s, PCIe Gen4 (~25 GB/s), NVLink 3 300 GB/s (~230), 200 Gb/s
+    # NIC (25 GB/s), HBM2e 2.0 TB/s -> 3.5e11. Host update: a dual-socket host streams ~10 bytes per
+    # parameter (fp32 read+write, 16-bit served copy) at ~250 GB/s: 2.5e10 params/s (an assumption:
+    # replace it with a measurement, bench/).
+    if gpu == "h100":
+        return ClusterSpec(name, nodes, 8, h2d_gbps=50, nvlink_gbps=370, network_gbps=50,
+                           server_update_params_per_s=2.5e10, gpu_tflops=989, gpu_tflops_fp32=67,
+                           gpu_memory_bytes=80 * GiB, host_memory_bytes=2 * TiB, perturb_params_per_s=5.9e11)
+    return ClusterSpec(name, nodes, 8, h2d_gbps=25, nvlink_gbps=230, network_gbps=25,
+                       server_update_params_per_s=2.0e10, gpu_tflops=312, gpu_tflops_fp32=19.5,
+                       gpu_memory_bytes=80 * GiB, host_memory_bytes=2 * TiB, perturb_params_per_s=3.5e11)
+
+
+CLUSTERS: dict[str, ClusterSpec] = {
+    "h100x8": _dgx("h100x8", 1, "h100"),
+    "h100x8-2n": _dgx("h100x8-2n", 2, "h100"),
+    "h100x8-8n": _dgx("h100x8-8n", 8, "h100"),
+    "a100x8": _dgx("a100x8", 1, "a100"),
+    # A placeholder for this project's 2-core CPU machine, two single-thread worker processes, each
+    # fetching the whole model over shared memory. memcpy 19 GB/s = README's 17.7 GB/s shm fetch / 0.93;
+    # update 3.2e9 params/s (README); 0.1 TFLOP/s is one core's fp32 matmul peak measured with torch
+    # (99 GFLOP/s, 512x512 @ 512x2048). Benchmarks should use cluster_from_calibration instead.
+    "cpu-local": ClusterSpec("cpu-local", 1, 2, h2d_gbps=19, nvlink_gbps=19, network_gbps=1.09,
+                             server_update_params_per_s=3.2e9, gpu_tflops=0.1, gpu_tflops_fp32=0.1,
+                             gpu_memory_bytes=8 * GiB, host_memory_bytes=16 * GiB, fixed_step_overhead_s=0.02,
+                             perturb_params_per_s=3.2e9, gpus_per_worker=1, fetch_group=1, device="cpu"),
+}
+
+CALIBRATION_KEYS = ("forward_flops_per_s", "memcpy_bytes_per_s", "update_params_per_s", "fixed_step_overhead_s")
+
+
+def cluster_from_calibration(cal: Mapping[str, float], workers: int = 1, name: str = "cpu-calibrated",
+                             fetch_group: int = 1) -> ClusterSpec:
+    """A one-host CPU "cluster" from rates measured on it, so a benchmark can set its achieved
+    step time against the model's prediction for the same machine.
+
+    Required keys: ``forward_flops_per_s`` (achieved by one worker process's forward, so the MFU
+    is 1), ``memcpy_bytes_per_s`` (the shared-memory fetch and the gloo gather are copies),
+    ``update_params_per_s`` (the server's seed update), ``fixed_step_overhead_s``. Optional:
+    ``perturb_params_per_s`` (default: the update rate), ``network_bytes_per_s`` (loopback gRPC,
+    only the control messages use it; default 1e9), ``memory_bytes`` (default: physical memory),
+    ``host_cores`` (the cores every process shares; default: no sharing bound).
+    Each of ``workers`` processes is a worker; ``fetch_group`` of them split each fetch and gather
+    it (the job's ``layout.node_size``; 1: each fetches the whole model).
+    """
+    missing = [k for k in CALIBRATION_KEYS if k not in cal]
+    if missing:
+        raise KeyError(f"calibration lacks {', '.join(missing)} (needs {', '.join(CALIBRATION_KEYS)})")
+    memory = int(cal.get("memory_bytes") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    memcpy_gbps = float(cal["memcpy_bytes_per_s"]) / 1e9
+    tflops = float(cal["forward_flops_per_s"]) / 1e12
+    update = float(cal["update_params_per_s"])
+    return ClusterSpec(
+        name, nodes=1, gpus_per_node=workers, h2d_gbps=memcpy_gbps, nvlink_gbps=memcpy_gbps,
+        network_gbps=float(cal.get("network_bytes_per_s", 1e9)) / 1e9, server_update_params_per_s=update,
+        gpu_tflops=tflops, gpu_tflops_fp32=tflops, mfu=1.0, gpu_memory_bytes=memory // workers,
+        host_memory_bytes=memory, fixed_step_overhead_s=float(cal["fixed_step_overhead_s"]),
+        perturb_params_per_s=float(cal.get("perturb_params_per_s", update)), gpus_per_worker=1,
+        fetch_group=fetch_group, device="cpu",
+        host_cores=int(cal["host_cores"]) if cal.get("host_cores") else None,
+    )
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class LayoutSpec:
+    """``workers = pertp x ddp x q``: pertp 1 (dual: a worker runs both signs) or 2 (one sign each)."""
+
+    pertp: int = 1
+    ddp: int = 1
+    q: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pertp not in (1, 2) or self.ddp < 1 or self.q < 1:
+            raise ValueError(f"bad layout pertp={self.pertp} ddp={self.ddp} q={self.q} (pertp 1 or 2, ddp and q >= 1)")
+
+    @property
+    def workers(self) -> int:
+        return self.pertp * self.ddp * self.q
+
+    @property
+    def name(self) -> str:
+        if self.ddp == 1:
+            return "dual" if self.pertp == 1 else "pertp"
+        return "ddp" if self.pertp == 1 else "2d"
+
+    @property
+    def forwards_per_worker(self) -> int:
+        return 2 // self.pertp
+
+    @classmethod
+    def from_name(cls, name: str, workers: int, q: int = 1) -> "LayoutSpec":
+        """The layout the config's ``layout`` section means (same rules as distzo.config)."""
+        if name not in ("dual", "pertp", "ddp", "2d"):
+            raise ValueError(f"unknown layout {name!r} (dual, pertp, ddp, 2d)")
+        pertp = 2 if name in ("pertp", "2d") else 1
+        per = pertp * q
+        if q < 1 or workers % per:
+            raise ValueError(f"layout {name} with q={q} needs a multiple of {per} workers, the cluster has {workers}")
+        ddp = workers // per
+        if name in ("dual", "pertp") and ddp != 1:
+            better = "ddp" if name == "dual" else "2d"
+            raise ValueError(f"layout {name} with q={q} uses exactly {per} workers, the cluster has {workers}: "
+                             f"use layout {better}, or a larger q")
+        if name in ("ddp", "2d") and ddp < 2:
+            raise ValueError(f"layout {name} needs at least {2 * per} workers (2 data shards), the cluster has {workers}")
+        return cls(pertp, ddp, q)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pertp": self.pertp, "ddp": self.ddp, "q": self.q, "workers": self.workers}
+
+
+# ----------------------------------------------------------------------------- prediction
+TERMS = ("compute", "h2d", "nvlink", "network", "server_update", "control")
+STREAMING_TERMS = ("compute", "h2d", "nvlink", "network", "server_update")  # overlap each other
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One step of one layout on one cluster: terms (s), bytes per link, memory (bytes), fit."""
+
+    model: str
+    cluster: str
+    layout: LayoutSpec
+    tokens_per_step: int
+    seq_len: int
+    served_dtype: str
+    compute_dtype: str
+    shards: int
+    gpus_per_worker: int
+    fetch_group: int
+    terms_s: dict[str, float]
+    compute_detail_s: dict[str, float]
+    floor_s: float
+    fill_s: float
+    step_s: float
+    sum_s: float
+    bottleneck: str
+    tokens_per_s: float
+    bytes: dict[str, float]
+    memory_per_gpu_bytes: dict[str, float]
+    memory_per_server_host_bytes: dict[str, float]
+    snapshot_headroom_bytes: float
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    whole_model_bytes: float
+    assumptions: tuple[str, ...] = field(default=())
+
+    @property
+    def fits_gpu(self) -> bool:
+        return self.memory_per_gpu_bytes["total"] <= self.gpu_memory_bytes
+
+    @property
+    def fits_host(self) -> bool:
+        return self.memory_per_server_host_bytes["total"] <= self.host_memory_bytes
+
+    @property
+    def fits_host_with_snapshot(self) -> bool:
+        return self.memory_per_server_host_bytes["total"] + self.snapshot_headroom_bytes <= self.host_memory_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+    @property
+    def whole_model_fits_gpu(self) -> bool:
+        """Whether the model at the served dtype would fit one GPU at all (it never needs to)."""
+        return self.whole_model_bytes <= self.gpu_memory_bytes
+
+    def why_not_fits(self) -> str:
+        parts = []
+        if not self.fits_gpu:
+            parts.append(f"GPU memory {self.memory_per_gpu_bytes['total'] / GiB:.1f} GiB > {self.gpu_memory_bytes / GiB:.1f} GiB")
+        if not self.fits_host:
+            parts.append(f"server host memory {self.memory_per_server_host_bytes['total'] / GiB:.0f} GiB > "
+                         f"{self.host_memory_bytes / GiB:.0f} GiB")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "layout"}
+        out["layout"] = self.layout.to_dict()
+        out["assumptions"] = list(self.assumptions)
+        out.update(fits_gpu=self.fits_gpu, fits_host=self.fits_host, fits=self.fits,
+                   fits_host_with_snapshot=self.fits_host_with_snapshot, whole_model_fits_gpu=self.whole_model_fits_gpu)
+        return out
+
+
+def valid_shards(cluster: ClusterSpec) -> list[int]:
+    """Shard counts the cluster can host: shards x replicas = nodes with replicas, else shards <= nodes."""
+    n = cluster.nodes
+    return [s for s in range(1, n + 1) if not cluster.replicas or n % s == 0]
+
+
+def _network_bytes(model: ModelSpec, cluster: ClusterSpec, b: int, shards: int) -> tuple[float, float]:
+    """Weight bytes per step into the worst node and out of each server host (shard copy)."""
+    n, s = cluster.nodes, shards
+    groups = cluster.gpus_per_node // cluster.fetch_gpus  # each fetch group on a node pulls its own copy
+    shard_bytes = model.params * b / s
+    copies = n // s if cluster.replicas else 1  # hosts holding each shard
+    every_node_hosts = cluster.replicas or n == s
+    inbound = model.params * b * ((1 - 1 / s) if every_node_hosts else 1.0) * groups
+    outbound = shard_bytes * (n - copies) / copies * groups
+    return inbound, outbound
+
+
+def _host_memory(model: ModelSpec, cluster: ClusterSpec, served_dtype: str, shards: int,
+                 prefetch_blocks: int) -> tuple[dict[str, float], float]:
+    b = DTYPE_BYTES[served_dtype]
+    master = MASTER_BYTES * model.params / shards
+    served = 0.0 if served_dtype == "float32" else b * model.params / shards
+    pinned_blocks = 1 if model.tied else 0
+    pool = (prefetch_blocks + pinned_blocks + 1) * model.largest_block() * b  # gpuworker.runner's BufferPool
+    buffers = float(cluster.gpus_per_node * pool)
+    mem = {"master_fp32": master, "served_copy": served, "worker_buffers": buffers, "total": master + served + buffers}
+    return mem, MASTER_BYTES * model.params / shards
+
+
+def _gpu_memory(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, b: int, cb: int, tokens_per_gpu: float,
+                prefetch_blocks: int) -> dict[str, float]:
+    jobs = layout.forwards_per_worker
+    streamed = model.largest_block(include_embed=not model.tied)  # a tied embedding stays resident instead
+    resident = (prefetch_blocks + 1) * streamed * b
+    copies = 2 * jobs * streamed * cb  # lockstep: job 0 may be on block b+1 while job 1 is still on b
+    tied = model.embed_params * (b + jobs * cb) if model.tied else 0.0
+    mlp = model.ffn * (2 if model.gated else 1)
+    residual = jobs * tokens_per_gpu * model.hidden * cb
+    transient = tokens_per_gpu * max((4 * model.hidden + mlp) * cb, 4 * model.vocab)  # one job computes at a time
+    runtime = float(RUNTIME_BYTES.get(cluster.device, RUNTIME_BYTES["cuda"]))
+    mem = {"resident_blocks": resident, "perturbed_copies": copies, "tied_embedding": tied,
+           "activations": residual + transient, "runtime": runtime}
+    mem["total"] = sum(mem.values())
+    return mem
+
+
+def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int, served_dtype: str,
+           seq_len: int, shards: int) -> None:
+    if served_dtype not in DTYPE_BYTES:
+        raise ValueError(f"served dtype {served_dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    if layout.workers != cluster.workers:
+        raise ValueError(f"layout {layout.name} (pertp={layout.pertp} ddp={layout.ddp} q={layout.q}) has "
+                         f"{layout.workers} workers; cluster {cluster.name} has {cluster.workers} workers of "
+                         f"{cluster.worker_gpus} GPUs")
+    if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
+        raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
+    sequences = tokens_per_step // seq_len
+    if sequences % layout.ddp:
+        raise ValueError(f"{sequences} sequences per step cannot be cut into {layout.ddp} equal data shards")
+    if shards not in valid_shards(cluster):
+        how = "divide the node count" if cluster.replicas else "be at most the node count"
+        raise ValueError(f"{shards} server shards on {cluster.nodes} nodes: shards must {how} (valid: {valid_shards(cluster)})")
+
+
+def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int,
+            served_dtype: str = "bfloat16", seq_len: int = 2048, shards: int = 1,
+            prefetch_blocks: int = 2) -> Prediction:
+    """Every term of one step, the floor, the prediction, bytes per link and memory per GPU and host."""
+    _check(model, cluster, layout, tokens_per_step, served_dtype, seq_len, shards)
+    P, T, b = model.params, tokens_per_step, DTYPE_BYTES[served_dtype]
+    cpu = cluster.device == "cpu"
+    compute_dtype = "float32" if cpu or served_dtype == "float32" else served_dtype
+    cb = DTYPE_BYTES[compute_dtype]
+    gpus = cluster.nodes * cluster.gpus_per_node
+    g, f = cluster.worker_gpus, cluster.fetch_gpus
+
+    tflops = cluster.gpu_tflops if cb == 2 else (cluster.gpu_tflops_fp32 or cluster.gpu_tflops)
+    forward_s = layout.q * 2 * 2 * P * T / gpus / (tflops * 1e12 * cluster.mfu)
+    perturb_s = layout.forwards_per_worker * P / cluster.perturb_params_per_s  # every GPU perturbs whole blocks
+
+    model_bytes = P * b
+    h2d_gpu = model_bytes / f
+    nvlink_gpu = model_bytes * (f - 1) / f
+    net_in, net_out = _network_bytes(model, cluster, b, shards)
+    hosts = cluster.nodes if cluster.replicas else shards
+    control_bytes = (layout.workers * (CONTROL_BYTES_PER_WORKER + BATCH_BYTES_PER_TOKEN * T / layout.ddp)
+                     + hosts * UPDATE_RECORD_BYTES * layout.q)
+
+    terms = {
+        "compute": forward_s + perturb_s,
+        "h2d": h2d_gpu / (cluster.h2d_gbps * 1e9),
+        "nvlink": nvlink_gpu / (cluster.nvlink_gbps * 1e9),
+        "network": max(net_in, net_out) / (cluster.network_gbps * 1e9),
+        "server_update": P / shards * layout.q / cluster.server_update_params_per_s,
+        "control": control_bytes / (cluster.network_gbps * 1e9) + cluster.fixed_step_overhead_s,
+    }
+    streaming = max(terms[t] for t in STREAMING_TERMS)
+    fill = (sum(terms[t] for t in STREAMING_TERMS) - streaming) / model.num_blocks  # the other stages' first/last block
+    step = streaming + fill + terms["control"]
+    if cpu and cluster.host_cores:
+        # one CPU host: every worker's compute and fetch copy, and the server's update, share its cores
+        cpu_work = layout.workers * (terms["compute"] + terms["h2d"] + terms["nvlink"]) + terms["server_update"]
+        step = max(step, cpu_work / cluster.host_cores + terms["control"])
+    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks)
+    tokens_per_gpu = T / (layout.ddp * g)
+    return Prediction(
+        model=model.name, cluster=cluster.name, layout=layout, tokens_per_step=T, seq_len=seq_len,
+        served_dtype=served_dtype, compute_dtype=compute_dtype, shards=shards, gpus_per_worker=g, fetch_group=f,
+        terms_s=terms, compute_detail_s={"forward": forward_s, "perturb": perturb_s},
+        floor_s=max(terms.values()), fill_s=fill, step_s=step, sum_s=sum(terms.values()),
+        bottleneck=max(terms, key=terms.__getitem__), tokens_per_s=T / step,
+        bytes={"model_at_served_dtype": model_bytes, "h2d_per_gpu": h2d_gpu,
+               "h2d_per_node": h2d_gpu * cluster.gpus_per_node, "nvlink_per_gpu": nvlink_gpu,
+               "network_in_per_node": net_in, "network_out_per_server_host": net_out, "control_per_step": control_bytes},
+        memory_per_gpu_bytes=_gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks),
+        memory_per_server_host_bytes=host_mem, snapshot_headroom_bytes=headroom,
+        gpu_memory_bytes=cluster.gpu_memory_bytes, host_memory_bytes=cluster.host_memory_bytes,
+        whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks),
+    )
+
+
+def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int) -> tuple[str, ...]:
+    unit = "GPU" if cluster.device == "cuda" else "CPU worker process"
+    if g == cluster.gpus_per_node and g > 1:
+        worker = f"a worker is a node group of {g} {unit}s, splitting its data shard evenly over them"
+    else:
+        worker = f"a worker is {g} {unit}{'s' if g > 1 else ''}"
+    fetch = "each fetches whole blocks" if f == 1 else f"{f} {unit}s split each fetch and all-gather it"
+    return (
+        worker,
+        f"{fetch}; transfers, compute and the server update overlap (pipelined by block)",
+        "server replica on every node (weights over shared memory)" if cluster.replicas
+        else "no replicas: the primary (or shard hosts) on the first nodes' hosts, the others pull over the network",
+        f"FLOPs 2*P per token per forward (attention scores not counted) at {cluster.mfu:.0%} of peak",
+        f"GPU memory: {prefetch_blocks}+1 clean blocks, perturbed copies of 2 blocks per forward, activations "
+        "= forwards*t*hidden + t*max((4*hidden+mlp)*bytes, 4*vocab) for t tokens per GPU, plus a runtime allowance",
+    )
+
+
+# ----------------------------------------------------------------------------- recommendation
+@dataclass(frozen=True)
+class Recommendation:
+    """The chosen layout, its prediction, why, and every layout considered."""
+
+    layout: LayoutSpec
+    prediction: Prediction
+    reason: str
+    candidates: tuple[Prediction, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.prediction
+        return {"layout": self.layout.to_dict(), "shards": p.shards, "tokens_per_s": p.tokens_per_s,
+                "step_s": p.step_s, "bottleneck": p.bottleneck, "fits": p.fits, "reason": self.reason}
+
+
+def min_shards(model: ModelSpec, cluster: ClusterSpec, served_dtype: str = "bfloat16",
+               prefetch_blocks: int = 2) -> int | None:
+    """The fewest server shards whose host memory fits (None: not even the most shards fit)."""
+    for s in valid_shards(cluster):
+        mem, _ = _host_memory(model, cluster, served_dtype, s, prefetch_blocks)
+        if mem["total"] <= cluster.host_memory_bytes:
+            return s
+    return None
+
+
+def layouts_for(workers: int, sequences: int, q: int = 1) -> list[LayoutSpec]:
+    """Every layout of exactly ``workers`` workers with q directions whose data shards divide the batch."""
+    out = []
+    for pertp in (1, 2):
+        if workers % (pertp * q) == 0:
+            ddp = workers // (pertp * q)
+            if sequences % ddp == 0:
+                out.append(LayoutSpec(pertp, ddp, q))
+    return out
+
+
+def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, served_dtype: str = "bfloat16",
+              seq_len: int = 2048, q: int = 1, shards: int | None = None, prefetch_blocks: int = 2) -> Recommendation:
+    """The layout with the best predicted tokens/s that fits; ties (within 1%) go to less GPU memory."""
+    if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
+        raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
+    sequences = tokens_per_step // seq_len
+    layouts = layouts_for(cluster.workers, sequences, q)
+    if not layouts:
+        raise ValueError(f"no layout of {cluster.workers} workers with q={q} divides {sequences} sequences per step "
+                         f"into data shards: change --tokens-per-step, --seq-len or --q")
+    s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks)
+                                           or valid_shards(cluster)[-1])
+    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks) for lay in layouts]
+    fitting = [p for p in preds if p.fits]
+    pool = fitting or preds
+    best_tps = max(p.tokens_per_s for p in pool)
+    ties = [p for p in pool if p.tokens_per_s >= best_tps * (1 - TIE_TOLERANCE)]
+    best = min(ties, key=lambda p: (p.memory_per_gpu_bytes["total"], p.layout.pertp))
+    return Recommendation(best.layout, best, _reason(best, pool, ties, bool(fitting)), tuple(preds))
+
+
+def _reason(best: Prediction, pool: list[Prediction], ties: list[Prediction], fits: bool) -> str:
+    lay = best.layout
+    head = f"{lay.name} (pertp={lay.pertp}, ddp={lay.ddp}, q={lay.q}, {best.shards} shard{'s' if best.shards > 1 else ''})"
+    if not fits:
+        return (f"{head}: nothing fits ({best.why_not_fits()}); more nodes (server shards), float32 serving "
+                f"(no 16-bit copy on the host) or fewer tokens per step may")
+    text = (f"{head}: best predicted {best.tokens_per_s:,.0f} tokens/s of {len(pool)} layout(s) that fit, "
+            f"bound by {best.bottleneck}")
+    others = [p.layout.name for p in ties if p is not best]
+    if others:
+        text += f"; ties with {', '.join(others)} within {TIE_TOLERANCE:.0%}, chosen for less GPU memory"
+    return text
+
+
+def fmt_params(n: float) -> str:
+    """1.3e9 -> '1.32B' (for tables)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if n / scale < 100 else 1}f}{unit}"
+    return str(int(n))
+
+
+def with_overrides(cluster: ClusterSpec, **changes: Any) -> ClusterSpec:
+    """The cluster with some fields changed (None values are ignored); validated again."""
+    real = {k: v for k, v in changes.items() if v is not None}
+    if not real:
+        return cluster
+    if "nodes" in real or "gpus_per_node" in real:
+        nodes, k = real.get("nodes", cluster.nodes), real.get("gpus_per_node", cluster.gpus_per_node)
+        real.setdefault("name", f"{cluster.name} as {nodes}x{k}")
+        if "gpus_per_node" in real:  # keep worker and fetch groups meaningful for the new node size
+            for attr in ("gpus_per_worker", "fetch_group"):
+                v = getattr(cluster, attr)
+                if v is not None and real["gpus_per_node"] % v:
+                    real[attr] = None
+    return replace(cluster, **real)
+

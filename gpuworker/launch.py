@@ -1,0 +1,112 @@
+"""One pod per GPU node: a worker per GPU, as one node group, restarted together.
+
+    python -m gpuworker.launch --coordinator ADDR --param-server 127.0.0.1:7070 [--gpus N|all] [--token-file F]
+
+Each worker gets ``--device cuda:i`` (or ``cpu``), node rank ``i`` of ``N`` with a loopback
+rendezvous, and metrics port ``base + i``. The members of a node group gather block slices
+together, so when one dies the others cannot go on: the launcher stops the rest and starts
+the whole group again (the coordinator re-assigns their work meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+from distzo.logs import kv, setup_logging
+from distzo.rpc import PORTS
+
+log = logging.getLogger("distzo.launch")
+
+
+def gpu_count(spec: str) -> int:
+    if spec != "all":
+        n = int(spec)
+        if n < 1:
+            raise ValueError(f"--gpus must be >= 1 or 'all', got {spec}")
+        return n
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise ValueError("--gpus all: no CUDA device is visible")
+    return n
+
+
+def worker_argv(args: argparse.Namespace, rank: int, size: int) -> list[str]:
+    argv = [sys.executable, "-m", "gpuworker", "--coordinator", args.coordinator,
+            "--device", f"cuda:{rank}" if args.device == "cuda" else "cpu",
+            "--metrics-port", str(args.metrics_base_port + rank), "--worker-id", f"{args.name}-{rank}"]
+    for s in args.param_server or []:
+        argv += ["--param-server", s]
+    for flag in ("token_file", "tls_ca", "tls_cert", "tls_key"):
+        value = getattr(args, flag)
+        if value:
+            argv += [f"--{flag.replace('_', '-')}", value]
+    if size > 1:
+        argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", f"127.0.0.1:{args.rendezvous_port}",
+                 "--node-id", args.name]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="distzo-worker-launch", description=__doc__.split("\n")[0])
+    ap.add_argument("--coordinator", required=True)
+    ap.add_argument("--param-server", action="append", help="where the workers fetch blocks (the pod's replica)")
+    ap.add_argument("--gpus", default="all", help="workers to start: a number or 'all' visible GPUs")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--name", default=None, help="node name (default: hostname)")
+    ap.add_argument("--rendezvous-port", type=int, default=29500)
+    ap.add_argument("--metrics-base-port", type=int, default=PORTS["worker_metrics"])
+    ap.add_argument("--token-file")
+    ap.add_argument("--tls-ca")
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose, service="launch")
+    import socket
+
+    args.name = args.name or socket.gethostname()
+    try:
+        size = gpu_count(args.gpus) if args.device == "cuda" else int(args.gpus if args.gpus != "all" else 1)
+    except ValueError as exc:
+        print(f"distzo-worker-launch: {exc}", file=sys.stderr)
+        return 2
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    restarts = 0
+    while not stopping:
+        procs = [subprocess.Popen(worker_argv(args, r, size)) for r in range(size)]
+        log.info("node group started", extra=kv(workers=size, restarts=restarts))
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if stopping or all(p.returncode == 0 for p in procs):
+            return 0
+        restarts += 1
+        log.warning("a worker of the node group exited; restarting the group",
+                    extra=kv(codes=",".join(str(p.returncode) for p in procs), restarts=restarts))
+        time.sleep(min(30.0, 2.0 * restarts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

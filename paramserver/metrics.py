@@ -1,0 +1,27 @@
+"""Parameter-server metrics (see distzo/metrics.py for the conventions)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from distzo.metrics import LATENCY_BUCKETS
+
+SERVED_BYTES = Counter("distzo_paramserver_served_bytes_total",
+                       "Block bytes sent to clients over gRPC (shared-memory reads never reach the server: workers count them)",
+                       ["transport"])
+FETCH_SECONDS = Histogram("distzo_paramserver_fetch_duration_seconds", "FetchSlice streams, from request to last chunk",
+                          buckets=LATENCY_BUCKETS)
+VERSION_WAIT_SECONDS = Histogram("distzo_paramserver_version_wait_seconds",
+                                 "Time a fetch or WaitVersion waited for the block's version", buckets=LATENCY_BUCKETS)
+UPDATE_SECONDS = Histogram("distzo_paramserver_update_duration_seconds", "Applying one update to every owned block",
+                           buckets=LATENCY_BUCKETS)
+JOURNAL_FSYNC_SECONDS = Histogram("distzo_paramserver_journal_append_seconds", "Appending and fsyncing one journal record",
+                                  buckets=LATENCY_BUCKETS)
+UPDATES = Counter("distzo_paramserver_updates_total", "Update requests by outcome", ["outcome"])
+APPLIED_VERSION = Gauge("distzo_paramserver_applied_version", "Version every owned block has reached")
+JOURNALED_STEPS = Gauge("distzo_paramserver_journaled_steps", "Updates durable in the journal")
+VERSION_LAG = Gauge("distzo_paramserver_version_lag", "Journaled updates not yet applied to every owned block")
+JOURNAL_BYTES = Gauge("distzo_paramserver_journal_bytes", "Journal size on disk")
+SNAPSHOT_BYTES = Gauge("distzo_paramserver_snapshot_bytes", "Size of the last completed snapshot")
+SNAPSHOT_VERSION = Gauge("distzo_paramserver_snapshot_version", "Version of the last completed snapshot")
+SNAPSHOT_SECONDS = Histogram("distzo_paramserver_snapshot_duration_seconds", "Writing one snapshot",
+                             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600))
+MODEL_BYTES = Gauge("distzo_paramserver_master_bytes", "fp32 master bytes this server holds")
