@@ -7,7 +7,7 @@ import sys
 
 from distzo.config import ConfigError, JobConfig
 from distzo.logs import setup_logging
-from distzo.rpc import PORTS
+from distzo.rpc import PORTS, add_security_args, security_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,10 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-file", help="write the bound address here once serving (JSON)")
     ap.add_argument("--metrics-port", type=int, default=PORTS["coordinator_metrics"], help="Prometheus /metrics port (0: free, -1: off)")
     ap.add_argument("--metrics-host", default="0.0.0.0")
-    ap.add_argument("--token-file", help="bearer token file (overrides the config's security.token_file)")
-    ap.add_argument("--tls-cert", help="PEM certificate (enables TLS)")
-    ap.add_argument("--tls-key", help="PEM key")
-    ap.add_argument("--tls-ca", help="PEM CA of the peers")
+    add_security_args(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="coordinator")
@@ -32,10 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = JobConfig.from_yaml(args.config) if args.config else None
-        sec = (cfg or JobConfig()).security
-        flags = {"token_file": args.token_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
-        sec = sec.model_copy(update={k: v for k, v in flags.items() if v is not None})
-        creds = Credentials.from_config(sec)
+        creds = Credentials.from_config(security_from_args(args, (cfg or JobConfig()).security))
         return run(cfg, args.param_server, args.listen, args.ready_file, args.worker_param_server, creds,
                    metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     except (ConfigError, ValueError, OSError) as exc:

@@ -27,7 +27,7 @@ from distzo.job import EvalTally, JobData
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord, make_update
 from distzo.plan import step_plan, worker_roles
-from distzo.reference import TrainingStopped, check_skip_policy
+from distzo.reference import TrainingStopped, TrainLog, check_skip_policy
 from distzo.rpc import Credentials
 from coordinator import metrics as m
 from coordinator.registry import Registry
@@ -43,24 +43,16 @@ class JobFailed(RuntimeError):
 
 
 @dataclass
-class Progress:
-    losses: list[float] = field(default_factory=list)
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-    nonfinite_retries: int = 0
+class Progress(TrainLog):
+    """The reference trainer's log plus what only a distributed run has."""
+
     reassignments: int = 0
     late_reports: int = 0
-    tokens: int = 0
     train_seconds: float = 0.0
-    evals: list[dict[str, Any]] = field(default_factory=list)
     phase: dict[str, float] = field(default_factory=lambda: {
         "assign_s": 0.0, "wait_s": 0.0, "update_s": 0.0, "worker_fetch_s": 0.0, "worker_compute_s": 0.0,
         "worker_wait_s": 0.0, "worker_gather_s": 0.0, "bytes": 0.0})
     timed_steps: int = 0
-
-    def final_loss(self) -> float:
-        tail = [x for x in self.losses[-10:] if math.isfinite(x)]
-        return sum(tail) / len(tail) if tail else math.nan
 
 
 class Job:

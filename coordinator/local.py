@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -229,11 +228,6 @@ class LocalCluster:
                 latest.unlink()
         except (OSError, ValueError):
             pass
-
-    def kill_all(self) -> None:
-        for p in self.processes.values():
-            p.kill(signal.SIGKILL)
-
 
 def _start_detached(p: ServiceProcess) -> None:
     """Start a process that announces itself elsewhere (a worker registers with the coordinator)."""

@@ -11,7 +11,6 @@ import grpc
 import yaml
 
 from distzo.config import ConfigError, JobConfig
-from distzo.logs import kv
 from distzo.rpc import Credentials
 from coordinator.job import Job
 from coordinator.registry import Registry
@@ -179,6 +178,3 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         log.info("shutdown requested")
         return cpb.ControlReply(message="shutting down")
 
-
-def kv_status(st: cpb.JobStatus) -> dict[str, object]:
-    return kv(state=st.state, step=st.step)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from distzo.data import Batch
 from distzo.generator import Distribution
@@ -294,7 +293,3 @@ class MemoryFeed:
     def release(self, block: int) -> None:
         pass
 
-
-def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """HF-style shifted mean CE over non-ignored labels (for checking the engine)."""
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE))

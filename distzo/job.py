@@ -75,10 +75,7 @@ class EvalTally:
     """Accumulates candidate scores into dev loss and accuracy."""
 
     n_labels: int
-    correct: int = 0
     examples: int = 0
-    gold_logp: float = 0.0
-    gold_tokens: int = 0
     _parts: list[tuple[int, float, int, int]] = field(default_factory=list)
 
     def add(self, chunk_index: int, examples: list[Example], batch: Batch, scores: torch.Tensor) -> None:

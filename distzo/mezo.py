@@ -16,7 +16,7 @@ finite is not applied (``UpdateRecord.skipped``): it still advances the version.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -112,7 +112,6 @@ class StepOutcome:
     record: UpdateRecord
     loss: float  # mean of (l+ + l-)/2 over shards and directions (nan when skipped)
     nonfinite: bool = False
-    gs_raw: list[float] = field(default_factory=list)
 
 
 def make_update(
@@ -133,7 +132,7 @@ def make_update(
     gs = projected_gradients(losses, q, shards, eps)
     dirs = tuple(Direction(seed=s, g=clip_gradient(g, clip)) for s, g in zip(seeds, gs))
     mean_loss = sum(values) / len(values)
-    return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), mean_loss, gs_raw=gs)
+    return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), mean_loss)
 
 
 # ----------------------------------------------------------------------------- server side

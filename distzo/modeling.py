@@ -50,6 +50,14 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types for bad configs
         raise ModelError(f"cannot read the model config in {str(path)!r}: {exc}") from exc
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # encoder families (BERT, RoBERTa) carry is_decoder=False; decoder-only configs do not have it
+    encoder = getattr(config, "is_decoder", True) is False or getattr(config, "is_encoder_decoder", False)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
+        kind = "an encoder" if encoder else "not a causal language"
+        raise ModelError(f"{str(path)!r} holds a {config.model_type!r} model ({kind} model), not a decoder-only causal LM "
+                         f"(tested families: {', '.join(SUPPORTED_FAMILIES)})")
     return config
 
 
@@ -228,10 +236,7 @@ class BlockModel:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "BlockModel":
-        config = load_config(model_dir)
-        if not getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False):
-            raise ModelError(f"{str(model_dir)!r} holds an encoder-decoder model; expected a decoder-only causal LM")
-        return cls(config, Path(model_dir))
+        return cls(load_config(model_dir), Path(model_dir))
 
     # ------------------------------------------------------------------ weights
     def load_block_buffers(self, model_dir: str | Path | None = None) -> list[torch.Tensor]:

@@ -91,6 +91,22 @@ class Credentials:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
 
+def add_security_args(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
+    parser.add_argument("--token-file", help="bearer token file (overrides the config's security.token_file)")
+    parser.add_argument("--tls-ca", help="PEM CA that signed the peers' certificates")
+    parser.add_argument("--tls-cert", help="PEM certificate of this process (TLS; mutual TLS for clients)")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+
+
+def security_from_args(args, base: SecuritySection | None = None, client: bool = False) -> SecuritySection:  # noqa: ANN001
+    """The config's security section with the command-line flags applied on top."""
+    flags = {"token_file": args.token_file, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    merged = (base or SecuritySection()).model_dump() | {k: v for k, v in flags.items() if v is not None}
+    if client and merged.get("tls_cert"):
+        merged["mutual_tls"] = True  # a client presenting a certificate is doing mutual TLS
+    return SecuritySection.model_validate(merged)
+
+
 def make_channel(address: str, creds: Credentials | None = None) -> grpc.Channel:
     creds = creds or Credentials()
     if creds.tls:
@@ -202,6 +218,3 @@ def write_ready_file(path: str | Path | None, info: dict[str, object]) -> None:
         json.dump(info, f)
     os.replace(tmp, p)
 
-
-def status_code(exc: BaseException) -> grpc.StatusCode | None:
-    return exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None

@@ -7,9 +7,9 @@ import os
 import signal
 import sys
 
-from distzo.config import ConfigError, SecuritySection
+from distzo.config import ConfigError
 from distzo.logs import setup_logging
-from distzo.rpc import PORTS
+from distzo.rpc import PORTS, add_security_args, security_from_args
 
 EXIT_GROUP_BROKEN = 75  # a node-group collective failed: restart the whole group
 
@@ -24,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-master", help="host:port for the node group's rendezvous")
     ap.add_argument("--node-id", help="name shared by the node group's workers")
     ap.add_argument("--worker-id", help="stable id (default: host-pid-random)")
-    ap.add_argument("--token-file", help="bearer token file")
-    ap.add_argument("--tls-ca", help="CA certificate (PEM) to verify the services")
-    ap.add_argument("--tls-cert", help="client certificate (mutual TLS)")
-    ap.add_argument("--tls-key", help="client key (mutual TLS)")
+    add_security_args(ap)
     ap.add_argument("--metrics-port", type=int, default=PORTS["worker_metrics"], help="Prometheus /metrics port (0: free, -1: off)")
     ap.add_argument("--metrics-host", default="0.0.0.0")
     ap.add_argument("--ready-file", help="write pid and metrics port here once started (JSON)")
@@ -40,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpuworker.worker import Worker
 
     try:
-        sec = SecuritySection(token_file=args.token_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                              mutual_tls=bool(args.tls_cert))
-        creds = Credentials.from_config(sec)
+        creds = Credentials.from_config(security_from_args(args, client=True))
         worker = Worker(args.coordinator, creds, device=args.device, node_rank=args.node_rank, node_size=args.node_size,
                         node_master=args.node_master, node_id=args.node_id, worker_id=args.worker_id,
                         param_servers=args.param_server)

@@ -13,7 +13,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from distzo.blocks import DTYPES, ITEMSIZE, Manifest

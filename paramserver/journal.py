@@ -69,7 +69,8 @@ class Segment:
     path: Path
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """Make a rename or a new file in ``d`` durable."""
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -165,7 +166,7 @@ class Journal:
             self._fh.close()
         path = self.dir / f"journal-{first_step:012d}.log"
         self._fh = open(path, "ab")
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def append(self, record: UpdateRecord) -> int:
         """Durably append the record for ``next_step``; returns the journal's total bytes."""
@@ -194,7 +195,7 @@ class Journal:
                 seg.path.unlink()
                 dropped += 1
         if dropped:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return dropped
 
     def records_from(self, step: int) -> Iterator[UpdateRecord]:

@@ -15,14 +15,13 @@ from paramserver import metrics as m
 from paramserver.journal import record_from_pb, record_to_pb
 from paramserver.shm import StaleVersion
 from paramserver.state import ServerState, UpdateRejected
-from paramserver.wire import checksum, encode_chunk, identity
+from paramserver.wire import MASTER_DTYPE, checksum, encode_chunk, identity
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
 STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")
-MASTER_DTYPE = "float32_master"
 MAX_DIRECTIONS = 4096
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import xxhash
 
 from distzo.logs import kv
+from paramserver.journal import fsync_dir
 
 log = logging.getLogger("distzo.paramserver.snapshot")
 FORMAT = "distzo-snapshot/1"
@@ -42,14 +43,6 @@ class SnapshotInfo:
     meta: dict
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
@@ -57,7 +50,7 @@ def _write_atomic_json(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class SnapshotJob:

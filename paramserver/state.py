@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from distzo.config import JobConfig
 from distzo.export import export_model_dir
@@ -97,7 +96,6 @@ class ServerState:
         self._snapshot_thread: threading.Thread | None = None
         self.snapshot_version = -1
         self.served_bytes = 0
-        self.updates_applied = 0
         self._applier: threading.Thread | None = None
         self.failed: BaseException | None = None
 
@@ -198,7 +196,6 @@ class ServerState:
                 job = self._snapshot if self._snapshot is not None and not self._snapshot.done.is_set() else None
                 with m.UPDATE_SECONDS.time():
                     self.store.apply(item, self.dist, before_modify=job.before_modify if job else None)
-                self.updates_applied += 1
             except BaseException as exc:  # the state is no longer trustworthy: stop taking updates
                 self.failed = exc
                 log.critical("applying an update failed", extra=kv(step=item.step, error=repr(exc)))
@@ -308,9 +305,6 @@ class ServerState:
                 break
             time.sleep(0.002)
         return self.store.applied_version()
-
-    def master_blocks(self) -> dict[int, np.ndarray]:
-        return self.store.master
 
     def close(self) -> None:
         # freeze the callback gauges at their last values: the store they read is going away

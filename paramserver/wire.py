@@ -12,6 +12,7 @@ import xxhash
 
 from protos import paramserver_pb2 as pb
 
+MASTER_DTYPE = "float32_master"  # FetchRequest.dtype asking for the fp32 master (replicas)
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _DATA_TAG = 0x12  # field 2, length-delimited
 

@@ -198,6 +198,17 @@ def test_zoctl_up_bad_input_starts_nothing(cache_dir, tmp_path, args, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_zoctl_up_refuses_a_model_that_is_not_a_causal_lm(cache_dir, tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path / "bert")
+    cfg = write_config(tmp_path, cache_dir)
+    r = zoctl("up", "--config", str(cfg), "--model", str(tmp_path / "bert"), "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert r.returncode == 2 and "not a decoder-only causal LM" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_zoctl_up_bad_data_and_bad_config_files(cache_dir, tmp_path):
     cfg = write_config(tmp_path, cache_dir)
     data = tmp_path / "d.jsonl"

@@ -41,14 +41,15 @@ def records(n: int, start: int = 0) -> list[UpdateRecord]:
     return [UpdateRecord(t, (Direction(1000 + t, 0.3 - 0.1 * t),), 1e-3, 0.01) for t in range(start, start + n)]
 
 
-@pytest.mark.parametrize("served", ["float32", "bfloat16"])
+@pytest.mark.parametrize("served", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("transport", ["grpc", "shm"])
 def test_fetch_every_block_equals_the_master(servers, cache_dir, tmp_path, served, transport):
     srv = servers.start(server_config(cache_dir, server={"served_dtype": served}), tmp_path / "d")
     client = servers.client(srv.address, transport=transport)
     _, master = master_of(cache_dir)
     for b, buf in enumerate(all_blocks(client, 0)):
-        want = master[b] if served == "float32" else master[b].to(torch.bfloat16).view(torch.int16)
+        want = {"float32": master[b], "bfloat16": master[b].to(torch.bfloat16).view(torch.int16),
+                "float16": master[b].to(torch.float16)}[served]
         assert np.array_equal(buf, want.numpy().view(np.uint8)), f"block {b}"
         assert buf.nbytes == master[b].numel() * (4 if served == "float32" else 2)  # 16-bit halves the bytes
     # slices of k parts reassemble the block
