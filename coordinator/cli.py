@@ -151,6 +151,18 @@ class _Progress:
         self.bar.close()
 
 
+def check_local_gpus(cfg: JobConfig) -> None:
+    """zoctl up with runtime.device cuda: this machine's GPUs must hold a node group (one GPU per rank)."""
+    import torch
+
+    from distzo.forward import resolve_device
+
+    resolve_device("cuda")  # a clear error when there is none
+    if cfg.layout.node_size > torch.cuda.device_count():
+        raise CliError(f"layout.node_size {cfg.layout.node_size} needs one GPU per rank, and this machine has "
+                       f"{torch.cuda.device_count()}: lower layout.node_size or set runtime.device: cpu")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from distzo.job import JobData
     from distzo.procs import ServiceFailed
@@ -158,7 +170,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     cfg = job_config_from_args(args)
     if cfg.runtime.device == "cuda":
-        raise CliError("zoctl up runs CPU workers on this machine; set runtime.device: cpu (use k8s/ for GPU nodes)")
+        check_local_gpus(cfg)
     JobData.load(cfg)  # model and data errors surface here, before any process starts
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
     out_dir = Path(args.out) if args.out else run_dir / "model"

@@ -51,7 +51,7 @@ class Progress(TrainLog):
     train_seconds: float = 0.0
     phase: dict[str, float] = field(default_factory=lambda: {
         "assign_s": 0.0, "wait_s": 0.0, "update_s": 0.0, "worker_fetch_s": 0.0, "worker_compute_s": 0.0,
-        "worker_wait_s": 0.0, "worker_gather_s": 0.0, "bytes": 0.0})
+        "worker_wait_s": 0.0, "worker_gather_s": 0.0, "worker_h2d_s": 0.0, "worker_peak_memory_bytes": 0.0, "bytes": 0.0})
     timed_steps: int = 0
 
 
@@ -310,6 +310,8 @@ class Job:
             p["worker_compute_s"] += tm.compute_s
             p["worker_wait_s"] += tm.wait_s
             p["worker_gather_s"] += tm.gather_s
+            p["worker_h2d_s"] += tm.h2d_s
+            p["worker_peak_memory_bytes"] = max(p["worker_peak_memory_bytes"], tm.peak_memory_bytes)
             p["bytes"] += tm.bytes_received
             for phase in ("fetch", "h2d", "gather", "compute", "wait"):
                 m.WORKER_PHASE_SECONDS.labels(phase).inc(getattr(tm, f"{phase}_s"))
@@ -362,7 +364,8 @@ class Job:
             assign_s=p.phase["assign_s"] / n, wait_s=p.phase["wait_s"] / n, update_s=p.phase["update_s"] / n,
             worker_fetch_s=p.phase["worker_fetch_s"] / n, worker_compute_s=p.phase["worker_compute_s"] / n,
             worker_wait_s=p.phase["worker_wait_s"] / n, worker_gather_s=p.phase["worker_gather_s"] / n,
-            bytes_per_step=p.phase["bytes"] / n,
+            bytes_per_step=p.phase["bytes"] / n, worker_h2d_s=p.phase["worker_h2d_s"] / n,
+            worker_peak_memory_bytes=int(p.phase["worker_peak_memory_bytes"]),
         )
         for e in p.evals:
             st.evals.add(step=e["step"], dev_loss=e["dev_loss"], dev_accuracy=e["dev_accuracy"], dev_examples=e["dev_examples"])

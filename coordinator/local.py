@@ -91,9 +91,19 @@ class LocalCluster:
                                                       self.server_address, "--listen", listen, *self._v()))
         self.coordinator_port = p.info["port"]
 
+    def _worker_device(self, index: int, rank: int) -> str:
+        """cpu, or the GPU of this machine the worker uses: a node group's ranks need one GPU each (NCCL);
+        workers of different groups take the GPUs in turn and may share one."""
+        if self.cfg.runtime.device == "cpu":
+            return "cpu"
+        import torch
+
+        count = max(1, torch.cuda.device_count())
+        return f"cuda:{rank if self.cfg.layout.node_size > 1 else index % count}"
+
     def _worker_argv(self, index: int, node: int, rank: int, master: str) -> list[str]:
         size = self.cfg.layout.node_size
-        argv = python_module("gpuworker", "--coordinator", self.coordinator_address, "--device", self.cfg.runtime.device,
+        argv = python_module("gpuworker", "--coordinator", self.coordinator_address, "--device", self._worker_device(index, rank),
                              "--worker-id", f"worker-{index}", "--token-file", str(self.cfg.security.token_file), *self._v())
         if size > 1:
             argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", master, "--node-id", f"node-{node}"]

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from distzo.blocks import DTYPES
+from distzo.config import ConfigError
 from distzo.data import Batch
 from distzo.generator import Distribution
 from distzo.mezo import perturb_block
@@ -282,14 +284,49 @@ class ForwardEngine:
 
 
 class MemoryFeed:
-    """Blocks already in memory (the reference trainer, eval, tests)."""
+    """Blocks already in memory (the reference trainer, eval, tests).
 
-    def __init__(self, buffers: list[torch.Tensor]):
+    With a served dtype other than float32, each block is rounded the way the parameter server
+    derives its served copy (``paramserver/store.to_served``), so the reference sees the very
+    bytes a worker fetches; with a device, the (rounded) block is copied there.
+    """
+
+    def __init__(self, buffers: list[torch.Tensor], device: str | torch.device | None = None,
+                 served_dtype: str = "float32"):
         self.buffers = buffers
+        self.device = torch.device(device) if device is not None else None
+        self.dtype = DTYPES[served_dtype]
 
     def get(self, block: int) -> torch.Tensor:
-        return self.buffers[block]
+        buf = self.buffers[block]
+        if buf.dtype != self.dtype:
+            buf = buf.to(self.dtype)
+        return buf if self.device is None else buf.to(self.device)
 
     def release(self, block: int) -> None:
         pass
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A torch device, with a clear error when a CUDA device is asked for and none is visible."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = torch.device("meta")  # not a device name: refused below
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {str(name)!r}: no CUDA device is visible (expected 'cpu' on this machine)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {str(name)!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ConfigError(f"device {str(name)!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
+def compute_dtype_for(device: torch.device, served_dtype: str) -> torch.dtype:
+    """What the forward computes in: fp32, except on a GPU fed 16-bit weights (GPU-only: 16-bit compute)."""
+    if device.type == "cuda" and served_dtype != "float32":
+        return DTYPES[served_dtype]
+    return torch.float32
 

@@ -23,11 +23,13 @@ The arithmetic built on z (also one rounding each, float64 inside):
 * update:  ``w = float32(w - (sum_j a_j * z_j + d * w))`` with directions applied in order.
 
 The CPU path is numba-compiled (vectorized, GIL released) and split across a thread pool in
-128-aligned chunks; the torch path runs on whatever device its tensors live on.
+128-aligned chunks; the torch path runs on whatever device its tensors live on; on CUDA, Rademacher goes through
+the fused Triton kernels of ``generator_cuda.py`` when Triton is installed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -558,6 +560,12 @@ def update_torch(
     """In-place update of a float32 tensor, same bits as update_cpu."""
     if w.dtype != torch.float32:
         raise TypeError("update expects a float32 master buffer")
+    _check_offset(offset, w.shape[0])
+    if _use_triton(w, dist):
+        from distzo import generator_cuda
+
+        generator_cuda.rademacher_update(w, offset, [_key(s) for s in seeds], [float(c) for c in coefs], decay)
+        return
     for a in range(0, w.shape[0], _TORCH_CHUNK):
         b = min(w.shape[0], a + _TORCH_CHUNK)
         acc = torch.zeros(b - a, dtype=torch.float64, device=w.device)
@@ -565,3 +573,29 @@ def update_torch(
             acc = acc + z_torch(seed, offset + a, b - a, dist, w.device).to(torch.float64) * float(coef)
         x = w[a:b].to(torch.float64)
         w[a:b] = (x - (acc + x * float(decay))).to(torch.float32)
+
+
+def perturb_device(
+    clean: torch.Tensor, offset: int, seed: int, dist: Distribution | str, coefs: Sequence[float], out_dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """perturb_torch for several coefficients on clean's device: one fused kernel (z made once) where it can."""
+    _check_offset(offset, clean.shape[0])
+    if _use_triton(clean, dist):
+        from distzo import generator_cuda
+
+        return generator_cuda.rademacher_perturb(clean, offset, _key(seed), [float(c) for c in coefs], out_dtype)
+    return [perturb_torch(clean, offset, seed, dist, c, out_dtype) for c in coefs]
+
+
+def _use_triton(t: torch.Tensor, dist: Distribution | str) -> bool:
+    # GPU-only: the fused Triton kernels (Rademacher; Gaussian stays on the torch path)
+    return t.is_cuda and t.is_contiguous() and Distribution(dist) is Distribution.RADEMACHER and _triton_available()
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

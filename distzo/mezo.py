@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from distzo.blocks import BlockSpec
-from distzo.generator import Distribution, check_seed, perturb_cpu, perturb_torch, update_cpu, update_torch
+from distzo.generator import Distribution, check_seed, perturb_cpu, perturb_device, update_cpu, update_torch
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def perturb_block(
         perturb_cpu(src.numpy(), global_offset, seed, dist, coefs, out)
         rows = [torch.from_numpy(out[i]) for i in range(len(coefs))]
         return rows if out_dtype == torch.float32 else [r.to(out_dtype) for r in rows]
-    return [perturb_torch(clean, global_offset, seed, dist, c, out_dtype) for c in coefs]  # GPU path
+    return perturb_device(clean, global_offset, seed, dist, coefs, out_dtype)  # GPU path
 
 
 def projected_gradients(

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from distzo import generator
 from distzo.config import JobConfig
 from distzo.export import export_model_dir
-from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
+from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.job import EvalTally, JobData
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord, apply_update, make_update
@@ -74,13 +74,24 @@ def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed) -> dict[str,
 
 
 class ReferenceTrainer:
-    def __init__(self, cfg: JobConfig, job: JobData | None = None):
+    def __init__(self, cfg: JobConfig, job: JobData | None = None, resident: bool = False):
+        """``resident``: keep the master weights on runtime.device (all-on-GPU MeZO, for the benchmarks;
+        the model must fit there). By default they stay in host memory, as on the parameter server."""
         self.cfg = cfg
         self.job = job or JobData.load(cfg)
         self.model = BlockModel.from_dir(self.job.model_dir)
         self.buffers = self.model.load_block_buffers()
-        self.engine = ForwardEngine(self.model, cfg.train.distribution)
+        # the workers' arithmetic: their device, and the bytes the server serves them
+        self.device = resolve_device(cfg.runtime.device)
+        if resident:
+            self.buffers = [b.to(self.device) for b in self.buffers]
+        self.engine = ForwardEngine(self.model, cfg.train.distribution, device=self.device,
+                                    compute_dtype=compute_dtype_for(self.device, cfg.server.served_dtype))
         self.log = TrainLog()
+
+    def feed(self) -> MemoryFeed:
+        """The master weights as a worker receives them (served dtype, on the worker's device)."""
+        return MemoryFeed(self.buffers, self.device, self.cfg.server.served_dtype)
 
     def step(self, t: int) -> float:
         cfg = self.cfg
@@ -88,7 +99,7 @@ class ReferenceTrainer:
         batches = self.job.shard_batches(plan)
         roles = all_roles(cfg.layout)
         jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * cfg.train.eps) for r in roles]
-        feed = MemoryFeed(self.buffers)
+        feed = self.feed()
         for attempt in range(cfg.train.nonfinite_retries + 1):
             results = self.engine.run(jobs, feed)
             losses = {(r.direction, r.shard, r.sign): res.loss for r, res in zip(roles, results)}
@@ -113,7 +124,7 @@ class ReferenceTrainer:
         return outcome.loss
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.engine, self.job, MemoryFeed(self.buffers))
+        return evaluate(self.engine, self.job, self.feed())
 
     def train(self, out_dir: str | Path | None = None, progress: bool | None = None) -> dict[str, Any]:
         cfg = self.cfg
@@ -134,7 +145,7 @@ class ReferenceTrainer:
         final_eval = self.evaluate()
         self.log.evals.append({"step": cfg.train.steps, **final_eval})
         if out_dir is not None:
-            export_model_dir(self.model, self.buffers, out_dir)
+            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir)
         wall = time.perf_counter() - start
         return {
             "mode": "reference",

@@ -16,7 +16,7 @@ import torch
 from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
 from distzo.data import Batch, DataError
-from distzo.forward import ForwardEngine, ForwardJob
+from distzo.forward import ForwardEngine, ForwardJob, compute_dtype_for
 from distzo.logs import kv
 from distzo.modeling import BlockModel
 from gpuworker import metrics as m
@@ -41,10 +41,8 @@ class ModelRunner:
         if self.model.manifest.to_json() != manifest_json:
             raise RuntimeError("this worker cuts the model into different blocks than the parameter server "
                                "(transformers versions differ?)")
-        compute_dtype = torch.float32
-        if device.type == "cuda" and client.served_dtype != "float32":  # GPU-only: 16-bit compute
-            compute_dtype = torch.bfloat16 if client.served_dtype == "bfloat16" else torch.float16
-        self.engine = ForwardEngine(self.model, cfg.train.distribution, device=device, compute_dtype=compute_dtype)
+        self.engine = ForwardEngine(self.model, cfg.train.distribution, device=device,
+                                    compute_dtype=compute_dtype_for(device, client.served_dtype))
         itemsize = ITEMSIZE[client.served_dtype]
         k = node.size if node is not None else 1
         biggest = max(-(-b.numel // k) * k * itemsize for b in self.model.manifest.blocks)

@@ -21,6 +21,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from distzo import generator
 from distzo.config import JobConfig
+from distzo.forward import resolve_device
 from distzo.logs import kv
 from distzo.rpc import Credentials, make_channel
 from gpuworker.node import GatherError, NodeGroup
@@ -43,7 +44,7 @@ class Worker:
                  worker_id: str | None = None, param_servers: list[str] | None = None):
         self.coordinator = coordinator
         self.creds = creds
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.node_rank, self.node_size = node_rank, node_size
         self.node_id = node_id or (f"{socket.gethostname()}:{node_master}" if node_size > 1 else self.worker_id)

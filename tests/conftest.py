@@ -14,6 +14,13 @@ quiet_transformers()
 torch.set_num_threads(1)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine, bench/RESULTS.md)"))])
+def device(request: pytest.FixtureRequest) -> str:
+    """The worker tests run on both: CPU everywhere, CUDA where a GPU is visible."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     shared = os.environ.get("DISTZO_TEST_CACHE")  # reuse between local runs if set

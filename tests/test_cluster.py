@@ -198,6 +198,22 @@ def test_zoctl_up_bad_input_starts_nothing(cache_dir, tmp_path, args, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_zoctl_up_on_gpus_this_machine_does_not_have_is_refused(cache_dir, tmp_path):
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:  # CPU machines (CI): any cuda run is refused
+        cfg, needle = write_config(tmp_path, cache_dir, runtime={"device": "cuda"}), "no CUDA device is visible"
+    else:  # a node group wants one GPU per rank
+        cfg = write_config(tmp_path, cache_dir, runtime={"device": "cuda"},
+                           layout={"name": "ddp", "workers": 4 * gpus, "node_size": 2 * gpus})
+        needle = "needs one GPU per rank"
+    r = zoctl("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert r.stderr.count("\n") <= 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_zoctl_up_refuses_a_model_that_is_not_a_causal_lm(cache_dir, tmp_path):
     from transformers import BertConfig
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,35 @@ def test_cuda_bits_equal_cpu(dist):
     cpu = z(99, 123_457, 1_000_003, dist)
     gpu = g.z_torch(99, 123_457, 1_000_003, dist, "cuda").cpu().numpy()
     assert np.array_equal(cpu, gpu)
+
+
+_TRITON_CHECK = """
+import numpy as np, torch
+from distzo import generator as g
+from distzo import generator_cuda as gc
+for off, n in ((123_457_001, 3001), (5_000_000_000_123, 700), (0, 128)):
+    clean = torch.randn(n)
+    outs = gc.rademacher_perturb(clean, off, g._key(99), [1e-3, -1e-3], torch.float32)
+    ref = np.empty((2, n), np.float32)
+    g.perturb_cpu(clean.numpy(), off, 99, g.Distribution.RADEMACHER, [1e-3, -1e-3], ref)
+    assert all(np.array_equal(o.numpy().view(np.uint32), r.view(np.uint32)) for o, r in zip(outs, ref)), off
+    for seeds, coefs, decay in (([5], [1e-3], 0.0), ([5, 6], [1e-3, -2e-3], 0.01)):
+        w1 = torch.randn(n)
+        w2 = w1.clone()
+        gc.rademacher_update(w1, off, [g._key(s) for s in seeds], coefs, decay)
+        g.update_cpu(w2.numpy(), off, seeds, coefs, decay, g.Distribution.RADEMACHER)
+        assert torch.equal(w1.view(torch.int32), w2.view(torch.int32)), (off, seeds)
+print("ok")
+"""
+
+
+def test_triton_kernels_give_the_cpu_bits_in_the_interpreter():
+    """The GPU kernels (generator_cuda.py), run by Triton's CPU interpreter, against the CPU kernels.
+    (16-bit outputs are checked on a real GPU in test_gpu.py: the interpreter rounds them differently.)"""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton is part of the test extras ([test])")
+    r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

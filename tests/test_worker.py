@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import xxhash
 
-from distzo.forward import ForwardJob, MemoryFeed
+from distzo.forward import ForwardJob
 from distzo.plan import step_plan
 from distzo.reference import ReferenceTrainer
 
@@ -38,14 +39,15 @@ def reference_losses(cfg, step: int = 0) -> dict:
     for j, seed in enumerate(plan.seeds):
         for d, b in enumerate(batches):
             res = ref.engine.run([ForwardJob(b, seed=seed, coef=cfg.train.eps), ForwardJob(b, seed=seed, coef=-cfg.train.eps)],
-                                 MemoryFeed(ref.buffers))
+                                 ref.feed())
             out[(j, d, 1)], out[(j, d, -1)] = res[0].loss, res[1].loss
     return out
 
 
-def test_dual_worker_reproduces_the_reference_losses_bitwise(harness, cache_dir):
-    h = harness()
-    h.add_worker("w0")
+@pytest.mark.parametrize("served", ["float32", "bfloat16"])
+def test_dual_worker_reproduces_the_reference_losses_bitwise(harness, cache_dir, device, served):
+    h = harness(small_config(cache_dir, runtime={"device": device}, server={"served_dtype": served}))
+    h.add_worker("w0", device=device)
     h.wait_registered(["w0"])
     h.send("w0", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)], report_digests=True))
     wid, r = h.result()
@@ -53,15 +55,17 @@ def test_dual_worker_reproduces_the_reference_losses_bitwise(harness, cache_dir)
     got = {(f.spec.direction, f.spec.shard, f.spec.sign): f.loss for f in r.results}
     want = reference_losses(h.cfg)
     assert got == want  # bitwise: same floats
-    assert r.timing.transport == "shm" and r.timing.bytes_received == h.server.state.manifest.numel * 4
-    server = [h.server.state.store.digest(b)[1] for b in range(len(r.block_digests))]
+    itemsize = 4 if served == "float32" else 2
+    assert r.timing.transport == "shm" and r.timing.bytes_received == h.server.state.manifest.numel * itemsize
+    store = h.server.state.store  # the bytes the worker received: the served copy
+    server = [xxhash.xxh3_64_intdigest(memoryview(store.bytes_of(b, master=False))) for b in range(len(r.block_digests))]
     assert list(r.block_digests) == server
 
 
-def test_pertp_workers_each_reproduce_one_sign(harness):
-    h = harness()
-    h.add_worker("plus")
-    h.add_worker("minus")
+def test_pertp_workers_each_reproduce_one_sign(harness, cache_dir, device):
+    h = harness(small_config(cache_dir, runtime={"device": device}))
+    h.add_worker("plus", device=device)
+    h.add_worker("minus", device=device)
     h.wait_registered(["plus", "minus"])
     h.send("plus", h.train_assignment(0, [(0, 0, 1)]))
     h.send("minus", h.train_assignment(0, [(0, 0, -1)]))
@@ -119,9 +123,9 @@ def test_resident_memory_is_bounded_by_a_few_blocks(harness, cache_dir):
     assert deep_peak < deep_model / 2  # 26 blocks, a handful resident
 
 
-def test_faults_are_reported_and_the_worker_stays_ready(harness, cache_dir):
-    h = harness(small_config(cache_dir, server={"fetch_timeout_s": 1.0}))
-    h.add_worker("w")
+def test_faults_are_reported_and_the_worker_stays_ready(harness, cache_dir, device):
+    h = harness(small_config(cache_dir, server={"fetch_timeout_s": 1.0}, runtime={"device": device}))
+    h.add_worker("w", device=device)
     h.wait_registered(["w"])
     # a version the server never reaches
     far = h.train_assignment(0, [(0, 0, 1)])
@@ -159,12 +163,12 @@ def test_faults_are_reported_and_the_worker_stays_ready(harness, cache_dir):
     assert not r.error and all(math.isfinite(f.loss) for f in r.results)
 
 
-def test_a_dropped_stream_is_resumed(harness, cache_dir, tmp_path):
-    cfg = small_config(cache_dir, model={"source": "small-opt"}, server={"chunk_bytes": 1 << 20})
+def test_a_dropped_stream_is_resumed(harness, cache_dir, tmp_path, device):
+    cfg = small_config(cache_dir, model={"source": "small-opt"}, server={"chunk_bytes": 1 << 20}, runtime={"device": device})
     h = harness(cfg)
     proxy = CuttingProxy(h.server.port, cut_after=(1 << 20) + 12345)
     try:
-        h.add_worker("w", param_servers=[f"127.0.0.1:{proxy.port}"])
+        h.add_worker("w", param_servers=[f"127.0.0.1:{proxy.port}"], device=device)
         import gpuworker.worker  # noqa: F401
 
         h.wait_registered(["w"])

@@ -1,0 +1,67 @@
+"""On a CUDA device: the GPU paths give the CPU's bits, and a GPU run reproduces the reference on that GPU.
+
+Skipped where no GPU is visible (CI); run on the lent GPU machine (bench/RESULTS.md says how).
+The worker tests in test_worker.py also run with ``device: cuda`` there (the ``device`` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distzo.blocks import BlockSpec
+from distzo.generator import Distribution
+from distzo.mezo import Direction, UpdateRecord, apply_update, perturb_block
+from distzo.modeling import BlockModel
+
+from test_cluster import our_processes, same_weights, write_config, zoctl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def model_blocks(preset) -> tuple[list[BlockSpec], list[torch.Tensor]]:  # noqa: ANN001
+    bm = BlockModel.from_dir(preset("tiny-opt"))
+    return list(bm.manifest.blocks), bm.load_block_buffers()
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_perturbed_copies_on_cuda_equal_the_cpu_bits(preset, dist, dtype):
+    specs, buffers = model_blocks(preset)
+    for spec, buf in zip(specs, buffers):
+        cpu = perturb_block(buf, spec.global_offset, 1234, Distribution(dist), [1e-3, -1e-3], dtype)
+        gpu = perturb_block(buf.cuda(), spec.global_offset, 1234, Distribution(dist), [1e-3, -1e-3], dtype)
+        for a, b in zip(cpu, gpu):
+            assert b.device.type == "cuda" and b.dtype == dtype
+            assert torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8)), spec.name
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_updates_on_cuda_equal_the_cpu_bits(preset, dist):
+    specs, buffers = model_blocks(preset)
+    rec = UpdateRecord(3, (Direction(11, 0.7), Direction(12, -1.3)), 1e-3, 0.01)
+    for spec, buf in zip(specs, buffers):
+        gpu = buf.cuda()
+        apply_update(spec, buf, rec, Distribution(dist))
+        apply_update(spec, gpu, rec, Distribution(dist))
+        assert np.array_equal(buf.numpy().view(np.uint32), gpu.cpu().numpy().view(np.uint32)), spec.name
+
+
+@pytest.mark.parametrize("layout,workers,served", [("dual", 1, "float32"), ("ddp", 2, "float32"), ("pertp", 2, "float32"),
+                                                   ("dual", 1, "bfloat16")])
+def test_zoctl_up_on_cuda_equals_the_reference_on_cuda_bitwise(cache_dir, tmp_path, layout, workers, served):
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 6, "batch_size": 8, "weight_decay": 0.01},
+                       runtime={"device": "cuda"}, server={"served_dtype": served})
+    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"]
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    assert same_weights(tmp_path / "dist", tmp_path / "ref")
+    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
+        assert a[key] == b[key], key
+    assert not our_processes(tmp_path / "run")
