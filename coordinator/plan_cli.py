@@ -81,8 +81,12 @@ def resolve_model(name: str) -> ModelSpec:
     if name in PRESETS:
         factory, sizes = PRESETS[name]
         return ModelSpec.from_hf_config(factory(VOCAB_SIZE, **sizes), name=name)
+    from distzo import catalog
+    from distzo.modeling import load_config
+
+    if name in catalog.CATALOG and catalog.CATALOG[name].kind == "model":
+        return ModelSpec.from_hf_config(load_config(catalog.locate(name)), name=name)  # MaterialError: fetch first
     if (Path(name) / "config.json").is_file():
-        from distzo.modeling import load_config
 
         return ModelSpec.from_hf_config(load_config(name), name=Path(name).name)
     raise bad_input(f"unknown model {name!r}; known models: {', '.join(MODELS)} "

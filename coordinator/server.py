@@ -19,13 +19,14 @@ log = logging.getLogger("distzo.coordinator")
 
 class CoordinatorServer:
     def __init__(self, param_servers: list[str], creds: Credentials, listen: str = "127.0.0.1:0",
-                 worker_servers: list[str] | None = None):
+                 worker_servers: list[str] | None = None, run_dir: str | None = None):
         if not param_servers:
             raise ValueError("the coordinator needs at least one parameter server (--param-server HOST:PORT)")
         self.creds = creds
         self._finished = threading.Event()
         self._stopping = threading.Event()
-        self.service = CoordinatorService(param_servers, creds, on_shutdown=self.stop, worker_servers=worker_servers)
+        self.service = CoordinatorService(param_servers, creds, on_shutdown=self.stop, worker_servers=worker_servers,
+                                          run_dir=run_dir)
         self.grpc = make_server(creds, STATE_CHANGING, max_workers=256)  # one thread per worker session
         cpb_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc)
         add_health_and_reflection(self.grpc, [SERVICE])
@@ -63,8 +64,8 @@ class CoordinatorServer:
 
 def run(cfg: JobConfig | None, param_servers: list[str], listen: str, ready_file: str | None,
         worker_servers: list[str] | None, creds: Credentials, metrics_port: int | None = None,
-        metrics_host: str = "0.0.0.0") -> int:
-    server = CoordinatorServer(param_servers, creds, listen=listen, worker_servers=worker_servers).start(cfg)
+        metrics_host: str = "0.0.0.0", run_dir: str | None = None) -> int:
+    server = CoordinatorServer(param_servers, creds, listen=listen, worker_servers=worker_servers, run_dir=run_dir).start(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
     bound_metrics = start_metrics_server(metrics_port, metrics_host)

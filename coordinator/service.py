@@ -25,8 +25,9 @@ STATE_CHANGING = ("Session", "StartJob", "Pause", "Resume", "Stop", "Snapshot", 
 
 class CoordinatorService(cpb_grpc.CoordinatorServicer):
     def __init__(self, param_servers: list[str], creds: Credentials, on_shutdown: Callable[[], None],
-                 worker_servers: list[str] | None = None):
+                 worker_servers: list[str] | None = None, run_dir: str | None = None):
         self.registry = Registry()
+        self.run_dir = run_dir
         self.param_servers = param_servers
         self.worker_servers = worker_servers or param_servers
         self.creds = creds
@@ -39,7 +40,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         with self._lock:
             if self.job is not None and self.job.state not in ("done", "failed", "stopped"):
                 raise RuntimeError(f"a job is already {self.job.state}")
-            self.job = Job(cfg, self.registry, self.param_servers, self.creds)
+            self.job = Job(cfg, self.registry, self.param_servers, self.creds, run_dir=self.run_dir)
             self.job.start()
             welcome = self._welcome(cfg, "")
             for w in self.registry.live():  # workers that came before the job learn its config

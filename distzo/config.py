@@ -24,12 +24,12 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    source: str = Field("tiny-opt", description="preset name (tiny-opt, tiny-gpt2, tiny-llama, tiny-qwen3, ...) or a Hugging Face model directory")
+    source: str = Field("tiny-opt", description="a preset (tiny-opt, tiny-gpt2, tiny-llama, tiny-qwen3, ...), a fetched model (smollm2-135m, see `zoctl fetch`) or a Hugging Face model directory")
 
 
 class DataSection(_Section):
-    train: str | None = Field(None, description="JSONL of training examples; default: the shipped SST-2-style task")
-    dev: str | None = Field(None, description="JSONL of dev examples; default: the shipped dev split, or the last tenth of data.train when that is set")
+    train: str | None = Field(None, description="a task name (rotten-tomatoes after `zoctl fetch`, sst2-synth) or a JSONL file of training examples; default: sst2-synth, the shipped SST-2-style task")
+    dev: str | None = Field(None, description="JSONL of dev examples (or a task name: its dev split); default: the task's dev split, or the last tenth of a data.train file")
     template: str = "{text} It was"
     label_words: list[str] = Field(default_factory=lambda: ["terrible", "great"], min_length=2)
     max_seq_len: int = Field(64, ge=4, le=1 << 16)
@@ -60,6 +60,7 @@ class TrainSection(_Section):
     nonfinite_policy: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = Field(10, ge=1, description="stop when this many steps in a row are skipped (diverged)")
     eval_every: int = Field(250, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_at_start: bool = Field(True, description="evaluate before the first step (the zero-shot figures)")
 
 
 class LayoutSection(_Section):

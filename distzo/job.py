@@ -15,7 +15,7 @@ from distzo.config import JobConfig
 from distzo.data import Batch, DataError, Example, TaskEncoder, load_jsonl
 from distzo.modeling import ModelError, load_config
 from distzo.plan import StepPlan, shard_bounds
-from distzo.presets import DEFAULT_DEV, DEFAULT_TRAIN, resolve_model
+from distzo.catalog import resolve_model, resolve_task
 
 EVAL_BATCH_EXAMPLES = 32
 
@@ -42,17 +42,18 @@ class JobData:
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if limit is not None and cfg.data.max_seq_len > limit:
             raise DataError(f"data.max_seq_len {cfg.data.max_seq_len} exceeds the model's {limit} positions")
-        train = load_jsonl(cfg.data.train or DEFAULT_TRAIN, cfg.data.label_words)
+        train_path, task_dev = resolve_task(cfg.data.train, cfg.runtime.cache_dir)
+        train = load_jsonl(train_path, cfg.data.label_words)
         if cfg.data.dev is not None:
-            dev = load_jsonl(cfg.data.dev, cfg.data.label_words)
-        elif cfg.data.train is not None:
-            # a user task without a dev file: hold out its last tenth (deterministic)
+            dev = load_jsonl(resolve_task(cfg.data.dev, cfg.runtime.cache_dir)[1] or cfg.data.dev, cfg.data.label_words)
+        elif task_dev is not None:
+            dev = load_jsonl(task_dev, cfg.data.label_words)
+        else:
+            # a user file without a dev file: hold out its last tenth (deterministic)
             if len(train) < 2:
                 raise DataError(f"{cfg.data.train}: need at least 2 examples to hold out a dev split (or set data.dev)")
             cut = len(train) - max(1, len(train) // 10)
             train, dev = train[:cut], train[cut:]
-        else:
-            dev = load_jsonl(DEFAULT_DEV, cfg.data.label_words)
         if cfg.data.dev_examples is not None:
             dev = dev[: cfg.data.dev_examples]
         return cls(cfg, model_dir, encoder, train, dev)

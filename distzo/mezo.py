@@ -112,6 +112,8 @@ class StepOutcome:
     record: UpdateRecord
     loss: float  # mean of (l+ + l-)/2 over shards and directions (nan when skipped)
     nonfinite: bool = False
+    loss_plus: float = math.nan  # mean of the l+ losses (nan when skipped)
+    loss_minus: float = math.nan  # mean of the l- losses
 
 
 def make_update(
@@ -131,8 +133,9 @@ def make_update(
         return StepOutcome(UpdateRecord(step, (), lr, weight_decay, skipped=True), math.nan, nonfinite=True)
     gs = projected_gradients(losses, q, shards, eps)
     dirs = tuple(Direction(seed=s, g=clip_gradient(g, clip)) for s, g in zip(seeds, gs))
-    mean_loss = sum(values) / len(values)
-    return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), mean_loss)
+    plus, minus = values[0::2], values[1::2]
+    return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), sum(values) / len(values),
+                       loss_plus=sum(plus) / len(plus), loss_minus=sum(minus) / len(minus))
 
 
 # ----------------------------------------------------------------------------- server side

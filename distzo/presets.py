@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from distzo.cache import atomic_build, cache_root
 
 DATASET_DIR = Path(__file__).resolve().parent / "datasets" / "sst2_synth"
 DEFAULT_TRAIN = DATASET_DIR / "train.jsonl"
@@ -97,31 +96,6 @@ PRESETS: dict[str, tuple[Callable[..., Any], dict[str, int]]] = {
 }
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = Path(cache_dir) if cache_dir else Path(os.path.expanduser("~")) / ".cache" / "distzo"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
-    if (target / ".complete").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: use its copy
-            if not (target / ".complete").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _corpus_lines() -> list[str]:
     lines = []
     for p in (DEFAULT_TRAIN, DEFAULT_DEV):
@@ -149,7 +123,7 @@ def build_tokenizer(out_dir: Path) -> None:
 
 def _tokenizer_dir(cache: Path) -> Path:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in (DEFAULT_TRAIN, DEFAULT_DEV))).hexdigest()[:12]
-    return _atomic_build(cache / f"tokenizer-{_BUILD_VERSION}-{digest}", build_tokenizer)
+    return atomic_build(cache / f"tokenizer-{_BUILD_VERSION}-{digest}", build_tokenizer)
 
 
 def preset_dir(name: str, cache_dir: str | None = None) -> Path:
@@ -172,11 +146,4 @@ def preset_dir(name: str, cache_dir: str | None = None) -> Path:
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
 
-    return _atomic_build(cache / f"{name}-{_BUILD_VERSION}-{tok_dir.name.rsplit('-', 1)[1]}", build)
-
-
-def resolve_model(source: str, cache_dir: str | None = None) -> Path:
-    """A preset name or a model directory -> a model directory."""
-    if source in PRESETS:
-        return preset_dir(source, cache_dir)
-    return Path(source)
+    return atomic_build(cache / f"{name}-{_BUILD_VERSION}-{tok_dir.name.rsplit('-', 1)[1]}", build)

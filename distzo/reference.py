@@ -23,9 +23,11 @@ from distzo.export import export_model_dir
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.job import EvalTally, JobData
 from distzo.logs import kv
-from distzo.mezo import UpdateRecord, apply_update, make_update
+from distzo.mezo import StepOutcome, UpdateRecord, apply_update, make_update
 from distzo.modeling import BlockModel
 from distzo.plan import all_roles, step_plan
+from distzo.report import eval_summary, write_report
+from distzo.runlog import RunLog
 
 log = logging.getLogger("distzo.reference")
 
@@ -88,15 +90,19 @@ class ReferenceTrainer:
         self.engine = ForwardEngine(self.model, cfg.train.distribution, device=self.device,
                                     compute_dtype=compute_dtype_for(self.device, cfg.server.served_dtype))
         self.log = TrainLog()
+        self.run_log: RunLog | None = None
+        self.train_seconds = 0.0
 
     def feed(self) -> MemoryFeed:
         """The master weights as a worker receives them (served dtype, on the worker's device)."""
         return MemoryFeed(self.buffers, self.device, self.cfg.server.served_dtype)
 
-    def step(self, t: int) -> float:
+    def step(self, t: int) -> StepOutcome:
+        """Run step ``t`` (forwards, g, update of the in-memory master) and return its outcome."""
         cfg = self.cfg
         plan = step_plan(cfg, t, len(self.job.train))
         batches = self.job.shard_batches(plan)
+        t0 = time.perf_counter()
         roles = all_roles(cfg.layout)
         jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * cfg.train.eps) for r in roles]
         feed = self.feed()
@@ -109,7 +115,8 @@ class ReferenceTrainer:
                 break
             if attempt < cfg.train.nonfinite_retries:
                 self.log.nonfinite_retries += 1
-        self.log.tokens += sum(res.tokens for res in results)
+        tokens = sum(res.tokens for res in results)
+        self.log.tokens += tokens
         if outcome.record.skipped:
             self.log.skipped_steps += 1
             self.log.consecutive_skips += 1
@@ -121,44 +128,66 @@ class ReferenceTrainer:
             apply_update(spec, buf, outcome.record, self.engine.dist)
         self.log.records.append(outcome.record)
         self.log.losses.append(outcome.loss)
-        return outcome.loss
+        if self.run_log is not None:
+            self.run_log.step(t, outcome.loss, outcome.loss_plus, outcome.loss_minus,
+                              [d.g for d in outcome.record.directions], plan.lr, tokens,
+                              self.train_seconds + time.perf_counter() - t0, outcome.record.skipped)
+        return outcome
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.engine, self.job, self.feed())
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Dev loss and accuracy of the current weights, recorded as the evaluation at ``step``."""
+        result = {"step": step, **evaluate(self.engine, self.job, self.feed())}
+        self.log.evals.append(result)
+        if self.run_log is not None:
+            self.run_log.eval(**result)
+        return result
 
-    def train(self, out_dir: str | Path | None = None, progress: bool | None = None) -> dict[str, Any]:
+    def train(self, out_dir: str | Path | None = None, progress: bool | None = None,
+              run_dir: str | Path | None = None) -> dict[str, Any]:
+        """Train ``train.steps`` steps, evaluate, export to ``out_dir``; return the run summary.
+
+        ``run_dir``: write the per-step log, the config and the report plot there.
+        """
         cfg = self.cfg
         apply_runtime_threads(cfg)
         generator.warm_up()  # like every service, before the clock starts
+        if run_dir is not None:
+            self.run_log = RunLog(run_dir)
+            self.run_log.resume(0)
+            (Path(run_dir) / "job.yaml").write_text(cfg.to_yaml())
         start = time.perf_counter()
-        train_seconds = 0.0
+        if cfg.train.eval_at_start:
+            self.evaluate(0)
         bar = tqdm(total=cfg.train.steps, desc="reference", unit="step", disable=not progress if progress is not None else None)
         for t in range(cfg.train.steps):
             t0 = time.perf_counter()
-            loss = self.step(t)
-            train_seconds += time.perf_counter() - t0
+            outcome = self.step(t)
+            self.train_seconds += time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{outcome.loss:.4f}")
             if cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0 and t + 1 < cfg.train.steps:
-                self.log.evals.append({"step": t + 1, **self.evaluate()})
+                self.evaluate(t + 1)
         bar.close()
-        final_eval = self.evaluate()
-        self.log.evals.append({"step": cfg.train.steps, **final_eval})
+        final_eval = self.evaluate(cfg.train.steps)
         if out_dir is not None:
             export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir)
-        wall = time.perf_counter() - start
-        return {
+        summary = {
             "mode": "reference",
             "model": cfg.model.source,
+            "task": cfg.data.train or "sst2-synth",
             "layout": cfg.layout.name,
             "workers": cfg.layout.workers,
             "steps": cfg.train.steps,
+            **eval_summary(self.log.evals),
             "final_loss": self.log.final_loss(),
             "dev_loss": final_eval["dev_loss"],
             "dev_accuracy": final_eval["dev_accuracy"],
             "skipped_steps": self.log.skipped_steps,
             "train_tokens": self.log.tokens,
-            "tokens_per_second": self.log.tokens / train_seconds if train_seconds > 0 else 0.0,
-            "wall_seconds": wall,
+            "tokens_per_second": self.log.tokens / self.train_seconds if self.train_seconds > 0 else 0.0,
+            "wall_seconds": time.perf_counter() - start,
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
+        if run_dir is not None:
+            summary.update(write_report(run_dir))
+        return summary

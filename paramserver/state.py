@@ -25,7 +25,7 @@ from distzo.generator import Distribution
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.modeling import BlockModel
-from distzo.presets import resolve_model
+from distzo.catalog import resolve_model
 from paramserver import metrics as m
 from paramserver.journal import Journal, JournalCorrupt
 from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot, prune_snapshots,

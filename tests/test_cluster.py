@@ -82,9 +82,10 @@ def run_cluster(tmp_path: Path, cfg: JobConfig, during=None) -> tuple[LocalClust
 
 
 def reference_export(tmp_path: Path, cfg: JobConfig) -> Path:
+    """The reference's export (tmp/ref), with its run log in tmp/ref-run."""
     from distzo.reference import ReferenceTrainer
 
-    ReferenceTrainer(cfg).train(out_dir=tmp_path / "ref", progress=False)
+    ReferenceTrainer(cfg).train(out_dir=tmp_path / "ref", progress=False, run_dir=tmp_path / "ref-run")
     return tmp_path / "ref"
 
 
@@ -141,6 +142,14 @@ def test_a_killed_process_is_replaced_and_the_weights_do_not_change(cache_dir, t
     if victim == "coordinator":
         assert st.resumed_from >= 4  # picked up from the parameter server's journal
     assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
+    # the run log covers the whole run, before and after the restart, with the reference's numbers
+    from distzo.runlog import read_history
+
+    dist, ref = read_history(tmp_path / "run"), read_history(tmp_path / "ref-run")
+    assert [r["step"] for r in dist.steps] == list(range(cfg.train.steps))
+    assert [(r["loss"], r["g"], r["lr"]) for r in dist.steps] == [(r["loss"], r["g"], r["lr"]) for r in ref.steps]
+    assert [e["step"] for e in dist.evals] == [0, cfg.train.steps]
+    assert [e["dev_accuracy"] for e in dist.evals] == [e["dev_accuracy"] for e in ref.evals]
 
 
 def test_zoctl_up_with_defaults_short_variant(tmp_path):
@@ -156,7 +165,7 @@ def test_zoctl_up_with_defaults_short_variant(tmp_path):
 
 
 def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
-    cfg = base_config(cache_dir, steps=400)
+    cfg = base_config(cache_dir, steps=100_000)  # never ends by itself, however slow the zoctl calls are: stopped below
     cluster = LocalCluster(cfg, tmp_path / "run")
     try:
         cluster.start()

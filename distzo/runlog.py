@@ -1,0 +1,94 @@
+"""The run log: one JSON line per training step and per evaluation, in the run directory.
+
+``steps.jsonl``: ``{"step", "loss", "loss_plus", "loss_minus", "g", "lr", "tokens", "time_s", "skipped"}``
+(``g``: the projected gradient of each direction; ``time_s``: training seconds since the run
+began, across restarts). ``evals.jsonl``: ``{"step", "dev_loss", "dev_accuracy", "dev_examples"}``,
+where step 0 is the zero-shot model. Non-finite numbers are written as ``null`` (strict JSON).
+
+Written by whoever runs the step protocol (the coordinator, or the reference trainer). A run
+that resumes at step ``t`` keeps the records of steps before ``t`` and of evaluations up to
+``t``, and rewrites the rest as it re-runs them: seeds and data are pure functions of the
+step, so the re-run records equal the lost ones and the log covers the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STEPS = "steps.jsonl"
+EVALS = "evals.jsonl"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """Records of one file; a torn last line (a process killed mid-write) is ignored."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
+    return out
+
+
+@dataclass
+class RunHistory:
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def elapsed_s(self) -> float:
+        return float(self.steps[-1].get("time_s") or 0.0) if self.steps else 0.0
+
+
+def read_history(run_dir: str | Path) -> RunHistory:
+    d = Path(run_dir)
+    return RunHistory(_read(d / STEPS), _read(d / EVALS))
+
+
+class RunLog:
+    """Appends step and eval records to ``run_dir``; ``resume(t)`` first drops what step t re-creates."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def resume(self, step: int) -> RunHistory:
+        """Keep steps < ``step`` and evals <= ``step``; return them (the run's history so far)."""
+        old = read_history(self.dir)
+        kept = RunHistory([r for r in old.steps if r["step"] < step], [r for r in old.evals if r["step"] <= step])
+        for name, records in ((STEPS, kept.steps), (EVALS, kept.evals)):
+            tmp = self.dir / (name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            os.replace(tmp, self.dir / name)
+        return kept
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        line = json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False)
+        with (self.dir / name).open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def step(self, step: int, loss: float, loss_plus: float, loss_minus: float, g: list[float], lr: float,
+             tokens: int, time_s: float, skipped: bool) -> None:
+        self._append(STEPS, {"step": step, "loss": loss, "loss_plus": loss_plus, "loss_minus": loss_minus, "g": g,
+                             "lr": lr, "tokens": tokens, "time_s": round(time_s, 4), "skipped": skipped})
+
+    def eval(self, step: int, dev_loss: float, dev_accuracy: float, dev_examples: int) -> None:
+        self._append(EVALS, {"step": step, "dev_loss": dev_loss, "dev_accuracy": dev_accuracy,
+                             "dev_examples": dev_examples})

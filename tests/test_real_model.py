@@ -1,0 +1,89 @@
+"""The real material of `zoctl fetch`: SmolLM2-135M through our block model, the movie-review task,
+and a few distributed steps on them equal to the reference, bit for bit.
+
+Skipped with the reason when the material is not fetched (the README's test command fetches it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distzo import catalog
+
+pytestmark = pytest.mark.skipif(
+    not (catalog.is_fetched("smollm2-135m") and catalog.is_fetched("rotten-tomatoes")),
+    reason="the real model and task are not fetched: run `zoctl fetch` (the README's test command does)")
+
+
+def test_the_converted_model_is_the_pretrained_one():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = catalog.locate("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = tok("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_block_model_gives_the_logits_of_the_transformers_forward():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distzo.data import Example, TaskEncoder, load_jsonl
+    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.modeling import BlockModel
+
+    path = catalog.locate("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    train, _ = catalog.resolve_task("rotten-tomatoes")
+    examples = load_jsonl(train, ["terrible", "great"])[:6]
+    batch = TaskEncoder(tok, "{text} It was", ["terrible", "great"], 64).eval_batch(examples)  # padded rows
+    assert int((batch.attention_mask == 0).sum()) > 0
+    bm = BlockModel.from_dir(path)
+    result = ForwardEngine(bm).run([ForwardJob(batch, want_logits=True, want_scores=True)], MemoryFeed(bm.load_block_buffers()))[0]
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expect = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert torch.allclose(result.logits[real], expect[real], rtol=0, atol=1e-4), (result.logits[real] - expect[real]).abs().max()
+    # the label scores are the model's log-probabilities of the label words after the prompt
+    logp = torch.log_softmax(expect[:, :-1].double(), dim=-1)
+    lab = batch.labels[:, 1:]
+    picked = lab != -100
+    want = torch.zeros(batch.input_ids.shape[0], dtype=torch.float64)
+    want.index_add_(0, picked.nonzero()[:, 0], logp[picked].gather(1, lab[picked].unsqueeze(1)).squeeze(1))
+    assert torch.allclose(result.scores, want, atol=1e-4)
+
+
+def test_the_task_split_is_whole_and_disjoint():
+    train_path, dev_path = catalog.resolve_task("rotten-tomatoes")
+    train = [json.loads(x) for x in Path(train_path).read_text().splitlines()]
+    dev = [json.loads(x) for x in Path(dev_path).read_text().splitlines()]
+    assert len(dev) == catalog.POLARITY_DEV_EXAMPLES and len(train) > 11_000
+    assert not {r["text"] for r in train} & {r["text"] for r in dev}
+    for split in (train, dev):
+        share = sum(r["label"] for r in split) / len(split)
+        assert 0.5 < share < 0.65  # 7,403 fresh of 12,808 snippets before dedup
+
+
+def test_a_few_distributed_steps_on_the_real_model_equal_the_reference_bitwise(tmp_path):
+    from test_cluster import same_weights, zoctl
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model: {source: smollm2-135m}\ndata: {train: rotten-tomatoes, dev_examples: 8}\n"
+                   "train: {steps: 3, batch_size: 4, lr: 1.0e-5}\nserver: {snapshot_every: 0}\n")
+    up = zoctl("up", "--config", str(cfg), "--json", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", "--config", str(cfg), "--json", "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert same_weights(tmp_path / "dist", tmp_path / "ref")
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    for key in ("zero_shot_dev_accuracy", "zero_shot_dev_loss", "final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
+        assert a[key] == b[key], key
+    assert a["model"] == "smollm2-135m" and a["task"] == "rotten-tomatoes"
+    assert Path(a["report"]).is_file() and Path(a["step_log"]).is_file()

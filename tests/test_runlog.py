@@ -1,0 +1,83 @@
+"""The run log and report: resume semantics, strict JSON, the plot, `zoctl report`, the reference's run dir."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from distzo.runlog import RunLog, read_history
+from distzo.report import text_report, write_report
+
+from conftest import small_config
+
+
+def _log_steps(log: RunLog, steps: range, loss: float = 2.0) -> None:
+    for t in steps:
+        log.step(t, loss - 0.01 * t, loss, loss - 0.02 * t, [0.5 * t], 1e-3, 100, float(t + 1), False)
+
+
+def test_resume_keeps_the_history_before_the_step_and_drops_what_it_will_redo(tmp_path):
+    log = RunLog(tmp_path)
+    log.eval(0, 3.0, 0.5, 16)
+    _log_steps(log, range(0, 7))
+    log.eval(5, 2.5, 0.6, 16)
+    log.eval(7, 2.4, 0.7, 16)  # after the crash point: redone
+    with (tmp_path / "steps.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 1.')  # a torn last line: the process died while writing it
+    history = RunLog(tmp_path).resume(5)
+    assert [r["step"] for r in history.steps] == [0, 1, 2, 3, 4]
+    assert [e["step"] for e in history.evals] == [0, 5]
+    assert history.elapsed_s == 5.0
+    on_disk = read_history(tmp_path)
+    assert on_disk.steps == history.steps and on_disk.evals == history.evals
+    assert RunLog(tmp_path).resume(0).steps == []
+
+
+def test_records_are_strict_json_even_for_non_finite_numbers(tmp_path):
+    log = RunLog(tmp_path)
+    log.step(0, math.nan, math.inf, -math.inf, [], 1e-3, 10, 1.0, True)
+    log.eval(0, math.nan, math.nan, 0)
+    for name in ("steps.jsonl", "evals.jsonl"):
+        line = (tmp_path / name).read_text().strip()
+        assert "NaN" not in line and "Infinity" not in line
+        json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert read_history(tmp_path).steps[0]["loss"] is None
+
+
+def test_report_draws_a_png_and_prints_the_history(tmp_path):
+    log = RunLog(tmp_path)
+    log.eval(0, 3.0, 0.55, 200)
+    _log_steps(log, range(40))
+    log.eval(40, 2.0, 0.65, 200)
+    paths = write_report(tmp_path)
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000 and paths["report"].endswith("report.png")
+    text = text_report(read_history(tmp_path))
+    assert "steps: 0..39 (40 logged)" in text and "0.5500" in text and "0.6500" in text
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "report", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ))
+    assert r.returncode == 0 and "training loss:" in r.stdout and "report.png" in r.stdout, r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "report", str(empty)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ))
+    assert r.returncode == 2 and "holds no run log" in r.stderr
+
+
+def test_the_reference_writes_the_run_log_with_the_zero_shot_eval(cache_dir, tmp_path):
+    from distzo.reference import ReferenceTrainer
+
+    cfg = small_config(cache_dir, train={"steps": 3, "eval_every": 2})
+    trainer = ReferenceTrainer(cfg)
+    summary = trainer.train(progress=False, run_dir=tmp_path)
+    history = read_history(tmp_path)
+    assert [r["step"] for r in history.steps] == [0, 1, 2]
+    assert [e["step"] for e in history.evals] == [0, 2, 3]
+    assert summary["zero_shot_dev_accuracy"] == history.evals[0]["dev_accuracy"]
+    assert summary["dev_accuracy"] == history.evals[-1]["dev_accuracy"]
+    assert summary["report"] == str(tmp_path / "report.png") and (tmp_path / "report.png").is_file()
+    assert [r["g"] for r in history.steps] == [[d.g for d in rec.directions] for rec in trainer.log.records]
+    assert [r["loss"] for r in history.steps] == trainer.log.losses
