@@ -349,7 +349,8 @@ class Job:
     def _evaluate(self) -> dict[str, Any]:
         assert self.data is not None
         chunks = self.data.eval_chunks()
-        forwards = {i: cpb.ForwardSpec(shard=i, sign=0, want_scores=True) for i in range(len(chunks))}
+        candidates = self.data.encoder.eval_candidates
+        forwards = {i: cpb.ForwardSpec(shard=i, sign=0, want_scores=True, candidates=candidates) for i in range(len(chunks))}
         batches = {i: b for i, (_, b) in enumerate(chunks)}
         units = max(1, sum(len(u) for u in self.registry.units()))
         pieces = [[i for i in range(len(chunks)) if i % units == w] for w in range(units)]
@@ -360,7 +361,7 @@ class Job:
         for i, (examples, batch) in enumerate(chunks):
             if i in rnd.errors:
                 raise JobFailed(f"eval chunk {i} failed: {rnd.errors[i]}")
-            tally.add(i, examples, batch, torch.tensor(list(rnd.results[i].scores), dtype=torch.float64))
+            tally.add(i, examples, batch, torch.tensor(list(rnd.results[i].scores), dtype=torch.float64), bool(candidates))
         result = {"step": self.step, **tally.result()}
         self.progress.evals.append(result)
         if self.run_log is not None:

@@ -143,6 +143,23 @@ class TaskEncoder:
     def train_batch(self, examples: Sequence[Example]) -> Batch:
         return self._rows([(e.text, e.label) for e in examples])
 
+    @property
+    def eval_candidates(self) -> tuple[int, ...]:
+        """The label words' token ids when each is one token (eval then scores them all from one row), else ()."""
+        if all(len(ids) == 1 for ids in self.label_ids):
+            return tuple(ids[0] for ids in self.label_ids)
+        return ()
+
+    def prompt_length(self, example: Example) -> int:
+        return len(self._prompt(example.text))
+
     def eval_batch(self, examples: Sequence[Example]) -> Batch:
-        """Every example once per candidate label word (rows: example-major)."""
+        """Rows to score every candidate label word of each example.
+
+        Single-token label words (``eval_candidates``): one row per example, its label position
+        marked with the first word (the forward reads every candidate's log-prob there).
+        Otherwise one row per example and candidate, example-major.
+        """
+        if self.eval_candidates:
+            return self._rows([(e.text, 0) for e in examples])
         return self._rows([(e.text, c) for e in examples for c in range(len(self.label_words))])

@@ -39,6 +39,8 @@ class ForwardJob:
     coef: float = 0.0  # sign * eps; 0.0 runs the clean weights
     want_scores: bool = False  # per-row summed log-prob of the label tokens (eval)
     want_logits: bool = False  # full logits (tests)
+    # with want_scores: score these token ids at each row's one label position instead (scores [rows, C])
+    candidates: tuple[int, ...] = ()
 
 
 @dataclass
@@ -46,7 +48,7 @@ class JobResult:
     loss: float  # mean cross-entropy over the label tokens
     label_tokens: int
     tokens: int  # attended tokens in the batch
-    scores: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # float64: [rows], or [rows, len(candidates)]
     logits: torch.Tensor | None = None
 
 
@@ -266,10 +268,17 @@ class ForwardEngine:
             logits = logits_full[:, :-1][picked]
         else:
             logits = head(hidden[:, :-1][picked]).float()
-        token_logp = torch.log_softmax(logits, dim=-1).gather(1, labels[picked].unsqueeze(1)).squeeze(1)
+        logp = torch.log_softmax(logits, dim=-1)
+        token_logp = logp.gather(1, labels[picked].unsqueeze(1)).squeeze(1)
         loss = float(-token_logp.sum() / n)
         scores = None
-        if job.want_scores:
+        if job.want_scores and job.candidates:
+            rows = picked.nonzero()[:, 0]
+            if rows.numel() != ids.shape[0] or not torch.equal(rows, torch.arange(ids.shape[0], device=rows.device)):
+                raise ValueError("scoring candidates needs exactly one label position in every row")
+            cand = torch.tensor(job.candidates, dtype=torch.long, device=logits.device)
+            scores = logp[:, cand].to(torch.float64).cpu()
+        elif job.want_scores:
             rows = picked.nonzero()[:, 0]
             scores = torch.zeros(ids.shape[0], dtype=torch.float64, device=self.device)
             scores.index_add_(0, rows, token_logp.to(torch.float64))

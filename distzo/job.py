@@ -64,9 +64,11 @@ class JobData:
         return [self.encoder.train_batch(examples[a:b]) for a, b in shard_bounds(len(examples), self.cfg.layout.ddp)]
 
     def eval_chunks(self) -> list[tuple[list[Example], Batch]]:
+        """The dev split in batches of similar length (less padding), each with its candidate rows."""
+        order = sorted(self.dev, key=self.encoder.prompt_length)
         out = []
-        for a in range(0, len(self.dev), EVAL_BATCH_EXAMPLES):
-            chunk = self.dev[a : a + EVAL_BATCH_EXAMPLES]
+        for a in range(0, len(order), EVAL_BATCH_EXAMPLES):
+            chunk = order[a : a + EVAL_BATCH_EXAMPLES]
             out.append((chunk, self.encoder.eval_batch(chunk)))
         return out
 
@@ -79,10 +81,14 @@ class EvalTally:
     examples: int = 0
     _parts: list[tuple[int, float, int, int]] = field(default_factory=list)
 
-    def add(self, chunk_index: int, examples: list[Example], batch: Batch, scores: torch.Tensor) -> None:
-        tokens_per_row = (batch.labels[:, 1:] != -100).sum(dim=1)
-        s = scores.view(len(examples), self.n_labels)
-        t = tokens_per_row.view(len(examples), self.n_labels)
+    def add(self, chunk_index: int, examples: list[Example], batch: Batch, scores: torch.Tensor, candidates: bool) -> None:
+        """``scores``: each example's summed log-prob of each candidate, [examples * n_labels] or
+        [examples, n_labels]; ``candidates``: the chunk was scored one row per example (single-token labels)."""
+        s = scores.reshape(len(examples), self.n_labels)
+        if candidates:
+            t = torch.ones_like(s, dtype=torch.int64)
+        else:
+            t = (batch.labels[:, 1:] != -100).sum(dim=1).view(len(examples), self.n_labels)
         correct = 0
         logp = 0.0
         tok = 0

@@ -69,9 +69,10 @@ class TrainLog:
 
 def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed) -> dict[str, float]:
     tally = EvalTally(len(job.cfg.data.label_words))
+    candidates = job.encoder.eval_candidates
     for i, (examples, batch) in enumerate(job.eval_chunks()):
-        res = engine.run([ForwardJob(batch, want_scores=True)], feed)[0]
-        tally.add(i, examples, batch, res.scores)
+        res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed)[0]
+        tally.add(i, examples, batch, res.scores, bool(candidates))
     return tally.result()
 
 

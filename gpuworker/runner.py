@@ -65,7 +65,8 @@ class ModelRunner:
             for f in a.forwards:
                 if f.shard not in batches:
                     raise DataError(f"forward for shard {f.shard} but the assignment carries no such batch")
-                jobs.append(ForwardJob(batches[f.shard], seed=f.seed, coef=f.coef, want_scores=f.want_scores))
+                jobs.append(ForwardJob(batches[f.shard], seed=f.seed, coef=f.coef, want_scores=f.want_scores,
+                                       candidates=tuple(f.candidates)))
             if jobs:
                 c0 = time.perf_counter()
                 outs = self.engine.run(jobs, feed)
@@ -73,7 +74,7 @@ class ModelRunner:
                 for f, o in zip(a.forwards, outs):
                     r = result.results.add(spec=f, loss=o.loss, label_tokens=o.label_tokens, tokens=o.tokens)
                     if o.scores is not None:
-                        r.scores.extend(o.scores.tolist())
+                        r.scores.extend(o.scores.flatten().tolist())
             else:
                 feed.drain()  # gather-only: keep the node group's collectives paired
         except (StaleVersionError,) as exc:

@@ -37,20 +37,22 @@ class Heartbeat(_message.Message):
     def __init__(self, assignment_id: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class ForwardSpec(_message.Message):
-    __slots__ = ("direction", "shard", "sign", "seed", "coef", "want_scores")
+    __slots__ = ("direction", "shard", "sign", "seed", "coef", "want_scores", "candidates")
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SIGN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     COEF_FIELD_NUMBER: _ClassVar[int]
     WANT_SCORES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     direction: int
     shard: int
     sign: int
     seed: int
     coef: float
     want_scores: bool
-    def __init__(self, direction: _Optional[int] = ..., shard: _Optional[int] = ..., sign: _Optional[int] = ..., seed: _Optional[int] = ..., coef: _Optional[float] = ..., want_scores: _Optional[bool] = ...) -> None: ...
+    candidates: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, direction: _Optional[int] = ..., shard: _Optional[int] = ..., sign: _Optional[int] = ..., seed: _Optional[int] = ..., coef: _Optional[float] = ..., want_scores: _Optional[bool] = ..., candidates: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchData(_message.Message):
     __slots__ = ("shard", "rows", "cols", "input_ids", "attention_mask", "labels")

@@ -45,19 +45,22 @@ def test_block_model_gives_the_logits_of_the_transformers_forward():
     batch = TaskEncoder(tok, "{text} It was", ["terrible", "great"], 64).eval_batch(examples)  # padded rows
     assert int((batch.attention_mask == 0).sum()) > 0
     bm = BlockModel.from_dir(path)
-    result = ForwardEngine(bm).run([ForwardJob(batch, want_logits=True, want_scores=True)], MemoryFeed(bm.load_block_buffers()))[0]
+    engine, feed = ForwardEngine(bm), MemoryFeed(bm.load_block_buffers())
+    result = engine.run([ForwardJob(batch, want_logits=True)], feed)[0]
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.inference_mode():
         expect = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     real = batch.attention_mask.bool()
     assert torch.allclose(result.logits[real], expect[real], rtol=0, atol=1e-4), (result.logits[real] - expect[real]).abs().max()
-    # the label scores are the model's log-probabilities of the label words after the prompt
+    # eval reads every label word's log-prob at the one label position of each row
+    cand = TaskEncoder(tok, "{text} It was", ["terrible", "great"], 64).eval_candidates
+    assert len(cand) == 2
+    scored = engine.run([ForwardJob(batch, want_scores=True, candidates=cand)], feed)[0]
     logp = torch.log_softmax(expect[:, :-1].double(), dim=-1)
-    lab = batch.labels[:, 1:]
-    picked = lab != -100
-    want = torch.zeros(batch.input_ids.shape[0], dtype=torch.float64)
-    want.index_add_(0, picked.nonzero()[:, 0], logp[picked].gather(1, lab[picked].unsqueeze(1)).squeeze(1))
-    assert torch.allclose(result.scores, want, atol=1e-4)
+    at = (batch.labels[:, 1:] != -100).nonzero()
+    assert at[:, 0].tolist() == list(range(len(examples)))
+    want = logp[at[:, 0], at[:, 1]][:, list(cand)]
+    assert scored.scores.shape == (len(examples), 2) and torch.allclose(scored.scores, want, atol=1e-4)
 
 
 def test_the_task_split_is_whole_and_disjoint():

@@ -75,3 +75,17 @@ def test_zoctl_reference_cli(cache_dir, tmp_path):
         r = subprocess.run([sys.executable, "-m", "coordinator.cli", "reference", "--config", str(cfg), *args],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_one_row_per_example_scores_the_candidates_as_one_row_per_candidate_does(cache_dir, monkeypatch):
+    from distzo.data import TaskEncoder
+
+    trainer = ReferenceTrainer(small_config(cache_dir, data={"dev_examples": 40}))
+    assert trainer.job.encoder.eval_candidates  # the shipped words are one token each: eval takes the short path
+    rows = trainer.job.eval_chunks()[0][1].input_ids.shape[0]
+    short = trainer.evaluate(0)
+    monkeypatch.setattr(TaskEncoder, "eval_candidates", property(lambda self: ()))
+    assert trainer.job.eval_chunks()[0][1].input_ids.shape[0] == 2 * rows
+    long = trainer.evaluate(0)
+    assert short["dev_accuracy"] == long["dev_accuracy"] and short["dev_examples"] == long["dev_examples"] == 40
+    assert abs(short["dev_loss"] - long["dev_loss"]) < 1e-5
