@@ -7,7 +7,6 @@ parameter-server host, and the recommended layout, before anyone rents the GPUs.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +121,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         out = {"model": model.to_dict(), "cluster": cluster.to_dict(), "prediction": pred.to_dict(),
                "recommended": rec.to_dict()}
-        print(json.dumps(out, indent=2, sort_keys=True))
+        from coordinator.cli import print_json
+
+        print_json(out)
     else:
         print(render(model, cluster, pred, rec))
     return 0
