@@ -317,7 +317,7 @@ def _finite_fields(msg, out: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
         if field.name not in out:
             continue
         value = getattr(msg, field.name)
-        repeated = field.label == F.LABEL_REPEATED
+        repeated = field.is_repeated
         if field.type in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
             out[field.name] = [strict_json(float(v)) for v in value] if repeated else strict_json(float(value))
         elif field.type == F.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LayoutName = Literal["dual", "pertp", "ddp", "2d"]
 
@@ -40,20 +40,26 @@ class DataSection(_Section):
     max_seq_len: int = Field(64, ge=4, le=1 << 16)
     dev_examples: int | None = Field(None, ge=1, description="evaluate on the first N dev examples only")
 
-    @model_validator(mode="after")
-    def _template_has_text(self) -> "DataSection":
-        if "{text}" not in self.template:
+    @field_validator("template")
+    @classmethod
+    def _template_has_text(cls, template: str) -> str:
+        if "{text}" not in template:
             raise ValueError("template must contain the placeholder {text}")
         try:
-            self.template.format(text="x")
+            template.format(text="x")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"template {self.template!r} cannot be filled with only {{text}} ({type(exc).__name__}: "
+            raise ValueError(f"template {template!r} cannot be filled with only {{text}} ({type(exc).__name__}: "
                              f"{exc}); write a literal brace as {{{{ or }}}}") from None
-        if any(not w.strip() for w in self.label_words):
+        return template
+
+    @field_validator("label_words")
+    @classmethod
+    def _distinct_words(cls, words: list[str]) -> list[str]:
+        if any(not w.strip() for w in words):
             raise ValueError("label_words must be non-blank words")
-        if len(set(self.label_words)) != len(self.label_words):
+        if len(set(words)) != len(words):
             raise ValueError("label_words must be distinct")
-        return self
+        return words
 
 
 class TrainSection(_Section):
