@@ -160,6 +160,18 @@ class TaskEncoder:
         except Exception as exc:  # noqa: BLE001 - tokenizers raise many kinds
             raise DataError(f"{what}: the tokenizer cannot encode {text[:80]!r}: {exc}") from None
 
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Batch encoding (no special tokens): the tokenizer's fast path, same ids as ``_encode``."""
+        if not texts:
+            return []
+        try:
+            return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        except Exception:  # noqa: BLE001 - find the text that fails, one by one
+            return [self._encode(t, special=False) for t in texts]
+
+    def _separator(self, prompt_text: str, word: str) -> str:
+        return "" if prompt_text[-1:].isspace() or word[:1].isspace() else " "
+
     def _prompt(self, text: str) -> list[int]:
         ids = self._prompts.get(text)
         if ids is None:
@@ -174,8 +186,7 @@ class TaskEncoder:
         if got is None:
             prompt_text = self.template.format(text=text)
             word = self.label_words[label]
-            sep = "" if prompt_text[-1:].isspace() or word[:1].isspace() else " "
-            whole = self._encode(prompt_text + sep + word, special=False)
+            whole = self._encode(prompt_text + self._separator(prompt_text, word) + word, special=False)
             start = _common_prefix(self._prompt(text), whole)
             if start == len(whole):
                 raise DataError(f"data.label_words: {word!r} adds no tokens after the prompt {prompt_text[-40:]!r}")
@@ -225,11 +236,25 @@ class TaskEncoder:
     def prompt_length(self, example: Example) -> int:
         return len(self._prompt(example.text))
 
-    def check(self, examples: Sequence[Example]) -> None:
-        """Encode every example with every label word now, so a bad one fails before training (DataError)."""
-        for e in examples:
-            for c in range(len(self.label_words)):
-                self._row(e.text, c)
+    def check(self, examples: Sequence[Example], every_label: bool = False) -> None:
+        """Encode every example (with its label word, or with every one) now, in batches, so a bad one
+        fails before training (DataError) and the rows are cached."""
+        pairs = [(e.text, c) for e in examples for c in (range(len(self.label_words)) if every_label else [e.label])]
+        texts = sorted({t for t, _ in pairs if t not in self._prompts})
+        for t, ids in zip(texts, self._encode_many([self.template.format(text=t) for t in texts])):
+            self._prompts[t] = ids
+        todo = sorted({p for p in pairs if p not in self._pairs})
+        wholes = []
+        for t, c in todo:
+            prompt_text, word = self.template.format(text=t), self.label_words[c]
+            wholes.append(prompt_text + self._separator(prompt_text, word) + word)
+        for (t, c), whole in zip(todo, self._encode_many(wholes)):
+            start = _common_prefix(self._prompts[t], whole)
+            if start == len(whole):
+                raise DataError(f"data.label_words: {self.label_words[c]!r} adds no tokens after the prompt of {t[:40]!r}")
+            self._pairs[(t, c)] = (whole, start)
+        for t, c in pairs:
+            self._row(t, c)
 
     def eval_batch(self, examples: Sequence[Example]) -> tuple[Batch, tuple[int, ...]]:
         """Rows to score every candidate label word of each example, and the candidates to score.

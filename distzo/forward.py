@@ -181,6 +181,11 @@ class ForwardEngine:
         self.last_peak_copy_bytes = 0
         for mod in model.module_refs:
             mod.register_forward_pre_hook(self._pre_hook)
+        # the output embedding sees only the hidden states of the label positions (logits [1, n, V],
+        # not [B, P, V]); what the family's forward does after it (scaling, soft-capping) is elementwise
+        self._head = model.skeleton.get_output_embeddings()
+        if self._head is not None:
+            self._head.register_forward_pre_hook(self._gather_label_positions)
 
     # ------------------------------------------------------------------ perturbation
     def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob]) -> list[torch.Tensor]:
@@ -215,6 +220,15 @@ class ForwardEngine:
         # the whole block at once: a layer may read a parameter of one of its modules without calling it
         for mod in self.model.block_modules[b]:
             self.model.bind(mod, {r.block: run.views(j, r.block) for r in self.model.module_refs[mod]})
+
+    def _gather_label_positions(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
+        picks = getattr(self._tls, "picks", None)
+        if picks is None or not args:
+            return None
+        rows, cols, kept_cols, kept = picks
+        hidden = args[0]
+        at = kept_cols if hidden.shape[1] == kept else cols  # the family kept only `positions`, or all
+        return (hidden[rows, at].unsqueeze(0), *args[1:])
 
     # ------------------------------------------------------------------ running
     def run(self, jobs: list[ForwardJob], feed: BlockFeed) -> list[JobResult]:
@@ -267,13 +281,26 @@ class ForwardEngine:
         rows, cols = picked.nonzero(as_tuple=True)  # row-major: position cols predicts token cols + 1
         # the family's own forward (final norm, head, logit scaling or soft-capping), with logits
         # only at the positions some row predicts a label from
-        positions = None if job.want_logits else torch.unique(cols)
-        out = causal_lm_logits(model.skeleton, ids, mask, positions, model.forward_extra, model.keeps_logits)
-        logits_full = out.float() if job.want_logits else None
-        if logits_full is not None:
+        if job.want_logits:
+            logits_full = causal_lm_logits(model.skeleton, ids, mask, None, model.forward_extra, model.keeps_logits).float()
             logits = logits_full[rows, cols]
         else:
-            logits = out[rows, torch.searchsorted(positions, cols)].float()
+            logits_full = None
+            positions = torch.unique(cols)
+            kept_cols = torch.searchsorted(positions, cols)
+            self._tls.picks = (rows, cols, kept_cols, positions.numel()) if self._head is not None else None
+            try:
+                out = causal_lm_logits(model.skeleton, ids, mask, positions, model.forward_extra, model.keeps_logits,
+                                       select=self._head is None)
+            finally:
+                self._tls.picks = None
+            if self._head is not None:
+                if out.shape[:2] != (1, n):
+                    raise RuntimeError(f"{model.config.model_type}: the logits after the output embedding have shape "
+                                       f"{tuple(out.shape)}, expected (1, {n}, vocab): the family reshapes them")
+                logits = out[0].float()
+            else:
+                logits = out[rows, kept_cols].float()
         logp = torch.log_softmax(logits, dim=-1)
         token_logp = logp.gather(1, labels[picked].unsqueeze(1)).squeeze(1)
         loss_sum = float(-token_logp.double().sum())  # fp64: shards add up to the whole batch's sum

@@ -56,7 +56,7 @@ class JobData:
         if cfg.data.dev_examples is not None:
             dev = dev[: cfg.data.dev_examples]
         encoder.check(train)  # every row is encodable now, not at step 10 000
-        encoder.check(dev)
+        encoder.check(dev, every_label=True)
         return cls(cfg, model_dir, encoder, train, dev)
 
     def shard_batches(self, plan: StepPlan) -> list[Batch]:

@@ -114,14 +114,19 @@ def forward_kwargs(model: nn.Module) -> tuple[dict[str, object], bool]:
 
 
 def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     positions: torch.Tensor | None, extra: dict[str, object], keep: bool) -> torch.Tensor:
-    """The family's own forward: logits [B, P, V] at the sorted sequence ``positions`` (all when None)."""
+                     positions: torch.Tensor | None, extra: dict[str, object], keep: bool,
+                     select: bool = True) -> torch.Tensor:
+    """The family's own forward: logits [B, P, V] at the sorted sequence ``positions`` (all when None).
+
+    ``select=False``: return the logits as the forward gives them (a hook on the output embedding
+    has already picked the positions).
+    """
     kwargs = dict(extra)
     if positions is not None and keep:
         kwargs["logits_to_keep"] = positions
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    if positions is not None and (not keep or logits.shape[1] != positions.numel()):
+    if select and positions is not None and (not keep or logits.shape[1] != positions.numel()):
         logits = logits[:, positions.to(logits.device)]
     return logits
 
