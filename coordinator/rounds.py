@@ -201,8 +201,8 @@ class Round:
                             del self.pending_on[k]
                             out.append(k)
                     for k in sent.keys:
-                        self.last_error.setdefault(k, f"worker {sent.worker.worker_id} was lost" if gone else
-                                                   f"worker {sent.worker.worker_id} missed the deadline")
+                        self.last_error[k] = (f"worker {sent.worker.worker_id} was lost" if gone else
+                                              f"worker {sent.worker.worker_id} missed the deadline")
                     if late and not gone:
                         log.warning("assignment missed its deadline", extra=kv(step=self.step, worker=sent.worker.worker_id))
         return out

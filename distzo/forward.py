@@ -227,6 +227,8 @@ class ForwardEngine:
             return None
         rows, cols, kept_cols, kept = picks
         hidden = args[0]
+        if not (isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.dim() == 3):
+            return None  # not hidden states (a module shared with the input embedding): leave it alone
         at = kept_cols if hidden.shape[1] == kept else cols  # the family kept only `positions`, or all
         return (hidden[rows, at].unsqueeze(0), *args[1:])
 

@@ -34,6 +34,9 @@ def strict_loads(text: str):  # noqa: ANN201
     ({"data": {"label_words": ["great", "  "]}}, "label_words must be non-blank"),
     ({"runtime": {"threads": 100000}}, "runtime.threads: Input should be less than or equal to 1024"),
     ({"runtime": {"kernel_threads": 100000}}, "runtime.kernel_threads"),
+    # an infinite lr validated, then every update was refused by the parameter server
+    ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+    ({"train": {"eps": float("inf")}}, "train.eps: Input should be a finite number"),
 ])
 def test_configs_that_could_not_run_are_refused_naming_the_field(raw, needle):
     with pytest.raises(ConfigError) as err:
