@@ -84,7 +84,7 @@ SUMMARY_KEYS = ("mode", "model", "task", "layout", "workers", "steps", "zero_sho
 
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(strict_json(summary), indent=2, sort_keys=True, allow_nan=False))
+        print_json(summary)
         return
     for key in SUMMARY_KEYS:
         if key in summary:
@@ -148,7 +148,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                        "`zoctl up` or `zoctl reference --run-dir`")
     paths = write_report(args.run_dir)
     if args.json:
-        print(json.dumps(strict_json({"steps": history.steps, "evals": history.evals, **paths}), allow_nan=False))
+        print_json({"steps": history.steps, "evals": history.evals, **paths}, indent=None)
     else:
         print(text_report(history))
         print(f"plot: {paths['report']}")
@@ -252,7 +252,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         st = cluster.wait(progress.update)
         progress.close()
         if st.state != "done":
-            raise CliError(f"training {st.state}: {st.error or 'see ' + str(run_dir / 'logs')}", EXIT_FAILED)
+            raise CliError(f"training {st.state}: {st.error or 'see ' + str(run_dir / 'logs')}",
+                           EXIT_BAD_INPUT if st.error_kind == "bad_input" else EXIT_FAILED)
         reply = cluster.export(out_dir)
         summary = summary_from_status(st, time.monotonic() - t0, reply.path,
                                       {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),
@@ -303,14 +304,39 @@ def _call(args: argparse.Namespace, method: str, request, timeout: float = 30.0)
 
 
 def status_dict(st) -> dict[str, Any]:  # noqa: ANN001
+    """A reply as a JSON-ready dict, non-finite floats as null (protobuf's JSON would write the strings "NaN")."""
     from google.protobuf.json_format import MessageToDict
 
-    return MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _finite_fields(st, MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+
+
+def _finite_fields(msg, out: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    for field in msg.DESCRIPTOR.fields:
+        if field.name not in out:
+            continue
+        value = getattr(msg, field.name)
+        repeated = field.is_repeated
+        if field.type in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
+            out[field.name] = [strict_json(float(v)) for v in value] if repeated else strict_json(float(value))
+        elif field.type == F.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry:
+            if repeated:
+                for sub, sub_out in zip(value, out[field.name]):
+                    _finite_fields(sub, sub_out)
+            else:
+                _finite_fields(value, out[field.name])
+    return out
+
+
+def print_json(value: Any, indent: int | None = 2) -> None:
+    """Machine-readable output: strict JSON (non-finite numbers as null)."""
+    print(json.dumps(strict_json(value), indent=indent, sort_keys=True, allow_nan=False))
 
 
 def print_status(st, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        print(json.dumps(status_dict(st), indent=2, sort_keys=True))
+        print_json(status_dict(st))
         return
     loss = f"{st.loss:.4f}" if math.isfinite(st.loss) else "-"
     print(f"job: {st.state}  step {st.step}/{st.total_steps}  loss {loss}  tokens/s {st.tokens_per_second:.0f}  "
@@ -339,7 +365,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if st.state in ("done", "failed", "stopped", "idle"):
             progress.close()
             print_status(st, args.json)
-            return EXIT_OK if st.state != "failed" else EXIT_FAILED
+            if st.state != "failed":
+                return EXIT_OK
+            return EXIT_BAD_INPUT if st.error_kind == "bad_input" else EXIT_FAILED
         time.sleep(1.0)
 
 
@@ -363,7 +391,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     if method in ("Pause", "Resume", "Stop"):
         print_status(reply, args.json)
     elif args.json:
-        print(json.dumps(status_dict(reply), indent=2, sort_keys=True))
+        print_json(status_dict(reply))
     elif method == "Eval":
         print(f"step {reply.step}: dev loss {reply.dev_loss:.4f}, dev accuracy {reply.dev_accuracy:.3f} ({reply.dev_examples} examples)")
     else:
@@ -376,7 +404,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     # a path on the parameter server's host: only a relative one is made absolute here (local clusters)
     reply = _call(args, "Export", cpb.ExportJobRequest(path=os.path.abspath(args.dir)), timeout=600)
-    print(json.dumps(status_dict(reply)) if args.json else f"{reply.message}: {reply.path}")
+    if args.json:
+        print_json(status_dict(reply), indent=None)
+    else:
+        print(f"{reply.message}: {reply.path}")
     return EXIT_OK
 
 

@@ -32,7 +32,7 @@ from distzo.runlog import RunLog
 from distzo.rpc import Credentials
 from coordinator import metrics as m
 from coordinator.registry import Registry
-from coordinator.rounds import Round, RoundFailed
+from coordinator.rounds import BadInput, Round, RoundFailed
 from paramserver.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 
@@ -69,6 +69,7 @@ class Job:
         self.creds = creds
         self._state = "idle"
         self.error = ""
+        self.error_kind = ""  # "bad_input": a deterministic error in the job's input (zoctl exits 2)
         self.step = 0
         self.resumed_from = 0
         self.progress = Progress()
@@ -137,6 +138,7 @@ class Job:
                 self.state = "stopped"
             else:
                 self.state, self.error = "failed", str(exc)
+                self.error_kind = "bad_input" if isinstance(exc, BadInput) else ""
                 log.error("job failed: %s", exc)
         except Exception as exc:  # noqa: BLE001 - the service stays up and reports it
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -242,6 +244,8 @@ class Job:
             pieces.append(piece)
         for attempt in range(cfg.train.nonfinite_retries + 1):
             rnd = self._run_round(t, "train", forwards, batches, pieces)
+            for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
+                raise BadInput(f"step {t}: forward (direction, shard, sign) = {k} cannot run: {err}")
             losses = {k: rnd.loss(k) for k in forwards}
             outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, cfg.train.eps, plan.lr,
                                   cfg.train.weight_decay, cfg.train.grad_clip)
@@ -349,18 +353,17 @@ class Job:
     def _evaluate(self) -> dict[str, Any]:
         assert self.data is not None
         chunks = self.data.eval_chunks()
-        candidates = self.data.encoder.eval_candidates
-        forwards = {i: cpb.ForwardSpec(shard=i, sign=0, want_scores=True, candidates=candidates) for i in range(len(chunks))}
-        batches = {i: b for i, (_, b) in enumerate(chunks)}
+        forwards = {i: cpb.ForwardSpec(shard=i, sign=0, want_scores=True, candidates=c) for i, (_, _, c) in enumerate(chunks)}
+        batches = {i: b for i, (_, b, _) in enumerate(chunks)}
         units = max(1, sum(len(u) for u in self.registry.units()))
         pieces = [[i for i in range(len(chunks)) if i % units == w] for w in range(units)]
         rnd = self._run_round(self.step, "eval", forwards, batches, [p for p in pieces if p])
         tally = EvalTally(len(self.cfg.data.label_words))
         import torch
 
-        for i, (examples, batch) in enumerate(chunks):
+        for i, (examples, batch, candidates) in enumerate(chunks):
             if i in rnd.errors:
-                raise JobFailed(f"eval chunk {i} failed: {rnd.errors[i]}")
+                raise BadInput(f"eval at step {self.step}: dev chunk {i} cannot run: {rnd.errors[i]}")
             tally.add(i, examples, batch, torch.tensor(list(rnd.results[i].scores), dtype=torch.float64), bool(candidates))
         result = {"step": self.step, **tally.result()}
         self.progress.evals.append(result)
@@ -382,7 +385,7 @@ class Job:
             tokens_per_second=p.tokens / p.train_seconds if p.train_seconds else 0.0,
             train_tokens=p.tokens, train_seconds=p.train_seconds, skipped_steps=p.skipped_steps,
             reassignments=p.reassignments, late_reports=p.late_reports, nonfinite_retries=p.nonfinite_retries,
-            error=self.error, layout=self.cfg.layout.name, layout_workers=self.cfg.layout.workers,
+            error=self.error, error_kind=self.error_kind, layout=self.cfg.layout.name, layout_workers=self.cfg.layout.workers,
             resumed_from=self.resumed_from, model=self.cfg.model.source, wall_seconds=now - self.started_at,
             assign_s=p.phase["assign_s"] / n, wait_s=p.phase["wait_s"] / n, update_s=p.phase["update_s"] / n,
             worker_fetch_s=p.phase["worker_fetch_s"] / n, worker_compute_s=p.phase["worker_compute_s"] / n,

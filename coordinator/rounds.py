@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from distzo.config import CoordinatorSection
+from distzo.config import MAX_MESSAGE_BYTES, CoordinatorSection
 from distzo.data import Batch
 from distzo.logs import kv
 from coordinator.registry import Registry, WorkerConn
@@ -31,6 +30,10 @@ TRANSIENT = {"version_timeout", "fetch", "stale", "internal", "gather", "lost", 
 
 class RoundFailed(RuntimeError):
     pass
+
+
+class BadInput(RoundFailed):
+    """A deterministic failure: the same forward fails the same way on any worker, so it is not retried."""
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Round:
         self.batches = {s: self._wire(s, b) for s, b in batches.items()}
         self.results: dict[Hashable, cpb.ForwardResult] = {}
         self.errors: dict[Hashable, str] = {}  # bad input: the forward cannot give a loss
+        self.last_error: dict[Hashable, str] = {}  # the latest transient failure of each forward (for the message)
         self.attempts: dict[Hashable, int] = {k: 0 for k in forwards}
         self.sent: dict[int, Sent] = {}
         self.pending_on: dict[Hashable, int] = {}  # key -> assignment id
@@ -77,6 +81,12 @@ class Round:
         a = cpb.Assignment(assignment_id=aid, step=self.step, version=self.version,
                            kind=self.kind if keys else "gather", forwards=specs,
                            batches=[self.batches[s] for s in shards], deadline_s=self.policy.assignment_timeout_s)
+        size = a.ByteSize()
+        if size > MAX_MESSAGE_BYTES:  # the worker's channel would refuse it and the session would drop, again and again
+            shapes = ", ".join(f"{self.batches[s].rows} x {self.batches[s].cols}" for s in shards)
+            raise BadInput(f"step {self.step}: the {self.kind} assignment of {shapes} tokens is {size / 1e6:.1f} MB, over "
+                           f"the {MAX_MESSAGE_BYTES >> 20} MiB gRPC message limit: lower train.batch_size or "
+                           "data.max_seq_len")
         with self.cond:
             self.sent[aid] = Sent(aid, worker, keys)
             for k in keys:
@@ -135,8 +145,9 @@ class Round:
                         del self.pending_on[k]
                         if r.error_kind in TRANSIENT:
                             self._requeue.append(k)
+                            self.last_error[k] = f"{r.error_kind} on {worker.worker_id}: {r.error}"
                         else:
-                            self.errors[k] = f"{r.error_kind}: {r.error}"
+                            self.errors[k] = f"{r.error_kind or 'error'} on {worker.worker_id}: {r.error}"
                 log.warning("forwards failed", extra=kv(step=self.step, worker=worker.worker_id, kind=r.error_kind, error=r.error))
             else:
                 for res in r.results:
@@ -189,6 +200,9 @@ class Round:
                         if self.pending_on.get(k) == aid:
                             del self.pending_on[k]
                             out.append(k)
+                    for k in sent.keys:
+                        self.last_error[k] = (f"worker {sent.worker.worker_id} was lost" if gone else
+                                              f"worker {sent.worker.worker_id} missed the deadline")
                     if late and not gone:
                         log.warning("assignment missed its deadline", extra=kv(step=self.step, worker=sent.worker.worker_id))
         return out
@@ -196,7 +210,9 @@ class Round:
     def _reassign(self, keys: list[Hashable]) -> None:
         for k in keys:
             if self.attempts[k] >= self.policy.max_attempts:
-                raise RoundFailed(f"step {self.step}: forward {k} failed {self.attempts[k]} times")
+                last = self.last_error.get(k)
+                raise RoundFailed(f"step {self.step}: forward {k} failed {self.attempts[k]} times"
+                                  + (f"; the last time: {last}" if last else ""))
         busy_ids = {s.worker.worker_id for s in self.sent.values()}
         while True:
             units = self.registry.units()
@@ -211,9 +227,13 @@ class Round:
         unit = min(units, key=lambda u: sum(len(m.inflight) for m in u))
         self.reassignments += len(keys)
         log.info("re-assigning forwards", extra=kv(step=self.step, forwards=len(keys), to=unit[0].worker_id))
-        self.dispatch_to_unit(unit, [keys])
+        by_shard: dict[int, list[Hashable]] = {}
+        for k in keys:  # one assignment per shard: each stays one batch's size, under the message limit
+            by_shard.setdefault(self.forwards[k].shard, []).append(k)
+        for group in by_shard.values():
+            self.dispatch_to_unit(unit, [group])
 
-    def loss(self, key: Hashable) -> float:
-        if key in self.errors:
-            return math.nan
-        return self.results[key].loss
+    def loss(self, key: Hashable) -> tuple[float, int]:
+        """(summed label loss, label tokens) of a forward that has a result."""
+        r = self.results[key]
+        return r.loss_sum, r.label_tokens

@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LayoutName = Literal["dual", "pertp", "ddp", "2d"]
+
+MAX_MESSAGE_BYTES = 64 << 20  # gRPC message limit of every channel (data-plane chunks are at most 16 MiB)
+TOKEN_BYTES = 4 + 1 + 4  # a token on the wire: int32 id, int8 attention mask, int32 label (protos BatchData)
+MESSAGE_HEADROOM = 1 << 20  # the rest of an assignment (forward specs, ids, protobuf framing)
+EVAL_BATCH_EXAMPLES = 32  # dev examples per eval chunk (one assignment)
 
 
 class ConfigError(ValueError):
@@ -20,7 +25,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf lr: no run
 
 
 class ModelSection(_Section):
@@ -35,13 +40,26 @@ class DataSection(_Section):
     max_seq_len: int = Field(64, ge=4, le=1 << 16)
     dev_examples: int | None = Field(None, ge=1, description="evaluate on the first N dev examples only")
 
-    @model_validator(mode="after")
-    def _template_has_text(self) -> "DataSection":
-        if "{text}" not in self.template:
+    @field_validator("template")
+    @classmethod
+    def _template_has_text(cls, template: str) -> str:
+        if "{text}" not in template:
             raise ValueError("template must contain the placeholder {text}")
-        if len(set(self.label_words)) != len(self.label_words):
+        try:
+            template.format(text="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"template {template!r} cannot be filled with only {{text}} ({type(exc).__name__}: "
+                             f"{exc}); write a literal brace as {{{{ or }}}}") from None
+        return template
+
+    @field_validator("label_words")
+    @classmethod
+    def _distinct_words(cls, words: list[str]) -> list[str]:
+        if any(not w.strip() for w in words):
+            raise ValueError("label_words must be non-blank words")
+        if len(set(words)) != len(words):
             raise ValueError("label_words must be distinct")
-        return self
+        return words
 
 
 class TrainSection(_Section):
@@ -111,8 +129,8 @@ class ServerSection(_Section):
 
 class RuntimeSection(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
-    threads: int = Field(1, ge=1, description="torch compute threads per worker (and for the reference)")
-    kernel_threads: int = Field(1, ge=1, description="threads for the perturbation kernels")
+    threads: int = Field(1, ge=1, le=1024, description="torch compute threads per worker (and for the reference)")
+    kernel_threads: int = Field(1, ge=1, le=1024, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
     cache_dir: str | None = Field(None, description="where presets are built; default ~/.cache/distzo")
 
@@ -170,6 +188,25 @@ class JobConfig(_Section):
         ddp = self.layout.ddp
         if self.train.batch_size % ddp:
             raise ValueError(f"train.batch_size {self.train.batch_size} must be divisible by the {ddp} data shards of layout {self.layout.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _assignments_fit_a_message(self) -> "JobConfig":
+        """A shard's batch (or an eval chunk) travels in one gRPC message: refuse one that cannot."""
+        budget = (MAX_MESSAGE_BYTES - MESSAGE_HEADROOM) // TOKEN_BYTES  # tokens per assignment
+        seq = self.data.max_seq_len
+        rows = self.train.batch_size // self.layout.ddp
+        if rows * seq > budget:
+            raise ValueError(
+                f"train.batch_size / data shards x data.max_seq_len = {rows} x {seq} = {rows * seq} tokens per "
+                f"assignment ({rows * seq * TOKEN_BYTES / 1e6:.1f} MB), over the {MAX_MESSAGE_BYTES >> 20} MiB gRPC "
+                f"message limit (at most {budget} tokens): lower train.batch_size or data.max_seq_len, or add data shards")
+        eval_rows = EVAL_BATCH_EXAMPLES * len(self.data.label_words)
+        if eval_rows * seq > budget:
+            raise ValueError(
+                f"an eval chunk of {EVAL_BATCH_EXAMPLES} examples x {len(self.data.label_words)} data.label_words x "
+                f"data.max_seq_len {seq} = {eval_rows * seq} tokens is over the {MAX_MESSAGE_BYTES >> 20} MiB gRPC "
+                f"message limit (at most {budget} tokens): lower data.max_seq_len")
         return self
 
     # ------------------------------------------------------------------ loading

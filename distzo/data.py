@@ -96,8 +96,26 @@ def load_jsonl(path: str | Path, label_words: Sequence[str]) -> list[Example]:
     return examples
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class TaskEncoder:
-    """Turns examples into token batches for one tokenizer, template and label words."""
+    """Turns examples into token batches for one tokenizer, template and label words.
+
+    A row is the tokenization of the whole string ``template(text) + " " + word`` (no extra space
+    when the template ends in whitespace), after the tokenizer's leading special tokens (BOS). The
+    label tokens are what the word adds in context: the tokens past the longest common prefix with
+    the prompt's own tokenization (lm-evaluation-harness's rule). Encoding the word on its own
+    would be wrong for SentencePiece tokenizers, where ``" terrible"`` alone gives
+    ``['▁', '▁terrible']`` but after "It was" only ``['▁terrible']``. A row longer than
+    ``max_seq_len`` loses tokens from the start of the text, never the special prefix or the word.
+    """
 
     def __init__(self, tokenizer, template: str, label_words: Sequence[str], max_seq_len: int):  # noqa: ANN001
         self.tokenizer = tokenizer
@@ -108,36 +126,94 @@ class TaskEncoder:
         if pad is None:
             raise DataError("the tokenizer has neither a pad nor an eos token to pad with")
         self.pad_id = int(pad)
-        self.label_ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in self.label_words]
+        self._prompts: dict[str, list[int]] = {}
+        self._pairs: dict[tuple[str, int], tuple[list[int], int]] = {}
+        probe = "This is a sentence"
+        with_special = self._encode(template.format(text=probe), special=True, what="data.template")
+        plain = self._encode(template.format(text=probe), special=False, what="data.template")
+        at = next((i for i in range(len(with_special) - len(plain) + 1) if with_special[i : i + len(plain)] == plain), 0)
+        self.prefix = with_special[:at]  # BOS and the like; trailing specials (EOS) never go before the word
+        unk = tokenizer.unk_token_id
+        if unk is not None and unk in plain:
+            pieces = [t for t, i in zip(tokenizer.convert_ids_to_tokens(plain), plain) if i == unk]
+            raise DataError(f"data.template {template!r}: the tokenizer cannot encode part of it (gives the unknown "
+                            f"token {pieces[0]!r}); use characters its vocabulary has")
+        # the label words in the template's context: eval's candidates, and the length check
+        self.label_ids = [self._pair(probe, c)[0][self._pair(probe, c)[1] :] for c in range(len(self.label_words))]
+        budget = max_seq_len - len(self.prefix) - 1  # at least one token to predict the word from
         for w, ids in zip(self.label_words, self.label_ids):
-            if not ids:
-                raise DataError(f"label word {w!r} encodes to no tokens")
-            if len(ids) >= max_seq_len:
-                raise DataError(f"label word {w!r} needs {len(ids)} tokens, more than max_seq_len={max_seq_len}")
-        self._cache: dict[str, list[int]] = {}
+            if unk is not None and unk in ids:
+                raise DataError(f"data.label_words: the tokenizer cannot encode {w!r} (gives the unknown token)")
+            if len(ids) > budget:
+                raise DataError(f"data.label_words: {w!r} needs {len(ids)} tokens, more than data.max_seq_len="
+                                f"{max_seq_len} leaves after the special tokens and one prompt token")
+        seen: dict[tuple[int, ...], str] = {}
+        for w, ids in zip(self.label_words, self.label_ids):
+            if tuple(ids) in seen:
+                raise DataError(f"data.label_words: {seen[tuple(ids)]!r} and {w!r} are the same tokens {ids} for this "
+                                "tokenizer, so no model can tell them apart")
+            seen[tuple(ids)] = w
+
+    def _encode(self, text: str, special: bool, what: str = "the data") -> list[int]:
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=special))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raise many kinds
+            raise DataError(f"{what}: the tokenizer cannot encode {text[:80]!r}: {exc}") from None
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Batch encoding (no special tokens): the tokenizer's fast path, same ids as ``_encode``."""
+        if not texts:
+            return []
+        try:
+            return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        except Exception:  # noqa: BLE001 - find the text that fails, one by one
+            return [self._encode(t, special=False) for t in texts]
+
+    def _separator(self, prompt_text: str, word: str) -> str:
+        return "" if prompt_text[-1:].isspace() or word[:1].isspace() else " "
 
     def _prompt(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
+        ids = self._prompts.get(text)
         if ids is None:
-            ids = self.tokenizer.encode(self.template.format(text=text), add_special_tokens=True)
-            self._cache[text] = ids
+            ids = self._encode(self.template.format(text=text), special=False)
+            self._prompts[text] = ids
         return ids
 
-    def _rows(self, pairs: Sequence[tuple[str, int]]) -> Batch:
-        seqs, label_spans = [], []
-        for text, label in pairs:
-            target = self.label_ids[label]
-            prompt = self._prompt(text)[-(self.max_seq_len - len(target)) :]  # keep the template's end
-            seqs.append(prompt + target)
-            label_spans.append((len(prompt), len(prompt) + len(target)))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.int64)
-        mask = torch.zeros((len(seqs), width), dtype=torch.int64)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.int64)
-        for i, (s, (a, b)) in enumerate(zip(seqs, label_spans)):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
-            mask[i, : len(s)] = 1
-            labels[i, a:b] = ids[i, a:b]
+    def _pair(self, text: str, label: int) -> tuple[list[int], int]:
+        """The tokens of prompt + word (no special tokens) and where the word's tokens start."""
+        key = (text, label)
+        got = self._pairs.get(key)
+        if got is None:
+            prompt_text = self.template.format(text=text)
+            word = self.label_words[label]
+            whole = self._encode(prompt_text + self._separator(prompt_text, word) + word, special=False)
+            start = _common_prefix(self._prompt(text), whole)
+            if start == len(whole):
+                raise DataError(f"data.label_words: {word!r} adds no tokens after the prompt {prompt_text[-40:]!r}")
+            got = (whole, start)
+            self._pairs[key] = got
+        return got
+
+    def _row(self, text: str, label: int) -> tuple[list[int], int]:
+        """One row (special prefix + prompt + word, cut to max_seq_len from the text's start) and its label start."""
+        whole, start = self._pair(text, label)
+        room = self.max_seq_len - len(self.prefix)
+        if len(whole) - start >= room:
+            raise DataError(f"data.label_words: {self.label_words[label]!r} needs {len(whole) - start} tokens after "
+                            f"{text[:40]!r}, more than data.max_seq_len={self.max_seq_len} leaves")
+        cut = max(0, len(whole) - room)
+        return self.prefix + whole[cut:], len(self.prefix) + start - cut
+
+    def _rows(self, pairs: Sequence[tuple[str, int]], last_label_token_only: bool = False) -> Batch:
+        rows = [self._row(text, label) for text, label in pairs]
+        width = max(len(r) for r, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.int64)
+        for i, (r, a) in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+            mask[i, : len(r)] = 1
+            labels[i, a : len(r)] = ids[i, a : len(r)]
         return Batch(ids, mask, labels)
 
     def train_batch(self, examples: Sequence[Example]) -> Batch:
@@ -145,21 +221,49 @@ class TaskEncoder:
 
     @property
     def eval_candidates(self) -> tuple[int, ...]:
-        """The label words' token ids when each is one token (eval then scores them all from one row), else ()."""
+        """The label words' in-context token ids when each is one token (eval then scores them all from one row), else ()."""
         if all(len(ids) == 1 for ids in self.label_ids):
             return tuple(ids[0] for ids in self.label_ids)
         return ()
 
+    def _one_row_fits(self, example: Example) -> bool:
+        """Every label word adds exactly its candidate token to the same prompt tokens for this example."""
+        cands = self.eval_candidates
+        pairs = [self._pair(example.text, c) for c in range(len(self.label_words))]
+        prompt = pairs[0][0][: pairs[0][1]]
+        return all(whole[start:] == [cands[c]] and whole[:start] == prompt for c, (whole, start) in enumerate(pairs))
+
     def prompt_length(self, example: Example) -> int:
         return len(self._prompt(example.text))
 
-    def eval_batch(self, examples: Sequence[Example]) -> Batch:
-        """Rows to score every candidate label word of each example.
+    def check(self, examples: Sequence[Example], every_label: bool = False) -> None:
+        """Encode every example (with its label word, or with every one) now, in batches, so a bad one
+        fails before training (DataError) and the rows are cached."""
+        pairs = [(e.text, c) for e in examples for c in (range(len(self.label_words)) if every_label else [e.label])]
+        texts = sorted({t for t, _ in pairs if t not in self._prompts})
+        for t, ids in zip(texts, self._encode_many([self.template.format(text=t) for t in texts])):
+            self._prompts[t] = ids
+        todo = sorted({p for p in pairs if p not in self._pairs})
+        wholes = []
+        for t, c in todo:
+            prompt_text, word = self.template.format(text=t), self.label_words[c]
+            wholes.append(prompt_text + self._separator(prompt_text, word) + word)
+        for (t, c), whole in zip(todo, self._encode_many(wholes)):
+            start = _common_prefix(self._prompts[t], whole)
+            if start == len(whole):
+                raise DataError(f"data.label_words: {self.label_words[c]!r} adds no tokens after the prompt of {t[:40]!r}")
+            self._pairs[(t, c)] = (whole, start)
+        for t, c in pairs:
+            self._row(t, c)
 
-        Single-token label words (``eval_candidates``): one row per example, its label position
-        marked with the first word (the forward reads every candidate's log-prob there).
-        Otherwise one row per example and candidate, example-major.
+    def eval_batch(self, examples: Sequence[Example]) -> tuple[Batch, tuple[int, ...]]:
+        """Rows to score every candidate label word of each example, and the candidates to score.
+
+        Single-token label words (``eval_candidates``) that each example's prompt takes as the same
+        one token: one row per example, its label position marked with the first word (the forward
+        reads every candidate's log-prob there). Otherwise one row per example and candidate,
+        example-major, and no candidates.
         """
-        if self.eval_candidates:
-            return self._rows([(e.text, 0) for e in examples])
-        return self._rows([(e.text, c) for e in examples for c in range(len(self.label_words))])
+        if self.eval_candidates and all(self._one_row_fits(e) for e in examples):
+            return self._rows([(e.text, 0) for e in examples]), self.eval_candidates
+        return self._rows([(e.text, c) for e in examples for c in range(len(self.label_words))]), ()

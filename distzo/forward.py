@@ -27,7 +27,7 @@ from distzo.config import ConfigError
 from distzo.data import Batch
 from distzo.generator import Distribution
 from distzo.mezo import perturb_block
-from distzo.modeling import BlockModel
+from distzo.modeling import BlockModel, causal_lm_logits
 
 IGNORE = -100
 
@@ -38,16 +38,17 @@ class ForwardJob:
     seed: int = 0
     coef: float = 0.0  # sign * eps; 0.0 runs the clean weights
     want_scores: bool = False  # per-row summed log-prob of the label tokens (eval)
-    want_logits: bool = False  # full logits (tests)
+    want_logits: bool = False  # logits at every position, [B, T, V] (tests)
     # with want_scores: score these token ids at each row's one label position instead (scores [rows, C])
     candidates: tuple[int, ...] = ()
 
 
 @dataclass
 class JobResult:
-    loss: float  # mean cross-entropy over the label tokens
+    loss: float  # mean cross-entropy over the label tokens (loss_sum / label_tokens)
     label_tokens: int
     tokens: int  # attended tokens in the batch
+    loss_sum: float = 0.0  # summed cross-entropy over the label tokens (summed in fp64): what shards add up
     scores: torch.Tensor | None = None  # float64: [rows], or [rows, len(candidates)]
     logits: torch.Tensor | None = None
 
@@ -180,6 +181,11 @@ class ForwardEngine:
         self.last_peak_copy_bytes = 0
         for mod in model.module_refs:
             mod.register_forward_pre_hook(self._pre_hook)
+        # the output embedding sees only the hidden states of the label positions (logits [1, n, V],
+        # not [B, P, V]); what the family's forward does after it (scaling, soft-capping) is elementwise
+        self._head = model.skeleton.get_output_embeddings()
+        if self._head is not None:
+            self._head.register_forward_pre_hook(self._gather_label_positions)
 
     # ------------------------------------------------------------------ perturbation
     def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob]) -> list[torch.Tensor]:
@@ -205,13 +211,26 @@ class ForwardEngine:
             raise RuntimeError("the model skeleton has no weights outside ForwardEngine.run")
         run, j = ctx
         b = self.model.module_block[module]
-        if b != run.current[j]:
-            if b < run.current[j]:
-                raise RuntimeError(f"module of block {b} ran after block {run.current[j]}: not a block-ordered model")
-            run.lockstep.move(j, b, run.release_passed)
-            run.current[j] = b
-        refs = self.model.module_refs[module]
-        self.model.bind(module, {r.block: run.views(j, r.block) for r in refs})
+        if b == run.current[j]:
+            return
+        if b < run.current[j]:
+            raise RuntimeError(f"module of block {b} ran after block {run.current[j]}: not a block-ordered model")
+        run.lockstep.move(j, b, run.release_passed)
+        run.current[j] = b
+        # the whole block at once: a layer may read a parameter of one of its modules without calling it
+        for mod in self.model.block_modules[b]:
+            self.model.bind(mod, {r.block: run.views(j, r.block) for r in self.model.module_refs[mod]})
+
+    def _gather_label_positions(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
+        picks = getattr(self._tls, "picks", None)
+        if picks is None or not args:
+            return None
+        rows, cols, kept_cols, kept = picks
+        hidden = args[0]
+        if not (isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.dim() == 3):
+            return None  # not hidden states (a module shared with the input embedding): leave it alone
+        at = kept_cols if hidden.shape[1] == kept else cols  # the family kept only `positions`, or all
+        return (hidden[rows, at].unsqueeze(0), *args[1:])
 
     # ------------------------------------------------------------------ running
     def run(self, jobs: list[ForwardJob], feed: BlockFeed) -> list[JobResult]:
@@ -252,41 +271,56 @@ class ForwardEngine:
             run.lockstep.finish(j)
 
     def _forward(self, job: ForwardJob) -> JobResult:
-        skel = self.model.skeleton
+        model = self.model
         batch = job.batch
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
-        hidden = skel.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        head = skel.get_output_embeddings()
-        logits_full = head(hidden).float() if job.want_logits else None
         labels = batch.labels.to(self.device)[:, 1:]
         picked = labels != IGNORE
         n = int(picked.sum())
         if n == 0:
             raise ValueError("the batch has no label tokens to compute a loss on")
-        if logits_full is not None:
-            logits = logits_full[:, :-1][picked]
+        rows, cols = picked.nonzero(as_tuple=True)  # row-major: position cols predicts token cols + 1
+        # the family's own forward (final norm, head, logit scaling or soft-capping), with logits
+        # only at the positions some row predicts a label from
+        if job.want_logits:
+            logits_full = causal_lm_logits(model.skeleton, ids, mask, None, model.forward_extra, model.keeps_logits).float()
+            logits = logits_full[rows, cols]
         else:
-            logits = head(hidden[:, :-1][picked]).float()
+            logits_full = None
+            positions = torch.unique(cols)
+            kept_cols = torch.searchsorted(positions, cols)
+            self._tls.picks = (rows, cols, kept_cols, positions.numel()) if self._head is not None else None
+            try:
+                out = causal_lm_logits(model.skeleton, ids, mask, positions, model.forward_extra, model.keeps_logits,
+                                       select=self._head is None)
+            finally:
+                self._tls.picks = None
+            if self._head is not None:
+                if out.shape[:2] != (1, n):
+                    raise RuntimeError(f"{model.config.model_type}: the logits after the output embedding have shape "
+                                       f"{tuple(out.shape)}, expected (1, {n}, vocab): the family reshapes them")
+                logits = out[0].float()
+            else:
+                logits = out[rows, kept_cols].float()
         logp = torch.log_softmax(logits, dim=-1)
         token_logp = logp.gather(1, labels[picked].unsqueeze(1)).squeeze(1)
-        loss = float(-token_logp.sum() / n)
+        loss_sum = float(-token_logp.double().sum())  # fp64: shards add up to the whole batch's sum
         scores = None
         if job.want_scores and job.candidates:
-            rows = picked.nonzero()[:, 0]
             if rows.numel() != ids.shape[0] or not torch.equal(rows, torch.arange(ids.shape[0], device=rows.device)):
                 raise ValueError("scoring candidates needs exactly one label position in every row")
             cand = torch.tensor(job.candidates, dtype=torch.long, device=logits.device)
             scores = logp[:, cand].to(torch.float64).cpu()
         elif job.want_scores:
-            rows = picked.nonzero()[:, 0]
             scores = torch.zeros(ids.shape[0], dtype=torch.float64, device=self.device)
             scores.index_add_(0, rows, token_logp.to(torch.float64))
             scores = scores.cpu()
         return JobResult(
-            loss=loss,
+            loss=loss_sum / n,
             label_tokens=n,
             tokens=int(mask.sum()),
+            loss_sum=loss_sum,
             scores=scores,
             logits=logits_full.cpu() if logits_full is not None else None,
         )

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import torch
 
-from distzo.config import JobConfig
+from distzo.config import EVAL_BATCH_EXAMPLES, JobConfig
 from distzo.data import Batch, DataError, Example, TaskEncoder, load_jsonl
 from distzo.modeling import ModelError, load_config
 from distzo.plan import StepPlan, shard_bounds
 from distzo.catalog import resolve_model, resolve_task
-
-EVAL_BATCH_EXAMPLES = 32
 
 
 @dataclass
@@ -38,6 +36,7 @@ class JobData:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelError(f"no usable tokenizer in {str(model_dir)!r}: {exc}") from None
+        check_tokenizer_fits_model(tokenizer, config, model_dir)
         encoder = TaskEncoder(tokenizer, cfg.data.template, cfg.data.label_words, cfg.data.max_seq_len)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if limit is not None and cfg.data.max_seq_len > limit:
@@ -56,6 +55,8 @@ class JobData:
             train, dev = train[:cut], train[cut:]
         if cfg.data.dev_examples is not None:
             dev = dev[: cfg.data.dev_examples]
+        encoder.check(train)  # every row is encodable now, not at step 10 000
+        encoder.check(dev, every_label=True)
         return cls(cfg, model_dir, encoder, train, dev)
 
     def shard_batches(self, plan: StepPlan) -> list[Batch]:
@@ -63,14 +64,33 @@ class JobData:
         examples = [self.train[i] for i in plan.examples]
         return [self.encoder.train_batch(examples[a:b]) for a, b in shard_bounds(len(examples), self.cfg.layout.ddp)]
 
-    def eval_chunks(self) -> list[tuple[list[Example], Batch]]:
-        """The dev split in batches of similar length (less padding), each with its candidate rows."""
+    def eval_chunks(self) -> list[tuple[list[Example], Batch, tuple[int, ...]]]:
+        """The dev split in batches of similar length (less padding): examples, candidate rows, candidate ids."""
         order = sorted(self.dev, key=self.encoder.prompt_length)
         out = []
         for a in range(0, len(order), EVAL_BATCH_EXAMPLES):
             chunk = order[a : a + EVAL_BATCH_EXAMPLES]
-            out.append((chunk, self.encoder.eval_batch(chunk)))
+            out.append((chunk, *self.encoder.eval_batch(chunk)))
         return out
+
+
+def check_tokenizer_fits_model(tokenizer, config, model_dir: Path) -> None:  # noqa: ANN001
+    """Refuse (ModelError) a tokenizer that can produce ids the model's embedding does not have."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    where = f"{str(model_dir)!r}: the tokenizer and the weights disagree"
+    for name in ("pad", "bos", "eos", "unk"):
+        tid = getattr(tokenizer, f"{name}_token_id", None)
+        if isinstance(tid, int) and not 0 <= tid < vocab:
+            raise ModelError(f"{where}: the {name} token {getattr(tokenizer, f'{name}_token')!r} has id {tid}, outside "
+                             f"the model's vocabulary of {vocab} (ids 0..{vocab - 1})")
+    for tid in tokenizer.all_special_ids:
+        if not 0 <= tid < vocab:
+            raise ModelError(f"{where}: special token id {tid} is outside the model's vocabulary of {vocab}")
+    if len(tokenizer) > vocab:
+        raise ModelError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model's embedding {vocab} rows "
+                         "(token ids past the embedding would fail in the forward)")
 
 
 @dataclass
@@ -79,12 +99,14 @@ class EvalTally:
 
     n_labels: int
     examples: int = 0
+    nonfinite: int = 0  # examples with a non-finite candidate score: no loss or accuracy is computed from them
     _parts: list[tuple[int, float, int, int]] = field(default_factory=list)
 
     def add(self, chunk_index: int, examples: list[Example], batch: Batch, scores: torch.Tensor, candidates: bool) -> None:
         """``scores``: each example's summed log-prob of each candidate, [examples * n_labels] or
         [examples, n_labels]; ``candidates``: the chunk was scored one row per example (single-token labels)."""
         s = scores.reshape(len(examples), self.n_labels)
+        self.nonfinite += int((~torch.isfinite(s)).any(dim=1).sum())
         if candidates:
             t = torch.ones_like(s, dtype=torch.int64)
         else:
@@ -100,6 +122,10 @@ class EvalTally:
         self.examples += len(examples)
 
     def result(self) -> dict[str, float]:
+        """Dev loss (nats per label token) and accuracy; both NaN when any score was not finite
+        (diverged weights: an argmax over NaN is no prediction)."""
+        if self.nonfinite:
+            return {"dev_loss": math.nan, "dev_accuracy": math.nan, "dev_examples": self.examples}
         # sum in chunk order so the figure does not depend on which worker finished first
         parts = sorted(self._parts)
         logp = sum(p[1] for p in parts)

@@ -2,8 +2,9 @@
 
 One step t with directions j = 1..q (seed s_j), DDP shards d = 1..D, step size eps:
 
-    l±_{j,d} = L(theta ± eps * z(s_j); shard d)                 (forward.py)
-    g_j      = mean_d (l+_{j,d} - l-_{j,d}) / (2 eps)            projected_gradients
+    S±_{j,d} = summed label-token loss at theta ± eps * z(s_j) on shard d, over N_d tokens   (forward.py)
+    l±_j     = sum_d S±_{j,d} / sum_d N_d                         sign_losses (token-weighted)
+    g_j      = (l+_j - l-_j) / (2 eps)                            projected_gradients
     g_j      = clip(g_j, ±clip)                                  (when configured)
     theta   <- theta - lr_t * ((1/q) sum_j g_j z(s_j) + wd * theta)   apply_update
                                                   (wd = 0 for biases and norms)
@@ -71,17 +72,29 @@ def perturb_block(
     return perturb_device(clean, global_offset, seed, dist, coefs, out_dtype)  # GPU path
 
 
-def projected_gradients(
-    losses: Mapping[tuple[int, int, int], float], q: int, shards: int, eps: float
-) -> list[float]:
-    """g_j = mean over shards of (l+ - l-) / (2 eps); ``losses[(j, d, sign)]`` with sign in {+1, -1}."""
-    gs = []
+def sign_losses(losses: Mapping[tuple[int, int, int], tuple[float, int]], q: int, shards: int) -> dict[tuple[int, int], float]:
+    """l_{j,sign} = sum_d S_{j,d,sign} / sum_d N_{j,d,sign}: the mean loss over every label token of the batch.
+
+    ``losses[(j, d, sign)] = (S, N)``: shard d's summed cross-entropy over its N label tokens. Adding
+    sums and counts makes the loss the same function of the batch whatever the number of shards
+    (up to float rounding); a mean of per-shard means would weight an example by 1/(its shard's N).
+    """
+    out = {}
     for j in range(q):
-        total = 0.0
-        for d in range(shards):
-            total += (losses[(j, d, 1)] - losses[(j, d, -1)]) / (2.0 * eps)
-        gs.append(total / shards)
-    return gs
+        for sign in (1, -1):
+            total, count = 0.0, 0
+            for d in range(shards):
+                s, n = losses[(j, d, sign)]
+                total += s
+                count += n
+            out[(j, sign)] = total / count if count else math.nan
+    return out
+
+
+def projected_gradients(losses: Mapping[tuple[int, int, int], tuple[float, int]], q: int, shards: int, eps: float) -> list[float]:
+    """g_j = (l+_j - l-_j) / (2 eps), l±_j token-weighted over the shards (``sign_losses``)."""
+    per = sign_losses(losses, q, shards)
+    return [(per[(j, 1)] - per[(j, -1)]) / (2.0 * eps) for j in range(q)]
 
 
 def clip_gradient(g: float, clip: float | None) -> float:
@@ -110,7 +123,7 @@ def learning_rate(step: int, base_lr: float, schedule: str, total_steps: int, wa
 @dataclass
 class StepOutcome:
     record: UpdateRecord
-    loss: float  # mean of (l+ + l-)/2 over shards and directions (nan when skipped)
+    loss: float  # mean of (l+ + l-)/2 over directions (nan when skipped)
     nonfinite: bool = False
     loss_plus: float = math.nan  # mean of the l+ losses (nan when skipped)
     loss_minus: float = math.nan  # mean of the l- losses
@@ -119,23 +132,27 @@ class StepOutcome:
 def make_update(
     step: int,
     seeds: Sequence[int],
-    losses: Mapping[tuple[int, int, int], float],
+    losses: Mapping[tuple[int, int, int], tuple[float, int]],
     shards: int,
     eps: float,
     lr: float,
     weight_decay: float,
     clip: float | None,
 ) -> StepOutcome:
-    """Turn one step's losses into its update record (skipped when a loss is not finite)."""
+    """Turn one step's (summed loss, label tokens) per forward into its update record.
+
+    Skipped when a loss is not finite: no g, no loss, nothing averaged from non-finite values.
+    """
     q = len(seeds)
-    values = [losses[(j, d, s)] for j in range(q) for d in range(shards) for s in (1, -1)]
-    if not all(math.isfinite(v) for v in values):
+    sums = [losses[(j, d, s)][0] for j in range(q) for d in range(shards) for s in (1, -1)]
+    if not all(math.isfinite(v) for v in sums):
         return StepOutcome(UpdateRecord(step, (), lr, weight_decay, skipped=True), math.nan, nonfinite=True)
-    gs = projected_gradients(losses, q, shards, eps)
+    per = sign_losses(losses, q, shards)
+    gs = [(per[(j, 1)] - per[(j, -1)]) / (2.0 * eps) for j in range(q)]
     dirs = tuple(Direction(seed=s, g=clip_gradient(g, clip)) for s, g in zip(seeds, gs))
-    plus, minus = values[0::2], values[1::2]
-    return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), sum(values) / len(values),
-                       loss_plus=sum(plus) / len(plus), loss_minus=sum(minus) / len(minus))
+    plus, minus = [per[(j, 1)] for j in range(q)], [per[(j, -1)] for j in range(q)]
+    return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), (sum(plus) + sum(minus)) / (2 * q),
+                       loss_plus=sum(plus) / q, loss_minus=sum(minus) / q)
 
 
 # ----------------------------------------------------------------------------- server side

@@ -2,15 +2,24 @@
 
 One generic mechanism, no per-family files: the model is built with empty (meta)
 parameters and its real buffers (rotary tables), the decoder layers are the largest
-``nn.ModuleList``, and a tracing forward records which parameter-owning modules run
-before the layers (embedding block) and after them (head block). The skeleton's own
-``forward`` then runs with each module's parameters bound, just in time, to views of
-the block buffers (see ``forward.py``). A new family that follows the usual layout
-(embeddings -> layer list -> norm -> lm_head) needs no code.
+``nn.ModuleList``, and a tracing run of the family's own causal-LM ``forward`` records
+which parameter-owning modules run before the layers (embedding block) and after them
+(head block: final norm, ``lm_head``, and whatever the family's forward does to the logits,
+such as scaling or soft-capping, runs as its own code). The skeleton's own ``forward`` then
+runs with each module's parameters bound, just in time, to views of the block buffers (see
+``forward.py``).
+
+The trace also checks, up front, that this binding gives the family's own forward: every
+parameter is read only while its module runs (else it would still be empty: the trace
+fails), and modules run in block order (a module that runs again after a later block, as
+in models that share weights across layers, cannot be streamed block by block). A family
+that fails either check, or that ``distzo.families`` refuses, is refused by name with the
+reason.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -26,8 +35,6 @@ from distzo.blocks import BlockSpec, Manifest, block_views, build_manifest, flat
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("opt", "gpt2", "llama", "qwen2", "qwen3", "mistral")
-
 
 class ModelError(ValueError):
     """The model path or config is not a supported causal LM."""
@@ -40,7 +47,12 @@ class ParamRef:
     name: str  # canonical tensor name in that block
 
 
-def load_config(model_dir: str | Path) -> PretrainedConfig:
+def load_config(model_dir: str | Path, verify: bool = True) -> PretrainedConfig:
+    """The model directory's config, refused (ModelError) unless it is a supported decoder-only causal LM.
+
+    ``verify``: for a family outside ``families.TESTED_FAMILIES``, also check numerically, on a
+    small random model of the same config, that the block forward equals transformers' forward.
+    """
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelError(f"model directory {str(path)!r} does not exist")
@@ -50,14 +62,14 @@ def load_config(model_dir: str | Path) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types for bad configs
         raise ModelError(f"cannot read the model config in {str(path)!r}: {exc}") from exc
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from distzo import families
 
-    # encoder families (BERT, RoBERTa) carry is_decoder=False; decoder-only configs do not have it
-    encoder = getattr(config, "is_decoder", True) is False or getattr(config, "is_encoder_decoder", False)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
-        kind = "an encoder" if encoder else "not a causal language"
-        raise ModelError(f"{str(path)!r} holds a {config.model_type!r} model ({kind} model), not a decoder-only causal LM "
-                         f"(tested families: {', '.join(SUPPORTED_FAMILIES)})")
+    reason = families.refusal(config)
+    if reason is not None:
+        raise ModelError(f"{str(path)!r} holds a {config.model_type!r} model, not a decoder-only causal LM that "
+                         f"distzo can train: {reason}")
+    if verify:
+        families.verify_untested(config, where=str(path))
     return config
 
 
@@ -66,11 +78,13 @@ _BUILD_LOCK = threading.RLock()
 
 
 def _empty_model(config: PretrainedConfig) -> nn.Module:
+    """The family's causal-LM class on meta parameters; attention as transformers picks it (sdpa, else eager)."""
     try:
         with _BUILD_LOCK, init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    except ValueError as exc:
-        raise ModelError(f"model type {config.model_type!r} is not a causal language model: {exc}") from exc
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for configs it cannot build
+        raise ModelError(f"transformers cannot build a {config.model_type!r} causal LM from this config: "
+                         f"{type(exc).__name__}: {exc}") from exc
     model.tie_weights()
     model.eval()  # no dropout: the loss must be a deterministic function of the weights
     for p in model.parameters():
@@ -90,41 +104,111 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _trace_call_order(model: nn.Module) -> list[str]:
-    """Names of parameter-owning modules in the order a forward first calls them.
+def forward_kwargs(model: nn.Module) -> tuple[dict[str, object], bool]:
+    """Keyword arguments for the family's causal-LM forward, and whether it takes ``logits_to_keep``."""
+    params = inspect.signature(type(model).forward).parameters
+    extra: dict[str, object] = {}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    return extra, "logits_to_keep" in params
 
-    Runs one tiny forward with each module's parameters materialized (uninitialized) only
-    while it runs, so the trace costs one module's memory at a time.
+
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     positions: torch.Tensor | None, extra: dict[str, object], keep: bool,
+                     select: bool = True) -> torch.Tensor:
+    """The family's own forward: logits [B, P, V] at the sorted sequence ``positions`` (all when None).
+
+    ``select=False``: return the logits as the forward gives them (a hook on the output embedding
+    has already picked the positions).
+    """
+    kwargs = dict(extra)
+    if positions is not None and keep:
+        kwargs["logits_to_keep"] = positions
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if select and positions is not None and (not keep or logits.shape[1] != positions.numel()):
+        logits = logits[:, positions.to(logits.device)]
+    return logits
+
+
+def _trace_call_order(model: nn.Module, layers_path: str, extra: dict[str, object], keep: bool) -> list[str]:
+    """Names of parameter-owning modules in the order a forward calls them (every call).
+
+    Runs one tiny forward of the family's causal-LM ``forward`` with parameters materialized
+    (zeros) the way the engine binds them: a decoder layer's, all of them, from the first call
+    into that layer until a call outside it; any other module's only while it runs. The trace
+    costs one layer's (or module's) memory at a time, and a parameter read where the engine
+    would not have it bound fails the trace (it is still empty).
     """
     order: list[str] = []
-    seen: set[str] = set()
-    handles = []
+    prefix = layers_path + "."
+    saved: dict[nn.Module, list[dict[str, object]]] = {}
 
-    def pre(mod: nn.Module, _args: object, name: str) -> None:
-        if name not in seen:
-            seen.add(name)
-            order.append(name)
-        mod._distzo_saved = dict(mod._parameters)  # type: ignore[attr-defined]
+    def unit_of(name: str) -> str | None:
+        return prefix + name[len(prefix) :].split(".")[0] if name.startswith(prefix) else None
+
+    owners = [(name, mod) for name, mod in model.named_modules() if any(True for _ in mod.parameters(recurse=False))]
+    layer_members: dict[str, list[nn.Module]] = {}
+    for name, mod in owners:
+        unit = unit_of(name)
+        if unit is not None:
+            layer_members.setdefault(unit, []).append(mod)
+    current: list[str | None] = [None]
+
+    def materialize(mod: nn.Module) -> None:
+        saved.setdefault(mod, []).append(dict(mod._parameters))
         for key, p in mod._parameters.items():
-            if p is not None:
+            if p is not None and p.device.type == "meta":
                 mod._parameters[key] = torch.zeros(p.shape, dtype=torch.float32)
 
-    def post(mod: nn.Module, _args: object, _out: object) -> None:
-        mod._parameters.update(mod._distzo_saved)  # type: ignore[attr-defined]
-        del mod._distzo_saved  # type: ignore[attr-defined]
+    def restore(mod: nn.Module) -> None:
+        mod._parameters.update(saved[mod].pop())
+        if not saved[mod]:
+            del saved[mod]
 
-    for name, mod in model.named_modules():
-        if any(True for _ in mod.parameters(recurse=False)):
-            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
-            handles.append(mod.register_forward_hook(post))
+    def pre(mod: nn.Module, args: tuple, name: str) -> None:
+        order.append(name)
+        if any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+            # e.g. ``input_ids.to(self.embed_tokens.weight.device)``: read from an empty weight before it is bound
+            raise ModelError(f"{type(model).__name__}: module {name!r} is given a tensor on the empty (meta) device: "
+                             "the forward uses one of its parameters (its device or values) before calling it")
+        unit = unit_of(name)
+        if unit != current[0]:
+            if current[0] is not None:
+                for m in layer_members[current[0]]:
+                    restore(m)
+            current[0] = unit
+            if unit is not None:
+                for m in layer_members[unit]:
+                    materialize(m)
+        if unit is None:
+            materialize(mod)
+
+    def post(mod: nn.Module, _args: object, _out: object, name: str) -> None:
+        if unit_of(name) is None:
+            restore(mod)
+
+    handles = []
+    for name, mod in owners:
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: post(m, a, o, n)))
     try:
         ids = torch.zeros(1, 2, dtype=torch.long)
         with torch.inference_mode():
-            hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-            model.get_output_embeddings()(hidden)
+            logits = causal_lm_logits(model, ids, torch.ones_like(ids), torch.tensor([1]), extra, keep)
+        if logits.shape[:2] != (1, 1):
+            raise ModelError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for one position")
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a forward that cannot run on bound parameters
+        raise ModelError(f"{type(model).__name__}'s forward cannot run with its weights streamed block by block "
+                         f"(a parameter is read outside its layer or module, or the forward needs more than "
+                         f"token ids): {type(exc).__name__}: {str(exc)[:300]}") from exc
     finally:
         for h in handles:
             h.remove()
+        for mod, stack in list(saved.items()):
+            mod._parameters.update(stack[0])
     return order
 
 
@@ -140,9 +224,12 @@ class BlockModel:
         self.num_blocks = num_layers + 2
         self.head_block = num_layers + 1
 
+        self.forward_extra, self.keeps_logits = forward_kwargs(self.skeleton)
         with _BUILD_LOCK:
-            call_order = _trace_call_order(self.skeleton)
-        call_index = {name: i for i, name in enumerate(call_order)}
+            call_order = _trace_call_order(self.skeleton, self.layers_path, self.forward_extra, self.keeps_logits)
+        call_index: dict[str, int] = {}
+        for i, name in enumerate(call_order):
+            call_index.setdefault(name, i)
         layer_prefix = self.layers_path + "."
         first_layer_call = min(
             (i for n, i in call_index.items() if n.startswith(layer_prefix)), default=len(call_order)
@@ -155,6 +242,8 @@ class BlockModel:
             if idx is not None and idx < first_layer_call:
                 return 0
             return self.head_block  # after the layers, or never called
+
+        self._check_block_order(call_order, module_block)
 
         # Which module names use each parameter object, and in what order they run.
         users: dict[int, list[tuple[str, str, int]]] = {}
@@ -221,6 +310,19 @@ class BlockModel:
             r.block for m, refs in self.module_refs.items() for r in refs if r.block < self.module_block[m]
         )
         self._meta_params = {m: dict(m._parameters) for m in self.module_refs}
+
+    def _check_block_order(self, call_order: list[str], module_block) -> None:  # noqa: ANN001
+        """Refuse a forward that goes back to an earlier block: it cannot be streamed block by block."""
+        highest, where = 0, ""
+        for name in call_order:
+            b = module_block(name)
+            if b < highest:
+                raise ModelError(
+                    f"{self.config.model_type}: module {name!r} (block {b}) runs again after block {highest} "
+                    f"({where!r}): its forward reuses weights out of layer order (shared across layers), so it "
+                    "cannot be streamed block by block")
+            if b > highest:
+                highest, where = b, name
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -69,8 +69,7 @@ class TrainLog:
 
 def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed) -> dict[str, float]:
     tally = EvalTally(len(job.cfg.data.label_words))
-    candidates = job.encoder.eval_candidates
-    for i, (examples, batch) in enumerate(job.eval_chunks()):
+    for i, (examples, batch, candidates) in enumerate(job.eval_chunks()):
         res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed)[0]
         tally.add(i, examples, batch, res.scores, bool(candidates))
     return tally.result()
@@ -109,7 +108,7 @@ class ReferenceTrainer:
         feed = self.feed()
         for attempt in range(cfg.train.nonfinite_retries + 1):
             results = self.engine.run(jobs, feed)
-            losses = {(r.direction, r.shard, r.sign): res.loss for r, res in zip(roles, results)}
+            losses = {(r.direction, r.shard, r.sign): (res.loss_sum, res.label_tokens) for r, res in zip(roles, results)}
             outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, cfg.train.eps, plan.lr,
                                   cfg.train.weight_decay, cfg.train.grad_clip)
             if not outcome.nonfinite:

@@ -16,14 +16,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distzo.config import SecuritySection
+from distzo.config import MAX_MESSAGE_BYTES, SecuritySection
 
 log = logging.getLogger("distzo.rpc")
 
 # Service ports (the k8s manifests use these too; tests/test_k8s.py checks they agree)
 PORTS = {"paramserver": 7070, "paramserver_control": 7071, "coordinator": 7080,
          "paramserver_metrics": 9400, "coordinator_metrics": 9401, "worker_metrics": 9402}
-MAX_MESSAGE_BYTES = 64 << 20  # data-plane chunks are at most 16 MiB plus a small header
 _KEEPALIVE = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -72,7 +72,8 @@ class ModelRunner:
                 outs = self.engine.run(jobs, feed)
                 compute = time.perf_counter() - c0 - feed.timers.wait_s
                 for f, o in zip(a.forwards, outs):
-                    r = result.results.add(spec=f, loss=o.loss, label_tokens=o.label_tokens, tokens=o.tokens)
+                    r = result.results.add(spec=f, loss=o.loss, loss_sum=o.loss_sum, label_tokens=o.label_tokens,
+                                           tokens=o.tokens)
                     if o.scores is not None:
                         r.scores.extend(o.scores.flatten().tolist())
             else:
@@ -85,7 +86,7 @@ class ModelRunner:
             self._fail(result, "fetch", exc)
         except GatherError as exc:
             self._fail(result, "gather", exc)
-        except (DataError, ValueError) as exc:
+        except (DataError, ValueError, IndexError) as exc:  # deterministic: the same input fails the same way anywhere
             self._fail(result, "bad_input", exc)
         except Exception as exc:  # noqa: BLE001 - anything else is reported, the worker lives on
             log.exception("assignment failed")

@@ -141,18 +141,20 @@ class Timing(_message.Message):
     def __init__(self, fetch_s: _Optional[float] = ..., gather_s: _Optional[float] = ..., h2d_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., total_s: _Optional[float] = ..., bytes_received: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., peak_block_bytes: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class ForwardResult(_message.Message):
-    __slots__ = ("spec", "loss", "label_tokens", "tokens", "scores")
+    __slots__ = ("spec", "loss", "label_tokens", "tokens", "scores", "loss_sum")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LABEL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
     spec: ForwardSpec
     loss: float
     label_tokens: int
     tokens: int
     scores: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, spec: _Optional[_Union[ForwardSpec, _Mapping]] = ..., loss: _Optional[float] = ..., label_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+    loss_sum: float
+    def __init__(self, spec: _Optional[_Union[ForwardSpec, _Mapping]] = ..., loss: _Optional[float] = ..., label_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ..., loss_sum: _Optional[float] = ...) -> None: ...
 
 class WorkResult(_message.Message):
     __slots__ = ("assignment_id", "step", "results", "error", "error_kind", "timing", "block_digests")
@@ -221,7 +223,7 @@ class EvalResult(_message.Message):
     def __init__(self, step: _Optional[int] = ..., dev_loss: _Optional[float] = ..., dev_accuracy: _Optional[float] = ..., dev_examples: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("state", "step", "total_steps", "loss", "final_loss", "tokens_per_second", "train_tokens", "train_seconds", "skipped_steps", "reassignments", "late_reports", "nonfinite_retries", "workers", "evals", "error", "layout", "layout_workers", "resumed_from", "model", "wall_seconds", "assign_s", "wait_s", "update_s", "worker_fetch_s", "worker_compute_s", "worker_wait_s", "worker_gather_s", "bytes_per_step", "worker_h2d_s", "worker_peak_memory_bytes")
+    __slots__ = ("state", "step", "total_steps", "loss", "final_loss", "tokens_per_second", "train_tokens", "train_seconds", "skipped_steps", "reassignments", "late_reports", "nonfinite_retries", "workers", "evals", "error", "layout", "layout_workers", "resumed_from", "model", "wall_seconds", "assign_s", "wait_s", "update_s", "worker_fetch_s", "worker_compute_s", "worker_wait_s", "worker_gather_s", "bytes_per_step", "worker_h2d_s", "worker_peak_memory_bytes", "error_kind")
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +254,7 @@ class JobStatus(_message.Message):
     BYTES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     WORKER_H2D_S_FIELD_NUMBER: _ClassVar[int]
     WORKER_PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     state: str
     step: int
     total_steps: int
@@ -282,7 +285,8 @@ class JobStatus(_message.Message):
     bytes_per_step: float
     worker_h2d_s: float
     worker_peak_memory_bytes: int
-    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., final_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., train_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., skipped_steps: _Optional[int] = ..., reassignments: _Optional[int] = ..., late_reports: _Optional[int] = ..., nonfinite_retries: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalResult, _Mapping]]] = ..., error: _Optional[str] = ..., layout: _Optional[str] = ..., layout_workers: _Optional[int] = ..., resumed_from: _Optional[int] = ..., model: _Optional[str] = ..., wall_seconds: _Optional[float] = ..., assign_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., update_s: _Optional[float] = ..., worker_fetch_s: _Optional[float] = ..., worker_compute_s: _Optional[float] = ..., worker_wait_s: _Optional[float] = ..., worker_gather_s: _Optional[float] = ..., bytes_per_step: _Optional[float] = ..., worker_h2d_s: _Optional[float] = ..., worker_peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    error_kind: str
+    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., final_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., train_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., skipped_steps: _Optional[int] = ..., reassignments: _Optional[int] = ..., late_reports: _Optional[int] = ..., nonfinite_retries: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalResult, _Mapping]]] = ..., error: _Optional[str] = ..., layout: _Optional[str] = ..., layout_workers: _Optional[int] = ..., resumed_from: _Optional[int] = ..., model: _Optional[str] = ..., wall_seconds: _Optional[float] = ..., assign_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., update_s: _Optional[float] = ..., worker_fetch_s: _Optional[float] = ..., worker_compute_s: _Optional[float] = ..., worker_wait_s: _Optional[float] = ..., worker_gather_s: _Optional[float] = ..., bytes_per_step: _Optional[float] = ..., worker_h2d_s: _Optional[float] = ..., worker_peak_memory_bytes: _Optional[int] = ..., error_kind: _Optional[str] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
     __slots__ = ("config_yaml",)

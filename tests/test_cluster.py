@@ -287,6 +287,7 @@ def test_late_and_duplicate_reports_are_ignored_and_counted():
     assert not rnd.on_result(b, cpb.WorkResult(assignment_id=sent_b.assignment_id, step=3,
                                                results=[cpb.ForwardResult(spec=sent_b.forwards[0], loss=9.9)]))
     assert rnd.on_result(a, cpb.WorkResult(assignment_id=re.assignment_id, step=3,
-                                           results=[cpb.ForwardResult(spec=re.forwards[0], loss=2.5)]))
+                                           results=[cpb.ForwardResult(spec=re.forwards[0], loss=2.5, loss_sum=5.0,
+                                                                      label_tokens=2)]))
     waiter.join(timeout=10)
-    assert rnd.done() and rnd.loss(("k", -1)) == 2.5 and rnd.reassignments == 1 and rnd.late == 3
+    assert rnd.done() and rnd.loss(("k", -1)) == (5.0, 2) and rnd.reassignments == 1 and rnd.late == 3

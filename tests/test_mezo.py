@@ -62,18 +62,22 @@ def test_zo_estimate_points_along_the_autograd_gradient(preset, tmp_path):
 
 
 def test_projected_gradient_and_update_record():
-    losses = {(0, 0, 1): 2.0, (0, 0, -1): 1.0, (0, 1, 1): 3.0, (0, 1, -1): 3.5,
-              (1, 0, 1): 1.0, (1, 0, -1): 1.0, (1, 1, 1): 0.5, (1, 1, -1): 0.25}
+    # (summed loss, label tokens) per (direction, shard, sign); shard 1 has three times shard 0's tokens
+    losses = {(0, 0, 1): (2.0, 1), (0, 0, -1): (1.0, 1), (0, 1, 1): (9.0, 3), (0, 1, -1): (10.5, 3),
+              (1, 0, 1): (1.0, 1), (1, 0, -1): (1.0, 1), (1, 1, 1): (1.5, 3), (1, 1, -1): (0.75, 3)}
     gs = projected_gradients(losses, q=2, shards=2, eps=0.5)
-    assert gs == [((2.0 - 1.0) / 1.0 + (3.0 - 3.5) / 1.0) / 2, ((0.0) + (0.25)) / 2]
+    # token-weighted: l+ = (2 + 9) / 4, l- = (1 + 10.5) / 4, not the mean of the shards' means
+    assert gs == [((2.0 + 9.0) / 4 - (1.0 + 10.5) / 4) / 1.0, ((1.0 + 1.5) / 4 - (1.0 + 0.75) / 4) / 1.0]
+    assert gs[0] == -0.125 and gs[1] == 0.1875
     out = make_update(5, [11, 12], losses, shards=2, eps=0.5, lr=0.1, weight_decay=0.0, clip=0.1)
-    assert gs[1] == 0.125  # above the clip
-    assert out.record.directions == (Direction(11, 0.1), Direction(12, 0.1))
+    assert out.record.directions == (Direction(11, -0.1), Direction(12, 0.1))  # both clipped
+    assert out.loss_plus == ((2.0 + 9.0) / 4 + (1.0 + 1.5) / 4) / 2
     assert not out.record.skipped
     bad = dict(losses)
-    bad[(1, 1, -1)] = float("nan")
+    bad[(1, 1, -1)] = (float("nan"), 3)
     skipped = make_update(5, [11, 12], bad, shards=2, eps=0.5, lr=0.1, weight_decay=0.0, clip=None)
     assert skipped.record.skipped and skipped.nonfinite and skipped.record.directions == ()
+    assert math.isnan(skipped.loss) and math.isnan(skipped.loss_plus)
 
 
 def test_apply_update_matches_the_formula_with_decay_only_on_matrices(preset):

@@ -126,3 +126,19 @@ def test_slices_cover_a_block_exactly(preset):
         spec.slice_range(2, 2)
     with pytest.raises(ValueError):
         spec.slice_range(0, 0)
+
+
+def test_the_head_runs_on_the_label_positions_only(preset):
+    """The family's forward runs end to end, but the output embedding sees one hidden state per label token."""
+    d = preset("tiny-llama")
+    bm = BlockModel.from_dir(d)
+    batch = batch_for(d)
+    shapes = []
+    hook = bm.skeleton.get_output_embeddings().register_forward_hook(lambda m, a, o: shapes.append(tuple(o.shape)))
+    try:
+        res = ForwardEngine(bm).run([ForwardJob(batch)], MemoryFeed(bm.load_block_buffers()))[0]
+    finally:
+        hook.remove()
+    n = int((batch.labels[:, 1:] != -100).sum())
+    assert res.label_tokens == n and shapes == [(1, n, bm.config.vocab_size)]
+    assert res.loss == res.loss_sum / n

@@ -42,7 +42,7 @@ def test_block_model_gives_the_logits_of_the_transformers_forward():
     tok = AutoTokenizer.from_pretrained(str(path))
     train, _ = catalog.resolve_task("rotten-tomatoes")
     examples = load_jsonl(train, ["terrible", "great"])[:6]
-    batch = TaskEncoder(tok, "{text} It was", ["terrible", "great"], 64).eval_batch(examples)  # padded rows
+    batch, cand = TaskEncoder(tok, "{text} It was", ["terrible", "great"], 64).eval_batch(examples)  # padded rows
     assert int((batch.attention_mask == 0).sum()) > 0
     bm = BlockModel.from_dir(path)
     engine, feed = ForwardEngine(bm), MemoryFeed(bm.load_block_buffers())
@@ -53,8 +53,7 @@ def test_block_model_gives_the_logits_of_the_transformers_forward():
     real = batch.attention_mask.bool()
     assert torch.allclose(result.logits[real], expect[real], rtol=0, atol=1e-4), (result.logits[real] - expect[real]).abs().max()
     # eval reads every label word's log-prob at the one label position of each row
-    cand = TaskEncoder(tok, "{text} It was", ["terrible", "great"], 64).eval_candidates
-    assert len(cand) == 2
+    assert len(cand) == 2 and cand == TaskEncoder(tok, "{text} It was", ["terrible", "great"], 64).eval_candidates
     scored = engine.run([ForwardJob(batch, want_scores=True, candidates=cand)], feed)[0]
     logp = torch.log_softmax(expect[:, :-1].double(), dim=-1)
     at = (batch.labels[:, 1:] != -100).nonzero()

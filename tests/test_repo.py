@@ -34,3 +34,28 @@ def test_generated_stubs_are_fresh(tmp_path):
             fresh = (tmp_path / "protos" / f"{stem}{suffix}").read_bytes()
             committed = (ROOT / "protos" / f"{stem}{suffix}").read_bytes()
             assert fresh == committed, f"protos/{stem}{suffix} is stale: run python -m protos.generate"
+
+
+def test_the_declared_lower_bounds_are_the_tested_versions():
+    """CI installs the newest versions the ranges allow; each range's floor must be that version, so the
+    lower bound pyproject.toml promises is the one the suite ran on (raise the floor when CI moves on)."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    checked = 0
+    for req in reqs:
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        floors = [Version(s.version) for s in req.specifier if s.operator in (">=", "==")]
+        if not floors:
+            continue
+        installed = Version(Version(version(req.name)).base_version)
+        floor = max(floors)
+        assert installed.release[: len(floor.release)] == floor.release, f"{req.name}: declared {req.specifier}, tested {installed}"
+        checked += 1
+    assert checked == len(reqs) - sum(r.marker is not None and not r.marker.evaluate() for r in reqs)

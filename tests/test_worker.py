@@ -151,6 +151,14 @@ def test_faults_are_reported_and_the_worker_stays_ready(harness, cache_dir, devi
     h.send("w", broken)
     _, r = h.result()
     assert r.error_kind == "bad_input" and "input_ids" in r.error
+    # a token id past the embedding: deterministic, reported as bad input with its cause
+    oov = h.train_assignment(0, [(0, 0, 1)])
+    ids = np.frombuffer(bytearray(oov.batches[0].input_ids), dtype=np.int32).copy()
+    ids[0] = 10**6
+    oov.batches[0].input_ids = ids.tobytes()
+    h.send("w", oov)
+    _, r = h.result()
+    assert r.error_kind == "bad_input" and "index out of range" in r.error, (r.error_kind, r.error)
     # a NaN loss is a value, reported as such (the coordinator's policy decides)
     nan = h.train_assignment(0, [(0, 0, 1)])
     nan.forwards[0].coef = 1e39
