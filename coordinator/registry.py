@@ -50,11 +50,16 @@ class Registry:
         self.changed = threading.Condition(self.lock)
         self.workers: dict[str, WorkerConn] = {}
 
-    def register(self, hello: cpb.WorkerHello) -> WorkerConn:
+    def register(self, hello: cpb.WorkerHello, first=None) -> WorkerConn:  # noqa: ANN001
+        """Add (or replace) a worker's session. ``first(worker_id)``: a message queued before the
+        connection is visible to anyone, so nothing sent to the worker can overtake it (its welcome)."""
         with self.lock:
             wid = hello.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
             old = self.workers.get(wid)
             conn = WorkerConn(worker_id=wid, hello=hello, generation=(old.generation + 1) if old else 0)
+            message = first(wid) if first is not None else None
+            if message is not None:
+                conn.send(message)
             if old is not None:
                 old.state = "lost"
                 old.outbox.put(None)  # ends the old session's stream
