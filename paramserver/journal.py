@@ -49,6 +49,7 @@ MAGIC_V1 = b"DZJ1"
 END = b"DZJE"
 _HEAD = struct.Struct("<4sIII")  # magic, payload length, payload crc32, header crc32 (of the first 12 bytes)
 _HEAD_V1 = struct.Struct("<4sII")
+DAMAGED_END = "end marker damaged"  # a complete record (its payload checks out) whose END is not END: corruption
 MAX_PAYLOAD = 1 << 20  # a record of 4096 directions is ~80 KiB; a larger length is damage
 RECENT = 4096  # records kept in memory for followers
 FILE_MODE = 0o600  # the journal is the service's state: private to its user
@@ -108,7 +109,11 @@ def parse_record(data: bytes, pos: int) -> tuple[common_pb2.UpdateRecord, int] |
         begin, end = pos + _HEAD.size, pos + _HEAD.size + length
         after = end + len(END)
         if after <= len(data) and data[end:after] != END:
-            return "end marker missing"
+            # END's first bytes then zeros: the append never got further (unwritten pages); anything else is
+            # damage (no single flipped bit zeroes a byte of END: each has at least two bits set)
+            got = data[end:after]
+            torn = any(got == END[:k] + bytes(len(END) - k) for k in range(len(END)))
+            return "end marker missing" if torn else DAMAGED_END
     if after > len(data):
         return "record cut short"
     if zlib.crc32(data[begin:end]) != crc:
@@ -208,7 +213,7 @@ class Journal:
                 where = f"{seg.path} at byte {pos}"
                 got = parse_record(data, pos)
                 if isinstance(got, str):
-                    if not (last_segment and is_torn_tail(data[pos:])):
+                    if not (last_segment and got != DAMAGED_END and is_torn_tail(data[pos:])):
                         raise JournalCorrupt(f"journal damaged in {where} ({got}), before its last complete record: "
                                              "acknowledged updates cannot be recovered from it. The file is left as it "
                                              "is; restore the data directory from a backup, or move the damaged "
