@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from distzo.errors import BadInput, FetchError
-from distzo.logs import setup_logging
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once
+
+from distzo.errors import BadInput, FetchError  # noqa: E402
+from distzo.logs import setup_logging  # noqa: E402
 
 # Only what every command needs is imported here: status and control commands must start in
 # well under a second (no torch, transformers or pydantic); commands import the rest themselves.
@@ -239,16 +241,19 @@ def check_local_gpus(cfg) -> None:  # noqa: ANN001 - a JobConfig
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from distzo.job import JobData
     from distzo.procs import ServiceFailed
-    from distzo.report import write_report
-    from coordinator.local import LocalCluster
+    from coordinator.local import LocalCluster, check_run_dir
 
     cfg = job_config_from_args(args)
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
+    check_run_dir(run_dir.resolve(), cfg, args.resume)  # another job's run directory: refused at once
+
+    from distzo.job import JobData  # torch and transformers: only now
+    from distzo.report import write_report
+
     if cfg.runtime.device == "cuda":
         check_local_gpus(cfg)
     JobData.load(cfg)  # model and data errors surface here, before any process starts
-    run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
     out_dir = Path(args.out) if args.out else run_dir / "model"
     cluster = LocalCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)  # refuses another job's run dir
     t0 = time.monotonic()

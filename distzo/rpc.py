@@ -81,7 +81,7 @@ class Credentials:
     def for_client(cls, token_file: str | None, ca_file: str | None, cert_file: str | None = None,
                    key_file: str | None = None) -> "Credentials":
         """A control client's credentials from files (a certificate: mutual TLS), without the config machinery (fast)."""
-        from distzo.config import ConfigError
+        from distzo.errors import BadInput as ConfigError  # the config module (pydantic) is not needed here
 
         token = None
         if token_file:
@@ -184,10 +184,11 @@ def has_token(context: grpc.ServicerContext, token: str | None) -> bool:
 class Admission:
     """Bounds how many handler threads long-lived or blocking RPCs (waits, streams) may hold.
 
-    Callers with the bearer token share ``trusted`` slots; callers without it (or everyone,
-    when no token is configured) share ``anonymous`` slots, so clients without the token can
-    never hold more than that many of the server's threads and never starve the data plane
-    of token holders. A call that finds no free slot is refused at once with RESOURCE_EXHAUSTED.
+    Callers with the bearer token share ``trusted`` slots; callers without it share
+    ``anonymous`` slots, so clients without the token can never hold more than that many of
+    the server's threads and never starve the data plane of token holders. (With no token
+    configured nobody can be told apart: everyone shares the ``trusted`` slots.) A call that
+    finds no free slot is refused at once with RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, token: str | None, trusted: int, anonymous: int):

@@ -33,8 +33,6 @@ class ParamServer:
                  control_listen: str | None = None):
         self.cfg = cfg
         self.creds = Credentials.from_config(cfg.security)
-        if self.creds.token is None:
-            log.warning("no bearer token configured: state-changing RPCs are not authenticated")
         self.follow_address = follow
         # bind first: a taken or invalid address fails before the model is loaded or shared memory made
         refuse = [RefuseMethods(STATE_CHANGING, control_listen)] if control_listen else []
@@ -47,6 +45,8 @@ class ParamServer:
         if control_listen:
             self.control = make_server(self.creds, STATE_CHANGING, max_workers=8, max_receive=MAX_REQUEST_BYTES)
             self.control_port = bind(self.control, control_listen, self.creds)
+        if self.creds.token is None:
+            log.warning("no bearer token configured: state-changing RPCs are not authenticated")
         self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
         self._stopped = threading.Event()  # stopping has begun (followers quit)
         self._finished = threading.Event()  # everything is closed
