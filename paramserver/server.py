@@ -18,7 +18,7 @@ from distzo.metrics import start_metrics_server
 from distzo.rpc import Credentials, RefuseMethods, add_health_and_reflection, bind, make_server, write_ready_file
 from paramserver.client import ParamServerClient
 from paramserver.replication import Follower
-from paramserver.service import SERVICE, STATE_CHANGING, THREADS, ParamServerService
+from paramserver.service import PROTECTED, SERVICE, STATE_CHANGING, THREADS, ParamServerService
 from paramserver.state import ServerState
 
 log = logging.getLogger("distzo.paramserver")
@@ -36,14 +36,14 @@ class ParamServer:
         self.follow_address = follow
         # bind first: a taken or invalid address fails before the model is loaded or shared memory made
         refuse = [RefuseMethods(STATE_CHANGING, control_listen)] if control_listen else []
-        self.grpc = make_server(self.creds, STATE_CHANGING, max_workers=THREADS, interceptors=refuse,
+        self.grpc = make_server(self.creds, PROTECTED, max_workers=THREADS, interceptors=refuse,
                                 max_receive=MAX_REQUEST_BYTES)
         self.port = bind(self.grpc, listen, self.creds)
         self.host = listen.rsplit(":", 1)[0]
         self.control: grpc.Server | None = None
         self.control_port = 0
         if control_listen:
-            self.control = make_server(self.creds, STATE_CHANGING, max_workers=8, max_receive=MAX_REQUEST_BYTES)
+            self.control = make_server(self.creds, PROTECTED, max_workers=8, max_receive=MAX_REQUEST_BYTES)
             self.control_port = bind(self.control, control_listen, self.creds)
         if self.creds.token is None:
             log.warning("no bearer token configured: state-changing RPCs are not authenticated")

@@ -27,9 +27,10 @@ from protos import paramserver_pb2 as pb
 
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
-# FollowJournal streams every update: replicas only (it also holds a thread as long as it lives)
-STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown", "FollowJournal")
-THREADS = 64  # the data port's handler threads
+STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")  # served on the control port when there is one
+# need the token too: FollowJournal streams every update to replicas (on the data port: replicas reach only that)
+PROTECTED = (*STATE_CHANGING, "FollowJournal")
+THREADS = 128  # the data port's handler threads (most workers fetch a few blocks at once)
 ANONYMOUS_SLOTS = 8  # waiting/streaming calls all clients without the token may hold at once
 RESERVED = 8  # threads long calls never take: short calls (status, manifest) always find one
 
@@ -176,7 +177,8 @@ class ParamServerService:
 
     def BlockDigest(self, request: pb.DigestRequest, context: grpc.ServicerContext) -> pb.DigestReply:
         b = self._block(request.block, context)
-        version, digest = self.state.store.digest(b)
+        with self.admission.slot(context, "BlockDigest"):  # hashing a block takes a while: bounded like the waits
+            version, digest = self.state.store.digest(b)
         return pb.DigestReply(block=b, version=version, xxh3=digest)
 
     def FollowJournal(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:

@@ -8,6 +8,7 @@ the journal behind it, so the weights are bitwise those acknowledged before a cr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ from distzo.mezo import UpdateRecord
 from distzo.modeling import BlockModel
 from distzo.catalog import resolve_model
 from paramserver import metrics as m
-from paramserver.journal import Journal, JournalCorrupt
+from paramserver.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
 from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot, prune_snapshots,
                                   remove_temporaries)
 from paramserver.shm import reap_stale_segments
@@ -135,9 +136,16 @@ class ServerState:
                 identity = json.loads(identity_json) if identity_json else None
             except ValueError:
                 identity = None
-            self.job = {"job_id": job_id, "identity": identity}
+            job = {"job_id": job_id, "identity": identity}
             body = read_checked_json(self.data_dir / STATE_FILE)
-            write_checked_json(self.data_dir / STATE_FILE, {**body, "job": self.job})
+            try:
+                write_checked_json(self.data_dir / STATE_FILE, {**body, "job": job})
+            except OSError as exc:
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                raise JournalWriteError(exc.errno or errno.EIO, (f"no space left on {describe_disk(self.data_dir)}" if full
+                                        else f"writing {STATE_FILE} failed: {exc.strerror}") +
+                                        "; the update was not journaled") from None
+            self.job = job
             log.info("data directory claimed by a job", extra=kv(job_id=job_id))
         elif self.job.get("job_id") != job_id:
             raise UpdateRejected(f"this parameter server's data directory holds job {self.job.get('job_id')} "
@@ -338,7 +346,8 @@ class ServerState:
             p = (Path(root) if root else self.data_dir / "exports") / p
         p = p.resolve()
         if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
-            raise PermissionError(f"export path {str(p)!r} is outside server.export_root {root!r}")
+            shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
+            raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
         m = Marker("export", arg=p, done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):

@@ -180,3 +180,60 @@ def test_clients_without_the_token_cannot_stall_a_live_run(cache_dir, tmp_path):
             ch.close()
         cluster.shutdown()
     assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
+
+
+def _one_forward_round(server_timeout_s: float):
+    import torch
+
+    from coordinator.registry import Registry
+    from coordinator.rounds import Round
+    from distzo.config import CoordinatorSection
+    from distzo.data import Batch
+    from protos import coordinator_pb2 as cpb
+
+    reg = Registry()
+    w = reg.register(cpb.WorkerHello(worker_id="w", node_size=1))
+    reg.heartbeat(w, ready=True)
+    batch = Batch(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), torch.full((1, 3), -100))
+    fw = {"k": cpb.ForwardSpec(shard=0, sign=1, seed=1, coef=1e-3)}
+    policy = CoordinatorSection(heartbeat_timeout_s=600, max_attempts=2, server_timeout_s=server_timeout_s)
+    rnd = Round(reg, policy, step=0, version=0, kind="train", forwards=fw, batches={0: batch}, stopping=threading.Event())
+    rnd.start([["k"]])
+    return rnd, w
+
+
+def test_forwards_wait_for_an_unreachable_server_without_using_up_their_attempts():
+    from coordinator.rounds import RoundFailed
+    from protos import coordinator_pb2 as cpb
+
+    rnd, w = _one_forward_round(server_timeout_s=300)
+    waiter = threading.Thread(target=rnd.wait)
+    waiter.start()
+    for _ in range(4):  # twice max_attempts: the server is down, not the forward
+        a = w.outbox.get(timeout=30).assignment
+        rnd.on_result(w, cpb.WorkResult(assignment_id=a.assignment_id, step=0, error="connection refused", error_kind="fetch"))
+    a = w.outbox.get(timeout=30).assignment
+    rnd.on_result(w, cpb.WorkResult(assignment_id=a.assignment_id, step=0, results=[cpb.ForwardResult(spec=a.forwards[0], loss=1.25)]))
+    waiter.join(timeout=30)
+    assert rnd.done() and rnd.loss("k") == 1.25
+    # but not forever: past coordinator.server_timeout_s the round fails, saying why
+    rnd, w = _one_forward_round(server_timeout_s=0.5)
+    failed = []
+
+    def wait() -> None:
+        try:
+            rnd.wait()
+        except RoundFailed as exc:
+            failed.append(str(exc))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 60
+    while not failed and time.monotonic() < deadline:
+        try:
+            a = w.outbox.get(timeout=0.5).assignment
+        except Exception:  # noqa: BLE001 - nothing sent yet (backoff)
+            continue
+        rnd.on_result(w, cpb.WorkResult(assignment_id=a.assignment_id, step=0, error="connection refused", error_kind="fetch"))
+    waiter.join(timeout=30)
+    assert failed and "the parameter server was unreachable" in failed[0], failed

@@ -300,3 +300,20 @@ def test_tls_clients_without_the_ca_or_without_a_client_certificate_are_refused(
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.ParameterServerStub(ch).GetStatus(pb.StatusRequest(), timeout=3)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_replica_with_the_token_follows_on_the_data_port_of_a_primary_with_a_control_port(servers, cache_dir, tmp_path):
+    from coordinator.local import free_port
+
+    cfg = server_config(cache_dir, security={"token": TOKEN})
+    primary = servers.start(cfg, tmp_path / "p", control_listen=f"127.0.0.1:{free_port()}")
+    replica = servers.start(cfg, tmp_path / "r", follow=primary.address)  # the data port: all a worker pod may reach
+    c = servers.client(primary.address, creds=Credentials(token=TOKEN))
+    for r in records(3):
+        c.apply_update(r)
+    with grpc.insecure_channel(primary.address) as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.ParameterServerStub(ch).ApplyUpdate(pb.UpdateRequest(), timeout=10, metadata=[("authorization", f"Bearer {TOKEN}")])
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED  # state changes: the control port only
+    rc = servers.client(replica.address, creds=Credentials(token=TOKEN))
+    wait_until(lambda: rc.status()[0].applied_version == 3, timeout=60, what="the replica caught up")
+    assert [rc.digest(b).xxh3 for b in range(6)] == [c.digest(b).xxh3 for b in range(6)]
