@@ -18,6 +18,7 @@ from distzo.logs import kv
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.coordinator.workers")
+MAX_LOST = 256  # lost workers kept for `zoctl status` (workers restarted under new ids would grow it forever)
 
 
 @dataclass(eq=False)
@@ -65,6 +66,9 @@ class Registry:
                 old.outbox.put(None)  # ends the old session's stream
                 conn.assignments_done = old.assignments_done
             self.workers[wid] = conn
+            lost = [w for w in self.workers.values() if not w.live]
+            for w in lost[: max(0, len(lost) - MAX_LOST)]:  # status lists every worker: keep it bounded
+                del self.workers[w.worker_id]
             self.changed.notify_all()
         log.info("worker registered", extra=kv(worker=wid, host=hello.host, node=hello.node_id, rank=hello.node_rank,
                                                 pid=hello.pid, again=old is not None))
