@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -130,8 +131,6 @@ class ServerState:
     def _claim(self, job_id: str, identity_json: str) -> None:
         """Record the job whose updates this data directory takes; refuse another job's (UpdateRejected)."""
         if self.job is None:
-            import json
-
             try:
                 identity = json.loads(identity_json) if identity_json else None
             except ValueError:
