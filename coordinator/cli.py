@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from distzo.catalog import FetchError, MaterialError
-from distzo.config import ConfigError, JobConfig
-from distzo.data import DataError
-from distzo.logs import setup_logging
-from distzo.modeling import ModelError
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once
+
+from distzo.errors import BadInput, FetchError  # noqa: E402
+from distzo.logs import setup_logging  # noqa: E402
+
+# Only what every command needs is imported here: status and control commands must start in
+# well under a second (no torch, transformers or pydantic); commands import the rest themselves.
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -49,7 +51,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
 
 
-def job_config_from_args(args: argparse.Namespace) -> JobConfig:
+def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfig
+    from distzo.config import JobConfig
+
     cfg = JobConfig.from_yaml(args.config) if args.config else JobConfig()
     overrides: dict[str, Any] = {
         "model.source": args.model,
@@ -156,9 +160,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from distzo.config import JobConfig
+
     if args.file:
         cfg = JobConfig.from_yaml(args.file)
-        print(f"{args.file}: valid" if not args.show else cfg.to_yaml(), end="\n" if not args.show else "")
+        if not args.show:
+            print(f"{args.file}: valid")
+            return EXIT_OK
+        if cfg.security.token is not None:  # secrets are never echoed
+            print("# security.token is set in the file (not shown)")
+        print(cfg.to_yaml(redact=True), end="")
     else:
         print(JobConfig().to_yaml(), end="")
     return EXIT_OK
@@ -217,7 +228,7 @@ class _Progress:
         self.bar.close()
 
 
-def check_local_gpus(cfg: JobConfig) -> None:
+def check_local_gpus(cfg) -> None:  # noqa: ANN001 - a JobConfig
     """zoctl up with runtime.device cuda: this machine's GPUs must hold a node group (one GPU per rank)."""
     import torch
 
@@ -230,18 +241,21 @@ def check_local_gpus(cfg: JobConfig) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from distzo.job import JobData
     from distzo.procs import ServiceFailed
-    from distzo.report import write_report
-    from coordinator.local import LocalCluster
+    from coordinator.local import LocalCluster, check_run_dir
 
     cfg = job_config_from_args(args)
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
+    check_run_dir(run_dir.resolve(), cfg, args.resume)  # another job's run directory: refused at once
+
+    from distzo.job import JobData  # torch and transformers: only now
+    from distzo.report import write_report
+
     if cfg.runtime.device == "cuda":
         check_local_gpus(cfg)
     JobData.load(cfg)  # model and data errors surface here, before any process starts
-    run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
     out_dir = Path(args.out) if args.out else run_dir / "model"
-    cluster = LocalCluster(cfg, run_dir, verbose=args.verbose)
+    cluster = LocalCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)  # refuses another job's run dir
     t0 = time.monotonic()
     progress = _Progress(cfg.train.steps)
     try:
@@ -269,19 +283,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- cluster control
 def _cluster_target(args: argparse.Namespace):  # noqa: ANN202
-    from distzo.config import SecuritySection
+    from distzo.cache import latest_cluster_file
     from distzo.rpc import Credentials
-    from coordinator.local import latest_cluster_file
 
-    address, token_file = args.coordinator, args.token_file
+    address, token_file, tls = args.coordinator, args.token_file, (args.tls_ca, args.tls_cert, args.tls_key)
     if address is None:
         latest = latest_cluster_file()
         if not latest.is_file():
             raise CliError("no --coordinator given and no local cluster running (start one with `zoctl up`)", EXIT_UNREACHABLE)
-        info = json.loads(latest.read_text())
-        address, token_file = info["coordinator"], token_file or info.get("token_file")
-    sec = SecuritySection(token_file=token_file, tls_ca=args.tls_ca)
-    return address, Credentials.from_config(sec)
+        try:
+            info = json.loads(latest.read_bytes())
+            address, token_file = str(info["coordinator"]), token_file or info.get("token_file")
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CliError(f"{latest} (the running local cluster's address) is damaged; pass --coordinator") from None
+        if not any(tls):
+            tls = (info.get("tls_ca"), info.get("tls_cert"), info.get("tls_key"))
+    return address, Credentials.for_client(token_file, *tls)
 
 
 def _call(args: argparse.Namespace, method: str, request, timeout: float = 30.0):  # noqa: ANN001, ANN202
@@ -372,10 +389,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from distzo.config import JobConfig
     from protos import coordinator_pb2 as cpb
 
     cfg = JobConfig.from_yaml(args.config)
-    st = _call(args, "StartJob", cpb.StartJobRequest(config_yaml=cfg.to_yaml()))
+    st = _call(args, "StartJob", cpb.StartJobRequest(config_yaml=cfg.to_yaml(redact=True)))
     print(f"zoctl: job started on {args.coordinator}: {st.state}", file=sys.stderr)
     if args.detach:
         return EXIT_OK
@@ -415,6 +433,8 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", metavar="ADDR", help="coordinator host:port (default: the running `zoctl up` cluster)")
     p.add_argument("--token-file", help="bearer token file for state-changing calls")
     p.add_argument("--tls-ca", help="CA certificate (PEM) when the coordinator uses TLS")
+    p.add_argument("--tls-cert", help="client certificate (PEM) when the coordinator requires mutual TLS")
+    p.add_argument("--tls-key", help="private key (PEM) for --tls-cert")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-v", "--verbose", action="count", default=0)
 
@@ -435,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train, export to --out, print a summary, and stop everything (also on Ctrl-C).")
     add_job_options(p)
     p.add_argument("--run-dir", metavar="DIR", help="logs, journal and snapshots (default runs/up-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (it must be the same job); without it a used run directory is refused")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("train", help="start a job on a running coordinator (cluster mode) and watch it")
@@ -507,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"zoctl {args.command}: {exc}", file=sys.stderr)
         return exc.code
-    except (ConfigError, DataError, ModelError, MaterialError) as exc:
+    except BadInput as exc:  # config, data, model, material, run directory
         print(f"zoctl {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FetchError as exc:

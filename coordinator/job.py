@@ -13,6 +13,7 @@ pure functions of (master seed, t), so the run continues exactly where it was.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 import grpc
 
 from distzo.config import JobConfig
+from distzo.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
 from distzo.job import EvalTally, JobData
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord, make_update
@@ -84,6 +86,9 @@ class Job:
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
         self.run_log = RunLog(run_dir) if run_dir else None
+        self.identity = job_identity(cfg)
+        self.job_id = job_id(self.identity)
+        self._claimed = False
         self.elapsed_before = 0.0  # training seconds of the run before this coordinator resumed it
 
     @property
@@ -161,7 +166,13 @@ class Job:
                                    ("model.source", cfg.model.source, server_cfg.model.source)):
             if ours != theirs:
                 raise JobFailed(f"{name} is {ours!r} here but {theirs!r} on the parameter server")
-        self.resumed_from = self.step = self.client.journaled_steps()
+        status = self.client.status()
+        for shard in status:  # a server holding another job's journal is never resumed by this one
+            if shard.job_id and shard.job_id != self.job_id:
+                theirs = json.loads(shard.job_identity_json or "{}")
+                raise JobFailed(f"the parameter server holds the state of another job ({differences(theirs, self.identity)}); "
+                                "give this job a fresh data directory (zoctl up: a new --run-dir)")
+        self.resumed_from = self.step = min(s.journaled_steps for s in status)
         m.STEP.set(self.step)
         m.PLANNED_STEPS.set(cfg.train.steps)
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.client.served_dtype]
@@ -169,7 +180,10 @@ class Job:
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
         if self.run_log is not None:  # the whole run's history, also from before a restart
-            history = self.run_log.resume(self.step)
+            try:
+                history = self.run_log.resume(self.step, cfg)
+            except (JobMismatch, CorruptFile) as exc:
+                raise JobFailed(str(exc)) from None
             self.progress.losses = [r["loss"] if r.get("loss") is not None else math.nan for r in history.steps]
             self.progress.evals = [{**e, "dev_loss": _nan(e["dev_loss"]), "dev_accuracy": _nan(e["dev_accuracy"])}
                                    for e in history.evals]
@@ -315,7 +329,10 @@ class Job:
         deadline = time.monotonic() + self.cfg.coordinator.server_timeout_s
         while True:
             try:
-                self.client.apply_update(record)
+                # the job's identity goes with the first update: it claims (or must match) the server's data directory
+                self.client.apply_update(record, job_id=self.job_id,
+                                         job_identity_json="" if self._claimed else json.dumps(self.identity))
+                self._claimed = True
                 return
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > deadline:

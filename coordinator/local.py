@@ -5,6 +5,14 @@ bearer token. A process that dies is restarted in place: the server on the same 
 data directory (it recovers from snapshot + journal), the coordinator on the same port (it
 resumes from the server's journal), a worker under the same id (it registers again; a node
 group is restarted whole). The run therefore ends with the weights of an undisturbed one.
+
+A process that dies while it is still starting (killed again during a restart) is started
+again like any other, with exponential backoff; only a deterministic start failure (exit
+code 2: bad input, e.g. a config the service refuses) or more than ``MAX_RESTARTS``
+restarts of one process end the run.
+
+The run directory records its job (``run.json``, ``distzo.durable``): a different job there
+is refused, and continuing a run that is there needs ``resume=True`` (``zoctl up --resume``).
 """
 
 from __future__ import annotations
@@ -21,16 +29,42 @@ from typing import Callable
 
 import grpc
 
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from distzo.cache import latest_cluster_file
 from distzo.config import JobConfig
+from distzo.durable import JobMismatch, check_same_job, differences, job_id, job_identity, record_job
+from distzo.errors import BadInput
 from distzo.logs import kv
-from distzo.cache import cache_root
 from distzo.procs import ServiceFailed, ServiceProcess, python_module
 from distzo.rpc import Credentials, make_channel
+from distzo.runlog import RUN, read_history
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("distzo.local")
 EXIT_GROUP_BROKEN = 75
+EXIT_BAD_INPUT = 2  # a service refusing its input fails the same way every time: never restarted
+MAX_RESTARTS = 20  # per process, over the run
+STABLE_S = 30.0  # a process that ran this long before dying is restarted at once (no backoff)
+
+
+def check_run_dir(run_dir: Path, cfg: JobConfig, resume: bool) -> None:
+    """Refuse a run directory that holds another job, or this job's run without ``resume`` (BadInput)."""
+    claim = run_dir / RUN
+    if claim.exists():
+        check_same_job(claim, cfg, f"the run directory {run_dir}")
+    elif (run_dir / "job.yaml").is_file() and (run_dir / "server").is_dir():
+        old = JobConfig.from_yaml(run_dir / "job.yaml")  # a run directory from before run.json existed
+        if job_id(job_identity(old)) != job_id(job_identity(cfg)):
+            raise JobMismatch(f"the run directory {run_dir} holds another job: "
+                              f"{differences(job_identity(old), job_identity(cfg))}. Use a new --run-dir for a new job")
+    else:
+        return  # nothing there yet
+    if not resume:
+        steps = len(read_history(run_dir).steps)
+        raise BadInput(f"the run directory {run_dir} holds a run of this job ({steps} steps logged): pass --resume to "
+                       "continue it, or choose a new --run-dir")
 
 
 def free_port() -> int:
@@ -39,15 +73,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def latest_cluster_file() -> Path:
-    return cache_root() / "clusters" / "latest.json"
-
-
 @dataclass
 class LocalCluster:
     cfg: JobConfig
     run_dir: Path
     verbose: int = 0
+    resume: bool = False
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     server_port: int = 0
@@ -55,14 +86,23 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
+        check_run_dir(self.run_dir, self.cfg, self.resume)  # before anything is written or started
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        record_job(self.run_dir / RUN, self.cfg)
         token_file = self.run_dir / "token"
-        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
         token_file.chmod(0o600)
         data_dir = self.cfg.server.data_dir or str(self.run_dir / "server")
         self.cfg = self.cfg.with_overrides({"security.token_file": str(token_file), "server.data_dir": data_dir})
         self.config_path = self.run_dir / "job.yaml"
-        self.config_path.write_text(self.cfg.to_yaml())
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold a token
+        with os.fdopen(fd, "w") as f:
+            f.write(self.cfg.to_yaml())
+        self.config_path.chmod(0o600)
+        self._started_at: dict[str, float] = {}
+        self._quick_deaths: dict[str, int] = {}
         self.creds = Credentials.from_config(self.cfg.security)
         self._stub: cpb_grpc.CoordinatorStub | None = None
         self._channel: grpc.Channel | None = None
@@ -78,6 +118,33 @@ class LocalCluster:
         self.processes[name] = p
         p.start(timeout_s=300)
         return p
+
+    def _tls_args(self) -> list[str]:
+        sec = self.cfg.security
+        out = ["--tls-ca", sec.tls_ca] if sec.tls_ca else []
+        if sec.mutual_tls and sec.tls_cert and sec.tls_key:  # a client certificate for mutual TLS
+            out += ["--tls-cert", sec.tls_cert, "--tls-key", sec.tls_key]
+        return out
+
+    def _launch(self, name: str, start: Callable[[], None]) -> None:
+        """Start (or restart) one service; a start that dies is retried with exponential backoff.
+
+        Raises ServiceFailed for a deterministic failure (exit code 2: it refuses its input)
+        or once the process has been restarted MAX_RESTARTS times.
+        """
+        def count(state) -> None:  # noqa: ANN001 - tenacity's RetryCallState
+            exc = state.outcome.exception()
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("process died while starting, starting it again", extra=kv(process=name, code=exc.code,
+                                                                                     attempt=state.attempt_number))
+
+        left = max(1, MAX_RESTARTS - self.restarts.get(name, 0) + 1)
+        for attempt in Retrying(retry=retry_if_exception(lambda e: isinstance(e, ServiceFailed) and e.code != EXIT_BAD_INPUT),
+                                wait=wait_exponential(multiplier=0.25, max=5.0), stop=stop_after_attempt(left),
+                                before_sleep=count, reraise=True):
+            with attempt:
+                start()
+        self._started_at[name] = time.monotonic()
 
     def _start_server(self) -> None:
         listen = f"127.0.0.1:{self.server_port}"
@@ -105,7 +172,8 @@ class LocalCluster:
     def _worker_argv(self, index: int, node: int, rank: int, master: str) -> list[str]:
         size = self.cfg.layout.node_size
         argv = python_module("gpuworker", "--coordinator", self.coordinator_address, "--device", self._worker_device(index, rank),
-                             "--worker-id", f"worker-{index}", "--token-file", str(self.cfg.security.token_file), *self._v())
+                             "--worker-id", f"worker-{index}", "--token-file", str(self.cfg.security.token_file),
+                             *self._tls_args(), *self._v())
         if size > 1:
             argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", master, "--node-id", f"node-{node}"]
         return argv
@@ -129,8 +197,13 @@ class LocalCluster:
         for p in procs:
             while not p.ready_file.is_file():
                 if p.proc is not None and p.proc.poll() is not None:
-                    raise ServiceFailed(f"{p.name} exited with code {p.proc.returncode} while starting:\n{p.tail()}")
+                    code = p.proc.returncode
+                    for q in procs:  # the group forms whole or not at all
+                        q.stop(timeout_s=5)
+                    raise ServiceFailed(f"{p.name} exited with code {code} while starting:\n{p.tail()}", code)
                 if time.monotonic() > deadline:
+                    for q in procs:
+                        q.stop(timeout_s=5)
                     raise ServiceFailed(f"{p.name} did not start:\n{p.tail()}")
                 time.sleep(0.05)
             p.info = json.loads(p.ready_file.read_text())
@@ -148,12 +221,14 @@ class LocalCluster:
         return f"127.0.0.1:{self.coordinator_port}"
 
     def start(self) -> None:
-        self._start_server()
-        self._start_coordinator()
+        self._launch("paramserver", self._start_server)
+        self._launch("coordinator", self._start_coordinator)
         for node in range(self.cfg.layout.workers // self.cfg.layout.node_size):
-            self._start_node(node)
+            self._launch(f"node-{node}", lambda node=node: self._start_node(node))
+        sec = self.cfg.security
         info = {"coordinator": self.coordinator_address, "param_servers": [self.server_address],
-                "metrics": self.metrics_endpoints(),
+                "metrics": self.metrics_endpoints(), "tls_ca": sec.tls_ca,
+                "tls_cert": sec.tls_cert if sec.mutual_tls else None, "tls_key": sec.tls_key if sec.mutual_tls else None,
                 "token_file": str(self.cfg.security.token_file), "run_dir": str(self.run_dir),
                 "pids": {n: p.pid for n, p in self.processes.items()}, "started": time.time()}
         (self.run_dir / "cluster.json").write_text(json.dumps(info, indent=2))
@@ -163,27 +238,33 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ supervision
     def supervise(self) -> list[str]:
-        """Restart any process that died; returns what was restarted."""
+        """Restart any process that died (with backoff if it keeps dying soon after starting);
+        returns what was restarted."""
         restarted = []
         for name, p in list(self.processes.items()):
             if p.alive():
                 continue
             code = p.proc.returncode if p.proc is not None else None
             self.restarts[name] = self.restarts.get(name, 0) + 1
-            if self.restarts[name] > 20:
-                raise ServiceFailed(f"{name} keeps dying (exit code {code}):\n{p.tail()}")
-            log.warning("process died, restarting", extra=kv(process=name, code=code))
+            if self.restarts[name] > MAX_RESTARTS:
+                raise ServiceFailed(f"{name} keeps dying (exit code {code}, {MAX_RESTARTS} restarts):\n{p.tail()}", code)
+            key = name if not name.startswith("worker-") else f"node-{int(name.split('-')[1]) // self.cfg.layout.node_size}"
+            quick = time.monotonic() - self._started_at.get(key, 0.0) < STABLE_S
+            self._quick_deaths[name] = self._quick_deaths.get(name, 0) + 1 if quick else 0
+            delay = min(5.0, 0.25 * 2 ** (self._quick_deaths[name] - 1)) if self._quick_deaths[name] else 0.0
+            log.warning("process died, restarting", extra=kv(process=name, code=code, backoff_s=delay))
+            time.sleep(delay)
             if name == "paramserver":
-                self._start_server()
+                self._launch(name, self._start_server)
             elif name == "coordinator":
-                self._start_coordinator()
+                self._launch(name, self._start_coordinator)
                 self._stub = None
             elif name.startswith("worker-"):
                 size = self.cfg.layout.node_size
                 node = int(name.split("-")[1]) // size
                 for rank in range(size):  # a node group is restarted whole
                     self.processes[f"worker-{node * size + rank}"].stop(timeout_s=5)
-                self._start_node(node)
+                self._launch(f"node-{node}", lambda node=node: self._start_node(node))
             restarted.append(name)
         return restarted
 

@@ -18,6 +18,7 @@ from distzo.logs import kv
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.coordinator.workers")
+MAX_LOST = 256  # lost workers kept for `zoctl status` (workers restarted under new ids would grow it forever)
 
 
 @dataclass(eq=False)
@@ -50,16 +51,24 @@ class Registry:
         self.changed = threading.Condition(self.lock)
         self.workers: dict[str, WorkerConn] = {}
 
-    def register(self, hello: cpb.WorkerHello) -> WorkerConn:
+    def register(self, hello: cpb.WorkerHello, first=None) -> WorkerConn:  # noqa: ANN001
+        """Add (or replace) a worker's session. ``first(worker_id)``: a message queued before the
+        connection is visible to anyone, so nothing sent to the worker can overtake it (its welcome)."""
         with self.lock:
             wid = hello.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
             old = self.workers.get(wid)
             conn = WorkerConn(worker_id=wid, hello=hello, generation=(old.generation + 1) if old else 0)
+            message = first(wid) if first is not None else None
+            if message is not None:
+                conn.send(message)
             if old is not None:
                 old.state = "lost"
                 old.outbox.put(None)  # ends the old session's stream
                 conn.assignments_done = old.assignments_done
             self.workers[wid] = conn
+            lost = [w for w in self.workers.values() if not w.live]
+            for w in lost[: max(0, len(lost) - MAX_LOST)]:  # status lists every worker: keep it bounded
+                del self.workers[w.worker_id]
             self.changed.notify_all()
         log.info("worker registered", extra=kv(worker=wid, host=hello.host, node=hello.node_id, rank=hello.node_rank,
                                                 pid=hello.pid, again=old is not None))

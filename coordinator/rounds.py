@@ -26,6 +26,9 @@ from protos import coordinator_pb2 as cpb
 log = logging.getLogger("distzo.coordinator.round")
 _ids = itertools.count(1)
 TRANSIENT = {"version_timeout", "fetch", "stale", "internal", "gather", "lost", "deadline"}
+# the parameter server could not be reached: not the forward's fault. Such failures do not use up the
+# forward's attempts; it is sent again with backoff until the server is back (coordinator.server_timeout_s)
+SERVER_DOWN = {"fetch"}
 
 
 class RoundFailed(RuntimeError):
@@ -65,6 +68,9 @@ class Round:
         self.timings: list[cpb.Timing] = []
         self.phase = {"assign_s": 0.0, "wait_s": 0.0}
         self._requeue: list[Hashable] = []  # failed forwards to re-assign (filled by on_result)
+        self._server_down: dict[Hashable, tuple[float, int]] = {}  # key -> (first such failure, failures in a row)
+        self._later: list[tuple[float, Hashable]] = []  # (when, key): re-sent after a backoff
+        self._fatal: str | None = None  # why the round cannot finish
 
     @staticmethod
     def _wire(shard: int, b: Batch) -> cpb.BatchData:
@@ -143,7 +149,10 @@ class Round:
                 for k in sent.keys:
                     if self.pending_on.get(k) == r.assignment_id:
                         del self.pending_on[k]
-                        if r.error_kind in TRANSIENT:
+                        if r.error_kind in SERVER_DOWN:
+                            self._wait_for_server(k, r.error)
+                        elif r.error_kind in TRANSIENT:
+                            self._server_down.pop(k, None)
                             self._requeue.append(k)
                             self.last_error[k] = f"{r.error_kind} on {worker.worker_id}: {r.error}"
                         else:
@@ -157,6 +166,18 @@ class Round:
                         self.results[k] = res
             self.cond.notify_all()
             return True
+
+    def _wait_for_server(self, k: Hashable, error: str) -> None:
+        """Send ``k`` again after a backoff, without using up an attempt (called under the lock)."""
+        now = time.monotonic()
+        first, n = self._server_down.get(k, (now, 0))
+        if now - first > self.policy.server_timeout_s:
+            self._fatal = (f"step {self.step}: the parameter server was unreachable for {now - first:.0f}s "
+                           f"(coordinator.server_timeout_s): {error[:500]}")
+            return
+        self._server_down[k] = (first, n + 1)
+        self.attempts[k] -= 1
+        self._later.append((now + min(5.0, 0.25 * 2**n), k))
 
     def _key_of(self, spec: cpb.ForwardSpec) -> Hashable:
         for k, s in self.forwards.items():
@@ -176,8 +197,13 @@ class Round:
                     break
                 self.cond.wait(0.2)
                 requeue, self._requeue = self._requeue, []
+                now = time.monotonic()
+                requeue += [k for when, k in self._later if when <= now]
+                self._later = [(when, k) for when, k in self._later if when > now]
             if self.stopping.is_set():
                 raise RoundFailed("stopping")
+            if self._fatal is not None:
+                raise RoundFailed(self._fatal)
             for w in self.registry.expire(self.policy.heartbeat_timeout_s):
                 log.info("worker expired", extra=kv(worker=w.worker_id))
             requeue += self._orphans()

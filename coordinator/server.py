@@ -15,6 +15,7 @@ from coordinator.service import SERVICE, STATE_CHANGING, CoordinatorService
 from protos import coordinator_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("distzo.coordinator")
+MAX_REQUEST_BYTES = 16 << 20
 
 
 class CoordinatorServer:
@@ -27,7 +28,8 @@ class CoordinatorServer:
         self._stopping = threading.Event()
         self.service = CoordinatorService(param_servers, creds, on_shutdown=self.stop, worker_servers=worker_servers,
                                           run_dir=run_dir)
-        self.grpc = make_server(creds, STATE_CHANGING, max_workers=256)  # one thread per worker session
+        # one thread per worker session; the largest request, an eval result, is a few MiB
+        self.grpc = make_server(creds, STATE_CHANGING, max_workers=256, max_receive=MAX_REQUEST_BYTES)
         cpb_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc)
         add_health_and_reflection(self.grpc, [SERVICE])
         self.port = bind(self.grpc, listen, creds)
@@ -65,10 +67,10 @@ class CoordinatorServer:
 def run(cfg: JobConfig | None, param_servers: list[str], listen: str, ready_file: str | None,
         worker_servers: list[str] | None, creds: Credentials, metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0", run_dir: str | None = None) -> int:
+    bound_metrics = start_metrics_server(metrics_port, metrics_host)  # a port in use fails before anything starts
     server = CoordinatorServer(param_servers, creds, listen=listen, worker_servers=worker_servers, run_dir=run_dir).start(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
-    bound_metrics = start_metrics_server(metrics_port, metrics_host)
     write_ready_file(ready_file, {"address": server.address, "port": server.port, "pid": os.getpid(),
                                   "metrics_port": bound_metrics})
     server.wait()

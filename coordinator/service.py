@@ -50,7 +50,8 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             return self.job
 
     def _welcome(self, cfg: JobConfig | None, worker_id: str) -> cpb.Welcome:
-        return cpb.Welcome(worker_id=worker_id, job_config_yaml=cfg.to_yaml() if cfg else "", param_servers=self.worker_servers)
+        return cpb.Welcome(worker_id=worker_id, job_config_yaml=cfg.to_yaml(redact=True) if cfg else "",
+                           param_servers=self.worker_servers)
 
     def _need_job(self, context: grpc.ServicerContext) -> Job:
         if self.job is None:
@@ -69,10 +70,10 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         if hello.node_size < 1 or not 0 <= hello.node_rank < max(1, hello.node_size):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"node rank {hello.node_rank} does not fit a node group of {hello.node_size}")
-        conn = self.registry.register(hello)
-        job = self.job
-        if job is not None:
-            conn.send(cpb.CoordinatorMessage(welcome=self._welcome(job.cfg, conn.worker_id)))
+        with self._lock:  # against start_job: every worker gets the welcome of the job, and before anything else
+            job = self.job
+            conn = self.registry.register(hello, first=lambda wid: cpb.CoordinatorMessage(
+                welcome=self._welcome(job.cfg, wid)) if job is not None else None)
 
         def read() -> None:
             try:

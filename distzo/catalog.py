@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from distzo.cache import atomic_build, cache_root
+from distzo.errors import BadInput, FetchError
 from distzo.presets import DEFAULT_DEV, DEFAULT_TRAIN, PRESETS, preset_dir
 
 log = logging.getLogger("distzo.catalog")
@@ -39,16 +40,8 @@ log = logging.getLogger("distzo.catalog")
 MANIFEST = "MANIFEST.json"
 
 
-class MaterialError(ValueError):
+class MaterialError(BadInput):
     """A named model or task that is unknown, not fetched, or damaged (message says what to run)."""
-
-
-class FetchError(RuntimeError):
-    """A fetch that failed; ``unreachable`` when the package registry could not be reached."""
-
-    def __init__(self, message: str, unreachable: bool = False):
-        super().__init__(message)
-        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ what is allowed, before anything starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distzo.errors import BadInput
 
 LayoutName = Literal["dual", "pertp", "ddp", "2d"]
 
@@ -20,8 +22,13 @@ MESSAGE_HEADROOM = 1 << 20  # the rest of an assignment (forward specs, ids, pro
 EVAL_BATCH_EXAMPLES = 32  # dev examples per eval chunk (one assignment)
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config that does not parse or validate; the message names the field."""
+
+
+MAX_CONFIG_BYTES = 256 << 10  # a job config is a few KB; StartJob's config_yaml has the same bound
+MAX_TEXT = 4096  # any string field: paths, names, templates
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 class _Section(BaseModel):
@@ -29,14 +36,15 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    source: str = Field("tiny-opt", description="a preset (tiny-opt, tiny-gpt2, tiny-llama, tiny-qwen3, ...), a fetched model (smollm2-135m, see `zoctl fetch`) or a Hugging Face model directory")
+    source: str = Field("tiny-opt", min_length=1, max_length=MAX_TEXT, description="a preset (tiny-opt, tiny-gpt2, tiny-llama, tiny-qwen3, ...), a fetched model (smollm2-135m, see `zoctl fetch`) or a Hugging Face model directory")
 
 
 class DataSection(_Section):
-    train: str | None = Field(None, description="a task name (rotten-tomatoes after `zoctl fetch`, sst2-synth) or a JSONL file of training examples; default: sst2-synth, the shipped SST-2-style task")
-    dev: str | None = Field(None, description="JSONL of dev examples (or a task name: its dev split); default: the task's dev split, or the last tenth of a data.train file")
-    template: str = "{text} It was"
-    label_words: list[str] = Field(default_factory=lambda: ["terrible", "great"], min_length=2)
+    train: Text | None = Field(None, description="a task name (rotten-tomatoes after `zoctl fetch`, sst2-synth) or a JSONL file of training examples; default: sst2-synth, the shipped SST-2-style task")
+    dev: Text | None = Field(None, description="JSONL of dev examples (or a task name: its dev split); default: the task's dev split, or the last tenth of a data.train file")
+    template: Text = "{text} It was"
+    label_words: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=lambda: ["terrible", "great"], min_length=2, max_length=1024)
     max_seq_len: int = Field(64, ge=4, le=1 << 16)
     dev_examples: int | None = Field(None, ge=1, description="evaluate on the first N dev examples only")
 
@@ -121,10 +129,12 @@ class ServerSection(_Section):
     chunk_bytes: int = Field(4 << 20, ge=1 << 20, le=16 << 20, description="data-plane chunk size (1-16 MiB)")
     update_threads: int = Field(1, ge=1, description="threads applying an update (results never depend on it)")
     shared_memory: bool = Field(True, description="offer the shared-memory fetch path to clients on this host")
-    shm_dir: str = Field("/dev/shm", description="where shared-memory segments live (a memory-backed directory)")
-    export_root: str | None = Field(None, description="exports must be written under this directory (None: anywhere)")
+    shm_dir: Text = Field("/dev/shm", description="where shared-memory segments live (a memory-backed directory)")
+    export_root: Text | None = Field(None, description="exports must be written under this directory (None: anywhere)")
     fetch_timeout_s: float = Field(120.0, gt=0, description="how long a fetch may wait for a version")
-    data_dir: str | None = Field(None, description="snapshots and journal (zoctl up: <run dir>/server)")
+    max_update_step: float = Field(1.0, gt=0, description="refuse (before journaling) an update that moves a weight "
+                                   "by more than this per unit of z: lr x mean |g| (a diverged or broken run)")
+    data_dir: Text | None = Field(None, description="snapshots and journal (zoctl up: <run dir>/server)")
 
 
 class RuntimeSection(_Section):
@@ -132,7 +142,7 @@ class RuntimeSection(_Section):
     threads: int = Field(1, ge=1, le=1024, description="torch compute threads per worker (and for the reference)")
     kernel_threads: int = Field(1, ge=1, le=1024, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
-    cache_dir: str | None = Field(None, description="where presets are built; default ~/.cache/distzo")
+    cache_dir: Text | None = Field(None, description="where presets are built; default ~/.cache/distzo")
 
 
 class CoordinatorSection(_Section):
@@ -146,11 +156,11 @@ class CoordinatorSection(_Section):
 
 
 class SecuritySection(_Section):
-    token: str | None = Field(None, description="bearer token for state-changing RPCs (prefer token_file)")
-    token_file: str | None = Field(None, description="file holding the bearer token (a mounted Secret)")
-    tls_cert: str | None = Field(None, description="PEM certificate of this service (enables TLS)")
-    tls_key: str | None = Field(None, description="PEM private key of this service")
-    tls_ca: str | None = Field(None, description="PEM CA that signed the peers' certificates")
+    token: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="bearer token for state-changing RPCs (prefer token_file)")
+    token_file: Text | None = Field(None, description="file holding the bearer token (a mounted Secret)")
+    tls_cert: Text | None = Field(None, description="PEM certificate of this service (enables TLS)")
+    tls_key: Text | None = Field(None, description="PEM private key of this service")
+    tls_ca: Text | None = Field(None, description="PEM CA that signed the peers' certificates")
     mutual_tls: bool = Field(False, description="servers require client certificates signed by tls_ca")
 
     @model_validator(mode="after")
@@ -166,7 +176,7 @@ class SecuritySection(_Section):
             p = Path(self.token_file)
             if not p.is_file():
                 raise ConfigError(f"security.token_file {self.token_file!r} does not exist")
-            token = p.read_text().strip()
+            token = read_utf8(p, "security.token_file").strip()
             if not token:
                 raise ConfigError(f"security.token_file {self.token_file!r} is empty")
             return token
@@ -222,10 +232,13 @@ class JobConfig(_Section):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(p)!r} is {p.stat().st_size} bytes; a job config is at most {MAX_CONFIG_BYTES}")
+        text = read_utf8(p, "config file")
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_short(str(exc), 300)}") from None
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(raw).__name__}")
         return cls.from_dict(raw)
@@ -243,8 +256,12 @@ class JobConfig(_Section):
             node[leaf] = value
         return JobConfig.from_dict(raw)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+    def to_yaml(self, redact: bool = False) -> str:
+        """The config as YAML; ``redact``: without secrets (security.token is null), for anything shown or sent."""
+        raw = self.model_dump()
+        if redact:
+            raw["security"]["token"] = None
+        return yaml.safe_dump(raw, sort_keys=False)
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -255,6 +272,23 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `zoctl config` prints every field with its default)"
         got = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        secret = loc.startswith("security.token")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or secret \
+            else f" (got {_short(repr(got), 80)})"
         lines.append(f"{loc}: {msg}{shown}")
-    return "invalid config: " + "; ".join(lines)
+    more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
+    return "invalid config: " + "; ".join(_short(line, 300) for line in lines[:5]) + more
+
+
+def _short(text: str, limit: int) -> str:
+    """Error details never grow with the input."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """A user's text file; not UTF-8 is a ConfigError naming the file and the first bad byte's offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None

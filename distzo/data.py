@@ -14,10 +14,12 @@ from typing import Sequence
 
 import torch
 
+from distzo.errors import BadInput
+
 IGNORE = -100
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """A data file that cannot be used, with the file and line named."""
 
 
@@ -67,11 +69,16 @@ def load_jsonl(path: str | Path, label_words: Sequence[str]) -> list[Example]:
     if not p.is_file():
         raise DataError(f"data file {str(p)!r} does not exist")
     examples: list[Example] = []
-    with p.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "a data file is UTF-8 JSON lines") from None
             if not line.strip():
                 continue
-            where = f"{p}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:

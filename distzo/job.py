@@ -13,7 +13,7 @@ import torch
 
 from distzo.config import EVAL_BATCH_EXAMPLES, JobConfig
 from distzo.data import Batch, DataError, Example, TaskEncoder, load_jsonl
-from distzo.modeling import ModelError, load_config
+from distzo.modeling import ModelError, check_weight_files, load_config
 from distzo.plan import StepPlan, shard_bounds
 from distzo.catalog import resolve_model, resolve_task
 
@@ -32,6 +32,7 @@ class JobData:
 
         model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
         config = load_config(model_dir)
+        check_weight_files(model_dir)  # a truncated checkpoint fails here, before anything starts
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds

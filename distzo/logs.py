@@ -45,16 +45,17 @@ def setup_logging(verbose: int = 0, service: str | None = None) -> None:
 
 
 def quiet_transformers() -> None:
+    """Quiet transformers through its environment (read when it is imported: importing it here
+    would cost every command seconds); if it is already loaded, tell it directly too."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as tlog
 
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def kv(**fields: object) -> dict[str, dict[str, object]]:

@@ -26,7 +26,11 @@ def start_metrics_server(port: int | None, host: str = "127.0.0.1") -> int | Non
     """Serve /metrics on host:port (0: a free port); returns the bound port, None when disabled."""
     if port is None or port < 0:
         return None
-    server, _thread = start_http_server(port, addr=host)
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:  # in use, or a host that is not this machine's
+        raise OSError(f"cannot serve metrics on port {port} of {host}: {exc.strerror or exc} "
+                      "(choose another --metrics-port, 0 for a free one, -1 for none)") from None
     return int(server.server_port)
 
 

@@ -57,6 +57,28 @@ class UpdateRecord:
             if not math.isfinite(d.g):
                 raise ValueError(f"projected gradient g for seed {d.seed} is not finite ({d.g})")
 
+    def step_size(self) -> float:
+        """The most one weight moves per unit of z: lr * (1/q) sum_j |g_j| (apply_update's coefficients)."""
+        if self.skipped or not self.directions:
+            return 0.0
+        return sum(abs(self.lr * d.g / len(self.directions)) for d in self.directions)
+
+    def check_bounds(self, max_step: float) -> None:
+        """Refuse an update whose applied step is non-finite or absurd (ValueError): checked before journaling.
+
+        ``max_step`` bounds lr * (1/q) sum_j |g_j|, the move of a weight per unit of z; the decay
+        factor lr * weight_decay must stay below 1 (at 1 or more it flips or zeroes the weights).
+        """
+        self.validate()
+        step = self.step_size()
+        if not math.isfinite(step) or step > max_step:
+            raise ValueError(f"the update would move weights by {step:.3g} per unit of z (lr {self.lr:.3g} x |g|); "
+                             f"the server refuses steps over {max_step:g} (server.max_update_step): "
+                             "a diverged or broken run, not a training step")
+        decay = self.lr * self.weight_decay
+        if not self.skipped and not decay < 1.0:
+            raise ValueError(f"lr x weight_decay is {decay:.3g}: at 1 or more the decay flips or zeroes the weights")
+
 
 # ----------------------------------------------------------------------------- forward side
 def perturb_block(

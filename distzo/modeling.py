@@ -31,12 +31,13 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from distzo.errors import BadInput
 from distzo.blocks import BlockSpec, Manifest, block_views, build_manifest, flatten_block
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(BadInput):
     """The model path or config is not a supported causal LM."""
 
 
@@ -346,6 +347,7 @@ class BlockModel:
         path = Path(model_dir) if model_dir is not None else self.source_dir
         if path is None:
             raise ModelError("no model directory to load weights from")
+        check_weight_files(path)
         tensors = _read_safetensors(path, [t.name for b in self.manifest.blocks for t in b.tensors])
         if tensors is None:
             log.info("loading %s through from_pretrained (checkpoint names differ from the model's)", path)
@@ -404,3 +406,29 @@ def _read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor] |
             for n in ns:
                 out[n] = f.get_tensor(n).to(torch.float32)
     return out
+
+
+def check_weight_files(model_dir: str | Path) -> None:
+    """Fail early (ModelError naming the file) on a safetensors checkpoint that is truncated or damaged.
+
+    Opening a file reads its header and checks the file holds every byte the header promises:
+    cheap (no tensor is read), and done before any process starts.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(model_dir)
+    index = path / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted({path / f for f in json.loads(index.read_bytes())["weight_map"].values()})
+        else:
+            files = sorted(path.glob("*.safetensors"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"{str(index)!r} is not a readable safetensors index (JSON with a weight_map)") from None
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"model weights {str(f)!r} cannot be read ({str(exc)[:120]}): the file is truncated or "
+                             "damaged; fetch or save the model again") from None

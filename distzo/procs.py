@@ -13,7 +13,11 @@ from pathlib import Path
 
 
 class ServiceFailed(RuntimeError):
-    """A service process exited or did not announce itself in time."""
+    """A service process exited or did not announce itself in time; ``code``: its exit code, if it exited."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -40,7 +44,7 @@ class ServiceProcess:
                 return self.info
             code = self.proc.poll()
             if code is not None:
-                raise ServiceFailed(f"{self.name} exited with code {code} while starting:\n{self.tail()}")
+                raise ServiceFailed(f"{self.name} exited with code {code} while starting:\n{self.tail()}", code)
             time.sleep(0.05)
         self.kill()
         raise ServiceFailed(f"{self.name} did not become ready in {timeout_s:.0f}s:\n{self.tail()}")

@@ -153,8 +153,8 @@ class ReferenceTrainer:
         generator.warm_up()  # like every service, before the clock starts
         if run_dir is not None:
             self.run_log = RunLog(run_dir)
-            self.run_log.resume(0)
-            (Path(run_dir) / "job.yaml").write_text(cfg.to_yaml())
+            self.run_log.resume(0, cfg)  # refuses a run directory of another job
+            (Path(run_dir) / "job.yaml").write_text(cfg.to_yaml(redact=True))
         start = time.perf_counter()
         if cfg.train.eval_at_start:
             self.evaluate(0)

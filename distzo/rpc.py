@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,10 +46,11 @@ _SERVICE_CONFIG = json.dumps({
 })
 
 
-def server_options() -> list[tuple[str, object]]:
-    """Servers accept the clients' keepalive pings (every 20 s, also between calls) without GOAWAY."""
+def server_options(max_receive: int = MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    """Servers accept the clients' keepalive pings (every 20 s, also between calls) without GOAWAY;
+    ``max_receive`` caps a whole request message (RESOURCE_EXHAUSTED above it)."""
     return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_receive),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -76,7 +79,31 @@ class Credentials:
     mutual: bool = False
 
     @classmethod
-    def from_config(cls, sec: SecuritySection) -> "Credentials":
+    def for_client(cls, token_file: str | None, ca_file: str | None, cert_file: str | None = None,
+                   key_file: str | None = None) -> "Credentials":
+        """A control client's credentials from files (a certificate: mutual TLS), without the config machinery (fast)."""
+        from distzo.errors import BadInput as ConfigError  # the config module (pydantic) is not needed here
+
+        token = None
+        if token_file:
+            try:
+                token = Path(token_file).read_bytes().decode("utf-8").strip() or None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"token file {token_file!r} cannot be read as UTF-8 text: "
+                                  f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+        def read(path: str | None, what: str) -> bytes | None:
+            try:
+                return Path(path).read_bytes() if path else None
+            except OSError as exc:
+                raise ConfigError(f"{what} file {path!r} cannot be read: {exc.strerror}") from None
+
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        cert, key = read(cert_file, "certificate"), read(key_file, "key")
+        return cls(token=token, ca=read(ca_file, "CA"), cert=cert, key=key, mutual=cert is not None)
+
+    @classmethod
+    def from_config(cls, sec) -> "Credentials":  # noqa: ANN001 - a distzo.config.SecuritySection
         def read(p: str | None) -> bytes | None:
             return Path(p).read_bytes() if p else None
 
@@ -97,8 +124,10 @@ def add_security_args(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
 
 
-def security_from_args(args, base: SecuritySection | None = None, client: bool = False) -> SecuritySection:  # noqa: ANN001
-    """The config's security section with the command-line flags applied on top."""
+def security_from_args(args, base=None, client: bool = False):  # noqa: ANN001, ANN201
+    """The config's security section (a SecuritySection) with the command-line flags applied on top."""
+    from distzo.config import SecuritySection
+
     flags = {"token_file": args.token_file, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     merged = (base or SecuritySection()).model_dump() | {k: v for k, v in flags.items() if v is not None}
     if client and merged.get("tls_cert"):
@@ -145,6 +174,58 @@ class BearerAuth(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer if handler else None)
 
 
+def has_token(context: grpc.ServicerContext, token: str | None) -> bool:
+    """Does the call carry ``authorization: Bearer <token>``? (False when no token is configured.)"""
+    if token is None:
+        return False
+    given = dict(context.invocation_metadata() or ()).get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+class Admission:
+    """Bounds how many handler threads long-lived or blocking RPCs (waits, streams) may hold.
+
+    Callers with the bearer token share ``trusted`` slots; callers without it share
+    ``anonymous`` slots, so clients without the token can never hold more than that many of
+    the server's threads and never starve the data plane of token holders. (With no token
+    configured nobody can be told apart: everyone shares the ``trusted`` slots.) A call that
+    finds no free slot is refused at once with RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, token: str | None, trusted: int, anonymous: int):
+        self.token = token
+        self._slots = {True: threading.BoundedSemaphore(trusted), False: threading.BoundedSemaphore(anonymous)}
+        self.limits = {True: trusted, False: anonymous}
+
+    @contextmanager
+    def slot(self, context: grpc.ServicerContext, what: str) -> Iterator[None]:
+        trusted = self.token is None or has_token(context, self.token)
+        sem = self._slots[trusted]
+        if not sem.acquire(blocking=False):
+            who = "clients with the token" if trusted and self.token else "clients without the token"
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{what}: {who} already hold {self.limits[trusted]} waiting or streaming calls; retry later")
+        try:
+            yield
+        finally:
+            sem.release()
+
+
+def cancelled_event(context: grpc.ServicerContext, wake: threading.Condition | None = None) -> threading.Event:
+    """An event set when the call ends (the client cancelled or went away); ``wake`` is notified then."""
+    ev = threading.Event()
+
+    def done() -> None:
+        ev.set()
+        if wake is not None:
+            with wake:
+                wake.notify_all()
+
+    if not context.add_callback(done):
+        ev.set()  # already over
+    return ev
+
+
 class RefuseMethods(grpc.ServerInterceptor):
     """On the data port of a server with a separate control port: refuse the state-changing RPCs."""
 
@@ -170,28 +251,34 @@ def make_server(
     protected: Iterable[str],
     max_workers: int = 32,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
+    max_receive: int = MAX_MESSAGE_BYTES,
 ) -> grpc.Server:
+    from distzo.limits import SizeLimits
     from distzo.metrics import GrpcMetrics
 
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         # metrics outermost: refused calls are counted with their status too
-        interceptors=[GrpcMetrics(), BearerAuth(creds.token, protected), *interceptors],
-        options=server_options(),
+        interceptors=[GrpcMetrics(), BearerAuth(creds.token, protected), SizeLimits(), *interceptors],
+        options=server_options(max_receive),
     )
 
 
 def bind(server: grpc.Server, address: str, creds: Credentials) -> int:
     """Bind (port 0 picks a free one) and return the port."""
-    if creds.cert is not None:
-        ssl = grpc.ssl_server_credentials(
-            [(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=creds.mutual
-        )
-        port = server.add_secure_port(address, ssl)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if creds.cert is not None:
+            ssl = grpc.ssl_server_credentials(
+                [(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=creds.mutual
+            )
+            port = server.add_secure_port(address, ssl)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind": the address is taken, or not an address of this host
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        shown = address if len(address) <= 100 else address[:100] + "..."
+        raise OSError(f"cannot listen on {shown!r}: the port is in use, or it is not a valid HOST:PORT of this host")
     return port
 
 

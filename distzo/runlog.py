@@ -4,6 +4,7 @@
 (``g``: the projected gradient of each direction; ``time_s``: training seconds since the run
 began, across restarts). ``evals.jsonl``: ``{"step", "dev_loss", "dev_accuracy", "dev_examples"}``,
 where step 0 is the zero-shot model. Non-finite numbers are written as ``null`` (strict JSON).
+``run.json``: the identity of the job (``distzo.durable``); another job's log is never continued.
 
 Written by whoever runs the step protocol (the coordinator, or the reference trainer). A run
 that resumes at step ``t`` keeps the records of steps before ``t`` and of evaluations up to
@@ -20,8 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distzo.durable import check_same_job, record_job
+from distzo.errors import BadInput
+
 STEPS = "steps.jsonl"
 EVALS = "evals.jsonl"
+RUN = "run.json"  # the identity of the job whose log this is (distzo.durable)
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -32,12 +37,22 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+class RunLogError(BadInput):
+    """A run log that is not the UTF-8 JSON lines this module writes."""
+
+
 def _read(path: Path) -> list[dict[str, Any]]:
     """Records of one file; a torn last line (a process killed mid-write) is ignored."""
     out = []
     if not path.is_file():
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunLogError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+                          "not a run log written by distzo") from None
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
@@ -69,8 +84,18 @@ class RunLog:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def resume(self, step: int) -> RunHistory:
-        """Keep steps < ``step`` and evals <= ``step``; return them (the run's history so far)."""
+    def resume(self, step: int, cfg: Any = None) -> RunHistory:
+        """Keep steps < ``step`` and evals <= ``step``; return them (the run's history so far).
+
+        ``cfg``: the job writing the log. The directory records its identity (``run.json``); a log
+        of another job is refused (``distzo.durable.JobMismatch``), never continued or overwritten.
+        """
+        if cfg is not None:
+            claim = self.dir / RUN
+            if claim.exists():
+                check_same_job(claim, cfg, f"the run directory {self.dir}")
+            else:
+                record_job(claim, cfg)
         old = read_history(self.dir)
         kept = RunHistory([r for r in old.steps if r["step"] < step], [r for r in old.evals if r["step"] <= step])
         for name, records in ((STEPS, kept.steps), (EVALS, kept.evals)):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
-import sys
+
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once, our way
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 
 from distzo.config import ConfigError
 from distzo.logs import setup_logging
@@ -41,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker(args.coordinator, creds, device=args.device, node_rank=args.node_rank, node_size=args.node_size,
                         node_master=args.node_master, node_id=args.node_id, worker_id=args.worker_id,
                         param_servers=args.param_server)
+        bound = start_metrics_server(args.metrics_port, args.metrics_host)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"distzo-worker: {exc}", file=sys.stderr)
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    bound = start_metrics_server(args.metrics_port, args.metrics_host)
     write_ready_file(args.ready_file, {"pid": os.getpid(), "metrics_port": bound, "worker_id": worker.worker_id})
     try:
         return worker.run()

@@ -5,7 +5,9 @@
 Each worker gets ``--device cuda:i`` (or ``cpu``), node rank ``i`` of ``N`` with a loopback
 rendezvous, and metrics port ``base + i``. The members of a node group gather block slices
 together, so when one dies the others cannot go on: the launcher stops the rest and starts
-the whole group again (the coordinator re-assigns their work meanwhile).
+the whole group again (the coordinator re-assigns their work meanwhile), with backoff when
+it keeps dying soon after starting. A worker that exits with code 2 refused its input (a bad
+flag or config): that fails the same way every time, so the launcher stops and exits 2.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from distzo.logs import kv, setup_logging
 from distzo.rpc import PORTS
 
 log = logging.getLogger("distzo.launch")
+EXIT_BAD_INPUT = 2
+STABLE_S = 60.0
 
 
 def gpu_count(spec: str) -> int:
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     restarts = 0
     while not stopping:
+        started = time.monotonic()
         procs = [subprocess.Popen(worker_argv(args, r, size)) for r in range(size)]
         log.info("node group started", extra=kv(workers=size, restarts=restarts))
         while not stopping and all(p.poll() is None for p in procs):
@@ -101,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
         if stopping or all(p.returncode == 0 for p in procs):
             return 0
+        if any(p.returncode == EXIT_BAD_INPUT for p in procs):
+            log.error("a worker refused its input (exit code 2); not restarting", extra=kv(
+                codes=",".join(str(p.returncode) for p in procs)))
+            return EXIT_BAD_INPUT
+        if time.monotonic() - started > STABLE_S:
+            restarts = 0  # it ran a good while: a fresh failure, not a crash loop
         restarts += 1
         log.warning("a worker of the node group exited; restarting the group",
                     extra=kv(codes=",".join(str(p.returncode) for p in procs), restarts=restarts))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once, our way
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
 
 from distzo.config import ConfigError, JobConfig
 from distzo.logs import setup_logging

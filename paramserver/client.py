@@ -118,6 +118,7 @@ class ParamServerClient:
         self._route: dict[int, _Shard] = {}
         self._connect_timeout = connect_timeout_s
         self._manifest: Manifest | None = None
+        self._md = self.creds.call_metadata()  # the token on every call: token holders get the server's data-plane slots
 
     # ------------------------------------------------------------------ discovery
     def connect(self) -> "ParamServerClient":
@@ -125,7 +126,8 @@ class ParamServerClient:
             return self
         for shard in self.shards:
             try:
-                shard.manifest = shard.stub.GetManifest(pb.ManifestRequest(), timeout=self._connect_timeout, wait_for_ready=True)
+                shard.manifest = shard.stub.GetManifest(pb.ManifestRequest(), timeout=self._connect_timeout, wait_for_ready=True,
+                                                         metadata=self._md)
             except grpc.RpcError as exc:
                 raise FetchError(f"parameter server {shard.address} unreachable: {exc.details()}", exc.code()) from None
             for b in range(shard.manifest.first_block, shard.manifest.end_block):
@@ -214,14 +216,14 @@ class ParamServerClient:
             except TimeoutError:
                 pass  # fall back to asking the server
         try:
-            reply = shard.stub.WaitVersion(pb.WaitRequest(block=block, version=version), timeout=timeout_s)
+            reply = shard.stub.WaitVersion(pb.WaitRequest(block=block, version=version), timeout=timeout_s, metadata=self._md)
         except grpc.RpcError as exc:
             _raise_for(exc, f"block {block} version {version}")
         if not shard.shm.alive(reply.shm_nonce) or not shard.shm.current():
             # the server restarted: its segments are new files; map them again
             shard.shm.close()
             shard.shm = None
-            shard.manifest = shard.stub.GetManifest(pb.ManifestRequest(), timeout=self._connect_timeout)
+            shard.manifest = shard.stub.GetManifest(pb.ManifestRequest(), timeout=self._connect_timeout, metadata=self._md)
             if not self._shm(shard):
                 return None
             assert shard.shm is not None
@@ -242,7 +244,7 @@ class ParamServerClient:
         while True:
             request = pb.FetchRequest(block=block, version=got_version, rank=rank, parts=parts, dtype=dtype, resume_offset=received)
             try:
-                for message in shard.fetch(request, timeout=max(0.01, deadline - time.monotonic())):
+                for message in shard.fetch(request, timeout=max(0.01, deadline - time.monotonic()), metadata=self._md):
                     header, data = decode_chunk(message)
                     if header.offset != received or header.offset + len(data) > dest.nbytes:
                         raise FetchError(f"block {block}: chunk at byte {header.offset} does not follow byte {received}")
@@ -274,8 +276,10 @@ class ParamServerClient:
         return buf, self.fetch_into(block, version, buf, dtype=dtype, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ control plane
-    def apply_update(self, record: UpdateRecord, timeout_s: float = 60.0) -> list[pb.UpdateReply]:
-        request = pb.UpdateRequest(record=record_to_pb(record))
+    def apply_update(self, record: UpdateRecord, timeout_s: float = 60.0, job_id: str = "",
+                     job_identity_json: str = "") -> list[pb.UpdateReply]:
+        """Journal an update on every shard; ``job_id``: the sender's job (the server refuses another job's)."""
+        request = pb.UpdateRequest(record=record_to_pb(record), job_id=job_id, job_identity_json=job_identity_json)
         return [s.control.ApplyUpdate(request, timeout=timeout_s, metadata=self.creds.call_metadata()) for s in self.shards]
 
     def snapshot(self, timeout_s: float = 600.0) -> list[pb.SnapshotReply]:
@@ -291,7 +295,7 @@ class ParamServerClient:
             s.control.Shutdown(pb.ShutdownRequest(), timeout=timeout_s, metadata=self.creds.call_metadata())
 
     def status(self, timeout_s: float = 10.0) -> list[pb.StatusReply]:
-        return [s.stub.GetStatus(pb.StatusRequest(), timeout=timeout_s) for s in self.shards]
+        return [s.stub.GetStatus(pb.StatusRequest(), timeout=timeout_s, metadata=self._md) for s in self.shards]
 
     def applied_version(self, timeout_s: float = 10.0) -> int:
         return min(s.applied_version for s in self.status(timeout_s))
@@ -300,11 +304,11 @@ class ParamServerClient:
         return min(s.journaled_steps for s in self.status(timeout_s))
 
     def digest(self, block: int, timeout_s: float = 10.0) -> pb.DigestReply:
-        return self._shard(block).stub.BlockDigest(pb.DigestRequest(block=block), timeout=timeout_s)
+        return self._shard(block).stub.BlockDigest(pb.DigestRequest(block=block), timeout=timeout_s, metadata=self._md)
 
     def follow(self, from_step: int, timeout_s: float | None = None) -> Iterator[UpdateRecord]:
         """Journal records from ``from_step`` on, live (single-shard servers)."""
-        for m in self.shards[0].stub.FollowJournal(pb.FollowRequest(from_step=from_step), timeout=timeout_s):
+        for m in self.shards[0].stub.FollowJournal(pb.FollowRequest(from_step=from_step), timeout=timeout_s, metadata=self._md):
             yield record_from_pb(m)
 
     def close(self) -> None:

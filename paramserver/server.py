@@ -18,10 +18,11 @@ from distzo.metrics import start_metrics_server
 from distzo.rpc import Credentials, RefuseMethods, add_health_and_reflection, bind, make_server, write_ready_file
 from paramserver.client import ParamServerClient
 from paramserver.replication import Follower
-from paramserver.service import SERVICE, STATE_CHANGING, ParamServerService
+from paramserver.service import PROTECTED, SERVICE, STATE_CHANGING, THREADS, ParamServerService
 from paramserver.state import ServerState
 
 log = logging.getLogger("distzo.paramserver")
+MAX_REQUEST_BYTES = 1 << 20  # requests are small: the largest, an update of 4096 directions, is ~100 KiB
 
 
 class ParamServer:
@@ -32,29 +33,32 @@ class ParamServer:
                  control_listen: str | None = None):
         self.cfg = cfg
         self.creds = Credentials.from_config(cfg.security)
-        if self.creds.token is None:
-            log.warning("no bearer token configured: state-changing RPCs are not authenticated")
         self.follow_address = follow
-        self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
-        self._stopped = threading.Event()  # stopping has begun (followers quit)
-        self._finished = threading.Event()  # everything is closed
-        self.service = ParamServerService(self.state, on_shutdown=self.stop)
-        # with a control port, the state-changing RPCs live only there (a NetworkPolicy can then
-        # let only the coordinator reach them); the data port refuses them
+        # bind first: a taken or invalid address fails before the model is loaded or shared memory made
         refuse = [RefuseMethods(STATE_CHANGING, control_listen)] if control_listen else []
-        self.grpc = make_server(self.creds, STATE_CHANGING, max_workers=64, interceptors=refuse)
-        self.grpc.add_generic_rpc_handlers((self.service.generic_handler(),))
-        self.health = add_health_and_reflection(self.grpc, [SERVICE])
-        self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc = make_server(self.creds, PROTECTED, max_workers=THREADS, interceptors=refuse,
+                                max_receive=MAX_REQUEST_BYTES)
         self.port = bind(self.grpc, listen, self.creds)
         self.host = listen.rsplit(":", 1)[0]
         self.control: grpc.Server | None = None
         self.control_port = 0
         if control_listen:
-            self.control = make_server(self.creds, STATE_CHANGING, max_workers=8)
+            self.control = make_server(self.creds, PROTECTED, max_workers=8, max_receive=MAX_REQUEST_BYTES)
+            self.control_port = bind(self.control, control_listen, self.creds)
+        if self.creds.token is None:
+            log.warning("no bearer token configured: state-changing RPCs are not authenticated")
+        self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
+        self._stopped = threading.Event()  # stopping has begun (followers quit)
+        self._finished = threading.Event()  # everything is closed
+        self.service = ParamServerService(self.state, on_shutdown=self.stop, token=self.creds.token)
+        # with a control port, the state-changing RPCs live only there (a NetworkPolicy can then
+        # let only the coordinator reach them); the data port refuses them
+        self.grpc.add_generic_rpc_handlers((self.service.generic_handler(),))
+        self.health = add_health_and_reflection(self.grpc, [SERVICE])
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.control is not None:
             self.control.add_generic_rpc_handlers((self.service.generic_handler(),))
             add_health_and_reflection(self.control, [SERVICE])
-            self.control_port = bind(self.control, control_listen, self.creds)
             self.service.control_port = self.control_port
         self.follower: Follower | None = None
 
@@ -110,11 +114,11 @@ class ParamServer:
 def run(cfg: JobConfig, data_dir: str, listen: str, ready_file: str | None, blocks: tuple[int, int] | None,
         follow: str | None, name: str | None, control_listen: str | None = None,
         metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> int:
+    bound_metrics = start_metrics_server(metrics_port, metrics_host)  # a port in use fails before anything starts
     server = ParamServer(cfg, data_dir, listen=listen, blocks=blocks, follow=follow, name=name,
                          control_listen=control_listen).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
-    bound_metrics = start_metrics_server(metrics_port, metrics_host)
     write_ready_file(ready_file, {"address": server.address, "port": server.port, "pid": os.getpid(),
                                   "control_port": server.control_port, "metrics_port": bound_metrics,
                                   "role": server.state.role, "server_id": server.state.server_id})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import threading
 import time
@@ -10,27 +12,37 @@ from typing import Callable, Iterator
 import grpc
 
 from distzo.blocks import ITEMSIZE
+from distzo.durable import job_id as identity_digest
+from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
+from distzo.rpc import Admission, cancelled_event
 from paramserver import metrics as m
-from paramserver.journal import record_from_pb, record_to_pb
+from paramserver.journal import JournalCorrupt, JournalWriteError, record_from_pb, record_to_pb
 from paramserver.shm import StaleVersion
 from paramserver.state import ServerState, UpdateRejected
+from paramserver.store import WaitCancelled
 from paramserver.wire import MASTER_DTYPE, checksum, encode_chunk, identity
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
-STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")
-MAX_DIRECTIONS = 4096
+STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")  # served on the control port when there is one
+# need the token too: FollowJournal streams every update to replicas (on the data port: replicas reach only that)
+PROTECTED = (*STATE_CHANGING, "FollowJournal")
+THREADS = 128  # the data port's handler threads (most workers fetch a few blocks at once)
+ANONYMOUS_SLOTS = 8  # waiting/streaming calls all clients without the token may hold at once
+RESERVED = 8  # threads long calls never take: short calls (status, manifest) always find one
 
 
 class ParamServerService:
-    def __init__(self, state: ServerState, on_shutdown: Callable[[], None]):
+    def __init__(self, state: ServerState, on_shutdown: Callable[[], None], token: str | None = None,
+                 threads: int = THREADS):
         self.state = state
         self.on_shutdown = on_shutdown
         self.control_port = 0
         self.ready = threading.Event()  # replicas serve fetches only once caught up
+        self.admission = Admission(token, trusted=threads - ANONYMOUS_SLOTS - RESERVED, anonymous=ANONYMOUS_SLOTS)
 
     # ------------------------------------------------------------------ validation
     def _block(self, b: int, context: grpc.ServicerContext) -> int:
@@ -54,12 +66,15 @@ class ParamServerService:
     def _wait_inner(self, b: int, version: int, context: grpc.ServicerContext) -> int:
         if version < -1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0 (or -1 for the current one), got {version}")
+        store = self.state.store
         try:
-            return self.state.store.wait_version(b, version, self._timeout(context))
+            return store.wait_version(b, version, self._timeout(context), cancelled_event(context, store.cond))
         except StaleVersion as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except TimeoutError as exc:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except WaitCancelled as exc:
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ read side
@@ -74,7 +89,7 @@ class ParamServerService:
             first_block=st.first,
             end_block=st.end,
             server_id=st.server_id,
-            config_yaml=st.cfg.to_yaml(),
+            config_yaml=st.cfg.to_yaml(redact=True),
             model_config_json=st.model.config.to_json_string(use_diff=False),
             control_port=self.control_port,
         )
@@ -92,6 +107,10 @@ class ParamServerService:
         return reply
 
     def FetchSlice(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        with self.admission.slot(context, "FetchSlice"):
+            yield from self._fetch_slice(request, context)
+
+    def _fetch_slice(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         st = self.state
         b = self._block(request.block, context)
         if request.parts < 1:
@@ -100,8 +119,9 @@ class ParamServerService:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"slice index {request.rank} is out of range for {request.parts} slices")
         served = st.cfg.server.served_dtype
         if request.dtype not in ("", served, MASTER_DTYPE):
+            shown = request.dtype if len(request.dtype) <= 32 else request.dtype[:32] + "..."
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"dtype {request.dtype!r} is not served: this server serves {served} (and {MASTER_DTYPE} for replicas)")
+                          f"dtype {shown!r} is not served: this server serves {served} (and {MASTER_DTYPE} for replicas)")
         master = request.dtype == MASTER_DTYPE
         dtype = "float32" if master else served
         itemsize = ITEMSIZE[dtype]
@@ -135,7 +155,8 @@ class ParamServerService:
 
     def WaitVersion(self, request: pb.WaitRequest, context: grpc.ServicerContext) -> pb.WaitReply:
         b = self._block(request.block, context)
-        version = self._wait(b, request.version, context)
+        with self.admission.slot(context, "WaitVersion"):
+            version = self._wait(b, request.version, context)
         seg = self.state.store.segments
         return pb.WaitReply(version=version, shm_nonce=seg.nonce if seg is not None else 0)
 
@@ -150,29 +171,38 @@ class ParamServerService:
             served_bytes=st.served_bytes,
             first_block=st.first,
             end_block=st.end,
+            job_id=(st.job or {}).get("job_id") or "",
+            job_identity_json=json.dumps((st.job or {}).get("identity") or {}),
         )
 
     def BlockDigest(self, request: pb.DigestRequest, context: grpc.ServicerContext) -> pb.DigestReply:
         b = self._block(request.block, context)
-        version, digest = self.state.store.digest(b)
+        with self.admission.slot(context, "BlockDigest"):  # hashing a block takes a while: bounded like the waits
+            version, digest = self.state.store.digest(b)
         return pb.DigestReply(block=b, version=version, xxh3=digest)
 
     def FollowJournal(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
+        if request.from_step < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"from_step must be >= 0, got {request.from_step}")
+        with self.admission.slot(context, "FollowJournal"):
+            yield from self._follow(request.from_step, context)
+
+    def _follow(self, step: int, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
         journal = self.state.journal
-        step = request.from_step
-        if step < 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"from_step must be >= 0, got {step}")
-        while context.is_active():
+        ended = cancelled_event(context, journal.appended)
+        while not ended.is_set():
             try:
                 pending = list(journal.records_from(step))
             except LookupError as exc:
                 context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            except JournalCorrupt as exc:
+                context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             for r in pending:
                 if r.step == step:
                     yield record_to_pb(r)
                     step += 1
             with journal.appended:
-                journal.appended.wait_for(lambda: journal.next_step > step, timeout=1.0)
+                journal.appended.wait_for(lambda: journal.next_step > step or ended.is_set(), timeout=1.0)
 
     # ------------------------------------------------------------------ state-changing (token required)
     def ApplyUpdate(self, request: pb.UpdateRequest, context: grpc.ServicerContext) -> pb.UpdateReply:
@@ -182,15 +212,22 @@ class ParamServerService:
         if len(request.record.directions) > MAX_DIRECTIONS:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{len(request.record.directions)} directions in one update; at most {MAX_DIRECTIONS}")
+        if request.job_id and (len(request.job_id) > 64 or (request.job_identity_json and identity_digest(
+                _loads(request.job_identity_json)) != request.job_id)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id must be the digest of job_identity_json")
         record = record_from_pb(request.record)
         try:
-            duplicate, size = st.submit(record)
+            duplicate, size = st.submit(record, request.job_id, request.job_identity_json)
         except UpdateRejected as exc:
             m.UPDATES.labels("rejected").inc()
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             m.UPDATES.labels("invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad update for step {record.step}: {exc}")
+        except JournalWriteError as exc:
+            m.UPDATES.labels("unwritten").inc()
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE, exc.strerror or str(exc))
         except RuntimeError as exc:
             context.abort(grpc.StatusCode.INTERNAL, str(exc))
         m.UPDATES.labels("duplicate" if duplicate else "skipped" if record.skipped else "journaled").inc()
@@ -202,7 +239,8 @@ class ParamServerService:
         try:
             job = self.state.snapshot_now(timeout_s=self._timeout(context) or 600.0)
         except (TimeoutError, OSError) as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"snapshot failed: {exc}")
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE, f"snapshot failed: {exc}")
         return pb.SnapshotReply(version=job.version, path=str(job.path), bytes=job.bytes)
 
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> pb.ExportReply:
@@ -215,7 +253,9 @@ class ParamServerService:
         except ValueError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except OSError as exc:
-            context.abort(grpc.StatusCode.INTERNAL, f"export to {request.path!r} failed: {exc}")
+            code = (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else grpc.StatusCode.INTERNAL)
+            context.abort(code, f"export to {request.path[:200]!r} failed: {exc.strerror or exc}")
         return pb.ExportReply(path=path, version=version)
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
@@ -243,3 +283,10 @@ class ParamServerService:
                 self.FollowJournal, request_deserializer=pb.FollowRequest.FromString,
                 response_serializer=common_pb2.UpdateRecord.SerializeToString),
         })
+
+
+def _loads(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

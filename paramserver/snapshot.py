@@ -1,10 +1,18 @@
 """Snapshots: the fp32 master at one version, as a safetensors file, written while training goes on.
 
-``snapshot-<version>.safetensors`` holds one flat F32 tensor per owned block (``block.<i>``).
-The file is streamed block by block (the header's offsets are known up front) into a
-temporary file, fsync'd and renamed; then ``snapshot-<version>.json`` (version, manifest
-digest, per-block xxh3, file size) is written the same way — its rename is the commit
-point. A snapshot without its sidecar, or whose bytes do not match it, is not used.
+``snapshot-<version>.safetensors`` holds one flat F32 tensor per owned block (``block.<i>``)
+and the version in its header's metadata. The file is streamed block by block (the header's
+offsets are known up front) into a temporary file, fsync'd and renamed; then
+``snapshot-<version>.json`` is written the same way, and its rename is the commit point. The
+sidecar is checked JSON (``distzo.durable``: it carries the sha256 of its own contents) and
+holds the version, the manifest digest, the sha256 of the safetensors header, the xxh3 of
+every block and the file size.
+
+Loading cross-checks every copy of every fact: the sidecar's checksum; its version against
+the file names and the header's metadata; the header's bytes against their sha256; the
+blocks present, their dtype and shape against the model; each block's bytes against their
+xxh3. A snapshot failing any check is not used (recovery tries an older one); a snapshot
+without its sidecar never completed. Files are private to the service's user.
 
 While a snapshot is being written, the updater may need to change a block the writer has
 not reached yet: it first hands the writer a copy of that block (copy-on-write), so the
@@ -13,6 +21,7 @@ snapshot is exactly the version it names and training never waits for the disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,10 +35,11 @@ import numpy as np
 import xxhash
 
 from distzo.logs import kv
-from paramserver.journal import fsync_dir
+from distzo.durable import CorruptFile, FILE_MODE, read_checked_json, write_checked_json
 
 log = logging.getLogger("distzo.paramserver.snapshot")
-FORMAT = "distzo-snapshot/1"
+FORMAT = "distzo-snapshot/2"
+LEGACY_FORMAT = "distzo-snapshot/1"  # a plain-JSON sidecar without its own checksum (still read)
 
 
 class SnapshotCorrupt(RuntimeError):
@@ -41,16 +51,7 @@ class SnapshotInfo:
     version: int
     path: Path
     meta: dict
-
-
-def _write_atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    problem: str | None = None  # why the sidecar is unusable (the snapshot then is too)
 
 
 class SnapshotJob:
@@ -120,61 +121,125 @@ class SnapshotJob:
         header["__metadata__"] = {"format": FORMAT, "version": str(self.version)}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        head = struct.pack("<Q", len(raw)) + raw
         tmp = self.path.with_suffix(".safetensors.tmp")
         digests = {}
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for b in self.blocks:
-                data, _ = self._take(b)
-                try:
-                    view = memoryview(np.ascontiguousarray(data).view(np.uint8))
-                    digests[str(b)] = xxhash.xxh3_64_hexdigest(view)
-                    f.write(view)
-                finally:
-                    self._mark(b)
-            f.flush()
-            os.fsync(f.fileno())
-            self.bytes = f.tell()
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
+                f.write(head)
+                for b in self.blocks:
+                    data, _ = self._take(b)
+                    try:
+                        view = memoryview(np.ascontiguousarray(data).view(np.uint8))
+                        digests[str(b)] = xxhash.xxh3_64_hexdigest(view)
+                        f.write(view)
+                    finally:
+                        self._mark(b)
+                f.flush()
+                os.fsync(f.fileno())
+                self.bytes = f.tell()
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed snapshot (disk full) leaves nothing behind
+            raise
         os.replace(tmp, self.path)
-        _write_atomic_json(self.path.with_suffix(".json"), {
-            "format": FORMAT, "version": self.version, "manifest_sha256": self.manifest_digest,
-            "blocks": digests, "file_bytes": self.bytes,
-        })
+        try:
+            write_checked_json(self.path.with_suffix(".json"), {
+                "format": FORMAT, "version": self.version, "manifest_sha256": self.manifest_digest,
+                "header_sha256": hashlib.sha256(head).hexdigest(), "blocks": digests, "file_bytes": self.bytes,
+            })
+        except BaseException:
+            self.path.unlink(missing_ok=True)  # no sidecar: never committed
+            raise
         log.info("snapshot written", extra=kv(version=self.version, bytes=self.bytes))
 
 
+def _version_of_name(path: Path) -> int | None:
+    try:
+        return int(path.name.split("-", 1)[1].split(".", 1)[0])
+    except (IndexError, ValueError):
+        return None
+
+
 def list_snapshots(directory: Path) -> list[SnapshotInfo]:
+    """Every committed snapshot (one with a sidecar), oldest first; a damaged sidecar is listed with its problem."""
     out = []
     for meta_path in directory.glob("snapshot-*.json"):
+        named = _version_of_name(meta_path)
+        if named is None:
+            continue
         try:
-            meta = json.loads(meta_path.read_text())
-            out.append(SnapshotInfo(int(meta["version"]), meta_path.with_suffix(".safetensors"), meta))
-        except (ValueError, KeyError, json.JSONDecodeError):
-            log.warning("ignoring an unreadable snapshot sidecar", extra=kv(path=str(meta_path)))
+            meta = read_checked_json(meta_path)
+        except CorruptFile as exc:
+            try:  # a sidecar of the first format: plain JSON, cross-checked below instead
+                meta = json.loads(meta_path.read_bytes())
+                if not isinstance(meta, dict) or meta.get("format") != LEGACY_FORMAT:
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError):
+                out.append(SnapshotInfo(named, meta_path.with_suffix(".safetensors"), {}, str(exc)))
+                continue
+        problem = None if meta.get("version") == named else (
+            f"{meta_path.name} names version {meta.get('version')!r}, not the {named} of its file name")
+        out.append(SnapshotInfo(named, meta_path.with_suffix(".safetensors"), meta, problem))
     return sorted(out, key=lambda s: s.version)
 
 
-def load_snapshot(info: SnapshotInfo, manifest_digest: str) -> dict[int, np.ndarray]:
-    """The snapshot's blocks, checked against its sidecar; raises SnapshotCorrupt."""
+def _read_header(path: Path, limit: int) -> tuple[bytes, dict]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= limit:
+            raise SnapshotCorrupt(f"{path.name}: header length {n} is not possible for a {limit}-byte file")
+        raw = f.read(n)
+    try:
+        return head + raw, json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise SnapshotCorrupt(f"{path.name}: the header is not valid JSON") from None
+
+
+def load_snapshot(info: SnapshotInfo, manifest_digest: str, numels: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+    """The snapshot's blocks, every field cross-checked (see the module docstring); raises SnapshotCorrupt.
+
+    ``numels``: the elements of each block the server owns (the snapshot must hold exactly those).
+    """
     from safetensors import SafetensorError, safe_open
 
-    if info.meta.get("format") != FORMAT:
-        raise SnapshotCorrupt(f"{info.path.name}: unknown format {info.meta.get('format')!r}")
-    if info.meta.get("manifest_sha256") != manifest_digest:
-        raise SnapshotCorrupt(f"{info.path.name} was taken of a different model or block layout")
-    if not info.path.is_file() or info.path.stat().st_size != info.meta.get("file_bytes"):
-        raise SnapshotCorrupt(f"{info.path.name} is missing or truncated")
+    name = info.path.name
+    if info.problem:
+        raise SnapshotCorrupt(info.problem)
+    meta = info.meta
+    if meta.get("format") not in (FORMAT, LEGACY_FORMAT):
+        raise SnapshotCorrupt(f"{name}: unknown format {str(meta.get('format'))[:40]!r}")
+    if meta.get("manifest_sha256") != manifest_digest:
+        raise SnapshotCorrupt(f"{name} was taken of a different model or block layout")
+    size = info.path.stat().st_size if info.path.is_file() else -1
+    if size != meta.get("file_bytes"):
+        raise SnapshotCorrupt(f"{name} is missing or truncated ({size} bytes, the sidecar says {meta.get('file_bytes')})")
+    head, header = _read_header(info.path, size)
+    if meta.get("format") == FORMAT and hashlib.sha256(head).hexdigest() != meta.get("header_sha256"):
+        raise SnapshotCorrupt(f"{name}: the safetensors header fails its checksum")
+    if not isinstance(header, dict) or header.get("__metadata__", {}).get("version") != str(info.version):
+        raise SnapshotCorrupt(f"{name}: the header's version does not match the file name's {info.version}")
+    digests = meta.get("blocks")
+    if not isinstance(digests, dict):
+        raise SnapshotCorrupt(f"{name}: the sidecar lists no blocks")
+    if numels is not None and sorted(digests) != sorted(str(b) for b in numels):
+        raise SnapshotCorrupt(f"{name} holds blocks {sorted(digests)[:8]}, not the server's {sorted(numels)[:8]}")
     blocks: dict[int, np.ndarray] = {}
     try:
         with safe_open(str(info.path), framework="numpy") as f:
-            for key, digest in info.meta["blocks"].items():
+            for key, digest in digests.items():
                 arr = f.get_tensor(f"block.{key}")
+                want = numels.get(int(key)) if numels is not None else None
+                if arr.dtype != np.float32 or arr.ndim != 1 or (want is not None and arr.shape[0] != want):
+                    raise SnapshotCorrupt(f"{name}: block {key} is {arr.dtype} of shape {arr.shape}, not float32 "
+                                          f"[{want}]")
                 if xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(arr).view(np.uint8))) != digest:
-                    raise SnapshotCorrupt(f"{info.path.name}: block {key} fails its checksum")
+                    raise SnapshotCorrupt(f"{name}: block {key} fails its checksum")
                 blocks[int(key)] = arr
     except SafetensorError as exc:
-        raise SnapshotCorrupt(f"{info.path.name} is not a readable safetensors file: {exc}") from None
+        raise SnapshotCorrupt(f"{name} is not a readable safetensors file: {str(exc)[:200]}") from None
+    except (ValueError, KeyError) as exc:
+        raise SnapshotCorrupt(f"{name} is damaged: {str(exc)[:200]}") from None
     return blocks
 
 
@@ -190,6 +255,10 @@ def prune_snapshots(directory: Path, keep: int) -> list[int]:
 
 
 def remove_temporaries(directory: Path) -> None:
-    """Half-written snapshot files left by a crash (call only when no snapshot is running)."""
-    for tmp in directory.glob("snapshot-*.tmp"):
+    """Half-written files left by a crash (call only when no snapshot is running): temporaries, and
+    snapshot files whose sidecar was never written (never committed)."""
+    for tmp in [*directory.glob("snapshot-*.tmp"), *directory.glob("*.json.tmp")]:
         tmp.unlink(missing_ok=True)
+    for data in directory.glob("snapshot-*.safetensors"):
+        if not data.with_suffix(".json").exists():
+            data.unlink(missing_ok=True)

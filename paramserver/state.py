@@ -8,7 +8,9 @@ the journal behind it, so the weights are bitwise those acknowledged before a cr
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -19,6 +21,7 @@ from pathlib import Path
 
 
 from distzo.config import JobConfig
+from distzo.durable import CorruptFile, differences, read_checked_json, write_checked_json
 from distzo.export import export_model_dir
 from distzo import generator
 from distzo.generator import Distribution
@@ -27,7 +30,7 @@ from distzo.mezo import UpdateRecord
 from distzo.modeling import BlockModel
 from distzo.catalog import resolve_model
 from paramserver import metrics as m
-from paramserver.journal import Journal, JournalCorrupt
+from paramserver.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
 from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot, prune_snapshots,
                                   remove_temporaries)
 from paramserver.shm import reap_stale_segments
@@ -35,6 +38,7 @@ from paramserver.store import BlockStore
 
 log = logging.getLogger("distzo.paramserver")
 KEEP_SNAPSHOTS = 2
+STATE_FILE = "state.json"  # what the data directory holds: model, layout, and the job that journals into it
 
 
 class UpdateRejected(ValueError):
@@ -65,7 +69,8 @@ class ServerState:
                  name: str | None = None, role: str = "primary"):
         self.cfg = cfg
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.chmod(0o700)  # snapshots and journal are private to the service's user
         self.role = role
         self.dist = Distribution(cfg.train.distribution)
         generator.set_cpu_threads(cfg.server.update_threads)
@@ -83,6 +88,8 @@ class ServerState:
         digest = manifest_digest(self.manifest_json + f"|{first}:{end}")
         self.digest = digest
         self.server_id = name or f"distzo-{digest[:8]}-{hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]}"
+        self.job: dict | None = None  # {"job_id", "identity"} of the job whose updates this data directory holds
+        self._check_data_dir()
         shm_dir = cfg.server.shm_dir if cfg.server.shared_memory else None
         if shm_dir:
             reaped = reap_stale_segments(shm_dir)
@@ -100,6 +107,50 @@ class ServerState:
         self.failed: BaseException | None = None
 
     # ------------------------------------------------------------------ start
+    def _check_data_dir(self) -> None:
+        """The data directory must hold this model and block range (state.json); record them if it is new."""
+        path = self.data_dir / STATE_FILE
+        ours = {"model.source": self.cfg.model.source, "train.distribution": self.cfg.train.distribution,
+                "blocks": f"{self.first}:{self.end}", "manifest_sha256": self.digest}
+        if not path.exists():
+            if any(self.data_dir.glob("journal-*.log")) or any(self.data_dir.glob("snapshot-*.json")):
+                log.warning("adopting a data directory written before state.json existed", extra=kv(dir=str(self.data_dir)))
+            write_checked_json(path, {"server": ours, "job": None})
+            return
+        try:
+            body = read_checked_json(path)
+        except CorruptFile as exc:
+            raise RecoveryError(f"{exc}; it records which model and job the data directory holds, so the server "
+                                "will not guess") from None
+        recorded = body.get("server") or {}
+        if recorded != ours:
+            raise RecoveryError(f"the data directory {self.data_dir} holds the state of another model or layout: "
+                                f"{differences(recorded, ours)}. Use a new --data-dir (or the config it was made with)")
+        self.job = body.get("job")
+
+    def _claim(self, job_id: str, identity_json: str) -> None:
+        """Record the job whose updates this data directory takes; refuse another job's (UpdateRejected)."""
+        if self.job is None:
+            try:
+                identity = json.loads(identity_json) if identity_json else None
+            except ValueError:
+                identity = None
+            job = {"job_id": job_id, "identity": identity}
+            body = read_checked_json(self.data_dir / STATE_FILE)
+            try:
+                write_checked_json(self.data_dir / STATE_FILE, {**body, "job": job})
+            except OSError as exc:
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                raise JournalWriteError(exc.errno or errno.EIO, (f"no space left on {describe_disk(self.data_dir)}" if full
+                                        else f"writing {STATE_FILE} failed: {exc.strerror}") +
+                                        "; the update was not journaled") from None
+            self.job = job
+            log.info("data directory claimed by a job", extra=kv(job_id=job_id))
+        elif self.job.get("job_id") != job_id:
+            raise UpdateRejected(f"this parameter server's data directory holds job {self.job.get('job_id')} "
+                                 f"(recorded in {self.data_dir / STATE_FILE}), not job {job_id[:32]}: a new job needs "
+                                 "a new data directory")
+
     def recover(self) -> int:
         """Load the newest valid snapshot and replay the journal; returns the version reached."""
         remove_temporaries(self.data_dir)
@@ -109,7 +160,7 @@ class ServerState:
         reasons = []
         for info in reversed(snaps):
             try:
-                blocks = load_snapshot(info, self.digest)
+                blocks = load_snapshot(info, self.digest, {b: self.manifest.blocks[b].numel for b in self.owned})
                 base = info.version
                 break
             except SnapshotCorrupt as exc:
@@ -145,7 +196,7 @@ class ServerState:
         for r in replay:
             self.store.apply(r, self.dist)
         version = base + len(replay)
-        self.journal.open(version)
+        self.journal.open(version, last_step=records[-1].step if records else None)
         for r in replay[-self.journal.recent.maxlen:]:
             self.journal.recent.append(r)
         log.info("recovered", extra=kv(snapshot=base, replayed=len(replay), version=version,
@@ -164,12 +215,19 @@ class ServerState:
         m.MODEL_BYTES.set(sum(self.manifest.blocks[b].numel * 4 for b in self.owned))
 
     # ------------------------------------------------------------------ updates
-    def submit(self, record: UpdateRecord) -> tuple[bool, int]:
-        """Journal and queue an update; returns (duplicate, journal bytes). Raises on bad input."""
-        record.validate()
+    def submit(self, record: UpdateRecord, job_id: str = "", identity_json: str = "") -> tuple[bool, int]:
+        """Journal and queue an update; returns (duplicate, journal bytes).
+
+        Raises ValueError (bad or absurd update: nothing journaled), UpdateRejected (gap,
+        conflicting duplicate, another job's update) or JournalWriteError (the append failed
+        and was undone). ``job_id``: the sender's job; the first one claims the data directory.
+        """
+        record.check_bounds(self.cfg.server.max_update_step)
         if self.failed is not None:
             raise RuntimeError(f"the server stopped applying updates: {self.failed}")
         with self._submit_lock:
+            if job_id:
+                self._claim(job_id, identity_json)
             expected = self.journal.next_step
             if record.step < expected:
                 known = next((r for r in self.journal.recent if r.step == record.step), None)
@@ -287,7 +345,8 @@ class ServerState:
             p = (Path(root) if root else self.data_dir / "exports") / p
         p = p.resolve()
         if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
-            raise PermissionError(f"export path {str(p)!r} is outside server.export_root {root!r}")
+            shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
+            raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
         m = Marker("export", arg=p, done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):

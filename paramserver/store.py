@@ -23,6 +23,10 @@ from distzo.mezo import UpdateRecord, apply_update
 from paramserver.shm import ServedSegments, StaleVersion
 
 
+class WaitCancelled(Exception):
+    """A version wait whose caller cancelled."""
+
+
 class RWLock:
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -107,8 +111,12 @@ class BlockStore:
     def applied_version(self) -> int:
         return min((self.version(b) for b in self.owned), default=-1)
 
-    def wait_version(self, b: int, version: int, timeout_s: float) -> int:
-        """Block until ``b`` has ``version`` (returns it); -1 means any loaded version."""
+    def wait_version(self, b: int, version: int, timeout_s: float, cancelled: threading.Event | None = None) -> int:
+        """Block until ``b`` has ``version`` (returns it); -1 means any loaded version.
+
+        Raises StaleVersion (the block moved past it), TimeoutError, or WaitCancelled when
+        ``cancelled`` is set (the caller went away: its thread is not held any longer).
+        """
         deadline = time.monotonic() + timeout_s
         with self.cond:
             while True:
@@ -119,6 +127,8 @@ class BlockStore:
                     return v
                 if v > version >= 0:
                     raise StaleVersion(f"block {b} is at version {v}; version {version} is gone (the server never serves stale data)")
+                if cancelled is not None and cancelled.is_set():
+                    raise WaitCancelled(f"the wait for block {b} version {version} was cancelled")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"block {b} is at version {v}; version {version} did not arrive in {timeout_s:.1f}s")

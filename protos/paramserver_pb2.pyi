@@ -132,10 +132,14 @@ class WaitReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., shm_nonce: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("record",)
+    __slots__ = ("record", "job_id", "job_identity_json")
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDENTITY_JSON_FIELD_NUMBER: _ClassVar[int]
     record: _common_pb2.UpdateRecord
-    def __init__(self, record: _Optional[_Union[_common_pb2.UpdateRecord, _Mapping]] = ...) -> None: ...
+    job_id: str
+    job_identity_json: str
+    def __init__(self, record: _Optional[_Union[_common_pb2.UpdateRecord, _Mapping]] = ..., job_id: _Optional[str] = ..., job_identity_json: _Optional[str] = ...) -> None: ...
 
 class UpdateReply(_message.Message):
     __slots__ = ("step", "duplicate", "journal_bytes")
@@ -188,7 +192,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("versions", "applied_version", "journaled_steps", "snapshot_version", "role", "served_bytes", "first_block", "end_block")
+    __slots__ = ("versions", "applied_version", "journaled_steps", "snapshot_version", "role", "served_bytes", "first_block", "end_block", "job_id", "job_identity_json")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOURNALED_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +201,8 @@ class StatusReply(_message.Message):
     SERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDENTITY_JSON_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedScalarFieldContainer[int]
     applied_version: int
     journaled_steps: int
@@ -205,7 +211,9 @@ class StatusReply(_message.Message):
     served_bytes: int
     first_block: int
     end_block: int
-    def __init__(self, versions: _Optional[_Iterable[int]] = ..., applied_version: _Optional[int] = ..., journaled_steps: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., role: _Optional[str] = ..., served_bytes: _Optional[int] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ...) -> None: ...
+    job_id: str
+    job_identity_json: str
+    def __init__(self, versions: _Optional[_Iterable[int]] = ..., applied_version: _Optional[int] = ..., journaled_steps: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., role: _Optional[str] = ..., served_bytes: _Optional[int] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ..., job_id: _Optional[str] = ..., job_identity_json: _Optional[str] = ...) -> None: ...
 
 class DigestRequest(_message.Message):
     __slots__ = ("block",)

@@ -150,7 +150,7 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FollowJournal(self, request, context):
-        """Replication: every journaled update from `from_step` on, then each new one as it comes.
+        """Replication (bearer token): every journaled update from `from_step` on, then each new one as it comes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,7 +50,11 @@ def all_blocks(client: ParamServerClient, version: int, dtype: str = "") -> list
 
 
 class CuttingProxy:
-    """TCP proxy that forwards both ways and cuts the first connection after N server->client bytes."""
+    """TCP proxy that forwards both ways and cuts, once, the first connection to carry N server->client bytes.
+
+    (Not simply the first connection: on a busy host gRPC may drop a slow first connection during
+    its handshake and carry the call on a second one; the cut must still hit the call's stream.)
+    """
 
     def __init__(self, target_port: int, cut_after: int):
         self.target = ("127.0.0.1", target_port)
@@ -62,7 +66,7 @@ class CuttingProxy:
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
         self._stop = False
-        self._first = True
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -72,10 +76,8 @@ class CuttingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            cut = self.cut_after if self._first else None
-            self._first = False
             threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, cut), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.cut_after), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, cut: int | None) -> None:
         sent = 0
@@ -85,9 +87,13 @@ class CuttingProxy:
                 if not data:
                     break
                 if cut is not None and sent + len(data) >= cut:
-                    dst.sendall(data[: max(0, cut - sent)])
-                    self.cuts += 1
-                    break
+                    with self._lock:
+                        mine = self.cuts == 0
+                        self.cuts += mine
+                    if mine:
+                        dst.sendall(data[: max(0, cut - sent)])
+                        break
+                    cut = None  # another connection was cut already: this one just forwards
                 dst.sendall(data)
                 sent += len(data)
         except OSError:

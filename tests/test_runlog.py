@@ -81,3 +81,38 @@ def test_the_reference_writes_the_run_log_with_the_zero_shot_eval(cache_dir, tmp
     assert summary["report"] == str(tmp_path / "report.png") and (tmp_path / "report.png").is_file()
     assert [r["g"] for r in history.steps] == [[d.g for d in rec.directions] for rec in trainer.log.records]
     assert [r["loss"] for r in history.steps] == trainer.log.losses
+
+
+def test_a_run_log_of_another_job_is_never_continued_or_overwritten(cache_dir, tmp_path):
+    import pytest
+
+    from distzo.durable import CorruptFile, JobMismatch
+
+    ours = small_config(cache_dir)
+    log = RunLog(tmp_path)
+    log.resume(0, ours)
+    _log_steps(log, range(0, 4))
+    before = (tmp_path / "steps.jsonl").read_bytes()
+    for other, needle in ((small_config(cache_dir, train={"seed": 3}), "train.seed is 0 there and 3 here"),
+                          (small_config(cache_dir, model={"source": "tiny-llama"}), "model.source is 'tiny-opt' there"),
+                          (small_config(cache_dir, layout={"name": "ddp", "workers": 2}), "layout.name is 'dual' there")):
+        with pytest.raises(JobMismatch, match=needle):
+            RunLog(tmp_path).resume(2, other)
+        assert (tmp_path / "steps.jsonl").read_bytes() == before
+    longer = small_config(cache_dir, train={"steps": 40, "eval_every": 7})  # steps and eval cadence: the same job
+    assert [r["step"] for r in RunLog(tmp_path).resume(2, longer).steps] == [0, 1]
+    claim = tmp_path / "run.json"
+    raw = bytearray(claim.read_bytes())
+    raw[len(raw) // 2] ^= 0x02
+    claim.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFile, match="run.json is damaged"):
+        RunLog(tmp_path).resume(0, ours)
+
+
+def test_the_worker_launcher_does_not_restart_a_worker_that_refuses_its_input(tmp_path):
+    # a certificate without its key: the worker exits 2 at once, every time
+    r = subprocess.run([sys.executable, "-m", "gpuworker.launch", "--coordinator", "127.0.0.1:1", "--device", "cpu",
+                        "--gpus", "1", "--tls-cert", str(tmp_path / "c.pem"), "--metrics-base-port", "-1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("node group started") <= 1 and "not restarting" in r.stderr

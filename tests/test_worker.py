@@ -207,3 +207,42 @@ def test_worker_reconnects_and_registers_again(harness, cache_dir):
     h.send("w", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)]))
     _, r = h.result()
     assert not r.error
+
+
+def test_a_worker_is_welcomed_before_it_gets_any_work(harness, cache_dir):
+    """The race behind "worker has no job yet": whoever sees a new worker register (a test, a round)
+    and sends it work at once must not overtake its welcome."""
+    import queue as queues
+
+    import grpc
+
+    from protos import coordinator_pb2 as cpb
+    from protos import coordinator_pb2_grpc as cpb_grpc
+
+    h = harness()
+    reg = h.coord.service.registry
+    with grpc.insecure_channel(h.coord.address) as ch:
+        stub = cpb_grpc.CoordinatorStub(ch)
+        for i in range(10):
+            wid = f"race-{i}"
+            up: queues.Queue = queues.Queue()
+            up.put(cpb.WorkerMessage(hello=cpb.WorkerHello(worker_id=wid, node_size=1)))
+            call = stub.Session(iter(up.get, None), timeout=60)
+            assert reg.wait_for(lambda: wid in reg.workers, 30)
+            h.send(wid, h.train_assignment(0, [(0, 0, 1)]))  # the moment it is visible
+            first, second = next(call), next(call)
+            assert first.HasField("welcome") and second.HasField("assignment"), (i, first, second)
+            up.put(None)
+            call.cancel()
+
+
+def test_lost_workers_do_not_grow_the_registry_without_bound():
+    from coordinator.registry import MAX_LOST, Registry
+    from protos import coordinator_pb2 as cpb
+
+    reg = Registry()
+    for i in range(MAX_LOST + 50):  # workers restarted under new ids, each lost in turn
+        reg.lose(reg.register(cpb.WorkerHello(worker_id=f"w{i}", node_size=1)), "test")
+    live = reg.register(cpb.WorkerHello(worker_id="live", node_size=1))
+    assert len(reg.workers) <= MAX_LOST + 1 and reg.workers["live"] is live
+    assert f"w{MAX_LOST + 49}" in reg.workers and "w0" not in reg.workers  # the oldest go first

@@ -1,0 +1,20 @@
+"""Error classes the command line tells apart, importable without loading torch or pydantic.
+
+``BadInput``: what the user gave is wrong (config, data, model, run directory); ``zoctl``
+prints the message on one line and exits 2. ``FetchError``: ``zoctl fetch`` could not
+download (``unreachable``: the package registry could not be reached).
+"""
+
+from __future__ import annotations
+
+
+class BadInput(ValueError):
+    """Bad user input; the message names what is wrong and what is expected."""
+
+
+class FetchError(RuntimeError):
+    """A fetch that failed; ``unreachable`` when the package registry could not be reached."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable

@@ -1,0 +1,117 @@
+"""Bad user input at every entry point: one line naming the problem, exit 2, no traceback, nothing started.
+
+And the control commands stay light: no torch or transformers for `zoctl status`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cluster import write_config, zoctl
+
+NOT_UTF8 = b"train:\n  steps: 3\n  # caf\xe9 \xff\n"
+
+
+def one_clean_line(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("\n") <= 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_non_utf8_config_and_data_files(cache_dir, tmp_path):
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_bytes(NOT_UTF8)
+    good_cfg = write_config(tmp_path, cache_dir)
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_bytes(b'{"text": "fine", "label": 1}\n{"text": "caf\xe9", "label": 0}\n')
+    run = tmp_path / "run"
+    cases = [
+        (["up", "--config", str(bad_cfg), "--run-dir", str(run)], f"config file '{bad_cfg}' is not UTF-8 text"),
+        (["reference", "--config", str(bad_cfg)], "is not UTF-8 text (byte 0xe9"),
+        (["config", str(bad_cfg)], "is not UTF-8 text"),
+        (["train", "--config", str(bad_cfg), "--coordinator", "127.0.0.1:1"], "is not UTF-8 text"),
+        (["up", "--config", str(good_cfg), "--data", str(bad_data), "--run-dir", str(run)], f"{bad_data}:2: not UTF-8 text"),
+        (["reference", "--config", str(good_cfg), "--data", str(bad_data)], f"{bad_data}:2: not UTF-8 text"),
+    ]
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe")
+    cases.append((["pause", "--coordinator", "127.0.0.1:1", "--token-file", str(token)], "cannot be read as UTF-8 text"))
+    logdir = tmp_path / "logdir"
+    logdir.mkdir()
+    (logdir / "steps.jsonl").write_bytes(b'{"step": 0, "loss": 1.0}\n\xff\n')
+    cases.append((["report", str(logdir)], "steps.jsonl is not UTF-8 text"))
+    for args, needle in cases:
+        r = zoctl(*args, timeout=300)
+        one_clean_line(r)
+        assert needle in r.stderr, (args, r.stderr)
+    assert not run.exists()  # nothing started
+
+
+def test_a_truncated_checkpoint_is_refused_before_anything_starts(cache_dir, preset, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(preset("tiny-opt"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cfg = write_config(tmp_path, cache_dir)
+    for cmd in ("up", "reference"):
+        extra = ["--run-dir", str(tmp_path / "run")] if cmd == "up" else []
+        r = zoctl(cmd, "--config", str(cfg), "--model", str(model), *extra, timeout=300)
+        one_clean_line(r)
+        assert f"model weights '{weights}' cannot be read" in r.stderr and "truncated or damaged" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def taken_port() -> tuple[socket.socket, int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s, s.getsockname()[1]
+
+
+def test_listen_on_a_taken_or_invalid_address_and_a_taken_metrics_port(tmp_path):
+    sock, port = taken_port()
+    cases = []
+    for service, extra in (("paramserver", ["--data-dir", str(tmp_path / "d")]),
+                           ("coordinator", ["--param-server", "127.0.0.1:1"])):
+        for address in (f"127.0.0.1:{port}", "not-an-address", "10.255.255.1:7070"):
+            cases.append(([service, *extra, "--listen", address, "--metrics-port", "-1"], f"cannot listen on '{address}'"))
+        cases.append(([service, *extra, "--listen", "127.0.0.1:0", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+                      f"cannot serve metrics on port {port}"))
+    cases.append((["gpuworker", "--coordinator", "127.0.0.1:1", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+                  f"cannot serve metrics on port {port}"))
+    try:  # all at once: each start loads torch, which takes seconds on a busy host
+        procs = [(subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                  args, needle) for args, needle in cases]
+        for proc, args, needle in procs:
+            out, err = proc.communicate(timeout=300)
+            r = subprocess.CompletedProcess(args, proc.returncode, out, err)
+            one_clean_line(r)
+            assert needle in r.stderr, (args, r.stderr)
+    finally:
+        sock.close()
+    assert not (tmp_path / "d").exists()  # the server refused before making its data directory
+
+
+def test_status_and_control_commands_import_only_what_they_need(tmp_path):
+    probe = ("import json, sys, time\n"
+             "t = time.perf_counter()\n"
+             "from coordinator.cli import main\n"
+             f"rc = main(sys.argv[1:])\n"
+             "heavy = [m for m in ('torch', 'transformers', 'numpy', 'pydantic', 'safetensors') if m in sys.modules]\n"
+             "print(json.dumps({'rc': rc, 'heavy': heavy, 'seconds': time.perf_counter() - t}))\n")
+    for args in (["status", "--coordinator", "127.0.0.1:1"], ["pause", "--coordinator", "127.0.0.1:1"],
+                 ["snapshot", "--coordinator", "127.0.0.1:1", "--json"]):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        assert doc["rc"] == 3 and doc["heavy"] == [], (args, doc, r.stderr[-500:])
+        print(args[0], f"{doc['seconds']:.2f}s")  # shown with -s; not asserted (this host is shared)
