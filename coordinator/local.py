@@ -23,7 +23,7 @@ import grpc
 
 from distzo.config import JobConfig
 from distzo.logs import kv
-from distzo.cache import cache_root
+from distzo.cache import cache_root, shared_kernel_cache_env
 from distzo.procs import ServiceFailed, ServiceProcess, python_module
 from distzo.rpc import Credentials, make_channel
 from protos import coordinator_pb2 as cpb
@@ -76,7 +76,7 @@ class LocalCluster:
         ready = self.run_dir / "ready" / f"{name}.json"
         p = ServiceProcess(name, [*argv, "--ready-file", str(ready)], ready, self.run_dir / "logs" / f"{name}.log")
         self.processes[name] = p
-        p.start(timeout_s=300)
+        p.start(timeout_s=300, env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         return p
 
     def _start_server(self) -> None:
@@ -124,7 +124,7 @@ class LocalCluster:
             self.processes[name] = p
             procs.append(p)
         for p in procs:  # all members first: a node group forms only when every member is up
-            _start_detached(p)
+            _start_detached(p, shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         deadline = time.monotonic() + 300
         for p in procs:
             while not p.ready_file.is_file():
@@ -240,11 +240,11 @@ class LocalCluster:
         except (OSError, ValueError):
             pass
 
-def _start_detached(p: ServiceProcess) -> None:
+def _start_detached(p: ServiceProcess, env: dict[str, str]) -> None:
     """Start a process that announces itself elsewhere (a worker registers with the coordinator)."""
     import subprocess
 
     p.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(p.log_path, "ab") as log_file:
         p.proc = subprocess.Popen(p.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True, env=dict(os.environ))
+                                  start_new_session=True, env={**os.environ, **env})

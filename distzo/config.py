@@ -114,6 +114,7 @@ class RuntimeSection(_Section):
     threads: int = Field(1, ge=1, description="torch compute threads per worker (and for the reference)")
     kernel_threads: int = Field(1, ge=1, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
+    copy_threads: int = Field(0, ge=0, le=64, description="threads copying fetched blocks out of the server's shared memory (0: one per core, at most 8)")
     cache_dir: str | None = Field(None, description="where presets are built; default ~/.cache/distzo")
 
 

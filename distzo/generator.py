@@ -470,8 +470,15 @@ def update_cpu(
     run_split(piece, w.shape[0], offset)
 
 
-def warm_up() -> None:
-    """Load (or compile) every CPU kernel once, so the first real step does not pay for it."""
+def warm_up(device: torch.device | str | None = None, dist: Distribution | str = Distribution.RADEMACHER,
+            out_dtypes: Sequence[torch.dtype] = (torch.float32,), directions: int = 1) -> None:
+    """Load (or compile) every CPU kernel once, so the first real step does not pay for it; with a CUDA
+    ``device``, also the Triton variants a worker or trainer launches (perturbed copies in ``out_dtypes``,
+    updates of up to ``directions`` seeds)."""
+    if device is not None and torch.device(device).type == "cuda" and _triton_available():  # GPU-only
+        from distzo import generator_cuda
+
+        generator_cuda.warm_up(torch.device(device), Distribution(dist) is Distribution.GAUSSIAN, out_dtypes, directions)
     buf = np.zeros(300, np.float32)
     out = np.empty((2, 300), np.float32)
     for dist in Distribution:
