@@ -100,6 +100,7 @@ class LayoutSection(_Section):
 class ServerSection(_Section):
     served_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     snapshot_every: int = Field(100, ge=0, description="snapshot every N steps (0: never automatically)")
+    snapshot_at_start: bool = Field(True, description="snapshot the initial weights when the data directory has none, so recovery never needs the model directory again (benchmarks turn it off)")
     chunk_bytes: int = Field(4 << 20, ge=1 << 20, le=16 << 20, description="data-plane chunk size (1-16 MiB)")
     update_threads: int = Field(1, ge=1, description="threads applying an update (results never depend on it)")
     shared_memory: bool = Field(True, description="offer the shared-memory fetch path to clients on this host")

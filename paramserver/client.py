@@ -237,7 +237,7 @@ class ParamServerClient:
         assert shard.shm is not None
         deadline = time.monotonic() + timeout_s
         # fast path: the mapped table shows the version, now or within a short poll (no RPC at all)
-        if version >= 0 and shard.shm.current() and shard.shm.await_version(block, version, min(timeout_s, POLL_BEFORE_RPC_S)):
+        if version >= 0 and shard.shm.current() and shard.shm.await_version(block, version, min(timeout_s / 2, POLL_BEFORE_RPC_S)):
             try:
                 return version, shard.shm.read_with(block, version, start, nbytes, copy, timeout_s=timeout_s)
             except StaleVersion as exc:

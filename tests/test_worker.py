@@ -135,7 +135,7 @@ def test_faults_are_reported_and_the_worker_stays_ready(harness, cache_dir, devi
     far.deadline_s = 1.0
     h.send("w", far)
     _, r = h.result()
-    assert r.error_kind == "version_timeout" and "version 7" in r.error
+    assert r.error_kind == "version_timeout" and "version 7" in r.error, r.error
     # a shard with no label tokens
     bad = h.train_assignment(0, [(0, 0, 1)])
     labels = bytearray(bad.batches[0].labels)
