@@ -304,8 +304,10 @@ def _update_kernel(w, start, keys, coefs, decay, gaussian, served, kind):  # noq
 @njit(nogil=True, cache=True)
 def _rademacher_update_aligned(w, start, k0, k1, c, decay, served, kind):  # noqa: ANN001, ANN202
     # one direction, start and length multiples of 128: the same float64 operations as
-    # _update_kernel (x - ((0.0 + c*z) + decay*x)), fused into a single pass over w (and the
-    # served copy, kind 1/2, written from the new values while they are in registers/L1)
+    # _update_kernel (x - ((0.0 + c*z) + decay*x)), fused into a single pass over w; c*z is
+    # selected as +c or -c (exactly c * (+-1), signed zeros included). With kind 1/2 the served
+    # copy of each 128 new values is written while they are in L1 (a separate 128-wide loop
+    # vectorizes; interleaving it with the update did not)
     for i in range(w.shape[0] // 128):
         cnt = np.uint64(start // 128 + i)
         x0, x1, x2, x3 = _philox(cnt & _U64_MASK, cnt >> _U64_32, np.uint64(0), np.uint64(0), np.uint64(k0), np.uint64(k1))
@@ -313,11 +315,11 @@ def _rademacher_update_aligned(w, start, k0, k1, c, decay, served, kind):  # noq
             word = np.uint32(x0) if wi == 0 else np.uint32(x1) if wi == 1 else np.uint32(x2) if wi == 2 else np.uint32(x3)
             v = w[128 * i + 32 * wi : 128 * i + 32 * wi + 32]
             for bit in range(32):
-                z = 1.0 - 2.0 * np.float64((word >> np.uint32(bit)) & np.uint32(1))
+                cz = c if ((word >> np.uint32(bit)) & np.uint32(1)) == 0 else -c
                 x = np.float64(v[bit])
-                v[bit] = np.float32(x - ((0.0 + c * z) + decay * x))
-            if kind:
-                _write_served(v, served[128 * i + 32 * wi : 128 * i + 32 * wi + 32], kind)
+                v[bit] = np.float32(x - ((0.0 + cz) + decay * x))
+        if kind:
+            _write_served(w[128 * i : 128 * i + 128], served[128 * i : 128 * i + 128], kind)
 
 
 # ----------------------------------------------------------------------------- CPU API

@@ -154,7 +154,10 @@ def apply_update(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, d
     decay = record.lr * record.weight_decay
     if served is not None and served_dtype == "float32":
         raise ValueError("a float32 served copy is the master itself: pass served=None")
-    for start, end, decays in block.decay_segments():
+    # without weight decay every tensor gets the same update: one call over the whole block (fewer,
+    # longer kernel runs; the per-element arithmetic, and so the bits, are the same)
+    segments = block.decay_segments() if decay else [(0, buffer.shape[0], False)]
+    for start, end, decays in segments:
         seg = buffer[start:end]
         out = served[start:end] if served is not None else None
         if buffer.device.type == "cpu":

@@ -226,3 +226,20 @@ def test_triton_kernels_give_the_cpu_bits_in_the_interpreter():
     r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("coef", [0.0, -0.0, 1e-3, -1e-3])
+@pytest.mark.parametrize("decay", [0.0, 1e-4])
+def test_update_keeps_the_formulas_signed_zeros(coef, decay):
+    """The fused one-direction pass (c*z selected as +c or -c) against the float64 formula on +-0, tiny and
+    huge weights: the sum starts from 0.0, so c = 0 and w = -0 give the formula's zero signs."""
+    n = 4096 + 300
+    w = np.zeros(n, np.float32)
+    w[1::4] = -0.0
+    w[2::4] = np.float32(1e-40)
+    w[3::4] = np.float32(-3e38)
+    acc = 0.0 + coef * z(7, 256, n, "rademacher").astype(np.float64)
+    x = w.astype(np.float64)
+    expected = (x - (acc + decay * x)).astype(np.float32)
+    g.update_cpu(w, 256, [7], [coef], decay, "rademacher")  # offset 256: the aligned interior covers most of it
+    assert np.array_equal(w.view(np.uint32), expected.view(np.uint32))
