@@ -225,7 +225,7 @@ def run_row(row: dict, args: argparse.Namespace, env: dict, sampler: GpuMemorySa
     cfg = job_config(model_dir, task, batch, seq_len, args.warmup + args.steps, dtype, env["device"], env["work"] / "cache")
     run_dir = env["work"] / f"run-{size}-{setting}-{dtype}-{side}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    before = set(sampler.peaks) if sampler else set()
+    before = sampler.mark() if sampler else None
     t0 = time.perf_counter()
     if side == "distzo":
         out = run_distzo(cfg, run_dir, args.warmup)
@@ -240,7 +240,7 @@ def run_row(row: dict, args: argparse.Namespace, env: dict, sampler: GpuMemorySa
         out = run_zo2(Path(args.zo2), Path(args.zo2_site) if args.zo2_site else None, size, batch, seq_len, dtype,
                       args.warmup, args.steps, args.row_timeout_s, run_dir / "zo2.log", extra_env=env.get("zo2_env"))
     out["wall_s"] = time.perf_counter() - t0
-    out["nvsmi_peak_gpu_bytes"] = sampler.peak_since(before) if sampler else 0
+    out["nvsmi_peak_gpu_bytes"] = sampler.peak_since(before) if sampler and before is not None else 0
     rates = dict(env["rates"], matmul_flops=env["rates"]["matmul"][f"{size}/{setting}/{dtype}"])
     floor = gpu_floor.step_floor(env["params"][size], env["matmul_params"][size], batch * seq_len, ITEMSIZE[dtype], rates)
     out["floor"] = floor

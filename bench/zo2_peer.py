@@ -33,10 +33,15 @@ STEP_LINE = re.compile(r"Time cost after iteration (\d+): ([0-9.]+) ms, ([0-9.]+
 
 @dataclass
 class GpuMemorySampler:
-    """Peak GPU memory per process, sampled from nvidia-smi (the same measure for every side, context included)."""
+    """Peak GPU memory of what runs on GPU 0, sampled from nvidia-smi, the same measure for every side.
+
+    Per process where nvidia-smi can see the processes (CUDA context included); in a container that
+    hides them, the device's used memory over the row minus what was used just before it (the rows
+    run one at a time, so that is the row's own)."""
 
     interval_s: float = 0.2
     peaks: dict[int, int] = field(default_factory=dict)  # pid -> bytes
+    device_used: list[int] = field(default_factory=list)  # bytes used on GPU 0, one per sample
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -45,22 +50,39 @@ class GpuMemorySampler:
         self._thread.start()
         return self
 
+    @staticmethod
+    def _query(args: list[str]) -> list[list[str]]:
+        out = subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10).stdout
+        return [[p.strip() for p in line.split(",")] for line in out.splitlines() if line.strip()]
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
+                apps = self._query(["--query-compute-apps=pid,used_memory"])
+                used = self._query(["--query-gpu=memory.used", "-i", "0"])
             except (OSError, subprocess.TimeoutExpired):
-                return  # no nvidia-smi (CPU smoke run): nothing to sample
-            for line in out.splitlines():
-                parts = [p.strip() for p in line.split(",")]
+                return  # no nvidia-smi: nothing to sample
+            for parts in apps:
                 if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
                     pid, mib = int(parts[0]), int(parts[1])
                     self.peaks[pid] = max(self.peaks.get(pid, 0), mib << 20)
+            if used and used[0][0].isdigit():
+                self.device_used.append(int(used[0][0]) << 20)
 
-    def peak_since(self, pids_before: set[int]) -> int:
-        """The largest per-process peak among processes that appeared after ``pids_before`` was taken."""
-        return max((v for p, v in self.peaks.items() if p not in pids_before), default=0)
+    def mark(self) -> tuple[set[int], int]:
+        """Call before a row starts: what is already there."""
+        return set(self.peaks), len(self.device_used)
+
+    def peak_since(self, mark: tuple[set[int], int]) -> int:
+        """The row's peak: the largest new process's peak, else the device's rise over its level before the row."""
+        pids, index = mark
+        per_process = max((v for p, v in self.peaks.items() if p not in pids), default=0)
+        if per_process:
+            return per_process
+        during = self.device_used[index:]
+        before = self.device_used[index - 1] if index > 0 else 0
+        return max(0, max(during, default=0) - before)
 
     def stop(self) -> None:
         self._stop.set()
