@@ -76,6 +76,7 @@ class Job:
         self.resumed_from = 0
         self.progress = Progress()
         self.round: Round | None = None
+        self._next: Round | None = None  # the next step's round, dispatched before this step's update
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._eval_requests: list[threading.Event] = []
@@ -240,8 +241,8 @@ class Job:
             self.state = "paused"
             time.sleep(0.05)
 
-    def _train_step(self, t: int) -> None:
-        s0 = time.perf_counter()
+    def _step_round(self, t: int) -> tuple[Any, dict, dict, list]:
+        """Step t's plan and its round's forwards, batches and per-worker pieces."""
         cfg = self.cfg
         assert self.data is not None
         plan = step_plan(cfg, t, len(self.data.train))
@@ -256,8 +257,34 @@ class Job:
                                                 seed=plan.seeds[r.direction], coef=r.sign * cfg.train.eps)
                 piece.append(key)
             pieces.append(piece)
+        return plan, forwards, batches, pieces
+
+    def _prestart(self, t: int) -> None:
+        """Send step t's assignments now, before step t-1's update goes to the server: the workers start
+        waiting for block 0 of version t while the server applies the update, and fetch it the moment
+        it is served (no round trip between steps). Only for a plain training step: not when an eval,
+        a pause, a stop or the end of the run comes first."""
+        cfg = self.cfg
+        due_eval = cfg.train.eval_every and t % cfg.train.eval_every == 0
+        with self._lock:
+            evals_waiting = bool(self._eval_requests)
+        if t >= cfg.train.steps or due_eval or evals_waiting or self._paused.is_set() or self._stop.is_set():
+            return
+        _, forwards, batches, pieces = self._step_round(t)
+        rnd = Round(self.registry, cfg.coordinator, t, t, "train", forwards, batches, self._stop)
+        self._next = rnd
+        rnd.start(pieces)
+
+    def _train_step(self, t: int) -> None:
+        s0 = time.perf_counter()
+        cfg = self.cfg
+        plan, forwards, batches, pieces = self._step_round(t)
         for attempt in range(cfg.train.nonfinite_retries + 1):
-            rnd = self._run_round(t, "train", forwards, batches, pieces)
+            started, self._next = self._next, None
+            if attempt == 0 and started is not None and started.step == t:
+                rnd = self._run_round(t, "train", forwards, batches, pieces, started=started)
+            else:
+                rnd = self._run_round(t, "train", forwards, batches, pieces)
             for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
                 raise BadInput(f"step {t}: forward (direction, shard, sign) = {k} cannot run: {err}")
             losses = {k: rnd.loss(k) for k in forwards}
@@ -292,6 +319,7 @@ class Job:
             self.run_log.step(t, outcome.loss, outcome.loss_plus, outcome.loss_minus, [d.g for d in outcome.record.directions],
                               plan.lr, tokens, self.elapsed_before + self.progress.train_seconds + time.perf_counter() - s0,
                               outcome.record.skipped)
+        self._prestart(t + 1)
         u0 = time.perf_counter()
         self._send_update(outcome.record)
         update_s = time.perf_counter() - u0
@@ -300,11 +328,13 @@ class Job:
         self.progress.losses.append(outcome.loss)
         self._account(rnd)
 
-    def _run_round(self, step: int, kind: str, forwards: dict, batches: dict, pieces: list) -> Round:
-        rnd = Round(self.registry, self.cfg.coordinator, step, step, kind, forwards, batches, self._stop)
+    def _run_round(self, step: int, kind: str, forwards: dict, batches: dict, pieces: list,
+                   started: Round | None = None) -> Round:
+        rnd = started or Round(self.registry, self.cfg.coordinator, step, step, kind, forwards, batches, self._stop)
         self.round = rnd
         try:
-            rnd.start(pieces)
+            if started is None:
+                rnd.start(pieces)
             rnd.wait()
         finally:
             self.round = None
@@ -315,7 +345,8 @@ class Job:
         return rnd
 
     def on_result(self, worker, result: cpb.WorkResult) -> None:  # noqa: ANN001
-        rnd = self.round
+        # the round that sent the assignment: the current one, or the next step's, already dispatched
+        rnd = next((r for r in (self.round, self._next) if r is not None and result.assignment_id in r.sent), self.round)
         if rnd is None or not rnd.on_result(worker, result):
             if rnd is None:
                 self.progress.late_reports += 1

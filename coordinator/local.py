@@ -31,7 +31,7 @@ import grpc
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from distzo.cache import latest_cluster_file
+from distzo.cache import cache_root, latest_cluster_file, shared_kernel_cache_env
 from distzo.config import JobConfig
 from distzo.durable import JobMismatch, check_same_job, differences, job_id, job_identity, record_job
 from distzo.errors import BadInput
@@ -116,7 +116,7 @@ class LocalCluster:
         ready = self.run_dir / "ready" / f"{name}.json"
         p = ServiceProcess(name, [*argv, "--ready-file", str(ready)], ready, self.run_dir / "logs" / f"{name}.log")
         self.processes[name] = p
-        p.start(timeout_s=300)
+        p.start(timeout_s=300, env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         return p
 
     def _tls_args(self) -> list[str]:
@@ -192,7 +192,7 @@ class LocalCluster:
             self.processes[name] = p
             procs.append(p)
         for p in procs:  # all members first: a node group forms only when every member is up
-            _start_detached(p)
+            _start_detached(p, shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         deadline = time.monotonic() + 300
         for p in procs:
             while not p.ready_file.is_file():
@@ -321,11 +321,11 @@ class LocalCluster:
         except (OSError, ValueError):
             pass
 
-def _start_detached(p: ServiceProcess) -> None:
+def _start_detached(p: ServiceProcess, env: dict[str, str]) -> None:
     """Start a process that announces itself elsewhere (a worker registers with the coordinator)."""
     import subprocess
 
     p.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(p.log_path, "ab") as log_file:
         p.proc = subprocess.Popen(p.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True, env=dict(os.environ))
+                                  start_new_session=True, env={**os.environ, **env})

@@ -43,3 +43,12 @@ def atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def shared_kernel_cache_env(cache_dir: str | None = None) -> dict[str, str]:
+    """Environment for service processes: one Triton kernel cache for all of them (a kernel compiled
+    by one worker, or by the warm-up before the clock, is loaded by the others instead of compiled
+    again). An explicit TRITON_CACHE_DIR wins."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return {}
+    return {"TRITON_CACHE_DIR": str(cache_root(cache_dir) / "triton")}

@@ -126,6 +126,7 @@ class LayoutSection(_Section):
 class ServerSection(_Section):
     served_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     snapshot_every: int = Field(100, ge=0, description="snapshot every N steps (0: never automatically)")
+    snapshot_at_start: bool = Field(True, description="snapshot the initial weights when the data directory has none, so recovery never needs the model directory again (benchmarks turn it off)")
     chunk_bytes: int = Field(4 << 20, ge=1 << 20, le=16 << 20, description="data-plane chunk size (1-16 MiB)")
     update_threads: int = Field(1, ge=1, description="threads applying an update (results never depend on it)")
     shared_memory: bool = Field(True, description="offer the shared-memory fetch path to clients on this host")
@@ -142,6 +143,7 @@ class RuntimeSection(_Section):
     threads: int = Field(1, ge=1, le=1024, description="torch compute threads per worker (and for the reference)")
     kernel_threads: int = Field(1, ge=1, le=1024, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
+    copy_threads: int = Field(0, ge=0, le=64, description="threads copying fetched blocks out of the server's shared memory (0: one per core, at most 8)")
     cache_dir: Text | None = Field(None, description="where presets are built; default ~/.cache/distzo")
 
 

@@ -28,6 +28,7 @@ from distzo.data import Batch
 from distzo.generator import Distribution
 from distzo.mezo import perturb_block
 from distzo.modeling import BlockModel, causal_lm_logits
+from distzo.served import to_served
 
 IGNORE = -100
 
@@ -330,7 +331,7 @@ class MemoryFeed:
     """Blocks already in memory (the reference trainer, eval, tests).
 
     With a served dtype other than float32, each block is rounded the way the parameter server
-    derives its served copy (``paramserver/store.to_served``), so the reference sees the very
+    derives its served copy (``distzo/served.py``), so the reference sees the very
     bytes a worker fetches; with a device, the (rounded) block is copied there.
     """
 
@@ -338,12 +339,11 @@ class MemoryFeed:
                  served_dtype: str = "float32"):
         self.buffers = buffers
         self.device = torch.device(device) if device is not None else None
+        self.served_dtype = served_dtype
         self.dtype = DTYPES[served_dtype]
 
     def get(self, block: int) -> torch.Tensor:
-        buf = self.buffers[block]
-        if buf.dtype != self.dtype:
-            buf = buf.to(self.dtype)
+        buf = to_served(self.buffers[block], self.served_dtype)
         return buf if self.device is None else buf.to(self.device)
 
     def release(self, block: int) -> None:

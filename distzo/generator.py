@@ -23,8 +23,8 @@ The arithmetic built on z (also one rounding each, float64 inside):
 * update:  ``w = float32(w - (sum_j a_j * z_j + d * w))`` with directions applied in order.
 
 The CPU path is numba-compiled (vectorized, GIL released) and split across a thread pool in
-128-aligned chunks; the torch path runs on whatever device its tensors live on; on CUDA, Rademacher goes through
-the fused Triton kernels of ``generator_cuda.py`` when Triton is installed.
+128-aligned chunks; the torch path runs on whatever device its tensors live on; on CUDA, both distributions go
+through the fused Triton kernels of ``generator_cuda.py`` when Triton is installed.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import torch
 from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic
+
+from distzo.served import bf16_bits, cast_kernel, f16_bits, served_kind
 
 SEED_LIMIT = 1 << 63  # seeds are non-negative int64 so they travel through protobuf/JSON unchanged
 
@@ -237,10 +239,22 @@ def _perturb_kernel(clean, out, coefs, start, k0, k1, gaussian):  # noqa: ANN001
                 o[j] = np.float32(np.float64(x[j]) + c * np.float64(z[j]))
 
 
+@njit(inline="always", cache=True)
+def _write_served(v, s, kind):  # noqa: ANN001, ANN202
+    # the served 16-bit copy of freshly updated (cache-resident) values: same pass over memory
+    if kind == 1:
+        for j in range(v.shape[0]):
+            s[j] = bf16_bits(v[j])
+    elif kind == 2:
+        for j in range(v.shape[0]):
+            s[j] = f16_bits(v[j])
+
+
 @njit(nogil=True, cache=True)
-def _update_kernel(w, start, keys, coefs, decay, gaussian):  # noqa: ANN001, ANN202
+def _update_kernel(w, start, keys, coefs, decay, gaussian, served, kind):  # noqa: ANN001, ANN202
     # w[j] = float32(w[j] - (sum_r coefs[r] * z_r[start + j] + decay * w[j])), directions in order,
-    # the sum starting from 0.0 (kept explicit: it decides the sign of a zero sum)
+    # the sum starting from 0.0 (kept explicit: it decides the sign of a zero sum); with kind 1/2
+    # also served[j] = bf16/fp16 bits of the new w[j] (served.py's rounding)
     words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
     zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
     acc = np.empty(_SCRATCH + 2 * _ALIGN, np.float64)
@@ -283,12 +297,17 @@ def _update_kernel(w, start, keys, coefs, decay, gaussian):  # noqa: ANN001, ANN
         for j in range(n):
             x = np.float64(v[j])
             v[j] = np.float32(x - (a[j] + decay * x))
+        if kind:
+            _write_served(v, served[off : off + n], kind)
 
 
 @njit(nogil=True, cache=True)
-def _rademacher_update_aligned(w, start, k0, k1, c, decay):  # noqa: ANN001, ANN202
+def _rademacher_update_aligned(w, start, k0, k1, c, decay, served, kind):  # noqa: ANN001, ANN202
     # one direction, start and length multiples of 128: the same float64 operations as
-    # _update_kernel (x - ((0.0 + c*z) + decay*x)), fused into a single pass over w
+    # _update_kernel (x - ((0.0 + c*z) + decay*x)), fused into a single pass over w; c*z is
+    # selected as +c or -c (exactly c * (+-1), signed zeros included). With kind 1/2 the served
+    # copy of each 128 new values is written while they are in L1 (a separate 128-wide loop
+    # vectorizes; interleaving it with the update did not)
     for i in range(w.shape[0] // 128):
         cnt = np.uint64(start // 128 + i)
         x0, x1, x2, x3 = _philox(cnt & _U64_MASK, cnt >> _U64_32, np.uint64(0), np.uint64(0), np.uint64(k0), np.uint64(k1))
@@ -296,9 +315,11 @@ def _rademacher_update_aligned(w, start, k0, k1, c, decay):  # noqa: ANN001, ANN
             word = np.uint32(x0) if wi == 0 else np.uint32(x1) if wi == 1 else np.uint32(x2) if wi == 2 else np.uint32(x3)
             v = w[128 * i + 32 * wi : 128 * i + 32 * wi + 32]
             for bit in range(32):
-                z = 1.0 - 2.0 * np.float64((word >> np.uint32(bit)) & np.uint32(1))
+                cz = c if ((word >> np.uint32(bit)) & np.uint32(1)) == 0 else -c
                 x = np.float64(v[bit])
-                v[bit] = np.float32(x - ((0.0 + c * z) + decay * x))
+                v[bit] = np.float32(x - ((0.0 + cz) + decay * x))
+        if kind:
+            _write_served(w[128 * i : 128 * i + 128], served[128 * i : 128 * i + 128], kind)
 
 
 # ----------------------------------------------------------------------------- CPU API
@@ -339,7 +360,8 @@ def _split(n: int, start: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _run_split(fn, n: int, start: int) -> None:  # noqa: ANN001
+def run_split(fn, n: int, start: int) -> None:  # noqa: ANN001
+    """Run ``fn(a, b)`` over 128-aligned pieces of [0, n) on the kernel thread pool (``start``: global offset)."""
     pieces = _split(n, start)
     if len(pieces) == 1:
         fn(*pieces[0])
@@ -380,7 +402,7 @@ def fill_z(out: np.ndarray, seed: int, offset: int, dist: Distribution | str) ->
     _check_offset(offset, out.shape[0])
     k0, k1 = _key(seed)
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
-    _run_split(lambda a, b: _fill_kernel(out[a:b], offset + a, k0, k1, gaussian), out.shape[0], offset)
+    run_split(lambda a, b: _fill_kernel(out[a:b], offset + a, k0, k1, gaussian), out.shape[0], offset)
     return out
 
 
@@ -396,7 +418,7 @@ def perturb_cpu(
     _check_offset(offset, clean.shape[0])
     k0, k1 = _key(seed)
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
-    _run_split(
+    run_split(
         lambda a, b: _perturb_kernel(clean[a:b], out[:, a:b], coef_arr, offset + a, k0, k1, gaussian),
         clean.shape[0],
         offset,
@@ -404,46 +426,72 @@ def perturb_cpu(
     return out
 
 
+_NO_SERVED = np.empty(0, np.uint16)
+
+
 def update_cpu(
-    w: np.ndarray, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str
+    w: np.ndarray, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str,
+    served: np.ndarray | None = None, served_dtype: str = "float32",
 ) -> None:
-    """In place: ``w = float32(w - (sum_r coefs[r] * z(seeds[r]) + decay * w))``."""
+    """In place: ``w = float32(w - (sum_r coefs[r] * z(seeds[r]) + decay * w))``.
+
+    ``served`` (uint16, w's length) with ``served_dtype`` bfloat16/float16: also write the served copy
+    of the new w (``served.py``'s rounding) in the same pass, so it costs no second trip through memory."""
     if w.dtype != np.float32 or w.ndim != 1:
         raise TypeError("update expects a 1-D float32 buffer")
     if len(seeds) != len(coefs):
         raise ValueError("one coefficient per seed")
     _check_offset(offset, w.shape[0])
+    kind = served_kind(served_dtype) if served is not None else 0
+    if kind and (served.dtype != np.uint16 or served.shape != w.shape):  # type: ignore[union-attr]
+        raise TypeError(f"the served copy must be uint16 of shape {w.shape}")
+    out = served if kind else _NO_SERVED
     keys = np.array([_key(s) for s in seeds], dtype=np.uint64).reshape(len(seeds), 2)
     coef_arr = np.asarray(coefs, dtype=np.float64)
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
     decay = float(decay)
 
+    def part(a: int, b: int) -> np.ndarray:
+        return out[a:b] if kind else out
+
     def piece(a: int, b: int) -> None:
         if gaussian or len(seeds) != 1:
-            _update_kernel(w[a:b], offset + a, keys, coef_arr, decay, gaussian)
+            _update_kernel(w[a:b], offset + a, keys, coef_arr, decay, gaussian, part(a, b), kind)
             return
         # single Rademacher direction: fused pass over the 128-aligned interior
         lo = min(b, a + (-(offset + a)) % _ALIGN)
         hi = max(lo, b - (offset + b) % _ALIGN)
         if lo > a:
-            _update_kernel(w[a:lo], offset + a, keys, coef_arr, decay, False)
+            _update_kernel(w[a:lo], offset + a, keys, coef_arr, decay, False, part(a, lo), kind)
         if hi > lo:
-            _rademacher_update_aligned(w[lo:hi], offset + lo, int(keys[0, 0]), int(keys[0, 1]), float(coef_arr[0]), decay)
+            _rademacher_update_aligned(w[lo:hi], offset + lo, int(keys[0, 0]), int(keys[0, 1]), float(coef_arr[0]), decay,
+                                       part(lo, hi), kind)
         if b > hi:
-            _update_kernel(w[hi:b], offset + hi, keys, coef_arr, decay, False)
+            _update_kernel(w[hi:b], offset + hi, keys, coef_arr, decay, False, part(hi, b), kind)
 
-    _run_split(piece, w.shape[0], offset)
+    run_split(piece, w.shape[0], offset)
 
 
-def warm_up() -> None:
-    """Load (or compile) every CPU kernel once, so the first real step does not pay for it."""
+def warm_up(device: torch.device | str | None = None, dist: Distribution | str = Distribution.RADEMACHER,
+            out_dtypes: Sequence[torch.dtype] = (torch.float32,), directions: int = 1) -> None:
+    """Load (or compile) every CPU kernel once, so the first real step does not pay for it; with a CUDA
+    ``device``, also the Triton variants a worker or trainer launches (perturbed copies in ``out_dtypes``,
+    updates of up to ``directions`` seeds)."""
+    if device is not None and torch.device(device).type == "cuda" and _triton_available():  # GPU-only
+        from distzo import generator_cuda
+
+        generator_cuda.warm_up(torch.device(device), Distribution(dist) is Distribution.GAUSSIAN, out_dtypes, directions)
     buf = np.zeros(300, np.float32)
     out = np.empty((2, 300), np.float32)
     for dist in Distribution:
         fill_z(buf, 1, 5, dist)
         perturb_cpu(buf, 5, 1, dist, [1e-3, -1e-3], out)
-        update_cpu(buf, 5, [1], [1e-3], 0.0, dist)
-        update_cpu(buf, 5, [1, 2], [1e-3, 1e-3], 0.0, dist)
+        for kind in ("float32", "bfloat16", "float16"):
+            served = np.empty(300, np.uint16) if kind != "float32" else None
+            update_cpu(buf, 5, [1], [1e-3], 0.0, dist, served, kind)
+            update_cpu(buf, 5, [1, 2], [1e-3, 1e-3], 0.0, dist, served, kind)
+    cast_kernel(buf, np.empty(300, np.uint16), 1)
+    cast_kernel(buf, np.empty(300, np.uint16), 2)
 
 
 # ----------------------------------------------------------------------------- torch path
@@ -555,16 +603,20 @@ def perturb_torch(
 
 
 def update_torch(
-    w: torch.Tensor, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str
+    w: torch.Tensor, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str,
+    served: torch.Tensor | None = None, served_dtype: str = "float32",
 ) -> None:
-    """In-place update of a float32 tensor, same bits as update_cpu."""
+    """In-place update of a float32 tensor, same bits as update_cpu (``served``: int16 tensor for the
+    16-bit served copy of the new values, written in the same pass on CUDA)."""
     if w.dtype != torch.float32:
         raise TypeError("update expects a float32 master buffer")
     _check_offset(offset, w.shape[0])
-    if _use_triton(w, dist):
+    kind = served_kind(served_dtype) if served is not None else 0
+    if _use_triton(w):
         from distzo import generator_cuda
 
-        generator_cuda.rademacher_update(w, offset, [_key(s) for s in seeds], [float(c) for c in coefs], decay)
+        generator_cuda.update(w, offset, [_key(s) for s in seeds], [float(c) for c in coefs], decay,
+                              Distribution(dist) is Distribution.GAUSSIAN, served if kind else None, kind)
         return
     for a in range(0, w.shape[0], _TORCH_CHUNK):
         b = min(w.shape[0], a + _TORCH_CHUNK)
@@ -573,6 +625,10 @@ def update_torch(
             acc = acc + z_torch(seed, offset + a, b - a, dist, w.device).to(torch.float64) * float(coef)
         x = w[a:b].to(torch.float64)
         w[a:b] = (x - (acc + x * float(decay))).to(torch.float32)
+    if kind:
+        from distzo.served import to_served
+
+        served.copy_(to_served(w.cpu(), served_dtype).view(torch.int16))  # type: ignore[union-attr]
 
 
 def perturb_device(
@@ -580,16 +636,17 @@ def perturb_device(
 ) -> list[torch.Tensor]:
     """perturb_torch for several coefficients on clean's device: one fused kernel (z made once) where it can."""
     _check_offset(offset, clean.shape[0])
-    if _use_triton(clean, dist):
+    if _use_triton(clean):
         from distzo import generator_cuda
 
-        return generator_cuda.rademacher_perturb(clean, offset, _key(seed), [float(c) for c in coefs], out_dtype)
+        return generator_cuda.perturb(clean, offset, _key(seed), [float(c) for c in coefs], out_dtype,
+                                      Distribution(dist) is Distribution.GAUSSIAN)
     return [perturb_torch(clean, offset, seed, dist, c, out_dtype) for c in coefs]
 
 
-def _use_triton(t: torch.Tensor, dist: Distribution | str) -> bool:
-    # GPU-only: the fused Triton kernels (Rademacher; Gaussian stays on the torch path)
-    return t.is_cuda and t.is_contiguous() and Distribution(dist) is Distribution.RADEMACHER and _triton_available()
+def _use_triton(t: torch.Tensor) -> bool:
+    # GPU-only: the fused Triton kernels (both distributions)
+    return t.is_cuda and t.is_contiguous() and _triton_available()
 
 
 @functools.cache

@@ -178,17 +178,30 @@ def make_update(
 
 
 # ----------------------------------------------------------------------------- server side
-def apply_update(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, dist: Distribution) -> None:
-    """theta <- theta - lr * ((1/q) sum_j g_j z_j + wd * theta) on one fp32 block, in place."""
+def apply_update(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, dist: Distribution,
+                 served: np.ndarray | torch.Tensor | None = None, served_dtype: str = "float32") -> None:
+    """theta <- theta - lr * ((1/q) sum_j g_j z_j + wd * theta) on one fp32 block, in place.
+
+    ``served``: the block's 16-bit served copy (uint16 array on CPU, int16 tensor on a GPU, the block's
+    length) for ``served_dtype`` bfloat16/float16, rewritten from the new values in the same pass
+    (``distzo/served.py``'s rounding). A skipped record changes neither."""
     if record.skipped:
         return
     q = len(record.directions)
     seeds = [d.seed for d in record.directions]
     coefs = [record.lr * d.g / q for d in record.directions]
     decay = record.lr * record.weight_decay
-    for start, end, decays in block.decay_segments():
+    if served is not None and served_dtype == "float32":
+        raise ValueError("a float32 served copy is the master itself: pass served=None")
+    # without weight decay every tensor gets the same update: one call over the whole block (fewer,
+    # longer kernel runs; the per-element arithmetic, and so the bits, are the same)
+    segments = block.decay_segments() if decay else [(0, buffer.shape[0], False)]
+    for start, end, decays in segments:
         seg = buffer[start:end]
+        out = served[start:end] if served is not None else None
         if buffer.device.type == "cpu":
-            update_cpu(seg.numpy(), block.global_offset + start, seeds, coefs, decay if decays else 0.0, dist)
+            update_cpu(seg.numpy(), block.global_offset + start, seeds, coefs, decay if decays else 0.0, dist,
+                       out, served_dtype)
         else:
-            update_torch(seg, block.global_offset + start, seeds, coefs, decay if decays else 0.0, dist)
+            update_torch(seg, block.global_offset + start, seeds, coefs, decay if decays else 0.0, dist,
+                         out, served_dtype)

@@ -150,7 +150,8 @@ class ReferenceTrainer:
         """
         cfg = self.cfg
         apply_runtime_threads(cfg)
-        generator.warm_up()  # like every service, before the clock starts
+        generator.warm_up(self.device, cfg.train.distribution, [self.engine.compute_dtype],
+                          cfg.layout.q)  # like every service, before the clock starts
         if run_dir is not None:
             self.run_log = RunLog(run_dir)
             self.run_log.resume(0, cfg)  # refuses a run directory of another job

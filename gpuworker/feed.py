@@ -1,8 +1,11 @@
 """Streaming blocks from the parameter server, a bounded number ahead of the compute.
 
-A background thread fetches block 0, 1, 2, ... at the step's version into buffers from a
-small pool (pinned host memory on GPU hosts), all-gathers slices inside a node group,
-and, on a GPU, copies to the device on its own stream with an event the compute waits on.
+A background thread fetches block 0, 1, 2, ... at the step's version. On a GPU next to the
+server, with no host copy: DMA straight from the server's shared memory registered with the
+driver (``hostreg.DirectFetch``). Otherwise into buffers from a small pool (pinned host memory
+on GPU hosts; a memcpy split over threads, or gRPC chunks written in place), all-gathered
+inside a node group, and, on a GPU, copied to the device on its own stream with an event the
+compute waits on.
 At most ``depth`` blocks (plus blocks the forward keeps for a tied head) are held at once:
 resident memory is a few blocks, whatever the model's size.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +23,9 @@ from distzo.blocks import DTYPES, ITEMSIZE, Manifest
 from gpuworker.node import NodeGroup
 from paramserver.client import ParamServerClient
 from paramserver.wire import checksum
+
+if TYPE_CHECKING:
+    from gpuworker.hostreg import DirectFetch
 
 
 @dataclass
@@ -58,7 +65,8 @@ class PrefetchFeed:
 
     def __init__(self, client: ParamServerClient, manifest: Manifest, version: int, device: torch.device,
                  pool: BufferPool, depth: int, pinned_blocks: frozenset[int], node: NodeGroup | None = None,
-                 timeout_s: float = 120.0, digests: bool = False):
+                 timeout_s: float = 120.0, digests: bool = False, copy_stream: "torch.cuda.Stream | None" = None,
+                 direct: "DirectFetch | None" = None):
         self.client = client
         self.manifest = manifest
         self.version = version
@@ -78,7 +86,10 @@ class PrefetchFeed:
         self._events: dict[int, object] = {}
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # GPU-only: H2D overlap
+        self._copy_stream = None
+        if device.type == "cuda":  # GPU-only: host-to-device copies on their own stream, overlapping the compute
+            self._copy_stream = copy_stream or torch.cuda.Stream(device)
+        self.direct = direct if node is None else None  # GPU-only: DMA from registered shared memory
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self._thread.start()
 
@@ -101,9 +112,30 @@ class PrefetchFeed:
                 return
             self._ready[b].set()
 
+    def _fetch_direct(self, b: int, nbytes: int) -> torch.Tensor | None:
+        # GPU-only: no host copy; the device buffer is allocated on the copy stream (get() records
+        # the compute stream's use, so the allocator does not hand it out while compute reads it)
+        assert self.direct is not None and self._copy_stream is not None
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self._copy_stream):
+            dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        got = self.direct.fetch(b, self.version, dev, self.timeout_s)
+        if got is None:
+            return None
+        res, dma_s = got
+        self.timers.bytes_received += res.nbytes
+        self.timers.transport = "shm-direct"
+        self.timers.h2d_s += dma_s
+        self.timers.fetch_s += time.perf_counter() - t0 - dma_s
+        return dev.view(self.dtype)
+
     def _fetch(self, b: int) -> torch.Tensor:
         spec = self.manifest.blocks[b]
         nbytes = spec.numel * self.itemsize
+        if self.direct is not None:
+            dev = self._fetch_direct(b, nbytes)
+            if dev is not None:
+                return dev
         buf = self.pool.take()
         self._host[b] = buf
         t0 = time.perf_counter()
@@ -154,9 +186,14 @@ class PrefetchFeed:
             assert self._error is not None
             raise self._error
         ev = self._events.pop(block, None)
-        if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)  # type: ignore[arg-type]
-        return self._data[block]
+        data = self._data[block]
+        if self._copy_stream is not None:  # GPU-only
+            compute = torch.cuda.current_stream(self.device)
+            if ev is not None:
+                compute.wait_event(ev)  # type: ignore[arg-type]
+            if data.is_cuda:
+                data.record_stream(compute)  # allocated on the copy stream, read on this one
+        return data
 
     def release(self, block: int) -> None:
         self._data.pop(block, None)

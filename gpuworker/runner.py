@@ -49,6 +49,26 @@ class ModelRunner:
         depth = cfg.runtime.prefetch_blocks
         self.pool = BufferPool(depth + len(self.model.pinned_blocks) + 1, biggest, pinned=device.type == "cuda")
         self.process = psutil.Process()
+        self.copy_stream = None
+        self.direct = None
+        if device.type == "cuda":  # GPU-only: one copy stream; DMA from registered shared memory when next to the server
+            self.copy_stream = torch.cuda.Stream(device)
+            if node is None:
+                from gpuworker.hostreg import DirectFetch
+
+                self.direct = DirectFetch(client, device, self.copy_stream)
+                if not self.direct.warm():  # registration (page pinning) happens here, before the clock
+                    self.direct = None
+
+    def warm_up(self) -> None:
+        """Compile/load every kernel variant this worker will launch, before the first assignment."""
+        from distzo import generator
+
+        generator.warm_up(self.device, self.cfg.train.distribution, [self.engine.compute_dtype])
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
 
     def run(self, a: cpb.Assignment) -> cpb.WorkResult:
         t0 = time.perf_counter()
@@ -56,7 +76,7 @@ class ModelRunner:
         feed = PrefetchFeed(self.client, self.model.manifest, a.version, self.device, self.pool,
                             self.cfg.runtime.prefetch_blocks, self.model.pinned_blocks, self.node,
                             timeout_s=min(self.cfg.server.fetch_timeout_s, a.deadline_s or math.inf),
-                            digests=a.report_digests)
+                            digests=a.report_digests, copy_stream=self.copy_stream, direct=self.direct)
         compute = 0.0
         try:
             batches = {bd.shard: Batch.from_arrays((bd.rows, bd.cols), bd.input_ids, bd.attention_mask, bd.labels)

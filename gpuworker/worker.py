@@ -26,6 +26,7 @@ from distzo.logs import kv
 from distzo.rpc import Credentials, make_channel
 from gpuworker.node import GatherError, NodeGroup
 from gpuworker.runner import ModelRunner
+from paramserver import hostcopy
 from paramserver.client import ParamServerClient
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -86,6 +87,8 @@ class Worker:
             call.cancel()  # unblocks the session loop
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         if self._client is not None:
             self._client.close()
         if self.node is not None:
@@ -147,11 +150,14 @@ class Worker:
         cfg = JobConfig.from_dict(yaml.safe_load(w.job_config_yaml))
         torch.set_num_threads(cfg.runtime.threads)
         generator.set_cpu_threads(cfg.runtime.kernel_threads)
+        hostcopy.set_copy_threads(cfg.runtime.copy_threads)
+        if self.runner is not None:
+            self.runner.close()
         if self._client is not None:
             self._client.close()
         self._client = ParamServerClient(servers, self.creds).connect()
         self.runner = ModelRunner(cfg, self._client, self.device, self.node)
-        generator.warm_up()
+        self.runner.warm_up()  # before we say we are ready: compilation is not on the clock
         self._job_yaml = w.job_config_yaml
         log.info("registered", extra=kv(worker=self.worker_id, servers=",".join(servers), device=str(self.device)))
 

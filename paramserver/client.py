@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -22,6 +22,7 @@ from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.rpc import Credentials, make_channel
 from paramserver.journal import record_from_pb, record_to_pb
+from paramserver.hostcopy import parallel_copy
 from paramserver.shm import SegmentGone, SharedView, StaleVersion
 from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity
 from protos import common_pb2
@@ -29,6 +30,7 @@ from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
 
 log = logging.getLogger("distzo.paramserver.client")
+POLL_BEFORE_RPC_S = 1.0  # a fetch polls the mapped version table this long before it asks the server
 
 
 class FetchError(RuntimeError):
@@ -54,6 +56,7 @@ class FetchResult:
     transport: str  # "shm" | "grpc"
     seconds: float
     resumes: int = 0
+    copies: int = 1  # shared memory: copies made (more than one when the server rewrote the block meanwhile)
 
 
 def _raise_for(exc: grpc.RpcError, what: str) -> None:
@@ -175,20 +178,46 @@ class ParamServerClient:
     # ------------------------------------------------------------------ data plane
     def fetch_into(self, block: int, version: int, dest: np.ndarray, rank: int = 0, parts: int = 1,
                    dtype: str = "", timeout_s: float = 120.0) -> FetchResult:
-        """Fill ``dest`` (uint8, exactly the slice's size) with slice ``rank``/``parts`` of a block at ``version``."""
+        """Fill ``dest`` (uint8, exactly the slice's size) with slice ``rank``/``parts`` of a block at ``version``.
+
+        Shared memory: a seqlock-checked copy split over ``hostcopy``'s threads; gRPC: chunks written
+        straight into ``dest`` (a pinned buffer on GPU hosts), each checked against its xxh3."""
         shard = self._shard(block)
         start, end = self.slice_bytes(block, rank, parts, dtype)
         if dest.dtype != np.uint8 or dest.shape != (end - start,):
             raise ValueError(f"destination must be uint8 of {end - start} bytes for block {block} slice {rank}/{parts}")
         t0 = time.perf_counter()
         if self.transport != "grpc" and dtype != MASTER_DTYPE and self._shm(shard):
-            got = self._fetch_shm(shard, block, version, start, dest, timeout_s)
+            got = self._fetch_shm(shard, block, version, start, dest.nbytes, lambda src: parallel_copy(dest, src), timeout_s)
             if got is not None:
-                return FetchResult(got, dest.nbytes, "shm", time.perf_counter() - t0)
+                return FetchResult(got[0], dest.nbytes, "shm", time.perf_counter() - t0, copies=got[1])
         if self.transport == "shm":
             raise FetchError(f"shared memory of {shard.address} is not reachable from this host")
-        got, resumes = self._fetch_grpc(shard, block, version, rank, parts, dtype, dest, timeout_s)
-        return FetchResult(got, dest.nbytes, "grpc", time.perf_counter() - t0, resumes)
+        got_version, resumes = self._fetch_grpc(shard, block, version, rank, parts, dtype, dest, timeout_s)
+        return FetchResult(got_version, dest.nbytes, "grpc", time.perf_counter() - t0, resumes)
+
+    def fetch_with(self, block: int, version: int, copy: Callable[[np.ndarray], None], rank: int = 0, parts: int = 1,
+                   timeout_s: float = 120.0) -> FetchResult | None:
+        """Shared memory only: hand ``copy(src)`` the mapped read-only bytes of the slice at ``version``.
+
+        ``copy`` must have completed when it returns (a device copy: synchronized); it runs again when
+        the server rewrote the block meanwhile (seqlock). This is the GPU worker's path with no host
+        copy: it DMAs from the registered mapping. None when this host cannot map the server's
+        segments (use ``fetch_into``)."""
+        shard = self._shard(block)
+        start, end = self.slice_bytes(block, rank, parts)
+        if self.transport == "grpc" or not self._shm(shard):
+            return None
+        t0 = time.perf_counter()
+        got = self._fetch_shm(shard, block, version, start, end - start, copy, timeout_s)
+        if got is None:
+            return None
+        return FetchResult(got[0], end - start, "shm", time.perf_counter() - t0, copies=got[1])
+
+    def shared_view(self, block: int) -> SharedView | None:
+        """The read-only mapping that holds ``block`` (None when not mapped from this host)."""
+        shard = self._shard(block)
+        return shard.shm if self.transport != "grpc" and self._shm(shard) else None
 
     def _shm(self, shard: _Shard) -> bool:
         if shard.shm is not None:
@@ -204,19 +233,22 @@ class ParamServerClient:
             log.info("shared memory unavailable, using gRPC", extra=kv(server=shard.address, reason=str(exc)))
             return False
 
-    def _fetch_shm(self, shard: _Shard, block: int, version: int, start: int, dest: np.ndarray, timeout_s: float) -> int | None:
+    def _fetch_shm(self, shard: _Shard, block: int, version: int, start: int, nbytes: int,
+                   copy: Callable[[np.ndarray], None], timeout_s: float) -> tuple[int, int] | None:
+        """(version, copies made), or None when the server's segments cannot be mapped again after a restart."""
         assert shard.shm is not None
-        # fast path: the mapped table already shows the version (no RPC at all)
-        if version >= 0 and shard.shm.current() and shard.shm.sequence(block)[1] == version:
+        deadline = time.monotonic() + timeout_s
+        # fast path: the mapped table shows the version, now or within a short poll (no RPC at all)
+        if version >= 0 and shard.shm.current() and shard.shm.await_version(block, version, min(timeout_s / 2, POLL_BEFORE_RPC_S)):
             try:
-                shard.shm.read_into(block, version, start, dest, timeout_s=timeout_s)
-                return version
+                return version, shard.shm.read_with(block, version, start, nbytes, copy, timeout_s=timeout_s)
             except StaleVersion as exc:
                 raise StaleVersionError(str(exc)) from None
             except TimeoutError:
                 pass  # fall back to asking the server
         try:
-            reply = shard.stub.WaitVersion(pb.WaitRequest(block=block, version=version), timeout=timeout_s, metadata=self._md)
+            reply = shard.stub.WaitVersion(pb.WaitRequest(block=block, version=version),
+                                           timeout=max(0.05, deadline - time.monotonic()), metadata=self._md)
         except grpc.RpcError as exc:
             _raise_for(exc, f"block {block} version {version}")
         if not shard.shm.alive(reply.shm_nonce) or not shard.shm.current():
@@ -228,12 +260,11 @@ class ParamServerClient:
                 return None
             assert shard.shm is not None
         try:
-            shard.shm.read_into(block, reply.version, start, dest, timeout_s=timeout_s)
+            return reply.version, shard.shm.read_with(block, reply.version, start, nbytes, copy, timeout_s=timeout_s)
         except StaleVersion as exc:
             raise StaleVersionError(str(exc)) from None
         except TimeoutError as exc:
             raise VersionTimeout(str(exc)) from None
-        return reply.version
 
     def _fetch_grpc(self, shard: _Shard, block: int, version: int, rank: int, parts: int, dtype: str,
                     dest: np.ndarray, timeout_s: float) -> tuple[int, int]:

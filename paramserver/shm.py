@@ -16,13 +16,17 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from paramserver.hostcopy import parallel_copy
 
 MAGIC = 0x445A_5348_4D31  # "DZSHM1"
 HEADER_WORDS = 4  # magic, nonce, nblocks, owner pid
 BLOCK_WORDS = 4  # seq, version, byte offset, byte count
 ALIGN = 64
+POLL_S = 0.0001  # version-table polling interval of a waiting reader
 
 
 class StaleVersion(Exception):
@@ -146,6 +150,7 @@ class SharedView:
         self.nonce = nonce
         self.table = self.words[HEADER_WORDS:].reshape(int(self.words[2]), BLOCK_WORDS)
         self.data = np.frombuffer(self._data, dtype=np.uint8)
+        self.on_close: list[Callable[[], None]] = []  # run before the mapping goes (a GPU registration's unregister)
 
     def alive(self, nonce: int) -> bool:
         return int(self.words[1]) == nonce == self.nonce
@@ -166,22 +171,47 @@ class SharedView:
         return int(self.table[b, 0]), int(self.table[b, 1])
 
     def read_into(self, b: int, version: int, start: int, dest: np.ndarray, timeout_s: float = 5.0) -> None:
-        """Copy bytes [start, start+len(dest)) of block b at exactly ``version`` into dest."""
+        """Copy bytes [start, start+len(dest)) of block b at exactly ``version`` into dest (threaded memcpy)."""
+        self.read_with(b, version, start, dest.nbytes, lambda src: parallel_copy(dest.view(np.uint8), src), timeout_s)
+
+    def read_with(self, b: int, version: int, start: int, nbytes: int, copy: Callable[[np.ndarray], None],
+                  timeout_s: float = 5.0) -> int:
+        """Seqlock-checked read of bytes [start, start+nbytes) of block b at exactly ``version``.
+
+        ``copy(src)`` gets the mapped (read-only) bytes and must have *completed* its copy when it
+        returns (a device copy: synchronized); when the server wrote the block meanwhile, the copy is
+        done again. Returns the number of copies made. Raises StaleVersion when the block moved past
+        ``version``, TimeoutError when it did not settle at it in time."""
         deadline = time.monotonic() + timeout_s
-        src = self.view(b)
+        src = self.view(b)[start : start + nbytes]
+        copies = 0
         while True:
             seq, ver = self.sequence(b)
             if ver > version:
                 raise StaleVersion(f"block {b} is at version {ver}, past the wanted {version}")
             if seq % 2 == 0 and ver == version:
-                np.copyto(dest, src[start : start + dest.shape[0]])
+                copy(src)
+                copies += 1
                 if self.sequence(b) == (seq, ver):
-                    return
+                    return copies
             if time.monotonic() > deadline:
                 raise TimeoutError(f"block {b} did not settle at version {version} (at {ver}, seq {seq})")
             time.sleep(0.0002)
 
+    def await_version(self, b: int, version: int, timeout_s: float) -> bool:
+        """Poll the mapped table (no RPC) until block b shows ``version`` or later; False on timeout.
+        A worker sees a block the moment the server publishes it (the RPC wait is the fallback)."""
+        deadline = time.monotonic() + timeout_s
+        while self.sequence(b)[1] < version:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
     def close(self) -> None:
+        hooks, self.on_close = getattr(self, "on_close", []), []
+        for hook in hooks:
+            hook()
         for name in ("data", "words", "table"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -201,7 +201,7 @@ class ServerState:
             self.journal.recent.append(r)
         log.info("recovered", extra=kv(snapshot=base, replayed=len(replay), version=version,
                                        seconds=round(time.perf_counter() - t0, 3)))
-        if not snaps:
+        if not snaps and self.cfg.server.snapshot_at_start:
             self._start_snapshot(version)  # never depend on the model directory again
         return version
 

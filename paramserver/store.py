@@ -20,6 +20,7 @@ import xxhash
 from distzo.blocks import ITEMSIZE, Manifest
 from distzo.generator import Distribution
 from distzo.mezo import UpdateRecord, apply_update
+from distzo.served import cast_into
 from paramserver.shm import ServedSegments, StaleVersion
 
 
@@ -65,13 +66,8 @@ class RWLock:
 
 
 def to_served(master: np.ndarray, served_dtype: str, out: np.ndarray) -> None:
-    """Write the served-dtype bytes of an fp32 block into ``out`` (uint8)."""
-    t = torch.from_numpy(master)
-    if served_dtype == "bfloat16":
-        src = t.to(torch.bfloat16).view(torch.int16).numpy()
-    else:
-        src = t.to(torch.float16).numpy()
-    np.copyto(out, src.view(np.uint8))
+    """Write the served-dtype bytes of an fp32 block into ``out`` (uint8): ``distzo/served.py``'s rounding."""
+    cast_into(master, served_dtype, out)
 
 
 class BlockStore:
@@ -169,9 +165,11 @@ class BlockStore:
                 before_modify(b)
             with self.locks[b].write():
                 self._begin(b)
-                apply_update(self.manifest.blocks[b], torch.from_numpy(self.master[b]), record, dist)
-                if self.served_dtype != "float32":
-                    to_served(self.master[b], self.served_dtype, self.served[b])
+                # one pass writes the new master and (16-bit serving) the new served copy; the
+                # block's version is fetchable as soon as its own update is done
+                served = self.served[b].view(np.uint16) if self.served_dtype != "float32" else None
+                apply_update(self.manifest.blocks[b], torch.from_numpy(self.master[b]), record, dist,
+                             served, self.served_dtype)
                 self._publish(b, record.step + 1)
             applied += 1
         return applied

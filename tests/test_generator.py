@@ -173,25 +173,52 @@ _TRITON_CHECK = """
 import numpy as np, torch
 from distzo import generator as g
 from distzo import generator_cuda as gc
-for off, n in ((123_457_001, 3001), (5_000_000_000_123, 700), (0, 128)):
-    clean = torch.randn(n)
-    outs = gc.rademacher_perturb(clean, off, g._key(99), [1e-3, -1e-3], torch.float32)
-    ref = np.empty((2, n), np.float32)
-    g.perturb_cpu(clean.numpy(), off, 99, g.Distribution.RADEMACHER, [1e-3, -1e-3], ref)
-    assert all(np.array_equal(o.numpy().view(np.uint32), r.view(np.uint32)) for o, r in zip(outs, ref)), off
-    for seeds, coefs, decay in (([5], [1e-3], 0.0), ([5, 6], [1e-3, -2e-3], 0.01)):
-        w1 = torch.randn(n)
-        w2 = w1.clone()
-        gc.rademacher_update(w1, off, [g._key(s) for s in seeds], coefs, decay)
-        g.update_cpu(w2.numpy(), off, seeds, coefs, decay, g.Distribution.RADEMACHER)
-        assert torch.equal(w1.view(torch.int32), w2.view(torch.int32)), (off, seeds)
+from distzo import served
+for gaussian in (False, True):
+    dist = g.Distribution.GAUSSIAN if gaussian else g.Distribution.RADEMACHER
+    for off, n in ((123_457_001, 3001), (5_000_000_000_123, 700), (0, 128), (3, 5)):
+        clean = torch.randn(n)
+        outs = gc.perturb(clean, off, g._key(99), [1e-3, -1e-3], torch.float32, gaussian)
+        ref = np.empty((2, n), np.float32)
+        g.perturb_cpu(clean.numpy(), off, 99, dist, [1e-3, -1e-3], ref)
+        assert all(np.array_equal(o.numpy().view(np.uint32), r.view(np.uint32)) for o, r in zip(outs, ref)), (gaussian, off)
+        for dt, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+            o16 = gc.perturb(clean, off, g._key(99), [1e-3], dt, gaussian)[0]
+            want = np.empty(n, np.uint16); served.cast_into(ref[0], name, want)
+            assert np.array_equal(o16.view(torch.int16).numpy().view(np.uint16), want), (gaussian, off, name)
+        for seeds, coefs, decay in (([5], [1e-3], 0.0), ([5, 6], [1e-3, -2e-3], 0.01)):
+            w1 = torch.randn(n)
+            w2 = w1.clone()
+            s1 = torch.zeros(n, dtype=torch.int16)
+            gc.update(w1, off, [g._key(s) for s in seeds], coefs, decay, gaussian, s1, 1)
+            s2 = np.empty(n, np.uint16)
+            g.update_cpu(w2.numpy(), off, seeds, coefs, decay, dist, s2, "bfloat16")
+            assert torch.equal(w1.view(torch.int32), w2.view(torch.int32)), (gaussian, off, seeds)
+            assert np.array_equal(s1.numpy().view(np.uint16), s2), (gaussian, off, seeds)
+            s3 = torch.zeros(n, dtype=torch.int16)
+            w3 = w2.clone(); w4 = w2.clone()
+            gc.update(w3, off, [g._key(s) for s in seeds], coefs, decay, gaussian, s3, 2)
+            s4 = np.empty(n, np.uint16)
+            g.update_cpu(w4.numpy(), off, seeds, coefs, decay, dist, s4, "float16")
+            assert np.array_equal(s3.numpy().view(np.uint16), s4), ("f16", gaussian, off, seeds)
+# the 16-bit rounding on edge values (subnormal, overflow, inf, NaN)
+rng = np.random.default_rng(0)
+u = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+f = np.concatenate([u.view(np.float32), np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65519.99, 65520, 6.1035156e-05, 2.9802322e-08, 1e-45], np.float32)])
+x = np.empty((1, f.size), np.float32)
+g.perturb_cpu(f, 0, 1, g.Distribution.RADEMACHER, [0.0], x)  # x + 0*z: f itself, but -0 may become +0
+for dt, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+    got = gc.perturb(torch.from_numpy(f), 0, g._key(1), [0.0], dt, False)[0]
+    want = np.empty(f.size, np.uint16); served.cast_into(x[0], name, want)
+    assert np.array_equal(got.view(torch.int16).numpy().view(np.uint16), want), name
 print("ok")
 """
 
 
 def test_triton_kernels_give_the_cpu_bits_in_the_interpreter():
-    """The GPU kernels (generator_cuda.py), run by Triton's CPU interpreter, against the CPU kernels.
-    (16-bit outputs are checked on a real GPU in test_gpu.py: the interpreter rounds them differently.)"""
+    """The GPU kernels (generator_cuda.py), run by Triton's CPU interpreter, against the CPU kernels: both
+    distributions, perturbed copies in fp32/bf16/fp16, updates with the served bf16/fp16 copy written in the
+    same pass, unaligned offsets and offsets past 2^32, and the 16-bit rounding on edge values."""
     import subprocess
     import sys
 
@@ -199,3 +226,20 @@ def test_triton_kernels_give_the_cpu_bits_in_the_interpreter():
     r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("coef", [0.0, -0.0, 1e-3, -1e-3])
+@pytest.mark.parametrize("decay", [0.0, 1e-4])
+def test_update_keeps_the_formulas_signed_zeros(coef, decay):
+    """The fused one-direction pass (c*z selected as +c or -c) against the float64 formula on +-0, tiny and
+    huge weights: the sum starts from 0.0, so c = 0 and w = -0 give the formula's zero signs."""
+    n = 4096 + 300
+    w = np.zeros(n, np.float32)
+    w[1::4] = -0.0
+    w[2::4] = np.float32(1e-40)
+    w[3::4] = np.float32(-3e38)
+    acc = 0.0 + coef * z(7, 256, n, "rademacher").astype(np.float64)
+    x = w.astype(np.float64)
+    expected = (x - (acc + decay * x)).astype(np.float32)
+    g.update_cpu(w, 256, [7], [coef], decay, "rademacher")  # offset 256: the aligned interior covers most of it
+    assert np.array_equal(w.view(np.uint32), expected.view(np.uint32))

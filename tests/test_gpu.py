@@ -65,3 +65,43 @@ def test_zoctl_up_on_cuda_equals_the_reference_on_cuda_bitwise(cache_dir, tmp_pa
     for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
         assert a[key] == b[key], key
     assert not our_processes(tmp_path / "run")
+
+
+@pytest.mark.parametrize("served", ["float32", "bfloat16"])
+def test_direct_fetch_on_cuda_dmas_the_served_bytes_from_registered_shared_memory(cache_dir, tmp_path, served):
+    """No host copy: the worker registers the server's read-only segment with the driver and DMAs from it."""
+    from conftest import small_config
+    from gpuworker.hostreg import DirectFetch
+    from paramserver.client import ParamServerClient
+    from paramserver.server import ParamServer
+
+    server = ParamServer(small_config(cache_dir, server={"served_dtype": served}), tmp_path / "ps").start()
+    try:
+        client = ParamServerClient(server.address).connect()
+        direct = DirectFetch(client, torch.device("cuda"), torch.cuda.Stream())
+        assert direct.warm(), "cudaHostRegister of the read-only segment was refused"
+        for b in range(len(client.manifest.blocks)):
+            want = server.state.store.bytes_of(b, master=False)
+            dest = torch.empty(want.nbytes, dtype=torch.uint8, device="cuda")
+            res, dma_s = direct.fetch(b, 0, dest, timeout_s=30)
+            assert res.version == 0 and res.copies == 1 and dma_s > 0
+            assert np.array_equal(dest.cpu().numpy(), want), b
+        direct.close()
+        client.close()
+    finally:
+        server.stop(grace=0.2)
+
+
+@pytest.mark.parametrize("served", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_update_with_the_served_copy_on_cuda_equals_the_cpu_bits(preset, dist, served):
+    specs, buffers = model_blocks(preset)
+    rec = UpdateRecord(3, (Direction(11, 0.7), Direction(12, -1.3)), 1e-3, 0.01)
+    for spec, buf in zip(specs, buffers):
+        gpu = buf.cuda()
+        cpu_served = np.empty(buf.numel(), np.uint16)
+        gpu_served = torch.empty(buf.numel(), dtype=torch.int16, device="cuda")
+        apply_update(spec, buf, rec, Distribution(dist), cpu_served, served)
+        apply_update(spec, gpu, rec, Distribution(dist), gpu_served, served)
+        assert np.array_equal(buf.numpy().view(np.uint32), gpu.cpu().numpy().view(np.uint32)), spec.name
+        assert np.array_equal(cpu_served, gpu_served.cpu().numpy().view(np.uint16)), spec.name

@@ -451,3 +451,22 @@ def test_shm_client_survives_a_server_restart(servers, cache_dir, tmp_path):
         assert s2.state.store.version(2) == 2
     finally:
         client.close()
+
+
+def test_without_a_start_snapshot_a_restart_replays_onto_the_initial_weights(servers, cache_dir, tmp_path):
+    """server.snapshot_at_start off (benchmarks: no model-sized write on the clock): nothing is written at
+    start, and a restarted server still recovers bitwise from the model directory and the journal."""
+    from paramserver.snapshot import list_snapshots
+
+    cfg = server_config(cache_dir, server={"snapshot_every": 0, "snapshot_at_start": False})
+    srv = servers.start(cfg, tmp_path / "d")
+    c = servers.client(srv.address)
+    rs = [UpdateRecord(t, (Direction(40 + t, 0.3),), 1e-3, 0.0) for t in range(3)]
+    for r in rs:
+        c.apply_update(r)
+    before = all_blocks(c, 3)
+    srv.stop(grace=0.5)
+    assert list_snapshots(tmp_path / "d") == []
+    again = servers.client(servers.start(cfg, tmp_path / "d").address)
+    for a, b in zip(before, all_blocks(again, 3)):
+        assert np.array_equal(a, b)
