@@ -27,11 +27,11 @@ def test_the_next_assignment_arrives_while_the_update_is_being_journaled(cache_d
     events: list[tuple[str, int, float]] = []
     submit = server.state.submit
 
-    def slow_submit(record):  # noqa: ANN001, ANN202
+    def slow_submit(record, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         events.append(("journal-start", record.step, time.monotonic()))
         time.sleep(JOURNAL_DELAY_S)
         try:
-            return submit(record)
+            return submit(record, *args, **kwargs)
         finally:
             events.append(("journal-done", record.step, time.monotonic()))
 
