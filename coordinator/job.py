@@ -1,10 +1,9 @@
 """The job: the step protocol, from seeds to the parameter server's update.
 
     for t from the server's journaled step to train.steps:
-        plan    = seeds and examples of step t            (distzo.plan, as the reference)
-        round   = each layout worker's forwards, version t  (rounds.Round: dispatch, collect)
-        outcome = g per direction from the losses          (distzo.mezo.make_update)
-        send UpdateRecord(t, (seed, g)..., lr) to every parameter-server shard
+        distzo.step.run_step, the reference trainer's step, with
+            forwards = each layout worker's forwards, version t   (rounds.Round: dispatch, collect)
+            update   = send UpdateRecord(t, (seed, g)..., lr) to every parameter-server shard
         eval every N steps on the dev split
 
 A restarted coordinator resumes from the parameter server's journaled step: plans are
@@ -19,19 +18,20 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 
 from distzo.config import JobConfig
+from distzo.data import Batch
 from distzo.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
 from distzo.job import EvalTally, JobData
 from distzo.logs import kv
-from distzo.mezo import UpdateRecord, make_update
-from distzo.plan import step_plan, worker_roles
-from distzo.reference import TrainingStopped, TrainLog, check_skip_policy
+from distzo.mezo import UpdateRecord
+from distzo.plan import StepPlan, step_plan, worker_roles
 from distzo.runlog import RunLog
 from distzo.rpc import Credentials
+from distzo.step import ForwardKey, Losses, StepResult, TrainingStopped, TrainLog, run_step
 from coordinator import metrics as m
 from coordinator.registry import Registry
 from coordinator.rounds import BadInput, Round, RoundFailed
@@ -77,6 +77,7 @@ class Job:
         self.progress = Progress()
         self.round: Round | None = None
         self._next: Round | None = None  # the next step's round, dispatched before this step's update
+        self._last_round: Round | None = None  # the round whose losses made the current step's record
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._eval_requests: list[threading.Event] = []
@@ -241,23 +242,20 @@ class Job:
             self.state = "paused"
             time.sleep(0.05)
 
-    def _step_round(self, t: int) -> tuple[Any, dict, dict, list]:
-        """Step t's plan and its round's forwards, batches and per-worker pieces."""
-        cfg = self.cfg
-        assert self.data is not None
-        plan = step_plan(cfg, t, len(self.data.train))
-        batches = dict(enumerate(self.data.shard_batches(plan)))
-        forwards: dict[tuple[int, int, int], cpb.ForwardSpec] = {}
+    def _round_spec(self, plan: StepPlan) -> tuple[dict[ForwardKey, cpb.ForwardSpec], list[list[ForwardKey]]]:
+        """The layout's forwards of ``plan``, by (direction, shard, sign), and each worker's piece of them."""
+        eps = self.cfg.train.eps
+        forwards: dict[ForwardKey, cpb.ForwardSpec] = {}
         pieces = []
-        for roles in worker_roles(cfg.layout):
+        for roles in worker_roles(self.cfg.layout):
             piece = []
             for r in roles:
                 key = (r.direction, r.shard, r.sign)
                 forwards[key] = cpb.ForwardSpec(direction=r.direction, shard=r.shard, sign=r.sign,
-                                                seed=plan.seeds[r.direction], coef=r.sign * cfg.train.eps)
+                                                seed=plan.seeds[r.direction], coef=r.sign * eps)
                 piece.append(key)
             pieces.append(piece)
-        return plan, forwards, batches, pieces
+        return forwards, pieces
 
     def _prestart(self, t: int) -> None:
         """Send step t's assignments now, before step t-1's update goes to the server: the workers start
@@ -265,41 +263,57 @@ class Job:
         it is served (no round trip between steps). Only for a plain training step: not when an eval,
         a pause, a stop or the end of the run comes first."""
         cfg = self.cfg
+        assert self.data is not None
         due_eval = cfg.train.eval_every and t % cfg.train.eval_every == 0
         with self._lock:
             evals_waiting = bool(self._eval_requests)
         if t >= cfg.train.steps or due_eval or evals_waiting or self._paused.is_set() or self._stop.is_set():
             return
-        _, forwards, batches, pieces = self._step_round(t)
-        rnd = Round(self.registry, cfg.coordinator, t, t, "train", forwards, batches, self._stop)
+        plan = step_plan(cfg, t, len(self.data.train))
+        forwards, pieces = self._round_spec(plan)
+        rnd = Round(self.registry, cfg.coordinator, t, t, "train", forwards,
+                    dict(enumerate(self.data.shard_batches(plan))), self._stop)
         self._next = rnd
         rnd.start(pieces)
 
     def _train_step(self, t: int) -> None:
+        """Step t through the one step function (distzo.step): a round over the workers, then the server."""
+        assert self.data is not None
         s0 = time.perf_counter()
-        cfg = self.cfg
-        plan, forwards, batches, pieces = self._step_round(t)
-        for attempt in range(cfg.train.nonfinite_retries + 1):
-            started, self._next = self._next, None
-            if attempt == 0 and started is not None and started.step == t:
-                rnd = self._run_round(t, "train", forwards, batches, pieces, started=started)
-            else:
-                rnd = self._run_round(t, "train", forwards, batches, pieces)
-            for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
-                raise BadInput(f"step {t}: forward (direction, shard, sign) = {k} cannot run: {err}")
-            losses = {k: rnd.loss(k) for k in forwards}
-            outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, cfg.train.eps, plan.lr,
-                                  cfg.train.weight_decay, cfg.train.grad_clip)
-            if not outcome.nonfinite:
-                break
-            if attempt < cfg.train.nonfinite_retries:
-                self.progress.nonfinite_retries += 1
-                m.NONFINITE_RETRIES.inc()
-                log.warning("non-finite loss, re-running the step", extra=kv(step=t))
-        tokens = sum(r.tokens for r in rnd.results.values())
-        self.progress.tokens += tokens
-        m.TOKENS.inc(tokens)
-        m.LEARNING_RATE.set(plan.lr)
+        self._last_round = None
+        run_step(self.cfg, t, self.data, self._forwards, self._update, self.progress, self.run_log,
+                 elapsed_s=lambda: self.elapsed_before + self.progress.train_seconds + time.perf_counter() - s0,
+                 observe=self._observe)
+        assert self._last_round is not None
+        self._account(self._last_round)
+
+    def _forwards(self, plan: StepPlan, batches: Sequence[Batch], attempt: int) -> tuple[Losses, int]:
+        """One round over the workers (the one dispatched early by ``_prestart`` on the first attempt)."""
+        forwards, pieces = self._round_spec(plan)
+        started, self._next = self._next, None
+        if attempt == 0 and started is not None and started.step == plan.step:
+            rnd = self._run_round(plan.step, "train", forwards, dict(enumerate(batches)), pieces, started=started)
+        else:
+            rnd = self._run_round(plan.step, "train", forwards, dict(enumerate(batches)), pieces)
+        for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
+            raise BadInput(f"step {plan.step}: forward (direction, shard, sign) = {k} cannot run: {err}")
+        self._last_round = rnd
+        return {k: rnd.loss(k) for k in forwards}, sum(r.tokens for r in rnd.results.values())
+
+    def _update(self, record: UpdateRecord) -> None:
+        """Dispatch the next step's round, then send this step's record to every server shard."""
+        self._prestart(record.step + 1)
+        u0 = time.perf_counter()
+        self._send_update(record)
+        update_s = time.perf_counter() - u0
+        self.progress.phase["update_s"] += update_s
+        m.PHASE_SECONDS.labels("update").observe(update_s)
+
+    def _observe(self, result: StepResult) -> None:
+        outcome = result.outcome
+        m.NONFINITE_RETRIES.inc(result.retries)
+        m.TOKENS.inc(result.tokens)
+        m.LEARNING_RATE.set(result.plan.lr)
         m.LOSS.labels("plus").set(outcome.loss_plus)
         m.LOSS.labels("minus").set(outcome.loss_minus)
         m.LOSS.labels("mean").set(outcome.loss)
@@ -309,24 +323,6 @@ class Job:
                 m.GRADIENT_ABS.observe(abs(d.g))
         if outcome.record.skipped:
             m.SKIPPED.inc()
-            self.progress.skipped_steps += 1
-            self.progress.consecutive_skips += 1
-            log.warning("step skipped: non-finite loss", extra=kv(step=t))
-            check_skip_policy(cfg, t, self.progress.consecutive_skips)
-        else:
-            self.progress.consecutive_skips = 0
-        if self.run_log is not None:  # before the update: a step journaled is a step logged
-            self.run_log.step(t, outcome.loss, outcome.loss_plus, outcome.loss_minus, [d.g for d in outcome.record.directions],
-                              plan.lr, tokens, self.elapsed_before + self.progress.train_seconds + time.perf_counter() - s0,
-                              outcome.record.skipped)
-        self._prestart(t + 1)
-        u0 = time.perf_counter()
-        self._send_update(outcome.record)
-        update_s = time.perf_counter() - u0
-        self.progress.phase["update_s"] += update_s
-        m.PHASE_SECONDS.labels("update").observe(update_s)
-        self.progress.losses.append(outcome.loss)
-        self._account(rnd)
 
     def _run_round(self, step: int, kind: str, forwards: dict, batches: dict, pieces: list,
                    started: Round | None = None) -> Round:
