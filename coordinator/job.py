@@ -17,11 +17,11 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import grpc
 
+from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
 from distzo.data import Batch
 from distzo.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
@@ -31,8 +31,8 @@ from distzo.mezo import UpdateRecord
 from distzo.plan import StepPlan, step_plan, worker_roles
 from distzo.runlog import RunLog
 from distzo.rpc import Credentials
-from distzo.step import ForwardKey, Losses, StepResult, TrainingStopped, TrainLog, run_step
-from coordinator import metrics as m
+from distzo.step import ForwardKey, Losses, TrainingStopped, run_step
+from coordinator.progress import Progress, set_job_state, set_worker_gauges
 from coordinator.registry import Registry
 from coordinator.rounds import BadInput, Round, RoundFailed
 from paramserver.client import FetchError, ParamServerClient
@@ -47,19 +47,6 @@ class JobFailed(RuntimeError):
 
 def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
-
-
-@dataclass
-class Progress(TrainLog):
-    """The reference trainer's log plus what only a distributed run has."""
-
-    reassignments: int = 0
-    late_reports: int = 0
-    train_seconds: float = 0.0
-    phase: dict[str, float] = field(default_factory=lambda: {
-        "assign_s": 0.0, "wait_s": 0.0, "update_s": 0.0, "worker_fetch_s": 0.0, "worker_compute_s": 0.0,
-        "worker_wait_s": 0.0, "worker_gather_s": 0.0, "worker_h2d_s": 0.0, "worker_peak_memory_bytes": 0.0, "bytes": 0.0})
-    timed_steps: int = 0
 
 
 class Job:
@@ -100,8 +87,7 @@ class Job:
     @state.setter
     def state(self, value: str) -> None:
         self._state = value
-        for name in m.JOB_STATES:
-            m.JOB_STATE.labels(name).set(1 if name == value else 0)
+        set_job_state(value)
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -175,10 +161,7 @@ class Job:
                 raise JobFailed(f"the parameter server holds the state of another job ({differences(theirs, self.identity)}); "
                                 "give this job a fresh data directory (zoctl up: a new --run-dir)")
         self.resumed_from = self.step = min(s.journaled_steps for s in status)
-        m.STEP.set(self.step)
-        m.PLANNED_STEPS.set(cfg.train.steps)
-        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.client.served_dtype]
-        m.MODEL_BYTES.set(self.client.manifest.numel * itemsize)
+        self.progress.on_start(self.step, cfg.train.steps, self.client.manifest.numel * ITEMSIZE[self.client.served_dtype])
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
         if self.run_log is not None:  # the whole run's history, also from before a restart
@@ -219,12 +202,9 @@ class Job:
                 return
             t0 = time.perf_counter()
             self._train_step(t)
-            elapsed = time.perf_counter() - t0
-            self.progress.train_seconds += elapsed
             self.step = t + 1
-            m.STEP.set(self.step)
-            m.STEP_SECONDS.observe(elapsed)
-            self._worker_gauges()
+            self.progress.on_step_done(self.step, time.perf_counter() - t0)
+            set_worker_gauges(w.state for w in list(self.registry.workers.values()))
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self._evaluate()
 
@@ -283,18 +263,17 @@ class Job:
         self._last_round = None
         run_step(self.cfg, t, self.data, self._forwards, self._update, self.progress, self.run_log,
                  elapsed_s=lambda: self.elapsed_before + self.progress.train_seconds + time.perf_counter() - s0,
-                 observe=self._observe)
+                 observe=self.progress.on_outcome)
         assert self._last_round is not None
-        self._account(self._last_round)
+        self.progress.on_step_round(self._last_round)
 
     def _forwards(self, plan: StepPlan, batches: Sequence[Batch], attempt: int) -> tuple[Losses, int]:
         """One round over the workers (the one dispatched early by ``_prestart`` on the first attempt)."""
         forwards, pieces = self._round_spec(plan)
         started, self._next = self._next, None
-        if attempt == 0 and started is not None and started.step == plan.step:
-            rnd = self._run_round(plan.step, "train", forwards, dict(enumerate(batches)), pieces, started=started)
-        else:
-            rnd = self._run_round(plan.step, "train", forwards, dict(enumerate(batches)), pieces)
+        if attempt > 0 or started is None or started.step != plan.step:
+            started = None
+        rnd = self._run_round(plan.step, "train", forwards, dict(enumerate(batches)), pieces, started=started)
         for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
             raise BadInput(f"step {plan.step}: forward (direction, shard, sign) = {k} cannot run: {err}")
         self._last_round = rnd
@@ -305,24 +284,7 @@ class Job:
         self._prestart(record.step + 1)
         u0 = time.perf_counter()
         self._send_update(record)
-        update_s = time.perf_counter() - u0
-        self.progress.phase["update_s"] += update_s
-        m.PHASE_SECONDS.labels("update").observe(update_s)
-
-    def _observe(self, result: StepResult) -> None:
-        outcome = result.outcome
-        m.NONFINITE_RETRIES.inc(result.retries)
-        m.TOKENS.inc(result.tokens)
-        m.LEARNING_RATE.set(result.plan.lr)
-        m.LOSS.labels("plus").set(outcome.loss_plus)
-        m.LOSS.labels("minus").set(outcome.loss_minus)
-        m.LOSS.labels("mean").set(outcome.loss)
-        if outcome.record.directions:
-            m.GRADIENT.set(outcome.record.directions[0].g)
-            for d in outcome.record.directions:
-                m.GRADIENT_ABS.observe(abs(d.g))
-        if outcome.record.skipped:
-            m.SKIPPED.inc()
+        self.progress.on_update(time.perf_counter() - u0)
 
     def _run_round(self, step: int, kind: str, forwards: dict, batches: dict, pieces: list,
                    started: Round | None = None) -> Round:
@@ -334,10 +296,7 @@ class Job:
             rnd.wait()
         finally:
             self.round = None
-            self.progress.reassignments += rnd.reassignments
-            self.progress.late_reports += rnd.late
-            m.REASSIGNMENTS.inc(rnd.reassignments)
-            m.LATE_REPORTS.inc(rnd.late)
+            self.progress.on_round(rnd)
         return rnd
 
     def on_result(self, worker, result: cpb.WorkResult) -> None:  # noqa: ANN001
@@ -345,8 +304,7 @@ class Job:
         rnd = next((r for r in (self.round, self._next) if r is not None and result.assignment_id in r.sent), self.round)
         if rnd is None or not rnd.on_result(worker, result):
             if rnd is None:
-                self.progress.late_reports += 1
-                m.LATE_REPORTS.inc()
+                self.progress.on_late_report()
             worker.inflight.discard(result.assignment_id)
             if not worker.inflight and worker.live:
                 worker.state = "idle"
@@ -367,32 +325,6 @@ class Job:
                 log.warning("parameter server unavailable, retrying the update", extra=kv(step=record.step))
                 time.sleep(0.5)
 
-    def _account(self, rnd: Round) -> None:
-        p = self.progress.phase
-        p["assign_s"] += rnd.phase["assign_s"]
-        p["wait_s"] += rnd.phase["wait_s"]
-        m.PHASE_SECONDS.labels("assign").observe(rnd.phase["assign_s"])
-        m.PHASE_SECONDS.labels("wait").observe(rnd.phase["wait_s"])
-        for tm in rnd.timings:
-            p["worker_fetch_s"] += tm.fetch_s
-            p["worker_compute_s"] += tm.compute_s
-            p["worker_wait_s"] += tm.wait_s
-            p["worker_gather_s"] += tm.gather_s
-            p["worker_h2d_s"] += tm.h2d_s
-            p["worker_peak_memory_bytes"] = max(p["worker_peak_memory_bytes"], tm.peak_memory_bytes)
-            p["bytes"] += tm.bytes_received
-            for phase in ("fetch", "h2d", "gather", "compute", "wait"):
-                m.WORKER_PHASE_SECONDS.labels(phase).inc(getattr(tm, f"{phase}_s"))
-            m.BYTES_RECEIVED.inc(tm.bytes_received)
-        self.progress.timed_steps += 1
-
-    def _worker_gauges(self) -> None:
-        counts = {"idle": 0, "busy": 0, "lost": 0}
-        for w in list(self.registry.workers.values()):
-            counts[w.state] = counts.get(w.state, 0) + 1
-        for state, n in counts.items():
-            m.WORKERS.labels(state).set(n)
-
     # ------------------------------------------------------------------ eval
     def _evaluate(self) -> dict[str, Any]:
         assert self.data is not None
@@ -410,32 +342,22 @@ class Job:
                 raise BadInput(f"eval at step {self.step}: dev chunk {i} cannot run: {rnd.errors[i]}")
             tally.add(i, examples, batch, torch.tensor(list(rnd.results[i].scores), dtype=torch.float64), bool(candidates))
         result = {"step": self.step, **tally.result()}
-        self.progress.evals.append(result)
+        self.progress.on_eval(result)
         if self.run_log is not None:
             self.run_log.eval(**result)
-        m.DEV_LOSS.set(result["dev_loss"])
-        m.DEV_ACCURACY.set(result["dev_accuracy"])
         log.info("eval", extra=kv(**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
         return result
 
     # ------------------------------------------------------------------ status
     def status(self) -> cpb.JobStatus:
         p = self.progress
-        n = max(1, p.timed_steps)
         now = self.finished_at or time.monotonic()
         st = cpb.JobStatus(
             state=self.state, step=self.step, total_steps=self.cfg.train.steps,
-            loss=p.losses[-1] if p.losses else math.nan, final_loss=p.final_loss(),
-            tokens_per_second=p.tokens / p.train_seconds if p.train_seconds else 0.0,
-            train_tokens=p.tokens, train_seconds=p.train_seconds, skipped_steps=p.skipped_steps,
-            reassignments=p.reassignments, late_reports=p.late_reports, nonfinite_retries=p.nonfinite_retries,
+            loss=p.losses[-1] if p.losses else math.nan,
             error=self.error, error_kind=self.error_kind, layout=self.cfg.layout.name, layout_workers=self.cfg.layout.workers,
             resumed_from=self.resumed_from, model=self.cfg.model.source, wall_seconds=now - self.started_at,
-            assign_s=p.phase["assign_s"] / n, wait_s=p.phase["wait_s"] / n, update_s=p.phase["update_s"] / n,
-            worker_fetch_s=p.phase["worker_fetch_s"] / n, worker_compute_s=p.phase["worker_compute_s"] / n,
-            worker_wait_s=p.phase["worker_wait_s"] / n, worker_gather_s=p.phase["worker_gather_s"] / n,
-            bytes_per_step=p.phase["bytes"] / n, worker_h2d_s=p.phase["worker_h2d_s"] / n,
-            worker_peak_memory_bytes=int(p.phase["worker_peak_memory_bytes"]),
+            **p.status_fields(),
         )
         for e in p.evals:
             st.evals.add(step=e["step"], dev_loss=e["dev_loss"], dev_accuracy=e["dev_accuracy"], dev_examples=e["dev_examples"])
