@@ -146,10 +146,7 @@ class Job:
         self.state = "starting"
         self.data = JobData.load(cfg)
         self.client = self._connect_servers()
-        served = self.client.shards[0].manifest
-        import yaml
-
-        server_cfg = JobConfig.from_dict(yaml.safe_load(served.config_yaml))
+        server_cfg = JobConfig.from_yaml_text(self.client.config_yaml, "the parameter server's job config")
         for name, ours, theirs in (("train.distribution", cfg.train.distribution, server_cfg.train.distribution),
                                    ("model.source", cfg.model.source, server_cfg.model.source)):
             if ours != theirs:
