@@ -23,8 +23,7 @@ from distzo.mezo import UpdateRecord
 from distzo.rpc import Credentials, make_channel
 from paramserver.hostcopy import parallel_copy
 from paramserver.shm import SegmentGone, SharedView, StaleVersion
-from paramserver.journal import record_from_pb, record_to_pb
-from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity
+from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc

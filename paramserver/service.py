@@ -17,11 +17,11 @@ from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
 from distzo.rpc import Admission, cancelled_event
 from paramserver import metrics
-from paramserver.journal import JournalCorrupt, JournalWriteError, record_from_pb, record_to_pb
+from paramserver.journal import JournalCorrupt, JournalWriteError
 from paramserver.shm import StaleVersion
 from paramserver.state import ServerState, UpdateRejected
 from paramserver.store import WaitCancelled
-from paramserver.wire import MASTER_DTYPE, checksum, encode_chunk, identity
+from paramserver.wire import MASTER_DTYPE, checksum, encode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 
