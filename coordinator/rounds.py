@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from distzo.config import MAX_MESSAGE_BYTES, CoordinatorSection
+from distzo.config import CoordinatorSection
+from distzo.wire_sizes import MAX_MESSAGE_BYTES
 from distzo.data import Batch
 from distzo.logs import kv
 from coordinator.registry import Registry, WorkerConn

@@ -13,12 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distzo.errors import BadInput
+from distzo.wire_sizes import MAX_MESSAGE_BYTES, MESSAGE_HEADROOM, TOKEN_BYTES
 
 LayoutName = Literal["dual", "pertp", "ddp", "2d"]
 
-MAX_MESSAGE_BYTES = 64 << 20  # gRPC message limit of every channel (data-plane chunks are at most 16 MiB)
-TOKEN_BYTES = 4 + 1 + 4  # a token on the wire: int32 id, int8 attention mask, int32 label (protos BatchData)
-MESSAGE_HEADROOM = 1 << 20  # the rest of an assignment (forward specs, ids, protobuf framing)
 EVAL_BATCH_EXAMPLES = 32  # dev examples per eval chunk (one assignment)
 
 

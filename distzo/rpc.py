@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distzo.config import MAX_MESSAGE_BYTES, SecuritySection
+from distzo.wire_sizes import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("distzo.rpc")
 
