@@ -14,23 +14,18 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once
 
 from distzo.errors import BadInput, FetchError  # noqa: E402
 from distzo.logs import setup_logging  # noqa: E402
+from coordinator.clicommon import (  # noqa: E402, F401 - re-exported: zoctl's exit codes and output
+    EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, CliError, print_json, strict_json)
+from coordinator.plan_cli import register as register_plan  # noqa: E402
 
 # Only what every command needs is imported here: status and control commands must start in
 # well under a second (no torch, transformers or pydantic); commands import the rest themselves.
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
-        super().__init__(message)
-        self.code = code
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -66,19 +61,6 @@ def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfi
         "train.seed": args.seed,
     }
     return cfg.with_overrides(overrides)
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with every non-finite float as None: what strict JSON parsers accept."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 SUMMARY_KEYS = ("mode", "model", "task", "layout", "workers", "steps", "zero_shot_dev_loss", "zero_shot_dev_accuracy",
@@ -346,11 +328,6 @@ def _finite_fields(msg, out: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     return out
 
 
-def print_json(value: Any, indent: int | None = 2) -> None:
-    """Machine-readable output: strict JSON (non-finite numbers as null)."""
-    print(json.dumps(strict_json(value), indent=indent, sort_keys=True, allow_nan=False))
-
-
 def print_status(st, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
         print_json(status_dict(st))
@@ -507,12 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=cmd_config)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    register_plan(sub)
     return parser
-
-
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
@@ -538,11 +511,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"zoctl {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-from coordinator.plan_cli import register as _register_plan  # noqa: E402  (plan_cli needs CliError, defined above)
-
-_EXTRA_COMMANDS.append(_register_plan)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("distzo.local")
-EXIT_GROUP_BROKEN = 75
 EXIT_BAD_INPUT = 2  # a service refusing its input fails the same way every time: never restarted
 MAX_RESTARTS = 20  # per process, over the run
 STABLE_S = 30.0  # a process that ran this long before dying is restarted at once (no backoff)

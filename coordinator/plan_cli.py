@@ -10,9 +10,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from distzo.dtypes import ITEMSIZE
+from coordinator.clicommon import EXIT_BAD_INPUT, CliError, print_json
 from distzo.perfmodel import (
     CLUSTERS,
-    DTYPE_BYTES,
     GiB,
     MODELS,
     ClusterSpec,
@@ -32,10 +33,10 @@ DEFAULT_SEQ = 2048
 
 
 def register(sub: Any) -> None:
-    """Add ``plan`` to zoctl's subcommands (coordinator.cli's _EXTRA_COMMANDS calls this)."""
+    """Add ``plan`` to zoctl's subcommands (``sub``: the parser's subparsers)."""
     p = sub.add_parser(
         "plan", help="predict step time, bottleneck, bytes and memory of a model on a cluster; recommend a layout",
-        description="The step-time model (DESIGN §10): compute, host->GPU, NVLink, network, server update and "
+        description="The step-time model (distzo/perfmodel.py): compute, host->GPU, NVLink, network, server update and "
                     "control per step; the floor is the largest, since they overlap. Memory per GPU is a few "
                     "blocks, not the model. Without --layout, the recommended layout is shown.")
     p.add_argument("--model", required=True, metavar="NAME",
@@ -47,7 +48,7 @@ def register(sub: Any) -> None:
     p.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS, metavar="T",
                    help=f"tokens in one step's batch (default {DEFAULT_TOKENS})")
     p.add_argument("--seq-len", type=int, metavar="S", help=f"sequence length (default min({DEFAULT_SEQ}, T))")
-    p.add_argument("--served-dtype", choices=list(DTYPE_BYTES), default="bfloat16",
+    p.add_argument("--served-dtype", choices=list(ITEMSIZE), default="bfloat16",
                    help="dtype the parameter server serves (default bfloat16)")
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="predict this layout (default: the recommended one)")
     p.add_argument("--q", type=int, default=1, metavar="Q", help="perturbation directions per step (default 1)")
@@ -60,9 +61,7 @@ def register(sub: Any) -> None:
 
 def bad_input(message: str) -> Exception:
     """The exception for bad input: zoctl prints it and exits 2."""
-    from coordinator.cli import CliError
-
-    return CliError(message, 2)
+    return CliError(message, EXIT_BAD_INPUT)
 
 
 def _lookup(name: str, table: dict[str, Any]) -> Any:
@@ -120,8 +119,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         out = {"model": model.to_dict(), "cluster": cluster.to_dict(), "prediction": pred.to_dict(),
                "recommended": rec.to_dict()}
-        from coordinator.cli import print_json
-
         print_json(out)
     else:
         print(render(model, cluster, pred, rec))

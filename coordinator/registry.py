@@ -30,7 +30,6 @@ class WorkerConn:
     last_seen: float = field(default_factory=time.monotonic)
     assignments_done: int = 0
     inflight: set[int] = field(default_factory=set)
-    generation: int = 0  # bumps when the same worker id opens a new session
     ready: bool = False  # set up for the current job (it said so after its welcome)
 
     @property
@@ -57,7 +56,7 @@ class Registry:
         with self.lock:
             wid = hello.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
             old = self.workers.get(wid)
-            conn = WorkerConn(worker_id=wid, hello=hello, generation=(old.generation + 1) if old else 0)
+            conn = WorkerConn(worker_id=wid, hello=hello)
             message = first(wid) if first is not None else None
             if message is not None:
                 conn.send(message)

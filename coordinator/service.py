@@ -8,7 +8,6 @@ import threading
 from typing import Callable, Iterator
 
 import grpc
-import yaml
 
 from distzo.config import ConfigError, JobConfig
 from distzo.rpc import Credentials
@@ -111,11 +110,8 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
 
     def StartJob(self, request: cpb.StartJobRequest, context: grpc.ServicerContext) -> cpb.JobStatus:
         try:
-            raw = yaml.safe_load(request.config_yaml) if request.config_yaml else {}
-            if raw is not None and not isinstance(raw, dict):
-                raise ConfigError("the job config must be a mapping of sections")
-            cfg = JobConfig.from_dict(raw)
-        except (ConfigError, yaml.YAMLError) as exc:
+            cfg = JobConfig.from_yaml_text(request.config_yaml)
+        except ConfigError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             job = self.start_job(cfg)

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from distzo.dtypes import ITEMSIZE  # noqa: F401 - re-exported: the one table of element sizes
+
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ITEMSIZE: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)

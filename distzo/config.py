@@ -234,13 +234,21 @@ class JobConfig(_Section):
             raise ConfigError(f"config file {str(p)!r} does not exist")
         if p.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config file {str(p)!r} is {p.stat().st_size} bytes; a job config is at most {MAX_CONFIG_BYTES}")
-        text = read_utf8(p, "config file")
+        return cls.from_yaml_text(read_utf8(p, "config file"), f"config file {str(p)!r}")
+
+    @classmethod
+    def from_yaml_text(cls, text: str, what: str = "the job config") -> "JobConfig":
+        """The config of YAML ``text`` (a file's, StartJob's, the server manifest's, a worker's welcome).
+
+        Empty text is the default config. Raises ConfigError naming ``what`` when the text is not
+        YAML, is not a mapping of sections, or does not validate.
+        """
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.safe_load(text) if text else {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_short(str(exc), 300)}") from None
+            raise ConfigError(f"{what} is not valid YAML: {_short(str(exc), 300)}") from None
         if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(raw).__name__}")
+            raise ConfigError(f"{what} must hold a mapping of sections, got {type(raw).__name__}")
         return cls.from_dict(raw)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "JobConfig":

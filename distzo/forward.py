@@ -35,6 +35,9 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class ForwardJob:
+    """One forward of ``batch`` (input_ids, attention_mask, labels: [B, T] int64, labels -100 where
+    no loss is taken) at the weights ``theta + coef * z(seed)``."""
+
     batch: Batch
     seed: int = 0
     coef: float = 0.0  # sign * eps; 0.0 runs the clean weights
@@ -46,6 +49,8 @@ class ForwardJob:
 
 @dataclass
 class JobResult:
+    """What one ForwardJob gives: losses in nats (cross-entropy of each label token), token counts."""
+
     loss: float  # mean cross-entropy over the label tokens (loss_sum / label_tokens)
     label_tokens: int
     tokens: int  # attended tokens in the batch
@@ -57,9 +62,13 @@ class JobResult:
 class BlockFeed(Protocol):
     """Where clean block buffers come from (memory for the reference, the server for workers)."""
 
-    def get(self, block: int) -> torch.Tensor: ...
+    def get(self, block: int) -> torch.Tensor:
+        """Block ``block``'s clean weights: a flat [numel] tensor (served dtype) on the engine's device."""
+        ...
 
-    def release(self, block: int) -> None: ...
+    def release(self, block: int) -> None:
+        """Every job has moved past ``block``: its buffer may be reused."""
+        ...
 
 
 class _Lockstep:
@@ -164,7 +173,12 @@ class _Run:
 
 
 class ForwardEngine:
-    """Runs forward jobs over a block feed with the model's skeleton."""
+    """Runs forward jobs over a block feed with the model's skeleton.
+
+    ``dist``: the distribution of z (``distzo.generator``); ``device``: where the forwards run;
+    ``compute_dtype``: the dtype of the perturbed copies and of the forward (float32 on CPU; on a
+    GPU the served 16-bit dtype, ``compute_dtype_for``). One ``run`` at a time per engine.
+    """
 
     def __init__(
         self,
@@ -190,7 +204,11 @@ class ForwardEngine:
 
     # ------------------------------------------------------------------ perturbation
     def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob]) -> list[torch.Tensor]:
-        """Each job's weights for block b, made out of place from the clean buffer."""
+        """Each job's weights for block b, made out of place from the clean buffer.
+
+        ``clean``: block b's flat [numel] buffer. Returns one [numel] tensor of ``compute_dtype`` per
+        job: ``clean + coef * z(seed)`` (z over the block's global element indices, generated once per
+        seed for all that seed's coefficients), or the clean buffer itself for ``coef == 0``."""
         spec = self.model.manifest.blocks[b]
         copies: list[torch.Tensor | None] = [None] * len(jobs)
         by_seed: dict[int, list[int]] = {}
@@ -235,6 +253,12 @@ class ForwardEngine:
 
     # ------------------------------------------------------------------ running
     def run(self, jobs: list[ForwardJob], feed: BlockFeed) -> list[JobResult]:
+        """Run ``jobs`` over one pass of ``feed``'s blocks; their results, in order.
+
+        Each block is fetched once for all jobs (``feed.get``) and released when the last job has
+        passed it. Raises the first job's error (ValueError for a batch without label tokens; the
+        feed's own errors, e.g. a failed fetch) after every job has stopped.
+        """
         if not jobs:
             return []
         with self._lock:

@@ -214,7 +214,14 @@ def _trace_call_order(model: nn.Module, layers_path: str, extra: dict[str, objec
 
 
 class BlockModel:
-    """A causal LM skeleton (no parameter memory) plus its block manifest."""
+    """A causal LM skeleton (no parameter memory) plus its block manifest.
+
+    The model is cut into ``num_blocks = L + 2`` blocks in execution order (``distzo/blocks.py``):
+    block 0 the embeddings, blocks 1..L the decoder layers, block L+1 (``head_block``) the final
+    norm and head. ``manifest`` gives each block's tensors and offsets; a block's weights are one
+    flat fp32 [numel] buffer, and ``bind`` points the skeleton's parameters at views of it.
+    Raises ModelError for a config that is not a supported decoder-only causal LM.
+    """
 
     def __init__(self, config: PretrainedConfig, source_dir: Path | None = None):
         self.config = config
@@ -339,11 +346,15 @@ class BlockModel:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "BlockModel":
+        """The skeleton of a Hugging Face model directory (config.json; weights by ``load_block_buffers``)."""
         return cls(load_config(model_dir), Path(model_dir))
 
     # ------------------------------------------------------------------ weights
     def load_block_buffers(self, model_dir: str | Path | None = None) -> list[torch.Tensor]:
-        """The model's weights as fp32 flat block buffers (safetensors read by name, else a full load)."""
+        """The model's weights as fp32 flat block buffers (safetensors read by name, else a full load).
+
+        Returns one [blocks[b].numel] float32 CPU tensor per block. Raises ModelError when there is no
+        model directory or a safetensors file of it is truncated or damaged."""
         path = Path(model_dir) if model_dir is not None else self.source_dir
         if path is None:
             raise ModelError("no model directory to load weights from")
@@ -356,12 +367,14 @@ class BlockModel:
         return [flatten_block(spec, tensors) for spec in self.manifest.blocks]
 
     def state_dict_from_blocks(self, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hugging Face parameter name -> tensor of its shape, as views of the flat block ``buffers``."""
         state: dict[str, torch.Tensor] = {}
         for spec, buf in zip(self.manifest.blocks, buffers):
             state.update(block_views(spec, buf))
         return state
 
     def views(self, block: BlockSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameter name -> view of its shape into ``flat``, the block's [numel] buffer (no copy)."""
         return block_views(block, flat)
 
     # ------------------------------------------------------------------ binding
@@ -377,6 +390,7 @@ class BlockModel:
             mod._parameters.update(self._meta_params[mod])
 
     def unbind_all(self) -> None:
+        """Unbind every block: the skeleton holds no weights again."""
         for b in range(self.num_blocks):
             self.unbind_block(b)
 

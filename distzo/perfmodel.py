@@ -1,4 +1,4 @@
-"""The step-time model of DESIGN §10 as code: what one MeZO step costs and where the time goes.
+"""The step-time model as code: what one MeZO step costs and where the time goes.
 
 A step streams the model block by block through every GPU while the parameter server applies
 the previous update block by block, so the resources work at the same time and the step is
@@ -15,7 +15,7 @@ paced by the slowest one, not by their sum. Per step, for a model of P parameter
 * control: the batch (9 bytes a token: int32 ids, int8 mask, int32 labels) and a few hundred
   bytes per worker, plus the fixed per-step latency (RPC round trips, journal fsync).
 
-``floor_s`` is DESIGN's floor, the largest term. The prediction ``step_s`` adds what does not
+``floor_s`` is the floor, the largest term. The prediction ``step_s`` adds what does not
 overlap: the pipeline fill (one block's worth of each stage other than the slowest: block 0 is
 fetched before its forward starts) and the control round (the next step needs g of this one).
 ``sum_s`` is the no-overlap upper bound, so ``floor_s <= step_s <= sum_s``.
@@ -35,7 +35,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+from distzo.dtypes import ITEMSIZE
+
 BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_mask + int32 labels
 CONTROL_BYTES_PER_WORKER = 512  # assignment header + loss report (assumption: a few hundred bytes)
 UPDATE_RECORD_BYTES = 128  # one journal record (step, seed, g, lr) per server host
@@ -438,7 +439,7 @@ def _network_bytes(model: ModelSpec, cluster: ClusterSpec, b: int, shards: int) 
 
 def _host_memory(model: ModelSpec, cluster: ClusterSpec, served_dtype: str, shards: int,
                  prefetch_blocks: int) -> tuple[dict[str, float], float]:
-    b = DTYPE_BYTES[served_dtype]
+    b = ITEMSIZE[served_dtype]
     master = MASTER_BYTES * model.params / shards
     served = 0.0 if served_dtype == "float32" else b * model.params / shards
     pinned_blocks = 1 if model.tied else 0
@@ -467,8 +468,8 @@ def _gpu_memory(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, b: i
 
 def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int, served_dtype: str,
            seq_len: int, shards: int) -> None:
-    if served_dtype not in DTYPE_BYTES:
-        raise ValueError(f"served dtype {served_dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    if served_dtype not in ITEMSIZE:
+        raise ValueError(f"served dtype {served_dtype!r}: expected one of {', '.join(ITEMSIZE)}")
     if layout.workers != cluster.workers:
         raise ValueError(f"layout {layout.name} (pertp={layout.pertp} ddp={layout.ddp} q={layout.q}) has "
                          f"{layout.workers} workers; cluster {cluster.name} has {cluster.workers} workers of "
@@ -488,10 +489,10 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
             prefetch_blocks: int = 2) -> Prediction:
     """Every term of one step, the floor, the prediction, bytes per link and memory per GPU and host."""
     _check(model, cluster, layout, tokens_per_step, served_dtype, seq_len, shards)
-    P, T, b = model.params, tokens_per_step, DTYPE_BYTES[served_dtype]
+    P, T, b = model.params, tokens_per_step, ITEMSIZE[served_dtype]
     cpu = cluster.device == "cpu"
     compute_dtype = "float32" if cpu or served_dtype == "float32" else served_dtype
-    cb = DTYPE_BYTES[compute_dtype]
+    cb = ITEMSIZE[compute_dtype]
     gpus = cluster.nodes * cluster.gpus_per_node
     g, f = cluster.worker_gpus, cluster.fetch_gpus
 

@@ -7,64 +7,31 @@ weights must equal this trainer's, bit for bit, on CPU with the same thread sett
 
 from __future__ import annotations
 
-import logging
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
 
 from distzo import generator
 from distzo.config import JobConfig
+from distzo.data import Batch
 from distzo.export import export_model_dir
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.job import EvalTally, JobData
-from distzo.logs import kv
-from distzo.mezo import StepOutcome, UpdateRecord, apply_update, make_update
+from distzo.mezo import StepOutcome, UpdateRecord, apply_update
 from distzo.modeling import BlockModel
-from distzo.plan import all_roles, step_plan
+from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
 from distzo.runlog import RunLog
+from distzo.step import Losses, TrainingStopped, TrainLog, run_step
 
-log = logging.getLogger("distzo.reference")
-
-
-class TrainingStopped(RuntimeError):
-    """The non-finite policy stopped the run."""
-
-
-def check_skip_policy(cfg: JobConfig, step: int, consecutive: int) -> None:
-    """Raise TrainingStopped when the non-finite policy says the run cannot go on."""
-    if cfg.train.nonfinite_policy == "stop":
-        raise TrainingStopped(f"step {step}: losses are not finite and train.nonfinite_policy is 'stop'")
-    if consecutive >= cfg.train.max_consecutive_skips:
-        raise TrainingStopped(
-            f"step {step}: {consecutive} steps in a row had non-finite losses (train.max_consecutive_skips); "
-            "the run has diverged: lower train.lr or set train.grad_clip"
-        )
-
+__all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
 
 def apply_runtime_threads(cfg: JobConfig) -> None:
     torch.set_num_threads(cfg.runtime.threads)
     generator.set_cpu_threads(cfg.runtime.kernel_threads)
-
-
-@dataclass
-class TrainLog:
-    losses: list[float] = field(default_factory=list)
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-    nonfinite_retries: int = 0
-    tokens: int = 0
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    records: list[UpdateRecord] = field(default_factory=list)  # what a parameter server would be sent
-
-    def final_loss(self) -> float:
-        tail = [x for x in self.losses[-10:] if math.isfinite(x)]
-        return sum(tail) / len(tail) if tail else math.nan
 
 
 def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed) -> dict[str, float]:
@@ -99,40 +66,25 @@ class ReferenceTrainer:
 
     def step(self, t: int) -> StepOutcome:
         """Run step ``t`` (forwards, g, update of the in-memory master) and return its outcome."""
-        cfg = self.cfg
-        plan = step_plan(cfg, t, len(self.job.train))
-        batches = self.job.shard_batches(plan)
         t0 = time.perf_counter()
-        roles = all_roles(cfg.layout)
-        jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * cfg.train.eps) for r in roles]
-        feed = self.feed()
-        for attempt in range(cfg.train.nonfinite_retries + 1):
-            results = self.engine.run(jobs, feed)
-            losses = {(r.direction, r.shard, r.sign): (res.loss_sum, res.label_tokens) for r, res in zip(roles, results)}
-            outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, cfg.train.eps, plan.lr,
-                                  cfg.train.weight_decay, cfg.train.grad_clip)
-            if not outcome.nonfinite:
-                break
-            if attempt < cfg.train.nonfinite_retries:
-                self.log.nonfinite_retries += 1
-        tokens = sum(res.tokens for res in results)
-        self.log.tokens += tokens
-        if outcome.record.skipped:
-            self.log.skipped_steps += 1
-            self.log.consecutive_skips += 1
-            log.warning("step skipped: non-finite loss", extra=kv(step=t))
-            check_skip_policy(cfg, t, self.log.consecutive_skips)
-        else:
-            self.log.consecutive_skips = 0
+        result = run_step(self.cfg, t, self.job, self._forwards, self._apply, self.log, self.run_log,
+                          elapsed_s=lambda: self.train_seconds + time.perf_counter() - t0)
+        return result.outcome
+
+    def _forwards(self, plan: StepPlan, batches: Sequence[Batch], attempt: int) -> tuple[Losses, int]:
+        """Every forward of the layout, in this process: (S, N) per (direction, shard, sign), tokens."""
+        roles = all_roles(self.cfg.layout)
+        eps = self.cfg.train.eps
+        jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps) for r in roles]
+        results = self.engine.run(jobs, self.feed())
+        losses = {(r.direction, r.shard, r.sign): (res.loss_sum, res.label_tokens) for r, res in zip(roles, results)}
+        return losses, sum(res.tokens for res in results)
+
+    def _apply(self, record: UpdateRecord) -> None:
+        """The parameter server's update, on the in-memory fp32 master blocks."""
         for spec, buf in zip(self.model.manifest.blocks, self.buffers):
-            apply_update(spec, buf, outcome.record, self.engine.dist)
-        self.log.records.append(outcome.record)
-        self.log.losses.append(outcome.loss)
-        if self.run_log is not None:
-            self.run_log.step(t, outcome.loss, outcome.loss_plus, outcome.loss_minus,
-                              [d.g for d in outcome.record.directions], plan.lr, tokens,
-                              self.train_seconds + time.perf_counter() - t0, outcome.record.skipped)
-        return outcome
+            apply_update(spec, buf, record, self.engine.dist)
+        self.log.records.append(record)
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Dev loss and accuracy of the current weights, recorded as the evaluation at ``step``."""

@@ -19,7 +19,7 @@ from distzo.data import Batch, DataError
 from distzo.forward import ForwardEngine, ForwardJob, compute_dtype_for
 from distzo.logs import kv
 from distzo.modeling import BlockModel
-from gpuworker import metrics as m
+from gpuworker import metrics
 from gpuworker.feed import BufferPool, PrefetchFeed
 from gpuworker.node import GatherError, NodeGroup
 from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
@@ -120,13 +120,13 @@ class ModelRunner:
                     else self.process.memory_info().rss)
         for phase, seconds in (("fetch", tm.fetch_s), ("h2d", tm.h2d_s), ("gather", tm.gather_s),
                                ("compute", max(0.0, compute)), ("wait", tm.wait_s)):
-            m.PHASE_SECONDS.labels(phase).inc(seconds)
+            metrics.PHASE_SECONDS.labels(phase).inc(seconds)
         if tm.transport:
-            m.RECEIVED_BYTES.labels(tm.transport).inc(tm.bytes_received)
-        m.ASSIGNMENTS.labels(a.kind, result.error_kind or "ok").inc()
-        m.ASSIGNMENT_SECONDS.observe(time.perf_counter() - t0)
-        m.PEAK_MEMORY.set(peak_mem)
-        m.PEAK_BLOCK_BYTES.set(tm.pool_bytes + self.engine.last_peak_copy_bytes)
+            metrics.RECEIVED_BYTES.labels(tm.transport).inc(tm.bytes_received)
+        metrics.ASSIGNMENTS.labels(a.kind, result.error_kind or "ok").inc()
+        metrics.ASSIGNMENT_SECONDS.observe(time.perf_counter() - t0)
+        metrics.PEAK_MEMORY.set(peak_mem)
+        metrics.PEAK_BLOCK_BYTES.set(tm.pool_bytes + self.engine.last_peak_copy_bytes)
         result.timing.CopyFrom(cpb.Timing(
             fetch_s=tm.fetch_s, gather_s=tm.gather_s, h2d_s=tm.h2d_s, compute_s=max(0.0, compute), wait_s=tm.wait_s,
             total_s=time.perf_counter() - t0, bytes_received=tm.bytes_received, peak_memory_bytes=peak_mem,

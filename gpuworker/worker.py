@@ -145,9 +145,7 @@ class Worker:
         servers = self.param_server_override or list(w.param_servers)
         if self.runner is not None and w.job_config_yaml == self._job_yaml:
             return  # re-registered with the same job: keep the model and the connections
-        import yaml
-
-        cfg = JobConfig.from_dict(yaml.safe_load(w.job_config_yaml))
+        cfg = JobConfig.from_yaml_text(w.job_config_yaml, "the coordinator's job config")
         torch.set_num_threads(cfg.runtime.threads)
         generator.set_cpu_threads(cfg.runtime.kernel_threads)
         hostcopy.set_copy_threads(cfg.runtime.copy_threads)

@@ -21,10 +21,9 @@ from distzo.blocks import ITEMSIZE, Manifest
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.rpc import Credentials, make_channel
-from paramserver.journal import record_from_pb, record_to_pb
 from paramserver.hostcopy import parallel_copy
 from paramserver.shm import SegmentGone, SharedView, StaleVersion
-from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity
+from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
@@ -159,6 +158,7 @@ class ParamServerClient:
 
     @property
     def config_yaml(self) -> str:
+        """The job config the server was started with (YAML, the token redacted)."""
         self.manifest  # noqa: B018
         return self.shards[0].manifest.config_yaml  # type: ignore[union-attr]
 

@@ -39,7 +39,8 @@ from google.protobuf.message import DecodeError
 
 from distzo.durable import fsync_dir
 from distzo.logs import kv
-from distzo.mezo import Direction, UpdateRecord
+from distzo.mezo import UpdateRecord
+from paramserver.wire import record_from_pb, record_to_pb
 from protos import common_pb2
 
 log = logging.getLogger("distzo.paramserver.journal")
@@ -61,26 +62,6 @@ class JournalCorrupt(RuntimeError):
 
 class JournalWriteError(OSError):
     """An append failed and was undone; ``errno`` says why (ENOSPC: the disk is full)."""
-
-
-def record_to_pb(r: UpdateRecord) -> common_pb2.UpdateRecord:
-    return common_pb2.UpdateRecord(
-        step=r.step,
-        directions=[common_pb2.Direction(seed=d.seed, g=d.g) for d in r.directions],
-        lr=r.lr,
-        weight_decay=r.weight_decay,
-        skipped=r.skipped,
-    )
-
-
-def record_from_pb(m: common_pb2.UpdateRecord) -> UpdateRecord:
-    return UpdateRecord(
-        step=m.step,
-        directions=tuple(Direction(seed=d.seed, g=d.g) for d in m.directions),
-        lr=m.lr,
-        weight_decay=m.weight_decay,
-        skipped=m.skipped,
-    )
 
 
 def encode(r: UpdateRecord) -> bytes:

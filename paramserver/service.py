@@ -16,12 +16,12 @@ from distzo.durable import job_id as identity_digest
 from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
 from distzo.rpc import Admission, cancelled_event
-from paramserver import metrics as m
-from paramserver.journal import JournalCorrupt, JournalWriteError, record_from_pb, record_to_pb
+from paramserver import metrics
+from paramserver.journal import JournalCorrupt, JournalWriteError
 from paramserver.shm import StaleVersion
 from paramserver.state import ServerState, UpdateRejected
 from paramserver.store import WaitCancelled
-from paramserver.wire import MASTER_DTYPE, checksum, encode_chunk, identity
+from paramserver.wire import MASTER_DTYPE, checksum, encode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 
@@ -60,7 +60,7 @@ class ParamServerService:
         return limit if remaining is None else max(0.0, min(limit, remaining - 0.05))
 
     def _wait(self, b: int, version: int, context: grpc.ServicerContext) -> int:
-        with m.VERSION_WAIT_SECONDS.time():
+        with metrics.VERSION_WAIT_SECONDS.time():
             return self._wait_inner(b, version, context)
 
     def _wait_inner(self, b: int, version: int, context: grpc.ServicerContext) -> int:
@@ -146,11 +146,11 @@ class ParamServerService:
                                         offset=pos - start, checksum=checksum(data))
                 message = encode_chunk(header, data)  # the one server-side copy, under the read lock
             st.served_bytes += n
-            m.SERVED_BYTES.labels("grpc").inc(n)
+            metrics.SERVED_BYTES.labels("grpc").inc(n)
             yield message
             pos += n
             if pos >= end or not context.is_active():
-                m.FETCH_SECONDS.observe(time.perf_counter() - started)
+                metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
                 return
 
     def WaitVersion(self, request: pb.WaitRequest, context: grpc.ServicerContext) -> pb.WaitReply:
@@ -219,18 +219,18 @@ class ParamServerService:
         try:
             duplicate, size = st.submit(record, request.job_id, request.job_identity_json)
         except UpdateRejected as exc:
-            m.UPDATES.labels("rejected").inc()
+            metrics.UPDATES.labels("rejected").inc()
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
-            m.UPDATES.labels("invalid").inc()
+            metrics.UPDATES.labels("invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad update for step {record.step}: {exc}")
         except JournalWriteError as exc:
-            m.UPDATES.labels("unwritten").inc()
+            metrics.UPDATES.labels("unwritten").inc()
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE, exc.strerror or str(exc))
         except RuntimeError as exc:
             context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        m.UPDATES.labels("duplicate" if duplicate else "skipped" if record.skipped else "journaled").inc()
+        metrics.UPDATES.labels("duplicate" if duplicate else "skipped" if record.skipped else "journaled").inc()
         if duplicate:
             log.info("duplicate update acknowledged", extra=kv(step=record.step))
         return pb.UpdateReply(step=record.step, duplicate=duplicate, journal_bytes=size)

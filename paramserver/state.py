@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 from distzo.config import JobConfig
+from distzo.dtypes import ITEMSIZE
 from distzo.durable import CorruptFile, differences, read_checked_json, write_checked_json
 from distzo.export import export_model_dir
 from distzo import generator
@@ -29,7 +30,7 @@ from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.modeling import BlockModel
 from distzo.catalog import resolve_model
-from paramserver import metrics as m
+from paramserver import metrics
 from paramserver.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
 from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot, prune_snapshots,
                                   remove_temporaries)
@@ -100,7 +101,6 @@ class ServerState:
         self._submit_lock = threading.Lock()
         self._queue: queue.Queue[UpdateRecord | Marker] = queue.Queue()
         self._snapshot: SnapshotJob | None = None
-        self._snapshot_thread: threading.Thread | None = None
         self.snapshot_version = -1
         self.served_bytes = 0
         self._applier: threading.Thread | None = None
@@ -208,11 +208,11 @@ class ServerState:
     def start(self) -> None:
         self._applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
         self._applier.start()
-        m.APPLIED_VERSION.set_function(self.store.applied_version)
-        m.JOURNALED_STEPS.set_function(lambda: self.journal.next_step)
-        m.VERSION_LAG.set_function(lambda: max(0, self.journal.next_step - self.store.applied_version()))
-        m.JOURNAL_BYTES.set_function(self.journal.total_bytes)
-        m.MODEL_BYTES.set(sum(self.manifest.blocks[b].numel * 4 for b in self.owned))
+        metrics.APPLIED_VERSION.set_function(self.store.applied_version)
+        metrics.JOURNALED_STEPS.set_function(lambda: self.journal.next_step)
+        metrics.VERSION_LAG.set_function(lambda: max(0, self.journal.next_step - self.store.applied_version()))
+        metrics.JOURNAL_BYTES.set_function(self.journal.total_bytes)
+        metrics.MODEL_BYTES.set(sum(self.manifest.blocks[b].numel * ITEMSIZE["float32"] for b in self.owned))
 
     # ------------------------------------------------------------------ updates
     def submit(self, record: UpdateRecord, job_id: str = "", identity_json: str = "") -> tuple[bool, int]:
@@ -237,7 +237,7 @@ class ServerState:
             if record.step > expected:
                 raise UpdateRejected(f"update for step {record.step} arrived before step {expected}: "
                                      f"the server applies steps in order (next expected: {expected})")
-            with m.JOURNAL_FSYNC_SECONDS.time():
+            with metrics.JOURNAL_FSYNC_SECONDS.time():
                 size = self.journal.append(record)
             self._queue.put(record)
             return False, size
@@ -252,7 +252,7 @@ class ServerState:
                 continue
             try:
                 job = self._snapshot if self._snapshot is not None and not self._snapshot.done.is_set() else None
-                with m.UPDATE_SECONDS.time():
+                with metrics.UPDATE_SECONDS.time():
                     self.store.apply(item, self.dist, before_modify=job.before_modify if job else None)
             except BaseException as exc:  # the state is no longer trustworthy: stop taking updates
                 self.failed = exc
@@ -299,18 +299,17 @@ class ServerState:
         job = SnapshotJob(self.data_dir, version, list(self.owned), {b: self.manifest.blocks[b].numel for b in self.owned},
                           lambda b: self.store.master[b], self.digest)
         self._snapshot = job
-        self._snapshot_thread = threading.Thread(target=self._run_snapshot, args=(job,), name="snapshot", daemon=True)
-        self._snapshot_thread.start()
+        threading.Thread(target=self._run_snapshot, args=(job,), name="snapshot", daemon=True).start()
         return job
 
     def _run_snapshot(self, job: SnapshotJob) -> None:
         try:
-            with m.SNAPSHOT_SECONDS.time():
+            with metrics.SNAPSHOT_SECONDS.time():
                 job.run()
             if job.error is None:
                 self.snapshot_version = job.version
-                m.SNAPSHOT_BYTES.set(job.bytes)
-                m.SNAPSHOT_VERSION.set(job.version)
+                metrics.SNAPSHOT_BYTES.set(job.bytes)
+                metrics.SNAPSHOT_VERSION.set(job.version)
                 prune_snapshots(self.data_dir, KEEP_SNAPSHOTS)
                 kept = list_snapshots(self.data_dir)
                 if kept:
@@ -367,7 +366,7 @@ class ServerState:
 
     def close(self) -> None:
         # freeze the callback gauges at their last values: the store they read is going away
-        for gauge in (m.APPLIED_VERSION, m.JOURNALED_STEPS, m.VERSION_LAG, m.JOURNAL_BYTES):
+        for gauge in (metrics.APPLIED_VERSION, metrics.JOURNALED_STEPS, metrics.VERSION_LAG, metrics.JOURNAL_BYTES):
             try:
                 last = next(iter(gauge.collect())).samples[0].value
             except Exception:  # noqa: BLE001 - a gauge that cannot be read is frozen at 0

@@ -1,4 +1,4 @@
-"""Data-plane framing: a ``Chunk`` protobuf message written and read by hand.
+"""Wire code: the data plane's ``Chunk`` framing, written and read by hand, and the update-record codec.
 
 The payload is copied once on the server (into the message bytes gRPC must send) and
 once on the client (into the caller's buffer); protobuf never touches it. The bytes on
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import xxhash
 
+from distzo.mezo import Direction, UpdateRecord
+from protos import common_pb2
 from protos import paramserver_pb2 as pb
 
 MASTER_DTYPE = "float32_master"  # FetchRequest.dtype asking for the fp32 master (replicas)
@@ -77,3 +79,26 @@ def decode_chunk(message: bytes) -> tuple[pb.ChunkHeader, memoryview]:
 
 def identity(b: bytes) -> bytes:
     return b
+
+
+# ----------------------------------------------------------------------------- update records
+def record_to_pb(r: UpdateRecord) -> common_pb2.UpdateRecord:
+    """The record as its protobuf message (the journal's payload, UpdateRequest, FollowJournal)."""
+    return common_pb2.UpdateRecord(
+        step=r.step,
+        directions=[common_pb2.Direction(seed=d.seed, g=d.g) for d in r.directions],
+        lr=r.lr,
+        weight_decay=r.weight_decay,
+        skipped=r.skipped,
+    )
+
+
+def record_from_pb(m: common_pb2.UpdateRecord) -> UpdateRecord:
+    """The record of a protobuf message (not validated: see ``UpdateRecord.validate``)."""
+    return UpdateRecord(
+        step=m.step,
+        directions=tuple(Direction(seed=d.seed, g=d.g) for d in m.directions),
+        lr=m.lr,
+        weight_decay=m.weight_decay,
+        skipped=m.skipped,
+    )

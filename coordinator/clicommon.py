@@ -1,0 +1,40 @@
+"""What every zoctl command shares: exit codes, the bad-input error, strict JSON output.
+
+Exit codes: 0 done; 1 the run failed; 2 bad input (usage, config, model, data); 3 a
+service could not be reached; 130 interrupted. Light on purpose (no torch, no pydantic):
+status and control commands start in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class CliError(Exception):
+    """A command's error: zoctl prints the message on one line and exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.code = code
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as None: what strict JSON parsers accept."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def print_json(value: Any, indent: int | None = 2) -> None:
+    """Machine-readable output: strict JSON (non-finite numbers as null)."""
+    print(json.dumps(strict_json(value), indent=indent, sort_keys=True, allow_nan=False))
