@@ -245,15 +245,25 @@ class JobConfig(_Section):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(raw).__name__}")
         return cls.from_dict(raw)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "JobConfig":
-        """A copy with dotted-path values replaced (``{"train.steps": 10}``), validated again."""
+    def with_overrides(self, overrides: dict[str, Any], keep_none: bool = False) -> "JobConfig":
+        """A copy with dotted-path values replaced (``{"train.steps": 10}``), validated again.
+
+        A None value is skipped (an absent flag) unless ``keep_none`` (then it sets the field to null).
+        Raises ConfigError for a path that names no section, or a value the field refuses.
+        """
         raw = self.model_dump()
         for dotted, value in overrides.items():
-            if value is None:
+            if value is None and not keep_none:
                 continue
             node = raw
             *parents, leaf = dotted.split(".")
-            for key in parents:
+            for depth, key in enumerate(parents):
+                if not isinstance(node, dict) or key not in node or not isinstance(node[key], dict):
+                    where = ".".join(parents[:depth + 1])
+                    known = ", ".join(k for k, v in node.items() if isinstance(v, dict)) if isinstance(node, dict) else ""
+                    raise ConfigError(f"invalid config: {dotted}: {where!r} is not a config section"
+                                      + (f" (sections: {known})" if known else "")
+                                      + "; `zoctl config` prints every field with its default")
                 node = node[key]
             node[leaf] = value
         return JobConfig.from_dict(raw)
