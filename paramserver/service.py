@@ -15,6 +15,7 @@ from distzo.blocks import ITEMSIZE
 from distzo.durable import job_id as identity_digest
 from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
+from distzo.modelcard import model_card, write_model_card
 from distzo.rpc import Admission, cancelled_event
 from paramserver import metrics as m
 from paramserver.journal import JournalCorrupt, JournalWriteError, record_from_pb, record_to_pb
@@ -27,6 +28,7 @@ from protos import paramserver_pb2 as pb
 
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
+MAX_MODEL_CARD = 64 << 10  # a card is a few KB
 STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")  # served on the control port when there is one
 # need the token too: FollowJournal streams every update to replicas (on the data port: replicas reach only that)
 PROTECTED = (*STATE_CHANGING, "FollowJournal")
@@ -246,8 +248,12 @@ class ParamServerService:
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> pb.ExportReply:
         if not request.path:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "export needs a directory path")
+        if len(request.model_card) > MAX_MODEL_CARD:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_card is {len(request.model_card)} characters; "
+                                                            f"at most {MAX_MODEL_CARD}")
         try:
             path, version = self.state.export(request.path)
+            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version))
         except PermissionError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
