@@ -13,6 +13,7 @@ from distzo.config import ConfigError, JobConfig
 from distzo.logs import setup_logging
 from distzo.modeling import ModelError
 from distzo.rpc import PORTS
+from paramserver.fence import FenceUnavailable
 
 
 def parse_blocks(text: str | None) -> tuple[int, int] | None:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = JobConfig.from_yaml(args.config) if args.config else JobConfig()
         return run(cfg, args.data_dir, args.listen, args.ready_file, args.blocks, args.follow, args.name,
                    control_listen=args.control_listen, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
-    except (ConfigError, ModelError, RecoveryError, ValueError, OSError) as exc:
+    except (ConfigError, ModelError, RecoveryError, ValueError, OSError, FenceUnavailable) as exc:
         print(f"distzo-paramserver: {exc}", file=sys.stderr)
         return 2
 

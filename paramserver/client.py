@@ -23,6 +23,7 @@ from distzo.mezo import UpdateRecord
 from distzo.rpc import Credentials, make_channel
 from paramserver.journal import record_from_pb, record_to_pb
 from paramserver.hostcopy import parallel_copy
+from paramserver.fence import FenceUnavailable
 from paramserver.shm import SegmentGone, SharedView, StaleVersion
 from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity
 from protos import common_pb2
@@ -228,7 +229,7 @@ class ParamServerClient:
         try:
             shard.shm = SharedView(m.shm_data_path, m.shm_versions_path, m.shm_nonce)
             return True
-        except (OSError, SegmentGone) as exc:
+        except (OSError, SegmentGone, FenceUnavailable) as exc:
             shard.shm_failed = True
             log.info("shared memory unavailable, using gRPC", extra=kv(server=shard.address, reason=str(exc)))
             return False
