@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", help="write the run log (steps.jsonl, evals.jsonl) here; a restarted coordinator continues it")
     ap.add_argument("--metrics-port", type=int, default=PORTS["coordinator_metrics"], help="Prometheus /metrics port (0: free, -1: off)")
     ap.add_argument("--metrics-host", default="0.0.0.0")
+    ap.add_argument("--exit-when-done", action="store_true",
+                    help="batch mode (a Kubernetes Job): exit when the job ends, 0 done/stopped and exported, 1 failed, "
+                         "2 bad input")
+    ap.add_argument("--export-to", metavar="DIR_OR_URL",
+                    help="with --exit-when-done: export here at the end (a directory on the parameter server's host, "
+                         "or a URL it pushes to: s3://, gs://, file://)")
     add_security_args(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
@@ -36,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = JobConfig.from_yaml(args.config) if args.config else None
         creds = Credentials.from_config(security_from_args(args, (cfg or JobConfig()).security))
         return run(cfg, args.param_server, args.listen, args.ready_file, args.worker_param_server, creds,
-                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, run_dir=args.run_dir)
+                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, run_dir=args.run_dir,
+                   exit_when_done=args.exit_when_done, export_to=args.export_to)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"distzo-coordinator: {exc}", file=sys.stderr)
         return 2

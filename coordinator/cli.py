@@ -465,8 +465,10 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from protos import coordinator_pb2 as cpb
 
-    # a path on the parameter server's host: only a relative one is made absolute here (local clusters)
-    reply = _call(args, "Export", cpb.ExportJobRequest(path=os.path.abspath(args.dir)), timeout=600)
+    # a path on the parameter server's host: only a relative one is made absolute here (local clusters);
+    # a URL (s3://, gs://, file://) is pushed there by the server (distzo.transfer)
+    path = args.dir if "://" in args.dir else os.path.abspath(args.dir)
+    reply = _call(args, "Export", cpb.ExportJobRequest(path=path), timeout=600)
     if args.json:
         print_json(status_dict(reply), indent=None)
     else:
@@ -556,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_control)
 
     p = sub.add_parser("export", help="export the current weights as a Hugging Face model directory")
-    p.add_argument("dir", help="directory (on the parameter server's host)")
+    p.add_argument("dir", help="directory on the parameter server's host, or a URL it pushes to (s3://, gs://, file://)")
     add_target_options(p)
     p.set_defaults(func=cmd_export)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import threading
 import time
 from typing import Callable, Iterator
@@ -16,6 +17,7 @@ from distzo.durable import job_id as identity_digest
 from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
 from distzo.modelcard import model_card, write_model_card
+from distzo.transfer import TransferError, is_url, push
 from distzo.rpc import Admission, cancelled_event
 from paramserver import metrics as m
 from paramserver.journal import JournalCorrupt, JournalWriteError, record_from_pb, record_to_pb
@@ -251,9 +253,17 @@ class ParamServerService:
         if len(request.model_card) > MAX_MODEL_CARD:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_card is {len(request.model_card)} characters; "
                                                             f"at most {MAX_MODEL_CARD}")
+        url = request.path if is_url(request.path) else None
         try:
-            path, version = self.state.export(request.path)
+            # a URL (s3://, gs://, file://, ...): exported under the export root first, then pushed there
+            local = "upload-" + re.sub(r"[^A-Za-z0-9._-]+", "_", request.path)[-120:] if url else request.path
+            path, version = self.state.export(local)
             write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version))
+            if url:
+                push(path, url)
+                path = url
+        except TransferError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"export to {request.path[:200]!r}: {exc}")
         except PermissionError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
