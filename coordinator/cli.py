@@ -70,26 +70,10 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
                         "(value read as YAML; repeatable; `zoctl config` lists the fields)")
 
 
-def parse_settings(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", ...]`` -> ``{"train.lr": 1e-4}``; the value is read as YAML (numbers, booleans,
-    lists, null). A malformed item is a CliError naming it; the config validates keys and values."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise CliError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
-            out[key] = text  # not YAML: the text itself (the config says whether a string is allowed)
-    return out
-
-
 def apply_settings(cfg, args: argparse.Namespace, extra: dict[str, Any] | None = None):  # noqa: ANN001, ANN201
     """``cfg`` with --set values, then the named flags (they win), validated again (ConfigError: one line)."""
+    from distzo.config import parse_settings
+
     cfg = cfg.with_overrides(parse_settings(getattr(args, "settings", [])), keep_none=True)  # --set x=null: null
     overrides = dict(extra or {})
     overrides.update({field: getattr(args, flag, None) for flag, field in SETTING_FLAGS.items()})
