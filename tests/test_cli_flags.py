@@ -89,3 +89,23 @@ def test_reference_with_flags_exports_a_model_card(cache_dir, tmp_path):
                  "| steps (configured / applied) | 2 / 2 |", "| dev accuracy at the end | 0."):
         assert text in card, (text, card)
     assert "n/a" not in card.split("## Results")[1].split("| training loss")[0]  # dev figures measured
+
+
+def test_layout_nodes_derive_the_workers_and_a_mismatch_is_named():
+    from distzo.config import ConfigError, JobConfig
+
+    cfg = JobConfig.from_dict({"layout": {"name": "2d", "nodes": 2, "node_size": 8}})
+    assert cfg.layout.workers == 16
+    assert cfg.with_overrides({"layout.nodes": 4, "layout.node_size": 2}).layout.workers == 8  # derived again
+    with pytest.raises(ConfigError, match=r"layout: .*workers 4 must be nodes x node_size = 2 x 8"):
+        JobConfig.from_dict({"layout": {"name": "2d", "nodes": 2, "node_size": 8, "workers": 4}})
+
+
+def test_services_take_set_and_refuse_bad_values_in_one_line(tmp_path):
+    cases = [(["paramserver", "--data-dir", str(tmp_path / "d"), "--set", "layout.nodes=zero"], "layout.nodes"),
+             (["paramserver", "--data-dir", str(tmp_path / "d"), "--set", "nope"], "expected KEY.PATH=VALUE"),
+             (["coordinator", "--param-server", "127.0.0.1:1", "--set", "train.lr=1"], "--set needs --config")]
+    for args, needle in cases:
+        r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert not (tmp_path / "d").exists()
