@@ -112,8 +112,9 @@ def read_record(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
 
 
 def _from_record(info: dict[str, Any], run_dir: Path) -> Target:
+    where = "this run directory" if str(run_dir) == "." else str(run_dir)
     return Target(str(info["coordinator"]), info.get("token_file"), info.get("tls_ca"), info.get("tls_cert"),
-                  info.get("tls_key"), f"the local cluster of {run_dir}")
+                  info.get("tls_key"), f"the local cluster of {where}")
 
 
 def running_clusters(base: Path) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -31,6 +32,7 @@ from protos import paramserver_pb2 as pb
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
 MAX_MODEL_CARD = 64 << 10  # a card is a few KB
+EXPORT_SCHEMES = {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # where an export may be pushed
 STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")  # served on the control port when there is one
 # need the token too: FollowJournal streams every update to replicas (on the data port: replicas reach only that)
 PROTECTED = (*STATE_CHANGING, "FollowJournal")
@@ -254,6 +256,11 @@ class ParamServerService:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_card is {len(request.model_card)} characters; "
                                                             f"at most {MAX_MODEL_CARD}")
         url = request.path if is_url(request.path) else None
+        if url:
+            why = self._refuse_url(url)
+            if why:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED if "export_root" in why else grpc.StatusCode.INVALID_ARGUMENT,
+                              why)
         try:
             # a URL (s3://, gs://, file://, ...): exported under the export root first, then pushed there
             local = "upload-" + re.sub(r"[^A-Za-z0-9._-]+", "_", request.path)[-120:] if url else request.path
@@ -273,6 +280,22 @@ class ParamServerService:
                     else grpc.StatusCode.INTERNAL)
             context.abort(code, f"export to {request.path[:200]!r} failed: {exc.strerror or exc}")
         return pb.ExportReply(path=path, version=version)
+
+    def _refuse_url(self, url: str) -> str | None:
+        """Why an export URL is refused, or None: only object stores and file://, and a file:// URL, like a
+        path, only under server.export_root when one is set (a URL is no way around it)."""
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in EXPORT_SCHEMES:
+            return f"export URL scheme {scheme!r} is not one of {', '.join(sorted(EXPORT_SCHEMES))}"
+        root = self.state.cfg.server.export_root
+        if scheme == "file" and root:
+            from urllib.parse import urlparse
+            from urllib.request import url2pathname
+
+            target = os.path.realpath(url2pathname(urlparse(url).path))
+            if not target.startswith(os.path.realpath(root) + os.sep):
+                return f"export URL {url[:200]!r} is outside server.export_root {root!r}"
+        return None
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
         threading.Timer(0.1, self.on_shutdown).start()  # reply first

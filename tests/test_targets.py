@@ -71,7 +71,7 @@ def test_two_running_clusters_are_never_chosen_between_silently(tmp_path, home):
         assert f"cannot reach the coordinator at 127.0.0.1:{port}" in r.stderr
     # inside a run directory, that run's cluster
     t = resolve(cwd=work / "runs" / "b")
-    assert t.address == "127.0.0.1:2"
+    assert t.address == "127.0.0.1:2" and t.source == "the local cluster of this run directory"
 
 
 def test_a_finished_or_foreign_cluster_is_not_picked(tmp_path, home, monkeypatch):

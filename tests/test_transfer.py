@@ -111,3 +111,24 @@ def test_a_batch_coordinator_ends_with_the_job_and_pushes_the_export(cache_dir, 
     pull(url, back)  # the pushed export, verified against the SHA256SUMS it carries
     assert "Fine-tuned by distzo (distributed)" in (back / "README.md").read_text()
     assert same_weights(back, reference_export(tmp_path, cfg))
+
+
+def test_an_export_url_cannot_escape_the_export_root_or_use_other_protocols(cache_dir, tmp_path):
+    import grpc
+
+    from paramserver.client import ParamServerClient
+
+    cfg = base_config(cache_dir, server={"export_root": str(tmp_path / "exports")})
+    server = ParamServer(cfg, tmp_path / "server").start()
+    try:
+        with ParamServerClient(server.address).connect() as c:
+            for url, code, needle in (((tmp_path / "elsewhere").as_uri(), grpc.StatusCode.PERMISSION_DENIED, "outside server.export_root"),
+                                      ("http://example.invalid/x", grpc.StatusCode.INVALID_ARGUMENT, "scheme 'http'")):
+                with pytest.raises(grpc.RpcError) as exc:
+                    c.export(url)
+                assert exc.value.code() == code and needle in exc.value.details(), exc.value.details()
+            assert not (tmp_path / "elsewhere").exists()
+            reply = c.export((tmp_path / "exports" / "pushed").as_uri())  # under the root: allowed
+            assert reply.path.endswith("/exports/pushed") and (tmp_path / "exports" / "pushed" / SUMS).is_file()
+    finally:
+        server.stop(grace=0.5)
