@@ -9,7 +9,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to st
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from distzo.config import ConfigError, JobConfig
+from distzo.config import ConfigError, JobConfig, parse_settings
 from distzo.logs import setup_logging
 from distzo.rpc import PORTS, add_security_args, security_from_args
 
@@ -25,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", help="write the run log (steps.jsonl, evals.jsonl) here; a restarted coordinator continues it")
     ap.add_argument("--metrics-port", type=int, default=PORTS["coordinator_metrics"], help="Prometheus /metrics port (0: free, -1: off)")
     ap.add_argument("--metrics-host", default="0.0.0.0")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a field of --config (value read as YAML; repeatable)")
+    ap.add_argument("--exit-when-done", action="store_true",
+                    help="batch mode (a Kubernetes Job): exit when the job ends, 0 done/stopped and exported, 1 failed, "
+                         "2 bad input")
+    ap.add_argument("--export-to", metavar="DIR_OR_URL",
+                    help="with --exit-when-done: export here at the end (a directory on the parameter server's host, "
+                         "or a URL it pushes to: s3://, gs://, file://)")
     add_security_args(ap)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
@@ -34,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = JobConfig.from_yaml(args.config) if args.config else None
+        if args.settings:  # --set KEY.PATH=VALUE over the file (e.g. the Kubernetes run's shape)
+            if cfg is None:
+                raise ConfigError("--set needs --config (the job it changes)")
+            cfg = cfg.with_overrides(parse_settings(args.settings), keep_none=True)
         creds = Credentials.from_config(security_from_args(args, (cfg or JobConfig()).security))
         return run(cfg, args.param_server, args.listen, args.ready_file, args.worker_param_server, creds,
-                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, run_dir=args.run_dir)
+                   metrics_port=args.metrics_port, metrics_host=args.metrics_host, run_dir=args.run_dir,
+                   exit_when_done=args.exit_when_done, export_to=args.export_to)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"distzo-coordinator: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """zoctl: the command line of distzo.
 
 Exit codes: 0 done; 1 the run failed; 2 bad input (usage, config, model, data); 3 a
-service could not be reached; 130 interrupted.
+service could not be reached; 130 interrupted; 141 the output was closed (``zoctl status | head``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from typing import Any
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once
 
+from coordinator.targets import TargetError  # noqa: E402
 from distzo.errors import BadInput, FetchError  # noqa: E402
 from distzo.logs import setup_logging  # noqa: E402
 from coordinator.clicommon import (  # noqa: E402, F401 - re-exported: zoctl's exit codes and output
-    EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, CliError, print_json, strict_json)
+    EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, CliError, print_json,
+    strict_json)
 from coordinator.plan_cli import register as register_plan  # noqa: E402
+from coordinator.targets import register as register_context  # noqa: E402
 
 # Only what every command needs is imported here: status and control commands must start in
 # well under a second (no torch, transformers or pydantic); commands import the rest themselves.
@@ -40,10 +43,37 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="parallel layout")
     p.add_argument("--q", type=int, metavar="Q", help="perturbation directions per step")
     p.add_argument("--steps", type=int, metavar="N", help="training steps")
-    p.add_argument("--seed", type=int, metavar="S", help="master seed (seeds and data order derive from it)")
+    add_setting_options(p)
     p.add_argument("--out", metavar="DIR", help="export the trained model here (Hugging Face layout)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+
+
+# flag -> config field: the common settings; any other field through --set
+SETTING_FLAGS = {"lr": "train.lr", "eps": "train.eps", "batch_size": "train.batch_size", "seed": "train.seed",
+                 "device": "runtime.device"}
+
+
+def add_setting_options(p: argparse.ArgumentParser) -> None:
+    """--lr, --eps, --batch-size, --seed, --device and --set KEY.PATH=VALUE (validated by the typed config)."""
+    p.add_argument("--lr", type=float, metavar="LR", help="learning rate (train.lr)")
+    p.add_argument("--eps", type=float, metavar="EPS", help="perturbation scale (train.eps)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="examples per step (train.batch_size)")
+    p.add_argument("--seed", type=int, metavar="S", help="master seed (train.seed; seeds and data order derive from it)")
+    p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (runtime.device)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="any config field, e.g. --set train.lr_schedule=cosine --set data.max_seq_len=128 "
+                        "(value read as YAML; repeatable; `zoctl config` lists the fields)")
+
+
+def apply_settings(cfg, args: argparse.Namespace, extra: dict[str, Any] | None = None):  # noqa: ANN001, ANN201
+    """``cfg`` with --set values, then the named flags (they win), validated again (ConfigError: one line)."""
+    from distzo.config import parse_settings
+
+    cfg = cfg.with_overrides(parse_settings(getattr(args, "settings", [])), keep_none=True)  # --set x=null: null
+    overrides = dict(extra or {})
+    overrides.update({field: getattr(args, flag, None) for flag, field in SETTING_FLAGS.items()})
+    return cfg.with_overrides(overrides)
 
 
 def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfig
@@ -58,9 +88,8 @@ def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfi
         "layout.name": args.layout,
         "layout.q": args.q,
         "train.steps": args.steps,
-        "train.seed": args.seed,
     }
-    return cfg.with_overrides(overrides)
+    return apply_settings(cfg, args, overrides)
 
 
 SUMMARY_KEYS = ("mode", "model", "task", "layout", "workers", "steps", "zero_shot_dev_loss", "zero_shot_dev_accuracy",
@@ -265,22 +294,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- cluster control
 def _cluster_target(args: argparse.Namespace):  # noqa: ANN202
-    from distzo.cache import latest_cluster_file
+    """The coordinator named by --coordinator, --run-dir, --context or found here (coordinator.targets), and its
+    credentials; says on stderr which cluster it is when it was not given as --coordinator."""
+    from coordinator.targets import TargetError, resolve
     from distzo.rpc import Credentials
 
-    address, token_file, tls = args.coordinator, args.token_file, (args.tls_ca, args.tls_cert, args.tls_key)
-    if address is None:
-        latest = latest_cluster_file()
-        if not latest.is_file():
-            raise CliError("no --coordinator given and no local cluster running (start one with `zoctl up`)", EXIT_UNREACHABLE)
-        try:
-            info = json.loads(latest.read_bytes())
-            address, token_file = str(info["coordinator"]), token_file or info.get("token_file")
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CliError(f"{latest} (the running local cluster's address) is damaged; pass --coordinator") from None
-        if not any(tls):
-            tls = (info.get("tls_ca"), info.get("tls_cert"), info.get("tls_key"))
-    return address, Credentials.for_client(token_file, *tls)
+    try:
+        target = resolve(args.coordinator, getattr(args, "target_run_dir", None), getattr(args, "context", None))
+    except TargetError as exc:
+        raise CliError(str(exc), exc.code) from None
+    tls = (args.tls_ca, args.tls_cert, args.tls_key)
+    if not any(tls):
+        tls = (target.tls_ca, target.tls_cert, target.tls_key)
+    creds = Credentials.for_client(args.token_file or target.token_file, *tls)
+    if target.source != "--coordinator":
+        print(f"zoctl: coordinator {target.address} ({target.source})", file=sys.stderr, flush=True)
+    args.resolved_coordinator = target.address
+    return target.address, creds
 
 
 def _call(args: argparse.Namespace, method: str, request, timeout: float = 30.0):  # noqa: ANN001, ANN202
@@ -369,9 +399,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from distzo.config import JobConfig
     from protos import coordinator_pb2 as cpb
 
-    cfg = JobConfig.from_yaml(args.config)
+    cfg = apply_settings(JobConfig.from_yaml(args.config), args)
     st = _call(args, "StartJob", cpb.StartJobRequest(config_yaml=cfg.to_yaml(redact=True)))
-    print(f"zoctl: job started on {args.coordinator}: {st.state}", file=sys.stderr)
+    print(f"zoctl: job started on {args.resolved_coordinator}: {st.state}", file=sys.stderr)
     if args.detach:
         return EXIT_OK
     args.watch = True
@@ -397,8 +427,10 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from protos import coordinator_pb2 as cpb
 
-    # a path on the parameter server's host: only a relative one is made absolute here (local clusters)
-    reply = _call(args, "Export", cpb.ExportJobRequest(path=os.path.abspath(args.dir)), timeout=600)
+    # a path on the parameter server's host: only a relative one is made absolute here (local clusters);
+    # a URL (s3://, gs://, file://) is pushed there by the server (distzo.transfer)
+    path = args.dir if "://" in args.dir else os.path.abspath(args.dir)
+    reply = _call(args, "Export", cpb.ExportJobRequest(path=path), timeout=600)
     if args.json:
         print_json(status_dict(reply), indent=None)
     else:
@@ -407,7 +439,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_target_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", metavar="ADDR", help="coordinator host:port (default: the running `zoctl up` cluster)")
+    p.add_argument("--coordinator", metavar="ADDR", help="coordinator host:port")
+    p.add_argument("--run-dir", dest="target_run_dir", metavar="DIR", help="the local cluster `zoctl up --run-dir DIR` runs")
+    p.add_argument("--context", metavar="NAME", help="a named cluster (`zoctl context set NAME --coordinator ADDR ...`)")
     p.add_argument("--token-file", help="bearer token file for state-changing calls")
     p.add_argument("--tls-ca", help="CA certificate (PEM) when the coordinator uses TLS")
     p.add_argument("--tls-cert", help="client certificate (PEM) when the coordinator requires mutual TLS")
@@ -417,8 +451,38 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- parser
+EXAMPLES = """examples:
+  zoctl fetch                                            # the real model and task, once
+  zoctl up --config jobs/smollm2-rotten-tomatoes.yaml    # the main job: train, evaluate, export
+  zoctl up --steps 50 --lr 1e-4 --eps 1e-3 --batch-size 8 --seed 1 --run-dir runs/try1
+  zoctl up --layout 2d --workers 4 --set train.lr_schedule=cosine --set data.max_seq_len=128
+  zoctl reference --steps 50 --lr 1e-4 --out ref-model   # the in-process oracle, same flags
+  zoctl status --run-dir runs/try1                       # the cluster `zoctl up --run-dir runs/try1` runs
+  zoctl context set lab --coordinator zo.lab:50051 --token-file token && zoctl status --context lab
+  zoctl train --config job.yaml --context lab --set train.steps=2000 --detach
+  zoctl report runs/try1                                 # loss and dev history, report.png
+  zoctl plan --model llama-3-8b --cluster h100x8         # step time and memory before renting GPUs
+
+Control commands (status, pause, resume, stop, snapshot, eval, export, train) talk to
+--coordinator ADDR, --run-dir DIR, --context NAME, the cluster running in this directory or
+the only one under ./runs/, or the current context, in that order, and say which on stderr.
+Exit codes: 0 done, 1 failed, 2 bad input, 3 unreachable, 130 interrupted.
+"""
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distzo")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zoctl", description="distzo: distributed zeroth-order fine-tuning")
+    parser = argparse.ArgumentParser(prog="zoctl", description="distzo: distributed zeroth-order fine-tuning",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"zoctl (distzo) {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("reference", help="train in one process (the correctness oracle) and export",
@@ -439,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="start a job on a running coordinator (cluster mode) and watch it")
     p.add_argument("--config", required=True, metavar="FILE", help="job config (YAML)")
     p.add_argument("--detach", action="store_true", help="start and return")
+    add_setting_options(p)
     add_target_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -455,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_control)
 
     p = sub.add_parser("export", help="export the current weights as a Hugging Face model directory")
-    p.add_argument("dir", help="directory (on the parameter server's host)")
+    p.add_argument("dir", help="directory on the parameter server's host, or a URL it pushes to (s3://, gs://, file://)")
     add_target_options(p)
     p.set_defaults(func=cmd_export)
 
@@ -485,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     register_plan(sub)
+    register_context(sub)
     return parser
 
 
@@ -502,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"zoctl {args.command}: {exc}", file=sys.stderr)
         return exc.code
+    except TargetError as exc:  # no cluster named, or several candidates (coordinator.targets)
+        print(f"zoctl {args.command}: {exc}", file=sys.stderr)
+        return exc.code
     except BadInput as exc:  # config, data, model, material, run directory
         print(f"zoctl {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -511,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"zoctl {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `zoctl status | head`: the reader has gone, which is not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What every zoctl command shares: exit codes, the bad-input error, strict JSON output.
 
 Exit codes: 0 done; 1 the run failed; 2 bad input (usage, config, model, data); 3 a
-service could not be reached; 130 interrupted. Light on purpose (no torch, no pydantic):
+service could not be reached; 130 interrupted; 141 the output was closed. Light on purpose (no torch, no pydantic):
 status and control commands start in well under a second.
 """
 
@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader has gone
 
 
 class CliError(Exception):

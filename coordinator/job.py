@@ -20,6 +20,7 @@ import time
 from typing import Any, Sequence
 
 import grpc
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
@@ -308,19 +309,22 @@ class Job:
 
     def _send_update(self, record: UpdateRecord) -> None:
         assert self.client is not None
-        deadline = time.monotonic() + self.cfg.coordinator.server_timeout_s
-        while True:
-            try:
-                # the job's identity goes with the first update: it claims (or must match) the server's data directory
-                self.client.apply_update(record, job_id=self.job_id,
-                                         job_identity_json="" if self._claimed else json.dumps(self.identity))
-                self._claimed = True
-                return
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > deadline:
-                    raise JobFailed(f"the parameter server refused step {record.step}: {exc.details()}") from None
-                log.warning("parameter server unavailable, retrying the update", extra=kv(step=record.step))
-                time.sleep(0.5)
+
+        def send() -> None:
+            # the job's identity goes with the first update: it claims (or must match) the server's data directory
+            self.client.apply_update(record, job_id=self.job_id,  # type: ignore[union-attr]
+                                     job_identity_json="" if self._claimed else json.dumps(self.identity))
+            self._claimed = True
+
+        unavailable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        try:
+            Retrying(retry=retry_if_exception(lambda e: isinstance(e, grpc.RpcError) and e.code() in unavailable),
+                     wait=wait_exponential(multiplier=0.05, max=1.0),
+                     stop=stop_after_delay(self.cfg.coordinator.server_timeout_s), reraise=True,
+                     before_sleep=lambda _: log.warning("parameter server unavailable, retrying the update",
+                                                        extra=kv(step=record.step)))(send)
+        except grpc.RpcError as exc:
+            raise JobFailed(f"the parameter server refused step {record.step}: {exc.details()}") from None
 
     # ------------------------------------------------------------------ eval
     def _evaluate(self) -> dict[str, Any]:

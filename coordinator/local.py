@@ -31,7 +31,8 @@ import grpc
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from distzo.cache import cache_root, latest_cluster_file, shared_kernel_cache_env
+from distzo.cache import shared_kernel_cache_env
+from coordinator.targets import CLUSTER_FILE
 from distzo.config import JobConfig
 from distzo.durable import JobMismatch, check_same_job, differences, job_id, job_identity, record_job
 from distzo.errors import BadInput
@@ -229,11 +230,11 @@ class LocalCluster:
                 "metrics": self.metrics_endpoints(), "tls_ca": sec.tls_ca,
                 "tls_cert": sec.tls_cert if sec.mutual_tls else None, "tls_key": sec.tls_key if sec.mutual_tls else None,
                 "token_file": str(self.cfg.security.token_file), "run_dir": str(self.run_dir),
-                "pids": {n: p.pid for n, p in self.processes.items()}, "started": time.time()}
-        (self.run_dir / "cluster.json").write_text(json.dumps(info, indent=2))
-        latest = latest_cluster_file()
-        latest.parent.mkdir(parents=True, exist_ok=True)
-        latest.write_text(json.dumps(info, indent=2))
+                "pids": {n: p.pid for n, p in self.processes.items()}, "supervisor_pid": os.getpid(), "started": time.time()}
+        # announced in the run directory only (coordinator.targets): never a machine-wide "latest" cluster
+        tmp = self.run_dir / (CLUSTER_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self.run_dir / CLUSTER_FILE)
 
     # ------------------------------------------------------------------ supervision
     def supervise(self) -> list[str]:
@@ -313,12 +314,7 @@ class LocalCluster:
             p.stop(timeout_s=10)
         if self._channel is not None:
             self._channel.close()
-        latest = latest_cluster_file()
-        try:
-            if json.loads(latest.read_text()).get("run_dir") == str(self.run_dir):
-                latest.unlink()
-        except (OSError, ValueError):
-            pass
+        (self.run_dir / CLUSTER_FILE).unlink(missing_ok=True)  # nothing is running here any more
 
 def _start_detached(p: ServiceProcess, env: dict[str, str]) -> None:
     """Start a process that announces itself elsewhere (a worker registers with the coordinator)."""

@@ -45,6 +45,9 @@ def register(sub: Any) -> None:
                    help=f"{', '.join(CLUSTERS)} (default {DEFAULT_CLUSTER})")
     p.add_argument("--nodes", type=int, metavar="N", help="override the cluster's node count")
     p.add_argument("--gpus-per-node", type=int, metavar="K", help="override the cluster's GPUs per node")
+    p.add_argument("--gpus-per-worker", type=int, metavar="G",
+                   help="GPUs per worker (1: one worker per GPU, as distzo-worker-launch --gpus all runs them)")
+    p.add_argument("--fetch-group", type=int, metavar="F", help="workers sharing a sliced fetch (layout.node_size)")
     p.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS, metavar="T",
                    help=f"tokens in one step's batch (default {DEFAULT_TOKENS})")
     p.add_argument("--seq-len", type=int, metavar="S", help=f"sequence length (default min({DEFAULT_SEQ}, T))")
@@ -95,6 +98,7 @@ def resolve_cluster(args: argparse.Namespace) -> ClusterSpec:
     if base is None:
         raise bad_input(f"unknown cluster {args.cluster!r}; known clusters: {', '.join(CLUSTERS)}")
     return with_overrides(base, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                          gpus_per_worker=getattr(args, "gpus_per_worker", None), fetch_group=getattr(args, "fetch_group", None),
                           replicas=False if args.no_replicas else None)
 
 

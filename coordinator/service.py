@@ -153,12 +153,27 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "export needs a directory path")
         try:
             with self._servers() as c:
-                reply = c.export(request.path)
+                reply = c.export(request.path, model_card=self._model_card())
         except grpc.RpcError as exc:
             context.abort(exc.code(), exc.details())
         except FetchError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return cpb.ControlReply(message=f"exported version {reply.version}", path=reply.path, version=reply.version)
+
+    def _model_card(self) -> str:
+        """The job's model card with its metrics (the server writes its own when there is no job)."""
+        job = self.job
+        if job is None:
+            return ""
+        from distzo.modelcard import model_card
+        from distzo.report import eval_summary
+
+        st = job.status()
+        evals = [{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy} for e in st.evals]
+        last = evals[-1] if evals else {}
+        metrics = {**eval_summary(evals), "final_loss": st.final_loss, "dev_loss": last.get("dev_loss"),
+                   "dev_accuracy": last.get("dev_accuracy")}
+        return model_card(job.cfg, metrics, st.step)
 
     def Eval(self, request: cpb.ControlRequest, context: grpc.ServicerContext) -> cpb.EvalResult:
         job = self._need_job(context)

@@ -16,11 +16,6 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return root
 
 
-def latest_cluster_file() -> Path:
-    """Where ``zoctl up`` announces its running local cluster (the control commands read it)."""
-    return cache_root() / "clusters" / "latest.json"
-
-
 def atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp)`` in a temporary sibling directory and rename it to ``target`` once complete.
 

@@ -92,6 +92,18 @@ class LayoutSection(_Section):
     name: LayoutName = "dual"
     q: int = Field(1, ge=1, description="perturbation directions per step")
     node_size: int = Field(1, ge=1, description="workers per node group (sliced fetch + all-gather)")
+    nodes: int | None = Field(None, ge=1, le=1 << 16, description="worker nodes (node groups); when set, workers = "
+                              "nodes x node_size (the Kubernetes run's shape, k8s/overlays/gpu-run/shape.yaml)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workers_from_nodes(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("nodes") is not None and raw.get("workers") is None:
+            try:
+                return {**raw, "workers": int(raw["nodes"]) * int(raw.get("node_size", 1))}
+            except (TypeError, ValueError):
+                return raw  # the field validators say what is wrong
+        return raw
 
     @property
     def pertp(self) -> int:
@@ -103,6 +115,9 @@ class LayoutSection(_Section):
 
     @model_validator(mode="after")
     def _fits(self) -> "LayoutSection":
+        if self.nodes is not None and self.workers != self.nodes * self.node_size:
+            raise ValueError(f"workers {self.workers} must be nodes x node_size = {self.nodes} x {self.node_size} "
+                             f"(omit workers when nodes is set)")
         per = self.pertp * self.q
         if self.workers % per:
             raise ValueError(
@@ -251,17 +266,29 @@ class JobConfig(_Section):
             raise ConfigError(f"{what} must hold a mapping of sections, got {type(raw).__name__}")
         return cls.from_dict(raw)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "JobConfig":
-        """A copy with dotted-path values replaced (``{"train.steps": 10}``), validated again."""
+    def with_overrides(self, overrides: dict[str, Any], keep_none: bool = False) -> "JobConfig":
+        """A copy with dotted-path values replaced (``{"train.steps": 10}``), validated again.
+
+        A None value is skipped (an absent flag) unless ``keep_none`` (then it sets the field to null).
+        Raises ConfigError for a path that names no section, or a value the field refuses.
+        """
         raw = self.model_dump()
         for dotted, value in overrides.items():
-            if value is None:
+            if value is None and not keep_none:
                 continue
             node = raw
             *parents, leaf = dotted.split(".")
-            for key in parents:
+            for depth, key in enumerate(parents):
+                if not isinstance(node, dict) or key not in node or not isinstance(node[key], dict):
+                    where = ".".join(parents[:depth + 1])
+                    known = ", ".join(k for k, v in node.items() if isinstance(v, dict)) if isinstance(node, dict) else ""
+                    raise ConfigError(f"invalid config: {dotted}: {where!r} is not a config section"
+                                      + (f" (sections: {known})" if known else "")
+                                      + "; `zoctl config` prints every field with its default")
                 node = node[key]
             node[leaf] = value
+        if raw["layout"].get("nodes") is not None and "layout.workers" not in overrides:
+            raw["layout"].pop("workers", None)  # derived from nodes x node_size again
         return JobConfig.from_dict(raw)
 
     def to_yaml(self, redact: bool = False) -> str:
@@ -270,6 +297,22 @@ class JobConfig(_Section):
         if redact:
             raw["security"]["token"] = None
         return yaml.safe_dump(raw, sort_keys=False)
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", ...]`` (``--set`` values) -> ``{"train.lr": 1e-4}``; values are read as YAML
+    (numbers, booleans, lists, null). A malformed item raises ConfigError naming it."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            out[key] = text  # not YAML: the text itself (the field says whether a string is allowed)
+    return out
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -18,6 +18,7 @@ from distzo import generator
 from distzo.config import JobConfig
 from distzo.data import Batch
 from distzo.export import export_model_dir
+from distzo.modelcard import model_card, write_model_card
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.job import EvalTally, JobData
 from distzo.mezo import StepOutcome, UpdateRecord, apply_update
@@ -141,6 +142,8 @@ class ReferenceTrainer:
             "wall_seconds": time.perf_counter() - start,
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
+        if out_dir is not None:
+            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference"))
         if run_dir is not None:
             summary.update(write_report(run_dir))
         return summary

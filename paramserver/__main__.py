@@ -9,10 +9,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to st
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from distzo.config import ConfigError, JobConfig
+from distzo.config import ConfigError, JobConfig, parse_settings
 from distzo.logs import setup_logging
 from distzo.modeling import ModelError
 from distzo.rpc import PORTS
+from paramserver.fence import FenceUnavailable
 
 
 def parse_blocks(text: str | None) -> tuple[int, int] | None:
@@ -28,6 +29,8 @@ def parse_blocks(text: str | None) -> tuple[int, int] | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="distzo-paramserver", description="distzo parameter server")
     ap.add_argument("--config", help="job config (YAML); default config if omitted")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a field of the config (value read as YAML; repeatable)")
     ap.add_argument("--data-dir", required=True, help="snapshots and journal")
     ap.add_argument("--listen", default=f"0.0.0.0:{PORTS['paramserver']}", help="host:port of the data port (port 0 picks a free one)")
     ap.add_argument("--control-listen", help=f"serve the state-changing RPCs only here (e.g. 0.0.0.0:{PORTS['paramserver_control']})")
@@ -45,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = JobConfig.from_yaml(args.config) if args.config else JobConfig()
+        if args.settings:  # --set KEY.PATH=VALUE over the file (e.g. the Kubernetes run's shape)
+            cfg = cfg.with_overrides(parse_settings(args.settings), keep_none=True)
         return run(cfg, args.data_dir, args.listen, args.ready_file, args.blocks, args.follow, args.name,
                    control_listen=args.control_listen, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
-    except (ConfigError, ModelError, RecoveryError, ValueError, OSError) as exc:
+    except (ConfigError, ModelError, RecoveryError, ValueError, OSError, FenceUnavailable) as exc:
         print(f"distzo-paramserver: {exc}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,7 @@ from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.rpc import Credentials, make_channel
 from paramserver.hostcopy import parallel_copy
+from paramserver.fence import FenceUnavailable
 from paramserver.shm import SegmentGone, SharedView, StaleVersion
 from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
@@ -228,7 +229,7 @@ class ParamServerClient:
         try:
             shard.shm = SharedView(m.shm_data_path, m.shm_versions_path, m.shm_nonce)
             return True
-        except (OSError, SegmentGone) as exc:
+        except (OSError, SegmentGone, FenceUnavailable) as exc:
             shard.shm_failed = True
             log.info("shared memory unavailable, using gRPC", extra=kv(server=shard.address, reason=str(exc)))
             return False
@@ -316,10 +317,12 @@ class ParamServerClient:
     def snapshot(self, timeout_s: float = 600.0) -> list[pb.SnapshotReply]:
         return [s.control.Snapshot(pb.SnapshotRequest(), timeout=timeout_s, metadata=self.creds.call_metadata()) for s in self.shards]
 
-    def export(self, path: str, timeout_s: float = 600.0) -> pb.ExportReply:
+    def export(self, path: str, timeout_s: float = 600.0, model_card: str = "") -> pb.ExportReply:
+        """Export to ``path`` on the server's host; ``model_card``: the README.md written there (default: the server's)."""
         if len(self.shards) > 1:
             raise FetchError("export needs the whole model on one server; export each shard's range with a tool instead")
-        return self.shards[0].control.Export(pb.ExportRequest(path=path), timeout=timeout_s, metadata=self.creds.call_metadata())
+        return self.shards[0].control.Export(pb.ExportRequest(path=path, model_card=model_card), timeout=timeout_s,
+                                             metadata=self.creds.call_metadata())
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         for s in self.shards:

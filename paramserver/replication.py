@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import grpc
 import numpy as np
+from tenacity import Retrying, retry_if_exception, stop_when_event_set, wait_exponential
 
 from distzo.logs import kv
 from paramserver.client import MASTER_DTYPE, ParamServerClient
@@ -35,22 +35,37 @@ class Follower(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        # a lost primary is retried with backoff until it is back or we are stopped (the wait ends at once then)
+        retrying = Retrying(retry=retry_if_exception(self._primary_lost), wait=wait_exponential(multiplier=0.1, max=2.0),
+                            stop=stop_when_event_set(self.stop_event), sleep=self.stop_event.wait,
+                            before_sleep=self._log_lost, reraise=True)
+        try:
+            retrying(self._follow_until_stopped)
+        except grpc.RpcError:
+            if not self.stop_event.is_set():
+                raise
+        except BaseException as exc:  # noqa: BLE001 - a follower that cannot apply must stop loudly
+            self.error = exc
+            log.critical("replica stopped following", extra=kv(error=repr(exc)))
+
+    def _primary_lost(self, exc: BaseException) -> bool:
+        return isinstance(exc, grpc.RpcError) and not self.stop_event.is_set()
+
+    @staticmethod
+    def _log_lost(state) -> None:  # noqa: ANN001 - tenacity's RetryCallState
+        exc = state.outcome.exception()
+        log.warning("lost the primary, retrying", extra=kv(code=str(exc.code()), detail=exc.details(),
+                                                           attempt=state.attempt_number))
+
+    def _follow_until_stopped(self) -> None:
         while not self.stop_event.is_set():
             try:
                 self._follow()
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
-                    log.warning("primary's journal no longer reaches our position: re-syncing blocks", extra=kv(detail=exc.details()))
-                    self._resync()
-                    continue
-                if self.stop_event.is_set():
-                    return
-                log.warning("lost the primary, retrying", extra=kv(code=str(exc.code()), detail=exc.details()))
-                time.sleep(1.0)
-            except BaseException as exc:  # noqa: BLE001 - a follower that cannot apply must stop loudly
-                self.error = exc
-                log.critical("replica stopped following", extra=kv(error=repr(exc)))
-                return
+                if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
+                    raise
+                log.warning("primary's journal no longer reaches our position: re-syncing blocks", extra=kv(detail=exc.details()))
+                self._resync()
 
     def _follow(self) -> None:
         st = self.state

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import re
 import threading
 import time
 from typing import Callable, Iterator
@@ -15,6 +17,8 @@ from distzo.blocks import ITEMSIZE
 from distzo.durable import job_id as identity_digest
 from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
+from distzo.modelcard import model_card, write_model_card
+from distzo.transfer import TransferError, is_url, push
 from distzo.rpc import Admission, cancelled_event
 from paramserver import metrics
 from paramserver.journal import JournalCorrupt, JournalWriteError
@@ -27,6 +31,8 @@ from protos import paramserver_pb2 as pb
 
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
+MAX_MODEL_CARD = 64 << 10  # a card is a few KB
+EXPORT_SCHEMES = {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # where an export may be pushed
 STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")  # served on the control port when there is one
 # need the token too: FollowJournal streams every update to replicas (on the data port: replicas reach only that)
 PROTECTED = (*STATE_CHANGING, "FollowJournal")
@@ -246,8 +252,25 @@ class ParamServerService:
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> pb.ExportReply:
         if not request.path:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "export needs a directory path")
+        if len(request.model_card) > MAX_MODEL_CARD:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model_card is {len(request.model_card)} characters; "
+                                                            f"at most {MAX_MODEL_CARD}")
+        url = request.path if is_url(request.path) else None
+        if url:
+            why = self._refuse_url(url)
+            if why:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED if "export_root" in why else grpc.StatusCode.INVALID_ARGUMENT,
+                              why)
         try:
-            path, version = self.state.export(request.path)
+            # a URL (s3://, gs://, file://, ...): exported under the export root first, then pushed there
+            local = "upload-" + re.sub(r"[^A-Za-z0-9._-]+", "_", request.path)[-120:] if url else request.path
+            path, version = self.state.export(local)
+            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version))
+            if url:
+                push(path, url)
+                path = url
+        except TransferError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"export to {request.path[:200]!r}: {exc}")
         except PermissionError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
@@ -257,6 +280,22 @@ class ParamServerService:
                     else grpc.StatusCode.INTERNAL)
             context.abort(code, f"export to {request.path[:200]!r} failed: {exc.strerror or exc}")
         return pb.ExportReply(path=path, version=version)
+
+    def _refuse_url(self, url: str) -> str | None:
+        """Why an export URL is refused, or None: only object stores and file://, and a file:// URL, like a
+        path, only under server.export_root when one is set (a URL is no way around it)."""
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in EXPORT_SCHEMES:
+            return f"export URL scheme {scheme!r} is not one of {', '.join(sorted(EXPORT_SCHEMES))}"
+        root = self.state.cfg.server.export_root
+        if scheme == "file" and root:
+            from urllib.parse import urlparse
+            from urllib.request import url2pathname
+
+            target = os.path.realpath(url2pathname(urlparse(url).path))
+            if not target.startswith(os.path.realpath(root) + os.sep):
+                return f"export URL {url[:200]!r} is outside server.export_root {root!r}"
+        return None
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
         threading.Timer(0.1, self.on_shutdown).start()  # reply first

@@ -6,7 +6,9 @@ sequence counter, the version, and the block's byte range in the data file. The 
 writes a block under a seqlock (sequence odd while writing, even when stable); a reader
 copies the block, then checks the sequence did not move, so it never uses torn bytes.
 The nonce, also reported over gRPC, tells a client it mapped this server's live segments.
-x86-64 keeps stores ordered, which the seqlock relies on.
+Hardware memory fences (``paramserver.fence``) order the seqlock's stores and loads on every
+CPU (x86-64 would keep them ordered without; Arm, e.g. Grace Hopper, does not); where no fence
+can be built, the segments refuse to be created or mapped (FenceUnavailable).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from paramserver.fence import require_fence
 from paramserver.hostcopy import parallel_copy
 
 MAGIC = 0x445A_5348_4D31  # "DZSHM1"
@@ -49,6 +52,7 @@ class ServedSegments:
     """Server side: creates the segments and writes blocks under the seqlock."""
 
     def __init__(self, directory: str | Path, name: str, block_bytes: list[int]):
+        self.fence = require_fence()  # before anything is created: no fence, no shared memory
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f"shared-memory directory {str(d)!r} does not exist")
@@ -82,6 +86,7 @@ class ServedSegments:
         self.words[3] = os.getpid()
         self.words[2] = len(block_bytes)
         self.words[1] = self.nonce
+        self.fence()
         self.words[0] = MAGIC  # last: a reader seeing the magic sees a complete header
 
     def block(self, b: int) -> np.ndarray:
@@ -90,8 +95,10 @@ class ServedSegments:
 
     def begin_write(self, b: int) -> None:
         self.table[b, 0] += 1  # odd: readers back off
+        self.fence()  # the odd sequence is visible before any byte of the block changes
 
     def end_write(self, b: int, version: int) -> None:
+        self.fence()  # every byte of the block is visible before the version and the even sequence
         self.table[b, 1] = version
         self.table[b, 0] += 1  # even again
 
@@ -138,6 +145,7 @@ class SharedView:
     """Client side: read-only mapping of a server's segments."""
 
     def __init__(self, data_path: str, versions_path: str, nonce: int):
+        self.fence = require_fence()  # no fence: no mapping (the client fetches over gRPC)
         vp, dp = Path(versions_path), Path(data_path)
         self.versions_path = vp
         self.inode = vp.stat().st_ino
@@ -190,8 +198,10 @@ class SharedView:
             if ver > version:
                 raise StaleVersion(f"block {b} is at version {ver}, past the wanted {version}")
             if seq % 2 == 0 and ver == version:
+                self.fence()  # the sequence is read before the bytes
                 copy(src)
                 copies += 1
+                self.fence()  # the bytes are read before the sequence is read again
                 if self.sequence(b) == (seq, ver):
                     return copies
             if time.monotonic() > deadline:

@@ -166,10 +166,12 @@ class SnapshotReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("path",)
+    __slots__ = ("path", "model_card")
     PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
     path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+    model_card: str
+    def __init__(self, path: _Optional[str] = ..., model_card: _Optional[str] = ...) -> None: ...
 
 class ExportReply(_message.Message):
     __slots__ = ("path", "version")

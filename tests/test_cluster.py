@@ -171,8 +171,9 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
         cluster.start()
         at_step(cluster, 2)
         target = ["--coordinator", cluster.coordinator_address, "--token-file", str(cluster.cfg.security.token_file)]
-        st = zoctl("status", "--json", *target)
+        st = zoctl("status", "--json", "--run-dir", str(tmp_path / "run"))  # found by its run directory, token included
         assert st.returncode == 0, st.stderr
+        assert f"zoctl: coordinator {cluster.coordinator_address} (the local cluster of {tmp_path / 'run'})" in st.stderr
         doc = json.loads(st.stdout)
         assert doc["state"] in ("running", "paused") and int(doc["workers"][0]["pid"]) == cluster.processes["worker-0"].pid  # proto JSON: int64 as text
         assert zoctl("pause", *target).returncode == 0
@@ -181,6 +182,9 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
         assert snap.returncode == 0 and "snapshot at version" in snap.stdout
         exp = zoctl("export", str(tmp_path / "mid"), *target)
         assert exp.returncode == 0 and (tmp_path / "mid" / "config.json").is_file()
+        card = (tmp_path / "mid" / "README.md").read_text()  # the model card, from the coordinator's job
+        assert "Fine-tuned by distzo (distributed) with MeZO-SGD from **tiny-opt**" in card, card
+        assert "| dev accuracy before training (step 0) | 0." in card and "| batch size | 8 |" in card, card
         no_token = zoctl("pause", "--coordinator", cluster.coordinator_address)
         assert no_token.returncode == 2 and "bearer token" in no_token.stderr
         assert zoctl("stop", *target).returncode == 0
@@ -189,6 +193,9 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
         cluster.shutdown()
     gone = zoctl("status", "--coordinator", cluster.coordinator_address)
     assert gone.returncode == 3 and "cannot reach the coordinator" in gone.stderr
+    assert not (tmp_path / "run" / "cluster.json").exists()  # a stopped cluster is no longer announced
+    gone = zoctl("status", "--run-dir", str(tmp_path / "run"))
+    assert gone.returncode == 3 and "no local cluster is running in" in gone.stderr, gone.stderr
 
 
 @pytest.mark.parametrize(

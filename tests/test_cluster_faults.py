@@ -136,7 +136,7 @@ def test_the_whole_local_cluster_runs_over_mutual_tls(cache_dir, tmp_path):
 
     def check(cluster: LocalCluster) -> None:
         at_step(cluster, 1)
-        st = zoctl("status", "--json")  # found through the cluster file, with its CA and client certificate
+        st = zoctl("status", "--json", "--run-dir", str(cluster.run_dir))  # its record has the CA and client certificate
         assert st.returncode == 0 and json.loads(st.stdout)["state"] in ("running", "done"), st.stderr
         with grpc.insecure_channel(cluster.server_address) as ch, pytest.raises(grpc.RpcError):
             pb_grpc.ParameterServerStub(ch).GetStatus(pb.StatusRequest(), timeout=3)

@@ -1,0 +1,216 @@
+"""Which coordinator a control command (status, pause, eval, export, train, ...) talks to.
+
+Nothing global: a local cluster of ``zoctl up`` is announced only in its own run directory
+(``<run dir>/cluster.json``, removed at shutdown), and a command reaches, in this order,
+
+1. ``--coordinator ADDR`` (with ``--token-file`` and the TLS flags): that address;
+2. ``--run-dir DIR``: the cluster running in DIR;
+3. ``--context NAME``: a named context (``zoctl context set``; ``~/.config/distzo/contexts.json``);
+4. the run directory it is started in (``./cluster.json``), or the one cluster running under
+   ``./runs/``; several there is an error that lists them;
+5. the current context (``zoctl context use NAME``); else an error naming the flags.
+
+A record counts only when it belongs to this user (file owner) and its processes are alive
+(the supervising ``zoctl up`` and the coordinator): a stale record of a killed run, or another
+user's cluster on the same machine, is never picked. Every command says on stderr which
+cluster it talks to. Only the standard library is imported here (control commands start fast).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CLUSTER_FILE = "cluster.json"
+RUNS_DIR = "runs"
+
+
+class TargetError(Exception):
+    """No cluster to talk to, or more than one candidate: ``code`` is zoctl's exit code (2 or 3)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Target:
+    """A coordinator address and how to reach it; ``source`` says where it came from (shown to the user)."""
+
+    address: str
+    token_file: str | None
+    tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    source: str
+
+
+def contexts_file() -> Path:
+    """``$XDG_CONFIG_HOME/distzo/contexts.json`` (default ``~/.config/distzo/contexts.json``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "distzo" / "contexts.json"
+
+
+def load_contexts() -> dict[str, Any]:
+    """``{"current": NAME | None, "contexts": {NAME: {coordinator, token_file, tls_ca, tls_cert, tls_key}}}``."""
+    path = contexts_file()
+    if not path.is_file():
+        return {"current": None, "contexts": {}}
+    try:
+        doc = json.loads(path.read_bytes())
+        if not isinstance(doc.get("contexts"), dict):
+            raise ValueError("no contexts")
+        return doc
+    except (OSError, ValueError, AttributeError):
+        raise TargetError(f"{path} (zoctl's named contexts) is damaged: fix or remove it", 2) from None
+
+
+def save_contexts(doc: dict[str, Any]) -> Path:
+    path = contexts_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but another user's: not ours
+        return False
+    return True
+
+
+def read_record(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """The live cluster record of ``run_dir``, or None and why not (for messages)."""
+    path = run_dir / CLUSTER_FILE
+    try:
+        st = path.stat()
+    except OSError:
+        return None, f"no local cluster is running in {run_dir} (no {CLUSTER_FILE})"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return None, f"the cluster in {run_dir} belongs to another user (uid {st.st_uid})"
+    try:
+        info = json.loads(path.read_bytes())
+        address = str(info["coordinator"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{path} is damaged"
+    pids = info.get("pids") or {}
+    if not _alive(info.get("supervisor_pid")) or not _alive(pids.get("coordinator")):
+        return None, f"the cluster of {run_dir} (coordinator {address}) is no longer running"
+    return info, ""
+
+
+def _from_record(info: dict[str, Any], run_dir: Path) -> Target:
+    where = "this run directory" if str(run_dir) == "." else str(run_dir)
+    return Target(str(info["coordinator"]), info.get("token_file"), info.get("tls_ca"), info.get("tls_cert"),
+                  info.get("tls_key"), f"the local cluster of {where}")
+
+
+def running_clusters(base: Path) -> list[Path]:
+    """Run directories directly under ``base`` whose cluster is running (this user's), sorted."""
+    if not base.is_dir():
+        return []
+    return sorted(d for d in base.iterdir() if (d / CLUSTER_FILE).is_file() and read_record(d)[0] is not None)
+
+
+def resolve(coordinator: str | None = None, run_dir: str | None = None, context: str | None = None,
+            cwd: Path | None = None) -> Target:
+    """The coordinator to talk to (see the module docstring for the order). Raises TargetError."""
+    if coordinator:
+        return Target(coordinator, None, None, None, None, "--coordinator")
+    if run_dir:
+        d = Path(run_dir)
+        info, why = read_record(d)
+        if info is None:
+            raise TargetError(f"--run-dir {run_dir}: {why} (start it with `zoctl up --run-dir {run_dir}`)", 3)
+        return _from_record(info, d)
+    if context:
+        return _from_context(context)
+    here = cwd or Path.cwd()
+    if (here / CLUSTER_FILE).is_file():
+        info, why = read_record(here)
+        if info is None:
+            raise TargetError(f"{why}; pass --run-dir DIR, --coordinator ADDR or --context NAME", 3)
+        return _from_record(info, Path("."))
+    found = running_clusters(here / RUNS_DIR)
+    if len(found) == 1:
+        return _from_record(read_record(found[0])[0] or {}, found[0].relative_to(here))
+    if len(found) > 1:
+        listed = ", ".join(str(d.relative_to(here)) for d in found)
+        raise TargetError(f"{len(found)} local clusters are running here ({listed}): say which one with --run-dir DIR", 2)
+    current = load_contexts().get("current") if contexts_file().is_file() else None
+    if current:
+        return _from_context(current)
+    raise TargetError("no cluster named and none running here (./runs/): pass --run-dir DIR (a `zoctl up` run "
+                      "directory), --coordinator ADDR or --context NAME, or start one with `zoctl up`", 3)
+
+
+def _from_context(name: str) -> Target:
+    doc = load_contexts()
+    ctx = doc["contexts"].get(name)
+    if not isinstance(ctx, dict) or not ctx.get("coordinator"):
+        known = ", ".join(sorted(doc["contexts"])) or "none"
+        raise TargetError(f"unknown context {name!r} (known: {known}; add one with `zoctl context set NAME "
+                          "--coordinator ADDR`)", 2)
+    return Target(str(ctx["coordinator"]), ctx.get("token_file"), ctx.get("tls_ca"), ctx.get("tls_cert"),
+                  ctx.get("tls_key"), f"context {name}")
+
+
+# ----------------------------------------------------------------------------- zoctl context
+def register(sub: Any) -> None:
+    """Add ``context`` to zoctl's subcommands: named clusters, as kubectl's contexts."""
+    p = sub.add_parser("context", help="named clusters: set, use, list, delete (as kubectl's contexts)",
+                       description="A context names a coordinator and its credentials; `--context NAME` (or the current "
+                                   "context, `zoctl context use NAME`) makes the control commands talk to it.")
+    p.add_argument("action", choices=["set", "use", "list", "delete"])
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--coordinator", metavar="ADDR", help="set: the coordinator host:port")
+    p.add_argument("--token-file", help="set: bearer token file")
+    p.add_argument("--tls-ca", help="set: CA certificate (PEM)")
+    p.add_argument("--tls-cert", help="set: client certificate (PEM)")
+    p.add_argument("--tls-key", help="set: client key (PEM)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=cmd_context)
+
+
+def cmd_context(args: Any) -> int:
+    doc = load_contexts()
+    ctxs: dict[str, Any] = doc.setdefault("contexts", {})
+    if args.action == "list":
+        for name in sorted(ctxs):
+            mark = "*" if name == doc.get("current") else " "
+            print(f"{mark} {name:<20} {ctxs[name].get('coordinator')}")
+        return 0
+    if not args.name:
+        raise TargetError(f"zoctl context {args.action} needs a NAME", 2)
+    if args.action == "set":
+        if not args.coordinator:
+            raise TargetError("zoctl context set NAME needs --coordinator ADDR", 2)
+        files = {k: getattr(args, k) for k in ("token_file", "tls_ca", "tls_cert", "tls_key")}
+        ctxs[args.name] = {"coordinator": args.coordinator,
+                           **{k: os.path.abspath(v) for k, v in files.items() if v}}  # usable from any directory
+        print(f"context {args.name}: coordinator {args.coordinator} ({save_contexts(doc)})")
+        return 0
+    if args.name not in ctxs:
+        raise TargetError(f"unknown context {args.name!r} (known: {', '.join(sorted(ctxs)) or 'none'})", 2)
+    if args.action == "use":
+        doc["current"] = args.name
+        print(f"current context: {args.name} (coordinator {ctxs[args.name]['coordinator']})")
+    else:
+        del ctxs[args.name]
+        if doc.get("current") == args.name:
+            doc["current"] = None
+        print(f"context {args.name} deleted")
+    save_contexts(doc)
+    return 0

@@ -1,0 +1,69 @@
+"""The model card (``README.md``) an export writes into its model directory, as Hugging Face does.
+
+YAML front matter (``library_name``, ``tags``, ``base_model`` when the source is a Hub-style id)
+then the base model, the task, the hyperparameters that decide the trajectory, and the final
+metrics. Only the standard library and yaml: the parameter server and the reference both write it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CARD_FILE = "README.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub spells ids
+METRIC_NAMES = (("zero_shot_dev_loss", "dev loss before training (step 0)"),
+                ("zero_shot_dev_accuracy", "dev accuracy before training (step 0)"),
+                ("dev_loss", "dev loss at the end"), ("dev_accuracy", "dev accuracy at the end"),
+                ("final_loss", "training loss at the end (mean of the last 10 steps)"))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else "n/a"
+    return "n/a" if value is None else str(value)
+
+
+def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "distributed") -> str:
+    """Markdown text of the card. ``cfg``: a JobConfig; ``metrics``: the keys of METRIC_NAMES (missing or
+    non-finite ones are shown as n/a); ``steps_done``: training steps applied to the exported weights."""
+    source = cfg.model.source
+    task = cfg.data.train or "sst2-synth"
+    base = source if _HUB_ID.match(source) and not Path(source).exists() else None
+    front: dict[str, Any] = {"library_name": "transformers", "tags": ["distzo", "mezo", "zeroth-order", "text-classification"]}
+    if base:
+        front["base_model"] = base
+    t, lay = cfg.train, cfg.layout
+    hyper = {
+        "optimizer": "MeZO-SGD (zeroth-order, two forwards per direction)",
+        "steps (configured / applied)": f"{t.steps} / {steps_done}",
+        "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
+        "perturbation scale eps": t.eps,
+        "batch size": t.batch_size,
+        "weight decay": t.weight_decay,
+        "master seed": t.seed,
+        "layout": f"{lay.name}, {lay.workers} workers, q={lay.q}",
+        "max sequence length": cfg.data.max_seq_len,
+        "template / label words": f"{cfg.data.template!r} / {', '.join(cfg.data.label_words)}",
+    }
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {Path(source).name} fine-tuned on {Path(task).name} with distzo", "",
+             f"Fine-tuned by distzo ({mode}) with MeZO-SGD from **{source}** on the task **{task}**. "
+             "The weights are the full model in safetensors; the tokenizer files are the base model's.", "",
+             "## Hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in hyper.items()]  # as configured, not rounded
+    lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {text} | {_fmt(metrics.get(key))} |" for key, text in METRIC_NAMES]
+    lines += ["", "Reproduce: `zoctl reference` with this job's config gives the same weights bit for bit "
+              "(the distributed run's oracle).", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(out_dir: str | Path, text: str) -> Path:
+    path = Path(out_dir) / CARD_FILE
+    path.write_text(text, encoding="utf-8")
+    return path
