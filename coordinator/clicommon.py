@@ -8,8 +8,9 @@ status and control commands start in well under a second.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
+
+from distzo.strictjson import strict_json  # noqa: F401 - re-exported for the commands
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader has gone
@@ -21,19 +22,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
         super().__init__(message)
         self.code = code
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with every non-finite float as None: what strict JSON parsers accept."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 def print_json(value: Any, indent: int | None = 2) -> None:

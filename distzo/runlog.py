@@ -15,7 +15,6 @@ step, so the re-run records equal the lost ones and the log covers the whole run
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +22,11 @@ from typing import Any
 
 from distzo.durable import check_same_job, record_job
 from distzo.errors import BadInput
+from distzo.strictjson import strict_json
 
 STEPS = "steps.jsonl"
 EVALS = "evals.jsonl"
 RUN = "run.json"  # the identity of the job whose log this is (distzo.durable)
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 class RunLogError(BadInput):
@@ -105,7 +97,7 @@ class RunLog:
         return kept
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        line = json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False)
+        line = json.dumps(strict_json(record), allow_nan=False)
         with (self.dir / name).open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 
