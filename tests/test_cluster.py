@@ -236,6 +236,9 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
     "args,needle",
     [
         (["--model", "/nonexistent/model"], "does not exist"),
+        (["--model", "smollm2"], "expected a preset or fetched model (tiny-opt, "),  # the valid names, and the close one
+        (["--model", "smollm2"], "did you mean 'smollm2-135m'?"),
+        (["--data", "rotten_tomatoes"], "expected a task (sst2-synth, rotten-tomatoes) or a JSONL file; did you mean 'rotten-tomatoes'?"),
         (["--layout", "dual", "--workers", "2"], "uses exactly 1 worker, got 2"),
         (["--steps", "-3"], "train.steps"),
     ],
