@@ -24,6 +24,7 @@ from distzo.config import JobConfig
 from distzo.forward import resolve_device
 from distzo.logs import kv
 from distzo.rpc import Credentials, make_channel
+from gpuworker import metrics
 from gpuworker.node import GatherError, NodeGroup
 from gpuworker.runner import ModelRunner
 from paramserver import hostcopy
@@ -117,6 +118,7 @@ class Worker:
                 if kind == "welcome":
                     self._welcome(msg.welcome)
                     outbox.put(cpb.WorkerMessage(heartbeat=cpb.Heartbeat(state="idle", ready=True)))
+                    metrics.READY.set(1)
                 elif kind == "assignment":
                     outbox.put(cpb.WorkerMessage(result=self._execute(msg.assignment)))
                 elif kind == "shutdown":
@@ -131,6 +133,7 @@ class Worker:
             log.warning("lost the coordinator, reconnecting", extra=kv(code=str(exc.code()), detail=exc.details()))
             raise Reconnect(str(exc)) from None
         finally:
+            metrics.READY.set(0)
             self._call = None
             done.set()
             outbox.put(None)

@@ -208,6 +208,9 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
         assert st.returncode == 0, st.stderr
         assert f"zoctl: coordinator {cluster.coordinator_address} (the local cluster of {tmp_path / 'run'})" in st.stderr
         doc = json.loads(st.stdout)
+        worker_port = cluster.metrics_endpoints()["worker-0"].rsplit(":", 1)[1].split("/")[0]
+        probe = subprocess.run([sys.executable, "-m", "gpuworker.probe", "--port", worker_port], capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr  # the pod's readiness probe: worker 0 has its session and job
         assert doc["state"] in ("running", "paused") and doc["workers"][0]["pid"] == cluster.processes["worker-0"].pid
         assert isinstance(doc["step"], int) and isinstance(doc["total_steps"], int)  # int64 as numbers, not text
         assert zoctl("pause", *target).returncode == 0
