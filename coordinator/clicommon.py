@@ -48,10 +48,13 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
 
 
 def apply_settings(cfg, args: argparse.Namespace, extra: dict[str, Any] | None = None):  # noqa: ANN001, ANN201
-    """``cfg`` with --set values, then the named flags (they win), validated again (ConfigError: one line)."""
+    """``cfg`` with --set values and the named flags (they win over --set of the same field), validated once,
+    all together: a flag and a --set that only make sense together (``--layout ddp --set layout.workers=2``)
+    are never checked apart (ConfigError: one line)."""
     from distzo.config import parse_settings
 
-    cfg = cfg.with_overrides(parse_settings(getattr(args, "settings", [])), keep_none=True)  # --set x=null: null
-    overrides = dict(extra or {})
-    overrides.update({field: getattr(args, flag, None) for flag, field in SETTING_FLAGS.items()})
-    return cfg.with_overrides(overrides)
+    overrides = dict(parse_settings(getattr(args, "settings", [])))  # --set x=null: null
+    named = dict(extra or {})
+    named.update({field: getattr(args, flag, None) for flag, field in SETTING_FLAGS.items()})
+    overrides.update({field: value for field, value in named.items() if value is not None})  # absent flags: no change
+    return cfg.with_overrides(overrides, keep_none=True)

@@ -23,6 +23,7 @@ import os
 import secrets
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -180,7 +181,12 @@ class LocalCluster:
 
     def _start_node(self, node: int) -> None:
         size = self.cfg.layout.node_size
-        master = f"127.0.0.1:{free_port()}"
+        # a fresh rendezvous file per formation: no port to race for, nothing stale from a group that died
+        rendezvous = self.run_dir / "rendezvous"
+        rendezvous.mkdir(parents=True, exist_ok=True)
+        for stale in rendezvous.glob(f"node-{node}-*"):
+            stale.unlink(missing_ok=True)
+        master = f"file://{rendezvous / f'node-{node}-{uuid.uuid4().hex[:8]}'}"
         procs = []
         for rank in range(size):
             index = node * size + rank

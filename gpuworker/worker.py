@@ -53,7 +53,7 @@ class Worker:
         self.node: NodeGroup | None = None
         if node_size > 1:
             if not node_master:
-                raise ValueError("a node group (node_size > 1) needs --node-master HOST:PORT")
+                raise ValueError("a node group (node_size > 1) needs --node-master HOST:PORT or file:///PATH")
             self.node = NodeGroup(node_rank, node_size, node_master, self.device)
         self.param_server_override = param_servers
         self.runner: ModelRunner | None = None

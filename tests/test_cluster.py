@@ -175,7 +175,9 @@ def test_zoctl_up_with_defaults_short_variant(tmp_path):
 
 def test_zoctl_up_stopped_by_zoctl_stop_exports_and_reports_what_it_trained(cache_dir, tmp_path):
     run = tmp_path / "run"
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "eval_every": 0})  # ends only by `zoctl stop`
+    # ends only by `zoctl stop`; its two workers are one node group, formed through a rendezvous file (no port race)
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "eval_every": 0},
+                       layout={"name": "ddp", "workers": 2, "node_size": 2})
     up = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--run-dir", str(run),
                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -193,6 +195,7 @@ def test_zoctl_up_stopped_by_zoctl_stop_exports_and_reports_what_it_trained(cach
     assert [e["step"] for e in s["eval_history"]] == [0]  # stopped: no final evaluation ...
     assert s["dev_accuracy"] is None and s["dev_loss"] is None  # ... so no dev figures, not step 0's passed off as final
     assert (Path(s["out_dir"]) / "model.safetensors").is_file() and Path(s["report"]).is_file()
+    assert [f.name.startswith("node-0-") for f in (run / "rendezvous").iterdir()] == [True]
     gone = zoctl("status", "--run-dir", str(run))  # the hint names commands that work on a run that has ended
     assert gone.returncode == 3 and f"`zoctl report {run}`" in gone.stderr and "--resume" in gone.stderr, gone.stderr
 
