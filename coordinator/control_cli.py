@@ -41,14 +41,12 @@ def _cluster_target(args: argparse.Namespace):  # noqa: ANN202
 def _call(args: argparse.Namespace, method: str, request, timeout: float = 30.0):  # noqa: ANN001, ANN202
     import grpc
 
-    from distzo.rpc import make_channel
-    from protos import coordinator_pb2_grpc as cpb_grpc
+    from coordinator.client import CoordinatorClient
 
     address, creds = _cluster_target(args)
-    with make_channel(address, creds) as ch:
-        stub = cpb_grpc.CoordinatorStub(ch)
+    with CoordinatorClient(address, creds) as client:
         try:
-            return getattr(stub, method)(request, timeout=timeout, metadata=creds.call_metadata())
+            return client.call(method, request, timeout)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise CliError(f"cannot reach the coordinator at {address}: {exc.details()}", EXIT_UNREACHABLE) from None

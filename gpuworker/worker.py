@@ -23,14 +23,14 @@ from distzo import generator
 from distzo.config import JobConfig
 from distzo.forward import resolve_device
 from distzo.logs import kv
-from distzo.rpc import Credentials, make_channel
+from coordinator.client import CoordinatorClient
+from distzo.rpc import Credentials
 from gpuworker import metrics
 from gpuworker.node import GatherError, NodeGroup
 from gpuworker.runner import ModelRunner
 from paramserver import hostcopy
 from paramserver.client import ParamServerClient
 from protos import coordinator_pb2 as cpb
-from protos import coordinator_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("distzo.worker")
 HEARTBEAT_S = 1.0
@@ -105,12 +105,11 @@ class Worker:
     def _session(self) -> None:
         outbox: queue.Queue[cpb.WorkerMessage | None] = queue.Queue()
         outbox.put(self._hello())
-        channel = make_channel(self.coordinator, self.creds)
-        stub = cpb_grpc.CoordinatorStub(channel)
+        coordinator = CoordinatorClient(self.coordinator, self.creds)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeats, args=(outbox, done), daemon=True)
         try:
-            call = stub.Session(iter(outbox.get, None), metadata=self.creds.call_metadata())
+            call = coordinator.session(iter(outbox.get, None))
             self._call = call
             beat.start()
             for msg in call:
@@ -137,7 +136,7 @@ class Worker:
             self._call = None
             done.set()
             outbox.put(None)
-            channel.close()
+            coordinator.close()
 
     def _heartbeats(self, outbox: queue.Queue, done: threading.Event) -> None:
         while not done.wait(HEARTBEAT_S):
