@@ -83,7 +83,7 @@ def resolve_model(name: str) -> ModelSpec:
         factory, sizes = PRESETS[name]
         return ModelSpec.from_hf_config(factory(VOCAB_SIZE, **sizes), name=name)
     from distzo import catalog
-    from distzo.modeling import load_config
+    from distzo.modeldir import load_config
 
     if name in catalog.CATALOG and catalog.CATALOG[name].kind == "model":
         return ModelSpec.from_hf_config(load_config(catalog.locate(name), verify=False), name=name)  # MaterialError: fetch first

@@ -214,7 +214,7 @@ def _verified(config_json: str, config_class: type) -> str | None:
 
 def verify_untested(config: PretrainedConfig, where: str) -> None:
     """For a family outside TESTED_FAMILIES: refuse it (ModelError) unless the block forward is transformers'."""
-    from distzo.modeling import ModelError
+    from distzo.modeldir import ModelError
 
     if config.model_type in TESTED_FAMILIES:
         return

@@ -13,7 +13,7 @@ import torch
 
 from distzo.config import EVAL_BATCH_EXAMPLES, JobConfig
 from distzo.data import Batch, DataError, Example, TaskEncoder, load_jsonl
-from distzo.modeling import ModelError, check_weight_files, load_config
+from distzo.modeldir import ModelError, check_weight_files, load_config
 from distzo.plan import StepPlan, shard_bounds
 from distzo.catalog import resolve_model, resolve_task
 

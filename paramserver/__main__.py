@@ -11,7 +11,7 @@ import sys  # noqa: E402
 
 from distzo.config import ConfigError, JobConfig, parse_settings
 from distzo.logs import setup_logging
-from distzo.modeling import ModelError
+from distzo.modeldir import ModelError
 from distzo.rpc import PORTS
 from paramserver.fence import FenceUnavailable
 
