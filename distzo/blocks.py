@@ -22,6 +22,8 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One parameter tensor inside a block's flat fp32 buffer: elements [offset, offset + numel)."""
+
     name: str  # canonical parameter name in the Hugging Face state dict
     shape: tuple[int, ...]
     offset: int  # element offset inside the block
@@ -37,6 +39,12 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class BlockSpec:
+    """A block: the unit the server stores, versions and serves, and a worker fetches and perturbs.
+
+    Its tensors lie back to back in one flat buffer of ``numel`` elements; ``global_offset`` is the
+    block's first element in the whole model's flat parameter vector (the generator's counter: the
+    perturbation z of element i of the model is the same wherever it is generated)."""
+
     index: int
     name: str  # "embed", "layer.<i>", "head"
     global_offset: int
@@ -44,6 +52,7 @@ class BlockSpec:
 
     @property
     def numel(self) -> int:
+        """Elements in the block's flat buffer."""
         return sum(t.numel for t in self.tensors)
 
     def decay_segments(self) -> list[tuple[int, int, bool]]:
@@ -69,15 +78,20 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A model cut into blocks (embedding, one per decoder layer, head), in forward order; ``tied``
+    maps a tied parameter's name to the one tensor that stores it."""
+
     model_type: str
     blocks: tuple[BlockSpec, ...]
     tied: dict[str, str] = field(default_factory=dict)  # alias name -> canonical name
 
     @property
     def numel(self) -> int:
+        """Parameters of the model (tied ones once)."""
         return sum(b.numel for b in self.blocks)
 
     def tensor(self, name: str) -> tuple[BlockSpec, TensorSpec]:
+        """The block and tensor that store parameter ``name`` (a tied alias resolves); KeyError if none does."""
         name = self.tied.get(name, name)
         for b in self.blocks:
             for t in b.tensors:
@@ -86,10 +100,12 @@ class Manifest:
         raise KeyError(name)
 
     def to_json(self) -> str:
+        """The manifest as JSON (what the server sends in ``GetManifest``)."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @staticmethod
     def from_json(text: str) -> "Manifest":
+        """The inverse of ``to_json``."""
         raw = json.loads(text)
         blocks = tuple(
             BlockSpec(

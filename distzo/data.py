@@ -25,18 +25,23 @@ class DataError(BadInput):
 
 @dataclass(frozen=True)
 class Example:
+    """One labelled example: ``label`` indexes ``data.label_words`` (the word the model should say)."""
+
     text: str
     label: int
 
 
 @dataclass(frozen=True)
 class Batch:
+    """B rows of T tokens, right-padded; the loss is taken only where ``labels`` is not IGNORE (-100)."""
+
     input_ids: torch.Tensor  # [B, T] int64
     attention_mask: torch.Tensor  # [B, T] int64
     labels: torch.Tensor  # [B, T] int64, IGNORE except on label tokens
 
     @property
     def tokens(self) -> int:
+        """Attended (non-padding) tokens in the batch."""
         return int(self.attention_mask.sum())
 
     def to_arrays(self) -> dict[str, bytes | tuple[int, int]]:
@@ -50,6 +55,7 @@ class Batch:
 
     @staticmethod
     def from_arrays(shape: Sequence[int], input_ids: bytes, attention_mask: bytes, labels: bytes) -> "Batch":
+        """The inverse of ``to_arrays`` (``shape`` = (B, T)); DataError when a buffer's size does not match."""
         b, t = int(shape[0]), int(shape[1])
         if b <= 0 or t <= 0:
             raise DataError(f"batch shape must be positive, got {b}x{t}")
@@ -224,6 +230,7 @@ class TaskEncoder:
         return Batch(ids, mask, labels)
 
     def train_batch(self, examples: Sequence[Example]) -> Batch:
+        """Prompt + label word per example, the loss on the label word's tokens only ([B, T] tensors)."""
         return self._rows([(e.text, e.label) for e in examples])
 
     @property
@@ -241,6 +248,7 @@ class TaskEncoder:
         return all(whole[start:] == [cands[c]] and whole[:start] == prompt for c, (whole, start) in enumerate(pairs))
 
     def prompt_length(self, example: Example) -> int:
+        """Tokens of the example's prompt (without the label word)."""
         return len(self._prompt(example.text))
 
     def check(self, examples: Sequence[Example], every_label: bool = False) -> None:

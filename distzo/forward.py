@@ -85,14 +85,17 @@ class _Lockstep:
         return min(live)[1] if live else -1
 
     def lowest_position(self) -> float:
+        """The lowest block an unfinished job is in (inf when all are done): blocks below it are free."""
         live = [p for j, p in enumerate(self.pos) if not self.done[j]]
         return min(live) if live else math.inf
 
     def wait_turn(self, j: int) -> None:
+        """Block until job ``j`` is the one to run."""
         with self.cv:
             self.cv.wait_for(lambda: self.turn == j)
 
     def move(self, j: int, block: int, on_moved) -> None:  # noqa: ANN001
+        """Job ``j`` enters ``block``: run ``on_moved()`` while it still holds the turn, pass the turn on, wait for it back."""
         with self.cv:
             self.pos[j] = block
             on_moved()  # still our turn: safe to drop blocks nobody will enter again
@@ -101,6 +104,7 @@ class _Lockstep:
             self.cv.wait_for(lambda: self.turn == j)
 
     def finish(self, j: int) -> None:
+        """Job ``j`` is done: pass the turn on for good."""
         with self.cv:
             self.done[j] = True
             self.turn = self._next()
@@ -127,6 +131,8 @@ class _Run:
         self.peak_copy_bytes = 0
 
     def prepare(self, b: int) -> _BlockState:
+        """Block ``b``'s clean buffer from the feed and one perturbed copy per job (made once, by whichever
+        job enters first); an error there is raised to every job that enters ``b``."""
         state = self.blocks.get(b)
         if state is None:
             state = _BlockState()
@@ -143,6 +149,7 @@ class _Run:
         return state
 
     def views(self, j: int, b: int) -> dict[str, torch.Tensor]:
+        """Job ``j``'s tensors of block ``b`` by parameter name: shaped views into its perturbed copy (no copy)."""
         state = self.prepare(b)
         v = state.views.get(j)
         if v is None:
@@ -151,6 +158,7 @@ class _Run:
         return v
 
     def release_passed(self) -> None:
+        """Drop every block all jobs have passed (pinned blocks stay: the tied embedding until the head)."""
         lowest = self.lockstep.lowest_position()
         for b in sorted(self.blocks):
             if b < lowest and b not in self.engine.model.pinned_blocks and self.blocks[b].clean is not None:
@@ -162,6 +170,7 @@ class _Run:
         return sum(c.numel() * c.element_size() for c in state.copies if id(c) in seen and c is not state.clean)
 
     def drop(self, b: int) -> None:
+        """Free block ``b``'s perturbed copies and views and give its clean buffer back to the feed."""
         state = self.blocks[b]
         self.copy_bytes -= self._own_bytes(state)
         self.engine.model.unbind_block(b)
@@ -367,11 +376,12 @@ class MemoryFeed:
         self.dtype = DTYPES[served_dtype]
 
     def get(self, block: int) -> torch.Tensor:
+        """Block ``block`` as the served dtype (flat [numel]), on the device when one was given."""
         buf = to_served(self.buffers[block], self.served_dtype)
         return buf if self.device is None else buf.to(self.device)
 
     def release(self, block: int) -> None:
-        pass
+        """Nothing to free: the buffers stay in memory."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
