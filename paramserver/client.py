@@ -24,7 +24,7 @@ from distzo.rpc import Credentials, make_channel
 from paramserver.hostcopy import parallel_copy
 from paramserver.fence import FenceUnavailable
 from paramserver.shm import SegmentGone, SharedView, StaleVersion
-from paramserver.wire import MASTER_DTYPE, checksum, decode_chunk, identity, record_from_pb, record_to_pb
+from paramserver.wire import MASTER_DTYPE, STATE_DTYPE, checksum, decode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
@@ -306,6 +306,14 @@ class ParamServerClient:
         start, end = self.slice_bytes(block, 0, 1, dtype)
         buf = np.empty(end - start, dtype=np.uint8)
         return buf, self.fetch_into(block, version, buf, dtype=dtype, timeout_s=timeout_s)
+
+    def fetch_state(self, block: int, version: int, width: int, timeout_s: float = 120.0) -> tuple[np.ndarray, int]:
+        """The optimizer state of a block at ``version`` (gRPC; replicas): (float32 [numel, width], version)."""
+        shard = self._shard(block)
+        numel = self.manifest.blocks[block].numel
+        dest = np.empty(numel * width * 4, dtype=np.uint8)
+        got, _ = self._fetch_grpc(shard, block, version, 0, 1, STATE_DTYPE, dest, timeout_s)
+        return dest.view(np.float32).reshape(numel, width), got
 
     # ------------------------------------------------------------------ control plane
     def apply_update(self, record: UpdateRecord, timeout_s: float = 60.0, job_id: str = "",
