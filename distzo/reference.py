@@ -23,6 +23,7 @@ from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_
 from distzo.job import EvalTally, JobData
 from distzo.mezo import StepOutcome, UpdateRecord, apply_update
 from distzo.modeling import BlockModel
+from distzo.objective import forward_sums
 from distzo.optim import Optimizer
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
@@ -82,9 +83,13 @@ class ReferenceTrainer:
         """Every forward of the layout, in this process: (S, N) per (direction, shard, sign), tokens."""
         roles = all_roles(self.cfg.layout)
         eps = self.cfg.train.eps
-        jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps) for r in roles]
+        objective, cands = self.cfg.train.objective, self.job.train_candidates
+        jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps, want_scores=bool(cands),
+                           candidates=cands) for r in roles]
         results = self.engine.run(jobs, self.feed())
-        losses = {(r.direction, r.shard, r.sign): (res.loss_sum, res.label_tokens) for r, res in zip(roles, results)}
+        losses = {(r.direction, r.shard, r.sign): forward_sums(objective, cands, batches[r.shard], res.loss_sum,
+                                                               res.label_tokens, res.scores)
+                  for r, res in zip(roles, results)}
         return losses, sum(res.tokens for res in results)
 
     def _apply(self, record: UpdateRecord) -> None:
