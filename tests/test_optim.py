@@ -182,3 +182,23 @@ def test_the_default_is_sgd_and_job_ids_of_sgd_runs_are_unchanged():
     assert not any(k.startswith(("train.optimizer", "train.momentum", "train.adam", "train.objective")) for k in ident)
     adam = job_identity(cfg.with_overrides({"train.optimizer": "adam"}))
     assert adam["train.optimizer"] == "adam" and adam["train.adam_beta2"] == 0.999
+
+
+@pytest.mark.parametrize("served", ["bfloat16", "float32"])
+def test_the_plan_gives_server_memory_per_parameter_for_each_optimizer(served):
+    from distzo.perfmodel import CLUSTERS, MODELS, LayoutSpec, predict
+
+    m = MODELS["OPT-13B"]
+    c = CLUSTERS["h100x8"]
+    p = {o: predict(m, c, LayoutSpec(), 32768, served, optimizer=o) for o in OPTIMIZERS}
+    per = {"bfloat16": {"sgd": 6, "momentum": 10, "adam": 14}, "float32": {"sgd": 4, "momentum": 8, "adam": 12}}[served]
+    assert p["sgd"].server_bytes_per_param == per
+    assert "optimizer_state" not in p["sgd"].memory_per_server_host_bytes
+    for o, width in (("momentum", 1), ("adam", 2)):
+        host = p[o].memory_per_server_host_bytes
+        assert host["optimizer_state"] == 4 * width * m.params
+        assert host["total"] == pytest.approx(p["sgd"].memory_per_server_host_bytes["total"] + 4 * width * m.params)
+        assert p[o].snapshot_headroom_bytes == (4 + 4 * width) * m.params  # copy-on-write copies master and state
+        assert p[o].terms_s["server_update"] > p["sgd"].terms_s["server_update"]  # more bytes per update
+    with pytest.raises(ValueError, match="optimizer 'adamw'"):
+        predict(m, c, LayoutSpec(), 32768, served, optimizer="adamw")
