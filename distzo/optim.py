@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from numba import njit
 
-from distzo.generator import (_ALIGN, _SCRATCH, Distribution, _check_offset, _key, _write_served, _z_chunk, run_split,
-                              z_torch)
+from distzo.generator import (_ALIGN, _SCRATCH, Distribution, _check_offset, _key, _philox_words, _write_served,
+                              _z_chunk, run_split, z_torch)
 from distzo.served import served_kind
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -118,42 +118,63 @@ def _hyper(opt: Optimizer, step: int) -> tuple[int, float, float, float, float, 
     raise ValueError(f"optimizer {opt.name!r} has no state: use distzo.mezo.apply_update's sgd path")
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")  # IEEE division (no zero check): the loops vectorize
 def _stateful_kernel(w, state, start, keys, coefs, lr, decay, rule, h1, h2, c1, c2, eps, gaussian, served, kind):  # noqa: ANN001, ANN202
     # see the module docstring: d accumulated from 0.0 over the directions in order, then one
     # rounding per stored value; the served copy of the new values written while they are in cache
     words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
     zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
-    acc = np.empty(_SCRATCH, np.float64)
+    acc = np.empty(_SCRATCH + 2 * _ALIGN, np.float64)
     om1 = 1.0 - h1
     om2 = 1.0 - h2
     for off in range(0, w.shape[0], _SCRATCH):
         n = min(_SCRATCH, w.shape[0] - off)
-        a = acc[:n]
-        for j in range(n):
-            a[j] = 0.0
-        for r in range(coefs.shape[0]):
-            zb = _z_chunk(gaussian, start + off, n, keys[r, 0], keys[r, 1], words, zbuf)
-            c = coefs[r]
-            z = zbuf[zb : zb + n]
+        if gaussian:
+            base = 0
+            a = acc[:n]
             for j in range(n):
-                a[j] = a[j] + c * np.float64(z[j])
+                a[j] = 0.0
+            for r in range(coefs.shape[0]):
+                zb = _z_chunk(True, start + off, n, keys[r, 0], keys[r, 1], words, zbuf)
+                c = coefs[r]
+                z = zbuf[zb : zb + n]
+                for j in range(n):
+                    a[j] = a[j] + c * np.float64(z[j])
+        else:
+            # Rademacher: c * z is +-c exactly; the same sum built straight from the bits (generator.py)
+            c_first = (start + off) >> 7
+            c_last = (start + off + n + 127) >> 7
+            nwords = 4 * (c_last - c_first)
+            base = start + off - 128 * c_first
+            for j in range(32 * nwords):
+                acc[j] = 0.0
+            for r in range(coefs.shape[0]):
+                _philox_words(words[:nwords], np.uint64(c_first), keys[r, 0], keys[r, 1])
+                c = coefs[r]
+                for wi in range(nwords):
+                    x = words[wi]
+                    part = acc[32 * wi : 32 * wi + 32]
+                    for bit in range(32):
+                        part[bit] = part[bit] + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
+        a = acc[base : base + n]
         v = w[off : off + n]
-        s = state[off : off + n]
+        # the state comes flat (C-contiguous 1-D, width values per element): plain indexing vectorizes
         if rule == 1:
+            s = state[off : off + n]
             for j in range(n):
                 x = np.float64(v[j])
-                m = np.float32(h1 * np.float64(s[j, 0]) + (a[j] + decay * x))
-                s[j, 0] = m
+                m = np.float32(h1 * np.float64(s[j]) + (a[j] + decay * x))
+                s[j] = m
                 v[j] = np.float32(x - lr * np.float64(m))
         else:
+            s = state[2 * off : 2 * (off + n)]
             for j in range(n):
                 x = np.float64(v[j])
                 d = a[j]
-                m = np.float32(h1 * np.float64(s[j, 0]) + om1 * d)
-                sq = np.float32(h2 * np.float64(s[j, 1]) + (om2 * d) * d)
-                s[j, 0] = m
-                s[j, 1] = sq
+                m = np.float32(h1 * np.float64(s[2 * j]) + om1 * d)
+                sq = np.float32(h2 * np.float64(s[2 * j + 1]) + (om2 * d) * d)
+                s[2 * j] = m
+                s[2 * j + 1] = sq
                 step = (np.float64(m) / c1) / (np.sqrt(np.float64(sq) / c2) + eps)
                 v[j] = np.float32(x - lr * (step + decay * x))
         if kind:
@@ -186,8 +207,11 @@ def update_stateful_cpu(w: np.ndarray, state: np.ndarray, offset: int, step: int
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
     rule, h1, h2, c1, c2, eps = _hyper(opt, step)
 
+    if not state.flags.c_contiguous:
+        raise TypeError("the optimizer state must be C-contiguous")
+
     def piece(a: int, b: int) -> None:
-        _stateful_kernel(w[a:b], state[a:b], offset + a, keys, coef_arr, float(lr), float(decay), rule, h1, h2, c1, c2,
+        _stateful_kernel(w[a:b], state[a:b].reshape(-1), offset + a, keys, coef_arr, float(lr), float(decay), rule, h1, h2, c1, c2,
                          eps, gaussian, served[a:b] if kind else _NO_SERVED, kind)
 
     run_split(piece, w.shape[0], offset)
