@@ -1,15 +1,13 @@
 """Client of one logical parameter server (one or more shards), used by workers and the coordinator.
 
-``fetch_into`` fills a caller-owned buffer with a block slice at an exact version. It maps
-the server's shared memory when the server is on this host (read-only; a seqlock-checked
-copy), and otherwise streams chunks over gRPC, checking each chunk's xxh3 and resuming
-from the last good chunk when a stream breaks. The block id routes to the shard that
-holds it. State-changing calls carry the bearer token and go to every shard.
+``fetch_into`` fills a caller-owned buffer with a block slice at an exact version, through one
+of the two transports of ``paramserver/transport.py``: the server's shared memory when it is on
+this host, else gRPC. The block id routes to the shard that holds it. State-changing calls
+carry the bearer token and go to every shard.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -18,35 +16,16 @@ import grpc
 import numpy as np
 
 from distzo.blocks import ITEMSIZE, Manifest
-from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.rpc import Credentials, make_channel
-from paramserver.hostcopy import parallel_copy
-from paramserver.fence import FenceUnavailable
-from paramserver.shm import SegmentGone, SharedView, StaleVersion
-from paramserver.wire import MASTER_DTYPE, STATE_DTYPE, checksum, decode_chunk, identity, record_from_pb, record_to_pb
+from paramserver.shm import SharedView
+from paramserver.transport import (BlockTransport, FetchError, GrpcTransport, ShmTransport, SliceSpec, StaleVersionError,
+                                   VersionTimeout)
+from paramserver.wire import MASTER_DTYPE, STATE_DTYPE, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
 
-log = logging.getLogger("distzo.paramserver.client")
-POLL_BEFORE_RPC_S = 1.0  # a fetch polls the mapped version table this long before it asks the server
-
-
-class FetchError(RuntimeError):
-    """A fetch that could not complete; ``code`` is the gRPC status when there was one."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
-        super().__init__(message)
-        self.code = code
-
-
-class StaleVersionError(FetchError):
-    pass
-
-
-class VersionTimeout(FetchError):
-    pass
 
 
 @dataclass
@@ -57,16 +36,6 @@ class FetchResult:
     seconds: float
     resumes: int = 0
     copies: int = 1  # shared memory: copies made (more than one when the server rewrote the block meanwhile)
-
-
-def _raise_for(exc: grpc.RpcError, what: str) -> None:
-    code = exc.code()
-    msg = f"{what}: {exc.details()}"
-    if code == grpc.StatusCode.FAILED_PRECONDITION and "version" in (exc.details() or ""):
-        raise StaleVersionError(msg, code) from None
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        raise VersionTimeout(msg, code) from None
-    raise FetchError(msg, code) from None
 
 
 class _Shard:
@@ -80,8 +49,8 @@ class _Shard:
             response_deserializer=identity,  # raw Chunk bytes, parsed by hand
         )
         self.manifest: pb.ManifestReply | None = None
-        self.shm: SharedView | None = None
-        self.shm_failed = False
+        self.shm: ShmTransport  # set by ParamServerClient
+        self.grpc: GrpcTransport
         self.creds = creds
         self._control: grpc.Channel | None = None
         self._control_stub: pb_grpc.ParameterServerStub | None = None
@@ -101,11 +70,7 @@ class _Shard:
     def close(self) -> None:
         if self._control is not None:
             self._control.close()
-        if self.shm is not None:
-            try:
-                self.shm.close()
-            except BufferError:
-                pass
+        self.shm.close()
         self.channel.close()
 
 
@@ -122,6 +87,9 @@ class ParamServerClient:
         self._connect_timeout = connect_timeout_s
         self._manifest: Manifest | None = None
         self._md = self.creds.call_metadata()  # the token on every call: token holders get the server's data-plane slots
+        for shard in self.shards:  # the two ways to read a block slice (paramserver/transport.py)
+            shard.shm = ShmTransport(shard, self._md, connect_timeout_s)
+            shard.grpc = GrpcTransport(shard, self._md, max_resumes)
 
     # ------------------------------------------------------------------ discovery
     def connect(self) -> "ParamServerClient":
@@ -177,6 +145,17 @@ class ParamServerClient:
         return shard
 
     # ------------------------------------------------------------------ data plane
+    def _spec(self, block: int, rank: int, parts: int, dtype: str) -> SliceSpec:
+        start, end = self.slice_bytes(block, rank, parts, dtype)
+        return SliceSpec(block, rank, parts, dtype, start, end - start)
+
+    def _transports(self, shard: _Shard, dtype: str) -> Iterator[BlockTransport]:
+        """The transports to try, in order: shared memory when this host maps the server's (served copy only)."""
+        if self.transport != "grpc" and dtype != MASTER_DTYPE and shard.shm.available():
+            yield shard.shm
+        if self.transport != "shm":
+            yield shard.grpc
+
     def fetch_into(self, block: int, version: int, dest: np.ndarray, rank: int = 0, parts: int = 1,
                    dtype: str = "", timeout_s: float = 120.0) -> FetchResult:
         """Fill ``dest`` (uint8, exactly the slice's size) with slice ``rank``/``parts`` of a block at ``version``.
@@ -184,18 +163,15 @@ class ParamServerClient:
         Shared memory: a seqlock-checked copy split over ``hostcopy``'s threads; gRPC: chunks written
         straight into ``dest`` (a pinned buffer on GPU hosts), each checked against its xxh3."""
         shard = self._shard(block)
-        start, end = self.slice_bytes(block, rank, parts, dtype)
-        if dest.dtype != np.uint8 or dest.shape != (end - start,):
-            raise ValueError(f"destination must be uint8 of {end - start} bytes for block {block} slice {rank}/{parts}")
+        spec = self._spec(block, rank, parts, dtype)
+        if dest.dtype != np.uint8 or dest.shape != (spec.nbytes,):
+            raise ValueError(f"destination must be uint8 of {spec.nbytes} bytes for block {block} slice {rank}/{parts}")
         t0 = time.perf_counter()
-        if self.transport != "grpc" and dtype != MASTER_DTYPE and self._shm(shard):
-            got = self._fetch_shm(shard, block, version, start, dest.nbytes, lambda src: parallel_copy(dest, src), timeout_s)
+        for transport in self._transports(shard, dtype):
+            got = transport.read_into(spec, version, dest, timeout_s)
             if got is not None:
-                return FetchResult(got[0], dest.nbytes, "shm", time.perf_counter() - t0, copies=got[1])
-        if self.transport == "shm":
-            raise FetchError(f"shared memory of {shard.address} is not reachable from this host")
-        got_version, resumes = self._fetch_grpc(shard, block, version, rank, parts, dtype, dest, timeout_s)
-        return FetchResult(got_version, dest.nbytes, "grpc", time.perf_counter() - t0, resumes)
+                return FetchResult(got.version, dest.nbytes, transport.name, time.perf_counter() - t0, got.resumes, got.copies)
+        raise FetchError(f"shared memory of {shard.address} is not reachable from this host")
 
     def fetch_with(self, block: int, version: int, copy: Callable[[np.ndarray], None], rank: int = 0, parts: int = 1,
                    timeout_s: float = 120.0) -> FetchResult | None:
@@ -206,100 +182,19 @@ class ParamServerClient:
         copy: it DMAs from the registered mapping. None when this host cannot map the server's
         segments (use ``fetch_into``)."""
         shard = self._shard(block)
-        start, end = self.slice_bytes(block, rank, parts)
-        if self.transport == "grpc" or not self._shm(shard):
+        if self.transport == "grpc":
             return None
+        spec = self._spec(block, rank, parts, "")
         t0 = time.perf_counter()
-        got = self._fetch_shm(shard, block, version, start, end - start, copy, timeout_s)
+        got = shard.shm.read_with(spec, version, copy, timeout_s)
         if got is None:
             return None
-        return FetchResult(got[0], end - start, "shm", time.perf_counter() - t0, copies=got[1])
+        return FetchResult(got.version, spec.nbytes, "shm", time.perf_counter() - t0, copies=got.copies)
 
     def shared_view(self, block: int) -> SharedView | None:
         """The read-only mapping that holds ``block`` (None when not mapped from this host)."""
         shard = self._shard(block)
-        return shard.shm if self.transport != "grpc" and self._shm(shard) else None
-
-    def _shm(self, shard: _Shard) -> bool:
-        if shard.shm is not None:
-            return True
-        m = shard.manifest
-        if shard.shm_failed or m is None or not m.shm_versions_path:
-            return False
-        try:
-            shard.shm = SharedView(m.shm_data_path, m.shm_versions_path, m.shm_nonce)
-            return True
-        except (OSError, SegmentGone, FenceUnavailable) as exc:
-            shard.shm_failed = True
-            log.info("shared memory unavailable, using gRPC", extra=kv(server=shard.address, reason=str(exc)))
-            return False
-
-    def _fetch_shm(self, shard: _Shard, block: int, version: int, start: int, nbytes: int,
-                   copy: Callable[[np.ndarray], None], timeout_s: float) -> tuple[int, int] | None:
-        """(version, copies made), or None when the server's segments cannot be mapped again after a restart."""
-        assert shard.shm is not None
-        deadline = time.monotonic() + timeout_s
-        # fast path: the mapped table shows the version, now or within a short poll (no RPC at all)
-        if version >= 0 and shard.shm.current() and shard.shm.await_version(block, version, min(timeout_s / 2, POLL_BEFORE_RPC_S)):
-            try:
-                return version, shard.shm.read_with(block, version, start, nbytes, copy, timeout_s=timeout_s)
-            except StaleVersion as exc:
-                raise StaleVersionError(str(exc)) from None
-            except TimeoutError:
-                pass  # fall back to asking the server
-        try:
-            reply = shard.stub.WaitVersion(pb.WaitRequest(block=block, version=version),
-                                           timeout=max(0.05, deadline - time.monotonic()), metadata=self._md)
-        except grpc.RpcError as exc:
-            _raise_for(exc, f"block {block} version {version}")
-        if not shard.shm.alive(reply.shm_nonce) or not shard.shm.current():
-            # the server restarted: its segments are new files; map them again
-            shard.shm.close()
-            shard.shm = None
-            shard.manifest = shard.stub.GetManifest(pb.ManifestRequest(), timeout=self._connect_timeout, metadata=self._md)
-            if not self._shm(shard):
-                return None
-            assert shard.shm is not None
-        try:
-            return reply.version, shard.shm.read_with(block, reply.version, start, nbytes, copy, timeout_s=timeout_s)
-        except StaleVersion as exc:
-            raise StaleVersionError(str(exc)) from None
-        except TimeoutError as exc:
-            raise VersionTimeout(str(exc)) from None
-
-    def _fetch_grpc(self, shard: _Shard, block: int, version: int, rank: int, parts: int, dtype: str,
-                    dest: np.ndarray, timeout_s: float) -> tuple[int, int]:
-        deadline = time.monotonic() + timeout_s
-        received = 0
-        resumes = 0
-        got_version = version
-        while True:
-            request = pb.FetchRequest(block=block, version=got_version, rank=rank, parts=parts, dtype=dtype, resume_offset=received)
-            try:
-                for message in shard.fetch(request, timeout=max(0.01, deadline - time.monotonic()), metadata=self._md):
-                    header, data = decode_chunk(message)
-                    if header.offset != received or header.offset + len(data) > dest.nbytes:
-                        raise FetchError(f"block {block}: chunk at byte {header.offset} does not follow byte {received}")
-                    if checksum(data) != header.checksum:
-                        raise FetchError(f"block {block}: chunk at byte {header.offset} fails its checksum")
-                    got_version = header.version
-                    dest[received : received + len(data)] = np.frombuffer(data, dtype=np.uint8)
-                    received += len(data)
-                if received == dest.nbytes:
-                    return got_version, resumes
-                raise FetchError(f"block {block}: stream ended after {received} of {dest.nbytes} bytes")
-            except grpc.RpcError as exc:
-                code = exc.code()
-                transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                                     grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                if not transient or resumes >= self.max_resumes or time.monotonic() >= deadline:
-                    _raise_for(exc, f"fetch of block {block} version {version}")
-            except FetchError:
-                if resumes >= self.max_resumes:
-                    raise
-            resumes += 1
-            log.info("fetch stream broke, resuming", extra=kv(block=block, at_byte=received, attempt=resumes))
-            time.sleep(min(0.05 * 2**resumes, 1.0))
+        return shard.shm.view if self.transport != "grpc" and shard.shm.available() else None
 
     def fetch_block(self, block: int, version: int, dtype: str = "", timeout_s: float = 120.0) -> tuple[np.ndarray, FetchResult]:
         """A whole block in a new buffer (convenience for tests, replicas, tools)."""
@@ -312,8 +207,8 @@ class ParamServerClient:
         shard = self._shard(block)
         numel = self.manifest.blocks[block].numel
         dest = np.empty(numel * width * 4, dtype=np.uint8)
-        got, _ = self._fetch_grpc(shard, block, version, 0, 1, STATE_DTYPE, dest, timeout_s)
-        return dest.view(np.float32).reshape(numel, width), got
+        got = shard.grpc.read_into(SliceSpec(block, 0, 1, STATE_DTYPE, 0, dest.nbytes), version, dest, timeout_s)
+        return dest.view(np.float32).reshape(numel, width), got.version
 
     # ------------------------------------------------------------------ control plane
     def apply_update(self, record: UpdateRecord, timeout_s: float = 60.0, job_id: str = "",
