@@ -223,6 +223,7 @@ class Job:
     def _round_spec(self, plan: StepPlan) -> tuple[dict[ForwardKey, cpb.ForwardSpec], list[list[ForwardKey]]]:
         """The layout's forwards of ``plan``, by (direction, shard, sign), and each worker's piece of them."""
         eps = self.cfg.train.eps
+        cands = self.data.train_candidates if self.data is not None else ()  # train.objective accuracy: scored
         forwards: dict[ForwardKey, cpb.ForwardSpec] = {}
         pieces = []
         for roles in worker_roles(self.cfg.layout):
@@ -230,7 +231,8 @@ class Job:
             for r in roles:
                 key = (r.direction, r.shard, r.sign)
                 forwards[key] = cpb.ForwardSpec(direction=r.direction, shard=r.shard, sign=r.sign,
-                                                seed=plan.seeds[r.direction], coef=r.sign * eps)
+                                                seed=plan.seeds[r.direction], coef=r.sign * eps,
+                                                want_scores=bool(cands), candidates=cands)
                 piece.append(key)
             pieces.append(piece)
         return forwards, pieces
@@ -275,7 +277,19 @@ class Job:
         for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
             raise BadInput(f"step {plan.step}: forward (direction, shard, sign) = {k} cannot run: {err}")
         self._last_round = rnd
-        return {k: rnd.loss(k) for k in forwards}, sum(r.tokens for r in rnd.results.values())
+        if not self.data.train_candidates:  # type: ignore[union-attr]
+            return {k: rnd.loss(k) for k in forwards}, sum(r.tokens for r in rnd.results.values())
+        import torch
+
+        from distzo.objective import forward_sums
+
+        cands = self.data.train_candidates  # type: ignore[union-attr]
+        losses = {}
+        for k in forwards:
+            r = rnd.results[k]
+            losses[k] = forward_sums(self.cfg.train.objective, cands, batches[k[1]], r.loss_sum, r.label_tokens,
+                                     torch.tensor(list(r.scores), dtype=torch.float64))
+        return losses, sum(r.tokens for r in rnd.results.values())
 
     def _update(self, record: UpdateRecord) -> None:
         """Dispatch the next step's round, then send this step's record to every server shard."""

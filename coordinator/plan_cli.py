@@ -53,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seq-len", type=int, metavar="S", help=f"sequence length (default min({DEFAULT_SEQ}, T))")
     p.add_argument("--served-dtype", choices=list(ITEMSIZE), default="bfloat16",
                    help="dtype the parameter server serves (default bfloat16)")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd",
+                   help="the server's update rule (train.optimizer): its fp32 state is server memory (default sgd)")
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="predict this layout (default: the recommended one)")
     p.add_argument("--q", type=int, default=1, metavar="Q", help="perturbation directions per step (default 1)")
     p.add_argument("--shards", type=int, metavar="N", help="parameter-server shards (default: the fewest that fit)")
@@ -108,11 +110,14 @@ def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, 
     try:
         cluster = resolve_cluster(args)
         seq = args.seq_len or min(DEFAULT_SEQ, args.tokens_per_step)
-        rec = recommend(model, cluster, args.tokens_per_step, args.served_dtype, seq, q=args.q, shards=args.shards)
+        opt = getattr(args, "optimizer", "sgd")
+        rec = recommend(model, cluster, args.tokens_per_step, args.served_dtype, seq, q=args.q, shards=args.shards,
+                        optimizer=opt)
         pred = rec.prediction
         if args.layout:
             layout = LayoutSpec.from_name(args.layout, cluster.workers, args.q)
-            pred = predict(model, cluster, layout, args.tokens_per_step, args.served_dtype, seq, shards=rec.prediction.shards)
+            pred = predict(model, cluster, layout, args.tokens_per_step, args.served_dtype, seq, shards=rec.prediction.shards,
+                           optimizer=opt)
     except ValueError as exc:
         raise bad_input(str(exc)) from None
     return model, cluster, pred, rec
@@ -191,6 +196,9 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
     lines += [f"  {k.replace('_', ' '):<22}{_gib(v)}" for k, v in g.items() if k != "total"]
     lines.append(f"memory per server host (GiB) {_gib(h['total'])} of {p.host_memory_bytes / GiB:.0f}   {_fits(p.fits_host)}")
     lines += [f"  {k.replace('_', ' '):<22}{_gib(v)}" for k, v in h.items() if k != "total"]
+    per = p.server_bytes_per_param
+    lines.append(f"  server bytes per parameter (fp32 master, {p.served_dtype} served copy, fp32 optimizer state): "
+                 + ", ".join(f"{o} {n} B" + (" (this plan)" if o == p.optimizer else "") for o, n in per.items()))
     lines += [
         f"  {'+ snapshot headroom':<22}{_gib(p.snapshot_headroom_bytes)}   worst-case copy-on-write: "
         f"{_fits(p.fits_host_with_snapshot)}",

@@ -85,6 +85,16 @@ class TrainSection(_Section):
     max_consecutive_skips: int = Field(10, ge=1, description="stop when this many steps in a row are skipped (diverged)")
     eval_every: int = Field(250, ge=0, description="evaluate every N steps (0: only at the end)")
     eval_at_start: bool = Field(True, description="evaluate before the first step (the zero-shot figures)")
+    optimizer: Literal["sgd", "momentum", "adam"] = Field(
+        "sgd", description="update rule on the parameter server: sgd (MeZO-SGD, no state), momentum (heavy ball, "
+        "one fp32 buffer per parameter) or adam (ZO-Adam, two fp32 moments per parameter); see distzo/optim.py")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum coefficient mu (train.optimizer momentum)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay beta1 (train.optimizer adam)")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="second-moment decay beta2 (train.optimizer adam)")
+    adam_eps: float = Field(1e-8, gt=0, description="denominator offset epsilon of adam (train.optimizer adam)")
+    objective: Literal["loss", "accuracy"] = Field(
+        "loss", description="the scalar each forward returns: loss (mean label-token cross-entropy) or accuracy "
+        "(minus the batch accuracy of the label words' likelihood ranking: non-differentiable, as in MeZO)")
 
 
 class LayoutSection(_Section):

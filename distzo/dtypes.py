@@ -5,3 +5,6 @@ served copies (``distzo/served.py``'s rounding).
 """
 
 ITEMSIZE: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# fp32 optimizer-state values the parameter server keeps per parameter (train.optimizer; distzo/optim.py)
+STATE_VALUES = {"sgd": 0, "momentum": 1, "adam": 2}

@@ -92,6 +92,12 @@ def job_identity(cfg: Any) -> dict[str, Any]:
         "layout.name": lay.name, "layout.workers": lay.workers, "layout.q": lay.q,
         "server.served_dtype": cfg.server.served_dtype,
     }
+    if t.optimizer != "sgd":  # the state's update rule decides the weights (absent for sgd: older job ids unchanged)
+        ident["train.optimizer"] = t.optimizer
+        ident.update({f"train.{k}": getattr(t, k) for k in
+                      (("momentum",) if t.optimizer == "momentum" else ("adam_beta1", "adam_beta2", "adam_eps"))})
+    if t.objective != "loss":
+        ident["train.objective"] = t.objective
     if t.lr_schedule != "constant":  # the decay spans the run: its length is part of the trajectory
         ident["train.steps"] = t.steps
     return ident

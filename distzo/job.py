@@ -25,6 +25,7 @@ class JobData:
     encoder: TaskEncoder
     train: list[Example]
     dev: list[Example]
+    train_candidates: tuple[int, ...] = ()  # token ids a training forward scores (train.objective accuracy)
 
     @classmethod
     def load(cls, cfg: JobConfig) -> "JobData":
@@ -58,7 +59,9 @@ class JobData:
             dev = dev[: cfg.data.dev_examples]
         encoder.check(train)  # every row is encodable now, not at step 10 000
         encoder.check(dev, every_label=True)
-        return cls(cfg, model_dir, encoder, train, dev)
+        from distzo.objective import train_candidates
+
+        return cls(cfg, model_dir, encoder, train, dev, train_candidates(cfg.train.objective, encoder, train))
 
     def shard_batches(self, plan: StepPlan) -> list[Batch]:
         """The step's batch cut into the layout's data shards."""

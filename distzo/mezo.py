@@ -1,5 +1,7 @@
 """MeZO-SGD, the one implementation of its math (reference trainer, server and workers).
 
+(train.optimizer momentum / adam: the update with per-parameter state, ``distzo/optim.py``.)
+
 One step t with directions j = 1..q (seed s_j), DDP shards d = 1..D, step size eps:
 
     S±_{j,d} = summed label-token loss at theta ± eps * z(s_j) on shard d, over N_d tokens   (forward.py)
@@ -25,6 +27,7 @@ import torch
 
 from distzo.blocks import BlockSpec
 from distzo.generator import Distribution, check_seed, perturb_cpu, perturb_device, update_cpu, update_torch
+from distzo.optim import Optimizer, update_stateful_cpu, update_stateful_torch
 
 
 @dataclass(frozen=True)
@@ -179,20 +182,26 @@ def make_update(
 
 # ----------------------------------------------------------------------------- server side
 def apply_update(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, dist: Distribution,
-                 served: np.ndarray | torch.Tensor | None = None, served_dtype: str = "float32") -> None:
+                 served: np.ndarray | torch.Tensor | None = None, served_dtype: str = "float32",
+                 optimizer: Optimizer | None = None, state: np.ndarray | torch.Tensor | None = None) -> None:
     """theta <- theta - lr * ((1/q) sum_j g_j z_j + wd * theta) on one fp32 block, in place.
 
     ``served``: the block's 16-bit served copy (uint16 array on CPU, int16 tensor on a GPU, the block's
     length) for ``served_dtype`` bfloat16/float16, rewritten from the new values in the same pass
-    (``distzo/served.py``'s rounding). A skipped record changes neither."""
+    (``distzo/served.py``'s rounding). ``optimizer`` momentum/adam: the stateful rules of
+    ``distzo/optim.py`` instead, updating ``state`` (float32 [numel, width], numpy on CPU) in the same
+    pass; sgd or None: the rule above, no state. A skipped record changes nothing."""
     if record.skipped:
         return
     q = len(record.directions)
     seeds = [d.seed for d in record.directions]
-    coefs = [record.lr * d.g / q for d in record.directions]
     decay = record.lr * record.weight_decay
     if served is not None and served_dtype == "float32":
         raise ValueError("a float32 served copy is the master itself: pass served=None")
+    if optimizer is not None and optimizer.width:
+        _apply_stateful(block, buffer, record, dist, served, served_dtype, optimizer, state)
+        return
+    coefs = [record.lr * d.g / q for d in record.directions]
     # without weight decay every tensor gets the same update: one call over the whole block (fewer,
     # longer kernel runs; the per-element arithmetic, and so the bits, are the same)
     segments = block.decay_segments() if decay else [(0, buffer.shape[0], False)]
@@ -205,3 +214,25 @@ def apply_update(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, d
         else:
             update_torch(seg, block.global_offset + start, seeds, coefs, decay if decays else 0.0, dist,
                          out, served_dtype)
+
+
+def _apply_stateful(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, dist: Distribution,
+                    served: np.ndarray | torch.Tensor | None, served_dtype: str, optimizer: Optimizer,
+                    state: np.ndarray | torch.Tensor | None) -> None:
+    """momentum/adam on one block: d's coefficients g_j / q, lr and the decay passed apart (optim.py)."""
+    if state is None:
+        raise ValueError(f"optimizer {optimizer.name} needs the block's state (float32 [{block.numel}, {optimizer.width}])")
+    q = len(record.directions)
+    seeds = [d.seed for d in record.directions]
+    coefs = [d.g / q for d in record.directions]
+    wd = record.weight_decay
+    segments = block.decay_segments() if wd else [(0, buffer.shape[0], False)]
+    for start, end, decays in segments:
+        out = served[start:end] if served is not None else None
+        args = (block.global_offset + start, record.step, seeds, coefs, record.lr, wd if decays else 0.0, optimizer, dist,
+                out, served_dtype)
+        if buffer.device.type == "cpu":
+            st = state if isinstance(state, np.ndarray) else state.numpy()
+            update_stateful_cpu(buffer[start:end].numpy(), st[start:end], *args)
+        else:
+            update_stateful_torch(buffer[start:end], state[start:end], *args)

@@ -40,7 +40,10 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
         front["base_model"] = base
     t, lay = cfg.train, cfg.layout
     hyper = {
-        "optimizer": "MeZO-SGD (zeroth-order, two forwards per direction)",
+        "optimizer": {"sgd": "MeZO-SGD", "momentum": f"ZO momentum (mu {t.momentum})",
+                      "adam": f"ZO-Adam (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})"}[t.optimizer]
+        + " (zeroth-order, two forwards per direction)",
+        "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy"}[t.objective],
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
         "perturbation scale eps": t.eps,

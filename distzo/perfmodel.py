@@ -35,7 +35,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from distzo.dtypes import ITEMSIZE
+from distzo.dtypes import ITEMSIZE, STATE_VALUES
 from distzo.errors import counted
 
 BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_mask + int32 labels
@@ -380,6 +380,8 @@ class Prediction:
     host_memory_bytes: int
     whole_model_bytes: float
     assumptions: tuple[str, ...] = field(default=())
+    optimizer: str = "sgd"
+    server_bytes_per_param: dict[str, int] = field(default_factory=dict)  # each optimizer at this served dtype
 
     @property
     def fits_gpu(self) -> bool:
@@ -438,16 +440,36 @@ def _network_bytes(model: ModelSpec, cluster: ClusterSpec, b: int, shards: int) 
     return inbound, outbound
 
 
+def server_bytes_per_param(optimizer: str, served_dtype: str) -> int:
+    """Parameter-server memory per parameter (bytes): the fp32 master, the served copy (none at float32:
+    the master is served) and the optimizer's fp32 state (momentum 1 value, adam 2; distzo/optim.py)."""
+    if optimizer not in STATE_VALUES:
+        raise ValueError(f"optimizer {optimizer!r}: expected one of {', '.join(STATE_VALUES)}")
+    return MASTER_BYTES + (0 if served_dtype == "float32" else ITEMSIZE[served_dtype]) + 4 * STATE_VALUES[optimizer]
+
+
+def update_traffic_ratio(optimizer: str, served_dtype: str) -> float:
+    """DRAM bytes of one update per parameter with ``optimizer`` over sgd's: read+write of the master, its
+    state, and the served copy written (the factor the sgd-calibrated server-update rate is scaled by)."""
+    served = 0 if served_dtype == "float32" else ITEMSIZE[served_dtype]
+    sgd = 2 * MASTER_BYTES + served
+    return (sgd + 2 * 4 * STATE_VALUES[optimizer]) / sgd
+
+
 def _host_memory(model: ModelSpec, cluster: ClusterSpec, served_dtype: str, shards: int,
-                 prefetch_blocks: int) -> tuple[dict[str, float], float]:
+                 prefetch_blocks: int, optimizer: str = "sgd") -> tuple[dict[str, float], float]:
     b = ITEMSIZE[served_dtype]
     master = MASTER_BYTES * model.params / shards
     served = 0.0 if served_dtype == "float32" else b * model.params / shards
+    state = 4 * STATE_VALUES[optimizer] * model.params / shards
     pinned_blocks = 1 if model.tied else 0
     pool = (prefetch_blocks + pinned_blocks + 1) * model.largest_block() * b  # gpuworker.runner's BufferPool
     buffers = float(cluster.gpus_per_node * pool)
-    mem = {"master_fp32": master, "served_copy": served, "worker_buffers": buffers, "total": master + served + buffers}
-    return mem, MASTER_BYTES * model.params / shards
+    mem = {"master_fp32": master, "served_copy": served}
+    if state:
+        mem["optimizer_state"] = state
+    mem.update(worker_buffers=buffers, total=master + served + state + buffers)
+    return mem, master + state  # a snapshot's copy-on-write copies a block's master and state
 
 
 def _gpu_memory(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, b: int, cb: int, tokens_per_gpu: float,
@@ -487,9 +509,13 @@ def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_pe
 
 def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int,
             served_dtype: str = "bfloat16", seq_len: int = 2048, shards: int = 1,
-            prefetch_blocks: int = 2) -> Prediction:
-    """Every term of one step, the floor, the prediction, bytes per link and memory per GPU and host."""
+            prefetch_blocks: int = 2, optimizer: str = "sgd") -> Prediction:
+    """Every term of one step, the floor, the prediction, bytes per link and memory per GPU and host.
+
+    ``optimizer``: the server's update rule (sgd, momentum, adam): its state is host memory, and its
+    update moves more bytes (the server-update term is scaled by ``update_traffic_ratio``)."""
     _check(model, cluster, layout, tokens_per_step, served_dtype, seq_len, shards)
+    server_bytes_per_param(optimizer, served_dtype)  # a bad name is a ValueError here
     P, T, b = model.params, tokens_per_step, ITEMSIZE[served_dtype]
     cpu = cluster.device == "cpu"
     compute_dtype = "float32" if cpu or served_dtype == "float32" else served_dtype
@@ -514,7 +540,8 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         "h2d": h2d_gpu / (cluster.h2d_gbps * 1e9),
         "nvlink": nvlink_gpu / (cluster.nvlink_gbps * 1e9),
         "network": max(net_in, net_out) / (cluster.network_gbps * 1e9),
-        "server_update": P / shards * layout.q / cluster.server_update_params_per_s,
+        "server_update": P / shards * layout.q / cluster.server_update_params_per_s
+        * update_traffic_ratio(optimizer, served_dtype),
         "control": control_bytes / (cluster.network_gbps * 1e9) + cluster.fixed_step_overhead_s,
     }
     streaming = max(terms[t] for t in STREAMING_TERMS)
@@ -524,7 +551,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         # one CPU host: every worker's compute and fetch copy, and the server's update, share its cores
         cpu_work = layout.workers * (terms["compute"] + terms["h2d"] + terms["nvlink"]) + terms["server_update"]
         step = max(step, cpu_work / cluster.host_cores + terms["control"])
-    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks)
+    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer)
     tokens_per_gpu = T / (layout.ddp * g)
     return Prediction(
         model=model.name, cluster=cluster.name, layout=layout, tokens_per_step=T, seq_len=seq_len,
@@ -538,11 +565,12 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         memory_per_gpu_bytes=_gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks),
         memory_per_server_host_bytes=host_mem, snapshot_headroom_bytes=headroom,
         gpu_memory_bytes=cluster.gpu_memory_bytes, host_memory_bytes=cluster.host_memory_bytes,
-        whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks),
+        whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks, optimizer),
+        optimizer=optimizer, server_bytes_per_param={o: server_bytes_per_param(o, served_dtype) for o in STATE_VALUES},
     )
 
 
-def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int) -> tuple[str, ...]:
+def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, optimizer: str = "sgd") -> tuple[str, ...]:
     unit = "GPU" if cluster.device == "cuda" else "CPU worker process"
     if g == cluster.gpus_per_node and g > 1:
         worker = f"a worker is a node group of {g} {unit}s, splitting its data shard evenly over them"
@@ -557,7 +585,8 @@ def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int) -> 
         f"FLOPs 2*P per token per forward (attention scores not counted) at {cluster.mfu:.0%} of peak",
         f"GPU memory: {prefetch_blocks}+1 clean blocks, perturbed copies of 2 blocks per forward, activations "
         "= forwards*t*hidden + t*max((4*hidden+mlp)*bytes, 4*vocab) for t tokens per GPU, plus a runtime allowance",
-    )
+    ) + ((f"server update with {optimizer} state: the sgd update rate scaled by the ratio of DRAM bytes moved "
+          "(an estimate, not measured on this cluster)",) if STATE_VALUES[optimizer] else ())
 
 
 # ----------------------------------------------------------------------------- recommendation
@@ -577,10 +606,10 @@ class Recommendation:
 
 
 def min_shards(model: ModelSpec, cluster: ClusterSpec, served_dtype: str = "bfloat16",
-               prefetch_blocks: int = 2) -> int | None:
+               prefetch_blocks: int = 2, optimizer: str = "sgd") -> int | None:
     """The fewest server shards whose host memory fits (None: not even the most shards fit)."""
     for s in valid_shards(cluster):
-        mem, _ = _host_memory(model, cluster, served_dtype, s, prefetch_blocks)
+        mem, _ = _host_memory(model, cluster, served_dtype, s, prefetch_blocks, optimizer)
         if mem["total"] <= cluster.host_memory_bytes:
             return s
     return None
@@ -598,7 +627,8 @@ def layouts_for(workers: int, sequences: int, q: int = 1) -> list[LayoutSpec]:
 
 
 def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, served_dtype: str = "bfloat16",
-              seq_len: int = 2048, q: int = 1, shards: int | None = None, prefetch_blocks: int = 2) -> Recommendation:
+              seq_len: int = 2048, q: int = 1, shards: int | None = None, prefetch_blocks: int = 2,
+              optimizer: str = "sgd") -> Recommendation:
     """The layout with the best predicted tokens/s that fits; ties (within 1%) go to less GPU memory."""
     if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
         raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
@@ -607,9 +637,10 @@ def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, serv
     if not layouts:
         raise ValueError(f"no layout of {counted(cluster.workers, 'worker')} with q={q} divides {sequences} sequences per step "
                          f"into data shards: change --tokens-per-step, --seq-len or --q")
-    s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks)
+    s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks, optimizer)
                                            or valid_shards(cluster)[-1])
-    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks) for lay in layouts]
+    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks, optimizer)
+             for lay in layouts]
     fitting = [p for p in preds if p.fits]
     pool = fitting or preds
     best_tps = max(p.tokens_per_s for p in pool)

@@ -23,6 +23,8 @@ from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_
 from distzo.job import EvalTally, JobData
 from distzo.mezo import StepOutcome, UpdateRecord, apply_update
 from distzo.modeling import BlockModel
+from distzo.objective import forward_sums
+from distzo.optim import Optimizer
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
 from distzo.runlog import RunLog
@@ -57,6 +59,11 @@ class ReferenceTrainer:
             self.buffers = [b.to(self.device) for b in self.buffers]
         self.engine = ForwardEngine(self.model, cfg.train.distribution, device=self.device,
                                     compute_dtype=compute_dtype_for(self.device, cfg.server.served_dtype))
+        # the optimizer's per-parameter state (train.optimizer momentum/adam), as the server keeps it
+        self.optimizer = Optimizer.from_config(cfg.train)
+        self.opt_state: list[torch.Tensor | None] = [
+            torch.from_numpy(self.optimizer.new_state(spec.numel)).to(b.device) if self.optimizer.width else None
+            for spec, b in zip(self.model.manifest.blocks, self.buffers)]
         self.log = TrainLog()
         self.run_log: RunLog | None = None
         self.train_seconds = 0.0
@@ -76,15 +83,19 @@ class ReferenceTrainer:
         """Every forward of the layout, in this process: (S, N) per (direction, shard, sign), tokens."""
         roles = all_roles(self.cfg.layout)
         eps = self.cfg.train.eps
-        jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps) for r in roles]
+        objective, cands = self.cfg.train.objective, self.job.train_candidates
+        jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps, want_scores=bool(cands),
+                           candidates=cands) for r in roles]
         results = self.engine.run(jobs, self.feed())
-        losses = {(r.direction, r.shard, r.sign): (res.loss_sum, res.label_tokens) for r, res in zip(roles, results)}
+        losses = {(r.direction, r.shard, r.sign): forward_sums(objective, cands, batches[r.shard], res.loss_sum,
+                                                               res.label_tokens, res.scores)
+                  for r, res in zip(roles, results)}
         return losses, sum(res.tokens for res in results)
 
     def _apply(self, record: UpdateRecord) -> None:
         """The parameter server's update, on the in-memory fp32 master blocks."""
-        for spec, buf in zip(self.model.manifest.blocks, self.buffers):
-            apply_update(spec, buf, record, self.engine.dist)
+        for spec, buf, state in zip(self.model.manifest.blocks, self.buffers, self.opt_state):
+            apply_update(spec, buf, record, self.engine.dist, optimizer=self.optimizer, state=state)
         self.log.records.append(record)
 
     def evaluate(self, step: int) -> dict[str, Any]:

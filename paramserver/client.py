@@ -21,7 +21,7 @@ from distzo.rpc import Credentials, make_channel
 from paramserver.shm import SharedView
 from paramserver.transport import (BlockTransport, FetchError, GrpcTransport, ShmTransport, SliceSpec, StaleVersionError,
                                    VersionTimeout)
-from paramserver.wire import MASTER_DTYPE, identity, record_from_pb, record_to_pb
+from paramserver.wire import MASTER_DTYPE, STATE_DTYPE, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
@@ -201,6 +201,14 @@ class ParamServerClient:
         start, end = self.slice_bytes(block, 0, 1, dtype)
         buf = np.empty(end - start, dtype=np.uint8)
         return buf, self.fetch_into(block, version, buf, dtype=dtype, timeout_s=timeout_s)
+
+    def fetch_state(self, block: int, version: int, width: int, timeout_s: float = 120.0) -> tuple[np.ndarray, int]:
+        """The optimizer state of a block at ``version`` (gRPC; replicas): (float32 [numel, width], version)."""
+        shard = self._shard(block)
+        numel = self.manifest.blocks[block].numel
+        dest = np.empty(numel * width * 4, dtype=np.uint8)
+        got = shard.grpc.read_into(SliceSpec(block, 0, 1, STATE_DTYPE, 0, dest.nbytes), version, dest, timeout_s)
+        return dest.view(np.float32).reshape(numel, width), got.version
 
     # ------------------------------------------------------------------ control plane
     def apply_update(self, record: UpdateRecord, timeout_s: float = 60.0, job_id: str = "",

@@ -18,7 +18,7 @@ import numpy as np
 from tenacity import Retrying, retry_if_exception, stop_when_event_set, wait_exponential
 
 from distzo.logs import kv
-from paramserver.client import MASTER_DTYPE, ParamServerClient
+from paramserver.client import MASTER_DTYPE, ParamServerClient, StaleVersionError
 from paramserver.snapshot import list_snapshots
 from paramserver.state import ServerState
 
@@ -89,9 +89,7 @@ class Follower(threading.Thread):
         st = self.state
         versions = {}
         for b in st.owned:
-            buf, res = self.primary.fetch_block(b, -1, dtype=MASTER_DTYPE)
-            st.store.set_block(b, buf.view(np.float32), res.version)
-            versions[b] = res.version
+            versions[b] = self._copy_block(b)
         low, high = min(versions.values()), max(versions.values())
         if high > low:
             for record in self.primary.follow(low):
@@ -109,3 +107,21 @@ class Follower(threading.Thread):
         st.journal.recent.clear()
         st._start_snapshot(version, force=True)  # this replica's own durable starting point
         log.info("re-synced from the primary", extra=kv(version=version))
+
+    def _copy_block(self, b: int, attempts: int = 20) -> int:
+        """Install the primary's fp32 block b, and its optimizer state at the same version; returns the version.
+
+        The state is fetched at the master's version: when the primary moved on in between, both again."""
+        st = self.state
+        width = st.optimizer.width
+        for _ in range(attempts):
+            buf, res = self.primary.fetch_block(b, -1, dtype=MASTER_DTYPE)
+            state = None
+            if width:
+                try:
+                    state, _ = self.primary.fetch_state(b, res.version, width)
+                except StaleVersionError:
+                    continue
+            st.store.set_block(b, buf.view(np.float32), res.version, state)
+            return res.version
+        raise RuntimeError(f"block {b} kept moving while its master and optimizer state were copied ({attempts} tries)")

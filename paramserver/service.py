@@ -25,7 +25,7 @@ from paramserver.journal import JournalCorrupt, JournalWriteError
 from paramserver.shm import StaleVersion
 from paramserver.state import ServerState, UpdateRejected
 from paramserver.store import WaitCancelled
-from paramserver.wire import MASTER_DTYPE, checksum, encode_chunk, identity, record_from_pb, record_to_pb
+from paramserver.wire import MASTER_DTYPE, STATE_DTYPE, checksum, encode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 
@@ -124,13 +124,16 @@ class ParamServerService:
         if not 0 <= request.rank < request.parts:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"slice index {request.rank} is out of range for {request.parts} slices")
         served = st.cfg.server.served_dtype
-        if request.dtype not in ("", served, MASTER_DTYPE):
+        width = st.optimizer.width
+        if request.dtype not in ("", served, MASTER_DTYPE) and not (width and request.dtype == STATE_DTYPE):
             shown = request.dtype if len(request.dtype) <= 32 else request.dtype[:32] + "..."
+            extra = f", {STATE_DTYPE}" if width else ""
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"dtype {shown!r} is not served: this server serves {served} (and {MASTER_DTYPE} for replicas)")
+                          f"dtype {shown!r} is not served: this server serves {served} (and {MASTER_DTYPE}{extra} for replicas)")
         master = request.dtype == MASTER_DTYPE
-        dtype = "float32" if master else served
-        itemsize = ITEMSIZE[dtype]
+        state = request.dtype == STATE_DTYPE  # the optimizer state, element-major: width fp32 values per element
+        dtype = "float32" if master else STATE_DTYPE if state else served
+        itemsize = 4 * width if state else ITEMSIZE[dtype]
         first_el, end_el = st.manifest.blocks[b].slice_range(request.rank, request.parts)
         start, end = first_el * itemsize, end_el * itemsize
         if not 0 <= request.resume_offset <= end - start:
@@ -147,7 +150,7 @@ class ParamServerService:
                 if now != version:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"block {b} moved from version {version} to {now} while streaming; fetch again")
-                data = memoryview(st.store.bytes_of(b, master)[pos : pos + n])
+                data = memoryview((st.store.state_bytes(b) if state else st.store.bytes_of(b, master))[pos : pos + n])
                 header = pb.ChunkHeader(block=b, version=version, dtype=dtype, slice_start=start, slice_bytes=end - start,
                                         offset=pos - start, checksum=checksum(data))
                 message = encode_chunk(header, data)  # the one server-side copy, under the read lock

@@ -1,12 +1,13 @@
 """Snapshots: the fp32 master at one version, as a safetensors file, written while training goes on.
 
-``snapshot-<version>.safetensors`` holds one flat F32 tensor per owned block (``block.<i>``)
-and the version in its header's metadata. The file is streamed block by block (the header's
+``snapshot-<version>.safetensors`` holds one flat F32 tensor per owned block (``block.<i>``),
+with train.optimizer momentum/adam also the block's optimizer state (``state.<i>``, F32
+[numel, width]: the state at the same version), and the version in its header's metadata. The file is streamed block by block (the header's
 offsets are known up front) into a temporary file, fsync'd and renamed; then
 ``snapshot-<version>.json`` is written the same way, and its rename is the commit point. The
 sidecar is checked JSON (``distzo.durable``: it carries the sha256 of its own contents) and
 holds the version, the manifest digest, the sha256 of the safetensors header, the xxh3 of
-every block and the file size.
+every block (and of every block's state, with the state's width) and the file size.
 
 Loading cross-checks every copy of every fact: the sidecar's checksum; its version against
 the file names and the header's metadata; the header's bytes against their sha256; the
@@ -58,15 +59,19 @@ class SnapshotJob:
     """Writes one snapshot; the updater calls ``before_modify(b)`` before changing block b."""
 
     def __init__(self, directory: Path, version: int, blocks: list[int], numels: dict[int, int],
-                 live: Callable[[int], np.ndarray], manifest_digest: str):
+                 live: Callable[[int], np.ndarray], manifest_digest: str,
+                 live_state: Callable[[int], np.ndarray] | None = None):
+        """``live(b)``: block b's master (float32 [numel]); ``live_state(b)``: its optimizer state
+        (float32 [numel, width]) or None without one. Both are copied before the updater changes b."""
         self.dir = directory
         self.version = version
         self.blocks = blocks
         self.numels = numels
         self.live = live
+        self.live_state = live_state
         self.manifest_digest = manifest_digest
         self._lock = threading.Lock()
-        self._copies: dict[int, np.ndarray] = {}
+        self._copies: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._written: set[int] = set()
         self._writing: int | None = None
         self._writing_done = threading.Condition(self._lock)
@@ -80,15 +85,15 @@ class SnapshotJob:
             while self._writing == b:
                 self._writing_done.wait()
             if b in self.blocks and b not in self._written and b not in self._copies:
-                self._copies[b] = self.live(b).copy()
+                self._copies[b] = (self.live(b).copy(), self.live_state(b).copy() if self.live_state else None)
 
-    def _take(self, b: int) -> tuple[np.ndarray, bool]:
+    def _take(self, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:
             data = self._copies.pop(b, None)
             if data is not None:
-                return data, True
+                return data
             self._writing = b  # the updater waits for this block instead of copying it
-            return self.live(b), False
+            return self.live(b), self.live_state(b) if self.live_state else None
 
     def _mark(self, b: int) -> None:
         with self._lock:
@@ -114,25 +119,35 @@ class SnapshotJob:
     def _write(self) -> None:
         header: dict[str, object] = {}
         offset = 0
+        width = self.live_state(self.blocks[0]).shape[1] if self.live_state and self.blocks else 0
         for b in self.blocks:
             n = self.numels[b] * 4
             header[f"block.{b}"] = {"dtype": "F32", "shape": [self.numels[b]], "data_offsets": [offset, offset + n]}
             offset += n
+            if width:
+                header[f"state.{b}"] = {"dtype": "F32", "shape": [self.numels[b], width],
+                                        "data_offsets": [offset, offset + n * width]}
+                offset += n * width
         header["__metadata__"] = {"format": FORMAT, "version": str(self.version)}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         head = struct.pack("<Q", len(raw)) + raw
         tmp = self.path.with_suffix(".safetensors.tmp")
         digests = {}
+        state_digests = {}
         try:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
                 f.write(head)
                 for b in self.blocks:
-                    data, _ = self._take(b)
+                    data, state = self._take(b)
                     try:
                         view = memoryview(np.ascontiguousarray(data).view(np.uint8))
                         digests[str(b)] = xxhash.xxh3_64_hexdigest(view)
                         f.write(view)
+                        if width:
+                            view = memoryview(np.ascontiguousarray(state).reshape(-1).view(np.uint8))
+                            state_digests[str(b)] = xxhash.xxh3_64_hexdigest(view)
+                            f.write(view)
                     finally:
                         self._mark(b)
                 f.flush()
@@ -142,11 +157,12 @@ class SnapshotJob:
             tmp.unlink(missing_ok=True)  # a failed snapshot (disk full) leaves nothing behind
             raise
         os.replace(tmp, self.path)
+        sidecar = {"format": FORMAT, "version": self.version, "manifest_sha256": self.manifest_digest,
+                   "header_sha256": hashlib.sha256(head).hexdigest(), "blocks": digests, "file_bytes": self.bytes}
+        if width:
+            sidecar.update(state=state_digests, state_width=width)
         try:
-            write_checked_json(self.path.with_suffix(".json"), {
-                "format": FORMAT, "version": self.version, "manifest_sha256": self.manifest_digest,
-                "header_sha256": hashlib.sha256(head).hexdigest(), "blocks": digests, "file_bytes": self.bytes,
-            })
+            write_checked_json(self.path.with_suffix(".json"), sidecar)
         except BaseException:
             self.path.unlink(missing_ok=True)  # no sidecar: never committed
             raise
@@ -197,9 +213,18 @@ def _read_header(path: Path, limit: int) -> tuple[bytes, dict]:
 
 
 def load_snapshot(info: SnapshotInfo, manifest_digest: str, numels: dict[int, int] | None = None) -> dict[int, np.ndarray]:
-    """The snapshot's blocks, every field cross-checked (see the module docstring); raises SnapshotCorrupt.
+    """The snapshot's blocks (its optimizer state, if any, is not read): see ``load_snapshot_state``."""
+    return load_snapshot_state(info, manifest_digest, numels, None)[0]
+
+
+def load_snapshot_state(info: SnapshotInfo, manifest_digest: str, numels: dict[int, int] | None = None,
+                        state_width: int | None = 0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The snapshot's blocks and optimizer states, every field cross-checked (see the module docstring).
 
     ``numels``: the elements of each block the server owns (the snapshot must hold exactly those).
+    ``state_width``: fp32 state values per parameter the server's optimizer keeps (0: none); the
+    snapshot must hold a state of that width for every block (None: the state is not read).
+    Returns ({block: float32 [numel]}, {block: float32 [numel, width]}); raises SnapshotCorrupt.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -236,11 +261,40 @@ def load_snapshot(info: SnapshotInfo, manifest_digest: str, numels: dict[int, in
                 if xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(arr).view(np.uint8))) != digest:
                     raise SnapshotCorrupt(f"{name}: block {key} fails its checksum")
                 blocks[int(key)] = arr
+            states = _load_states(f, name, meta, digests, numels, state_width)
     except SafetensorError as exc:
         raise SnapshotCorrupt(f"{name} is not a readable safetensors file: {str(exc)[:200]}") from None
     except (ValueError, KeyError) as exc:
         raise SnapshotCorrupt(f"{name} is damaged: {str(exc)[:200]}") from None
-    return blocks
+    return blocks, states
+
+
+def _load_states(f, name: str, meta: dict, blocks: dict, numels: dict[int, int] | None,  # noqa: ANN001
+                 width: int | None) -> dict[int, np.ndarray]:
+    if width is None:
+        return {}
+    have = meta.get("state_width", 0)  # absent: a snapshot of a run without optimizer state
+    if not isinstance(have, int) or isinstance(have, bool) or have < 0:
+        raise SnapshotCorrupt(f"{name}: the sidecar's state_width {str(have)[:20]!r} is not a count")
+    if have != width:
+        raise SnapshotCorrupt(f"{name} holds an optimizer state of {have} values per parameter; this server's "
+                              f"train.optimizer keeps {width}: the snapshot belongs to a run with another optimizer")
+    if not width:
+        return {}
+    digests = meta.get("state")
+    if not isinstance(digests, dict) or sorted(digests) != sorted(blocks):
+        raise SnapshotCorrupt(f"{name}: the sidecar does not list an optimizer state for every block")
+    states = {}
+    for key, digest in digests.items():
+        arr = f.get_tensor(f"state.{key}")
+        want = numels.get(int(key)) if numels is not None else None
+        if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[1] != width or (want is not None and arr.shape[0] != want):
+            raise SnapshotCorrupt(f"{name}: the state of block {key} is {arr.dtype} of shape {arr.shape}, not float32 "
+                                  f"[{want}, {width}]")
+        if xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))) != digest:
+            raise SnapshotCorrupt(f"{name}: the optimizer state of block {key} fails its checksum")
+        states[int(key)] = arr
+    return states
 
 
 def prune_snapshots(directory: Path, keep: int) -> list[int]:

@@ -28,11 +28,12 @@ from distzo import generator
 from distzo.generator import Distribution
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
+from distzo.optim import Optimizer
 from distzo.modeling import BlockModel
 from distzo.catalog import resolve_model
 from paramserver import metrics
 from paramserver.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
-from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot, prune_snapshots,
+from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot_state, prune_snapshots,
                                   remove_temporaries)
 from paramserver.shm import reap_stale_segments
 from paramserver.store import BlockStore
@@ -74,6 +75,7 @@ class ServerState:
         self.data_dir.chmod(0o700)  # snapshots and journal are private to the service's user
         self.role = role
         self.dist = Distribution(cfg.train.distribution)
+        self.optimizer = Optimizer.from_config(cfg.train)
         generator.set_cpu_threads(cfg.server.update_threads)
         generator.warm_up()
         self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
@@ -96,7 +98,7 @@ class ServerState:
             reaped = reap_stale_segments(shm_dir)
             if reaped:
                 log.info("removed shared-memory segments of dead servers", extra=kv(segments=",".join(reaped)))
-        self.store = BlockStore(self.manifest, first, end, cfg.server.served_dtype, shm_dir, self.server_id)
+        self.store = BlockStore(self.manifest, first, end, cfg.server.served_dtype, shm_dir, self.server_id, self.optimizer)
         self.journal = Journal(self.data_dir, rotate_every=cfg.server.snapshot_every)
         self._submit_lock = threading.Lock()
         self._queue: queue.Queue[UpdateRecord | Marker] = queue.Queue()
@@ -112,6 +114,8 @@ class ServerState:
         path = self.data_dir / STATE_FILE
         ours = {"model.source": self.cfg.model.source, "train.distribution": self.cfg.train.distribution,
                 "blocks": f"{self.first}:{self.end}", "manifest_sha256": self.digest}
+        if self.optimizer.width:  # its state is in the snapshots and the journal replays through its rule
+            ours["train.optimizer"] = self.optimizer.describe()
         if not path.exists():
             if any(self.data_dir.glob("journal-*.log")) or any(self.data_dir.glob("snapshot-*.json")):
                 log.warning("adopting a data directory written before state.json existed", extra=kv(dir=str(self.data_dir)))
@@ -156,11 +160,13 @@ class ServerState:
         remove_temporaries(self.data_dir)
         snaps = list_snapshots(self.data_dir)
         blocks = None
+        states: dict = {}
         base = 0
         reasons = []
         for info in reversed(snaps):
             try:
-                blocks = load_snapshot(info, self.digest, {b: self.manifest.blocks[b].numel for b in self.owned})
+                blocks, states = load_snapshot_state(info, self.digest, {b: self.manifest.blocks[b].numel for b in self.owned},
+                                               self.optimizer.width)
                 base = info.version
                 break
             except SnapshotCorrupt as exc:
@@ -184,8 +190,8 @@ class ServerState:
         for b in self.owned:
             if b not in blocks:
                 raise RecoveryError(f"snapshot at version {base} lacks block {b}")
-            self.store.set_block(b, blocks[b], base)
-        del blocks
+            self.store.set_block(b, blocks[b], base, states.get(b))
+        del blocks, states
         self.snapshot_version = base if snaps else -1
         replay = [r for r in records if r.step >= base]
         for i, r in enumerate(replay):
@@ -297,7 +303,8 @@ class ServerState:
                 return None
             self._snapshot.done.wait()
         job = SnapshotJob(self.data_dir, version, list(self.owned), {b: self.manifest.blocks[b].numel for b in self.owned},
-                          lambda b: self.store.master[b], self.digest)
+                          lambda b: self.store.master[b], self.digest,
+                          (lambda b: self.store.opt_state[b]) if self.optimizer.width else None)
         self._snapshot = job
         threading.Thread(target=self._run_snapshot, args=(job,), name="snapshot", daemon=True).start()
         return job

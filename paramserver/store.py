@@ -20,6 +20,7 @@ import xxhash
 from distzo.blocks import ITEMSIZE, Manifest
 from distzo.generator import Distribution
 from distzo.mezo import UpdateRecord, apply_update
+from distzo.optim import Optimizer
 from distzo.served import cast_into
 from paramserver.shm import ServedSegments, StaleVersion
 
@@ -72,7 +73,7 @@ def to_served(master: np.ndarray, served_dtype: str, out: np.ndarray) -> None:
 
 class BlockStore:
     def __init__(self, manifest: Manifest, first: int, end: int, served_dtype: str,
-                 shm_dir: str | None, name: str):
+                 shm_dir: str | None, name: str, optimizer: Optimizer | None = None):
         self.manifest = manifest
         self.first, self.end = first, end
         self.owned = range(first, end)
@@ -97,6 +98,13 @@ class BlockStore:
                 self.master[b] = self.served[b].view(np.float32)  # one copy of the model
             else:
                 self.master[b] = np.empty(manifest.blocks[b].numel, dtype=np.float32)
+        # the optimizer's per-parameter state (momentum / adam moments), float32 [numel, width] per
+        # block, in this process's memory next to the master: written and read under the block's lock
+        self.optimizer = optimizer or Optimizer()
+        self.opt_state: dict[int, np.ndarray] = {}
+        if self.optimizer.width:
+            for b in self.owned:
+                self.opt_state[b] = self.optimizer.new_state(manifest.blocks[b].numel)  # type: ignore[assignment]
         self.locks = {b: RWLock() for b in self.owned}
         self.cond = threading.Condition()
 
@@ -143,11 +151,21 @@ class BlockStore:
             self.segments.begin_write(b)
 
     # ------------------------------------------------------------------ writing
-    def set_block(self, b: int, data: np.ndarray, version: int) -> None:
-        """Install fp32 block contents at a version (load, recovery, replica catch-up)."""
+    def set_block(self, b: int, data: np.ndarray, version: int, state: np.ndarray | None = None) -> None:
+        """Install fp32 block contents at a version (load, recovery, replica catch-up).
+
+        ``state``: the optimizer's state of the block at that version (float32 [numel, width]);
+        None sets it to zeros (the initial weights). Raises ValueError for a state of another shape."""
+        if b in self.opt_state and state is not None and state.shape != self.opt_state[b].shape:
+            raise ValueError(f"optimizer state of block {b} has shape {state.shape}, expected {self.opt_state[b].shape}")
         with self.locks[b].write():
             self._begin(b)
             np.copyto(self.master[b], data.reshape(-1))
+            if b in self.opt_state:
+                if state is None:
+                    self.opt_state[b].fill(0.0)
+                else:
+                    np.copyto(self.opt_state[b], state)
             if self.served_dtype != "float32":
                 to_served(self.master[b], self.served_dtype, self.served[b])
             self._publish(b, version)
@@ -169,7 +187,7 @@ class BlockStore:
                 # block's version is fetchable as soon as its own update is done
                 served = self.served[b].view(np.uint16) if self.served_dtype != "float32" else None
                 apply_update(self.manifest.blocks[b], torch.from_numpy(self.master[b]), record, dist,
-                             served, self.served_dtype)
+                             served, self.served_dtype, self.optimizer, self.opt_state.get(b))
                 self._publish(b, record.step + 1)
             applied += 1
         return applied
@@ -183,9 +201,17 @@ class BlockStore:
     def bytes_of(self, b: int, master: bool) -> np.ndarray:
         return self.master[b].view(np.uint8) if master else self.served[b]
 
+    def state_bytes(self, b: int) -> np.ndarray:
+        """The optimizer state of block ``b`` as bytes (element-major: a slice of elements is contiguous)."""
+        return self.opt_state[b].reshape(-1).view(np.uint8)
+
     def digest(self, b: int) -> tuple[int, int]:
+        """(version, xxh3 of the master's bytes, followed by the optimizer state's when there is one)."""
         with self.locks[b].read():
-            return self.version(b), xxhash.xxh3_64_intdigest(memoryview(self.master[b].view(np.uint8)))
+            h = xxhash.xxh3_64(memoryview(self.master[b].view(np.uint8)))
+            if b in self.opt_state:
+                h.update(memoryview(self.state_bytes(b)))
+            return self.version(b), h.intdigest()
 
     def close(self) -> None:
         if self.segments is not None:

@@ -15,6 +15,7 @@ from protos import common_pb2
 from protos import paramserver_pb2 as pb
 
 MASTER_DTYPE = "float32_master"  # FetchRequest.dtype asking for the fp32 master (replicas)
+STATE_DTYPE = "float32_optimizer_state"  # FetchRequest.dtype asking for the optimizer state (replicas; width x 4 bytes per element)
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _DATA_TAG = 0x12  # field 2, length-delimited
 

@@ -143,7 +143,8 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BlockDigest(self, request, context):
-        """xxh3-64 of a block's fp32 master bytes at its current version (replica divergence checks).
+        """xxh3-64 of a block's fp32 master bytes, followed by its optimizer state's (train.optimizer
+        momentum/adam), at its current version (replica divergence checks).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,69 @@
+"""The scalar a training forward returns (``train.objective``), written once for the reference and the coordinator.
+
+MeZO needs only a scalar per forward, so it can optimize a non-differentiable metric of the batch
+directly (Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes": their
+non-differentiable objectives, accuracy and F1). Each forward reports a pair (S, N) that
+``distzo.mezo.sign_losses`` adds over the data shards and divides, l = sum S / sum N:
+
+* ``loss``: S = summed cross-entropy of the label tokens, N = label tokens (the mean token loss);
+* ``accuracy``: S = minus the rows whose true label word has the highest log-probability among
+  the label words (the candidates' likelihood ranking, ties to the first word, as eval ranks),
+  N = rows: l = -(batch accuracy), so minimizing l maximizes accuracy. It needs label words that
+  are each one token in every example's context (the forward reads them all at one position).
+
+Accuracy changes only when some example's ranking flips between theta + eps z and theta - eps z,
+so most steps have g = 0 unless eps is large enough to flip rankings: the objective helps when the
+metric itself is what matters and the loss is a poor proxy for it (MeZO reports it close to the
+loss on classification); on a tiny batch it moves rarely.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distzo.data import IGNORE, Batch, DataError, Example, TaskEncoder
+
+
+def train_candidates(objective: str, encoder: TaskEncoder, train: list[Example]) -> tuple[int, ...]:
+    """The label words' token ids a training forward scores (accuracy), () for loss.
+
+    Raises DataError when the task has no candidates: a label word of several tokens, or one that
+    some example's prompt merges into other tokens."""
+    if objective == "loss":
+        return ()
+    cands = encoder.eval_candidates
+    if not cands:
+        multi = [w for w, ids in zip(encoder.label_words, encoder.label_ids) if len(ids) != 1]
+        raise DataError(f"train.objective {objective}: needs label words that are one token each, but "
+                        f"data.label_words {multi[:3]} take several tokens with this tokenizer; use train.objective loss "
+                        "or single-token label words")
+    encoder.check(train, every_label=True)  # batched encoding of every (example, word) first
+    for e in train:
+        if not encoder._one_row_fits(e):  # noqa: SLF001 - the encoder's own test, shared with eval
+            raise DataError(f"train.objective {objective}: the label words are not one token after the prompt of "
+                            f"training example {e.text[:40]!r} (the tokenizer merges them); use train.objective loss")
+    return cands
+
+
+def forward_sums(objective: str, candidates: tuple[int, ...], batch: Batch, loss_sum: float, label_tokens: int,
+                 scores: torch.Tensor | None) -> tuple[float, int]:
+    """(S, N) of one forward for ``objective`` (see the module docstring).
+
+    ``scores``: the forward's float64 [rows, len(candidates)] log-probs of the candidates at each row's
+    label position (accuracy); ``batch``: its rows, whose one label token is the true word's."""
+    if objective == "loss":
+        return loss_sum, label_tokens
+    if scores is None:
+        raise ValueError("the accuracy objective needs the forward's candidate scores")
+    labels = batch.labels[:, 1:]
+    picked = labels != IGNORE
+    rows = labels.shape[0]
+    if int(picked.sum()) != rows or scores.numel() != rows * len(candidates):
+        raise ValueError(f"accuracy needs one label token per row and {len(candidates)} scores per row")
+    truth = labels[picked]
+    lookup = {c: i for i, c in enumerate(candidates)}
+    target = torch.tensor([lookup.get(int(t), -1) for t in truth], dtype=torch.int64)
+    if bool((target < 0).any()):
+        raise ValueError("a row's label token is none of the label words' tokens")
+    pred = torch.argmax(scores.reshape(rows, len(candidates)), dim=1)
+    return -float(int((pred == target).sum())), rows

@@ -1,0 +1,66 @@
+"""train.objective accuracy: minus the batch accuracy of the label words' ranking, the same in every layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distzo.data import Batch, DataError
+from distzo.objective import forward_sums
+
+from test_cluster import same_weights, write_config, zoctl
+
+
+def test_accuracy_sums_count_the_rows_whose_true_word_ranks_first():
+    cands = (7, 9, 4)
+    labels = torch.full((4, 5), -100)
+    labels[0, 3], labels[1, 4], labels[2, 2], labels[3, 4] = 9, 7, 4, 9  # true words: 1, 0, 2, 1
+    batch = Batch(torch.zeros(4, 5, dtype=torch.int64), torch.ones(4, 5, dtype=torch.int64), labels)
+    scores = torch.tensor([[-3.0, -1.0, -2.0],   # ranks word 1 first: right
+                           [-1.0, -1.0, -5.0],   # tie between 0 and 1: the first (0) wins, right
+                           [-0.5, -2.0, -1.0],   # ranks 0: wrong (true 2)
+                           [-2.0, -2.5, -0.1]], dtype=torch.float64)  # ranks 2: wrong (true 1)
+    assert forward_sums("accuracy", cands, batch, 12.5, 4, scores) == (-2.0, 4)
+    assert forward_sums("loss", (), batch, 12.5, 4, None) == (12.5, 4)
+    labels[3, 4] = 5  # not a label word
+    with pytest.raises(ValueError, match="none of the label words"):
+        forward_sums("accuracy", cands, batch, 0.0, 4, scores)
+
+
+@pytest.mark.parametrize("layout,workers", [("dual", 1), ("ddp", 2)])
+def test_up_equals_the_reference_bitwise_with_the_accuracy_objective(cache_dir, tmp_path, layout, workers):
+    from distzo.runlog import read_history
+
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 5, "batch_size": 8, "eps": 0.01})
+    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--objective", "accuracy", "--json"]
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"), "--run-dir", str(tmp_path / "ref-run"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    assert same_weights(tmp_path / "dist", tmp_path / "ref")
+    for key in ("final_loss", "dev_loss", "dev_accuracy"):
+        assert a[key] == b[key], key
+    steps = read_history(tmp_path / "ref-run").steps
+    assert [r["g"] for r in read_history(tmp_path / "run").steps] == [r["g"] for r in steps]
+    # the step "loss" is minus the batch accuracy: a multiple of 1/8 in [-1, 0]; some step moved
+    assert all(-1.0 <= r["loss"] <= 0.0 and (r["loss"] * 16) == int(r["loss"] * 16) for r in steps)
+    assert any(g != 0.0 for r in steps for g in r["g"])
+
+
+def test_a_task_without_single_token_candidates_is_refused_clearly(cache_dir, tmp_path):
+    from distzo.config import JobConfig
+    from distzo.job import JobData
+
+    cfg = JobConfig.from_dict({"runtime": {"cache_dir": cache_dir}, "data": {"label_words": ["absolutely terrible", "great"]},
+                               "train": {"objective": "accuracy"}})
+    with pytest.raises(DataError, match=r"train.objective accuracy: needs label words that are one token each.*"
+                                        r"'absolutely terrible'"):
+        JobData.load(cfg)
+    r = zoctl("reference", "--objective", "accuracy", "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
+              "--set", "data.label_words=[absolutely terrible, great]")
+    assert r.returncode == 2 and "train.objective accuracy" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    JobData.load(cfg.with_overrides({"train.objective": "loss"}))  # the loss objective takes any label words
