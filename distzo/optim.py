@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from numba import njit
 
-from distzo.generator import (_ALIGN, _SCRATCH, Distribution, _check_offset, _key, _philox_words, _write_served,
-                              _z_chunk, run_split, z_torch)
+from distzo.generator import Distribution, _check_offset, _key, run_split, z_torch
+from distzo.zkernels import _ALIGN, _SCRATCH, _philox_words, _write_served, _z_chunk
 from distzo.served import served_kind
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
