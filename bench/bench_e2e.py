@@ -84,7 +84,7 @@ def _compute_rates(raw_cfg: dict, shard: int, barrier) -> tuple[float, float]:  
     from distzo import generator
     from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
     from distzo.generator import Distribution
-    from distzo.job import JobData
+    from distzo.jobdata import JobData
     from distzo.logs import quiet_transformers
     from distzo.mezo import perturb_block
     from distzo.modeling import BlockModel
@@ -149,7 +149,7 @@ def calibrate(cfg: JobConfig) -> dict:
 
     from distzo import generator
     from distzo.generator import Distribution
-    from distzo.job import JobData
+    from distzo.jobdata import JobData
     from distzo.mezo import Direction, UpdateRecord, apply_update
     from distzo.modeling import BlockModel
     from distzo.plan import step_plan

@@ -38,7 +38,7 @@ def main() -> None:
     from distzo import generator
     from distzo.config import JobConfig
     from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.job import JobData
+    from distzo.jobdata import JobData
     from distzo.logs import quiet_transformers
     from distzo.modeling import BlockModel
     from distzo.plan import step_plan

@@ -164,7 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
     check_run_dir(run_dir.resolve(), cfg, args.resume)  # another job's run directory: refused at once
 
-    from distzo.job import JobData  # torch and transformers: only now
+    from distzo.jobdata import JobData  # torch and transformers: only now
     from distzo.report import start_loss, write_report
     from distzo.runlog import read_history
 

@@ -26,7 +26,7 @@ from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
 from distzo.data import Batch
 from distzo.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
-from distzo.job import EvalTally, JobData
+from distzo.jobdata import EvalTally, JobData
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.plan import StepPlan, step_plan, worker_roles

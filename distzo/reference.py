@@ -20,7 +20,7 @@ from distzo.data import Batch
 from distzo.export import export_model_dir
 from distzo.modelcard import model_card, write_model_card
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
-from distzo.job import EvalTally, JobData
+from distzo.jobdata import EvalTally, JobData
 from distzo.mezo import StepOutcome, UpdateRecord, apply_update
 from distzo.modeling import BlockModel
 from distzo.objective import forward_sums

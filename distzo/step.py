@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from distzo.config import JobConfig
 from distzo.data import Batch
-from distzo.job import JobData
+from distzo.jobdata import JobData
 from distzo.logs import kv
 from distzo.mezo import StepOutcome, UpdateRecord, make_update
 from distzo.plan import StepPlan, step_plan

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from distzo.config import JobConfig
-from distzo.job import JobData
+from distzo.jobdata import JobData
 from distzo.plan import step_plan
 from distzo.procs import ServiceProcess
 from distzo.rpc import Credentials

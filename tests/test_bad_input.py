@@ -136,7 +136,7 @@ def test_an_assignment_over_the_message_limit_is_refused_before_it_is_sent():
 def test_the_job_fails_with_the_cause_and_says_it_was_bad_input(cache_dir):
     from coordinator.job import Job
     from coordinator.rounds import BadInput
-    from distzo.job import JobData
+    from distzo.jobdata import JobData
     from distzo.rpc import Credentials
 
     from conftest import small_config
@@ -184,7 +184,7 @@ def test_zoctl_plan_json_is_strict(tmp_path):
 
 def test_eval_metrics_are_not_computed_from_non_finite_scores():
     from distzo.data import Example
-    from distzo.job import EvalTally
+    from distzo.jobdata import EvalTally
 
     ex = [Example("a", 0), Example("b", 1)]
     batch = Batch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), torch.full((2, 3), -100))

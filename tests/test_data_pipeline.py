@@ -168,7 +168,7 @@ def test_a_tokenizer_that_disagrees_with_the_weights_is_refused_before_anything_
 def test_special_token_ids_outside_the_vocabulary_are_refused(preset, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from distzo.job import check_tokenizer_fits_model
+    from distzo.jobdata import check_tokenizer_fits_model
     from distzo.modeling import ModelError
 
     tok = AutoTokenizer.from_pretrained(str(preset("tiny-llama")))

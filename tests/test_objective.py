@@ -52,7 +52,7 @@ def test_up_equals_the_reference_bitwise_with_the_accuracy_objective(cache_dir, 
 
 def test_a_task_without_single_token_candidates_is_refused_clearly(cache_dir, tmp_path):
     from distzo.config import JobConfig
-    from distzo.job import JobData
+    from distzo.jobdata import JobData
 
     cfg = JobConfig.from_dict({"runtime": {"cache_dir": cache_dir}, "data": {"label_words": ["absolutely terrible", "great"]},
                                "train": {"objective": "accuracy"}})
