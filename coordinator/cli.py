@@ -88,6 +88,7 @@ def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfi
         "layout.name": args.layout,
         "layout.q": args.q,
         "train.steps": args.steps,
+        "cluster.hosts": getattr(args, "hosts", None),  # zoctl up only
     }
     return apply_settings(cfg, args, overrides)
 
@@ -105,6 +106,15 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
         if key in summary:
             v = summary[key]
             print(f"{key:>22}: {v:.4f}" if isinstance(v, float) else f"{key:>22}: {v}")
+    net = summary.get("network")
+    if net:  # zoctl up --hosts: bytes on each host's link (coordinator.linkstats)
+        print(f"{'model_bytes':>22}: {net['model_bytes']} (one copy at the served dtype)")
+        for link in net["links"]:
+            sync = link["initial_sync_bytes"]
+            print(f"{'link host-' + str(link['host']):>22}: {link['bytes_per_step']:.0f} bytes/step "
+                  f"(sent {link['sent_bytes_per_step']:.0f}, received {link['received_bytes_per_step']:.0f}; "
+                  f"{100 * link['fraction_of_model']:.3f}% of the model; steady state over {net['steady_steps']} steps)"
+                  + (f", initial sync {sync} bytes" if sync is not None else ""))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -254,10 +264,13 @@ def check_local_gpus(cfg) -> None:  # noqa: ANN001 - a JobConfig
 def cmd_up(args: argparse.Namespace) -> int:
     from distzo.procs import ServiceFailed
     from coordinator.local import LocalCluster, check_run_dir
+    from coordinator.hosts import check_can_make_hosts
 
     cfg = job_config_from_args(args)
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
     check_run_dir(run_dir.resolve(), cfg, args.resume)  # another job's run directory: refused at once
+    if cfg.cluster.hosts > 1:
+        check_can_make_hosts()  # not root: one line, exit 2, before anything is loaded
 
     from distzo.job import JobData  # torch and transformers: only now
     from distzo.report import write_report
@@ -266,13 +279,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         check_local_gpus(cfg)
     JobData.load(cfg)  # model and data errors surface here, before any process starts
     out_dir = Path(args.out) if args.out else run_dir / "model"
-    cluster = LocalCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)  # refuses another job's run dir
+    if cfg.cluster.hosts > 1:
+        from coordinator.hostcluster import HostsCluster
+
+        cluster: LocalCluster = HostsCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)
+    else:
+        cluster = LocalCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)  # refuses another job's run dir
     t0 = time.monotonic()
     progress = _Progress(cfg.train.steps)
     try:
         cluster.start()
+        hosts = f" on {cfg.cluster.hosts} simulated hosts" if cfg.cluster.hosts > 1 else ""
         print(f"zoctl: local cluster up in {run_dir} (coordinator {cluster.coordinator_address}, "
-              f"parameter server {cluster.server_address}, {cfg.layout.workers} workers)", file=sys.stderr)
+              f"parameter server {cluster.server_address}, {cfg.layout.workers} workers{hosts})", file=sys.stderr)
         print("zoctl: metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_endpoints().items()), file=sys.stderr)
         st = cluster.wait(progress.update)
         progress.close()
@@ -280,9 +299,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise CliError(f"training {st.state}: {st.error or 'see ' + str(run_dir / 'logs')}",
                            EXIT_BAD_INPUT if st.error_kind == "bad_input" else EXIT_FAILED)
         reply = cluster.export(out_dir)
+        links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}
         summary = summary_from_status(st, time.monotonic() - t0, reply.path,
                                       {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),
-                                       "restarts": dict(cluster.restarts), **write_report(run_dir)})
+                                       "restarts": dict(cluster.restarts), **write_report(run_dir), **links})
     except ServiceFailed as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     finally:
@@ -498,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help="logs, journal and snapshots (default runs/up-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir (it must be the same job); without it a used run directory is refused")
+    p.add_argument("--hosts", type=int, metavar="N", help="spread the cluster over N simulated hosts (network namespaces; "
+                   "needs root): primary + coordinator on host 0, a replica on each other host (cluster.hosts)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("train", help="start a job on a running coordinator (cluster mode) and watch it")
