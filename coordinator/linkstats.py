@@ -28,7 +28,7 @@ class _Sample:
     counters: list[tuple[int, int]]
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: a Prometheus registry keys on it
 class LinkMeter(Collector):
     """Per-host link bytes of one run. ``counters(h)``: (sent, received) bytes of host ``h`` so far."""
 
