@@ -127,6 +127,10 @@ class HostsCluster(LocalCluster):
         finally:
             client.close()
 
+    def _cluster_info(self) -> dict:
+        return {"hosts": self.hosts, "hosts_run_id": self.net.rid,
+                "replicas": {str(h): self.replica_address(h) for h in self.replica_ports}}
+
     def metrics_endpoints(self) -> dict[str, str]:
         out = super().metrics_endpoints()
         if self.links_metrics_port:

@@ -130,6 +130,10 @@ class LocalCluster:
     def _start_replicas(self) -> None:
         pass
 
+    def _cluster_info(self) -> dict:
+        """More of cluster.json (the hosts' run id)."""
+        return {}
+
     # ------------------------------------------------------------------ processes
     def _v(self, host: int = 0) -> list[str]:
         # every process with its own free metrics port, on its host's address
@@ -261,7 +265,8 @@ class LocalCluster:
                 "metrics": self.metrics_endpoints(), "tls_ca": sec.tls_ca,
                 "tls_cert": sec.tls_cert if sec.mutual_tls else None, "tls_key": sec.tls_key if sec.mutual_tls else None,
                 "token_file": str(self.cfg.security.token_file), "run_dir": str(self.run_dir),
-                "pids": {n: p.pid for n, p in self.processes.items()}, "supervisor_pid": os.getpid(), "started": time.time()}
+                "pids": {n: p.pid for n, p in self.processes.items()}, "supervisor_pid": os.getpid(), "started": time.time(),
+                **self._cluster_info()}
         # announced in the run directory only (coordinator.targets): never a machine-wide "latest" cluster
         tmp = self.run_dir / (CLUSTER_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=2))
