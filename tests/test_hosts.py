@@ -183,6 +183,8 @@ def test_a_host_whose_link_goes_down_for_10s_rejoins_and_the_run_ends_bitwise_eq
     run_hosts(cfg, tmp_path, on_status)
     threads[0].join(30)
     assert "up_at" in seen and seen["down_at"] < FAULT_STEPS
+    # the cut was real: host 1's worker holds a data shard of every step, and it waited (heartbeat timeout 30 s)
+    assert seen["up_at"] <= seen["down_at"] + 1, seen
     assert same_weights(tmp_path / "dist", ref)
 
 
@@ -200,3 +202,34 @@ def test_a_killed_replica_is_restarted_catches_up_and_the_run_ends_bitwise_equal
     cluster = run_hosts(cfg, tmp_path, on_status)
     assert killed and cluster.restarts.get("replica-1", 0) >= 1
     assert same_weights(tmp_path / "dist", ref)
+
+
+def test_link_meter_counts_steady_state_apart_from_evals_and_the_last_step():
+    from urllib.request import urlopen
+
+    from coordinator.linkstats import LinkMeter
+
+    wire = {0: [0, 0], 1: [0, 0]}
+    meter = LinkMeter(2, lambda h: tuple(wire[h]), total_steps=6, model_bytes=10_000)
+    meter.begin()
+    meter.initial_sync[1] = (100, 5000)
+    for step, evals, per_step in [(1, 1, 0), (2, 1, 10), (3, 1, 10), (4, 2, 900), (5, 2, 10), (6, 3, 900)]:
+        for h in wire:  # host h sends 10(h+1) and receives 20(h+1) bytes per step, an eval 900
+            wire[h][0] += per_step * (h + 1)
+            wire[h][1] += 2 * per_step * (h + 1)
+        meter.observe("running", step, evals)
+    meter.observe("running", 6, 3)  # the same step again: one sample
+    meter.observe("paused", 7, 3)  # not running: ignored
+    rep = meter.report()
+    assert rep["steady_steps"] == 3  # 1->2, 2->3, 4->5 (3->4 holds an eval, 5->6 reaches the last step)
+    assert [round(link["bytes_per_step"]) for link in rep["links"]] == [30, 60]
+    assert rep["links"][1]["fraction_of_model"] == 60 / 10_000
+    assert [link["initial_sync_bytes"] for link in rep["links"]] == [None, 5100]
+    port = meter.serve()
+    try:
+        text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        meter.close()
+    assert 'distzo_link_steady_bytes_per_step{host="1"} 60.0' in text
+    assert 'distzo_link_received_bytes_total{host="0"} 3660.0' in text
+    assert 'distzo_link_initial_sync_bytes{host="1"} 5100.0' in text and "distzo_link_model_bytes 10000.0" in text
