@@ -35,6 +35,41 @@ log = logging.getLogger("distzo.hostcluster")
 SERVING_TIMEOUT_S = 300.0
 
 
+def replica_states(primary: str | None, replicas: dict[str, str], creds) -> list[dict]:  # noqa: ANN001 - Credentials
+    """Per replica (``{host: address}``): state ``serving`` (following, caught up), ``behind`` (serving, more than one
+    step behind the primary), ``not-serving`` (catching up, or its follower died), ``dead`` (unreachable); its
+    applied version and its lag behind the primary's, in steps (None when unknown)."""
+    from paramserver.client import ParamServerClient
+
+    def version(address: str | None) -> int | None:
+        if address is None:
+            return None
+        client = ParamServerClient(address, creds)
+        try:
+            return client.connect().applied_version(timeout_s=3)
+        except Exception:  # noqa: BLE001 - unreachable or not answering: reported as unknown
+            return None
+        finally:
+            client.close()
+
+    head = version(primary)
+    out = []
+    for host, address in sorted(replicas.items(), key=lambda kv_: int(kv_[0])):
+        channel = make_channel(address, creds)
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=3).status
+        except grpc.RpcError:
+            status = None
+        finally:
+            channel.close()
+        v = version(address) if status is not None else None
+        lag = head - v if head is not None and v is not None else None
+        state = ("dead" if status is None else "not-serving" if status != health_pb2.HealthCheckResponse.SERVING
+                 else "behind" if lag is not None and lag > 1 else "serving")
+        out.append({"host": host, "address": address, "state": state, "version": v, "lag": lag})
+    return out
+
+
 class HostsCluster(LocalCluster):
     """A LocalCluster whose processes live on ``cfg.cluster.hosts`` simulated hosts; ``net``, ``meter``."""
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from clusterhelpers import wait_until
+from coordinator.hostcluster import replica_states
 from coordinator.hosts import HostNetwork, cleanup_stale, leftovers
 from distzo.config import JobConfig
 from test_cluster import our_processes, same_weights, write_config, zoctl
@@ -193,14 +194,24 @@ def test_a_killed_replica_is_restarted_catches_up_and_the_run_ends_bitwise_equal
     cfg, ref = two_host_reference
     killed: list[int] = []
 
+    seen: dict[str, object] = {}
+
     def on_status(cluster, st) -> None:  # noqa: ANN001
         if st.step >= 3 and not killed:
+            shown = zoctl("status", "--run-dir", str(cluster.run_dir), "--json", timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            seen["before"] = json.loads(shown.stdout)["replicas"]
             p = cluster.processes["replica-1"]
             killed.append(p.pid)
             p.kill()  # kill -9: the supervisor restarts it from its own snapshot + journal
+            p.proc.wait(30)
+            seen["killed"] = replica_states(cluster.server_address, {"1": cluster.replica_address(1)}, cluster.creds)
 
     cluster = run_hosts(cfg, tmp_path, on_status)
     assert killed and cluster.restarts.get("replica-1", 0) >= 1
+    before, after = seen["before"], seen["killed"]
+    assert [(r["host"], r["state"]) for r in before] == [("1", "serving")] and before[0]["lag"] <= 1, before
+    assert [(r["host"], r["state"], r["version"]) for r in after] == [("1", "dead", None)], after  # zoctl status shows it
     assert same_weights(tmp_path / "dist", ref)
 
 
