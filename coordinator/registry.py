@@ -49,6 +49,7 @@ class Registry:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.workers: dict[str, WorkerConn] = {}
+        self.closing = False  # the coordinator told every worker to shut down: sessions ending now are expected
 
     def register(self, hello: cpb.WorkerHello, first=None) -> WorkerConn:  # noqa: ANN001
         """Add (or replace) a worker's session. ``first(worker_id)``: a message queued before the
@@ -87,7 +88,10 @@ class Registry:
             conn.state = "lost"
             conn.outbox.put(None)
             self.changed.notify_all()
-        log.warning("worker lost", extra=kv(worker=conn.worker_id, reason=reason))
+        if self.closing:  # a normal shutdown: the worker left because we asked it to
+            log.info("worker left", extra=kv(worker=conn.worker_id, reason="shutdown"))
+        else:
+            log.warning("worker lost", extra=kv(worker=conn.worker_id, reason=reason))
 
     def expire(self, timeout_s: float) -> list[WorkerConn]:
         now = time.monotonic()
@@ -123,6 +127,11 @@ class Registry:
                     return False
                 self.changed.wait(min(remaining, 0.5))
         return True
+
+    def shutdown_all(self, reason: str) -> None:
+        """Tell every live worker to shut down; their sessions ending from now on are not losses."""
+        self.closing = True
+        self.broadcast(cpb.CoordinatorMessage(shutdown=cpb.ShutdownWorker(reason=reason)))
 
     def broadcast(self, msg: cpb.CoordinatorMessage) -> None:
         for w in self.live():

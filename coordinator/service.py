@@ -186,7 +186,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
     def Shutdown(self, request: cpb.ControlRequest, context: grpc.ServicerContext) -> cpb.ControlReply:
         if self.job is not None:
             self.job.stop()
-        self.registry.broadcast(cpb.CoordinatorMessage(shutdown=cpb.ShutdownWorker(reason="coordinator shutting down")))
+        self.registry.shutdown_all("coordinator shutting down")
         threading.Timer(0.2, self.on_shutdown).start()
         log.info("shutdown requested")
         return cpb.ControlReply(message="shutting down")

@@ -136,7 +136,11 @@ def resolve(coordinator: str | None = None, run_dir: str | None = None, context:
         d = Path(run_dir)
         info, why = read_record(d)
         if info is None:
-            raise TargetError(f"--run-dir {run_dir}: {why} (start it with `zoctl up --run-dir {run_dir}`)", 3)
+            if (d / "steps.jsonl").is_file() or (d / "evals.jsonl").is_file():  # a run that ended (or was killed)
+                hint = f"`zoctl report {run_dir}` shows it; `zoctl up --run-dir {run_dir} --resume` continues it"
+            else:
+                hint = f"start it with `zoctl up --run-dir {run_dir}`"
+            raise TargetError(f"--run-dir {run_dir}: {why} ({hint})", 3)
         return _from_record(info, d)
     if context:
         return _from_context(context)

@@ -302,7 +302,12 @@ def resolve_model(source: str, cache_dir: str | None = None) -> Path:
         if CATALOG[source].kind != "model":
             raise MaterialError(f"{source!r} is a task, not a model")
         return locate(source, cache_dir)
-    return Path(source)
+    path = Path(source)
+    if not path.exists():
+        models = [*PRESETS, *(n for n, m in CATALOG.items() if m.kind == "model")]
+        raise MaterialError(f"model {source!r} does not exist: expected a preset or fetched model "
+                            f"({', '.join(models)}) or a model directory{_did_you_mean(source, models)}")
+    return path
 
 
 def resolve_task(source: str | None, cache_dir: str | None = None) -> tuple[Path, Path | None]:
@@ -320,4 +325,16 @@ def resolve_task(source: str | None, cache_dir: str | None = None) -> tuple[Path
             raise MaterialError(f"{source!r} is a model, not a task")
         path = locate(source, cache_dir)
         return path / "train.jsonl", path / "dev.jsonl"
-    return Path(source), None
+    path = Path(source)
+    if not path.exists():
+        tasks = [*SHIPPED_TASKS, *(n for n, m in CATALOG.items() if m.kind == "task")]
+        raise MaterialError(f"data {source!r} does not exist: expected a task ({', '.join(tasks)}) or a JSONL "
+                            f"file{_did_you_mean(source, tasks)}")
+    return path, None
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.replace("_", "-").lower(), names, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distzo.errors import BadInput
+from distzo.errors import BadInput, counted
 from distzo.wire_sizes import MAX_MESSAGE_BYTES, MESSAGE_HEADROOM, TOKEN_BYTES
 
 LayoutName = Literal["dual", "pertp", "ddp", "2d"]
@@ -121,12 +121,12 @@ class LayoutSection(_Section):
         per = self.pertp * self.q
         if self.workers % per:
             raise ValueError(
-                f"layout {self.name} with q={self.q} needs a multiple of {per} workers (workers = pertp x ddp x q), got {self.workers}"
+                f"layout {self.name} with q={self.q} needs a multiple of {counted(per, 'worker')} (workers = pertp x ddp x q), got {self.workers}"
             )
         ddp = self.workers // per
         if self.name in ("dual", "pertp") and ddp != 1:
             raise ValueError(
-                f"layout {self.name} with q={self.q} uses exactly {per} workers, got {self.workers}; "
+                f"layout {self.name} with q={self.q} uses exactly {counted(per, 'worker')}, got {self.workers}; "
                 f"use layout {'ddp' if self.name == 'dual' else '2d'} to spread more workers over data shards"
             )
         if self.name in ("ddp", "2d") and ddp < 2:

@@ -18,3 +18,8 @@ class FetchError(RuntimeError):
     def __init__(self, message: str, unreachable: bool = False):
         super().__init__(message)
         self.unreachable = unreachable
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and the noun in the number it needs, for messages: counted(1, "worker") == "1 worker"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -6,6 +6,7 @@ metrics. Only the standard library and yaml: the parameter server and the refere
 """
 
 from __future__ import annotations
+from distzo.errors import counted
 
 import math
 import re
@@ -46,7 +47,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
         "batch size": t.batch_size,
         "weight decay": t.weight_decay,
         "master seed": t.seed,
-        "layout": f"{lay.name}, {lay.workers} workers, q={lay.q}",
+        "layout": f"{lay.name}, {counted(lay.workers, 'worker')}, q={lay.q}",
         "max sequence length": cfg.data.max_seq_len,
         "template / label words": f"{cfg.data.template!r} / {', '.join(cfg.data.label_words)}",
     }

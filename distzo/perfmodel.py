@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from distzo.dtypes import ITEMSIZE
+from distzo.errors import counted
 
 BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_mask + int32 labels
 CONTROL_BYTES_PER_WORKER = 512  # assignment header + loss report (assumption: a few hundred bytes)
@@ -337,14 +338,14 @@ class LayoutSpec:
         pertp = 2 if name in ("pertp", "2d") else 1
         per = pertp * q
         if q < 1 or workers % per:
-            raise ValueError(f"layout {name} with q={q} needs a multiple of {per} workers, the cluster has {workers}")
+            raise ValueError(f"layout {name} with q={q} needs a multiple of {counted(per, 'worker')}, the cluster has {counted(workers, 'worker')}")
         ddp = workers // per
         if name in ("dual", "pertp") and ddp != 1:
             better = "ddp" if name == "dual" else "2d"
-            raise ValueError(f"layout {name} with q={q} uses exactly {per} workers, the cluster has {workers}: "
+            raise ValueError(f"layout {name} with q={q} uses exactly {counted(per, 'worker')}, the cluster has {counted(workers, 'worker')}: "
                              f"use layout {better}, or a larger q")
         if name in ("ddp", "2d") and ddp < 2:
-            raise ValueError(f"layout {name} needs at least {2 * per} workers (2 data shards), the cluster has {workers}")
+            raise ValueError(f"layout {name} needs at least {2 * per} workers (2 data shards), the cluster has {counted(workers, 'worker')}")
         return cls(pertp, ddp, q)
 
     def to_dict(self) -> dict[str, Any]:
@@ -479,7 +480,7 @@ def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_pe
         raise ValueError(f"served dtype {served_dtype!r}: expected one of {', '.join(ITEMSIZE)}")
     if layout.workers != cluster.workers:
         raise ValueError(f"layout {layout.name} (pertp={layout.pertp} ddp={layout.ddp} q={layout.q}) has "
-                         f"{layout.workers} workers; cluster {cluster.name} has {cluster.workers} workers of "
+                         f"{counted(layout.workers, 'worker')}; cluster {cluster.name} has {counted(cluster.workers, 'worker')} of "
                          f"{cluster.worker_gpus} GPUs")
     if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
         raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
@@ -611,7 +612,7 @@ def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, serv
     sequences = tokens_per_step // seq_len
     layouts = layouts_for(cluster.workers, sequences, q)
     if not layouts:
-        raise ValueError(f"no layout of {cluster.workers} workers with q={q} divides {sequences} sequences per step "
+        raise ValueError(f"no layout of {counted(cluster.workers, 'worker')} with q={q} divides {sequences} sequences per step "
                          f"into data shards: change --tokens-per-step, --seq-len or --q")
     s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks)
                                            or valid_shards(cluster)[-1])

@@ -133,6 +133,7 @@ class ReferenceTrainer:
             "workers": cfg.layout.workers,
             "steps": cfg.train.steps,
             **eval_summary(self.log.evals),
+            "start_loss": self.log.start_loss(),
             "final_loss": self.log.final_loss(),
             "dev_loss": final_eval["dev_loss"],
             "dev_accuracy": final_eval["dev_accuracy"],

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distzo.runlog import EVALS, STEPS, RunHistory, read_history
+from distzo.runlog import EVALS, STEPS, RunHistory, mean_finite, read_history
 
 PLOT = "report.png"
 
@@ -20,12 +20,21 @@ def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
-def eval_summary(evals: list[dict[str, Any]]) -> dict[str, float]:
-    """The zero-shot figures (the evaluation at step 0), when there is one."""
+def eval_summary(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The zero-shot figures (the evaluation at step 0, when there is one) and every evaluation's
+    step, dev loss and dev accuracy (``eval_history``)."""
+    by_step = {int(e["step"]): e for e in evals}  # a resumed run that had ended evaluates its last step again
+    out: dict[str, Any] = {"eval_history": [{"step": step, "dev_loss": _num(e["dev_loss"]),
+                                             "dev_accuracy": _num(e["dev_accuracy"])} for step, e in by_step.items()]}
     first = next((e for e in evals if e["step"] == 0), None)
-    if first is None:
-        return {}
-    return {"zero_shot_dev_loss": _num(first["dev_loss"]), "zero_shot_dev_accuracy": _num(first["dev_accuracy"])}
+    if first is not None:
+        out.update(zero_shot_dev_loss=_num(first["dev_loss"]), zero_shot_dev_accuracy=_num(first["dev_accuracy"]))
+    return out
+
+
+def start_loss(history: RunHistory) -> float:
+    """The run's starting training loss: the mean over its first 10 logged steps (as TrainLog.start_loss)."""
+    return mean_finite([_num(r.get("loss")) for r in history.steps[:10]])
 
 
 def _moving_average(xs: list[float], window: int) -> list[float]:
@@ -94,7 +103,7 @@ def write_report(run_dir: str | Path) -> dict[str, str]:
     """Draw ``report.png`` in the run directory; return where the log and the plot are."""
     d = Path(run_dir)
     plot(read_history(d), d / PLOT, _title(d))
-    return {"step_log": str(d / STEPS), "report": str(d / PLOT)}
+    return {"step_log": str(d / STEPS), "eval_log": str(d / EVALS), "report": str(d / PLOT)}
 
 
 def text_report(history: RunHistory) -> str:
@@ -102,14 +111,13 @@ def text_report(history: RunHistory) -> str:
     lines = []
     if history.steps:
         losses = [_num(r.get("loss")) for r in history.steps]
-        head = [x for x in losses[:10] if math.isfinite(x)]
-        tail = [x for x in losses[-10:] if math.isfinite(x)]
         tokens = sum(int(r.get("tokens") or 0) for r in history.steps)
         secs = history.elapsed_s
         lines.append(f"steps: {history.steps[0]['step']}..{history.steps[-1]['step']} ({len(history.steps)} logged), "
                      f"skipped {sum(1 for r in history.steps if r.get('skipped'))}")
-        if head and tail:
-            lines.append(f"training loss: {sum(head) / len(head):.4f} (first 10 steps) -> {sum(tail) / len(tail):.4f} (last 10)")
+        head, tail = mean_finite(losses[:10]), mean_finite(losses[-10:])
+        if math.isfinite(head) and math.isfinite(tail):
+            lines.append(f"training loss: {head:.4f} (first 10 steps) -> {tail:.4f} (last 10)")
         if secs > 0:
             lines.append(f"training time: {secs:.1f} s, {tokens} tokens, {tokens / secs:.1f} tokens/s")
     else:

@@ -15,12 +15,19 @@ step, so the re-run records equal the lost ones and the log covers the whole run
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from distzo.durable import check_same_job, record_job
+
+
+def mean_finite(xs: Sequence[float]) -> float:
+    """The mean of the finite values of ``xs``; nan when there are none (a run's start and final loss)."""
+    kept = [x for x in xs if math.isfinite(x)]
+    return sum(kept) / len(kept) if kept else math.nan
 from distzo.errors import BadInput
 from distzo.strictjson import strict_json
 

@@ -16,7 +16,6 @@ server) both run their steps through ``run_step``, so the two cannot drift apart
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -27,7 +26,7 @@ from distzo.job import JobData
 from distzo.logs import kv
 from distzo.mezo import StepOutcome, UpdateRecord, make_update
 from distzo.plan import StepPlan, step_plan
-from distzo.runlog import RunLog
+from distzo.runlog import RunLog, mean_finite
 
 log = logging.getLogger("distzo.step")
 
@@ -62,10 +61,13 @@ class TrainLog:
     evals: list[dict[str, Any]] = field(default_factory=list)
     records: list[UpdateRecord] = field(default_factory=list)  # what a parameter server would be sent (reference)
 
+    def start_loss(self) -> float:
+        """Mean of the first 10 step losses that are finite (nan when there are none)."""
+        return mean_finite(self.losses[:10])
+
     def final_loss(self) -> float:
-        """Mean of the last 10 finite step losses (nan when there are none)."""
-        tail = [x for x in self.losses[-10:] if math.isfinite(x)]
-        return sum(tail) / len(tail) if tail else math.nan
+        """Mean of the last 10 step losses that are finite (nan when there are none)."""
+        return mean_finite(self.losses[-10:])
 
 
 @dataclass

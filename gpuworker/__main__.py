@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--param-server", action="append", help="override the parameter-server addresses the coordinator gives")
     ap.add_argument("--node-rank", type=int, default=0, help="rank inside the node group")
     ap.add_argument("--node-size", type=int, default=1, help="workers in the node group (sliced fetch + all-gather)")
-    ap.add_argument("--node-master", help="host:port for the node group's rendezvous")
+    ap.add_argument("--node-master", help="the node group's rendezvous: HOST:PORT (rank 0 listens) or file:///PATH (a fresh file all ranks see)")
     ap.add_argument("--node-id", help="name shared by the node group's workers")
     ap.add_argument("--worker-id", help="stable id (default: host-pid-random)")
     add_security_args(ap)

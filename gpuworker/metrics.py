@@ -13,3 +13,5 @@ ASSIGNMENT_SECONDS = Histogram("distzo_worker_assignment_duration_seconds", "Wal
                                buckets=LATENCY_BUCKETS)
 PEAK_MEMORY = Gauge("distzo_worker_peak_memory_bytes", "Peak device memory (GPU) or resident set size (CPU)")
 PEAK_BLOCK_BYTES = Gauge("distzo_worker_peak_block_bytes", "Block buffers and perturbed copies alive at once, at peak")
+READY = Gauge("distzo_worker_ready",
+              "1 while the worker has a session with the coordinator and is set up for its job (the readiness probe, gpuworker/probe.py)")

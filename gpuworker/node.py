@@ -32,7 +32,10 @@ class NodeGroup:
         self.rank, self.size = rank, size
         self.device = device
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method=f"tcp://{master}", rank=rank, world_size=size,
+        # host:port (a TCP store rank 0 listens on) or a URL, e.g. file:///path: a store in a file that no
+        # other process can take from us between choosing it and binding it, as it can a free port
+        init_method = master if "://" in master else f"tcp://{master}"
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         self.backend = backend
         log.info("node group formed", extra=kv(rank=rank, size=size, backend=backend, master=master))

@@ -23,13 +23,14 @@ from distzo import generator
 from distzo.config import JobConfig
 from distzo.forward import resolve_device
 from distzo.logs import kv
-from distzo.rpc import Credentials, make_channel
+from coordinator.client import CoordinatorClient
+from distzo.rpc import Credentials
+from gpuworker import metrics
 from gpuworker.node import GatherError, NodeGroup
 from gpuworker.runner import ModelRunner
 from paramserver import hostcopy
 from paramserver.client import ParamServerClient
 from protos import coordinator_pb2 as cpb
-from protos import coordinator_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("distzo.worker")
 HEARTBEAT_S = 1.0
@@ -52,7 +53,7 @@ class Worker:
         self.node: NodeGroup | None = None
         if node_size > 1:
             if not node_master:
-                raise ValueError("a node group (node_size > 1) needs --node-master HOST:PORT")
+                raise ValueError("a node group (node_size > 1) needs --node-master HOST:PORT or file:///PATH")
             self.node = NodeGroup(node_rank, node_size, node_master, self.device)
         self.param_server_override = param_servers
         self.runner: ModelRunner | None = None
@@ -104,12 +105,11 @@ class Worker:
     def _session(self) -> None:
         outbox: queue.Queue[cpb.WorkerMessage | None] = queue.Queue()
         outbox.put(self._hello())
-        channel = make_channel(self.coordinator, self.creds)
-        stub = cpb_grpc.CoordinatorStub(channel)
+        coordinator = CoordinatorClient(self.coordinator, self.creds)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeats, args=(outbox, done), daemon=True)
         try:
-            call = stub.Session(iter(outbox.get, None), metadata=self.creds.call_metadata())
+            call = coordinator.session(iter(outbox.get, None))
             self._call = call
             beat.start()
             for msg in call:
@@ -117,6 +117,7 @@ class Worker:
                 if kind == "welcome":
                     self._welcome(msg.welcome)
                     outbox.put(cpb.WorkerMessage(heartbeat=cpb.Heartbeat(state="idle", ready=True)))
+                    metrics.READY.set(1)
                 elif kind == "assignment":
                     outbox.put(cpb.WorkerMessage(result=self._execute(msg.assignment)))
                 elif kind == "shutdown":
@@ -131,10 +132,11 @@ class Worker:
             log.warning("lost the coordinator, reconnecting", extra=kv(code=str(exc.code()), detail=exc.details()))
             raise Reconnect(str(exc)) from None
         finally:
+            metrics.READY.set(0)
             self._call = None
             done.set()
             outbox.put(None)
-            channel.close()
+            coordinator.close()
 
     def _heartbeats(self, outbox: queue.Queue, done: threading.Event) -> None:
         while not done.wait(HEARTBEAT_S):

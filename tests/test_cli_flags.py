@@ -109,3 +109,10 @@ def test_services_take_set_and_refuse_bad_values_in_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
     assert not (tmp_path / "d").exists()
+
+
+def test_named_flags_and_set_are_validated_together():
+    # --layout ddp alone (1 worker) or --set layout.workers=2 alone (dual) is invalid; together they are a job
+    args = build_parser().parse_args(["up", "--layout", "ddp", "--set", "layout.workers=2", "--set", "layout.node_size=2"])
+    cfg = job_config_from_args(args)
+    assert (cfg.layout.name, cfg.layout.workers, cfg.layout.node_size) == ("ddp", 2, 2)

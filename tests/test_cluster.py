@@ -162,6 +162,42 @@ def test_zoctl_up_with_defaults_short_variant(tmp_path):
     assert (Path(s["out_dir"]) / "model.safetensors").is_file()
     assert "training" in r.stderr or "step" in r.stderr  # progress was shown
     assert not our_processes(tmp_path / "run")
+    # the end of a run: the starting and final loss, every evaluation, where the logs and the plot are
+    assert s["state"] == "done" and np.isfinite(s["start_loss"]) and np.isfinite(s["final_loss"])
+    assert [e["step"] for e in s["eval_history"]] == [0, 5]
+    assert s["eval_history"][-1]["dev_accuracy"] == s["dev_accuracy"]
+    assert all(Path(s[k]).is_file() for k in ("step_log", "eval_log", "report"))
+    assert "1 worker)" in r.stderr, r.stderr  # counted, not "1 workers"
+    assert (tmp_path / "run" / "logs" / "coordinator.log").is_file()
+    logs = "".join(f.read_text() for f in (tmp_path / "run" / "logs").glob("*.log"))
+    assert "worker lost" not in logs, logs  # a normal shutdown is not a lost worker (a warning, logged by default)
+
+
+def test_zoctl_up_stopped_by_zoctl_stop_exports_and_reports_what_it_trained(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    # ends only by `zoctl stop`; its two workers are one node group, formed through a rendezvous file (no port race)
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "eval_every": 0},
+                       layout={"name": "ddp", "workers": 2, "node_size": 2})
+    up = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--run-dir", str(run),
+                           "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (run / "steps.jsonl").is_file() and len((run / "steps.jsonl").read_text().splitlines()) >= 3,
+                   timeout=300, what="3 steps logged")
+        stop = zoctl("stop", "--run-dir", str(run))
+        assert stop.returncode == 0, stop.stderr
+        out, err = up.communicate(timeout=300)
+    finally:
+        up.kill()
+    assert up.returncode == 0, err[-3000:]
+    s = json.loads(out)
+    assert s["state"] == "stopped" and 3 <= s["steps"] < 100_000
+    assert f"training stopped at step {s['steps']} of 100000" in err
+    assert [e["step"] for e in s["eval_history"]] == [0]  # stopped: no final evaluation ...
+    assert s["dev_accuracy"] is None and s["dev_loss"] is None  # ... so no dev figures, not step 0's passed off as final
+    assert (Path(s["out_dir"]) / "model.safetensors").is_file() and Path(s["report"]).is_file()
+    assert [f.name.startswith("node-0-") for f in (run / "rendezvous").iterdir()] == [True]
+    gone = zoctl("status", "--run-dir", str(run))  # the hint names commands that work on a run that has ended
+    assert gone.returncode == 3 and f"`zoctl report {run}`" in gone.stderr and "--resume" in gone.stderr, gone.stderr
 
 
 def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
@@ -175,7 +211,11 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
         assert st.returncode == 0, st.stderr
         assert f"zoctl: coordinator {cluster.coordinator_address} (the local cluster of {tmp_path / 'run'})" in st.stderr
         doc = json.loads(st.stdout)
-        assert doc["state"] in ("running", "paused") and int(doc["workers"][0]["pid"]) == cluster.processes["worker-0"].pid  # proto JSON: int64 as text
+        worker_port = cluster.metrics_endpoints()["worker-0"].rsplit(":", 1)[1].split("/")[0]
+        probe = subprocess.run([sys.executable, "-m", "gpuworker.probe", "--port", worker_port], capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr  # the pod's readiness probe: worker 0 has its session and job
+        assert doc["state"] in ("running", "paused") and doc["workers"][0]["pid"] == cluster.processes["worker-0"].pid
+        assert isinstance(doc["step"], int) and isinstance(doc["total_steps"], int)  # int64 as numbers, not text
         assert zoctl("pause", *target).returncode == 0
         wait_until(lambda: cluster.status().state == "paused", what="paused")
         snap = zoctl("snapshot", *target)
@@ -202,7 +242,10 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
     "args,needle",
     [
         (["--model", "/nonexistent/model"], "does not exist"),
-        (["--layout", "dual", "--workers", "2"], "uses exactly 1 workers, got 2"),
+        (["--model", "smollm2"], "expected a preset or fetched model (tiny-opt, "),  # the valid names, and the close one
+        (["--model", "smollm2"], "did you mean 'smollm2-135m'?"),
+        (["--data", "rotten_tomatoes"], "expected a task (sst2-synth, rotten-tomatoes) or a JSONL file; did you mean 'rotten-tomatoes'?"),
+        (["--layout", "dual", "--workers", "2"], "uses exactly 1 worker, got 2"),
         (["--steps", "-3"], "train.steps"),
     ],
 )

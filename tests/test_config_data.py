@@ -23,7 +23,7 @@ def test_defaults_run_and_round_trip(tmp_path):
         ({"train": {"lr": -1}}, "train.lr: Input should be greater than 0 (got -1)"),
         ({"train": {"stepz": 3}}, "train.stepz: unknown field"),
         ({"train": {"distribution": "uniform"}}, "train.distribution: Input should be 'rademacher' or 'gaussian'"),
-        ({"layout": {"name": "dual", "workers": 3}}, "uses exactly 1 workers, got 3"),
+        ({"layout": {"name": "dual", "workers": 3}}, "uses exactly 1 worker, got 3"),
         ({"layout": {"name": "pertp", "workers": 3}}, "needs a multiple of 2 workers"),
         ({"layout": {"name": "ddp", "workers": 1}}, "needs at least 2 workers"),
         ({"layout": {"name": "ddp", "workers": 3}, "train": {"batch_size": 16}}, "batch_size 16 must be divisible by the 3 data shards"),

@@ -452,6 +452,10 @@ def test_probes(docs: list[dict]) -> None:
         elif kind == "worker-launch":
             get = c.get("livenessProbe", {}).get("httpGet", {})
             assert get.get("path") == "/metrics" and get.get("port") == container_ports(c)["metrics"], f"{where}: liveness"
+            # readiness: worker 0's distzo_worker_ready (gpuworker/probe.py), on the port it serves metrics on
+            command = c.get("readinessProbe", {}).get("exec", {}).get("command", [])
+            assert command[:3] == ["python", "-m", "gpuworker.probe"], f"{where}: readiness is not gpuworker.probe"
+            assert command[command.index("--port") + 1] == str(container_ports(c)["metrics"]), f"{where}: probe port"
     # the replica's readiness is its catch-up
     assert flag(container(docs, "worker", "replica"), "--follow")
 

@@ -70,7 +70,7 @@ def test_zoctl_reference_cli(cache_dir, tmp_path):
     assert summary["steps"] == 2
     bad = subprocess.run([sys.executable, "-m", "coordinator.cli", "reference", "--config", str(cfg), "--workers", "3"],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "uses exactly 1 workers" in bad.stderr
+    assert bad.returncode == 2 and "uses exactly 1 worker" in bad.stderr
     for args, needle in ((["--model", str(tmp_path / "none")], "does not exist"), (["--steps", "0"], "train.steps")):
         r = subprocess.run([sys.executable, "-m", "coordinator.cli", "reference", "--config", str(cfg), *args],
                            capture_output=True, text=True, timeout=300)

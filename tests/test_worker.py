@@ -248,3 +248,20 @@ def test_lost_workers_do_not_grow_the_registry_without_bound():
     live = reg.register(cpb.WorkerHello(worker_id="live", node_size=1))
     assert len(reg.workers) <= MAX_LOST + 1 and reg.workers["live"] is live
     assert f"w{MAX_LOST + 49}" in reg.workers and "w0" not in reg.workers  # the oldest go first
+
+
+def test_the_readiness_probe_reads_distzo_worker_ready():
+    import socket
+    import subprocess
+    import sys
+
+    from gpuworker.probe import is_ready
+
+    assert is_ready("# TYPE distzo_worker_ready gauge\ndistzo_worker_ready 1.0\n")
+    assert not is_ready("# TYPE distzo_worker_ready gauge\ndistzo_worker_ready 0.0\n")
+    assert not is_ready("# TYPE other gauge\nother 1.0\n")
+    with socket.socket() as s:  # a port nothing listens on: not ready, said in one line
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "gpuworker.probe", "--port", str(port)], capture_output=True, text=True)
+    assert r.returncode == 1 and "unreachable" in r.stderr and r.stderr.count("\n") == 1
