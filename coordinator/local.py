@@ -105,17 +105,47 @@ class LocalCluster:
         self.config_path.chmod(0o600)
         self._started_at: dict[str, float] = {}
         self._quick_deaths: dict[str, int] = {}
+        self._hosts_of: dict[str, int] = {}  # process name -> host index
+        self._restarters: dict[str, Callable[[], None]] = {}  # extra processes (replicas) -> how to start them
         self.creds = Credentials.from_config(self.cfg.security)
         self._client: CoordinatorClient | None = None
 
-    # ------------------------------------------------------------------ processes
-    def _v(self) -> list[str]:
-        # every process on loopback, each with its own free metrics port
-        return ["-v"] * self.verbose + ["--metrics-port", "0", "--metrics-host", "127.0.0.1"]
+    # ------------------------------------------------------------------ placement (coordinator.hostcluster overrides)
+    def host_ip(self, host: int) -> str:
+        """The address the services of host ``host`` listen on (here every process is on loopback)."""
+        return "127.0.0.1"
 
-    def _spawn(self, name: str, argv: list[str]) -> ServiceProcess:
+    def _in_host(self, host: int, argv: list[str]) -> list[str]:
+        return argv
+
+    def _node_host(self, node: int) -> int:
+        return 0
+
+    def _node_servers(self, node: int) -> list[str]:
+        """--param-server overrides for a node's workers (none: the coordinator's list)."""
+        return []
+
+    def _server_args(self, host: int) -> list[str]:
+        return []
+
+    def _start_replicas(self) -> None:
+        pass
+
+    def _cluster_info(self) -> dict:
+        """More of cluster.json (the hosts' run id)."""
+        return {}
+
+    # ------------------------------------------------------------------ processes
+    def _v(self, host: int = 0) -> list[str]:
+        # every process with its own free metrics port, on its host's address
+        return ["-v"] * self.verbose + ["--metrics-port", "0", "--metrics-host", self.host_ip(host)]
+
+    def _spawn(self, name: str, argv: list[str], host: int = 0) -> ServiceProcess:
         ready = self.run_dir / "ready" / f"{name}.json"
-        p = ServiceProcess(name, [*argv, "--ready-file", str(ready)], ready, self.run_dir / "logs" / f"{name}.log")
+        ready.unlink(missing_ok=True)
+        self._hosts_of[name] = host
+        argv = self._in_host(host, [*argv, "--ready-file", str(ready)])
+        p = ServiceProcess(name, argv, ready, self.run_dir / "logs" / f"{name}.log")
         self.processes[name] = p
         p.start(timeout_s=300, env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         return p
@@ -148,13 +178,14 @@ class LocalCluster:
         self._started_at[name] = time.monotonic()
 
     def _start_server(self) -> None:
-        listen = f"127.0.0.1:{self.server_port}"
+        listen = f"{self.host_ip(0)}:{self.server_port}"
         p = self._spawn("paramserver", python_module("paramserver", "--config", str(self.config_path), "--data-dir",
-                                                      self.cfg.server.data_dir or "", "--listen", listen, *self._v()))
+                                                      self.cfg.server.data_dir or "", "--listen", listen,
+                                                      *self._server_args(0), *self._v()))
         self.server_port = p.info["port"]
 
     def _start_coordinator(self) -> None:
-        listen = f"127.0.0.1:{self.coordinator_port}"
+        listen = f"{self.host_ip(0)}:{self.coordinator_port}"
         p = self._spawn("coordinator", python_module("coordinator", "--config", str(self.config_path), "--param-server",
                                                       self.server_address, "--listen", listen, "--run-dir", str(self.run_dir),
                                                       *self._v()))
@@ -172,9 +203,11 @@ class LocalCluster:
 
     def _worker_argv(self, index: int, node: int, rank: int, master: str) -> list[str]:
         size = self.cfg.layout.node_size
+        host = self._node_host(node)
+        servers = [x for s in self._node_servers(node) for x in ("--param-server", s)]
         argv = python_module("gpuworker", "--coordinator", self.coordinator_address, "--device", self._worker_device(index, rank),
                              "--worker-id", f"worker-{index}", "--token-file", str(self.cfg.security.token_file),
-                             *self._tls_args(), *self._v())
+                             *servers, *self._tls_args(), *self._v(host))
         if size > 1:
             argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", master, "--node-id", f"node-{node}"]
         return argv
@@ -193,8 +226,9 @@ class LocalCluster:
             name = f"worker-{index}"
             ready = self.run_dir / "ready" / f"{name}.json"
             ready.unlink(missing_ok=True)
-            p = ServiceProcess(name, [*self._worker_argv(index, node, rank, master), "--ready-file", str(ready)], ready,
-                               self.run_dir / "logs" / f"{name}.log")
+            self._hosts_of[name] = self._node_host(node)
+            argv = self._in_host(self._node_host(node), [*self._worker_argv(index, node, rank, master), "--ready-file", str(ready)])
+            p = ServiceProcess(name, argv, ready, self.run_dir / "logs" / f"{name}.log")
             self.processes[name] = p
             procs.append(p)
         for p in procs:  # all members first: a node group forms only when every member is up
@@ -215,19 +249,20 @@ class LocalCluster:
             p.info = json.loads(p.ready_file.read_text())
 
     def metrics_endpoints(self) -> dict[str, str]:
-        return {name: f"http://127.0.0.1:{p.info['metrics_port']}/metrics"
+        return {name: f"http://{self.host_ip(self._hosts_of.get(name, 0))}:{p.info['metrics_port']}/metrics"
                 for name, p in self.processes.items() if p.info.get("metrics_port")}
 
     @property
     def server_address(self) -> str:
-        return f"127.0.0.1:{self.server_port}"
+        return f"{self.host_ip(0)}:{self.server_port}"
 
     @property
     def coordinator_address(self) -> str:
-        return f"127.0.0.1:{self.coordinator_port}"
+        return f"{self.host_ip(0)}:{self.coordinator_port}"
 
     def start(self) -> None:
         self._launch("paramserver", self._start_server)
+        self._start_replicas()
         self._launch("coordinator", self._start_coordinator)
         for node in range(self.cfg.layout.workers // self.cfg.layout.node_size):
             self._launch(f"node-{node}", lambda node=node: self._start_node(node))
@@ -236,7 +271,8 @@ class LocalCluster:
                 "metrics": self.metrics_endpoints(), "tls_ca": sec.tls_ca,
                 "tls_cert": sec.tls_cert if sec.mutual_tls else None, "tls_key": sec.tls_key if sec.mutual_tls else None,
                 "token_file": str(self.cfg.security.token_file), "run_dir": str(self.run_dir),
-                "pids": {n: p.pid for n, p in self.processes.items()}, "supervisor_pid": os.getpid(), "started": time.time()}
+                "pids": {n: p.pid for n, p in self.processes.items()}, "supervisor_pid": os.getpid(), "started": time.time(),
+                **self._cluster_info()}
         # announced in the run directory only (coordinator.targets): never a machine-wide "latest" cluster
         tmp = self.run_dir / (CLUSTER_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=2))
@@ -271,6 +307,8 @@ class LocalCluster:
                 for rank in range(size):  # a node group is restarted whole
                     self.processes[f"worker-{node * size + rank}"].stop(timeout_s=5)
                 self._launch(f"node-{node}", lambda node=node: self._start_node(node))
+            elif name in self._restarters:
+                self._launch(name, self._restarters[name])
             restarted.append(name)
         return restarted
 

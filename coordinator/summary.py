@@ -33,6 +33,15 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(f"{'evaluations':>22}: {'step':>6} {'dev loss':>10} {'dev accuracy':>13}")
         for e in history:
             print(f"{'':>22}  {e['step']:>6} {e['dev_loss']:>10.4f} {e['dev_accuracy']:>13.4f}")
+    net = summary.get("network")
+    if net:  # zoctl up --hosts: bytes on each host's link (coordinator.linkstats)
+        print(f"{'model_bytes':>22}: {net['model_bytes']} (one copy at the served dtype)")
+        for link in net["links"]:
+            sync = link["initial_sync_bytes"]
+            print(f"{'link host-' + str(link['host']):>22}: {link['bytes_per_step']:.0f} bytes/step "
+                  f"(sent {link['sent_bytes_per_step']:.0f}, received {link['received_bytes_per_step']:.0f}; "
+                  f"{100 * link['fraction_of_model']:.3f}% of the model; steady state over {net['steady_steps']} steps)"
+                  + (f", initial sync {sync} bytes" if sync is not None else ""))
 
 
 def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001

@@ -46,6 +46,8 @@ class Target:
     tls_cert: str | None
     tls_key: str | None
     source: str
+    primary: str | None = None  # zoctl up --hosts: the primary parameter server and the replicas (host -> address)
+    replicas: dict[str, str] | None = None
 
 
 def contexts_file() -> Path:
@@ -114,7 +116,8 @@ def read_record(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
 def _from_record(info: dict[str, Any], run_dir: Path) -> Target:
     where = "this run directory" if str(run_dir) == "." else str(run_dir)
     return Target(str(info["coordinator"]), info.get("token_file"), info.get("tls_ca"), info.get("tls_cert"),
-                  info.get("tls_key"), f"the local cluster of {where}")
+                  info.get("tls_key"), f"the local cluster of {where}", (info.get("param_servers") or [None])[0],
+                  info.get("replicas"))
 
 
 def running_clusters(base: Path) -> list[Path]:

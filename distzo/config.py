@@ -180,6 +180,17 @@ class CoordinatorSection(_Section):
     worker_wait_s: float = Field(600.0, gt=0, description="how long to wait for the layout's workers to register")
 
 
+class ClusterSection(_Section):
+    """Where ``zoctl up`` puts the processes (placement only: it never changes the weights)."""
+
+    hosts: int = Field(1, ge=1, le=64, description="simulated hosts (Linux network namespaces, needs root): the primary "
+                       "parameter server and the coordinator on host 0, a replica on every other host, the workers "
+                       "spread evenly over all hosts, each fetching from its own host's server; 1: everything on loopback")
+    link_rate: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?([kmgt]?bit|[kmgt]?bps)$", max_length=32,
+                                  description="limit each host's link to this rate in both directions (tc tbf, e.g. "
+                                  "1gbit, 100mbit); None: unlimited")
+
+
 class SecuritySection(_Section):
     token: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="bearer token for state-changing RPCs (prefer token_file)")
     token_file: Text | None = Field(None, description="file holding the bearer token (a mounted Secret)")
@@ -217,12 +228,22 @@ class JobConfig(_Section):
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
     coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
 
     @model_validator(mode="after")
     def _batch_fits_layout(self) -> "JobConfig":
         ddp = self.layout.ddp
         if self.train.batch_size % ddp:
             raise ValueError(f"train.batch_size {self.train.batch_size} must be divisible by the {ddp} data shards of layout {self.layout.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _hosts_fit_layout(self) -> "JobConfig":
+        nodes = self.layout.workers // self.layout.node_size
+        if self.cluster.hosts > 1 and nodes % self.cluster.hosts:
+            raise ValueError(f"cluster.hosts {self.cluster.hosts} must divide the layout's {nodes} node groups "
+                             f"(layout.workers {self.layout.workers} / layout.node_size {self.layout.node_size}): every "
+                             f"host runs the same number of workers, e.g. --layout ddp --workers {self.cluster.hosts}")
         return self
 
     @model_validator(mode="after")

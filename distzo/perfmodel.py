@@ -259,6 +259,13 @@ CLUSTERS: dict[str, ClusterSpec] = {
                              server_update_params_per_s=3.2e9, gpu_tflops=0.1, gpu_tflops_fp32=0.1,
                              gpu_memory_bytes=8 * GiB, host_memory_bytes=16 * GiB, fixed_step_overhead_s=0.02,
                              perturb_params_per_s=3.2e9, gpus_per_worker=1, fetch_group=1, device="cpu"),
+    # `zoctl up --hosts 2` on that machine (coordinator.hosts): simulated hosts (network namespaces), one CPU
+    # worker each, a replica per host, links limited to 1 Gbit/s (cluster.link_rate: 1gbit = 0.125 GB/s); the
+    # same rates as cpu-local, and every process shares its 2 cores (host_cores). --nodes N for N hosts.
+    "cpu-netns": ClusterSpec("cpu-netns", 2, 1, h2d_gbps=19, nvlink_gbps=19, network_gbps=0.125,
+                             server_update_params_per_s=3.2e9, gpu_tflops=0.1, gpu_tflops_fp32=0.1,
+                             gpu_memory_bytes=8 * GiB, host_memory_bytes=16 * GiB, fixed_step_overhead_s=0.02,
+                             perturb_params_per_s=3.2e9, gpus_per_worker=1, fetch_group=1, device="cpu", host_cores=2),
 }
 
 CALIBRATION_KEYS = ("forward_flops_per_s", "memcpy_bytes_per_s", "update_params_per_s", "fixed_step_overhead_s")

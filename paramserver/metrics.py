@@ -24,4 +24,7 @@ SNAPSHOT_BYTES = Gauge("distzo_paramserver_snapshot_bytes", "Size of the last co
 SNAPSHOT_VERSION = Gauge("distzo_paramserver_snapshot_version", "Version of the last completed snapshot")
 SNAPSHOT_SECONDS = Histogram("distzo_paramserver_snapshot_duration_seconds", "Writing one snapshot",
                              buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600))
+REPLICA_FOLLOWING = Gauge("distzo_paramserver_replica_following",
+                          "Replicas: 1 while following the primary's journal and caught up once, 0 while catching up "
+                          "or after the follower died (the replica then reports NOT_SERVING and exits)")
 MODEL_BYTES = Gauge("distzo_paramserver_master_bytes", "fp32 master bytes this server holds")

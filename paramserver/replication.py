@@ -6,6 +6,9 @@ network. It catches up from its own snapshot + journal when it has one; otherwis
 the primary's journal no longer reaches back that far) it copies the primary's fp32
 blocks, at whatever version each has, and replays records per block until all meet.
 Only then does it report SERVING; until a block reaches a version, fetches for it wait.
+A follower that stops for good (it cannot apply a record: ``error``) calls ``on_dead``: the
+replica then reports NOT_SERVING and its process exits (paramserver.server), never serving
+weights that no longer follow the primary.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ log = logging.getLogger("distzo.paramserver.replica")
 
 
 class Follower(threading.Thread):
-    def __init__(self, state: ServerState, primary: ParamServerClient, on_caught_up, stop: threading.Event):  # noqa: ANN001
+    def __init__(self, state: ServerState, primary: ParamServerClient, on_caught_up, stop: threading.Event,  # noqa: ANN001
+                 on_dead=None):  # noqa: ANN001 - called once, from this thread, when it ends without being stopped
         super().__init__(name="follower", daemon=True)
         self.state = state
         self.primary = primary
         self.on_caught_up = on_caught_up
+        self.on_dead = on_dead
         self.stop_event = stop
         self.error: BaseException | None = None
 
@@ -47,6 +52,9 @@ class Follower(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - a follower that cannot apply must stop loudly
             self.error = exc
             log.critical("replica stopped following", extra=kv(error=repr(exc)))
+        finally:
+            if not self.stop_event.is_set() and self.on_dead is not None:
+                self.on_dead()
 
     def _primary_lost(self, exc: BaseException) -> bool:
         return isinstance(exc, grpc.RpcError) and not self.stop_event.is_set()

@@ -16,6 +16,7 @@ import grpc
 
 from distzo.metrics import start_metrics_server
 from distzo.rpc import Credentials, RefuseMethods, add_health_and_reflection, bind, make_server, write_ready_file
+from paramserver import metrics
 from paramserver.client import ParamServerClient
 from paramserver.replication import Follower
 from paramserver.service import PROTECTED, SERVICE, STATE_CHANGING, THREADS, ParamServerService
@@ -61,6 +62,7 @@ class ParamServer:
             add_health_and_reflection(self.control, [SERVICE])
             self.service.control_port = self.control_port
         self.follower: Follower | None = None
+        self.follower_dead = threading.Event()
 
     @property
     def address(self) -> str:
@@ -79,7 +81,8 @@ class ParamServer:
             self.control.start()
         if self.follow_address:
             primary = ParamServerClient(self.follow_address, self.creds).connect()
-            self.follower = Follower(self.state, primary, self._serving, self._stopped)
+            self.follower = Follower(self.state, primary, self._serving, self._stopped, on_dead=self._follower_died)
+            metrics.REPLICA_FOLLOWING.set(0)  # 1 once caught up
             self.follower.start()
         else:
             self._serving()
@@ -91,6 +94,16 @@ class ParamServer:
         self.service.ready.set()
         self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.follow_address:
+            metrics.REPLICA_FOLLOWING.set(1)
+
+    def _follower_died(self) -> None:
+        """The replica no longer follows the primary: stop reporting SERVING (clients and probes go elsewhere)."""
+        self.service.ready.clear()
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.REPLICA_FOLLOWING.set(0)
+        self.follower_dead.set()
 
     def stop(self, grace: float = 2.0) -> None:
         if self._stopped.is_set():
@@ -122,5 +135,9 @@ def run(cfg: JobConfig, data_dir: str, listen: str, ready_file: str | None, bloc
     write_ready_file(ready_file, {"address": server.address, "port": server.port, "pid": os.getpid(),
                                   "control_port": server.control_port, "metrics_port": bound_metrics,
                                   "role": server.state.role, "server_id": server.state.server_id})
-    server.wait()
+    while not server._finished.wait(0.5):
+        if server.follower_dead.is_set():  # exit, so that a supervisor restarts it: it recovers and follows again
+            log.error("the follower died: the replica stops", extra=kv(address=server.address))
+            server.stop()
+            return 1
     return 0
