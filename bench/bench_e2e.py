@@ -198,7 +198,8 @@ def calibrate(cfg: JobConfig) -> dict:
 
 def predict_step(cal: dict, cfg: JobConfig, tokens_per_step: float, compute: tuple[float, float]) -> float:
     from distzo.modeling import BlockModel
-    from distzo.perfmodel import LayoutSpec, ModelSpec, cluster_from_calibration, predict
+    from distzo.perfspecs import LayoutSpec, ModelSpec, cluster_from_calibration
+    from distzo.perfmodel import predict
     from distzo.catalog import resolve_model
 
     model = ModelSpec.from_hf_config(BlockModel.from_dir(resolve_model(cfg.model.source, cfg.runtime.cache_dir)).config)

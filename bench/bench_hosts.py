@@ -93,7 +93,8 @@ def run(kind: type[HostsCluster], cfg: JobConfig, work: Path) -> dict:
 def scale(args: argparse.Namespace) -> list[dict]:
     """Tokens/s of zoctl up --hosts N for each N, beside the planner's prediction (cpu-netns, N nodes)."""
     from coordinator.plan_cli import resolve_model
-    from distzo.perfmodel import CLUSTERS, LayoutSpec, predict, with_overrides
+    from distzo.perfspecs import CLUSTERS, LayoutSpec, with_overrides
+    from distzo.perfmodel import predict
 
     rows = []
     for n in (int(x) for x in args.scale.split(",")):

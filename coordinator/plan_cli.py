@@ -12,20 +12,8 @@ from typing import Any
 
 from distzo.dtypes import ITEMSIZE
 from coordinator.clicommon import EXIT_BAD_INPUT, CliError, print_json
-from distzo.perfmodel import (
-    CLUSTERS,
-    GiB,
-    MODELS,
-    ClusterSpec,
-    LayoutSpec,
-    ModelSpec,
-    Prediction,
-    Recommendation,
-    fmt_params,
-    predict,
-    recommend,
-    with_overrides,
-)
+from distzo.perfspecs import CLUSTERS, MODELS, ClusterSpec, GiB, LayoutSpec, ModelSpec, fmt_params, with_overrides
+from distzo.perfmodel import Prediction, Recommendation, predict, recommend
 
 DEFAULT_CLUSTER = "h100x8"
 DEFAULT_TOKENS = 32768  # 16 sequences of 2048: MeZO's batch of 16

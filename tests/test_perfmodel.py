@@ -10,17 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from distzo.perfmodel import (
-    CLUSTERS,
-    MODELS,
-    ClusterSpec,
-    LayoutSpec,
-    ModelSpec,
-    cluster_from_calibration,
-    layouts_for,
-    predict,
-    recommend,
-)
+from distzo.perfspecs import CLUSTERS, MODELS, ClusterSpec, LayoutSpec, ModelSpec, cluster_from_calibration
+from distzo.perfmodel import layouts_for, predict, recommend
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = CLUSTERS["h100x8"]
