@@ -63,10 +63,13 @@ def check_run_dir(run_dir: Path, cfg: JobConfig, resume: bool) -> None:
                               f"{differences(job_identity(old), job_identity(cfg))}. Use a new --run-dir for a new job")
     else:
         return  # nothing there yet
+    steps = len(read_history(run_dir).steps)
     if not resume:
-        steps = len(read_history(run_dir).steps)
         raise BadInput(f"the run directory {run_dir} holds a run of this job ({steps} steps logged): pass --resume to "
                        "continue it, or choose a new --run-dir")
+    if cfg.train.steps < steps:  # it would start a cluster to train nothing
+        raise BadInput(f"the run in {run_dir} is at step {steps} and train.steps is {cfg.train.steps}: give --steps "
+                       f"above {steps} to continue it (its config: {run_dir / 'job.yaml'})")
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from distzo.dtypes import ITEMSIZE
 from coordinator.clicommon import EXIT_BAD_INPUT, CliError, print_json
+from distzo.errors import counted
 from distzo.perfspecs import CLUSTERS, MODELS, ClusterSpec, GiB, LayoutSpec, ModelSpec, fmt_params, with_overrides
 from distzo.perfmodel import Prediction, Recommendation, predict, recommend
 
@@ -150,11 +151,11 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
     lines = [
         f"model    {model.name}: {fmt_params(model.params)} parameters, {model.layers} layers, hidden {model.hidden}, "
         f"{b['model_at_served_dtype'] / 1e9:.2f} GB at {p.served_dtype}",
-        f"cluster  {cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} {unit}s, "
+        f"cluster  {cluster.name}: {counted(cluster.nodes, 'node')} x {counted(cluster.gpus_per_node, unit)}, "
         f"{'a server replica on every node' if cluster.replicas else 'no server replicas'}, "
-        f"{p.shards} server shard(s)",
-        f"layout   {lay.name} (pertp={lay.pertp} ddp={lay.ddp} q={lay.q}): {lay.workers} worker(s) of "
-        f"{p.gpus_per_worker} {unit}(s); {p.tokens_per_step} tokens/step = "
+        f"{counted(p.shards, 'server shard')}",
+        f"layout   {lay.name} (pertp={lay.pertp} ddp={lay.ddp} q={lay.q}): {counted(lay.workers, 'worker')} of "
+        f"{counted(p.gpus_per_worker, unit)}; {p.tokens_per_step} tokens/step = "
         f"{p.tokens_per_step // p.seq_len} x {p.seq_len}",
         "",
         "step (ms)",

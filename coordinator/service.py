@@ -170,7 +170,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
 
         st = job.status()
         evals = [{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy} for e in st.evals]
-        last = evals[-1] if evals else {}
+        last = evals[-1] if evals and evals[-1]["step"] == st.step else {}  # never an older eval's figures as final
         metrics = {**eval_summary(evals), "final_loss": st.final_loss, "dev_loss": last.get("dev_loss"),
                    "dev_accuracy": last.get("dev_accuracy")}
         return model_card(job.cfg, metrics, st.step)

@@ -38,6 +38,10 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(f"{'model_bytes':>22}: {net['model_bytes']} (one copy at the served dtype)")
         for link in net["links"]:
             sync = link["initial_sync_bytes"]
+            if not net["steady_steps"]:  # every sampled interval held an eval, the start or the last step
+                print(f"{'link host-' + str(link['host']):>22}: no steady-state interval was sampled (run more steps)"
+                      + (f"; initial sync {sync} bytes" if sync is not None else ""))
+                continue
             print(f"{'link host-' + str(link['host']):>22}: {link['bytes_per_step']:.0f} bytes/step "
                   f"(sent {link['sent_bytes_per_step']:.0f}, received {link['received_bytes_per_step']:.0f}; "
                   f"{100 * link['fraction_of_model']:.3f}% of the model; steady state over {net['steady_steps']} steps)"

@@ -137,7 +137,8 @@ def resolve(coordinator: str | None = None, run_dir: str | None = None, context:
         info, why = read_record(d)
         if info is None:
             if (d / "steps.jsonl").is_file() or (d / "evals.jsonl").is_file():  # a run that ended (or was killed)
-                hint = f"`zoctl report {run_dir}` shows it; `zoctl up --run-dir {run_dir} --resume` continues it"
+                hint = (f"`zoctl report {run_dir}` shows it; `zoctl up --config {d / 'job.yaml'} --run-dir {run_dir} --resume "
+                        f"--steps N` continues it to step N")
             else:
                 hint = f"start it with `zoctl up --run-dir {run_dir}`"
             raise TargetError(f"--run-dir {run_dir}: {why} ({hint})", 3)

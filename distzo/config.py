@@ -241,7 +241,7 @@ class JobConfig(_Section):
     def _hosts_fit_layout(self) -> "JobConfig":
         nodes = self.layout.workers // self.layout.node_size
         if self.cluster.hosts > 1 and nodes % self.cluster.hosts:
-            raise ValueError(f"cluster.hosts {self.cluster.hosts} must divide the layout's {nodes} node groups "
+            raise ValueError(f"cluster.hosts {self.cluster.hosts} must divide the layout's {counted(nodes, 'node group')} "
                              f"(layout.workers {self.layout.workers} / layout.node_size {self.layout.node_size}): every "
                              f"host runs the same number of workers, e.g. --layout ddp --workers {self.cluster.hosts}")
         return self
@@ -349,7 +349,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        loc = ".".join(str(x) for x in err["loc"])  # empty: a check across sections (its message names them)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `zoctl config` prints every field with its default)"
@@ -357,7 +357,7 @@ def format_validation_error(exc: ValidationError) -> str:
         secret = loc.startswith("security.token")
         shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or secret \
             else f" (got {_short(repr(got), 80)})"
-        lines.append(f"{loc}: {msg}{shown}")
+        lines.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
     return "invalid config: " + "; ".join(_short(line, 300) for line in lines[:5]) + more
 

@@ -21,5 +21,8 @@ class FetchError(RuntimeError):
 
 
 def counted(n: int, noun: str) -> str:
-    """``n`` and the noun in the number it needs, for messages: counted(1, "worker") == "1 worker"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """``n`` and the noun in the number it needs, for messages: counted(1, "worker") == "1 worker",
+    counted(2, "process") == "2 processes"."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x", "sh", "ch")) else f"{n} {noun}s"

@@ -6,7 +6,6 @@ metrics. Only the standard library and yaml: the parameter server and the refere
 """
 
 from __future__ import annotations
-from distzo.errors import counted
 
 import math
 import re
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from distzo.errors import counted
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub spells ids
@@ -39,10 +40,10 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     if base:
         front["base_model"] = base
     t, lay = cfg.train, cfg.layout
+    method = {"sgd": "MeZO-SGD", "momentum": f"ZO momentum (mu {t.momentum})",
+              "adam": f"ZO-Adam (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})"}[t.optimizer]
     hyper = {
-        "optimizer": {"sgd": "MeZO-SGD", "momentum": f"ZO momentum (mu {t.momentum})",
-                      "adam": f"ZO-Adam (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})"}[t.optimizer]
-        + " (zeroth-order, two forwards per direction)",
+        "optimizer": method + " (zeroth-order, two forwards per direction)",
         "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy"}[t.objective],
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
@@ -56,12 +57,15 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {Path(source).name} fine-tuned on {Path(task).name} with distzo", "",
-             f"Fine-tuned by distzo ({mode}) with MeZO-SGD from **{source}** on the task **{task}**. "
+             f"Fine-tuned by distzo ({mode}) with {method} from **{source}** on the task **{task}**. "
              "The weights are the full model in safetensors; the tokenizer files are the base model's.", "",
              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]  # as configured, not rounded
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {text} | {_fmt(metrics.get(key))} |" for key, text in METRIC_NAMES]
+    for key, text in METRIC_NAMES:
+        if key == "final_loss" and t.objective != "loss":  # the scalar trained on is minus the batch accuracy
+            text = f"training objective at the end ({t.objective}: minus the batch {t.objective}, mean of the last 10 steps)"
+        lines.append(f"| {text} | {_fmt(metrics.get(key))} |")
     lines += ["", "Reproduce: `zoctl reference` with this job's config gives the same weights bit for bit "
               "(the distributed run's oracle).", ""]
     return "\n".join(lines)

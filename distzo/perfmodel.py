@@ -275,10 +275,10 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
 def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, optimizer: str = "sgd") -> tuple[str, ...]:
     unit = "GPU" if cluster.device == "cuda" else "CPU worker process"
     if g == cluster.gpus_per_node and g > 1:
-        worker = f"a worker is a node group of {g} {unit}s, splitting its data shard evenly over them"
+        worker = f"a worker is a node group of {counted(g, unit)}, splitting its data shard evenly over them"
     else:
-        worker = f"a worker is {g} {unit}{'s' if g > 1 else ''}"
-    fetch = "each fetches whole blocks" if f == 1 else f"{f} {unit}s split each fetch and all-gather it"
+        worker = f"a worker is {counted(g, unit)}"
+    fetch = "each fetches whole blocks" if f == 1 else f"{counted(f, unit)} split each fetch and all-gather it"
     return (
         worker,
         f"{fetch}; transfers, compute and the server update overlap (pipelined by block)",
@@ -356,8 +356,8 @@ def _reason(best: Prediction, pool: list[Prediction], ties: list[Prediction], fi
     head = f"{lay.name} (pertp={lay.pertp}, ddp={lay.ddp}, q={lay.q}, {best.shards} shard{'s' if best.shards > 1 else ''})"
     if not fits:
         return (f"{head}: nothing fits ({best.why_not_fits()}); more nodes (server shards), float32 serving "
-                f"(no 16-bit copy on the host) or fewer tokens per step may")
-    text = (f"{head}: best predicted {best.tokens_per_s:,.0f} tokens/s of {len(pool)} layout(s) that fit, "
+                f"(no 16-bit copy on the host) or fewer tokens per step may make it fit")
+    text = (f"{head}: best predicted {best.tokens_per_s:,.0f} tokens/s of {counted(len(pool), 'layout')} that fit, "
             f"bound by {best.bottleneck}")
     others = [p.layout.name for p in ties if p is not best]
     if others:

@@ -116,3 +116,13 @@ def test_named_flags_and_set_are_validated_together():
     args = build_parser().parse_args(["up", "--layout", "ddp", "--set", "layout.workers=2", "--set", "layout.node_size=2"])
     cfg = job_config_from_args(args)
     assert (cfg.layout.name, cfg.layout.workers, cfg.layout.node_size) == ("ddp", 2, 2)
+
+
+def test_counts_read_right_in_plans_and_messages():
+    from distzo.errors import counted
+
+    assert [counted(1, "worker"), counted(2, "worker"), counted(2, "process")] == ["1 worker", "2 workers", "2 processes"]
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", "--model", "OPT-13B", "--cluster", "cpu-netns"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "processs" not in r.stdout and "(s)" not in r.stdout and not r.stdout.rstrip().endswith("may"), r.stdout

@@ -195,6 +195,8 @@ def test_zoctl_up_stopped_by_zoctl_stop_exports_and_reports_what_it_trained(cach
     assert [e["step"] for e in s["eval_history"]] == [0]  # stopped: no final evaluation ...
     assert s["dev_accuracy"] is None and s["dev_loss"] is None  # ... so no dev figures, not step 0's passed off as final
     assert (Path(s["out_dir"]) / "model.safetensors").is_file() and Path(s["report"]).is_file()
+    card = (Path(s["out_dir"]) / "README.md").read_text()  # the model card: no step-0 figures as the end result
+    assert "| dev loss at the end | n/a |" in card and "| dev accuracy at the end | n/a |" in card, card
     assert [f.name.startswith("node-0-") for f in (run / "rendezvous").iterdir()] == [True]
     gone = zoctl("status", "--run-dir", str(run))  # the hint names commands that work on a run that has ended
     assert gone.returncode == 3 and f"`zoctl report {run}`" in gone.stderr and "--resume" in gone.stderr, gone.stderr

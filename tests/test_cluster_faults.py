@@ -106,7 +106,8 @@ def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_p
     for args, needle in ((["--seed", "1"], "train.seed is 0 there and 1 here"),
                          (["--model", "tiny-llama"], "model.source is 'tiny-opt' there and 'tiny-llama' here"),
                          (["--resume", "--seed", "1"], "train.seed is 0 there and 1 here"),
-                         ([], "pass --resume to continue it")):
+                         ([], "pass --resume to continue it"),
+                         (["--resume", "--steps", "2"], "is at step 3 and train.steps is 2: give --steps above 3")):
         r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), *args, timeout=300)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") <= 1, (args, r.stderr[-2000:])
     assert {p: p.read_bytes() for p in journal} == before  # the old run is untouched

@@ -68,7 +68,7 @@ def test_hosts_need_root_and_a_layout_that_divides(cache_dir, tmp_path, monkeypa
     run = ["--run-dir", str(tmp_path / "run")]
     assert cli.main(["up", "--config", str(cfg), "--workers", "1", "--hosts", "2", *run]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cluster.hosts 2 must divide the layout's 1 node groups" in err
+    assert len(err.splitlines()) == 1 and "cluster.hosts 2 must divide the layout's 1 node group" in err
     assert cli.main(["up", "--config", str(cfg), "--hosts", "0", *run]) == 2
     assert "cluster.hosts" in capsys.readouterr().err
     assert cli.main(["up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2",
