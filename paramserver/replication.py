@@ -22,7 +22,6 @@ from tenacity import Retrying, retry_if_exception, stop_when_event_set, wait_exp
 
 from distzo.logs import kv
 from paramserver.client import MASTER_DTYPE, ParamServerClient, StaleVersionError
-from paramserver.snapshot import list_snapshots
 from paramserver.state import ServerState
 
 log = logging.getLogger("distzo.paramserver.replica")
@@ -104,16 +103,7 @@ class Follower(threading.Thread):
                 st.store.apply(record, st.dist)  # blocks already past a step skip it
                 if record.step + 1 >= high:
                     break
-        version = st.store.applied_version()
-        for seg in st.journal.segments():
-            seg.path.unlink()
-        for snap in list_snapshots(st.data_dir):
-            snap.path.unlink(missing_ok=True)
-            snap.path.with_suffix(".json").unlink(missing_ok=True)
-        st.journal.close()
-        st.journal.open(version)
-        st.journal.recent.clear()
-        st._start_snapshot(version, force=True)  # this replica's own durable starting point
+        version = st.restart_history()
         log.info("re-synced from the primary", extra=kv(version=version))
 
     def _copy_block(self, b: int, attempts: int = 20) -> int:

@@ -361,6 +361,22 @@ class ServerState:
             raise m.error
         return m.result  # type: ignore[return-value]
 
+    def restart_history(self) -> int:
+        """Make the blocks' current version this server's new starting point, after they were installed
+        from elsewhere (a replica's re-sync): the old journal and snapshots go, the journal restarts at
+        that version, and a snapshot of it is taken now (what recovery starts from). Returns the version."""
+        version = self.store.applied_version()
+        for seg in self.journal.segments():
+            seg.path.unlink()
+        for snap in list_snapshots(self.data_dir):
+            snap.path.unlink(missing_ok=True)
+            snap.path.with_suffix(".json").unlink(missing_ok=True)
+        self.journal.close()
+        self.journal.open(version)
+        self.journal.recent.clear()
+        self._start_snapshot(version, force=True)
+        return version
+
     # ------------------------------------------------------------------ queries
     def drain(self, timeout_s: float = 60.0) -> int:
         """Wait until every journaled update is applied; returns the applied version."""
