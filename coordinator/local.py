@@ -40,6 +40,7 @@ from distzo.errors import BadInput
 from distzo.logs import kv
 from distzo.procs import ServiceFailed, ServiceProcess, python_module
 from coordinator.client import CoordinatorClient
+from gpuworker.launch import worker_command
 from distzo.rpc import Credentials
 from distzo.runlog import RUN, read_history
 from protos import coordinator_pb2 as cpb
@@ -153,13 +154,6 @@ class LocalCluster:
         p.start(timeout_s=300, env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         return p
 
-    def _tls_args(self) -> list[str]:
-        sec = self.cfg.security
-        out = ["--tls-ca", sec.tls_ca] if sec.tls_ca else []
-        if sec.mutual_tls and sec.tls_cert and sec.tls_key:  # a client certificate for mutual TLS
-            out += ["--tls-cert", sec.tls_cert, "--tls-key", sec.tls_key]
-        return out
-
     def _launch(self, name: str, start: Callable[[], None]) -> None:
         """Start (or restart) one service; a start that dies is retried with exponential backoff.
 
@@ -207,13 +201,13 @@ class LocalCluster:
     def _worker_argv(self, index: int, node: int, rank: int, master: str) -> list[str]:
         size = self.cfg.layout.node_size
         host = self._node_host(node)
-        servers = [x for s in self._node_servers(node) for x in ("--param-server", s)]
-        argv = python_module("gpuworker", "--coordinator", self.coordinator_address, "--device", self._worker_device(index, rank),
-                             "--worker-id", f"worker-{index}", "--token-file", str(self.cfg.security.token_file),
-                             *servers, *self._tls_args(), *self._v(host))
-        if size > 1:
-            argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", master, "--node-id", f"node-{node}"]
-        return argv
+        sec = self.cfg.security
+        credentials = {"token_file": str(sec.token_file), "tls_ca": sec.tls_ca}
+        if sec.mutual_tls:  # a client certificate for mutual TLS
+            credentials.update(tls_cert=sec.tls_cert, tls_key=sec.tls_key)
+        return worker_command(self.coordinator_address, self._node_servers(node), self._worker_device(index, rank),
+                              f"worker-{index}", credentials, (rank, size, master, f"node-{node}") if size > 1 else None,
+                              self._v(host))
 
     def _start_node(self, node: int) -> None:
         size = self.cfg.layout.node_size

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Mapping, Sequence
 
 from distzo.logs import kv, setup_logging
 from distzo.rpc import PORTS
@@ -41,20 +42,32 @@ def gpu_count(spec: str) -> int:
     return n
 
 
-def worker_argv(args: argparse.Namespace, rank: int, size: int) -> list[str]:
-    argv = [sys.executable, "-m", "gpuworker", "--coordinator", args.coordinator,
-            "--device", f"cuda:{rank}" if args.device == "cuda" else "cpu",
-            "--metrics-port", str(args.metrics_base_port + rank), "--worker-id", f"{args.name}-{rank}"]
-    for s in args.param_server or []:
+def worker_command(coordinator: str, param_servers: Sequence[str], device: str, worker_id: str,
+                   credentials: Mapping[str, str | None], node: tuple[int, int, str, str] | None = None,
+                   extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one worker process (``python -m gpuworker``): what ``distzo-worker-launch`` and
+    ``zoctl up``'s local cluster both start.
+
+    ``credentials``: token_file, tls_ca, tls_cert, tls_key (None or empty: not passed); ``node``: a node
+    group member's (rank, size, rendezvous HOST:PORT or file:// URL, node id); ``extra``: more flags."""
+    argv = [sys.executable, "-m", "gpuworker", "--coordinator", coordinator, "--device", device, "--worker-id", worker_id]
+    for s in param_servers:
         argv += ["--param-server", s]
     for flag in ("token_file", "tls_ca", "tls_cert", "tls_key"):
-        value = getattr(args, flag)
-        if value:
-            argv += [f"--{flag.replace('_', '-')}", value]
-    if size > 1:
-        argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", f"127.0.0.1:{args.rendezvous_port}",
-                 "--node-id", args.name]
-    return argv
+        if credentials.get(flag):
+            argv += [f"--{flag.replace('_', '-')}", str(credentials[flag])]
+    if node is not None:
+        rank, size, rendezvous, node_id = node
+        argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", rendezvous, "--node-id", node_id]
+    return argv + list(extra)
+
+
+def worker_argv(args: argparse.Namespace, rank: int, size: int) -> list[str]:
+    """Rank ``rank`` of this pod's ``size`` workers, from distzo-worker-launch's flags."""
+    node = (rank, size, f"127.0.0.1:{args.rendezvous_port}", args.name) if size > 1 else None
+    return worker_command(args.coordinator, args.param_server or [], f"cuda:{rank}" if args.device == "cuda" else "cpu",
+                          f"{args.name}-{rank}", vars(args), node,
+                          ["--metrics-port", str(args.metrics_base_port + rank)])
 
 
 def main(argv: list[str] | None = None) -> int:
