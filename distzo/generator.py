@@ -158,14 +158,11 @@ def perturb_cpu(
 _NO_SERVED = np.empty(0, np.uint16)
 
 
-def update_cpu(
-    w: np.ndarray, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str,
-    served: np.ndarray | None = None, served_dtype: str = "float32",
-) -> None:
-    """In place: ``w = float32(w - (sum_r coefs[r] * z(seeds[r]) + decay * w))``.
-
-    ``served`` (uint16, w's length) with ``served_dtype`` bfloat16/float16: also write the served copy
-    of the new w (``served.py``'s rounding) in the same pass, so it costs no second trip through memory."""
+def update_args(w: np.ndarray, offset: int, seeds: Sequence[int], coefs: Sequence[float], dist: Distribution | str,
+                served: np.ndarray | None, served_dtype: str) -> tuple[int, np.ndarray, np.ndarray, bool]:
+    """The checked arguments of an update kernel (``update_cpu``, ``optim.update_stateful_cpu``): the
+    served copy's kind (0: none), the Philox keys [len(seeds), 2] uint64, the coefficients as float64,
+    and whether z is Gaussian. TypeError/ValueError for a wrong buffer, served copy, offset or count."""
     if w.dtype != np.float32 or w.ndim != 1:
         raise TypeError("update expects a 1-D float32 buffer")
     if len(seeds) != len(coefs):
@@ -174,10 +171,20 @@ def update_cpu(
     kind = served_kind(served_dtype) if served is not None else 0
     if kind and (served.dtype != np.uint16 or served.shape != w.shape):  # type: ignore[union-attr]
         raise TypeError(f"the served copy must be uint16 of shape {w.shape}")
-    out = served if kind else _NO_SERVED
     keys = np.array([_key(s) for s in seeds], dtype=np.uint64).reshape(len(seeds), 2)
-    coef_arr = np.asarray(coefs, dtype=np.float64)
-    gaussian = Distribution(dist) is Distribution.GAUSSIAN
+    return kind, keys, np.asarray(coefs, dtype=np.float64), Distribution(dist) is Distribution.GAUSSIAN
+
+
+def update_cpu(
+    w: np.ndarray, offset: int, seeds: Sequence[int], coefs: Sequence[float], decay: float, dist: Distribution | str,
+    served: np.ndarray | None = None, served_dtype: str = "float32",
+) -> None:
+    """In place: ``w = float32(w - (sum_r coefs[r] * z(seeds[r]) + decay * w))``.
+
+    ``served`` (uint16, w's length) with ``served_dtype`` bfloat16/float16: also write the served copy
+    of the new w (``served.py``'s rounding) in the same pass, so it costs no second trip through memory."""
+    kind, keys, coef_arr, gaussian = update_args(w, offset, seeds, coefs, dist, served, served_dtype)
+    out = served if kind else _NO_SERVED
     decay = float(decay)
 
     def part(a: int, b: int) -> np.ndarray:

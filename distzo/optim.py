@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from distzo.generator import Distribution, _check_offset, _key, run_split, z_torch
+from distzo.generator import Distribution, _check_offset, run_split, update_args, z_torch
 from distzo.zkernels import _ALIGN, _SCRATCH, _philox_words, _write_served, _z_chunk
 from distzo.served import served_kind
 
@@ -192,19 +192,9 @@ def update_stateful_cpu(w: np.ndarray, state: np.ndarray, offset: int, step: int
     ``coefs[j]`` = g_j / q (d's coefficients, without lr); ``decay``: the weight decay of this
     segment (0 for biases and norms); ``served`` (uint16 [n]) with a 16-bit ``served_dtype``: the
     served copy, rewritten in the same pass. Raises TypeError for wrong dtypes or shapes."""
-    if w.dtype != np.float32 or w.ndim != 1:
-        raise TypeError("update expects a 1-D float32 buffer")
-    if state is None or state.dtype != np.float32 or state.shape != (w.shape[0], opt.width):
+    if w.dtype == np.float32 and w.ndim == 1 and (state is None or state.dtype != np.float32 or state.shape != (w.shape[0], opt.width)):
         raise TypeError(f"optimizer {opt.name} needs a float32 state of shape {(w.shape[0], opt.width)}")
-    if len(seeds) != len(coefs):
-        raise ValueError("one coefficient per seed")
-    _check_offset(offset, w.shape[0])
-    kind = served_kind(served_dtype) if served is not None else 0
-    if kind and (served.dtype != np.uint16 or served.shape != w.shape):  # type: ignore[union-attr]
-        raise TypeError(f"the served copy must be uint16 of shape {w.shape}")
-    keys = np.array([_key(s) for s in seeds], dtype=np.uint64).reshape(len(seeds), 2)
-    coef_arr = np.asarray(coefs, dtype=np.float64)
-    gaussian = Distribution(dist) is Distribution.GAUSSIAN
+    kind, keys, coef_arr, gaussian = update_args(w, offset, seeds, coefs, dist, served, served_dtype)
     rule, h1, h2, c1, c2, eps = _hyper(opt, step)
 
     if not state.flags.c_contiguous:
