@@ -198,15 +198,21 @@ def kernel_rates(elements: int) -> dict:
 
 
 def plan_rows(sizes: list[str], settings: list[str], mezo_served: list[str], zo2_dtype: str, sides: list[str]) -> list[dict]:
-    """Rows in priority order: the MeZO setting's targets first, then ZO2's setting, then the rest."""
+    """Rows in priority order, so that a short GPU lease measures the targets first: MeZO's setting
+    served bf16, then ZO2's own setting, then MeZO's setting at the other dtypes; smaller sizes first;
+    within a group distzo, then ZO2, then resident MeZO (sort is stable)."""
     rows = []
     for size in sizes:
         for setting in settings:
             for served in (mezo_served if setting == "mezo" else [zo2_dtype]):
                 for side in sides:
                     rows.append({"size": size, "setting": setting, "dtype": served, "side": side})
-    prio = {"mezo": 0, "zo2": 1}
-    return sorted(rows, key=lambda r: (prio[r["setting"]], r["dtype"] != "bfloat16", sizes.index(r["size"])))
+    side_prio = {"distzo": 0, "zo2": 1, "resident": 2}
+
+    def prio(r: dict) -> tuple:
+        group = 0 if (r["setting"], r["dtype"]) == ("mezo", "bfloat16") else 1 if r["setting"] == "zo2" else 2
+        return group, r["dtype"], sizes.index(r["size"]), side_prio.get(r["side"], 3)
+    return sorted(rows, key=prio)
 
 
 def worker_transport(run_dir: Path, device: str) -> str:

@@ -97,6 +97,8 @@ def run_zo2(zo2_dir: Path, site_dir: Path | None, size: str, batch: int, seq_len
             steps: int, timeout_s: float, log_path: Path, script: str = ZO2_SCRIPT, extra_env: dict | None = None) -> dict:
     """Run ZO2's speed script (zo2 method: weights offloaded to the CPU, blocks uploaded per step) and
     return the median tokens/s of the steps after ``warmup``."""
+    zo2_dir = zo2_dir.resolve()  # it runs in its own checkout: every path it is given must hold from there
+    site_dir = site_dir.resolve() if site_dir is not None else None
     if size not in ZO2_MODEL:
         raise ValueError(f"ZO2 has no OPT size {size!r}; it knows {', '.join(ZO2_MODEL)}")
     script_path = zo2_dir / script

@@ -32,7 +32,7 @@ def test_bench_gpu_cpu_smoke_runs_every_side_and_prints_the_table_last(tmp_path)
     script.write_text(FAKE_ZO2)
     out = tmp_path / "res.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--cpu-smoke", "--work", str(tmp_path / "w"),
-                        "--mezo-served", "float32", "--steps", "3", "--warmup", "1", "--zo2", str(zo2),
+                        "--mezo-served", "float32", "--steps", "3", "--warmup", "1", "--zo2", "zo2",  # relative, as scripts/gpu_check.sh gives it
                         "--json-out", str(out)], capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
