@@ -8,7 +8,7 @@
   memcpy of the same bytes between two private buffers (the best of 1 and ``--threads`` threads).
   Target: >= 0.8x. Served float32 and bfloat16 (the server's segment holds the served copy).
 * **update + cast**: the parameter server's update of every block with the 16-bit served copy
-  written in the same pass (``BlockStore.apply``, served bfloat16, ``--threads`` update threads),
+  written in the same pass (``BlockStore.apply``, served bfloat16 and float16, ``--threads`` update threads),
   against ``w.add_(z, alpha=-c)`` over the same elements with a precomputed z (torch, same threads):
   axpy reads 8 and writes 4 bytes a parameter, the fused update reads 4 and writes 6. Target
   (Rademacher, the default z): >= 0.5x. Also the update without the cast, and Gaussian z.
@@ -106,12 +106,12 @@ def bench_update(model: str, threads: int, repeats: int) -> dict:
     for dist in (Distribution.RADEMACHER, Distribution.GAUSSIAN):
         z = generator.z_torch(1, 0, n, dist, "cpu")
         stores = {}
-        for served in ("bfloat16", "float32"):
+        for served in ("bfloat16", "float16", "float32"):
             store = BlockStore(bm.manifest, 0, len(buffers), served, None, f"bench-{served}")
             for b, buf in enumerate(buffers):
                 store.set_block(b, buf.numpy(), 0)
             stores[served] = store
-        step = {"bfloat16": 0, "float32": 0}
+        step = {"bfloat16": 0, "float16": 0, "float32": 0}
 
         def update(served: str) -> None:
             rec = UpdateRecord(step[served], (Direction(7 + step[served], 0.5),), 1e-4, 0.0)
@@ -119,16 +119,20 @@ def bench_update(model: str, threads: int, repeats: int) -> dict:
             step[served] += 1
 
         update("bfloat16")
+        update("float16")
         update("float32")
         w.add_(z, alpha=-1e-4)
-        ratios, plain = [], []
+        ratios, ratios16, plain = [], [], []
         for _ in range(repeats):
             a = _time(lambda: w.add_(z, alpha=-1e-4))
             u = _time(lambda: update("bfloat16"))
+            h = _time(lambda: update("float16"))
             p = _time(lambda: update("float32"))
             ratios.append(a / u)
+            ratios16.append(a / h)
             plain.append(a / p)
         out[dist.value] = {"parameters": n, "update_cast_ratio_to_axpy": statistics.median(ratios),
+                           "update_cast_f16_ratio_to_axpy": statistics.median(ratios16),
                            "update_only_ratio_to_axpy": statistics.median(plain), "threads": threads}
     return out
 
@@ -154,7 +158,8 @@ def main() -> None:
               f"{f['threads']} threads, {f['memcpy_1thread_GBps']:.2f} with 1)  [target >= 0.8x]")
     for d, u in update.items():
         target = "  [target >= 0.5x]" if d == "rademacher" else ""
-        print(f"  update+cast {d:<10}: {u['update_cast_ratio_to_axpy']:.2f}x axpy (update alone "
+        print(f"  update+cast {d:<10}: {u['update_cast_ratio_to_axpy']:.2f}x axpy to bfloat16, "
+              f"{u['update_cast_f16_ratio_to_axpy']:.2f}x to float16 (update alone "
               f"{u['update_only_ratio_to_axpy']:.2f}x){target}")
 
 
