@@ -48,9 +48,12 @@ import numpy as np
 import torch
 from numba import njit
 
+from distzo import kernelcache
 from distzo.generator import Distribution, _check_offset, run_split, update_args, z_torch
 from distzo.zkernels import _ALIGN, _SCRATCH, _philox_words, _write_served, _z_chunk
 from distzo.served import served_kind
+
+kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 STATE_NAMES = {"sgd": (), "momentum": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}  # torch.optim's names

@@ -27,6 +27,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic
 
+from distzo import kernelcache
+
+kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
+
 SERVED_KIND = {"float32": 0, "bfloat16": 1, "float16": 2}  # the kernels' integer code
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

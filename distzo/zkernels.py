@@ -15,7 +15,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic
 
+from distzo import kernelcache
 from distzo.served import bf16_bits, f16_bits
+
+kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
 
 
 # ----------------------------------------------------------------------------- constants
