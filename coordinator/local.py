@@ -286,7 +286,8 @@ class LocalCluster:
 
     def supervise(self) -> list[str]:
         """Restart any process that died (with backoff if it keeps dying soon after starting);
-        returns what was restarted."""
+        returns what was restarted. Raises ServiceFailed (POLICY) for one that refused its input
+        (exit code 2) or that was restarted MAX_RESTARTS times already, with its log's tail."""
         restarted = []
         for name, p in list(self.processes.items()):
             if p.alive():

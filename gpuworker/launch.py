@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 from distzo.logs import kv, setup_logging
 from distzo.procs import ServiceFailed
 from distzo.rpc import PORTS
-from distzo.supervise import EXIT_BAD_INPUT, RestartPolicy, Restarts
+from distzo.supervise import RestartPolicy, Restarts
 
 log = logging.getLogger("distzo.launch")
 STABLE_S = 60.0

@@ -1,10 +1,14 @@
 """The restart policy shared by zoctl up's local cluster and distzo-worker-launch (distzo/supervise.py)."""
 
+import subprocess
+import sys
+
 import pytest
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
+from conftest import small_config
 from coordinator import local
-from distzo.procs import ServiceFailed
+from distzo.procs import ServiceFailed, ServiceProcess
 from distzo.supervise import EXIT_BAD_INPUT, RestartPolicy, Restarts
 from gpuworker import launch
 
@@ -84,3 +88,26 @@ def test_failed_starts_are_retried_with_the_same_backoff_and_share_the_limit():
 def test_a_policy_names_its_growth():
     with pytest.raises(ValueError, match="growth must be 'exponential' or 'linear', got 'cubic'"):
         RestartPolicy(1.0, 2.0, 3.0, growth="cubic")
+
+
+def dead_process(tmp_path, name: str, code: int, log: str) -> ServiceProcess:
+    p = ServiceProcess(name, [sys.executable, "-c", f"import sys; print({log!r}); sys.exit({code})"],
+                       tmp_path / f"{name}.ready", tmp_path / f"{name}.log")
+    p.log_path.write_text(log + "\n")
+    p.proc = subprocess.Popen(p.argv, stdout=subprocess.DEVNULL)
+    p.proc.wait(60)
+    return p
+
+
+def test_the_local_clusters_supervisor_applies_the_policy(cache_dir, tmp_path):
+    # no services: the cluster's supervise() sees a dead coordinator and decides by the shared policy
+    cluster = local.LocalCluster(small_config(cache_dir), tmp_path / "run")
+    cluster.processes["coordinator"] = dead_process(tmp_path, "coordinator", 2, "config: train.lr must be > 0")
+    with pytest.raises(ServiceFailed, match="coordinator refused its input.*\nconfig: train.lr must be > 0") as err:
+        cluster.supervise()
+    assert err.value.code == 2 and cluster.restarts == {}  # not restarted
+
+    cluster.processes["coordinator"] = dead_process(tmp_path, "coordinator", 1, "Traceback: boom")
+    cluster._record("coordinator").count = local.MAX_RESTARTS  # it has been restarted 20 times already
+    with pytest.raises(ServiceFailed, match=f"coordinator keeps dying \\(exit code 1, {local.MAX_RESTARTS} restarts\\):\nTraceback: boom"):
+        cluster.supervise()
