@@ -7,9 +7,9 @@ resumes from the server's journal), a worker under the same id (it registers aga
 group is restarted whole). The run therefore ends with the weights of an undisturbed one.
 
 A process that dies while it is still starting (killed again during a restart) is started
-again like any other, with exponential backoff; only a deterministic start failure (exit
-code 2: bad input, e.g. a config the service refuses) or more than ``MAX_RESTARTS``
-restarts of one process end the run.
+again like any other, with exponential backoff; only a deterministic failure (exit code 2:
+bad input, e.g. a config the service refuses) or more than ``MAX_RESTARTS`` restarts of one
+process end the run (the policy: ``distzo.supervise``, shared with distzo-worker-launch).
 
 The run directory records its job (``run.json``, ``distzo.durable``): a different job there
 is refused, and continuing a run that is there needs ``resume=True`` (``zoctl up --resume``).
@@ -30,7 +30,7 @@ from typing import Callable
 
 import grpc
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from distzo.cache import shared_kernel_cache_env
 from coordinator.targets import CLUSTER_FILE
@@ -43,13 +43,15 @@ from coordinator.client import CoordinatorClient
 from gpuworker.launch import worker_command
 from distzo.rpc import Credentials
 from distzo.runlog import RUN, read_history
+from distzo.supervise import RestartPolicy, Restarts
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("distzo.local")
-EXIT_BAD_INPUT = 2  # a service refusing its input fails the same way every time: never restarted
 MAX_RESTARTS = 20  # per process, over the run
 STABLE_S = 30.0  # a process that ran this long before dying is restarted at once (no backoff)
+# quick deaths (and failed starts) in a row wait 0.25 s, 0.5 s, 1 s, ... up to 5 s
+POLICY = RestartPolicy(first_delay_s=0.25, max_delay_s=5.0, stable_s=STABLE_S, max_restarts=MAX_RESTARTS)
 
 
 def check_run_dir(run_dir: Path, cfg: JobConfig, resume: bool) -> None:
@@ -86,7 +88,6 @@ class LocalCluster:
     verbose: int = 0
     resume: bool = False
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
-    restarts: dict[str, int] = field(default_factory=dict)
     server_port: int = 0
     coordinator_port: int = 0
 
@@ -108,7 +109,7 @@ class LocalCluster:
             f.write(self.cfg.to_yaml())
         self.config_path.chmod(0o600)
         self._started_at: dict[str, float] = {}
-        self._quick_deaths: dict[str, int] = {}
+        self._restarts: dict[str, Restarts] = {}  # process name, or node-N for a node group's start
         self._hosts_of: dict[str, int] = {}  # process name -> host index
         self._restarters: dict[str, Callable[[], None]] = {}  # extra processes (replicas) -> how to start them
         self.creds = Credentials.from_config(self.cfg.security)
@@ -160,16 +161,15 @@ class LocalCluster:
         Raises ServiceFailed for a deterministic failure (exit code 2: it refuses its input)
         or once the process has been restarted MAX_RESTARTS times.
         """
+        record = self._record(name)
+
         def count(state) -> None:  # noqa: ANN001 - tenacity's RetryCallState
-            exc = state.outcome.exception()
-            self.restarts[name] = self.restarts.get(name, 0) + 1
-            log.warning("process died while starting, starting it again", extra=kv(process=name, code=exc.code,
+            record.failed_start()
+            log.warning("process died while starting, starting it again", extra=kv(process=name, code=state.outcome.exception().code,
                                                                                      attempt=state.attempt_number))
 
-        left = max(1, MAX_RESTARTS - self.restarts.get(name, 0) + 1)
-        for attempt in Retrying(retry=retry_if_exception(lambda e: isinstance(e, ServiceFailed) and e.code != EXIT_BAD_INPUT),
-                                wait=wait_exponential(multiplier=0.25, max=5.0), stop=stop_after_attempt(left),
-                                before_sleep=count, reraise=True):
+        for attempt in Retrying(retry=retry_if_exception(POLICY.restartable), wait=POLICY.wait,
+                                stop=stop_after_attempt(record.starts_left), before_sleep=count, reraise=True):
             with attempt:
                 start()
         self._started_at[name] = time.monotonic()
@@ -276,21 +276,25 @@ class LocalCluster:
         os.replace(tmp, self.run_dir / CLUSTER_FILE)
 
     # ------------------------------------------------------------------ supervision
+    def _record(self, name: str) -> Restarts:
+        return self._restarts.setdefault(name, Restarts(name, POLICY))
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts so far by process name (node-N: failed starts of node group N), those restarted only."""
+        return {name: r.count for name, r in self._restarts.items() if r.count}
+
     def supervise(self) -> list[str]:
         """Restart any process that died (with backoff if it keeps dying soon after starting);
-        returns what was restarted."""
+        returns what was restarted. Raises ServiceFailed (POLICY) for one that refused its input
+        (exit code 2) or that was restarted MAX_RESTARTS times already, with its log's tail."""
         restarted = []
         for name, p in list(self.processes.items()):
             if p.alive():
                 continue
             code = p.proc.returncode if p.proc is not None else None
-            self.restarts[name] = self.restarts.get(name, 0) + 1
-            if self.restarts[name] > MAX_RESTARTS:
-                raise ServiceFailed(f"{name} keeps dying (exit code {code}, {MAX_RESTARTS} restarts):\n{p.tail()}", code)
             key = name if not name.startswith("worker-") else f"node-{int(name.split('-')[1]) // self.cfg.layout.node_size}"
-            quick = time.monotonic() - self._started_at.get(key, 0.0) < STABLE_S
-            self._quick_deaths[name] = self._quick_deaths.get(name, 0) + 1 if quick else 0
-            delay = min(5.0, 0.25 * 2 ** (self._quick_deaths[name] - 1)) if self._quick_deaths[name] else 0.0
+            delay = self._record(name).died(code, time.monotonic() - self._started_at.get(key, 0.0), p.tail)
             log.warning("process died, restarting", extra=kv(process=name, code=code, backoff_s=delay))
             time.sleep(delay)
             if name == "paramserver":

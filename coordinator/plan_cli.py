@@ -27,13 +27,14 @@ def register(sub: Any) -> None:
         "plan", help="predict step time, bottleneck, bytes and memory of a model on a cluster; recommend a layout",
         description="The step-time model (distzo/perfmodel.py): compute, host->GPU, NVLink, network, server update and "
                     "control per step; the floor is the largest, since they overlap. Memory per GPU is a few "
-                    "blocks, not the model. Without --layout, the recommended layout is shown.")
+                    "blocks, not the model. On a CPU cluster (cpu-local, cpu-netns) a GPU is a worker process: "
+                    "host->worker, intra-node link, worker memory. Without --layout, the recommended layout is shown.")
     p.add_argument("--model", required=True, metavar="NAME",
                    help=f"{', '.join(MODELS)}; or a preset or Hugging Face model directory")
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, metavar="NAME",
                    help=f"{', '.join(CLUSTERS)} (default {DEFAULT_CLUSTER})")
     p.add_argument("--nodes", type=int, metavar="N", help="override the cluster's node count")
-    p.add_argument("--gpus-per-node", type=int, metavar="K", help="override the cluster's GPUs per node")
+    p.add_argument("--gpus-per-node", type=int, metavar="K", help="override the cluster's GPUs (CPU cluster: worker processes) per node")
     p.add_argument("--gpus-per-worker", type=int, metavar="G",
                    help="GPUs per worker (1: one worker per GPU, as distzo-worker-launch --gpus all runs them)")
     p.add_argument("--fetch-group", type=int, metavar="F", help="workers sharing a sliced fetch (layout.node_size)")
@@ -124,10 +125,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- the table
-_TERM_LABELS = {"compute": "compute", "h2d": "host->GPU", "nvlink": "NVLink gather", "network": "network",
-                "server_update": "server update", "control": "control"}
-
-
 def _size(x: float) -> str:
     """Bytes in decimal units (the bandwidths are GB/s): 3.21 GB, 295 kB."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -147,7 +144,9 @@ def _fits(ok: bool) -> str:
 def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommendation) -> str:
     """The human-readable plan: terms in ms, bytes moved in decimal units, memory in GiB."""
     lay, b = p.layout, p.bytes
-    unit = "GPU" if cluster.device == "cuda" else "process"
+    words = cluster.wording  # a CPU cluster's worker processes, intra-node link and worker memory
+    unit, labels = words.unit, words.terms
+    col = max(22, len(words.link + " per " + unit) + 2, len(words.h2d + " per " + unit) + 2)  # the label column
     lines = [
         f"model    {model.name}: {fmt_params(model.params)} parameters, {model.layers} layers, hidden {model.hidden}, "
         f"{b['model_at_served_dtype'] / 1e9:.2f} GB at {p.served_dtype}",
@@ -160,36 +159,36 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
         "",
         "step (ms)",
     ]
-    for name, label in _TERM_LABELS.items():
+    for name, label in labels.items():
         extra = ""
         if name == "compute":
             d = p.compute_detail_s
             extra = f"   forward {d['forward'] * 1e3:.1f} + perturb {d['perturb'] * 1e3:.1f}"
-        lines.append(f"  {label:<22}{p.terms_s[name] * 1e3:12.1f}{extra}")
+        lines.append(f"  {label:<{col}}{p.terms_s[name] * 1e3:12.1f}{extra}")
     lines += [
-        f"  {'floor (max)':<22}{p.floor_s * 1e3:12.1f}   bottleneck: {p.bottleneck}",
-        f"  {'predicted step':<22}{p.step_s * 1e3:12.1f}   max of the overlapping terms + fill + control",
-        f"  {'no-overlap sum':<22}{p.sum_s * 1e3:12.1f}",
-        f"  {'tokens/s':<22}{p.tokens_per_s:12,.0f}",
+        f"  {'floor (max)':<{col}}{p.floor_s * 1e3:12.1f}   bottleneck: {labels[p.bottleneck]}",
+        f"  {'predicted step':<{col}}{p.step_s * 1e3:12.1f}   max of the overlapping terms + fill + control",
+        f"  {'no-overlap sum':<{col}}{p.sum_s * 1e3:12.1f}",
+        f"  {'tokens/s':<{col}}{p.tokens_per_s:12,.0f}",
         "",
         "bytes per step",
-        f"  {'host->GPU per ' + unit:<22}{_size(b['h2d_per_gpu'])}   per node {_size(b['h2d_per_node']).strip()}",
-        f"  {'NVLink per ' + unit:<22}{_size(b['nvlink_per_gpu'])}",
-        f"  {'network in per node':<22}{_size(b['network_in_per_node'])}   out per server host "
+        f"  {words.h2d + ' per ' + unit:<{col}}{_size(b['h2d_per_gpu'])}   per node {_size(b['h2d_per_node']).strip()}",
+        f"  {words.link + ' per ' + unit:<{col}}{_size(b['nvlink_per_gpu'])}",
+        f"  {'network in per node':<{col}}{_size(b['network_in_per_node'])}   out per server host "
         f"{_size(b['network_out_per_server_host']).strip()}",
-        f"  {'control':<22}{_size(b['control_per_step'])}",
+        f"  {'control':<{col}}{_size(b['control_per_step'])}",
         "",
     ]
     g, h = p.memory_per_gpu_bytes, p.memory_per_server_host_bytes
     lines.append(f"memory per {unit} (GiB) {_gib(g['total'])} of {p.gpu_memory_bytes / GiB:.1f}   {_fits(p.fits_gpu)}")
-    lines += [f"  {k.replace('_', ' '):<22}{_gib(v)}" for k, v in g.items() if k != "total"]
+    lines += [f"  {k.replace('_', ' '):<{col}}{_gib(v)}" for k, v in g.items() if k != "total"]
     lines.append(f"memory per server host (GiB) {_gib(h['total'])} of {p.host_memory_bytes / GiB:.0f}   {_fits(p.fits_host)}")
-    lines += [f"  {k.replace('_', ' '):<22}{_gib(v)}" for k, v in h.items() if k != "total"]
+    lines += [f"  {k.replace('_', ' '):<{col}}{_gib(v)}" for k, v in h.items() if k != "total"]
     per = p.server_bytes_per_param
     lines.append(f"  server bytes per parameter (fp32 master, {p.served_dtype} served copy, fp32 optimizer state): "
                  + ", ".join(f"{o} {n} B" + (" (this plan)" if o == p.optimizer else "") for o, n in per.items()))
     lines += [
-        f"  {'+ snapshot headroom':<22}{_gib(p.snapshot_headroom_bytes)}   worst-case copy-on-write: "
+        f"  {'+ snapshot headroom':<{col}}{_gib(p.snapshot_headroom_bytes)}   worst-case copy-on-write: "
         f"{_fits(p.fits_host_with_snapshot)}",
         f"whole model at {p.served_dtype}: {p.whole_model_bytes / GiB:.1f} GiB "
         f"({'would fit' if p.whole_model_fits_gpu else 'would not fit'} one {unit}; streamed, only blocks are resident)",

@@ -50,7 +50,7 @@ from numba import njit
 
 from distzo import kernelcache
 from distzo.generator import Distribution, _check_offset, run_split, update_args, z_torch
-from distzo.zkernels import _ALIGN, _SCRATCH, _philox_words, _write_served, _z_chunk
+from distzo.zkernels import _ALIGN, _SCRATCH, _projected_sum, _write_served
 from distzo.served import served_kind
 
 kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
@@ -123,8 +123,9 @@ def _hyper(opt: Optimizer, step: int) -> tuple[int, float, float, float, float, 
 
 @njit(nogil=True, cache=True, error_model="numpy")  # IEEE division (no zero check): the loops vectorize
 def _stateful_kernel(w, state, start, keys, coefs, lr, decay, rule, h1, h2, c1, c2, eps, gaussian, served, kind):  # noqa: ANN001, ANN202
-    # see the module docstring: d accumulated from 0.0 over the directions in order, then one
-    # rounding per stored value; the served copy of the new values written while they are in cache
+    # see the module docstring: d accumulated from 0.0 over the directions in order (the update
+    # kernels' _projected_sum), then one rounding per stored value; the served copy of the new values
+    # written while they are in cache
     words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
     zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
     acc = np.empty(_SCRATCH + 2 * _ALIGN, np.float64)
@@ -132,33 +133,7 @@ def _stateful_kernel(w, state, start, keys, coefs, lr, decay, rule, h1, h2, c1, 
     om2 = 1.0 - h2
     for off in range(0, w.shape[0], _SCRATCH):
         n = min(_SCRATCH, w.shape[0] - off)
-        if gaussian:
-            base = 0
-            a = acc[:n]
-            for j in range(n):
-                a[j] = 0.0
-            for r in range(coefs.shape[0]):
-                zb = _z_chunk(True, start + off, n, keys[r, 0], keys[r, 1], words, zbuf)
-                c = coefs[r]
-                z = zbuf[zb : zb + n]
-                for j in range(n):
-                    a[j] = a[j] + c * np.float64(z[j])
-        else:
-            # Rademacher: c * z is +-c exactly; the same sum built straight from the bits (generator.py)
-            c_first = (start + off) >> 7
-            c_last = (start + off + n + 127) >> 7
-            nwords = 4 * (c_last - c_first)
-            base = start + off - 128 * c_first
-            for j in range(32 * nwords):
-                acc[j] = 0.0
-            for r in range(coefs.shape[0]):
-                _philox_words(words[:nwords], np.uint64(c_first), keys[r, 0], keys[r, 1])
-                c = coefs[r]
-                for wi in range(nwords):
-                    x = words[wi]
-                    part = acc[32 * wi : 32 * wi + 32]
-                    for bit in range(32):
-                        part[bit] = part[bit] + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
+        base = _projected_sum(acc, words, zbuf, start + off, n, keys, coefs, gaussian)
         a = acc[base : base + n]
         v = w[off : off + n]
         # the state comes flat (C-contiguous 1-D, width values per element): plain indexing vectorizes

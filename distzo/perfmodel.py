@@ -26,7 +26,9 @@ embedding kept for the head, activations and a runtime allowance. Memory per ser
 the fp32 master, the 16-bit served copy, the workers' pinned buffers; snapshot copy-on-write
 can add up to another fp32 copy (reported separately).
 
-The model, cluster and layout descriptions it is applied to are in ``perfspecs.py``.
+The model, cluster and layout descriptions it is applied to are in ``perfspecs.py``. On a CPU
+cluster the "GPUs" are worker processes, host->GPU is host->worker and NVLink the link inside a
+node; ``ClusterSpec.wording`` says each in the cluster's words (the terms keep their keys).
 Units: seconds, bytes, bandwidths in GB/s = 1e9 bytes/s (a 400 Gb/s NIC is 50 GB/s).
 """
 
@@ -37,7 +39,7 @@ from typing import Any
 
 from distzo.dtypes import ITEMSIZE, STATE_VALUES
 from distzo.errors import counted
-from distzo.perfspecs import GiB, ClusterSpec, LayoutSpec, ModelSpec
+from distzo.perfspecs import WORDING, GiB, ClusterSpec, LayoutSpec, ModelSpec, Wording
 
 BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_mask + int32 labels
 CONTROL_BYTES_PER_WORKER = 512  # assignment header + loss report (assumption: a few hundred bytes)
@@ -84,6 +86,11 @@ class Prediction:
     assumptions: tuple[str, ...] = field(default=())
     optimizer: str = "sgd"
     server_bytes_per_param: dict[str, int] = field(default_factory=dict)  # each optimizer at this served dtype
+    device: str = "cuda"  # the cluster's: what its worker devices, links and memory are called (wording)
+
+    @property
+    def wording(self) -> Wording:
+        return WORDING[self.device]
 
     @property
     def fits_gpu(self) -> bool:
@@ -109,7 +116,8 @@ class Prediction:
     def why_not_fits(self) -> str:
         parts = []
         if not self.fits_gpu:
-            parts.append(f"GPU memory {self.memory_per_gpu_bytes['total'] / GiB:.1f} GiB > {self.gpu_memory_bytes / GiB:.1f} GiB")
+            parts.append(f"{self.wording.memory} {self.memory_per_gpu_bytes['total'] / GiB:.1f} GiB > "
+                         f"{self.gpu_memory_bytes / GiB:.1f} GiB")
         if not self.fits_host:
             parts.append(f"server host memory {self.memory_per_server_host_bytes['total'] / GiB:.0f} GiB > "
                          f"{self.host_memory_bytes / GiB:.0f} GiB")
@@ -198,7 +206,7 @@ def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_pe
     if layout.workers != cluster.workers:
         raise ValueError(f"layout {layout.name} (pertp={layout.pertp} ddp={layout.ddp} q={layout.q}) has "
                          f"{counted(layout.workers, 'worker')}; cluster {cluster.name} has {counted(cluster.workers, 'worker')} of "
-                         f"{cluster.worker_gpus} GPUs")
+                         f"{counted(cluster.worker_gpus, cluster.wording.unit)}")
     if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
         raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
     sequences = tokens_per_step // seq_len
@@ -269,11 +277,13 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         gpu_memory_bytes=cluster.gpu_memory_bytes, host_memory_bytes=cluster.host_memory_bytes,
         whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks, optimizer),
         optimizer=optimizer, server_bytes_per_param={o: server_bytes_per_param(o, served_dtype) for o in STATE_VALUES},
+        device=cluster.device,
     )
 
 
 def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, optimizer: str = "sgd") -> tuple[str, ...]:
-    unit = "GPU" if cluster.device == "cuda" else "CPU worker process"
+    words = cluster.wording
+    unit = words.worker
     if g == cluster.gpus_per_node and g > 1:
         worker = f"a worker is a node group of {counted(g, unit)}, splitting its data shard evenly over them"
     else:
@@ -285,8 +295,8 @@ def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, opt
         "server replica on every node (weights over shared memory)" if cluster.replicas
         else "no replicas: the primary (or shard hosts) on the first nodes' hosts, the others pull over the network",
         f"FLOPs 2*P per token per forward (attention scores not counted) at {cluster.mfu:.0%} of peak",
-        f"GPU memory: {prefetch_blocks}+1 clean blocks, perturbed copies of 2 blocks per forward, activations "
-        "= forwards*t*hidden + t*max((4*hidden+mlp)*bytes, 4*vocab) for t tokens per GPU, plus a runtime allowance",
+        f"{words.memory}: {prefetch_blocks}+1 clean blocks, perturbed copies of 2 blocks per forward, activations "
+        f"= forwards*t*hidden + t*max((4*hidden+mlp)*bytes, 4*vocab) for t tokens per {words.unit}, plus a runtime allowance",
     ) + ((f"server update with {optimizer} state: the sgd update rate scaled by the ratio of DRAM bytes moved "
           "(an estimate, not measured on this cluster)",) if STATE_VALUES[optimizer] else ())
 
@@ -358,8 +368,8 @@ def _reason(best: Prediction, pool: list[Prediction], ties: list[Prediction], fi
         return (f"{head}: nothing fits ({best.why_not_fits()}); more nodes (server shards), float32 serving "
                 f"(no 16-bit copy on the host) or fewer tokens per step may make it fit")
     text = (f"{head}: best predicted {best.tokens_per_s:,.0f} tokens/s of {counted(len(pool), 'layout')} that fit, "
-            f"bound by {best.bottleneck}")
+            f"bound by {best.wording.terms[best.bottleneck]}")
     others = [p.layout.name for p in ties if p is not best]
     if others:
-        text += f"; ties with {', '.join(others)} within {TIE_TOLERANCE:.0%}, chosen for less GPU memory"
+        text += f"; ties with {', '.join(others)} within {TIE_TOLERANCE:.0%}, chosen for less {best.wording.memory}"
     return text

@@ -135,6 +135,34 @@ MODELS.update({
 
 # ----------------------------------------------------------------------------- cluster
 @dataclass(frozen=True)
+class Wording:
+    """What a plan calls a cluster's parts, in its own hardware's words (the model's terms keep their
+    keys, h2d and nvlink, whatever the hardware).
+
+    ``unit``: one worker device ("GPU"; a CPU cluster's "process"); ``worker``: the same, said in full
+    ("GPU", "CPU worker process"); ``h2d``: the copy from host memory to it; ``link``: the link of the
+    all-gather inside a node, ``gather``: that all-gather; ``memory``: its memory."""
+
+    unit: str
+    worker: str
+    h2d: str
+    link: str
+    gather: str
+    memory: str
+
+    @property
+    def terms(self) -> dict[str, str]:
+        """A label for each term of the step (perfmodel.TERMS), in order."""
+        return {"compute": "compute", "h2d": self.h2d, "nvlink": self.gather, "network": "network",
+                "server_update": "server update", "control": "control"}
+
+
+WORDING = {"cuda": Wording("GPU", "GPU", "host->GPU", "NVLink", "NVLink gather", "GPU memory"),
+           "cpu": Wording("process", "CPU worker process", "host->worker", "intra-node link", "intra-node gather",
+                          "worker memory")}
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """The hardware, as rates. Bandwidths in GB/s (1e9 bytes/s), each direction.
 
@@ -146,7 +174,8 @@ class ClusterSpec:
     GPU writing one perturbed copy. A worker is ``gpus_per_worker`` GPUs of one node (None: the
     whole node, a node group); ``fetch_group`` GPUs split one fetch and all-gather (None: the node).
     ``host_cores`` (CPU clusters): cores the workers, the server and the coordinator share; the
-    step then cannot be shorter than all their CPU work divided by the cores.
+    step then cannot be shorter than all their CPU work divided by the cores. ``device``: cuda or
+    cpu (a CPU cluster's "GPUs" are worker processes; ``wording`` names them so).
     """
 
     name: str
@@ -172,6 +201,8 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ValueError(f"cluster {self.name}: nodes and gpus_per_node must be >= 1")
+        if self.device not in WORDING:
+            raise ValueError(f"cluster {self.name}: device {self.device!r}: expected one of {', '.join(WORDING)}")
         for attr in ("h2d_gbps", "nvlink_gbps", "network_gbps", "server_update_params_per_s", "gpu_tflops", "mfu",
                      "perturb_params_per_s"):
             if not getattr(self, attr) > 0:
@@ -180,6 +211,11 @@ class ClusterSpec:
             v = getattr(self, attr)
             if v is not None and (v < 1 or self.gpus_per_node % v):
                 raise ValueError(f"cluster {self.name}: {attr}={v} must divide gpus_per_node={self.gpus_per_node}")
+
+    @property
+    def wording(self) -> Wording:
+        """How a plan names this cluster's worker devices, links and memory."""
+        return WORDING[self.device]
 
     @property
     def worker_gpus(self) -> int:

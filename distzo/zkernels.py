@@ -219,48 +219,58 @@ def _write_served(v, s, kind):  # noqa: ANN001, ANN202
             s[j] = f16_bits(v[j])
 
 
+@njit(inline="always", cache=True)
+def _projected_sum(acc, words, zbuf, start, n, keys, coefs, gaussian):  # noqa: ANN001, ANN202
+    """The projected-gradient sum of one chunk, for the update kernels (here and ``optim.py``):
+    ``acc[base + j] = sum_r coefs[r] * z_r[start + j]`` for j in [0, n), float64, the directions in
+    order and the sum starting from 0.0 (kept explicit: it decides the sign of a zero sum); returns
+    ``base``. ``keys`` [q, 2] uint64 Philox keys, ``coefs`` [q] float64; ``words``, ``zbuf``, ``acc``:
+    scratch of ``n + 2 * _ALIGN`` or more (uint32, float32, float64)."""
+    if gaussian:
+        a = acc[:n]
+        for j in range(n):
+            a[j] = 0.0
+        for r in range(coefs.shape[0]):
+            zb = _z_chunk(True, start, n, keys[r, 0], keys[r, 1], words, zbuf)
+            c = coefs[r]
+            z = zbuf[zb : zb + n]
+            for j in range(n):
+                a[j] = a[j] + c * np.float64(z[j])
+        return 0
+    # Rademacher: c * z is +-c exactly, so build the signed sum straight from the bits
+    c_first = start >> 7
+    c_last = (start + n + 127) >> 7
+    nwords = 4 * (c_last - c_first)
+    base = start - 128 * c_first
+    for r in range(coefs.shape[0]):
+        _philox_words(words[:nwords], np.uint64(c_first), keys[r, 0], keys[r, 1])
+        c = coefs[r]
+        for wi in range(nwords):
+            x = words[wi]
+            a = acc[32 * wi : 32 * wi + 32]
+            if r == 0:
+                for bit in range(32):
+                    a[bit] = 0.0 + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
+            else:
+                for bit in range(32):
+                    a[bit] = a[bit] + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
+    if coefs.shape[0] == 0:
+        a = acc[base : base + n]
+        for j in range(n):
+            a[j] = 0.0
+    return base
+
+
 @njit(nogil=True, cache=True)
 def _update_kernel(w, start, keys, coefs, decay, gaussian, served, kind):  # noqa: ANN001, ANN202
-    # w[j] = float32(w[j] - (sum_r coefs[r] * z_r[start + j] + decay * w[j])), directions in order,
-    # the sum starting from 0.0 (kept explicit: it decides the sign of a zero sum); with kind 1/2
-    # also served[j] = bf16/fp16 bits of the new w[j] (served.py's rounding)
+    # w[j] = float32(w[j] - (sum_r coefs[r] * z_r[start + j] + decay * w[j])), the sum from
+    # _projected_sum; with kind 1/2 also served[j] = bf16/fp16 bits of the new w[j] (served.py's rounding)
     words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
     zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
     acc = np.empty(_SCRATCH + 2 * _ALIGN, np.float64)
     for off in range(0, w.shape[0], _SCRATCH):
         n = min(_SCRATCH, w.shape[0] - off)
-        if gaussian:
-            base = 0
-            a = acc[:n]
-            for j in range(n):
-                a[j] = 0.0
-            for r in range(coefs.shape[0]):
-                zb = _z_chunk(True, start + off, n, keys[r, 0], keys[r, 1], words, zbuf)
-                c = coefs[r]
-                z = zbuf[zb : zb + n]
-                for j in range(n):
-                    a[j] = a[j] + c * np.float64(z[j])
-        else:
-            # Rademacher: c * z is +-c exactly, so build the signed sum straight from the bits
-            c_first = (start + off) >> 7
-            c_last = (start + off + n + 127) >> 7
-            nwords = 4 * (c_last - c_first)
-            base = start + off - 128 * c_first
-            for r in range(coefs.shape[0]):
-                _philox_words(words[:nwords], np.uint64(c_first), keys[r, 0], keys[r, 1])
-                c = coefs[r]
-                for wi in range(nwords):
-                    x = words[wi]
-                    a = acc[32 * wi : 32 * wi + 32]
-                    if r == 0:
-                        for bit in range(32):
-                            a[bit] = 0.0 + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
-                    else:
-                        for bit in range(32):
-                            a[bit] = a[bit] + c * (1.0 - 2.0 * np.float64((x >> np.uint32(bit)) & np.uint32(1)))
-        if coefs.shape[0] == 0:
-            for j in range(n):
-                acc[base + j] = 0.0
+        base = _projected_sum(acc, words, zbuf, start + off, n, keys, coefs, gaussian)
         v = w[off : off + n]
         a = acc[base : base + n]
         for j in range(n):

@@ -8,6 +8,7 @@ together, so when one dies the others cannot go on: the launcher stops the rest 
 the whole group again (the coordinator re-assigns their work meanwhile), with backoff when
 it keeps dying soon after starting. A worker that exits with code 2 refused its input (a bad
 flag or config): that fails the same way every time, so the launcher stops and exits 2.
+(The restart policy: ``distzo.supervise``, shared with ``zoctl up``'s local cluster.)
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import time
 from typing import Mapping, Sequence
 
 from distzo.logs import kv, setup_logging
+from distzo.procs import ServiceFailed
 from distzo.rpc import PORTS
+from distzo.supervise import RestartPolicy, Restarts
 
 log = logging.getLogger("distzo.launch")
-EXIT_BAD_INPUT = 2
 STABLE_S = 60.0
+# a group dying within a minute of its start, again and again, waits 2 s, 4 s, 6 s, ... up to 30 s; no limit
+POLICY = RestartPolicy(first_delay_s=2.0, max_delay_s=30.0, stable_s=STABLE_S, growth="linear")
 
 
 def gpu_count(spec: str) -> int:
@@ -102,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    restarts = 0
+    restarts = Restarts("the node group", POLICY)
     while not stopping:
         started = time.monotonic()
         procs = [subprocess.Popen(worker_argv(args, r, size)) for r in range(size)]
-        log.info("node group started", extra=kv(workers=size, restarts=restarts))
+        log.info("node group started", extra=kv(workers=size, restarts=restarts.count))
         while not stopping and all(p.poll() is None for p in procs):
             time.sleep(0.5)
         for p in procs:
@@ -119,16 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
         if stopping or all(p.returncode == 0 for p in procs):
             return 0
-        if any(p.returncode == EXIT_BAD_INPUT for p in procs):
-            log.error("a worker refused its input (exit code 2); not restarting", extra=kv(
-                codes=",".join(str(p.returncode) for p in procs)))
-            return EXIT_BAD_INPUT
-        if time.monotonic() - started > STABLE_S:
-            restarts = 0  # it ran a good while: a fresh failure, not a crash loop
-        restarts += 1
+        codes = ",".join(str(p.returncode) for p in procs)
+        try:
+            delay = restarts.died([p.returncode for p in procs], time.monotonic() - started)
+        except ServiceFailed as exc:  # the workers' output went to this process's stderr: no tail to add
+            log.error("a worker refused its input (exit code 2); not restarting", extra=kv(codes=codes))
+            return exc.code
         log.warning("a worker of the node group exited; restarting the group",
-                    extra=kv(codes=",".join(str(p.returncode) for p in procs), restarts=restarts))
-        time.sleep(min(30.0, 2.0 * restarts))
+                    extra=kv(codes=codes, restarts=restarts.count, backoff_s=delay))
+        time.sleep(delay)
     return 0
 
 

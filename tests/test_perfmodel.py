@@ -321,3 +321,23 @@ def test_cpu_host_cores_bound_shared_work():
                   served_dtype="float32")
     assert one.step_s == predict(m, cluster_from_calibration(cal, workers=1), LayoutSpec(1, 1, 1), 512, seq_len=32,
                                  served_dtype="float32").step_s  # one worker leaves a core free: no bound
+
+
+@pytest.mark.parametrize("cluster,model", [("cpu-netns", "OPT-1.3B"), ("cpu-local", "OPT-175B")])
+def test_a_cpu_clusters_plan_speaks_of_worker_processes_not_gpus(cluster, model):
+    # OPT-175B does not fit cpu-local: the "nothing fits" reason names the memory too
+    cpu = zoctl("plan", "--model", model, "--cluster", cluster)
+    assert cpu.returncode == 0, cpu.stderr
+    for word in ("GPU", "NVLink"):
+        assert word not in cpu.stdout, word
+    for text in ("host->worker per process", "intra-node link per process", "intra-node gather", "memory per process",
+                 "worker memory", "CPU worker process"):
+        assert text in cpu.stdout, text
+    gpu = zoctl("plan", "--model", model, "--cluster", "h100x8")  # the GPU cluster keeps its words
+    for text in ("host->GPU per GPU", "NVLink per GPU", "NVLink gather", "memory per GPU", "GPU memory"):
+        assert text in gpu.stdout, text
+    with pytest.raises(ValueError, match="cluster x: device 'tpu': expected one of cuda, cpu"):
+        on(CLUSTERS[cluster], name="x", device="tpu")
+    lay = LayoutSpec(1, 1, 1)  # a layout of the wrong size: the error counts processes
+    with pytest.raises(ValueError, match="has 2 workers of 1 process$"):
+        predict(MODELS[model], CLUSTERS[cluster], lay, 32768)
