@@ -11,8 +11,8 @@ The rule: a process (or a node group, restarted whole) that dies is restarted, e
 
 A death less than ``stable_s`` after the start is *quick*: the k-th quick death in a row waits
 ``delay(k)`` before the restart (exponential or linear growth up to a cap), so a crash loop does not
-spin; a death after a run of ``stable_s`` or more is a fresh failure: restarted at once, and the
-backoff starts over.
+spin; a death after a run of ``stable_s`` or more is a fresh failure: restarted after
+``min_delay_s`` (0 unless set), and the backoff starts over.
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ class RestartPolicy:
     ``first_delay_s``: the wait after the first quick death; then ``growth`` "exponential" (x2 per
     quick death in a row) or "linear" (+``first_delay_s``), capped at ``max_delay_s`` (seconds).
     ``stable_s``: a run at least this long (seconds) ends a crash loop. ``max_restarts``: restarts
-    of one unit over the supervisor's life before it gives up (None: never)."""
+    of one unit over the supervisor's life before it gives up (None: never). ``min_delay_s``: the
+    least wait before any restart, also after a stable run (a node group's ports and GPU memory are
+    let go first)."""
 
     first_delay_s: float
     max_delay_s: float
     stable_s: float
     max_restarts: int | None = None
     growth: str = "exponential"
+    min_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.growth not in ("exponential", "linear"):
@@ -47,9 +50,9 @@ class RestartPolicy:
     def delay(self, quick_deaths: int) -> float:
         """Seconds to wait before restarting after the ``quick_deaths``-th quick death in a row (0: at once)."""
         if quick_deaths <= 0:
-            return 0.0
+            return self.min_delay_s
         grown = 2.0 ** (quick_deaths - 1) if self.growth == "exponential" else float(quick_deaths)
-        return min(self.max_delay_s, self.first_delay_s * grown)
+        return max(self.min_delay_s, min(self.max_delay_s, self.first_delay_s * grown))
 
     def restartable(self, exc: BaseException) -> bool:
         """Whether a failed start (``ServiceFailed``) may be tried again: not when it refused its input.

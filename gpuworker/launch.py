@@ -29,7 +29,7 @@ from distzo.supervise import RestartPolicy, Restarts
 log = logging.getLogger("distzo.launch")
 STABLE_S = 60.0
 # a group dying within a minute of its start, again and again, waits 2 s, 4 s, 6 s, ... up to 30 s; no limit
-POLICY = RestartPolicy(first_delay_s=2.0, max_delay_s=30.0, stable_s=STABLE_S, growth="linear")
+POLICY = RestartPolicy(first_delay_s=2.0, max_delay_s=30.0, stable_s=STABLE_S, growth="linear", min_delay_s=2.0)
 
 
 def gpu_count(spec: str) -> int:

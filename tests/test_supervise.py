@@ -111,3 +111,13 @@ def test_the_local_clusters_supervisor_applies_the_policy(cache_dir, tmp_path):
     cluster._record("coordinator").count = local.MAX_RESTARTS  # it has been restarted 20 times already
     with pytest.raises(ServiceFailed, match=f"coordinator keeps dying \\(exit code 1, {local.MAX_RESTARTS} restarts\\):\nTraceback: boom"):
         cluster.supervise()
+
+
+def test_a_minimum_delay_holds_also_after_a_stable_run():
+    """distzo-worker-launch waits 2 s before re-forming a node group even after a long run (ports, GPU memory)."""
+    from gpuworker.launch import POLICY
+
+    r = Restarts("node-0", POLICY)
+    assert r.died([1, 0], ran_s=3600.0) == 2.0
+    assert r.died([1, 0], ran_s=1.0) == 2.0  # first quick death: the linear backoff's first step
+    assert r.died([1, 0], ran_s=1.0) == 4.0
