@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.hosts import HostNetwork, check_can_make_hosts
 from coordinator.linkstats import LinkMeter
 from coordinator.local import LocalCluster
+from distzo.dtypes import ITEMSIZE
 from distzo.logs import kv
 from distzo.procs import ServiceFailed, python_module
 from distzo.rpc import make_channel
@@ -157,7 +158,7 @@ class HostsCluster(LocalCluster):
         client = ParamServerClient(self.server_address, self.creds).connect()
         try:
             m = client.shards[0].manifest
-            itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[m.served_dtype]
+            itemsize = ITEMSIZE[m.served_dtype]
             self.meter.model_bytes = sum(b.numel for b in m.blocks) * itemsize
         finally:
             client.close()
