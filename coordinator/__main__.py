@@ -17,7 +17,11 @@ from distzo.rpc import PORTS, add_security_args, security_from_args
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="distzo-coordinator", description="distzo coordinator")
     ap.add_argument("--config", help="job config (YAML); with it the job starts at once, without it `zoctl train` starts one")
-    ap.add_argument("--param-server", action="append", required=True, help="parameter-server shard address (repeat per shard)")
+    servers = ap.add_mutually_exclusive_group(required=True)
+    servers.add_argument("--param-server", action="append", help="parameter-server shard address (repeat per shard)")
+    servers.add_argument("--param-server-from", metavar="READY_FILE",
+                         help="the parameter server's ready file: wait for it and use the address it names "
+                              "(zoctl up starts both processes at once)")
     ap.add_argument("--worker-param-server", action="append",
                     help="addresses workers should fetch from (default: --param-server), e.g. a local replica")
     ap.add_argument("--listen", default=f"0.0.0.0:{PORTS['coordinator']}", help="host:port (port 0 picks a free one)")
@@ -40,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     from distzo.rpc import Credentials
     from coordinator.server import run
 
+    if args.param_server_from:
+        from distzo.procs import address_from_ready_file
+
+        try:
+            args.param_server = [address_from_ready_file(args.param_server_from)]
+        except TimeoutError as exc:  # not bad input: the supervisor may start us again
+            print(f"distzo-coordinator: {exc}", file=sys.stderr)
+            return 1
     try:
         cfg = JobConfig.from_yaml(args.config) if args.config else None
         if args.settings:  # --set KEY.PATH=VALUE over the file (e.g. the Kubernetes run's shape)

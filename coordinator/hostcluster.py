@@ -74,6 +74,8 @@ def replica_states(primary: str | None, replicas: dict[str, str], creds) -> list
 class HostsCluster(LocalCluster):
     """A LocalCluster whose processes live on ``cfg.cluster.hosts`` simulated hosts; ``net``, ``meter``."""
 
+    PRESTART = False  # a host's workers fetch from its replica, whose address is known only once it is up
+
     def __post_init__(self) -> None:
         check_can_make_hosts()  # before anything is written: not root is one line, exit 2
         super().__post_init__()

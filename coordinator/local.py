@@ -90,6 +90,7 @@ class LocalCluster:
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     server_port: int = 0
     coordinator_port: int = 0
+    PRESTART = True  # start the coordinator and workers with the parameter server (_prestart); a class attribute
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
@@ -112,6 +113,7 @@ class LocalCluster:
         self._restarts: dict[str, Restarts] = {}  # process name, or node-N for a node group's start
         self._hosts_of: dict[str, int] = {}  # process name -> host index
         self._restarters: dict[str, Callable[[], None]] = {}  # extra processes (replicas) -> how to start them
+        self._early: dict[str, ServiceProcess | list[ServiceProcess]] = {}  # started with the parameter server (_prestart)
         self.creds = Credentials.from_config(self.cfg.security)
         self._client: CoordinatorClient | None = None
 
@@ -145,13 +147,18 @@ class LocalCluster:
         # every process with its own free metrics port, on its host's address
         return ["-v"] * self.verbose + ["--metrics-port", "0", "--metrics-host", self.host_ip(host)]
 
-    def _spawn(self, name: str, argv: list[str], host: int = 0) -> ServiceProcess:
+    def _service(self, name: str, argv: list[str], host: int = 0) -> ServiceProcess:
+        """A service process of this cluster (registered, not started), announcing itself in ready/NAME.json."""
         ready = self.run_dir / "ready" / f"{name}.json"
         ready.unlink(missing_ok=True)
         self._hosts_of[name] = host
-        argv = self._in_host(host, [*argv, "--ready-file", str(ready)])
-        p = ServiceProcess(name, argv, ready, self.run_dir / "logs" / f"{name}.log")
+        p = ServiceProcess(name, self._in_host(host, [*argv, "--ready-file", str(ready)]), ready,
+                           self.run_dir / "logs" / f"{name}.log")
         self.processes[name] = p
+        return p
+
+    def _spawn(self, name: str, argv: list[str], host: int = 0) -> ServiceProcess:
+        p = self._service(name, argv, host)
         p.start(timeout_s=300, env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         return p
 
@@ -181,11 +188,20 @@ class LocalCluster:
                                                       *self._server_args(0), *self._v()))
         self.server_port = p.info["port"]
 
-    def _start_coordinator(self) -> None:
+    def _coordinator_process(self, server: str) -> ServiceProcess:
+        """The coordinator's process, not started; ``server``: the parameter server's address, or
+        ``ready:PATH``, its ready file (the coordinator waits for it)."""
         listen = f"{self.host_ip(0)}:{self.coordinator_port}"
-        p = self._spawn("coordinator", python_module("coordinator", "--config", str(self.config_path), "--param-server",
-                                                      self.server_address, "--listen", listen, "--run-dir", str(self.run_dir),
-                                                      *self._v()))
+        where = ["--param-server-from", server[len("ready:"):]] if server.startswith("ready:") else ["--param-server", server]
+        return self._service("coordinator", python_module("coordinator", "--config", str(self.config_path), *where,
+                                                          "--listen", listen, "--run-dir", str(self.run_dir), *self._v()))
+
+    def _start_coordinator(self) -> None:
+        p = self._early.pop("coordinator", None)  # started with the parameter server (start())
+        if p is None:
+            p = self._coordinator_process(self.server_address)
+            p.spawn(env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+        p.wait_ready(timeout_s=300)
         self.coordinator_port = p.info["port"]
 
     def _worker_device(self, index: int, rank: int) -> str:
@@ -198,18 +214,20 @@ class LocalCluster:
         count = max(1, torch.cuda.device_count())
         return f"cuda:{rank if self.cfg.layout.node_size > 1 else index % count}"
 
-    def _worker_argv(self, index: int, node: int, rank: int, master: str) -> list[str]:
+    def _worker_argv(self, index: int, node: int, rank: int, master: str, coordinator: str) -> list[str]:
         size = self.cfg.layout.node_size
         host = self._node_host(node)
         sec = self.cfg.security
         credentials = {"token_file": str(sec.token_file), "tls_ca": sec.tls_ca}
         if sec.mutual_tls:  # a client certificate for mutual TLS
             credentials.update(tls_cert=sec.tls_cert, tls_key=sec.tls_key)
-        return worker_command(self.coordinator_address, self._node_servers(node), self._worker_device(index, rank),
+        return worker_command(coordinator, self._node_servers(node), self._worker_device(index, rank),
                               f"worker-{index}", credentials, (rank, size, master, f"node-{node}") if size > 1 else None,
                               self._v(host))
 
-    def _start_node(self, node: int) -> None:
+    def _node_processes(self, node: int, coordinator: str) -> list[ServiceProcess]:
+        """The node group's worker processes, registered, not started; ``coordinator``: its address or
+        ``ready:PATH`` (see ``worker_command``)."""
         size = self.cfg.layout.node_size
         # a fresh rendezvous file per formation: no port to race for, nothing stale from a group that died
         rendezvous = self.run_dir / "rendezvous"
@@ -217,19 +235,15 @@ class LocalCluster:
         for stale in rendezvous.glob(f"node-{node}-*"):
             stale.unlink(missing_ok=True)
         master = f"file://{rendezvous / f'node-{node}-{uuid.uuid4().hex[:8]}'}"
-        procs = []
-        for rank in range(size):
-            index = node * size + rank
-            name = f"worker-{index}"
-            ready = self.run_dir / "ready" / f"{name}.json"
-            ready.unlink(missing_ok=True)
-            self._hosts_of[name] = self._node_host(node)
-            argv = self._in_host(self._node_host(node), [*self._worker_argv(index, node, rank, master), "--ready-file", str(ready)])
-            p = ServiceProcess(name, argv, ready, self.run_dir / "logs" / f"{name}.log")
-            self.processes[name] = p
-            procs.append(p)
-        for p in procs:  # all members first: a node group forms only when every member is up
-            _start_detached(p, shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+        return [self._service(f"worker-{node * size + rank}", self._worker_argv(node * size + rank, node, rank, master, coordinator),
+                              self._node_host(node)) for rank in range(size)]
+
+    def _start_node(self, node: int) -> None:
+        procs = self._early.pop(f"node-{node}", None)  # started with the parameter server (start())
+        if procs is None:
+            procs = self._node_processes(node, self.coordinator_address)
+            for p in procs:  # all members first: a node group forms only when every member is up
+                _start_detached(p, shared_kernel_cache_env(self.cfg.runtime.cache_dir))
         deadline = time.monotonic() + 300
         for p in procs:
             while not p.ready_file.is_file():
@@ -257,7 +271,27 @@ class LocalCluster:
     def coordinator_address(self) -> str:
         return f"{self.host_ip(0)}:{self.coordinator_port}"
 
+    def _prestart(self) -> None:
+        """Start the coordinator and the workers together with the parameter server: each waits for the
+        ready file of what it connects to, so their start-up (importing torch, ~5 s each) overlaps instead
+        of running one after another. A first start that fails is started again the usual way (_launch)."""
+        ready = self.run_dir / "ready"
+        ready.mkdir(parents=True, exist_ok=True)
+        for stale in ready.glob("*.json"):  # a resumed run's: never read as this run's addresses
+            stale.unlink(missing_ok=True)
+        env = shared_kernel_cache_env(self.cfg.runtime.cache_dir)
+        coordinator = self._coordinator_process(f"ready:{ready / 'paramserver.json'}")
+        coordinator.spawn(env=env)
+        self._early["coordinator"] = coordinator
+        for node in range(self.cfg.layout.workers // self.cfg.layout.node_size):
+            procs = self._node_processes(node, f"ready:{ready / 'coordinator.json'}")
+            for p in procs:
+                _start_detached(p, env)
+            self._early[f"node-{node}"] = procs
+
     def start(self) -> None:
+        if self.PRESTART:
+            self._prestart()
         self._launch("paramserver", self._start_server)
         self._start_replicas()
         self._launch("coordinator", self._start_coordinator)

@@ -31,12 +31,23 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> dict:
         """Start the process (its own session, so a kill reaches its children) and wait for its ready file."""
+        self.spawn(env)
+        return self.wait_ready(timeout_s)
+
+    def spawn(self, env: dict[str, str] | None = None) -> None:
+        """Start the process without waiting for it (``wait_ready`` waits)."""
         self.ready_file.unlink(missing_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict:
+        """Wait for the spawned process's ready file and return what it announced.
+
+        Raises ServiceFailed when it exits first (with its exit code) or is not ready in ``timeout_s``
+        seconds (then it is killed)."""
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.ready_file.is_file():
@@ -85,3 +96,18 @@ class ServiceProcess:
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def address_from_ready_file(path: str | Path, timeout_s: float = 300.0) -> str:
+    """The ``address`` a service announces in its ready file, waiting up to ``timeout_s`` seconds for the
+    file (written atomically once the service serves).
+
+    Lets ``zoctl up`` start a process before the one it connects to is up: both import torch at the same
+    time, and the client reads the address once it is known. Raises TimeoutError."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout_s:.0f} s (the service it names did not start)")
+        time.sleep(0.05)
+    return str(json.loads(path.read_text())["address"])

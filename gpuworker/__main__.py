@@ -19,7 +19,11 @@ EXIT_GROUP_BROKEN = 75  # a node-group collective failed: restart the whole grou
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="distzo-worker", description="distzo worker")
-    ap.add_argument("--coordinator", required=True, help="coordinator address host:port")
+    coordinator = ap.add_mutually_exclusive_group(required=True)
+    coordinator.add_argument("--coordinator", help="coordinator address host:port")
+    coordinator.add_argument("--coordinator-from", metavar="READY_FILE",
+                             help="the coordinator's ready file: wait for it and use the address it names "
+                                  "(zoctl up starts both processes at once)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--param-server", action="append", help="override the parameter-server addresses the coordinator gives")
     ap.add_argument("--node-rank", type=int, default=0, help="rank inside the node group")
@@ -39,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     from gpuworker.node import GatherError
     from gpuworker.worker import Worker
 
+    if args.coordinator_from:
+        from distzo.procs import address_from_ready_file
+
+        try:
+            args.coordinator = address_from_ready_file(args.coordinator_from)
+        except TimeoutError as exc:  # not bad input: the supervisor may start us again
+            print(f"distzo-worker: {exc}", file=sys.stderr)
+            return 1
     try:
         creds = Credentials.from_config(security_from_args(args, client=True))
         worker = Worker(args.coordinator, creds, device=args.device, node_rank=args.node_rank, node_size=args.node_size,

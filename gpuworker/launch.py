@@ -52,9 +52,12 @@ def worker_command(coordinator: str, param_servers: Sequence[str], device: str, 
     """The command line of one worker process (``python -m gpuworker``): what ``distzo-worker-launch`` and
     ``zoctl up``'s local cluster both start.
 
-    ``credentials``: token_file, tls_ca, tls_cert, tls_key (None or empty: not passed); ``node``: a node
-    group member's (rank, size, rendezvous HOST:PORT or file:// URL, node id); ``extra``: more flags."""
-    argv = [sys.executable, "-m", "gpuworker", "--coordinator", coordinator, "--device", device, "--worker-id", worker_id]
+    ``coordinator``: its address, or ``ready:PATH``, its ready file (``--coordinator-from``: the worker
+    waits for it); ``credentials``: token_file, tls_ca, tls_cert, tls_key (None or empty: not passed);
+    ``node``: a node group member's (rank, size, rendezvous HOST:PORT or file:// URL, node id); ``extra``:
+    more flags."""
+    where = ["--coordinator-from", coordinator[len("ready:"):]] if coordinator.startswith("ready:") else ["--coordinator", coordinator]
+    argv = [sys.executable, "-m", "gpuworker", *where, "--device", device, "--worker-id", worker_id]
     for s in param_servers:
         argv += ["--param-server", s]
     for flag in ("token_file", "tls_ca", "tls_cert", "tls_key"):
