@@ -29,6 +29,7 @@ from distzo.generator import Distribution
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.optim import Optimizer
+from distzo.adapters import LoraTarget
 from distzo.modeling import BlockModel
 from distzo.catalog import resolve_model
 from paramserver import metrics
@@ -79,7 +80,7 @@ class ServerState:
         generator.set_cpu_threads(cfg.server.update_threads)
         generator.warm_up()
         self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
-        self.model = BlockModel.from_dir(self.model_dir)
+        self.model = BlockModel.from_dir(self.model_dir, LoraTarget.from_train(cfg.train))
         self.manifest = self.model.manifest
         self.manifest_json = self.manifest.to_json()
         nblocks = len(self.manifest.blocks)
