@@ -17,6 +17,7 @@ The export is peft's own (``PeftModel.save_pretrained``), loadable with
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,7 @@ class LoraTarget:
         except ValueError as exc:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                              if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
-            raise ModelError(f"train.lora_modules {list(self.modules)}: {str(exc)[:200]}; this model's linear "
+            raise ModelError(f"train.lora_modules {list(self.modules)}: {str(exc)[:200].rstrip('. ')}; this model's linear "
                              f"modules are {linear[:20]}") from None
         for p in model.parameters():
             p.requires_grad_(False)
@@ -129,7 +130,9 @@ def export_adapter(config, source_dir, state: dict[str, torch.Tensor], lora: Lor
             seen += 1
     if seen != len(adapters):
         raise RuntimeError(f"export: {len(adapters)} adapter tensors in the blocks, peft's model has {seen}")
-    if merge:
-        peft_model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
-    else:
-        peft_model.save_pretrained(str(out), safe_serialization=True)
+    with warnings.catch_warnings():  # peft calls a transformers method transformers calls deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        if merge:
+            peft_model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
+        else:
+            peft_model.save_pretrained(str(out), safe_serialization=True)
