@@ -108,9 +108,10 @@ class ReferenceTrainer:
         return result
 
     def train(self, out_dir: str | Path | None = None, progress: bool | None = None,
-              run_dir: str | Path | None = None) -> dict[str, Any]:
+              run_dir: str | Path | None = None, merge: bool = False) -> dict[str, Any]:
         """Train ``train.steps`` steps, evaluate, export to ``out_dir``; return the run summary.
 
+        ``merge``: a LoRA run exports its merged plain model instead of peft's adapter directory.
         ``run_dir``: write the per-step log, the config and the report plot there.
         """
         cfg = self.cfg
@@ -136,7 +137,7 @@ class ReferenceTrainer:
         bar.close()
         final_eval = self.evaluate(cfg.train.steps)
         if out_dir is not None:
-            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir)
+            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir, merge=merge)
         summary = {
             "mode": "reference",
             "model": cfg.model.source,

@@ -278,9 +278,9 @@ class ServerState:
                 m.result = job
             elif m.kind == "export":
                 self._wait_snapshot()
-                path = Path(str(m.arg))
+                path, merge = m.arg  # type: ignore[misc]
                 buffers = [self._block_tensor(b) for b in range(len(self.manifest.blocks))]
-                export_model_dir(self.model, buffers, path)
+                export_model_dir(self.model, buffers, path, merge=merge)
                 m.result = (str(path), self.store.applied_version())
         except BaseException as exc:  # reported to the caller
             m.error = exc
@@ -345,7 +345,9 @@ class ServerState:
             raise job.error
         return job
 
-    def export(self, path: str, timeout_s: float = 600.0) -> tuple[str, int]:
+    def export(self, path: str, timeout_s: float = 600.0, merge: bool = False) -> tuple[str, int]:
+        """Export the weights to ``path`` (under server.export_root); ``merge``: a LoRA run's merged model.
+        Raises ValueError for ``merge`` on a full-target run, PermissionError outside the export root."""
         root = self.cfg.server.export_root
         p = Path(path)
         if not p.is_absolute():
@@ -354,7 +356,10 @@ class ServerState:
         if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
             shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
             raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
-        m = Marker("export", arg=p, done=threading.Event())
+        if merge and self.model.lora is None:
+            raise ValueError("export --merge merges a LoRA adapter into the base: this run trains the full model "
+                             "(train.target full)")
+        m = Marker("export", arg=(p, merge), done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):
             raise TimeoutError("export did not finish in time")

@@ -15,7 +15,7 @@ from distzo.reference import ReferenceTrainer
 
 from clusterhelpers import Harness
 from conftest import small_config
-from test_cluster import write_config, zoctl
+from test_cluster import same_weights, write_config, zoctl
 from test_worker import reference_losses
 
 LORA = {"target": "lora", "lr": 1e-2, "eps": 1e-2}
@@ -84,15 +84,21 @@ def test_a_worker_fetches_the_frozen_blocks_once(cache_dir, tmp_path):
         h.close()
 
 
-@pytest.mark.parametrize("layout,workers", [("dual", 1), ("ddp", 2)])
-def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers):
+@pytest.mark.parametrize("layout,workers,merge", [("dual", 1, False), ("ddp", 2, True)])
+def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers, merge):
+    from transformers import AutoModelForCausalLM
+
     cfg = write_config(tmp_path, cache_dir, train={**LORA, "steps": 4, "batch_size": 8, "weight_decay": 0.01})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"]
+    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"] + (["--merge"] if merge else [])
     up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
     assert up.returncode == 0, up.stderr[-3000:]
     ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_adapter(tmp_path / "dist", tmp_path / "ref")
+    if merge:  # the server's merged export: a plain model, the same bits as the reference's
+        assert same_weights(tmp_path / "dist", tmp_path / "ref")
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "dist"))
+    else:
+        assert same_adapter(tmp_path / "dist", tmp_path / "ref")
     a, b = json.loads(up.stdout), json.loads(ref.stdout)
     for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
         assert a[key] == b[key], key
@@ -101,7 +107,8 @@ def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, worke
 @pytest.mark.parametrize("setting,needle", [(["--target", "prefix"], "train.target"),
                                             (["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],
                                              "train.lora_modules"),
-                                            (["--target", "lora", "--set", "train.lora_rank=0"], "train.lora_rank")])
+                                            (["--target", "lora", "--set", "train.lora_rank=0"], "train.lora_rank"),
+                                            (["--merge"], "--target lora")])
 def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
     r = zoctl("reference", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}")
     assert r.returncode == 2, r.stderr[-2000:]
