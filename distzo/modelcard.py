@@ -44,7 +44,8 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
               "adam": f"ZO-Adam (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})"}[t.optimizer]
     hyper = {
         "optimizer": method + " (zeroth-order, two forwards per direction)",
-        "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy"}[t.objective],
+        "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy",
+                      "f1": "minus batch macro-F1"}[t.objective],
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
         "perturbation scale eps": t.eps,
