@@ -44,7 +44,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q", type=int, metavar="Q", help="perturbation directions per step")
     p.add_argument("--steps", type=int, metavar="N", help="training steps")
     add_setting_options(p)
-    p.add_argument("--out", metavar="DIR", help="export the trained model here (Hugging Face layout)")
+    p.add_argument("--out", metavar="DIR", help="export the trained model here (Hugging Face layout; train.target "
+                   "lora: peft's adapter directory)")
+    p.add_argument("--merge", action="store_true", help="train.target lora: export the merged plain model instead")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
 
@@ -63,7 +65,11 @@ def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfi
         "train.steps": args.steps,
         "cluster.hosts": getattr(args, "hosts", None),  # zoctl up only
     }
-    return apply_settings(cfg, args, overrides)
+    cfg = apply_settings(cfg, args, overrides)
+    if getattr(args, "merge", False) and cfg.train.target != "lora":
+        raise CliError(f"--merge merges a LoRA adapter into the base model, and this run's train.target is "
+                       f"{cfg.train.target!r}: use --target lora or drop --merge")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- commands
@@ -73,7 +79,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
     cfg = job_config_from_args(args)
     trainer = ReferenceTrainer(cfg)
     try:
-        summary = trainer.train(out_dir=args.out, progress=None if not args.json else False, run_dir=args.run_dir)
+        summary = trainer.train(out_dir=args.out, progress=None if not args.json else False, run_dir=args.run_dir,
+                                merge=args.merge)
     except TrainingStopped as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     print_summary(summary, args.json)
@@ -198,7 +205,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if st.state == "stopped":  # `zoctl stop`: what was trained is kept, exported and reported like a finished run
             print(f"zoctl: training stopped at step {st.step} of {st.total_steps} (zoctl stop); exporting that",
                   file=sys.stderr)
-        reply = cluster.export(out_dir)
+        reply = cluster.export(out_dir, merge=args.merge)
         links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}  # zoctl up --hosts
         summary = summary_from_status(st, time.monotonic() - t0, reply.path,
                                       {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),

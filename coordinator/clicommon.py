@@ -32,11 +32,12 @@ def print_json(value: Any, indent: int | None = 2) -> None:
 
 # flag -> config field: the common settings; any other field through --set
 SETTING_FLAGS = {"lr": "train.lr", "eps": "train.eps", "batch_size": "train.batch_size", "seed": "train.seed",
-                 "device": "runtime.device", "optimizer": "train.optimizer", "objective": "train.objective"}
+                 "device": "runtime.device", "optimizer": "train.optimizer", "objective": "train.objective",
+                 "target": "train.target"}
 
 
 def add_setting_options(p: argparse.ArgumentParser) -> None:
-    """--lr, --eps, --batch-size, --seed, --device, --optimizer, --objective and --set KEY.PATH=VALUE
+    """--lr, --eps, --batch-size, --seed, --device, --optimizer, --objective, --target and --set KEY.PATH=VALUE
     (validated by the typed config)."""
     p.add_argument("--lr", type=float, metavar="LR", help="learning rate (train.lr)")
     p.add_argument("--eps", type=float, metavar="EPS", help="perturbation scale (train.eps)")
@@ -44,7 +45,9 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="master seed (train.seed; seeds and data order derive from it)")
     p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (runtime.device)")
     p.add_argument("--optimizer", metavar="NAME", help="sgd, momentum or adam (train.optimizer; state on the server)")
-    p.add_argument("--objective", metavar="NAME", help="loss or accuracy (train.objective)")
+    p.add_argument("--objective", metavar="NAME", help="loss, accuracy or f1 (train.objective)")
+    p.add_argument("--target", metavar="NAME", help="full or lora (train.target; lora settings: --set train.lora_rank=N, "
+                   "train.lora_alpha, train.lora_modules)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="any config field, e.g. --set train.lr_schedule=cosine --set data.max_seq_len=128 "
                         "(value read as YAML; repeatable; `zoctl config` lists the fields)")

@@ -126,7 +126,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # a path on the parameter server's host: only a relative one is made absolute here (local clusters);
     # a URL (s3://, gs://, file://) is pushed there by the server (distzo.transfer)
     path = args.dir if "://" in args.dir else os.path.abspath(args.dir)
-    reply = _call(args, "Export", cpb.ExportJobRequest(path=path), timeout=600)
+    reply = _call(args, "Export", cpb.ExportJobRequest(path=path, merge=args.merge), timeout=600)
     if args.json:
         print_json(status_dict(reply), indent=None)
     else:
@@ -169,5 +169,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("export", help="export the current weights as a Hugging Face model directory")
     p.add_argument("dir", help="directory on the parameter server's host, or a URL it pushes to (s3://, gs://, file://)")
+    p.add_argument("--merge", action="store_true", help="train.target lora: write the merged plain model "
+                   "(AutoModelForCausalLM) instead of the peft adapter directory (PeftModel.from_pretrained)")
     add_target_options(p)
     p.set_defaults(func=cmd_export)

@@ -378,8 +378,9 @@ class LocalCluster:
                 return st
             time.sleep(poll_s)
 
-    def export(self, out_dir: Path) -> cpb.ControlReply:
-        return self.client().call("Export", cpb.ExportJobRequest(path=os.path.abspath(out_dir)), timeout=600)
+    def export(self, out_dir: Path, merge: bool = False) -> cpb.ControlReply:
+        """Export the weights to ``out_dir`` (``merge``: a LoRA run's merged plain model)."""
+        return self.client().call("Export", cpb.ExportJobRequest(path=os.path.abspath(out_dir), merge=merge), timeout=600)
 
     def shutdown(self) -> None:
         """Ask the services to stop, then make sure every process is gone."""

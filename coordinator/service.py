@@ -153,7 +153,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "export needs a directory path")
         try:
             with self._servers() as c:
-                reply = c.export(request.path, model_card=self._model_card())
+                reply = c.export(request.path, model_card=self._model_card(), merge=request.merge)
         except grpc.RpcError as exc:
             context.abort(exc.code(), exc.details())
         except FetchError as exc:

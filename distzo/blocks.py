@@ -46,9 +46,10 @@ class BlockSpec:
     perturbation z of element i of the model is the same wherever it is generated)."""
 
     index: int
-    name: str  # "embed", "layer.<i>", "head"
+    name: str  # "embed", "layer.<i>", "head" (train.target lora: also "lora.<i>", layer i's adapters)
     global_offset: int
     tensors: tuple[TensorSpec, ...]
+    trainable: bool = True  # perturbed and updated; False: frozen (train.target lora's base), never changes
 
     @property
     def numel(self) -> int:
@@ -100,8 +101,13 @@ class Manifest:
         raise KeyError(name)
 
     def to_json(self) -> str:
-        """The manifest as JSON (what the server sends in ``GetManifest``)."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """The manifest as JSON (what the server sends in ``GetManifest``); ``trainable`` only where False,
+        so a full-target manifest (and its digest in a data directory's state.json) is what it always was."""
+        raw = asdict(self)
+        for b in raw["blocks"]:
+            if b["trainable"]:
+                del b["trainable"]
+        return json.dumps(raw, sort_keys=True)
 
     @staticmethod
     def from_json(text: str) -> "Manifest":
@@ -116,6 +122,7 @@ class Manifest:
                     TensorSpec(name=t["name"], shape=tuple(t["shape"]), offset=t["offset"], decay=t["decay"])
                     for t in b["tensors"]
                 ),
+                trainable=b.get("trainable", True),
             )
             for b in raw["blocks"]
         )
@@ -130,8 +137,11 @@ def build_manifest(
     num_blocks: int,
     names: dict[int, str],
     tied: dict[str, str],
+    trainable: set[int] | None = None,
 ) -> Manifest:
-    """Lay tensors out block by block (in ``order`` within a block) with global offsets."""
+    """Lay tensors out block by block (in ``order`` within a block) with global offsets.
+
+    ``trainable``: the blocks that are perturbed and updated (None: all)."""
     per_block: list[list[str]] = [[] for _ in range(num_blocks)]
     for name in order:
         per_block[block_of_param[name]].append(name)
@@ -145,7 +155,8 @@ def build_manifest(
             spec = TensorSpec(name=name, shape=shape, offset=off, decay=len(shape) >= 2)
             tensors.append(spec)
             off += spec.numel
-        blocks.append(BlockSpec(index=b, name=names[b], global_offset=offset_global, tensors=tuple(tensors)))
+        blocks.append(BlockSpec(index=b, name=names[b], global_offset=offset_global, tensors=tuple(tensors),
+                                trainable=trainable is None or b in trainable))
         offset_global += off
     return Manifest(model_type=model_type, blocks=tuple(blocks), tied=dict(tied))
 

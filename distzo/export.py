@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from distzo.adapters import export_adapter
 from distzo.modeling import BlockModel, _empty_model
 
 TOKENIZER_FILES = (
@@ -20,14 +21,22 @@ TOKENIZER_FILES = (
 )
 
 
-def export_model_dir(model: BlockModel, buffers: list[torch.Tensor], out_dir: str | Path) -> Path:
+def export_model_dir(model: BlockModel, buffers: list[torch.Tensor], out_dir: str | Path, merge: bool = False) -> Path:
     """Save the weights in ``buffers`` (fp32 blocks) with the model's config and tokenizer files.
 
     The exported model's parameters are views of the block buffers (no second copy of the
-    weights in memory); ``save_pretrained`` writes them as safetensors.
+    weights in memory); ``save_pretrained`` writes them as safetensors. A LoRA run (``model.lora``)
+    writes peft's adapter directory (``PeftModel.from_pretrained(base, out)``), or with ``merge``
+    the merged plain model (``distzo/adapters.py``); ``merge`` is refused for a full-target run.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if model.lora is not None:
+        export_adapter(model.config, model.source_dir, model.state_dict_from_blocks(buffers), model.lora, out, merge)
+        _copy_tokenizer(model, out)
+        return out
+    if merge:
+        raise ValueError("--merge merges a LoRA adapter into the base: this run trains the full model (train.target full)")
     hf = _empty_model(model.config)
     state = model.state_dict_from_blocks(buffers)
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
@@ -38,9 +47,13 @@ def export_model_dir(model: BlockModel, buffers: list[torch.Tensor], out_dir: st
         raise RuntimeError(f"export: tensors missing from the blocks: {untied[:5]}")
     hf.tie_weights()
     hf.save_pretrained(str(out), safe_serialization=True)
+    _copy_tokenizer(model, out)
+    return out
+
+
+def _copy_tokenizer(model: BlockModel, out: Path) -> None:
     if model.source_dir is not None:
         for name in TOKENIZER_FILES:
             src = model.source_dir / name
             if src.is_file():
                 shutil.copyfile(src, out / name)
-    return out

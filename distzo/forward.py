@@ -217,12 +217,13 @@ class ForwardEngine:
 
         ``clean``: block b's flat [numel] buffer. Returns one [numel] tensor of ``compute_dtype`` per
         job: ``clean + coef * z(seed)`` (z over the block's global element indices, generated once per
-        seed for all that seed's coefficients), or the clean buffer itself for ``coef == 0``."""
+        seed for all that seed's coefficients), or the clean buffer itself for ``coef == 0`` and for a
+        frozen block (train.target lora's base weights)."""
         spec = self.model.manifest.blocks[b]
         copies: list[torch.Tensor | None] = [None] * len(jobs)
         by_seed: dict[int, list[int]] = {}
         for j, job in enumerate(jobs):
-            if job.coef == 0.0:
+            if job.coef == 0.0 or not spec.trainable:
                 copies[j] = clean if clean.dtype == self.compute_dtype else clean.to(self.compute_dtype)
             else:
                 by_seed.setdefault(job.seed, []).append(j)

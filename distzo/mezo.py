@@ -190,8 +190,9 @@ def apply_update(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord, d
     length) for ``served_dtype`` bfloat16/float16, rewritten from the new values in the same pass
     (``distzo/served.py``'s rounding). ``optimizer`` momentum/adam: the stateful rules of
     ``distzo/optim.py`` instead, updating ``state`` (float32 [numel, width], numpy on CPU) in the same
-    pass; sgd or None: the rule above, no state. A skipped record changes nothing."""
-    if record.skipped:
+    pass; sgd or None: the rule above, no state. A skipped record, or a frozen block (``block.trainable``
+    False: train.target lora's base weights), changes nothing."""
+    if record.skipped or not block.trainable:
         return
     q = len(record.directions)
     seeds = [d.seed for d in record.directions]

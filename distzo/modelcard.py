@@ -44,7 +44,10 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
               "adam": f"ZO-Adam (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})"}[t.optimizer]
     hyper = {
         "optimizer": method + " (zeroth-order, two forwards per direction)",
-        "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy"}[t.objective],
+        "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy",
+                      "f1": "minus batch macro-F1"}[t.objective],
+        "target": "full model" if t.target == "full" else
+                  f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {', '.join(t.lora_modules)}; base frozen)",
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
         "perturbation scale eps": t.eps,
@@ -58,7 +61,10 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {Path(source).name} fine-tuned on {Path(task).name} with distzo", "",
              f"Fine-tuned by distzo ({mode}) with {method} from **{source}** on the task **{task}**. "
-             "The weights are the full model in safetensors; the tokenizer files are the base model's.", "",
+             + ("The weights are the full model in safetensors; " if t.target == "full" else
+                "The weights are a LoRA adapter in peft's layout (`PeftModel.from_pretrained(base, this directory)`), "
+                "or the merged model when exported with --merge; ")
+             + "the tokenizer files are the base model's.", "",
              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]  # as configured, not rounded
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]

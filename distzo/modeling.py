@@ -31,6 +31,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from distzo.adapters import LoraTarget, checkpoint_name, is_adapter
 from distzo.blocks import BlockSpec, Manifest, block_views, build_manifest, flatten_block
 from distzo.modeldir import ModelError, check_weight_files, load_config, read_safetensors
 
@@ -191,16 +192,26 @@ class BlockModel:
     norm and head. ``manifest`` gives each block's tensors and offsets; a block's weights are one
     flat fp32 [numel] buffer, and ``bind`` points the skeleton's parameters at views of it.
     Raises ModelError for a config that is not a supported decoder-only causal LM.
+
+    ``lora`` (``train.target: lora``, ``distzo/adapters.py``): peft's LoRA layers wrap the target
+    modules, and each decoder layer's adapters are a trainable block right after the layer's frozen
+    block (``num_blocks = 2 L + 2``; the other blocks are frozen). The layer's modules are scheduled in
+    the layer's block and read the adapters from the next one, as a tied head reads the embedding.
     """
 
-    def __init__(self, config: PretrainedConfig, source_dir: Path | None = None):
+    def __init__(self, config: PretrainedConfig, source_dir: Path | None = None, lora: LoraTarget | None = None):
         self.config = config
         self.source_dir = source_dir
+        self.lora = lora
         self.skeleton = _empty_model(config)
         self.layers_path, layers = _decoder_layers(self.skeleton)
+        if lora is not None:
+            with _BUILD_LOCK:
+                lora.inject(self.skeleton)
         num_layers = len(layers)
-        self.num_blocks = num_layers + 2
-        self.head_block = num_layers + 1
+        per_layer = 2 if lora is not None else 1  # lora: the layer's frozen block, then its adapters' block
+        self.num_blocks = per_layer * num_layers + 2
+        self.head_block = self.num_blocks - 1
 
         self.forward_extra, self.keeps_logits = forward_kwargs(self.skeleton)
         with _BUILD_LOCK:
@@ -215,7 +226,7 @@ class BlockModel:
 
         def module_block(mod_name: str) -> int:
             if mod_name.startswith(layer_prefix):
-                return 1 + int(mod_name[len(layer_prefix) :].split(".")[0])
+                return 1 + per_layer * int(mod_name[len(layer_prefix) :].split(".")[0])
             idx = call_index.get(mod_name)
             if idx is not None and idx < first_layer_call:
                 return 0
@@ -247,14 +258,16 @@ class BlockModel:
             canon = canonical_of_id[pid]
             # a shared weight lives in the block of its earliest user in execution order
             owner = min(us, key=lambda u: (u[2], call_index.get(u[0], len(call_order))))[2]
-            block_of_param[canon] = owner
+            block_of_param[canon] = owner + 1 if is_adapter(canon) else owner  # lora: the adapters' own block
             shapes[canon] = tuple(params[pid].shape)
             for _, full, _ in us:
                 if full != canon:
                     tied[full] = canon
 
         names = {0: "embed", self.head_block: "head"}
-        names.update({1 + i: f"layer.{i}" for i in range(num_layers)})
+        names.update({1 + per_layer * i: f"layer.{i}" for i in range(num_layers)})
+        if lora is not None:
+            names.update({2 + per_layer * i: f"lora.{i}" for i in range(num_layers)})
         self.manifest: Manifest = build_manifest(
             model_type=config.model_type,
             block_of_param=block_of_param,
@@ -263,6 +276,7 @@ class BlockModel:
             num_blocks=self.num_blocks,
             names=names,
             tied=tied,
+            trainable=None if lora is None else {b for b, n in names.items() if n.startswith("lora.")},
         )
         if self.manifest.blocks[0].numel == 0:
             raise ModelError(f"{config.model_type}: found no embedding parameters before the decoder layers")
@@ -304,7 +318,7 @@ class BlockModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config_json(cls, config_json: str) -> "BlockModel":
+    def from_config_json(cls, config_json: str, lora: LoraTarget | None = None) -> "BlockModel":
         """The skeleton from a Hugging Face config alone (workers: no model directory needed)."""
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -312,12 +326,12 @@ class BlockModel:
         model_type = raw.get("model_type")
         if model_type not in CONFIG_MAPPING:
             raise ModelError(f"unknown model type {model_type!r} in the server's model config")
-        return cls(CONFIG_MAPPING[model_type].from_dict(raw))
+        return cls(CONFIG_MAPPING[model_type].from_dict(raw), lora=lora)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "BlockModel":
+    def from_dir(cls, model_dir: str | Path, lora: LoraTarget | None = None) -> "BlockModel":
         """The skeleton of a Hugging Face model directory (config.json; weights by ``load_block_buffers``)."""
-        return cls(load_config(model_dir), Path(model_dir))
+        return cls(load_config(model_dir), Path(model_dir), lora)
 
     # ------------------------------------------------------------------ weights
     def load_block_buffers(self, model_dir: str | Path | None = None) -> list[torch.Tensor]:
@@ -329,11 +343,16 @@ class BlockModel:
         if path is None:
             raise ModelError("no model directory to load weights from")
         check_weight_files(path)
-        tensors = read_safetensors(path, [t.name for b in self.manifest.blocks for t in b.tensors])
+        names = [t.name for b in self.manifest.blocks for t in b.tensors if not is_adapter(t.name)]
+        tensors = read_safetensors(path, [checkpoint_name(n) for n in names])
         if tensors is None:
             log.info("loading %s through from_pretrained (checkpoint names differ from the model's)", path)
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
             tensors = dict(model.state_dict())
+        tensors = {n: tensors[checkpoint_name(n)] for n in names}
+        if self.lora is not None:  # the adapters' initial values (B = 0: the initial model is the base)
+            tensors.update({t.name: self.lora.initial_value(t.name, t.shape)
+                            for b in self.manifest.blocks for t in b.tensors if is_adapter(t.name)})
         return [flatten_block(spec, tensors) for spec in self.manifest.blocks]
 
     def state_dict_from_blocks(self, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,6 +10,11 @@ non-differentiable objectives, accuracy and F1). Each forward reports a pair (S,
   the label words (the candidates' likelihood ranking, ties to the first word, as eval ranks),
   N = rows: l = -(batch accuracy), so minimizing l maximizes accuracy. It needs label words that
   are each one token in every example's context (the forward reads them all at one position).
+* ``f1``: the same ranking's macro-F1 over the classes, S = -F1 x rows, N = rows: l = -(macro-F1).
+  F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c), averaged over the classes that are true or predicted in
+  the batch (scikit-learn's ``f1_score(average="macro")`` with its default labels). Macro-F1 does not
+  add over data shards: with DDP each shard's F1 is weighted by its rows (the mean over shards of a
+  shard's F1), the same in the reference and the cluster for the same layout.
 
 Accuracy changes only when some example's ranking flips between theta + eps z and theta - eps z,
 so most steps have g = 0 unless eps is large enough to flip rankings: the objective helps when the
@@ -54,16 +59,29 @@ def forward_sums(objective: str, candidates: tuple[int, ...], batch: Batch, loss
     if objective == "loss":
         return loss_sum, label_tokens
     if scores is None:
-        raise ValueError("the accuracy objective needs the forward's candidate scores")
+        raise ValueError(f"the {objective} objective needs the forward's candidate scores")
     labels = batch.labels[:, 1:]
     picked = labels != IGNORE
     rows = labels.shape[0]
     if int(picked.sum()) != rows or scores.numel() != rows * len(candidates):
-        raise ValueError(f"accuracy needs one label token per row and {len(candidates)} scores per row")
+        raise ValueError(f"{objective} needs one label token per row and {len(candidates)} scores per row")
     truth = labels[picked]
     lookup = {c: i for i, c in enumerate(candidates)}
     target = torch.tensor([lookup.get(int(t), -1) for t in truth], dtype=torch.int64)
     if bool((target < 0).any()):
         raise ValueError("a row's label token is none of the label words' tokens")
     pred = torch.argmax(scores.reshape(rows, len(candidates)), dim=1)
+    if objective == "f1":
+        return -macro_f1(pred, target, len(candidates)) * rows, rows
     return -float(int((pred == target).sum())), rows
+
+
+def macro_f1(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
+    """Macro-F1 of predicted vs true class indices ([rows] int64 each, in [0, classes)), over the classes
+    that occur in either (scikit-learn's default labels; with one row or more there is at least one)."""
+    tp = torch.bincount(target[pred == target], minlength=classes).double()
+    fp = torch.bincount(pred[pred != target], minlength=classes).double()
+    fn = torch.bincount(target[pred != target], minlength=classes).double()
+    denom = 2 * tp + fp + fn
+    present = denom > 0
+    return float((2 * tp[present] / denom[present]).mean())

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from distzo import generator
+from distzo.adapters import LoraTarget
 from distzo.config import JobConfig
 from distzo.data import Batch
 from distzo.export import export_model_dir
@@ -51,7 +52,7 @@ class ReferenceTrainer:
         the model must fit there). By default they stay in host memory, as on the parameter server."""
         self.cfg = cfg
         self.job = job or JobData.load(cfg)
-        self.model = BlockModel.from_dir(self.job.model_dir)
+        self.model = BlockModel.from_dir(self.job.model_dir, LoraTarget.from_train(cfg.train))
         self.buffers = self.model.load_block_buffers()
         # the workers' arithmetic: their device, and the bytes the server serves them
         self.device = resolve_device(cfg.runtime.device)
@@ -107,9 +108,10 @@ class ReferenceTrainer:
         return result
 
     def train(self, out_dir: str | Path | None = None, progress: bool | None = None,
-              run_dir: str | Path | None = None) -> dict[str, Any]:
+              run_dir: str | Path | None = None, merge: bool = False) -> dict[str, Any]:
         """Train ``train.steps`` steps, evaluate, export to ``out_dir``; return the run summary.
 
+        ``merge``: a LoRA run exports its merged plain model instead of peft's adapter directory.
         ``run_dir``: write the per-step log, the config and the report plot there.
         """
         cfg = self.cfg
@@ -135,7 +137,7 @@ class ReferenceTrainer:
         bar.close()
         final_eval = self.evaluate(cfg.train.steps)
         if out_dir is not None:
-            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir)
+            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir, merge=merge)
         summary = {
             "mode": "reference",
             "model": cfg.model.source,

@@ -8,6 +8,11 @@ inside a node group, and, on a GPU, copied to the device on its own stream with 
 compute waits on.
 At most ``depth`` blocks (plus blocks the forward keeps for a tied head) are held at once:
 resident memory is a few blocks, whatever the model's size.
+
+Frozen blocks (``BlockSpec.trainable`` False: train.target lora's base weights) never change, so
+with a ``kept`` cache the first assignment fetches each once and keeps its own copy (on the GPU, or
+in host memory on CPU workers), and later assignments fetch only the trainable blocks. Not in node
+groups: their members' all-gathers must pair, and a replaced member would start with an empty cache.
 """
 
 from __future__ import annotations
@@ -66,8 +71,9 @@ class PrefetchFeed:
     def __init__(self, client: ParamServerClient, manifest: Manifest, version: int, device: torch.device,
                  pool: BufferPool, depth: int, pinned_blocks: frozenset[int], node: NodeGroup | None = None,
                  timeout_s: float = 120.0, digests: bool = False, copy_stream: "torch.cuda.Stream | None" = None,
-                 direct: "DirectFetch | None" = None):
+                 direct: "DirectFetch | None" = None, kept: dict[int, torch.Tensor] | None = None):
         self.client = client
+        self.kept = kept if node is None else None  # frozen block -> its copy, across assignments
         self.manifest = manifest
         self.version = version
         self.device = device
@@ -102,7 +108,7 @@ class PrefetchFeed:
             if self._stop.is_set():
                 return
             try:
-                self._data[b] = self._fetch(b)
+                self._data[b] = self._fetch_or_keep(b)
                 if self.digests is not None:  # of exactly the bytes the compute will use
                     self.digests[b] = checksum(memoryview(self._data[b].view(torch.uint8).cpu().numpy()))
             except BaseException as exc:  # handed to the compute thread in get()
@@ -128,6 +134,29 @@ class PrefetchFeed:
         self.timers.h2d_s += dma_s
         self.timers.fetch_s += time.perf_counter() - t0 - dma_s
         return dev.view(self.dtype)
+
+    def _fetch_or_keep(self, b: int) -> torch.Tensor:
+        """A frozen block from the cache (fetched and copied there the first time), any other fetched."""
+        if self.kept is None or self.manifest.blocks[b].trainable:
+            return self._fetch(b)
+        if b not in self.kept:
+            data = self._fetch(b)
+            if self._copy_stream is None:
+                self.kept[b] = data.clone()  # own memory: the pool buffer goes back now
+            else:  # GPU-only: clone on the copy stream, after the host-to-device copy, and wait for it
+                with torch.cuda.stream(self._copy_stream):
+                    self.kept[b] = data.clone()
+                self._copy_stream.synchronize()
+                self._events.pop(b, None)
+            self._give_back(b)
+        return self.kept[b]
+
+    def _give_back(self, b: int) -> None:
+        buf = self._host.pop(b, None)
+        if buf is not None:
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()  # the H2D copy read this buffer
+            self.pool.give(buf)
 
     def _fetch(self, b: int) -> torch.Tensor:
         spec = self.manifest.blocks[b]
@@ -197,11 +226,7 @@ class PrefetchFeed:
 
     def release(self, block: int) -> None:
         self._data.pop(block, None)
-        buf = self._host.pop(block, None)
-        if buf is not None:
-            if self._copy_stream is not None:
-                self._copy_stream.synchronize()  # the H2D copy read this buffer
-            self.pool.give(buf)
+        self._give_back(block)
         self._slots.release()
 
     def drain(self) -> None:

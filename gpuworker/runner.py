@@ -18,6 +18,7 @@ from distzo.config import JobConfig
 from distzo.data import Batch, DataError
 from distzo.forward import ForwardEngine, ForwardJob, compute_dtype_for
 from distzo.logs import kv
+from distzo.adapters import LoraTarget
 from distzo.modeling import BlockModel
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, PrefetchFeed
@@ -37,7 +38,8 @@ class ModelRunner:
         self.device = device
         self.node = node
         manifest_json = client.manifest.to_json()
-        self.model = BlockModel.from_config_json(client.shards[0].manifest.model_config_json)  # type: ignore[union-attr]
+        self.model = BlockModel.from_config_json(client.shards[0].manifest.model_config_json,  # type: ignore[union-attr]
+                                                 LoraTarget.from_train(cfg.train))
         if self.model.manifest.to_json() != manifest_json:
             raise RuntimeError("this worker cuts the model into different blocks than the parameter server "
                                "(transformers versions differ?)")
@@ -49,6 +51,7 @@ class ModelRunner:
         depth = cfg.runtime.prefetch_blocks
         self.pool = BufferPool(depth + len(self.model.pinned_blocks) + 1, biggest, pinned=device.type == "cuda")
         self.process = psutil.Process()
+        self.kept: dict[int, torch.Tensor] = {}  # frozen blocks (train.target lora's base), fetched once for the job
         self.copy_stream = None
         self.direct = None
         if device.type == "cuda":  # GPU-only: one copy stream; DMA from registered shared memory when next to the server
@@ -76,7 +79,8 @@ class ModelRunner:
         feed = PrefetchFeed(self.client, self.model.manifest, a.version, self.device, self.pool,
                             self.cfg.runtime.prefetch_blocks, self.model.pinned_blocks, self.node,
                             timeout_s=min(self.cfg.server.fetch_timeout_s, a.deadline_s or math.inf),
-                            digests=a.report_digests, copy_stream=self.copy_stream, direct=self.direct)
+                            digests=a.report_digests, copy_stream=self.copy_stream, direct=self.direct,
+                            kept=self.kept)
         compute = 0.0
         try:
             batches = {bd.shard: Batch.from_arrays((bd.rows, bd.cols), bd.input_ids, bd.attention_mask, bd.labels)

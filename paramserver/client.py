@@ -220,11 +220,12 @@ class ParamServerClient:
     def snapshot(self, timeout_s: float = 600.0) -> list[pb.SnapshotReply]:
         return [s.control.Snapshot(pb.SnapshotRequest(), timeout=timeout_s, metadata=self.creds.call_metadata()) for s in self.shards]
 
-    def export(self, path: str, timeout_s: float = 600.0, model_card: str = "") -> pb.ExportReply:
-        """Export to ``path`` on the server's host; ``model_card``: the README.md written there (default: the server's)."""
+    def export(self, path: str, timeout_s: float = 600.0, model_card: str = "", merge: bool = False) -> pb.ExportReply:
+        """Export to ``path`` on the server's host; ``model_card``: the README.md written there (default: the server's);
+        ``merge``: a LoRA run's merged plain model instead of its adapter directory."""
         if len(self.shards) > 1:
             raise FetchError("export needs the whole model on one server; export each shard's range with a tool instead")
-        return self.shards[0].control.Export(pb.ExportRequest(path=path, model_card=model_card), timeout=timeout_s,
+        return self.shards[0].control.Export(pb.ExportRequest(path=path, model_card=model_card, merge=merge), timeout=timeout_s,
                                              metadata=self.creds.call_metadata())
 
     def shutdown(self, timeout_s: float = 10.0) -> None:

@@ -29,6 +29,7 @@ from distzo.generator import Distribution
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.optim import Optimizer
+from distzo.adapters import LoraTarget
 from distzo.modeling import BlockModel
 from distzo.catalog import resolve_model
 from paramserver import metrics
@@ -79,7 +80,7 @@ class ServerState:
         generator.set_cpu_threads(cfg.server.update_threads)
         generator.warm_up()
         self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
-        self.model = BlockModel.from_dir(self.model_dir)
+        self.model = BlockModel.from_dir(self.model_dir, LoraTarget.from_train(cfg.train))
         self.manifest = self.model.manifest
         self.manifest_json = self.manifest.to_json()
         nblocks = len(self.manifest.blocks)
@@ -277,9 +278,9 @@ class ServerState:
                 m.result = job
             elif m.kind == "export":
                 self._wait_snapshot()
-                path = Path(str(m.arg))
+                path, merge = m.arg  # type: ignore[misc]
                 buffers = [self._block_tensor(b) for b in range(len(self.manifest.blocks))]
-                export_model_dir(self.model, buffers, path)
+                export_model_dir(self.model, buffers, path, merge=merge)
                 m.result = (str(path), self.store.applied_version())
         except BaseException as exc:  # reported to the caller
             m.error = exc
@@ -344,7 +345,9 @@ class ServerState:
             raise job.error
         return job
 
-    def export(self, path: str, timeout_s: float = 600.0) -> tuple[str, int]:
+    def export(self, path: str, timeout_s: float = 600.0, merge: bool = False) -> tuple[str, int]:
+        """Export the weights to ``path`` (under server.export_root); ``merge``: a LoRA run's merged model.
+        Raises ValueError for ``merge`` on a full-target run, PermissionError outside the export root."""
         root = self.cfg.server.export_root
         p = Path(path)
         if not p.is_absolute():
@@ -353,7 +356,10 @@ class ServerState:
         if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
             shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
             raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
-        m = Marker("export", arg=p, done=threading.Event())
+        if merge and self.model.lora is None:
+            raise ValueError("export --merge merges a LoRA adapter into the base: this run trains the full model "
+                             "(train.target full)")
+        m = Marker("export", arg=(p, merge), done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):
             raise TimeoutError("export did not finish in time")

@@ -309,7 +309,9 @@ class ControlReply(_message.Message):
     def __init__(self, message: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ExportJobRequest(_message.Message):
-    __slots__ = ("path",)
+    __slots__ = ("path", "merge")
     PATH_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+    merge: bool
+    def __init__(self, path: _Optional[str] = ..., merge: _Optional[bool] = ...) -> None: ...

@@ -166,12 +166,14 @@ class SnapshotReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("path", "model_card")
+    __slots__ = ("path", "model_card", "merge")
     PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     path: str
     model_card: str
-    def __init__(self, path: _Optional[str] = ..., model_card: _Optional[str] = ...) -> None: ...
+    merge: bool
+    def __init__(self, path: _Optional[str] = ..., model_card: _Optional[str] = ..., merge: _Optional[bool] = ...) -> None: ...
 
 class ExportReply(_message.Message):
     __slots__ = ("path", "version")

@@ -29,6 +29,41 @@ def test_accuracy_sums_count_the_rows_whose_true_word_ranks_first():
         forward_sums("accuracy", cands, batch, 0.0, 4, scores)
 
 
+def test_f1_sums_are_minus_the_macro_f1_of_the_ranking_times_the_rows():
+    cands = (7, 9, 4)
+    labels = torch.full((4, 5), -100)
+    labels[0, 3], labels[1, 4], labels[2, 2], labels[3, 4] = 9, 7, 4, 9  # true words: 1, 0, 2, 1
+    batch = Batch(torch.zeros(4, 5, dtype=torch.int64), torch.ones(4, 5, dtype=torch.int64), labels)
+    scores = torch.tensor([[-3.0, -1.0, -2.0], [-1.0, -1.0, -5.0], [-0.5, -2.0, -1.0], [-2.0, -2.5, -0.1]],
+                          dtype=torch.float64)  # predicted: 1, 0, 0, 2
+    # F1_0 = 2*1/(2+1+0) = 2/3, F1_1 = 2*1/(2+0+1) = 2/3, F1_2 = 0/(0+1+1) = 0: macro 4/9
+    s, n = forward_sums("f1", cands, batch, 12.5, 4, scores)
+    assert n == 4 and s == pytest.approx(-4 / 9 * 4, rel=1e-12)
+    # a class neither true nor predicted (word 2) is not averaged in: all right gives -1 x rows
+    scores2 = torch.tensor([[0.0, 1.0, -9.0], [1.0, 0.0, -9.0], [0.0, 1.0, -9.0], [0.0, 1.0, -9.0]], dtype=torch.float64)
+    labels[2, 2] = 9
+    assert forward_sums("f1", cands, batch, 0.0, 4, scores2) == (-4.0, 4)
+    # unbalanced: all predicted as the majority class 1 (3 of 4 rows): accuracy 3/4, macro-F1 (0 + 6/7) / 2
+    scores3 = torch.tensor([[0.0, 1.0, -9.0]] * 4, dtype=torch.float64)
+    assert forward_sums("accuracy", cands, batch, 0.0, 4, scores3) == (-3.0, 4)
+    assert forward_sums("f1", cands, batch, 0.0, 4, scores3)[0] == pytest.approx(-(6 / 7) / 2 * 4, rel=1e-12)
+
+
+def test_up_equals_the_reference_bitwise_with_the_f1_objective(cache_dir, tmp_path):
+    from distzo.runlog import read_history
+
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 4, "batch_size": 8, "eps": 0.01})
+    flags = ["--config", str(cfg), "--layout", "dual", "--workers", "1", "--objective", "f1", "--json"]
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"), "--run-dir", str(tmp_path / "ref-run"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert same_weights(tmp_path / "dist", tmp_path / "ref")
+    steps = read_history(tmp_path / "ref-run").steps
+    assert [r["g"] for r in read_history(tmp_path / "run").steps] == [r["g"] for r in steps]
+    assert all(-1.0 <= r["loss"] <= 0.0 for r in steps)
+
+
 @pytest.mark.parametrize("layout,workers", [("dual", 1), ("ddp", 2)])
 def test_up_equals_the_reference_bitwise_with_the_accuracy_objective(cache_dir, tmp_path, layout, workers):
     from distzo.runlog import read_history

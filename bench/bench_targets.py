@@ -1,0 +1,66 @@
+"""Targets x optimizers on one task, same seed: dev loss over the steps and the training seconds.
+
+    python bench/bench_targets.py [--model tiny-opt] [--data sst2-synth] [--steps 300] [--eval-every 25]
+                                  [--threshold 3.0] [--cache-dir DIR]
+
+Runs the reference trainer (the same math as ``zoctl up``, which equals it bit for bit) for
+train.target full and lora with train.optimizer sgd, momentum and adam, each with the lr in
+``RUNS`` (not tuned beyond a short probe), and prints one markdown table: the first eval with dev
+loss <= threshold (and the training seconds to it), the dev loss and accuracy at the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# (target, optimizer, lr); momentum's lr is sgd's x (1 - mu), the same step size at steady state
+RUNS = [("full", "sgd", 5e-4), ("full", "momentum", 5e-5), ("full", "adam", 2e-3),
+        ("lora", "sgd", 1e-2), ("lora", "momentum", 1e-3), ("lora", "adam", 2e-3)]
+
+
+def main() -> None:
+    from distzo.config import JobConfig
+    from distzo.reference import ReferenceTrainer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny-opt")
+    ap.add_argument("--data", default=None, help="a task name; default sst2-synth")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--threshold", type=float, default=3.0)
+    ap.add_argument("--eps", type=float, default=1e-2)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args()
+    print(f"| target | optimizer, lr | trainable params | first eval with dev loss <= {args.threshold} "
+          f"| training s to it | dev loss at {args.steps} | dev acc at {args.steps} | training s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for target, opt, lr in RUNS:
+        raw = {"model": {"source": args.model}, "data": {"train": args.data},
+               "train": {"steps": args.steps, "target": target, "optimizer": opt, "lr": lr, "eps": args.eps,
+                         "eval_every": args.eval_every}}
+        if args.cache_dir:
+            raw["runtime"] = {"cache_dir": args.cache_dir}
+        tr = ReferenceTrainer(JobConfig.from_dict(raw))
+        seconds: dict[int, float] = {}
+        evaluate = tr.evaluate
+
+        def timed_eval(step: int, evaluate=evaluate):  # noqa: ANN001, ANN202 - the training clock at each eval
+            seconds[step] = tr.train_seconds
+            return evaluate(step)
+
+        tr.evaluate = timed_eval  # type: ignore[method-assign]
+        summary = tr.train(progress=False)
+        trainable = sum(b.numel for b in tr.model.manifest.blocks if b.trainable)
+        hit = next((e for e in tr.log.evals if e["dev_loss"] <= args.threshold), None)
+        first = f"step {hit['step']}" if hit else f"not in {args.steps} steps"
+        to_it = f"{seconds[hit['step']]:.1f}" if hit else "-"
+        print(f"| {target} | {opt}, {lr:g} | {trainable} | {first} | {to_it} | {summary['dev_loss']:.3f} "
+              f"| {summary['dev_accuracy']:.3f} | {tr.train_seconds:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

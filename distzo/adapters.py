@@ -1,0 +1,138 @@
+"""Trainable targets other than the full model: LoRA adapters (``train.target: lora``), from ``peft``.
+
+With ``lora`` the skeleton's target linear modules (``train.lora_modules``) are wrapped by peft's
+``LoraLayer``: ``y = W x + (alpha / r) B A x`` with ``A`` [r, in], ``B`` [out, r] (Hu et al. 2021,
+"LoRA"; MeZO's LoRA setting, Malladi et al. 2023, App. E). The base ``W`` is frozen. Each decoder
+layer's adapters are one extra *trainable* block stored right after the layer's frozen block
+(``distzo/modeling.py``), so a worker fetches the frozen blocks once and only the small adapter
+blocks per step, the perturbation touches only trainable blocks, and the server's update skips
+the frozen ones.
+
+Initial values are peft's defaults, made deterministic: ``A`` Kaiming-uniform (a = sqrt 5) from a
+``torch.Generator`` seeded by ``train.seed``, ``B`` zeros, so the initial model equals the base.
+The export is peft's own (``PeftModel.save_pretrained``), loadable with
+``PeftModel.from_pretrained(base, out)``; ``merge=True`` writes ``merge_and_unload()``'s plain model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from distzo.modeldir import ModelError
+
+if TYPE_CHECKING:
+    from distzo.config import TrainSection
+
+ADAPTER = "default"  # peft's adapter name: the skeleton's parameter names carry it
+BASE_MARK = ".base_layer."  # peft's wrapper puts the frozen linear under this attribute
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """``train.target: lora`` settings: rank r, scaling alpha (the adapter adds (alpha / r) B A x), the
+    target module names (peft ``target_modules``), and the seed of A's initial values."""
+
+    rank: int
+    alpha: float
+    modules: tuple[str, ...]
+    init_seed: int = 0
+
+    @staticmethod
+    def from_train(train: "TrainSection") -> "LoraTarget | None":
+        """The LoRA settings of ``train`` (None for ``train.target: full``)."""
+        if train.target != "lora":
+            return None
+        return LoraTarget(train.lora_rank, float(train.lora_alpha), tuple(train.lora_modules), train.seed)
+
+    def peft_config(self):  # noqa: ANN201 - peft.LoraConfig
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.modules), lora_dropout=0.0,
+                          bias="none", task_type="CAUSAL_LM")
+
+    def inject(self, model: nn.Module) -> None:
+        """Wrap ``model``'s target modules with peft LoRA layers in place (meta parameters stay meta).
+
+        Raises ModelError naming the modules when none of ``modules`` is in the model."""
+        from peft import inject_adapter_in_model
+
+        try:
+            inject_adapter_in_model(self.peft_config(), model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+        except ValueError as exc:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+            raise ModelError(f"train.lora_modules {list(self.modules)}: {str(exc)[:200].rstrip('. ')}; this model's linear "
+                             f"modules are {linear[:20]}") from None
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def initial_value(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The initial fp32 value of adapter tensor ``name``: A Kaiming-uniform (seeded by name and
+        ``init_seed``, so it does not depend on the order tensors are made in), B zeros."""
+        if ".lora_B." in name:
+            return torch.zeros(shape, dtype=torch.float32)
+        gen = torch.Generator().manual_seed((self.init_seed * 1_000_003 + _stable_hash(name)) % (1 << 63))
+        out = torch.empty(shape, dtype=torch.float32)
+        # nn.init.kaiming_uniform_(a=sqrt(5)), peft's init of A: bound = sqrt(6 / ((1 + a^2) fan_in))
+        bound = math.sqrt(6.0 / ((1.0 + 5.0) * shape[1]))
+        return out.uniform_(-bound, bound, generator=gen)
+
+
+def _stable_hash(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def is_adapter(name: str) -> bool:
+    """Whether parameter ``name`` (the skeleton's) is a LoRA adapter tensor."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def checkpoint_name(name: str) -> str:
+    """The Hugging Face checkpoint's name of a base parameter (peft's ``.base_layer.`` dropped)."""
+    return name.replace(BASE_MARK, ".")
+
+
+def export_adapter(config, source_dir, state: dict[str, torch.Tensor], lora: LoraTarget, out,  # noqa: ANN001
+                   merge: bool = False) -> None:
+    """Write the run's adapter with peft (``adapter_config.json``, ``adapter_model.safetensors``), or with
+    ``merge`` the merged plain model (``save_pretrained``).
+
+    ``state``: the skeleton's parameter name -> tensor (base under ``.base_layer.``, adapters with the
+    adapter name), fp32. Raises RuntimeError when a tensor is missing."""
+    from peft import get_peft_model
+
+    from distzo.modeling import _empty_model
+
+    hf = _empty_model(config)
+    base = {checkpoint_name(k): v for k, v in state.items() if not is_adapter(k)}
+    missing, unexpected = hf.load_state_dict(base, strict=False, assign=True)
+    if unexpected:
+        raise RuntimeError(f"export: unexpected tensors {unexpected[:5]}")
+    hf.tie_weights()
+    if source_dir is not None:
+        hf.config._name_or_path = str(source_dir)  # noqa: SLF001 - peft records it as the adapter's base model
+    peft_model = get_peft_model(hf, lora.peft_config(), adapter_name=ADAPTER)
+    adapters = {k: v for k, v in state.items() if is_adapter(k)}
+    seen = 0
+    for name, p in peft_model.named_parameters():
+        if is_adapter(name):
+            src = adapters[name.removeprefix("base_model.model.")]
+            with torch.no_grad():
+                p.copy_(src.reshape(p.shape))
+            seen += 1
+    if seen != len(adapters):
+        raise RuntimeError(f"export: {len(adapters)} adapter tensors in the blocks, peft's model has {seen}")
+    with warnings.catch_warnings():  # peft calls a transformers method transformers calls deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        if merge:
+            peft_model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
+        else:
+            peft_model.save_pretrained(str(out), safe_serialization=True)

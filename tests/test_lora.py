@@ -1,0 +1,116 @@
+"""train.target lora: frozen base, trainable adapter blocks, bitwise layouts, the peft export, the data plane."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from distzo.export import export_model_dir
+from distzo.forward import ForwardJob
+from distzo.reference import ReferenceTrainer
+
+from clusterhelpers import Harness
+from conftest import small_config
+from test_cluster import same_weights, write_config, zoctl
+from test_worker import reference_losses
+
+LORA = {"target": "lora", "lr": 1e-2, "eps": 1e-2}
+
+
+def same_adapter(a, b) -> bool:  # noqa: ANN001
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
+
+
+def test_lora_trains_only_the_adapters_and_exports_what_peft_loads(cache_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = small_config(cache_dir, train={**LORA, "steps": 3, "weight_decay": 0.01})
+    tr = ReferenceTrainer(cfg)
+    blocks = tr.model.manifest.blocks
+    assert [b.name for b in blocks if b.trainable] == [f"lora.{i}" for i in range(tr.model.config.num_hidden_layers)]
+    before = [b.clone() for b in tr.buffers]
+    tr.train(out_dir=tmp_path / "out", progress=False)
+    for spec, a, b in zip(blocks, before, tr.buffers):
+        assert torch.equal(a, b) != spec.trainable, spec.name  # frozen blocks unchanged, every adapter block moved
+
+    # the export is peft's adapter directory; loaded on the base, its logits are the run's model's, bit for bit
+    batch = next(iter(tr.job.eval_chunks()))[1]
+    ours = tr.engine.run([ForwardJob(batch, want_logits=True)], tr.feed())[0].logits
+    base = AutoModelForCausalLM.from_pretrained(str(tr.job.model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert torch.equal(ours[real], theirs[real])
+    untrained = AutoModelForCausalLM.from_pretrained(str(tr.job.model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        zero_shot = untrained(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.equal(zero_shot[real], theirs[real])  # the adapter changed the model
+
+    # --merge: a plain model directory with the adapter folded into the weights
+    export_model_dir(tr.model, tr.buffers, tmp_path / "merged", merge=True)
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    with torch.no_grad():
+        m = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert torch.allclose(m[real], ours[real], rtol=0, atol=1e-5)  # W + s B A rounds differently from W x + s B A x
+
+
+def test_a_worker_fetches_the_frozen_blocks_once(cache_dir, tmp_path):
+    cfg = small_config(cache_dir, train=LORA)
+    h = Harness(cfg, tmp_path)
+    try:
+        h.add_worker("w0")
+        h.wait_registered(["w0"])
+        man = h.server.state.manifest
+        trainable = sum(b.numel for b in man.blocks if b.trainable)
+        want = reference_losses(cfg)
+        received = []
+        for _ in range(2):
+            h.send("w0", h.train_assignment(0, [(0, 0, 1), (0, 0, -1)]))
+            _, r = h.result()
+            assert not r.error, r.error
+            assert {(f.spec.direction, f.spec.shard, f.spec.sign): f.loss for f in r.results} == want  # bitwise
+            received.append(r.timing.bytes_received)
+        assert received == [man.numel * 4, trainable * 4]  # then only the adapters: the base is kept
+        assert trainable * 20 < man.numel
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("layout,workers,merge", [("dual", 1, False), ("ddp", 2, True)])
+def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers, merge):
+    from transformers import AutoModelForCausalLM
+
+    cfg = write_config(tmp_path, cache_dir, train={**LORA, "steps": 4, "batch_size": 8, "weight_decay": 0.01})
+    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"] + (["--merge"] if merge else [])
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    if merge:  # the server's merged export: a plain model, the same bits as the reference's
+        assert same_weights(tmp_path / "dist", tmp_path / "ref")
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "dist"))
+    else:
+        assert same_adapter(tmp_path / "dist", tmp_path / "ref")
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
+        assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("setting,needle", [(["--target", "prefix"], "train.target"),
+                                            (["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],
+                                             "train.lora_modules"),
+                                            (["--target", "lora", "--set", "train.lora_rank=0"], "train.lora_rank"),
+                                            (["--merge"], "--target lora")])
+def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
+    r = zoctl("reference", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr
+    assert "Traceback" not in r.stderr
