@@ -212,6 +212,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                                        "restarts": dict(cluster.restarts), "start_loss": start_loss(read_history(run_dir)),
                                        **write_report(run_dir), **links})
     except ServiceFailed as exc:
+        if exc.code == EXIT_BAD_INPUT:  # a service refused its input: its own one-line error, exit 2
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise CliError(lines[-1], EXIT_BAD_INPUT) from None
         raise CliError(str(exc), EXIT_FAILED) from None
     finally:
         progress.close()

@@ -56,19 +56,23 @@ class LoraTarget:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.modules), lora_dropout=0.0,
                           bias="none", task_type="CAUSAL_LM")
 
-    def inject(self, model: nn.Module) -> None:
+    def inject(self, model: nn.Module, layers_path: str) -> None:
         """Wrap ``model``'s target modules with peft LoRA layers in place (meta parameters stay meta).
 
-        Raises ModelError naming the modules when none of ``modules`` is in the model."""
+        ``layers_path``: the decoder layers' ModuleList (e.g. ``model.decoder.layers``): adapters live
+        in the layers' blocks, so every name in ``modules`` must be a linear module of the layers.
+        Raises ModelError naming the layers' linear modules when one is not (peft itself only checks
+        that some name matches, and a module outside the layers, e.g. ``lm_head``, has no adapter block)."""
         from peft import inject_adapter_in_model
 
-        try:
-            inject_adapter_in_model(self.peft_config(), model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
-        except ValueError as exc:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
-            raise ModelError(f"train.lora_modules {list(self.modules)}: {str(exc)[:200].rstrip('. ')}; this model's linear "
-                             f"modules are {linear[:20]}") from None
+        prefix = layers_path + "."
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if n.startswith(prefix) and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")})
+        unknown = [m for m in self.modules if m not in linear]
+        if unknown:
+            raise ModelError(f"train.lora_modules: {unknown} {'is' if len(unknown) == 1 else 'are'} not a linear module "
+                             f"of this model's decoder layers; expected names from {linear[:20]}")
+        inject_adapter_in_model(self.peft_config(), model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
         for p in model.parameters():
             p.requires_grad_(False)
 

@@ -39,6 +39,13 @@ class JobData:
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelError(f"no usable tokenizer in {str(model_dir)!r}: {exc}") from None
         check_tokenizer_fits_model(tokenizer, config, model_dir)
+        from distzo.adapters import LoraTarget
+
+        lora = LoraTarget.from_train(cfg.train)
+        if lora is not None:  # the target modules are checked here, not first inside a service
+            from distzo.modeling import BlockModel
+
+            BlockModel(config, model_dir, lora)
         encoder = TaskEncoder(tokenizer, cfg.data.template, cfg.data.label_words, cfg.data.max_seq_len)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if limit is not None and cfg.data.max_seq_len > limit:

@@ -207,7 +207,7 @@ class BlockModel:
         self.layers_path, layers = _decoder_layers(self.skeleton)
         if lora is not None:
             with _BUILD_LOCK:
-                lora.inject(self.skeleton)
+                lora.inject(self.skeleton, self.layers_path)
         num_layers = len(layers)
         per_layer = 2 if lora is not None else 1  # lora: the layer's frozen block, then its adapters' block
         self.num_blocks = per_layer * num_layers + 2

@@ -107,6 +107,12 @@ def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, worke
 @pytest.mark.parametrize("setting,needle", [(["--target", "prefix"], "train.target"),
                                             (["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],
                                              "train.lora_modules"),
+                                            # one unknown next to a known one (peft accepts it), and a linear
+                                            # module outside the decoder layers (no adapter block for it)
+                                            (["--target", "lora", "--set", "train.lora_modules=[q_proj,nope_proj]"],
+                                             "['nope_proj'] is not a linear module"),
+                                            (["--target", "lora", "--set", "train.lora_modules=[lm_head]"],
+                                             "['lm_head'] is not a linear module"),
                                             (["--target", "lora", "--set", "train.lora_rank=0"], "train.lora_rank"),
                                             (["--merge"], "--target lora")])
 def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
@@ -114,3 +120,12 @@ def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().count("\n") == 0 and needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_zoctl_up_refuses_a_module_outside_the_layers_before_starting_anything(cache_dir, tmp_path):
+    """The parameter server used to crash on lm_head (exit 1), and the supervisor restarted it again and again."""
+    r = zoctl("up", "--target", "lora", "--set", "train.lora_modules=[lm_head]", "--steps", "1",
+              "--set", f"runtime.cache_dir={cache_dir}", "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "train.lora_modules" in r.stderr and "lm_head" in r.stderr
+    assert "Traceback" not in r.stderr and "starting it again" not in r.stderr
