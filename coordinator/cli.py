@@ -77,6 +77,9 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from distzo.reference import ReferenceTrainer, TrainingStopped
 
     cfg = job_config_from_args(args)
+    if args.merge and not args.out:  # zoctl up exports to its run directory; the reference only with --out
+        raise CliError("--merge names the form of the export, and zoctl reference exports only with --out DIR: "
+                       "add --out DIR or drop --merge")
     trainer = ReferenceTrainer(cfg)
     try:
         summary = trainer.train(out_dir=args.out, progress=None if not args.json else False, run_dir=args.run_dir,

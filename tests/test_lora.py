@@ -114,7 +114,8 @@ def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, worke
                                             (["--target", "lora", "--set", "train.lora_modules=[lm_head]"],
                                              "['lm_head'] is not a linear module"),
                                             (["--target", "lora", "--set", "train.lora_rank=0"], "train.lora_rank"),
-                                            (["--merge"], "--target lora")])
+                                            (["--merge"], "--target lora"),
+                                            (["--target", "lora", "--merge"], "add --out DIR")])
 def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
     r = zoctl("reference", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}")
     assert r.returncode == 2, r.stderr[-2000:]
