@@ -678,25 +678,33 @@ def _console_scripts() -> dict[str, str]:
 
 
 @functools.cache
-def cli_flags(module: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(every flag, the required flags) of ``python -m module --help``."""
+def cli_flags(module: str) -> tuple[frozenset[str], frozenset[str], tuple[frozenset[str], ...]]:
+    """(every flag, the required flags, the required one-of groups) of ``python -m module --help``.
+
+    argparse prints a required mutually exclusive group as ``(--a A | --b B)``: one of them is needed."""
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
                           timeout=120, check=False)
     assert proc.returncode == 0, f"python -m {module} --help failed:\n{proc.stderr}"
     text = proc.stdout
     known = frozenset(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", text))
     usage = text.split("\n\n", 1)[0]
+    one_of = tuple(frozenset(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", g)) for g in re.findall(r"\(([^()]*\|[^()]*)\)", usage))
+    usage = re.sub(r"\([^()]*\|[^()]*\)", "", usage)
     while True:  # drop [optional] groups, innermost first
         stripped = re.sub(r"\[[^\[\]]*\]", "", usage)
         if stripped == usage:
             break
         usage = stripped
     required = frozenset(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", usage))
-    return known, required
+    return known, required, one_of
 
 
 def test_cli_flag_parser_reads_help() -> None:
-    known, required = cli_flags("paramserver")
+    known, required, one_of = cli_flags("paramserver")
+    assert one_of == ()
+    _, coordinator_required, coordinator_one_of = cli_flags("coordinator")
+    assert coordinator_one_of == (frozenset({"--param-server", "--param-server-from"}),)
+    assert not coordinator_required & {"--param-server", "--param-server-from"}
     assert {"--config", "--data-dir", "--listen", "--control-listen", "--metrics-port", "--follow"} <= known
     assert required == {"--data-dir"}
 
@@ -708,9 +716,11 @@ def test_containers_use_only_real_flags(docs: list[dict]) -> None:
         cmd = c.get("command") or []
         assert cmd and cmd[0] in scripts, f"{where}: command {cmd} is not one of the console scripts {sorted(scripts)}"
         module = scripts[cmd[0]]
-        known, required = cli_flags(module)
+        known, required, one_of = cli_flags(module)
         used = flag_values(c)
         unknown = set(used) - known
         assert not unknown, f"{where}: {cmd[0]} ({module}) has no flag(s) {sorted(unknown)}"
         missing = required - set(used)
         assert not missing, f"{where}: {cmd[0]} needs {sorted(missing)}"
+        for group in one_of:
+            assert group & set(used), f"{where}: {cmd[0]} needs one of {sorted(group)}"

@@ -123,9 +123,11 @@ def test_containers_use_real_flags_and_defined_variables(docs):
         for c in [*spec.get("initContainers", []), *spec["containers"]]:
             cmd = c["command"]
             assert cmd[0] in scripts, (job, c["name"], cmd)
-            known, required = cli_flags(scripts[cmd[0]]) if cmd[0] != "distzo-transfer" else (frozenset(), frozenset())
+            known, required, one_of = (cli_flags(scripts[cmd[0]]) if cmd[0] != "distzo-transfer"
+                                       else (frozenset(), frozenset(), ()))
             used = set(flag_values(c))
             assert used <= known and required <= used, (job, c["name"], used - known, required - used)
+            assert all(group & used for group in one_of), (job, c["name"], one_of)
             names = {e["name"] for e in c.get("env", [])}
             for ref in c.get("envFrom", []):
                 if "configMapRef" in ref:
