@@ -1,4 +1,5 @@
-"""Trainable targets other than the full model: LoRA adapters (``train.target: lora``), from ``peft``.
+"""Trainable targets other than the full model: LoRA adapters (``train.target: lora``), from ``peft``;
+prefixes (``train.target: prefix``) are in ``distzo/prefix.py``; ``adapter_from_train`` picks one.
 
 With ``lora`` the skeleton's target linear modules (``train.lora_modules``) are wrapped by peft's
 ``LoraLayer``: ``y = W x + (alpha / r) B A x`` with ``A`` [r, in], ``B`` [out, r] (Hu et al. 2021,
@@ -25,6 +26,8 @@ import torch
 from torch import nn
 
 from distzo.modeldir import ModelError
+from distzo.prefix import MODULE as PREFIX_MODULE
+from distzo.prefix import PrefixTarget
 
 if TYPE_CHECKING:
     from distzo.config import TrainSection
@@ -42,15 +45,9 @@ class LoraTarget:
     alpha: float
     modules: tuple[str, ...]
     init_seed: int = 0
+    kind = "lora"
 
-    @staticmethod
-    def from_train(train: "TrainSection") -> "LoraTarget | None":
-        """The LoRA settings of ``train`` (None for ``train.target: full``)."""
-        if train.target != "lora":
-            return None
-        return LoraTarget(train.lora_rank, float(train.lora_alpha), tuple(train.lora_modules), train.seed)
-
-    def peft_config(self):  # noqa: ANN201 - peft.LoraConfig
+    def peft_config(self, config=None):  # noqa: ANN001, ANN201 - peft.LoraConfig (the same for every config)
         from peft import LoraConfig
 
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.modules), lora_dropout=0.0,
@@ -88,6 +85,28 @@ class LoraTarget:
         return out.uniform_(-bound, bound, generator=gen)
 
 
+    def load_into(self, peft_model, adapters: dict[str, torch.Tensor], layers_path: str) -> None:  # noqa: ANN001
+        """Copy the blocks' A and B tensors into ``peft_model``'s (same names under ``base_model.model.``)."""
+        seen = 0
+        for name, p in peft_model.named_parameters():
+            if is_adapter(name):
+                src = adapters[name.removeprefix("base_model.model.")]
+                with torch.no_grad():
+                    p.copy_(src.reshape(p.shape))
+                seen += 1
+        if seen != len(adapters):
+            raise RuntimeError(f"export: {len(adapters)} adapter tensors in the blocks, peft's model has {seen}")
+
+
+def adapter_from_train(train: "TrainSection") -> "LoraTarget | PrefixTarget | None":
+    """The adapter settings of ``train`` (None for ``train.target: full``)."""
+    if train.target == "lora":
+        return LoraTarget(train.lora_rank, float(train.lora_alpha), tuple(train.lora_modules), train.seed)
+    if train.target == "prefix":
+        return PrefixTarget(train.prefix_tokens, train.seed)
+    return None
+
+
 def _stable_hash(text: str) -> int:
     import hashlib
 
@@ -95,8 +114,8 @@ def _stable_hash(text: str) -> int:
 
 
 def is_adapter(name: str) -> bool:
-    """Whether parameter ``name`` (the skeleton's) is a LoRA adapter tensor."""
-    return ".lora_A." in name or ".lora_B." in name
+    """Whether parameter ``name`` (the skeleton's) is an adapter tensor (LoRA's A or B, a layer's prefix)."""
+    return ".lora_A." in name or ".lora_B." in name or f".{PREFIX_MODULE}." in name
 
 
 def checkpoint_name(name: str) -> str:
@@ -104,13 +123,16 @@ def checkpoint_name(name: str) -> str:
     return name.replace(BASE_MARK, ".")
 
 
-def export_adapter(config, source_dir, state: dict[str, torch.Tensor], lora: LoraTarget, out,  # noqa: ANN001
-                   merge: bool = False) -> None:
+def export_adapter(config, source_dir, state: dict[str, torch.Tensor], adapter: "LoraTarget | PrefixTarget",  # noqa: ANN001
+                   layers_path: str, out, merge: bool = False) -> None:  # noqa: ANN001
     """Write the run's adapter with peft (``adapter_config.json``, ``adapter_model.safetensors``), or with
-    ``merge`` the merged plain model (``save_pretrained``).
+    ``merge`` (LoRA only) the merged plain model (``save_pretrained``).
 
     ``state``: the skeleton's parameter name -> tensor (base under ``.base_layer.``, adapters with the
-    adapter name), fp32. Raises RuntimeError when a tensor is missing."""
+    adapter name, prefixes under ``<layer>.prefix_kv.``), fp32. Raises RuntimeError when a tensor is
+    missing, ValueError for ``merge`` with a prefix (peft cannot fold a prefix into the weights)."""
+    if merge and adapter.kind != "lora":
+        raise ValueError(f"--merge folds a LoRA adapter into the base; train.target {adapter.kind} cannot be merged")
     from peft import get_peft_model
 
     from distzo.modeling import _empty_model
@@ -123,19 +145,10 @@ def export_adapter(config, source_dir, state: dict[str, torch.Tensor], lora: Lor
     hf.tie_weights()
     if source_dir is not None:
         hf.config._name_or_path = str(source_dir)  # noqa: SLF001 - peft records it as the adapter's base model
-    peft_model = get_peft_model(hf, lora.peft_config(), adapter_name=ADAPTER)
-    adapters = {k: v for k, v in state.items() if is_adapter(k)}
-    seen = 0
-    for name, p in peft_model.named_parameters():
-        if is_adapter(name):
-            src = adapters[name.removeprefix("base_model.model.")]
-            with torch.no_grad():
-                p.copy_(src.reshape(p.shape))
-            seen += 1
-    if seen != len(adapters):
-        raise RuntimeError(f"export: {len(adapters)} adapter tensors in the blocks, peft's model has {seen}")
     with warnings.catch_warnings():  # peft calls a transformers method transformers calls deprecated
         warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(hf, adapter.peft_config(), adapter_name=ADAPTER)
+        adapter.load_into(peft_model, {k: v for k, v in state.items() if is_adapter(k)}, layers_path)
         if merge:
             peft_model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
         else:

@@ -98,21 +98,14 @@ class TrainSection(_Section):
         "(minus the macro-F1 of that ranking over the batch's classes)")
     target: Literal["full", "lora", "prefix"] = Field(
         "full", description="what is perturbed and trained: full (every weight), lora (low-rank adapters from peft "
-        "on train.lora_modules, the base frozen) or prefix (not implemented: refused)")
+        "on train.lora_modules, the base frozen) or prefix (train.prefix_tokens trained keys and values in front of "
+        "every layer's attention, peft's prefix tuning, the base frozen)")
     lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank r (train.target lora)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha: the adapter adds (alpha / r) B A x")
     lora_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64,
         description="names of the linear modules that get adapters (peft target_modules; MeZO's LoRA: q and v)")
     prefix_tokens: int = Field(5, ge=1, le=4096, description="prefix length in tokens (train.target prefix)")
-
-    @field_validator("target")
-    @classmethod
-    def _implemented_target(cls, target: str) -> str:
-        if target == "prefix":
-            raise ValueError("target prefix is not implemented yet (the block-streaming engine has no prefix "
-                             "key/value path); use full or lora")
-        return target
 
 
 class LayoutSection(_Section):

@@ -25,14 +25,15 @@ def export_model_dir(model: BlockModel, buffers: list[torch.Tensor], out_dir: st
     """Save the weights in ``buffers`` (fp32 blocks) with the model's config and tokenizer files.
 
     The exported model's parameters are views of the block buffers (no second copy of the
-    weights in memory); ``save_pretrained`` writes them as safetensors. A LoRA run (``model.lora``)
-    writes peft's adapter directory (``PeftModel.from_pretrained(base, out)``), or with ``merge``
-    the merged plain model (``distzo/adapters.py``); ``merge`` is refused for a full-target run.
+    weights in memory); ``save_pretrained`` writes them as safetensors. A LoRA or prefix run (``model.adapter``)
+    writes peft's adapter directory (``PeftModel.from_pretrained(base, out)``), or with ``merge`` (LoRA)
+    the merged plain model (``distzo/adapters.py``); ``merge`` is refused for other targets.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if model.lora is not None:
-        export_adapter(model.config, model.source_dir, model.state_dict_from_blocks(buffers), model.lora, out, merge)
+    if model.adapter is not None:
+        export_adapter(model.config, model.source_dir, model.state_dict_from_blocks(buffers), model.adapter,
+                       model.layers_path, out, merge)
         _copy_tokenizer(model, out)
         return out
     if merge:

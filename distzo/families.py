@@ -201,6 +201,43 @@ def compare_with_transformers(config: PretrainedConfig, seed: int = 0, eps: floa
     return FamilyCheck(config.model_type, logits_diff, loss_diff, sum(b.numel() for b in clean), causal)
 
 
+def compare_prefix_with_peft(config: PretrainedConfig, tokens: int = 3, seed: int = 0) -> float:
+    """The largest logit difference between the block engine with a prefix (``train.target prefix``) and
+    peft's prefix-tuning model, on a random model of ``config`` and a random prefix, at every real position
+    of three padded rows (0.0: bit for bit). Raises ModelError when distzo refuses a prefix for the family."""
+    import warnings
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distzo.adapters import checkpoint_name, is_adapter
+    from distzo.blocks import flatten_block
+    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.modeling import BlockModel
+    from distzo.prefix import PrefixTarget
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(config).float().eval()
+    target = PrefixTarget(tokens, seed)
+    bm = BlockModel(config, adapter=target)
+    state = hf.state_dict()
+    tensors = {t.name: target.initial_value(t.name, t.shape) if is_adapter(t.name) else state[checkpoint_name(t.name)]
+               for b in bm.manifest.blocks for t in b.tensors}
+    clean = [flatten_block(spec, tensors) for spec in bm.manifest.blocks]
+    batch = _probe_batch(hf.get_input_embeddings().weight.shape[0], seed)
+    ours = ForwardEngine(bm).run([ForwardJob(batch, want_logits=True)], MemoryFeed(clean))[0].logits
+    with warnings.catch_warnings():  # peft passes past_key_values, deprecated in transformers 5.2x
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(hf, target.peft_config(), adapter_name="default").eval()
+        target.load_into(peft_model, {k: v for k, v in bm.state_dict_from_blocks(clean).items() if is_adapter(k)},
+                         bm.layers_path)
+        with torch.no_grad():
+            theirs = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    return float((ours[real] - theirs.float()[real]).abs().max())
+
+
 @functools.lru_cache(maxsize=16)
 def _verified(config_json: str, config_class: type) -> str | None:
     config = config_class.from_dict(json.loads(config_json))

@@ -319,7 +319,8 @@ class ForwardEngine:
         # the family's own forward (final norm, head, logit scaling or soft-capping), with logits
         # only at the positions some row predicts a label from
         if job.want_logits:
-            logits_full = causal_lm_logits(model.skeleton, ids, mask, None, model.forward_extra, model.keeps_logits).float()
+            logits_full = causal_lm_logits(model.skeleton, ids, mask, None, model.forward_extra, model.keeps_logits,
+                                           prefix_layers=model.prefix_layers).float()
             logits = logits_full[rows, cols]
         else:
             logits_full = None
@@ -328,7 +329,7 @@ class ForwardEngine:
             self._tls.picks = (rows, cols, kept_cols, positions.numel()) if self._head is not None else None
             try:
                 out = causal_lm_logits(model.skeleton, ids, mask, positions, model.forward_extra, model.keeps_logits,
-                                       select=self._head is None)
+                                       select=self._head is None, prefix_layers=model.prefix_layers)
             finally:
                 self._tls.picks = None
             if self._head is not None:

@@ -39,17 +39,19 @@ class JobData:
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelError(f"no usable tokenizer in {str(model_dir)!r}: {exc}") from None
         check_tokenizer_fits_model(tokenizer, config, model_dir)
-        from distzo.adapters import LoraTarget
+        from distzo.adapters import adapter_from_train
 
-        lora = LoraTarget.from_train(cfg.train)
-        if lora is not None:  # the target modules are checked here, not first inside a service
+        adapter = adapter_from_train(cfg.train)
+        if adapter is not None:  # LoRA's target modules, a prefix's model family: checked here, not first in a service
             from distzo.modeling import BlockModel
 
-            BlockModel(config, model_dir, lora)
+            BlockModel(config, model_dir, adapter)
         encoder = TaskEncoder(tokenizer, cfg.data.template, cfg.data.label_words, cfg.data.max_seq_len)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if limit is not None and cfg.data.max_seq_len > limit:
-            raise DataError(f"data.max_seq_len {cfg.data.max_seq_len} exceeds the model's {limit} positions")
+        prefix = cfg.train.prefix_tokens if cfg.train.target == "prefix" else 0  # a prefix takes positions too
+        if limit is not None and cfg.data.max_seq_len + prefix > limit:
+            with_prefix = f" + train.prefix_tokens {prefix}" if prefix else ""
+            raise DataError(f"data.max_seq_len {cfg.data.max_seq_len}{with_prefix} exceeds the model's {limit} positions")
         train_path, task_dev = resolve_task(cfg.data.train, cfg.runtime.cache_dir)
         train = load_jsonl(train_path, cfg.data.label_words)
         if cfg.data.dev is not None:

@@ -32,6 +32,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from distzo.adapters import LoraTarget, checkpoint_name, is_adapter
+from distzo.prefix import MODULE as PREFIX_MODULE
+from distzo.prefix import PrefixTarget
 from distzo.blocks import BlockSpec, Manifest, block_views, build_manifest, flatten_block
 from distzo.modeldir import ModelError, check_weight_files, load_config, read_safetensors
 
@@ -87,23 +89,28 @@ def forward_kwargs(model: nn.Module) -> tuple[dict[str, object], bool]:
 
 def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      positions: torch.Tensor | None, extra: dict[str, object], keep: bool,
-                     select: bool = True) -> torch.Tensor:
+                     select: bool = True, prefix_layers: nn.ModuleList | None = None) -> torch.Tensor:
     """The family's own forward: logits [B, P, V] at the sorted sequence ``positions`` (all when None).
 
     ``select=False``: return the logits as the forward gives them (a hook on the output embedding
-    has already picked the positions).
+    has already picked the positions). ``prefix_layers`` (``train.target: prefix``): the decoder layers,
+    whose ``PrefixKV`` modules give each layer's prefix (``distzo/prefix.py``).
     """
     kwargs = dict(extra)
+    kwargs["attention_mask"] = attention_mask
+    if prefix_layers is not None:
+        kwargs.update(PrefixTarget.forward_inputs(model, prefix_layers, attention_mask))
     if positions is not None and keep:
         kwargs["logits_to_keep"] = positions
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    out = model(input_ids=input_ids, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if select and positions is not None and (not keep or logits.shape[1] != positions.numel()):
         logits = logits[:, positions.to(logits.device)]
     return logits
 
 
-def _trace_call_order(model: nn.Module, layers_path: str, extra: dict[str, object], keep: bool) -> list[str]:
+def _trace_call_order(model: nn.Module, layers_path: str, extra: dict[str, object], keep: bool,
+                      prefix_layers: nn.ModuleList | None = None) -> list[str]:
     """Names of parameter-owning modules in the order a forward calls them (every call).
 
     Runs one tiny forward of the family's causal-LM ``forward`` with parameters materialized
@@ -167,7 +174,8 @@ def _trace_call_order(model: nn.Module, layers_path: str, extra: dict[str, objec
     try:
         ids = torch.zeros(1, 2, dtype=torch.long)
         with torch.inference_mode():
-            logits = causal_lm_logits(model, ids, torch.ones_like(ids), torch.tensor([1]), extra, keep)
+            logits = causal_lm_logits(model, ids, torch.ones_like(ids), torch.tensor([1]), extra, keep,
+                                      prefix_layers=prefix_layers)
         if logits.shape[:2] != (1, 1):
             raise ModelError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for one position")
     except ModelError:
@@ -193,29 +201,33 @@ class BlockModel:
     flat fp32 [numel] buffer, and ``bind`` points the skeleton's parameters at views of it.
     Raises ModelError for a config that is not a supported decoder-only causal LM.
 
-    ``lora`` (``train.target: lora``, ``distzo/adapters.py``): peft's LoRA layers wrap the target
-    modules, and each decoder layer's adapters are a trainable block right after the layer's frozen
-    block (``num_blocks = 2 L + 2``; the other blocks are frozen). The layer's modules are scheduled in
-    the layer's block and read the adapters from the next one, as a tied head reads the embedding.
+    ``adapter`` (``train.target`` lora or prefix, ``distzo/adapters.py``, ``distzo/prefix.py``): peft's
+    LoRA layers wrap the target modules, or a ``PrefixKV`` module joins each layer; each decoder layer's
+    adapter tensors are a trainable block right after the layer's frozen block (``num_blocks = 2 L + 2``;
+    the other blocks are frozen). The layer's modules are scheduled in the layer's block and read the
+    adapters from the next one, as a tied head reads the embedding.
     """
 
-    def __init__(self, config: PretrainedConfig, source_dir: Path | None = None, lora: LoraTarget | None = None):
+    def __init__(self, config: PretrainedConfig, source_dir: Path | None = None,
+                 adapter: LoraTarget | PrefixTarget | None = None):
         self.config = config
         self.source_dir = source_dir
-        self.lora = lora
+        self.adapter = adapter
         self.skeleton = _empty_model(config)
         self.layers_path, layers = _decoder_layers(self.skeleton)
-        if lora is not None:
+        if adapter is not None:
             with _BUILD_LOCK:
-                lora.inject(self.skeleton, self.layers_path)
+                adapter.inject(self.skeleton, self.layers_path)
+        self.prefix_layers = layers if isinstance(adapter, PrefixTarget) else None
         num_layers = len(layers)
-        per_layer = 2 if lora is not None else 1  # lora: the layer's frozen block, then its adapters' block
+        per_layer = 2 if adapter is not None else 1  # the layer's frozen block, then its adapter's block
         self.num_blocks = per_layer * num_layers + 2
         self.head_block = self.num_blocks - 1
 
         self.forward_extra, self.keeps_logits = forward_kwargs(self.skeleton)
         with _BUILD_LOCK:
-            call_order = _trace_call_order(self.skeleton, self.layers_path, self.forward_extra, self.keeps_logits)
+            call_order = _trace_call_order(self.skeleton, self.layers_path, self.forward_extra, self.keeps_logits,
+                                           self.prefix_layers)
         call_index: dict[str, int] = {}
         for i, name in enumerate(call_order):
             call_index.setdefault(name, i)
@@ -233,6 +245,8 @@ class BlockModel:
             return self.head_block  # after the layers, or never called
 
         self._check_block_order(call_order, module_block)
+        if self.prefix_layers is not None:
+            self._check_prefix_read()
 
         # Which module names use each parameter object, and in what order they run.
         users: dict[int, list[tuple[str, str, int]]] = {}
@@ -258,7 +272,7 @@ class BlockModel:
             canon = canonical_of_id[pid]
             # a shared weight lives in the block of its earliest user in execution order
             owner = min(us, key=lambda u: (u[2], call_index.get(u[0], len(call_order))))[2]
-            block_of_param[canon] = owner + 1 if is_adapter(canon) else owner  # lora: the adapters' own block
+            block_of_param[canon] = owner + 1 if is_adapter(canon) else owner  # the adapters' own block
             shapes[canon] = tuple(params[pid].shape)
             for _, full, _ in us:
                 if full != canon:
@@ -266,8 +280,8 @@ class BlockModel:
 
         names = {0: "embed", self.head_block: "head"}
         names.update({1 + per_layer * i: f"layer.{i}" for i in range(num_layers)})
-        if lora is not None:
-            names.update({2 + per_layer * i: f"lora.{i}" for i in range(num_layers)})
+        if adapter is not None:
+            names.update({2 + per_layer * i: f"{adapter.kind}.{i}" for i in range(num_layers)})
         self.manifest: Manifest = build_manifest(
             model_type=config.model_type,
             block_of_param=block_of_param,
@@ -276,7 +290,7 @@ class BlockModel:
             num_blocks=self.num_blocks,
             names=names,
             tied=tied,
-            trainable=None if lora is None else {b for b, n in names.items() if n.startswith("lora.")},
+            trainable=None if adapter is None else {b for b, n in names.items() if n.startswith(f"{adapter.kind}.")},
         )
         if self.manifest.blocks[0].numel == 0:
             raise ModelError(f"{config.model_type}: found no embedding parameters before the decoder layers")
@@ -316,9 +330,16 @@ class BlockModel:
             if b > highest:
                 highest, where = b, name
 
+    def _check_prefix_read(self) -> None:
+        """Refuse a prefix no layer's attention reads: the trace's forward read each layer's once, or it trains nothing."""
+        unread = [i for i, layer in enumerate(self.prefix_layers) if layer.get_submodule(PREFIX_MODULE).reads != 1]
+        if unread:
+            raise ModelError(f"train.target prefix: {self.config.model_type}: layers {unread[:8]} do not read a prefix "
+                             "from the key/value cache (use train.target lora or full)")
+
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config_json(cls, config_json: str, lora: LoraTarget | None = None) -> "BlockModel":
+    def from_config_json(cls, config_json: str, adapter: LoraTarget | PrefixTarget | None = None) -> "BlockModel":
         """The skeleton from a Hugging Face config alone (workers: no model directory needed)."""
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -326,12 +347,12 @@ class BlockModel:
         model_type = raw.get("model_type")
         if model_type not in CONFIG_MAPPING:
             raise ModelError(f"unknown model type {model_type!r} in the server's model config")
-        return cls(CONFIG_MAPPING[model_type].from_dict(raw), lora=lora)
+        return cls(CONFIG_MAPPING[model_type].from_dict(raw), adapter=adapter)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, lora: LoraTarget | None = None) -> "BlockModel":
+    def from_dir(cls, model_dir: str | Path, adapter: LoraTarget | PrefixTarget | None = None) -> "BlockModel":
         """The skeleton of a Hugging Face model directory (config.json; weights by ``load_block_buffers``)."""
-        return cls(load_config(model_dir), Path(model_dir), lora)
+        return cls(load_config(model_dir), Path(model_dir), adapter)
 
     # ------------------------------------------------------------------ weights
     def load_block_buffers(self, model_dir: str | Path | None = None) -> list[torch.Tensor]:
@@ -350,8 +371,8 @@ class BlockModel:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
             tensors = dict(model.state_dict())
         tensors = {n: tensors[checkpoint_name(n)] for n in names}
-        if self.lora is not None:  # the adapters' initial values (B = 0: the initial model is the base)
-            tensors.update({t.name: self.lora.initial_value(t.name, t.shape)
+        if self.adapter is not None:  # the adapters' initial values (LoRA's B = 0: the initial model is the base)
+            tensors.update({t.name: self.adapter.initial_value(t.name, t.shape)
                             for b in self.manifest.blocks for t in b.tensors if is_adapter(t.name)})
         return [flatten_block(spec, tensors) for spec in self.manifest.blocks]
 

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from distzo import generator
-from distzo.adapters import LoraTarget
+from distzo.adapters import adapter_from_train
 from distzo.config import JobConfig
 from distzo.data import Batch
 from distzo.export import export_model_dir
@@ -52,7 +52,7 @@ class ReferenceTrainer:
         the model must fit there). By default they stay in host memory, as on the parameter server."""
         self.cfg = cfg
         self.job = job or JobData.load(cfg)
-        self.model = BlockModel.from_dir(self.job.model_dir, LoraTarget.from_train(cfg.train))
+        self.model = BlockModel.from_dir(self.job.model_dir, adapter_from_train(cfg.train))
         self.buffers = self.model.load_block_buffers()
         # the workers' arithmetic: their device, and the bytes the server serves them
         self.device = resolve_device(cfg.runtime.device)

@@ -18,7 +18,7 @@ from distzo.config import JobConfig
 from distzo.data import Batch, DataError
 from distzo.forward import ForwardEngine, ForwardJob, compute_dtype_for
 from distzo.logs import kv
-from distzo.adapters import LoraTarget
+from distzo.adapters import adapter_from_train
 from distzo.modeling import BlockModel
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, PrefetchFeed
@@ -39,7 +39,7 @@ class ModelRunner:
         self.node = node
         manifest_json = client.manifest.to_json()
         self.model = BlockModel.from_config_json(client.shards[0].manifest.model_config_json,  # type: ignore[union-attr]
-                                                 LoraTarget.from_train(cfg.train))
+                                                 adapter_from_train(cfg.train))
         if self.model.manifest.to_json() != manifest_json:
             raise RuntimeError("this worker cuts the model into different blocks than the parameter server "
                                "(transformers versions differ?)")

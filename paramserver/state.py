@@ -29,7 +29,7 @@ from distzo.generator import Distribution
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.optim import Optimizer
-from distzo.adapters import LoraTarget
+from distzo.adapters import adapter_from_train
 from distzo.modeling import BlockModel
 from distzo.catalog import resolve_model
 from paramserver import metrics
@@ -80,7 +80,7 @@ class ServerState:
         generator.set_cpu_threads(cfg.server.update_threads)
         generator.warm_up()
         self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
-        self.model = BlockModel.from_dir(self.model_dir, LoraTarget.from_train(cfg.train))
+        self.model = BlockModel.from_dir(self.model_dir, adapter_from_train(cfg.train))
         self.manifest = self.model.manifest
         self.manifest_json = self.manifest.to_json()
         nblocks = len(self.manifest.blocks)
@@ -356,9 +356,9 @@ class ServerState:
         if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
             shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
             raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
-        if merge and self.model.lora is None:
-            raise ValueError("export --merge merges a LoRA adapter into the base: this run trains the full model "
-                             "(train.target full)")
+        if merge and getattr(self.model.adapter, "kind", "full") != "lora":
+            raise ValueError("export --merge merges a LoRA adapter into the base: this run's train.target is "
+                             f"{getattr(self.model.adapter, 'kind', 'full')}")
         m = Marker("export", arg=(p, merge), done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):

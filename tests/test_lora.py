@@ -1,4 +1,5 @@
-"""train.target lora: frozen base, trainable adapter blocks, bitwise layouts, the peft export, the data plane."""
+"""train.target lora: frozen base, trainable adapter blocks, bitwise layouts, the peft export, the data plane
+(the data plane for prefix too; the rest of prefix is tests/test_prefix.py)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,9 @@ def test_lora_trains_only_the_adapters_and_exports_what_peft_loads(cache_dir, tm
     assert torch.allclose(m[real], ours[real], rtol=0, atol=1e-5)  # W + s B A rounds differently from W x + s B A x
 
 
-def test_a_worker_fetches_the_frozen_blocks_once(cache_dir, tmp_path):
-    cfg = small_config(cache_dir, train=LORA)
+@pytest.mark.parametrize("target", ["lora", "prefix"])
+def test_a_worker_fetches_the_frozen_blocks_once(cache_dir, tmp_path, target):
+    cfg = small_config(cache_dir, train={**LORA, "target": target})
     h = Harness(cfg, tmp_path)
     try:
         h.add_worker("w0")
@@ -104,8 +106,7 @@ def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, worke
         assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("setting,needle", [(["--target", "prefix"], "train.target"),
-                                            (["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],
+@pytest.mark.parametrize("setting,needle", [(["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],
                                              "train.lora_modules"),
                                             # one unknown next to a known one (peft accepts it), and a linear
                                             # module outside the decoder layers (no adapter block for it)

@@ -1,0 +1,109 @@
+"""train.target prefix: frozen base, a trainable prefix block per layer, peft's logits, bitwise layouts, refusals."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from distzo import families
+from distzo.modeling import BlockModel, ModelError
+from distzo.prefix import PrefixTarget
+from distzo.forward import ForwardJob
+from distzo.reference import ReferenceTrainer
+
+from conftest import small_config
+from test_cluster import write_config, zoctl
+from test_lora import same_adapter
+
+PREFIX = {"target": "prefix", "lr": 1e-2, "eps": 1e-2}
+
+
+def test_prefix_trains_only_the_prefixes_and_exports_what_peft_loads(cache_dir, tmp_path):
+    from peft import PeftModel
+
+    cfg = small_config(cache_dir, train={**PREFIX, "steps": 3, "prefix_tokens": 4})
+    tr = ReferenceTrainer(cfg)
+    blocks = tr.model.manifest.blocks
+    layers = tr.model.config.num_hidden_layers
+    assert [b.name for b in blocks if b.trainable] == [f"prefix.{i}" for i in range(layers)]
+    assert sum(b.numel for b in blocks if b.trainable) == layers * 4 * 2 * tr.model.config.hidden_size
+    before = [b.clone() for b in tr.buffers]
+    tr.train(out_dir=tmp_path / "out", progress=False)
+    for spec, a, b in zip(blocks, before, tr.buffers):
+        assert torch.equal(a, b) != spec.trainable, spec.name  # frozen blocks unchanged, every prefix block moved
+
+    # peft's adapter directory; loaded on the base, its logits are the run's model's, bit for bit
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    batch = next(iter(tr.job.eval_chunks()))[1]
+    ours = tr.engine.run([ForwardJob(batch, want_logits=True)], tr.feed())[0].logits
+    base = AutoModelForCausalLM.from_pretrained(str(tr.job.model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft passes past_key_values, deprecated in transformers 5.2x
+        theirs = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert torch.equal(ours[real], theirs[real])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(tr.job.model_dir), dtype=torch.float32)
+        zero_shot = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.equal(zero_shot[real], theirs[real])  # the prefix changes the model
+
+
+# learned positions (opt, gpt2), grouped-query rotary (llama), alibi (bloom), partial rotary (gpt_neox),
+# sliding-window masks (mistral), Conv1D projections (gpt2)
+@pytest.mark.parametrize("model_type", ["opt", "gpt2", "llama", "bloom", "gpt_neox", "mistral"])
+def test_the_streamed_prefix_gives_peft_s_logits_bit_for_bit(model_type):
+    assert families.compare_prefix_with_peft(families.tiny_config(CONFIG_MAPPING[model_type]())) == 0.0
+
+
+@pytest.mark.parametrize("model_type,needle", [
+    ("gemma2", "peft gives its prefix through a cache of its own"),
+    ("mamba", "not attention only"),
+    ("falcon", "peft's prefix does not fit this family"),  # multi-query keys: 1 head, peft lays out 4
+    ("mpt", "peft cannot lay out a prefix"),
+    ("openai-gpt", "takes no key/value cache"),
+])
+def test_families_a_prefix_does_not_fit_are_refused_by_name(model_type, needle):
+    config = families.tiny_config(CONFIG_MAPPING[model_type]())
+    with pytest.raises(ModelError, match="train.target prefix") as err:
+        BlockModel(config, adapter=PrefixTarget(3))
+    assert needle in str(err.value)
+    assert BlockModel(config).num_blocks == config.num_hidden_layers + 2  # the family itself still trains in full
+
+
+@pytest.mark.parametrize("layout,workers", [("dual", 1), ("ddp", 2)])
+def test_prefix_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers):
+    cfg = write_config(tmp_path, cache_dir, train={**PREFIX, "steps": 4, "batch_size": 8})
+    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"]
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert same_adapter(tmp_path / "dist", tmp_path / "ref")
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
+        assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("setting,needle", [
+    (["--set", "train.prefix_tokens=0"], "train.prefix_tokens"),
+    (["--merge", "--out", "OUT"], "--target lora"),
+    # a prefix takes positions: tiny-opt has 256 learned ones
+    (["--set", "data.max_seq_len=254"], "data.max_seq_len 254 + train.prefix_tokens 5 exceeds the model's 256"),
+    ([], None),  # control: the same command without the bad setting runs
+])
+def test_bad_prefix_settings_are_one_line_and_exit_2(cache_dir, tmp_path, setting, needle):
+    setting = [str(tmp_path / "out") if s == "OUT" else s for s in setting]
+    r = zoctl("reference", "--target", "prefix", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
+              "--set", "data.dev_examples=8", "--set", "train.batch_size=4")
+    if needle is None:
+        assert r.returncode == 0, r.stderr[-2000:]
+        return
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
