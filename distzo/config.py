@@ -177,6 +177,10 @@ class RuntimeSection(_Section):
     threads: int = Field(1, ge=1, le=1024, description="torch compute threads per worker (and for the reference)")
     kernel_threads: int = Field(1, ge=1, le=1024, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
+    frozen_gpu_bytes: int | None = Field(
+        None, ge=0, description="train.target lora/prefix on a GPU: at most this many bytes of frozen blocks kept in "
+        "GPU memory, the rest in the worker's pinned host memory (default: the GPU memory free at the first "
+        "assignment less a fifth of the device, kept for activations and the streamed blocks)")
     copy_threads: int = Field(0, ge=0, le=64, description="threads copying fetched blocks out of the server's shared memory (0: one per core, at most 8)")
     cache_dir: Text | None = Field(None, description="where presets are built; default ~/.cache/distzo")
 

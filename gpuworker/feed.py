@@ -9,9 +9,10 @@ compute waits on.
 At most ``depth`` blocks (plus blocks the forward keeps for a tied head) are held at once:
 resident memory is a few blocks, whatever the model's size.
 
-Frozen blocks (``BlockSpec.trainable`` False: train.target lora's base weights) never change, so
-with a ``kept`` cache the first assignment fetches each once and keeps its own copy (on the GPU, or
-in host memory on CPU workers), and later assignments fetch only the trainable blocks. Not in node
+Frozen blocks (``BlockSpec.trainable`` False: train.target lora/prefix's base weights) never change,
+so with a ``kept`` cache (``FrozenBlocks``) the first assignment fetches each once and keeps its own
+copy (in GPU memory while it fits the budget, else in pinned host memory, copied to the GPU at each
+use; in host memory on CPU workers), and later assignments fetch only the trainable blocks. Not in node
 groups: their members' all-gathers must pair, and a replaced member would start with an empty cache.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,15 +66,36 @@ class BufferPool:
             self.free.append(buf)
 
 
+@dataclass
+class FrozenBlocks:
+    """A worker's frozen blocks, kept across assignments: block -> its own copy (device or pinned host).
+
+    ``gpu_budget``: bytes still allowed in GPU memory (None: decided at the first block kept on a GPU,
+    from the memory free then, less a fifth of the device for activations and the streamed blocks)."""
+
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    gpu_budget: int | None = None
+
+    def fits_on(self, device: torch.device, nbytes: int) -> bool:
+        """Whether a block of ``nbytes`` is kept in ``device``'s memory (and charge it to the budget)."""
+        if self.gpu_budget is None:
+            free, total = torch.cuda.mem_get_info(device)
+            self.gpu_budget = max(0, free - total // 5)
+        if nbytes > self.gpu_budget:
+            return False
+        self.gpu_budget -= nbytes
+        return True
+
+
 class PrefetchFeed:
     """A ``BlockFeed`` over the parameter server for one assignment (one version)."""
 
     def __init__(self, client: ParamServerClient, manifest: Manifest, version: int, device: torch.device,
                  pool: BufferPool, depth: int, pinned_blocks: frozenset[int], node: NodeGroup | None = None,
                  timeout_s: float = 120.0, digests: bool = False, copy_stream: "torch.cuda.Stream | None" = None,
-                 direct: "DirectFetch | None" = None, kept: dict[int, torch.Tensor] | None = None):
+                 direct: "DirectFetch | None" = None, kept: FrozenBlocks | None = None):
         self.client = client
-        self.kept = kept if node is None else None  # frozen block -> its copy, across assignments
+        self.frozen = kept if node is None else None  # frozen blocks' own copies, across assignments
         self.manifest = manifest
         self.version = version
         self.device = device
@@ -137,19 +159,36 @@ class PrefetchFeed:
 
     def _fetch_or_keep(self, b: int) -> torch.Tensor:
         """A frozen block from the cache (fetched and copied there the first time), any other fetched."""
-        if self.kept is None or self.manifest.blocks[b].trainable:
+        if self.frozen is None or self.manifest.blocks[b].trainable:
             return self._fetch(b)
-        if b not in self.kept:
+        kept = self.frozen.blocks
+        if b not in kept:
             data = self._fetch(b)
             if self._copy_stream is None:
-                self.kept[b] = data.clone()  # own memory: the pool buffer goes back now
-            else:  # GPU-only: clone on the copy stream, after the host-to-device copy, and wait for it
-                with torch.cuda.stream(self._copy_stream):
-                    self.kept[b] = data.clone()
-                self._copy_stream.synchronize()
-                self._events.pop(b, None)
+                kept[b] = data.clone()  # own memory: the pool buffer goes back now
+                self._give_back(b)
+                return kept[b]
+            # GPU-only: copy on the copy stream, after the host-to-device copy, and wait for it
+            with torch.cuda.stream(self._copy_stream):
+                if self.frozen.fits_on(self.device, data.numel() * data.element_size()):
+                    kept[b] = data.clone()
+                else:  # no room on the GPU: a pinned host copy, brought over at each use
+                    kept[b] = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+                    kept[b].copy_(data)
+            self._copy_stream.synchronize()
+            self._events.pop(b, None)
             self._give_back(b)
-        return self.kept[b]
+            return data if not kept[b].is_cuda else kept[b]
+        if self._copy_stream is None or kept[b].is_cuda:
+            return kept[b]
+        t0 = time.perf_counter()  # GPU-only: the pinned host copy to the device, on the side stream
+        with torch.cuda.stream(self._copy_stream):
+            dev = kept[b].to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._copy_stream)
+        self._events[b] = ev
+        self.timers.h2d_s += time.perf_counter() - t0
+        return dev
 
     def _give_back(self, b: int) -> None:
         buf = self._host.pop(b, None)

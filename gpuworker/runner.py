@@ -21,7 +21,7 @@ from distzo.logs import kv
 from distzo.adapters import adapter_from_train
 from distzo.modeling import BlockModel
 from gpuworker import metrics
-from gpuworker.feed import BufferPool, PrefetchFeed
+from gpuworker.feed import BufferPool, FrozenBlocks, PrefetchFeed
 from gpuworker.node import GatherError, NodeGroup
 from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
 from protos import coordinator_pb2 as cpb
@@ -51,7 +51,7 @@ class ModelRunner:
         depth = cfg.runtime.prefetch_blocks
         self.pool = BufferPool(depth + len(self.model.pinned_blocks) + 1, biggest, pinned=device.type == "cuda")
         self.process = psutil.Process()
-        self.kept: dict[int, torch.Tensor] = {}  # frozen blocks (train.target lora's base), fetched once for the job
+        self.kept = FrozenBlocks(gpu_budget=cfg.runtime.frozen_gpu_bytes)  # frozen blocks (lora/prefix base), fetched once
         self.copy_stream = None
         self.direct = None
         if device.type == "cuda":  # GPU-only: one copy stream; DMA from registered shared memory when next to the server

@@ -86,6 +86,14 @@ def test_a_worker_fetches_the_frozen_blocks_once(cache_dir, tmp_path, target):
         h.close()
 
 
+def test_frozen_blocks_stay_in_gpu_memory_while_the_budget_lasts():
+    from gpuworker.feed import FrozenBlocks
+
+    kept = FrozenBlocks(gpu_budget=100)
+    assert [kept.fits_on(torch.device("cuda"), n) for n in (60, 50, 40, 1)] == [True, False, True, False]
+    assert kept.gpu_budget == 0
+
+
 @pytest.mark.parametrize("layout,workers,merge", [("dual", 1, False), ("ddp", 2, True)])
 def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers, merge):
     from transformers import AutoModelForCausalLM
