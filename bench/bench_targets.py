@@ -1,7 +1,7 @@
 """Targets x optimizers on one task, same seed: dev loss over the steps and the training seconds.
 
     python bench/bench_targets.py [--model tiny-opt] [--data sst2-synth] [--steps 300] [--eval-every 25]
-                                  [--threshold 3.0] [--cache-dir DIR] [--runs TARGET:OPTIMIZER:LR[:EPS],...]
+                                  [--threshold 3.0] [--cache-dir DIR] [--runs TARGET:OPTIMIZER:LR[:EPS[:OBJECTIVE]],...]
                                   [--batch-size 16] [--dev-examples N] [--max-seq-len N] [--threads N]
 
 Runs the reference trainer (the same math as ``zoctl up``, which equals it bit for bit) for
@@ -36,22 +36,22 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=3.0)
     ap.add_argument("--eps", type=float, default=1e-2)
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--runs", default=None, help="comma-separated TARGET:OPTIMIZER:LR[:EPS] (default: RUNS)")
+    ap.add_argument("--runs", default=None, help="comma-separated TARGET:OPTIMIZER:LR[:EPS[:OBJECTIVE]] (default: RUNS, eps --eps, objective loss)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dev-examples", type=int, default=None)
     ap.add_argument("--max-seq-len", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    runs = [(t, o, float(lr), float(e[0]) if e else args.eps)
+    runs = [(t, o, float(lr), float(e[0]) if e else args.eps, e[1] if len(e) > 1 else "loss")
             for t, o, lr, *e in (r.split(":") for r in args.runs.split(","))] if args.runs else \
-        [(t, o, lr, args.eps) for t, o, lr in RUNS]
+        [(t, o, lr, args.eps, "loss") for t, o, lr in RUNS]
     print(f"| target | optimizer, lr, eps | trainable params | first eval with dev loss <= {args.threshold} "
           f"| training s to it | dev loss at {args.steps} | dev acc at {args.steps} | training s |")
     print("|---|---|---|---|---|---|---|---|")
-    for target, opt, lr, eps in runs:
+    for target, opt, lr, eps, objective in runs:
         data = {"train": args.data, "dev_examples": args.dev_examples, "max_seq_len": args.max_seq_len}
         raw = {"model": {"source": args.model}, "data": {k: v for k, v in data.items() if v is not None},
-               "train": {"steps": args.steps, "target": target, "optimizer": opt, "lr": lr, "eps": eps,
+               "train": {"steps": args.steps, "target": target, "optimizer": opt, "lr": lr, "eps": eps, "objective": objective,
                          "eval_every": args.eval_every, "batch_size": args.batch_size}, "runtime": {}}
         if args.cache_dir:
             raw["runtime"]["cache_dir"] = args.cache_dir
@@ -71,7 +71,8 @@ def main() -> None:
         hit = next((e for e in tr.log.evals if e["dev_loss"] <= args.threshold), None)
         first = f"step {hit['step']}" if hit else f"not in {args.steps} steps"
         to_it = f"{seconds[hit['step']]:.1f}" if hit else "-"
-        print(f"| {target} | {opt}, {lr:g}, eps {eps:g} | {trainable} | {first} | {to_it} | {summary['dev_loss']:.3f} "
+        shown = f"{opt}, {lr:g}, eps {eps:g}" + (f", objective {objective}" if objective != "loss" else "")
+        print(f"| {target} | {shown} | {trainable} | {first} | {to_it} | {summary['dev_loss']:.3f} "
               f"| {summary['dev_accuracy']:.3f} | {tr.train_seconds:.1f} |", flush=True)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from distzo.modeldir import ModelError
 
@@ -75,10 +75,8 @@ class _PrefixLayer(DynamicLayer):
 class PrefixCache(DynamicCache):
     """A ``DynamicCache`` with each layer's prefix, read just in time from the layers' ``PrefixKV`` modules."""
 
-    def __init__(self, sources: list[PrefixKV], batch_size: int):
-        super().__init__()
-        self.layers = [_PrefixLayer(s, batch_size) for s in sources]
-        self.layer_class_to_replicate = None
+    def __init__(self, sources: list[PrefixKV], batch_size: int):  # noqa: D107 - Cache's own: fixed layers, no data
+        Cache.__init__(self, layers=[_PrefixLayer(s, batch_size) for s in sources])
 
 
 @functools.cache
