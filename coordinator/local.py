@@ -38,7 +38,7 @@ from distzo.config import JobConfig
 from distzo.durable import JobMismatch, check_same_job, differences, job_id, job_identity, record_job
 from distzo.errors import BadInput
 from distzo.logs import kv
-from distzo.procs import ServiceFailed, ServiceProcess, python_module
+from distzo.procs import READY, ServiceFailed, ServiceProcess, address_flags, python_module
 from coordinator.client import CoordinatorClient
 from gpuworker.launch import worker_command
 from distzo.rpc import Credentials
@@ -192,7 +192,7 @@ class LocalCluster:
         """The coordinator's process, not started; ``server``: the parameter server's address, or
         ``ready:PATH``, its ready file (the coordinator waits for it)."""
         listen = f"{self.host_ip(0)}:{self.coordinator_port}"
-        where = ["--param-server-from", server[len("ready:"):]] if server.startswith("ready:") else ["--param-server", server]
+        where = address_flags("--param-server", server)
         return self._service("coordinator", python_module("coordinator", "--config", str(self.config_path), *where,
                                                           "--listen", listen, "--run-dir", str(self.run_dir), *self._v()))
 
@@ -280,11 +280,11 @@ class LocalCluster:
         for stale in ready.glob("*.json"):  # a resumed run's: never read as this run's addresses
             stale.unlink(missing_ok=True)
         env = shared_kernel_cache_env(self.cfg.runtime.cache_dir)
-        coordinator = self._coordinator_process(f"ready:{ready / 'paramserver.json'}")
+        coordinator = self._coordinator_process(f"{READY}{ready / 'paramserver.json'}")
         coordinator.spawn(env=env)
         self._early["coordinator"] = coordinator
         for node in range(self.cfg.layout.workers // self.cfg.layout.node_size):
-            procs = self._node_processes(node, f"ready:{ready / 'coordinator.json'}")
+            procs = self._node_processes(node, f"{READY}{ready / 'coordinator.json'}")
             for p in procs:
                 _start_detached(p, env)
             self._early[f"node-{node}"] = procs

@@ -98,6 +98,17 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+READY = "ready:"  # an address given as "ready:PATH": read it from that service's ready file once it is written
+
+
+def address_flags(flag: str, address: str) -> list[str]:
+    """Command-line flags naming a service: ``[flag, address]``, or for ``ready:PATH``
+    ``[flag + "-from", PATH]`` (the process waits for that ready file: ``address_from_ready_file``)."""
+    if address.startswith(READY):
+        return [flag + "-from", address[len(READY):]]
+    return [flag, address]
+
+
 def address_from_ready_file(path: str | Path, timeout_s: float = 300.0) -> str:
     """The ``address`` a service announces in its ready file, waiting up to ``timeout_s`` seconds for the
     file (written atomically once the service serves).

@@ -22,7 +22,7 @@ import time
 from typing import Mapping, Sequence
 
 from distzo.logs import kv, setup_logging
-from distzo.procs import ServiceFailed
+from distzo.procs import ServiceFailed, address_flags
 from distzo.rpc import PORTS
 from distzo.supervise import RestartPolicy, Restarts
 
@@ -56,7 +56,7 @@ def worker_command(coordinator: str, param_servers: Sequence[str], device: str, 
     waits for it); ``credentials``: token_file, tls_ca, tls_cert, tls_key (None or empty: not passed);
     ``node``: a node group member's (rank, size, rendezvous HOST:PORT or file:// URL, node id); ``extra``:
     more flags."""
-    where = ["--coordinator-from", coordinator[len("ready:"):]] if coordinator.startswith("ready:") else ["--coordinator", coordinator]
+    where = address_flags("--coordinator", coordinator)
     argv = [sys.executable, "-m", "gpuworker", *where, "--device", device, "--worker-id", worker_id]
     for s in param_servers:
         argv += ["--param-server", s]
