@@ -76,10 +76,12 @@ def test_families_a_prefix_does_not_fit_are_refused_by_name(model_type, needle):
     assert BlockModel(config).num_blocks == config.num_hidden_layers + 2  # the family itself still trains in full
 
 
-@pytest.mark.parametrize("layout,workers", [("dual", 1), ("ddp", 2)])
-def test_prefix_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers):
-    cfg = write_config(tmp_path, cache_dir, train={**PREFIX, "steps": 4, "batch_size": 8})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"]
+# the other layouts with an adapter target: pertp (a node group: no frozen-block cache), q = 2 directions (lora)
+@pytest.mark.parametrize("target,layout,workers,q", [("prefix", "dual", 1, 1), ("prefix", "ddp", 2, 1),
+                                                     ("prefix", "pertp", 2, 1), ("lora", "dual", 2, 2)])
+def test_adapter_up_equals_the_reference_bitwise(cache_dir, tmp_path, target, layout, workers, q):
+    cfg = write_config(tmp_path, cache_dir, train={**PREFIX, "target": target, "steps": 4, "batch_size": 8})
+    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--q", str(q), "--json"]
     up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
     assert up.returncode == 0, up.stderr[-3000:]
     ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
