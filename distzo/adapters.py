@@ -78,7 +78,7 @@ class LoraTarget:
         ``init_seed``, so it does not depend on the order tensors are made in), B zeros."""
         if ".lora_B." in name:
             return torch.zeros(shape, dtype=torch.float32)
-        gen = torch.Generator().manual_seed((self.init_seed * 1_000_003 + _stable_hash(name)) % (1 << 63))
+        gen = init_generator(self.init_seed, name)
         out = torch.empty(shape, dtype=torch.float32)
         # nn.init.kaiming_uniform_(a=sqrt(5)), peft's init of A: bound = sqrt(6 / ((1 + a^2) fan_in))
         bound = math.sqrt(6.0 / ((1.0 + 5.0) * shape[1]))
@@ -107,10 +107,13 @@ def adapter_from_train(train: "TrainSection") -> "LoraTarget | PrefixTarget | No
     return None
 
 
-def _stable_hash(text: str) -> int:
+def init_generator(init_seed: int, name: str) -> torch.Generator:
+    """The generator of adapter tensor ``name``'s initial values: seeded by ``train.seed`` and the name (a
+    stable hash), so a tensor's values do not depend on the order tensors are made in."""
     import hashlib
 
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed((init_seed * 1_000_003 + digest) % (1 << 63))
 
 
 def is_adapter(name: str) -> bool:

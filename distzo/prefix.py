@@ -18,7 +18,6 @@ cache. The attention then sees ``cat([prefix, new])``, the same tensors peft giv
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 from dataclasses import dataclass
 
@@ -133,9 +132,9 @@ class PrefixTarget:
     def initial_value(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Layer prefix ``name``'s initial fp32 value: N(0, 1), peft's default (an ``nn.Embedding``), seeded
         by ``init_seed`` and the name so it does not depend on the order tensors are made in."""
-        digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
-        gen = torch.Generator().manual_seed((self.init_seed * 1_000_003 + digest) % (1 << 63))
-        return torch.randn(shape, dtype=torch.float32, generator=gen)
+        from distzo.adapters import init_generator  # the hub of the adapter kinds imports this module
+
+        return torch.randn(shape, dtype=torch.float32, generator=init_generator(self.init_seed, name))
 
     @staticmethod
     def forward_inputs(model: nn.Module, layers: nn.ModuleList, attention_mask: torch.Tensor) -> dict[str, object]:
