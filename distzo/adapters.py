@@ -123,7 +123,9 @@ def export_adapter(config, source_dir, state: dict[str, torch.Tensor], lora: Lor
     hf.tie_weights()
     if source_dir is not None:
         hf.config._name_or_path = str(source_dir)  # noqa: SLF001 - peft records it as the adapter's base model
-    peft_model = get_peft_model(hf, lora.peft_config(), adapter_name=ADAPTER)
+    with warnings.catch_warnings():  # peft's PeftModel asks transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(hf, lora.peft_config(), adapter_name=ADAPTER)
     adapters = {k: v for k, v in state.items() if is_adapter(k)}
     seen = 0
     for name, p in peft_model.named_parameters():

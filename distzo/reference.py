@@ -159,7 +159,7 @@ class ReferenceTrainer:
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
         if out_dir is not None:
-            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference"))
+            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
         if run_dir is not None:
             summary.update(write_report(run_dir))
         return summary

@@ -271,7 +271,7 @@ class ParamServerService:
             # a URL (s3://, gs://, file://, ...): exported under the export root first, then pushed there
             local = "upload-" + re.sub(r"[^A-Za-z0-9._-]+", "_", request.path)[-120:] if url else request.path
             path, version = self.state.export(local, merge=request.merge)
-            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version))
+            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version, merged=request.merge))
             if url:
                 push(path, url)
                 path = url
