@@ -182,3 +182,25 @@ def test_a_killed_lora_adam_server_comes_back_with_its_state_and_the_adapter_doe
         assert (st is None) == (spec.index not in states), spec.name
         if st is not None:
             assert np.array_equal(states[spec.index].view(np.uint32), st.numpy().view(np.uint32)), spec.name
+
+
+def test_a_snapshot_that_also_holds_frozen_blocks_states_still_recovers(tmp_path):
+    """Snapshots written before frozen blocks went without state hold theirs too: only the trainable ones are read."""
+    from paramserver.snapshot import SnapshotCorrupt, SnapshotJob
+
+    numels = {0: 6, 1: 4, 2: 5}
+    master = {b: np.arange(n, dtype=np.float32) + b for b, n in numels.items()}
+    state = {b: np.full((n, 2), 0.5 * b, dtype=np.float32) for b, n in numels.items()}
+    job = SnapshotJob(tmp_path, 3, list(numels), numels, master.__getitem__, "digest", state.__getitem__)
+    job.run()
+    assert job.error is None
+    snap = list_snapshots(tmp_path)[-1]
+    blocks, states = load_snapshot_state(snap, "digest", numels, 2, [1])  # block 1 trainable, 0 and 2 frozen
+    assert sorted(blocks) == [0, 1, 2] and sorted(states) == [1] and np.array_equal(states[1], state[1])
+    # a snapshot lacking a trainable block's state is refused, naming both lists
+    job = SnapshotJob(tmp_path, 4, list(numels), numels, master.__getitem__, "digest",
+                      lambda b: state[b] if b == 1 else None)
+    job.run()
+    with pytest.raises(SnapshotCorrupt, match=r"lists optimizer states for blocks \['1'\], not for the server's "
+                                              r"trainable blocks \['1', '2'\]"):
+        load_snapshot_state(list_snapshots(tmp_path)[-1], "digest", numels, 2, [1, 2])
