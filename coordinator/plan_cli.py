@@ -15,6 +15,7 @@ from coordinator.clicommon import EXIT_BAD_INPUT, CliError, print_json
 from distzo.errors import counted
 from distzo.perfspecs import CLUSTERS, MODELS, ClusterSpec, GiB, LayoutSpec, ModelSpec, fmt_params, with_overrides
 from distzo.perfmodel import Prediction, Recommendation, predict, recommend
+from distzo.perftargets import FULL, TargetSpec, lora_target, prefix_target
 
 DEFAULT_CLUSTER = "h100x8"
 DEFAULT_TOKENS = 32768  # 16 sequences of 2048: MeZO's batch of 16
@@ -45,6 +46,16 @@ def register(sub: Any) -> None:
                    help="dtype the parameter server serves (default bfloat16)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd",
                    help="the server's update rule (train.optimizer): its fp32 state is server memory (default sgd)")
+    p.add_argument("--target", choices=["full", "lora", "prefix"], default="full",
+                   help="what is trained (train.target): full, or LoRA adapters or a prefix on a frozen base "
+                        "(default full)")
+    p.add_argument("--lora-rank", type=int, default=_train_default("lora_rank"), metavar="R",
+                   help=f"LoRA rank (train.lora_rank, default {_train_default('lora_rank')})")
+    p.add_argument("--lora-modules", default=",".join(_train_default("lora_modules")), metavar="NAMES",
+                   help=f"comma-separated linear modules with adapters (train.lora_modules, default "
+                        f"{','.join(_train_default('lora_modules'))})")
+    p.add_argument("--prefix-tokens", type=int, default=_train_default("prefix_tokens"), metavar="N",
+                   help=f"prefix length (train.prefix_tokens, default {_train_default('prefix_tokens')})")
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="predict this layout (default: the recommended one)")
     p.add_argument("--q", type=int, default=1, metavar="Q", help="perturbation directions per step (default 1)")
     p.add_argument("--shards", type=int, metavar="N", help="parameter-server shards (default: the fewest that fit)")
@@ -52,6 +63,24 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the same as JSON (seconds, bytes)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=cmd_plan)
+
+
+def _train_default(name: str) -> Any:
+    from distzo.config import TrainSection
+
+    field = TrainSection.model_fields[name]
+    return field.default_factory() if field.default_factory is not None else field.default
+
+
+def resolve_target(args: argparse.Namespace, model: ModelSpec) -> TargetSpec:
+    """The trained target of the plan: full, LoRA of --lora-rank on --lora-modules, or a prefix of
+    --prefix-tokens (ValueError if bad)."""
+    if getattr(args, "target", "full") == "full":
+        return FULL
+    if args.target == "prefix":
+        return prefix_target(model, args.prefix_tokens)
+    modules = [m.strip() for m in args.lora_modules.split(",") if m.strip()]
+    return lora_target(model, args.lora_rank, modules)
 
 
 def bad_input(message: str) -> Exception:
@@ -69,11 +98,12 @@ def resolve_model(name: str) -> ModelSpec:
     spec = _lookup(name, MODELS)
     if spec is not None:
         return spec
-    from distzo.presets import PRESETS, VOCAB_SIZE
+    from distzo.presets import PRESETS
 
     if name in PRESETS:
-        factory, sizes = PRESETS[name]
-        return ModelSpec.from_hf_config(factory(VOCAB_SIZE, **sizes), name=name)
+        from distzo.presets import preset_config
+
+        return ModelSpec.from_hf_config(preset_config(name), name=name)  # its real vocabulary, as built
     from distzo import catalog
     from distzo.modeldir import load_config
 
@@ -101,13 +131,14 @@ def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, 
         cluster = resolve_cluster(args)
         seq = args.seq_len or min(DEFAULT_SEQ, args.tokens_per_step)
         opt = getattr(args, "optimizer", "sgd")
+        target = resolve_target(args, model)
         rec = recommend(model, cluster, args.tokens_per_step, args.served_dtype, seq, q=args.q, shards=args.shards,
-                        optimizer=opt)
+                        optimizer=opt, target=target)
         pred = rec.prediction
         if args.layout:
             layout = LayoutSpec.from_name(args.layout, cluster.workers, args.q)
             pred = predict(model, cluster, layout, args.tokens_per_step, args.served_dtype, seq, shards=rec.prediction.shards,
-                           optimizer=opt)
+                           optimizer=opt, target=target)
     except ValueError as exc:
         raise bad_input(str(exc)) from None
     return model, cluster, pred, rec
@@ -137,6 +168,14 @@ def _gib(x: float) -> str:
     return f"{x / GiB:8.1f}"
 
 
+def _target_line(p: Prediction) -> str:
+    if not p.frozen_params:
+        return f"full: all {fmt_params(p.trainable_params)} parameters trained"
+    share = p.trainable_params / (p.trainable_params + p.frozen_params)
+    return (f"{p.target}: {fmt_params(p.trainable_params)} trainable parameters ({share:.1%}), "
+            f"{fmt_params(p.frozen_params)} frozen (no optimizer state; a worker fetches them once)")
+
+
 def _fits(ok: bool) -> str:
     return "fits" if ok else "DOES NOT FIT"
 
@@ -150,6 +189,7 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
     lines = [
         f"model    {model.name}: {fmt_params(model.params)} parameters, {model.layers} layers, hidden {model.hidden}, "
         f"{b['model_at_served_dtype'] / 1e9:.2f} GB at {p.served_dtype}",
+        f"target   {_target_line(p)}",
         f"cluster  {cluster.name}: {counted(cluster.nodes, 'node')} x {counted(cluster.gpus_per_node, unit)}, "
         f"{'a server replica on every node' if cluster.replicas else 'no server replicas'}, "
         f"{counted(p.shards, 'server shard')}",
@@ -177,6 +217,8 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
         f"  {'network in per node':<{col}}{_size(b['network_in_per_node'])}   out per server host "
         f"{_size(b['network_out_per_server_host']).strip()}",
         f"  {'control':<{col}}{_size(b['control_per_step'])}",
+        *([f"  {'frozen, once per worker':<{col}}{_size(b['frozen_once_per_worker'])}   fetched at the first step, "
+           "then kept"] if "frozen_once_per_worker" in b else []),
         "",
     ]
     g, h = p.memory_per_gpu_bytes, p.memory_per_server_host_bytes
@@ -185,8 +227,14 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
     lines.append(f"memory per server host (GiB) {_gib(h['total'])} of {p.host_memory_bytes / GiB:.0f}   {_fits(p.fits_host)}")
     lines += [f"  {k.replace('_', ' '):<{col}}{_gib(v)}" for k, v in h.items() if k != "total"]
     per = p.server_bytes_per_param
-    lines.append(f"  server bytes per parameter (fp32 master, {p.served_dtype} served copy, fp32 optimizer state): "
+    lines.append(f"  server bytes per {'trainable ' if p.frozen_params else ''}parameter (fp32 master, {p.served_dtype} "
+                 "served copy, fp32 optimizer state): "
                  + ", ".join(f"{o} {n} B" + (" (this plan)" if o == p.optimizer else "") for o, n in per.items()))
+    if p.frozen_params:
+        lines.append(f"  server bytes per frozen parameter (fp32 master, {p.served_dtype} served copy, no optimizer "
+                     f"state): {p.server_bytes_per_frozen_param} B")
+    lines.append("  master + served copy + optimizer state per server host, by optimizer: " + ", ".join(
+        f"{o} {_size(v).strip()}" for o, v in p.server_memory_by_optimizer.items()))
     lines += [
         f"  {'+ snapshot headroom':<{col}}{_gib(p.snapshot_headroom_bytes)}   worst-case copy-on-write: "
         f"{_fits(p.fits_host_with_snapshot)}",

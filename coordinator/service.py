@@ -153,15 +153,16 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "export needs a directory path")
         try:
             with self._servers() as c:
-                reply = c.export(request.path, model_card=self._model_card(), merge=request.merge)
+                reply = c.export(request.path, model_card=self._model_card(request.merge), merge=request.merge)
         except grpc.RpcError as exc:
             context.abort(exc.code(), exc.details())
         except FetchError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return cpb.ControlReply(message=f"exported version {reply.version}", path=reply.path, version=reply.version)
 
-    def _model_card(self) -> str:
-        """The job's model card with its metrics (the server writes its own when there is no job)."""
+    def _model_card(self, merged: bool = False) -> str:
+        """The job's model card with its metrics (the server writes its own when there is no job);
+        ``merged``: the export is an adapter merged into the base."""
         job = self.job
         if job is None:
             return ""
@@ -173,7 +174,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         last = evals[-1] if evals and evals[-1]["step"] == st.step else {}  # never an older eval's figures as final
         metrics = {**eval_summary(evals), "final_loss": st.final_loss, "dev_loss": last.get("dev_loss"),
                    "dev_accuracy": last.get("dev_accuracy")}
-        return model_card(job.cfg, metrics, st.step)
+        return model_card(job.cfg, metrics, st.step, merged=merged)
 
     def Eval(self, request: cpb.ControlRequest, context: grpc.ServicerContext) -> cpb.EvalResult:
         job = self._need_job(context)

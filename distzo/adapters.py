@@ -148,10 +148,12 @@ def export_adapter(config, source_dir, state: dict[str, torch.Tensor], adapter: 
     hf.tie_weights()
     if source_dir is not None:
         hf.config._name_or_path = str(source_dir)  # noqa: SLF001 - peft records it as the adapter's base model
+    with warnings.catch_warnings():  # peft's PeftModel asks transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(hf, adapter.peft_config(), adapter_name=ADAPTER)
+    adapter.load_into(peft_model, {k: v for k, v in state.items() if is_adapter(k)}, layers_path)
     with warnings.catch_warnings():  # peft calls a transformers method transformers calls deprecated
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(hf, adapter.peft_config(), adapter_name=ADAPTER)
-        adapter.load_into(peft_model, {k: v for k, v in state.items() if is_adapter(k)}, layers_path)
         if merge:
             peft_model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
         else:

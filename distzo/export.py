@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ def export_model_dir(model: BlockModel, buffers: list[torch.Tensor], out_dir: st
         export_adapter(model.config, model.source_dir, model.state_dict_from_blocks(buffers), model.adapter,
                        model.layers_path, out, merge)
         _copy_tokenizer(model, out)
+        _umask_modes(out)
         return out
     if merge:
         raise ValueError("--merge merges a LoRA adapter into the base: this run trains the full model (train.target full)")
@@ -49,7 +52,22 @@ def export_model_dir(model: BlockModel, buffers: list[torch.Tensor], out_dir: st
     hf.tie_weights()
     hf.save_pretrained(str(out), safe_serialization=True)
     _copy_tokenizer(model, out)
+    _umask_modes(out)
     return out
+
+
+def _umask_modes(out: Path) -> None:
+    """Give the safetensors files the mode of every other exported file (0o666 less the umask):
+    the safetensors writer makes them 0600. The umask is read from a probe file, since os.umask
+    would change it for the whole process (the server's other threads) to read it."""
+    probe = out / f".mode-probe-{uuid.uuid4().hex}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        mode = probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+    for f in out.glob("*.safetensors"):
+        f.chmod(mode)
 
 
 def _copy_tokenizer(model: BlockModel, out: Path) -> None:

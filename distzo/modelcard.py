@@ -3,6 +3,10 @@
 YAML front matter (``library_name``, ``tags``, ``base_model`` when the source is a Hub-style id)
 then the base model, the task, the hyperparameters that decide the trajectory, and the final
 metrics. Only the standard library and yaml: the parameter server and the reference both write it.
+
+An adapter export (``train.target`` other than full, not merged: peft's adapter directory) says so:
+``library_name: peft``, the base model it must be loaded on, and how; a merged or full export is a
+plain transformers model directory.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub 
 METRIC_NAMES = (("zero_shot_dev_loss", "dev loss before training (step 0)"),
                 ("zero_shot_dev_accuracy", "dev accuracy before training (step 0)"),
                 ("dev_loss", "dev loss at the end"), ("dev_accuracy", "dev accuracy at the end"),
-                ("final_loss", "training loss at the end (mean of the last 10 steps)"))
+                ("final_loss", "training loss at the end (mean of the last {window})"))
 
 
 def _fmt(value: Any) -> str:
@@ -30,24 +34,41 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
-def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "distributed") -> str:
+ADAPTER_NAMES = {"lora": "LoRA", "prefix": "prefix-tuning"}  # train.target -> the method's usual name
+
+
+def _target_text(t: Any) -> str:
+    """The hyperparameters row of train.target."""
+    if t.target == "full":
+        return "full model"
+    if t.target == "lora":
+        return f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {', '.join(t.lora_modules)}; base frozen)"
+    if t.target == "prefix":
+        return f"prefix-tuning (peft; {t.prefix_tokens} virtual tokens; base frozen)"
+    return f"{t.target} (peft; base frozen)"
+
+
+def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "distributed", merged: bool = False) -> str:
     """Markdown text of the card. ``cfg``: a JobConfig; ``metrics``: the keys of METRIC_NAMES (missing or
-    non-finite ones are shown as n/a); ``steps_done``: training steps applied to the exported weights."""
+    non-finite ones are shown as n/a); ``steps_done``: training steps applied to the exported weights;
+    ``merged``: an adapter target exported merged into the base (a plain model directory)."""
     source = cfg.model.source
     task = cfg.data.train or "sst2-synth"
+    t, lay = cfg.train, cfg.layout
+    adapter = t.target != "full" and not merged  # the export is peft's adapter directory
+    kind = ADAPTER_NAMES.get(t.target, t.target)
     base = source if _HUB_ID.match(source) and not Path(source).exists() else None
-    front: dict[str, Any] = {"library_name": "transformers", "tags": ["distzo", "mezo", "zeroth-order", "text-classification"]}
+    tags = ["distzo", "mezo", "zeroth-order", "text-classification"] + ([t.target] if t.target != "full" else [])
+    front: dict[str, Any] = {"library_name": "peft" if adapter else "transformers", "tags": tags}
     if base:
         front["base_model"] = base
-    t, lay = cfg.train, cfg.layout
     method = {"sgd": "MeZO-SGD", "momentum": f"ZO momentum (mu {t.momentum})",
               "adam": f"ZO-Adam (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})"}[t.optimizer]
     hyper = {
         "optimizer": method + " (zeroth-order, two forwards per direction)",
         "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy",
                       "f1": "minus batch macro-F1"}[t.objective],
-        "target": "full model" if t.target == "full" else
-                  f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {', '.join(t.lora_modules)}; base frozen)",
+        "target": _target_text(t) + (" (exported merged into the base)" if merged else ""),
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
         "perturbation scale eps": t.eps,
@@ -58,19 +79,28 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
         "max sequence length": cfg.data.max_seq_len,
         "template / label words": f"{cfg.data.template!r} / {', '.join(cfg.data.label_words)}",
     }
+    if adapter:
+        what = (f"This directory is a {kind} adapter in peft's layout, not a model: it needs its base model "
+                f"**{source}**. Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+                "this directory)`; an export with `--merge` writes the merged plain model instead; ")
+    elif t.target != "full":
+        what = (f"The weights are the base model with the trained {kind} adapter merged in (peft's "
+                "`merge_and_unload`): a plain model directory for `AutoModelForCausalLM`; ")
+    else:
+        what = "The weights are the full model in safetensors; "
+    title = f"{kind} adapter for {Path(source).name}" if adapter else Path(source).name
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {Path(source).name} fine-tuned on {Path(task).name} with distzo", "",
+             f"# {title} fine-tuned on {Path(task).name} with distzo", "",
              f"Fine-tuned by distzo ({mode}) with {method} from **{source}** on the task **{task}**. "
-             + ("The weights are the full model in safetensors; " if t.target == "full" else
-                "The weights are a LoRA adapter in peft's layout (`PeftModel.from_pretrained(base, this directory)`), "
-                "or the merged model when exported with --merge; ")
-             + "the tokenizer files are the base model's.", "",
+             + what + "the tokenizer files are the base model's.", "",
              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]  # as configured, not rounded
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
+    window = counted(min(10, steps_done), "step") if steps_done > 0 else "10 steps"  # TrainLog.final_loss's window
     for key, text in METRIC_NAMES:
+        text = text.format(window=window)
         if key == "final_loss" and t.objective != "loss":  # the scalar trained on is minus the batch accuracy
-            text = f"training objective at the end ({t.objective}: minus the batch {t.objective}, mean of the last 10 steps)"
+            text = f"training objective at the end ({t.objective}: minus the batch {t.objective}, mean of the last {window})"
         lines.append(f"| {text} | {_fmt(metrics.get(key))} |")
     lines += ["", "Reproduce: `zoctl reference` with this job's config gives the same weights bit for bit "
               "(the distributed run's oracle).", ""]

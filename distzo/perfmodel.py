@@ -26,6 +26,13 @@ embedding kept for the head, activations and a runtime allowance. Memory per ser
 the fp32 master, the 16-bit served copy, the workers' pinned buffers; snapshot copy-on-write
 can add up to another fp32 copy (reported separately).
 
+``train.target lora`` (``distzo/perftargets.py``): of the model's P parameters, the frozen base
+(P) and the adapters (A) are all held by the server as fp32 master and served copy, but only
+the A trainable ones get optimizer state and are updated; a worker fetches the frozen blocks once
+and keeps them in its memory at the served dtype (not in fetch groups of f > 1, whose members'
+all-gathers must stay paired: they fetch every block every step), so per step only A·b travels,
+A is perturbed and A is updated; a forward computes 2·(P + A) FLOPs per token.
+
 The model, cluster and layout descriptions it is applied to are in ``perfspecs.py``. On a CPU
 cluster the "GPUs" are worker processes, host->GPU is host->worker and NVLink the link inside a
 node; ``ClusterSpec.wording`` says each in the cluster's words (the terms keep their keys).
@@ -40,6 +47,7 @@ from typing import Any
 from distzo.dtypes import ITEMSIZE, STATE_VALUES
 from distzo.errors import counted
 from distzo.perfspecs import WORDING, GiB, ClusterSpec, LayoutSpec, ModelSpec, Wording
+from distzo.perftargets import FULL, TargetSpec
 
 BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_mask + int32 labels
 CONTROL_BYTES_PER_WORKER = 512  # assignment header + loss report (assumption: a few hundred bytes)
@@ -85,8 +93,13 @@ class Prediction:
     whole_model_bytes: float
     assumptions: tuple[str, ...] = field(default=())
     optimizer: str = "sgd"
-    server_bytes_per_param: dict[str, int] = field(default_factory=dict)  # each optimizer at this served dtype
+    server_bytes_per_param: dict[str, int] = field(default_factory=dict)  # each optimizer, per trainable parameter
     device: str = "cuda"  # the cluster's: what its worker devices, links and memory are called (wording)
+    target: str = "full"  # train.target
+    trainable_params: int = 0  # perturbed, updated, with optimizer state
+    frozen_params: int = 0  # never change: fetched once per worker (train.target lora's base)
+    server_bytes_per_frozen_param: int = 0  # fp32 master + served copy, no optimizer state
+    server_memory_by_optimizer: dict[str, float] = field(default_factory=dict)  # master + served + state per server host
 
     @property
     def wording(self) -> Wording:
@@ -138,24 +151,26 @@ def valid_shards(cluster: ClusterSpec) -> list[int]:
     return [s for s in range(1, n + 1) if not cluster.replicas or n % s == 0]
 
 
-def _network_bytes(model: ModelSpec, cluster: ClusterSpec, b: int, shards: int) -> tuple[float, float]:
-    """Weight bytes per step into the worst node and out of each server host (shard copy)."""
+def _network_bytes(params: int, cluster: ClusterSpec, b: int, shards: int) -> tuple[float, float]:
+    """Bytes per step of ``params`` fetched parameters into the worst node and out of each server host (shard copy)."""
     n, s = cluster.nodes, shards
     groups = cluster.gpus_per_node // cluster.fetch_gpus  # each fetch group on a node pulls its own copy
-    shard_bytes = model.params * b / s
+    shard_bytes = params * b / s
     copies = n // s if cluster.replicas else 1  # hosts holding each shard
     every_node_hosts = cluster.replicas or n == s
-    inbound = model.params * b * ((1 - 1 / s) if every_node_hosts else 1.0) * groups
+    inbound = params * b * ((1 - 1 / s) if every_node_hosts else 1.0) * groups
     outbound = shard_bytes * (n - copies) / copies * groups
     return inbound, outbound
 
 
-def server_bytes_per_param(optimizer: str, served_dtype: str) -> int:
+def server_bytes_per_param(optimizer: str, served_dtype: str, trainable: bool = True) -> int:
     """Parameter-server memory per parameter (bytes): the fp32 master, the served copy (none at float32:
-    the master is served) and the optimizer's fp32 state (momentum 1 value, adam 2; distzo/optim.py)."""
+    the master is served) and, for a trainable parameter, the optimizer's fp32 state (momentum 1 value,
+    adam 2; distzo/optim.py). A frozen parameter (train.target lora's base) has no state."""
     if optimizer not in STATE_VALUES:
         raise ValueError(f"optimizer {optimizer!r}: expected one of {', '.join(STATE_VALUES)}")
-    return MASTER_BYTES + (0 if served_dtype == "float32" else ITEMSIZE[served_dtype]) + 4 * STATE_VALUES[optimizer]
+    state = 4 * STATE_VALUES[optimizer] if trainable else 0
+    return MASTER_BYTES + (0 if served_dtype == "float32" else ITEMSIZE[served_dtype]) + state
 
 
 def update_traffic_ratio(optimizer: str, served_dtype: str) -> float:
@@ -167,11 +182,12 @@ def update_traffic_ratio(optimizer: str, served_dtype: str) -> float:
 
 
 def _host_memory(model: ModelSpec, cluster: ClusterSpec, served_dtype: str, shards: int,
-                 prefetch_blocks: int, optimizer: str = "sgd") -> tuple[dict[str, float], float]:
+                 prefetch_blocks: int, optimizer: str = "sgd", target: TargetSpec = FULL) -> tuple[dict[str, float], float]:
     b = ITEMSIZE[served_dtype]
-    master = MASTER_BYTES * model.params / shards
-    served = 0.0 if served_dtype == "float32" else b * model.params / shards
-    state = 4 * STATE_VALUES[optimizer] * model.params / shards
+    total, trainable = target.total(model), target.trainable(model)
+    master = MASTER_BYTES * total / shards
+    served = 0.0 if served_dtype == "float32" else b * total / shards
+    state = 4 * STATE_VALUES[optimizer] * trainable / shards  # trainable blocks only
     pinned_blocks = 1 if model.tied else 0
     pool = (prefetch_blocks + pinned_blocks + 1) * model.largest_block() * b  # gpuworker.runner's BufferPool
     buffers = float(cluster.gpus_per_node * pool)
@@ -179,22 +195,29 @@ def _host_memory(model: ModelSpec, cluster: ClusterSpec, served_dtype: str, shar
     if state:
         mem["optimizer_state"] = state
     mem.update(worker_buffers=buffers, total=master + served + state + buffers)
-    return mem, master + state  # a snapshot's copy-on-write copies a block's master and state
+    # a snapshot's copy-on-write copies a block's master and state, of the blocks an update changes
+    return mem, MASTER_BYTES * trainable / shards + state
 
 
 def _gpu_memory(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, b: int, cb: int, tokens_per_gpu: float,
-                prefetch_blocks: int) -> dict[str, float]:
+                prefetch_blocks: int, target: TargetSpec = FULL, kept: bool = False) -> dict[str, float]:
+    """``kept``: the worker keeps the frozen blocks (train.target lora, no fetch group)."""
     jobs = layout.forwards_per_worker
     streamed = model.largest_block(include_embed=not model.tied)  # a tied embedding stays resident instead
     resident = (prefetch_blocks + 1) * streamed * b
-    copies = 2 * jobs * streamed * cb  # lockstep: job 0 may be on block b+1 while job 1 is still on b
+    perturbed = streamed if not target.frozen_base else max(1, target.adapter_params // model.layers)
+    copies = 2 * jobs * perturbed * cb  # lockstep: job 0 may be on block b+1 while job 1 is still on b
     tied = model.embed_params * (b + jobs * cb) if model.tied else 0.0
+    if target.frozen_base and model.tied:
+        tied = 0.0 if kept else model.embed_params * b  # frozen: never perturbed (and kept with the other frozen blocks)
     mlp = model.ffn * (2 if model.gated else 1)
     residual = jobs * tokens_per_gpu * model.hidden * cb
     transient = tokens_per_gpu * max((4 * model.hidden + mlp) * cb, 4 * model.vocab)  # one job computes at a time
     runtime = float(RUNTIME_BYTES.get(cluster.device, RUNTIME_BYTES["cuda"]))
     mem = {"resident_blocks": resident, "perturbed_copies": copies, "tied_embedding": tied,
            "activations": residual + transient, "runtime": runtime}
+    if kept:
+        mem["frozen_blocks_kept"] = float(target.frozen(model) * b)  # fetched once, at the served dtype
     mem["total"] = sum(mem.values())
     return mem
 
@@ -219,28 +242,32 @@ def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_pe
 
 def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int,
             served_dtype: str = "bfloat16", seq_len: int = 2048, shards: int = 1,
-            prefetch_blocks: int = 2, optimizer: str = "sgd") -> Prediction:
+            prefetch_blocks: int = 2, optimizer: str = "sgd", target: TargetSpec = FULL) -> Prediction:
     """Every term of one step, the floor, the prediction, bytes per link and memory per GPU and host.
 
     ``optimizer``: the server's update rule (sgd, momentum, adam): its state is host memory, and its
-    update moves more bytes (the server-update term is scaled by ``update_traffic_ratio``)."""
+    update moves more bytes (the server-update term is scaled by ``update_traffic_ratio``).
+    ``target``: what is trained (``distzo/perftargets.py``; the module docstring says what a frozen base changes)."""
     _check(model, cluster, layout, tokens_per_step, served_dtype, seq_len, shards)
     server_bytes_per_param(optimizer, served_dtype)  # a bad name is a ValueError here
-    P, T, b = model.params, tokens_per_step, ITEMSIZE[served_dtype]
+    T, b = tokens_per_step, ITEMSIZE[served_dtype]
+    P, A, frozen = target.total(model), target.trainable(model), target.frozen(model)
     cpu = cluster.device == "cpu"
     compute_dtype = "float32" if cpu or served_dtype == "float32" else served_dtype
     cb = ITEMSIZE[compute_dtype]
     gpus = cluster.nodes * cluster.gpus_per_node
     g, f = cluster.worker_gpus, cluster.fetch_gpus
+    kept = bool(frozen) and f == 1  # a worker keeps the frozen blocks (not in fetch groups: feed.py)
+    fetched = P - frozen if kept else P  # parameters fetched per step
 
     tflops = cluster.gpu_tflops if cb == 2 else (cluster.gpu_tflops_fp32 or cluster.gpu_tflops)
     forward_s = layout.q * 2 * 2 * P * T / gpus / (tflops * 1e12 * cluster.mfu)
-    perturb_s = layout.forwards_per_worker * P / cluster.perturb_params_per_s  # every GPU perturbs whole blocks
+    perturb_s = layout.forwards_per_worker * A / cluster.perturb_params_per_s  # every GPU perturbs the trainable blocks
 
     model_bytes = P * b
-    h2d_gpu = model_bytes / f
-    nvlink_gpu = model_bytes * (f - 1) / f
-    net_in, net_out = _network_bytes(model, cluster, b, shards)
+    h2d_gpu = fetched * b / f
+    nvlink_gpu = fetched * b * (f - 1) / f
+    net_in, net_out = _network_bytes(fetched, cluster, b, shards)
     hosts = cluster.nodes if cluster.replicas else shards
     control_bytes = (layout.workers * (CONTROL_BYTES_PER_WORKER + BATCH_BYTES_PER_TOKEN * T / layout.ddp)
                      + hosts * UPDATE_RECORD_BYTES * layout.q)
@@ -250,7 +277,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         "h2d": h2d_gpu / (cluster.h2d_gbps * 1e9),
         "nvlink": nvlink_gpu / (cluster.nvlink_gbps * 1e9),
         "network": max(net_in, net_out) / (cluster.network_gbps * 1e9),
-        "server_update": P / shards * layout.q / cluster.server_update_params_per_s
+        "server_update": A / shards * layout.q / cluster.server_update_params_per_s
         * update_traffic_ratio(optimizer, served_dtype),
         "control": control_bytes / (cluster.network_gbps * 1e9) + cluster.fixed_step_overhead_s,
     }
@@ -261,7 +288,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         # one CPU host: every worker's compute and fetch copy, and the server's update, share its cores
         cpu_work = layout.workers * (terms["compute"] + terms["h2d"] + terms["nvlink"]) + terms["server_update"]
         step = max(step, cpu_work / cluster.host_cores + terms["control"])
-    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer)
+    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer, target)
     tokens_per_gpu = T / (layout.ddp * g)
     return Prediction(
         model=model.name, cluster=cluster.name, layout=layout, tokens_per_step=T, seq_len=seq_len,
@@ -271,17 +298,23 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         bottleneck=max(terms, key=terms.__getitem__), tokens_per_s=T / step,
         bytes={"model_at_served_dtype": model_bytes, "h2d_per_gpu": h2d_gpu,
                "h2d_per_node": h2d_gpu * cluster.gpus_per_node, "nvlink_per_gpu": nvlink_gpu,
-               "network_in_per_node": net_in, "network_out_per_server_host": net_out, "control_per_step": control_bytes},
-        memory_per_gpu_bytes=_gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks),
+               "network_in_per_node": net_in, "network_out_per_server_host": net_out, "control_per_step": control_bytes,
+               **({"frozen_once_per_worker": float(frozen * b)} if kept else {})},
+        memory_per_gpu_bytes=_gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks, target, kept),
         memory_per_server_host_bytes=host_mem, snapshot_headroom_bytes=headroom,
         gpu_memory_bytes=cluster.gpu_memory_bytes, host_memory_bytes=cluster.host_memory_bytes,
-        whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks, optimizer),
+        whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks, optimizer, target),
         optimizer=optimizer, server_bytes_per_param={o: server_bytes_per_param(o, served_dtype) for o in STATE_VALUES},
-        device=cluster.device,
+        device=cluster.device, target=target.name, trainable_params=A, frozen_params=frozen,
+        server_bytes_per_frozen_param=server_bytes_per_param("sgd", served_dtype, trainable=False),
+        server_memory_by_optimizer={o: (A * server_bytes_per_param(o, served_dtype)
+                                        + frozen * server_bytes_per_param(o, served_dtype, trainable=False)) / shards
+                                    for o in STATE_VALUES},
     )
 
 
-def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, optimizer: str = "sgd") -> tuple[str, ...]:
+def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, optimizer: str = "sgd",
+                 target: TargetSpec = FULL) -> tuple[str, ...]:
     words = cluster.wording
     unit = words.worker
     if g == cluster.gpus_per_node and g > 1:
@@ -298,7 +331,11 @@ def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, opt
         f"{words.memory}: {prefetch_blocks}+1 clean blocks, perturbed copies of 2 blocks per forward, activations "
         f"= forwards*t*hidden + t*max((4*hidden+mlp)*bytes, 4*vocab) for t tokens per {words.unit}, plus a runtime allowance",
     ) + ((f"server update with {optimizer} state: the sgd update rate scaled by the ratio of DRAM bytes moved "
-          "(an estimate, not measured on this cluster)",) if STATE_VALUES[optimizer] else ())
+          "(an estimate, not measured on this cluster)",) if STATE_VALUES[optimizer] else ()) + (
+        (f"train.target {target.name}: frozen blocks " + ("fetched once per worker and kept in its memory at the served "
+         "dtype; per step only the trainable blocks are fetched" if f == 1 else "fetched every step (a fetch group "
+         "does not keep them)") + "; only the trainable blocks are perturbed, updated and have optimizer state",)
+        if target.frozen_base else ())
 
 
 # ----------------------------------------------------------------------------- recommendation
@@ -318,10 +355,10 @@ class Recommendation:
 
 
 def min_shards(model: ModelSpec, cluster: ClusterSpec, served_dtype: str = "bfloat16",
-               prefetch_blocks: int = 2, optimizer: str = "sgd") -> int | None:
+               prefetch_blocks: int = 2, optimizer: str = "sgd", target: TargetSpec = FULL) -> int | None:
     """The fewest server shards whose host memory fits (None: not even the most shards fit)."""
     for s in valid_shards(cluster):
-        mem, _ = _host_memory(model, cluster, served_dtype, s, prefetch_blocks, optimizer)
+        mem, _ = _host_memory(model, cluster, served_dtype, s, prefetch_blocks, optimizer, target)
         if mem["total"] <= cluster.host_memory_bytes:
             return s
     return None
@@ -340,7 +377,7 @@ def layouts_for(workers: int, sequences: int, q: int = 1) -> list[LayoutSpec]:
 
 def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, served_dtype: str = "bfloat16",
               seq_len: int = 2048, q: int = 1, shards: int | None = None, prefetch_blocks: int = 2,
-              optimizer: str = "sgd") -> Recommendation:
+              optimizer: str = "sgd", target: TargetSpec = FULL) -> Recommendation:
     """The layout with the best predicted tokens/s that fits; ties (within 1%) go to less GPU memory."""
     if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
         raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
@@ -349,9 +386,9 @@ def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, serv
     if not layouts:
         raise ValueError(f"no layout of {counted(cluster.workers, 'worker')} with q={q} divides {sequences} sequences per step "
                          f"into data shards: change --tokens-per-step, --seq-len or --q")
-    s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks, optimizer)
+    s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks, optimizer, target)
                                            or valid_shards(cluster)[-1])
-    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks, optimizer)
+    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks, optimizer, target)
              for lay in layouts]
     fitting = [p for p in preds if p.fits]
     pool = fitting or preds

@@ -126,6 +126,17 @@ def _tokenizer_dir(cache: Path) -> Path:
     return atomic_build(cache / f"tokenizer-{_BUILD_VERSION}-{digest}", build_tokenizer)
 
 
+def preset_config(name: str, cache_dir: str | None = None) -> Any:
+    """The transformers config of a preset as ``preset_dir`` builds it: its vocabulary is the trained
+    tokenizer's (built once, cached), not VOCAB_SIZE, the BPE trainer's upper bound."""
+    if name not in PRESETS:
+        raise KeyError(name)
+    from transformers import AutoTokenizer
+
+    factory, sizes = PRESETS[name]
+    return factory(len(AutoTokenizer.from_pretrained(str(_tokenizer_dir(cache_root(cache_dir))))), **sizes)
+
+
 def preset_dir(name: str, cache_dir: str | None = None) -> Path:
     """Build (once) and return the directory of a preset model."""
     if name not in PRESETS:

@@ -60,10 +60,12 @@ class ReferenceTrainer:
             self.buffers = [b.to(self.device) for b in self.buffers]
         self.engine = ForwardEngine(self.model, cfg.train.distribution, device=self.device,
                                     compute_dtype=compute_dtype_for(self.device, cfg.server.served_dtype))
-        # the optimizer's per-parameter state (train.optimizer momentum/adam), as the server keeps it
+        # the optimizer's per-parameter state (train.optimizer momentum/adam), as the server keeps it:
+        # for the trainable blocks only (a frozen block never changes)
         self.optimizer = Optimizer.from_config(cfg.train)
         self.opt_state: list[torch.Tensor | None] = [
-            torch.from_numpy(self.optimizer.new_state(spec.numel)).to(b.device) if self.optimizer.width else None
+            torch.from_numpy(self.optimizer.new_state(spec.numel)).to(b.device)
+            if self.optimizer.width and spec.trainable else None
             for spec, b in zip(self.model.manifest.blocks, self.buffers)]
         self.log = TrainLog()
         self.run_log: RunLog | None = None
@@ -157,7 +159,7 @@ class ReferenceTrainer:
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
         if out_dir is not None:
-            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference"))
+            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
         if run_dir is not None:
             summary.update(write_report(run_dir))
         return summary

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from distzo.errors import counted
 from distzo.runlog import EVALS, STEPS, RunHistory, mean_finite, read_history
 
 PLOT = "report.png"
@@ -116,8 +117,9 @@ def text_report(history: RunHistory) -> str:
         lines.append(f"steps: {history.steps[0]['step']}..{history.steps[-1]['step']} ({len(history.steps)} logged), "
                      f"skipped {sum(1 for r in history.steps if r.get('skipped'))}")
         head, tail = mean_finite(losses[:10]), mean_finite(losses[-10:])
+        n = min(10, len(losses))  # a shorter run's means are over all its steps: say so
         if math.isfinite(head) and math.isfinite(tail):
-            lines.append(f"training loss: {head:.4f} (first 10 steps) -> {tail:.4f} (last 10)")
+            lines.append(f"training loss: {head:.4f} (first {counted(n, 'step')}) -> {tail:.4f} (last {n})")
         if secs > 0:
             lines.append(f"training time: {secs:.1f} s, {tokens} tokens, {tokens / secs:.1f} tokens/s")
     else:

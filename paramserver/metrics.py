@@ -28,3 +28,5 @@ REPLICA_FOLLOWING = Gauge("distzo_paramserver_replica_following",
                           "Replicas: 1 while following the primary's journal and caught up once, 0 while catching up "
                           "or after the follower died (the replica then reports NOT_SERVING and exits)")
 MODEL_BYTES = Gauge("distzo_paramserver_master_bytes", "fp32 master bytes this server holds")
+OPTIMIZER_STATE_BYTES = Gauge("distzo_paramserver_optimizer_state_bytes",
+                              "train.optimizer momentum/adam state this server holds (trainable blocks only: none for frozen ones)")

@@ -115,7 +115,7 @@ class Follower(threading.Thread):
         for _ in range(attempts):
             buf, res = self.primary.fetch_block(b, -1, dtype=MASTER_DTYPE)
             state = None
-            if width:
+            if width and st.manifest.blocks[b].trainable:  # a frozen block has no state
                 try:
                     state, _ = self.primary.fetch_state(b, res.version, width)
                 except StaleVersionError:

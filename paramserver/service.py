@@ -132,6 +132,9 @@ class ParamServerService:
                           f"dtype {shown!r} is not served: this server serves {served} (and {MASTER_DTYPE}{extra} for replicas)")
         master = request.dtype == MASTER_DTYPE
         state = request.dtype == STATE_DTYPE  # the optimizer state, element-major: width fp32 values per element
+        if state and b not in st.store.opt_state:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"block {b} is frozen (train.target {st.cfg.train.target}): it keeps no optimizer state")
         dtype = "float32" if master else STATE_DTYPE if state else served
         itemsize = 4 * width if state else ITEMSIZE[dtype]
         first_el, end_el = st.manifest.blocks[b].slice_range(request.rank, request.parts)
@@ -268,7 +271,7 @@ class ParamServerService:
             # a URL (s3://, gs://, file://, ...): exported under the export root first, then pushed there
             local = "upload-" + re.sub(r"[^A-Za-z0-9._-]+", "_", request.path)[-120:] if url else request.path
             path, version = self.state.export(local, merge=request.merge)
-            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version))
+            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version, merged=request.merge))
             if url:
                 push(path, url)
                 path = url

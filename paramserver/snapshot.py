@@ -2,7 +2,8 @@
 
 ``snapshot-<version>.safetensors`` holds one flat F32 tensor per owned block (``block.<i>``),
 with train.optimizer momentum/adam also the block's optimizer state (``state.<i>``, F32
-[numel, width]: the state at the same version), and the version in its header's metadata. The file is streamed block by block (the header's
+[numel, width]: the state at the same version; trainable blocks only, a frozen block has
+none), and the version in its header's metadata. The file is streamed block by block (the header's
 offsets are known up front) into a temporary file, fsync'd and renamed; then
 ``snapshot-<version>.json`` is written the same way, and its rename is the commit point. The
 sidecar is checked JSON (``distzo.durable``: it carries the sha256 of its own contents) and
@@ -30,7 +31,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import xxhash
@@ -62,7 +63,8 @@ class SnapshotJob:
                  live: Callable[[int], np.ndarray], manifest_digest: str,
                  live_state: Callable[[int], np.ndarray] | None = None):
         """``live(b)``: block b's master (float32 [numel]); ``live_state(b)``: its optimizer state
-        (float32 [numel, width]) or None without one. Both are copied before the updater changes b."""
+        (float32 [numel, width]), None for a block without one (frozen); ``live_state`` None: no block
+        has state (sgd). Both are copied before the updater changes b."""
         self.dir = directory
         self.version = version
         self.blocks = blocks
@@ -85,7 +87,8 @@ class SnapshotJob:
             while self._writing == b:
                 self._writing_done.wait()
             if b in self.blocks and b not in self._written and b not in self._copies:
-                self._copies[b] = (self.live(b).copy(), self.live_state(b).copy() if self.live_state else None)
+                state = self.live_state(b) if self.live_state else None
+                self._copies[b] = (self.live(b).copy(), state.copy() if state is not None else None)
 
     def _take(self, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:
@@ -119,12 +122,14 @@ class SnapshotJob:
     def _write(self) -> None:
         header: dict[str, object] = {}
         offset = 0
-        width = self.live_state(self.blocks[0]).shape[1] if self.live_state and self.blocks else 0
+        # the blocks with a state, and its width (the live arrays' shapes never change)
+        stateful = {b: s.shape[1] for b in self.blocks if self.live_state and (s := self.live_state(b)) is not None}
+        width = max(stateful.values(), default=0)
         for b in self.blocks:
             n = self.numels[b] * 4
             header[f"block.{b}"] = {"dtype": "F32", "shape": [self.numels[b]], "data_offsets": [offset, offset + n]}
             offset += n
-            if width:
+            if b in stateful:
                 header[f"state.{b}"] = {"dtype": "F32", "shape": [self.numels[b], width],
                                         "data_offsets": [offset, offset + n * width]}
                 offset += n * width
@@ -144,7 +149,7 @@ class SnapshotJob:
                         view = memoryview(np.ascontiguousarray(data).view(np.uint8))
                         digests[str(b)] = xxhash.xxh3_64_hexdigest(view)
                         f.write(view)
-                        if width:
+                        if b in stateful:
                             view = memoryview(np.ascontiguousarray(state).reshape(-1).view(np.uint8))
                             state_digests[str(b)] = xxhash.xxh3_64_hexdigest(view)
                             f.write(view)
@@ -218,12 +223,14 @@ def load_snapshot(info: SnapshotInfo, manifest_digest: str, numels: dict[int, in
 
 
 def load_snapshot_state(info: SnapshotInfo, manifest_digest: str, numels: dict[int, int] | None = None,
-                        state_width: int | None = 0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+                        state_width: int | None = 0, stateful: Collection[int] | None = None,
+                        ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """The snapshot's blocks and optimizer states, every field cross-checked (see the module docstring).
 
     ``numels``: the elements of each block the server owns (the snapshot must hold exactly those).
     ``state_width``: fp32 state values per parameter the server's optimizer keeps (0: none); the
-    snapshot must hold a state of that width for every block (None: the state is not read).
+    snapshot must hold a state of that width for every block in ``stateful`` (the trainable ones;
+    None: every block of the snapshot). ``state_width`` None: the state is not read.
     Returns ({block: float32 [numel]}, {block: float32 [numel, width]}); raises SnapshotCorrupt.
     """
     from safetensors import SafetensorError, safe_open
@@ -261,7 +268,8 @@ def load_snapshot_state(info: SnapshotInfo, manifest_digest: str, numels: dict[i
                 if xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(arr).view(np.uint8))) != digest:
                     raise SnapshotCorrupt(f"{name}: block {key} fails its checksum")
                 blocks[int(key)] = arr
-            states = _load_states(f, name, meta, digests, numels, state_width)
+            states = _load_states(f, name, meta, digests if stateful is None else [str(b) for b in stateful],
+                                  numels, state_width)
     except SafetensorError as exc:
         raise SnapshotCorrupt(f"{name} is not a readable safetensors file: {str(exc)[:200]}") from None
     except (ValueError, KeyError) as exc:
@@ -269,8 +277,9 @@ def load_snapshot_state(info: SnapshotInfo, manifest_digest: str, numels: dict[i
     return blocks, states
 
 
-def _load_states(f, name: str, meta: dict, blocks: dict, numels: dict[int, int] | None,  # noqa: ANN001
+def _load_states(f, name: str, meta: dict, blocks: Collection[str], numels: dict[int, int] | None,  # noqa: ANN001
                  width: int | None) -> dict[int, np.ndarray]:
+    """The states of ``blocks`` (the stateful ones, as strings), checked against the sidecar's list."""
     if width is None:
         return {}
     have = meta.get("state_width", 0)  # absent: a snapshot of a run without optimizer state
@@ -282,8 +291,14 @@ def _load_states(f, name: str, meta: dict, blocks: dict, numels: dict[int, int] 
     if not width:
         return {}
     digests = meta.get("state")
+    if isinstance(digests, dict) and set(blocks) < set(digests) <= set(meta.get("blocks") or ()):
+        # a snapshot written before frozen blocks went without state also holds theirs (zeros, never
+        # updated): read only the trainable blocks' states
+        digests = {k: v for k, v in digests.items() if k in set(blocks)}
     if not isinstance(digests, dict) or sorted(digests) != sorted(blocks):
-        raise SnapshotCorrupt(f"{name}: the sidecar does not list an optimizer state for every block")
+        listed = sorted(digests, key=int)[:8] if isinstance(digests, dict) else "none"
+        raise SnapshotCorrupt(f"{name}: the sidecar lists optimizer states for blocks {listed}, not for the "
+                              f"server's trainable blocks {sorted(blocks, key=int)[:8]}")
     states = {}
     for key, digest in digests.items():
         arr = f.get_tensor(f"state.{key}")

@@ -167,7 +167,7 @@ class ServerState:
         for info in reversed(snaps):
             try:
                 blocks, states = load_snapshot_state(info, self.digest, {b: self.manifest.blocks[b].numel for b in self.owned},
-                                               self.optimizer.width)
+                                                     self.optimizer.width, list(self.store.opt_state))
                 base = info.version
                 break
             except SnapshotCorrupt as exc:
@@ -220,6 +220,7 @@ class ServerState:
         metrics.VERSION_LAG.set_function(lambda: max(0, self.journal.next_step - self.store.applied_version()))
         metrics.JOURNAL_BYTES.set_function(self.journal.total_bytes)
         metrics.MODEL_BYTES.set(sum(self.manifest.blocks[b].numel * ITEMSIZE["float32"] for b in self.owned))
+        metrics.OPTIMIZER_STATE_BYTES.set(self.store.state_nbytes())
 
     # ------------------------------------------------------------------ updates
     def submit(self, record: UpdateRecord, job_id: str = "", identity_json: str = "") -> tuple[bool, int]:
@@ -305,7 +306,7 @@ class ServerState:
             self._snapshot.done.wait()
         job = SnapshotJob(self.data_dir, version, list(self.owned), {b: self.manifest.blocks[b].numel for b in self.owned},
                           lambda b: self.store.master[b], self.digest,
-                          (lambda b: self.store.opt_state[b]) if self.optimizer.width else None)
+                          self.store.opt_state.get if self.optimizer.width else None)  # None for a frozen block
         self._snapshot = job
         threading.Thread(target=self._run_snapshot, args=(job,), name="snapshot", daemon=True).start()
         return job

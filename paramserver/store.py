@@ -99,12 +99,15 @@ class BlockStore:
             else:
                 self.master[b] = np.empty(manifest.blocks[b].numel, dtype=np.float32)
         # the optimizer's per-parameter state (momentum / adam moments), float32 [numel, width] per
-        # block, in this process's memory next to the master: written and read under the block's lock
+        # trainable block, in this process's memory next to the master: written and read under the
+        # block's lock. A frozen block (BlockSpec.trainable False: an adapter target's base weights)
+        # never changes, so it has none: with LoRA the state is the adapters' size, not the model's
         self.optimizer = optimizer or Optimizer()
         self.opt_state: dict[int, np.ndarray] = {}
         if self.optimizer.width:
             for b in self.owned:
-                self.opt_state[b] = self.optimizer.new_state(manifest.blocks[b].numel)  # type: ignore[assignment]
+                if manifest.blocks[b].trainable:
+                    self.opt_state[b] = self.optimizer.new_state(manifest.blocks[b].numel)  # type: ignore[assignment]
         self.locks = {b: RWLock() for b in self.owned}
         self.cond = threading.Condition()
 
@@ -155,7 +158,11 @@ class BlockStore:
         """Install fp32 block contents at a version (load, recovery, replica catch-up).
 
         ``state``: the optimizer's state of the block at that version (float32 [numel, width]);
-        None sets it to zeros (the initial weights). Raises ValueError for a state of another shape."""
+        None sets it to zeros (the initial weights), and is the only value for a block without state
+        (sgd, or a frozen block). Raises ValueError for a state of another shape, or for a block without one."""
+        if state is not None and b not in self.opt_state:
+            raise ValueError(f"block {b} keeps no optimizer state ({'frozen' if not self.manifest.blocks[b].trainable else 'sgd'}), "
+                             "but a state was given for it")
         if b in self.opt_state and state is not None and state.shape != self.opt_state[b].shape:
             raise ValueError(f"optimizer state of block {b} has shape {state.shape}, expected {self.opt_state[b].shape}")
         with self.locks[b].write():
@@ -179,8 +186,8 @@ class BlockStore:
                 continue  # already past this step (replica catching up block by block)
             if v < record.step:
                 raise RuntimeError(f"block {b} is at version {v}; cannot apply step {record.step}")
-            if before_modify is not None:
-                before_modify(b)
+            if before_modify is not None and self.manifest.blocks[b].trainable:
+                before_modify(b)  # a frozen block's bytes never change: no copy-on-write for a snapshot
             with self.locks[b].write():
                 self._begin(b)
                 # one pass writes the new master and (16-bit serving) the new served copy; the
@@ -202,8 +209,13 @@ class BlockStore:
         return self.master[b].view(np.uint8) if master else self.served[b]
 
     def state_bytes(self, b: int) -> np.ndarray:
-        """The optimizer state of block ``b`` as bytes (element-major: a slice of elements is contiguous)."""
+        """The optimizer state of block ``b`` as bytes (element-major: a slice of elements is contiguous).
+        Raises KeyError for a block without state (sgd, or a frozen block)."""
         return self.opt_state[b].reshape(-1).view(np.uint8)
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state this store holds: width x 4 per parameter of its trainable blocks only."""
+        return sum(s.nbytes for s in self.opt_state.values())
 
     def digest(self, b: int) -> tuple[int, int]:
         """(version, xxh3 of the master's bytes, followed by the optimizer state's when there is one)."""

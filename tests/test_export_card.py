@@ -1,0 +1,80 @@
+"""What an export says about itself: the model card of an adapter, a merged and a full export; file modes;
+the report's loss window; no FutureWarning from the adapter export."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import yaml
+
+from distzo.adapters import LoraTarget
+from distzo.config import JobConfig
+from distzo.export import export_model_dir
+from distzo.modelcard import model_card
+from distzo.modeling import BlockModel
+from distzo.presets import preset_dir
+from distzo.report import text_report
+from distzo.runlog import RunHistory
+
+METRICS = {"dev_loss": 1.0, "dev_accuracy": 0.5, "final_loss": 2.0}
+
+
+def front(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def config(target: str = "full", source: str = "tiny-opt") -> JobConfig:
+    cfg = JobConfig.from_dict({"train": {"target": "lora" if target != "full" else "full"}})
+    train = cfg.train.model_copy(update={"target": target})  # a target the config may not accept yet (prefix)
+    return cfg.model_copy(update={"train": train, "model": cfg.model.model_copy(update={"source": source})})
+
+
+def test_an_adapter_card_says_peft_names_the_base_and_says_it_is_an_adapter():
+    card = model_card(config("lora", "HuggingFaceTB/SmolLM2-135M"), METRICS, 20)
+    head = front(card)
+    assert head["library_name"] == "peft" and head["base_model"] == "HuggingFaceTB/SmolLM2-135M" and "lora" in head["tags"]
+    assert "# LoRA adapter for SmolLM2-135M" in card
+    assert "LoRA adapter in peft's layout, not a model: it needs its base model **HuggingFaceTB/SmolLM2-135M**" in card
+    assert "PeftModel.from_pretrained" in card
+
+    merged = model_card(config("lora"), METRICS, 20, merged=True)
+    assert front(merged)["library_name"] == "transformers"
+    assert "LoRA adapter merged in" in merged and "not a model" not in merged
+    assert "(exported merged into the base)" in merged
+
+    full = model_card(config("full"), METRICS, 20)
+    assert front(full)["library_name"] == "transformers" and "adapter" not in full.lower()
+    assert "The weights are the full model" in full
+
+
+def test_the_card_is_generic_on_the_adapter_target():
+    card = model_card(config("prefix"), METRICS, 20)
+    assert front(card)["library_name"] == "peft" and "prefix" in front(card)["tags"]
+    assert "# prefix-tuning adapter for tiny-opt" in card and "prefix-tuning adapter in peft's layout" in card
+    assert "| target | prefix-tuning (peft; 5 virtual tokens; base frozen) |" in card
+
+
+@pytest.mark.parametrize("steps,window", [(3, "3 steps"), (1, "1 step"), (25, "10 steps")])
+def test_the_card_and_the_report_name_the_steps_their_loss_means_cover(steps, window):
+    assert f"training loss at the end (mean of the last {window}) | 2.0000 |" in model_card(config(), METRICS, steps)
+    history = RunHistory([{"step": i, "loss": 1.0 + i, "tokens": 10, "time_s": 1.0 + i} for i in range(steps)])
+    n = min(steps, 10)
+    assert f"(first {window}) -> " in text_report(history) and f"(last {n})" in text_report(history)
+
+
+@pytest.mark.parametrize("lora,merge", [(False, False), (True, False), (True, True)])
+def test_exported_files_all_follow_the_umask_and_the_adapter_export_warns_nothing(cache_dir, tmp_path, lora, merge):
+    model = BlockModel.from_dir(preset_dir("tiny-opt", cache_dir), LoraTarget(8, 16.0, ("q_proj", "v_proj"), 0) if lora else None)
+    old = os.umask(0o027)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = export_model_dir(model, model.load_block_buffers(), tmp_path / "out", merge=merge)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o640}, modes  # the safetensors writer's 0600 no more
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

@@ -1,0 +1,140 @@
+"""`zoctl plan` for train.target lora (and prefix): trainable parameters, server memory per optimizer (state for the
+trainable blocks only), per-step traffic (frozen blocks fetched once), the workers' cache of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from distzo.adapters import LoraTarget
+from distzo.modeling import BlockModel
+from distzo.perfmodel import predict, recommend
+from distzo.perfspecs import CLUSTERS, MODELS, LayoutSpec, ModelSpec
+from distzo.perftargets import FULL, lora_target, prefix_target
+from distzo.prefix import PrefixTarget
+from distzo.presets import preset_config, preset_dir
+
+from test_perfmodel import zoctl
+
+H100 = CLUSTERS["h100x8"]
+
+
+@pytest.mark.parametrize("preset,modules", [("tiny-opt", ["q_proj", "v_proj"]),
+                                            ("tiny-opt", ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+                                            ("tiny-llama", ["q_proj", "v_proj"]),
+                                            ("tiny-llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]),
+                                            ("tiny-qwen3", ["q_proj", "v_proj"])])
+def test_lora_params_equal_the_manifests_trainable_blocks(cache_dir, preset, modules):
+    model_dir = preset_dir(preset, cache_dir)
+    bm = BlockModel.from_dir(model_dir, LoraTarget(8, 16.0, tuple(modules), 0))
+    trainable = sum(b.numel for b in bm.manifest.blocks if b.trainable)
+    frozen = sum(b.numel for b in bm.manifest.blocks if not b.trainable)
+    spec = ModelSpec.from_hf_config(preset_config(preset, cache_dir), name=preset)
+    target = lora_target(spec, 8, modules)
+    assert (target.trainable(spec), target.frozen(spec), target.total(spec)) == (trainable, frozen, bm.manifest.numel)
+
+
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-llama"])  # tiny-llama: grouped-query keys and values
+def test_prefix_params_equal_the_manifests_trainable_blocks(cache_dir, preset):
+    bm = BlockModel.from_dir(preset_dir(preset, cache_dir), PrefixTarget(7))
+    trainable = sum(b.numel for b in bm.manifest.blocks if b.trainable)
+    spec = ModelSpec.from_hf_config(preset_config(preset, cache_dir), name=preset)
+    target = prefix_target(spec, 7)
+    assert (target.trainable(spec), target.total(spec)) == (trainable, bm.manifest.numel)
+
+
+def test_zoctl_plan_prefix_and_its_bad_length():
+    r = zoctl("plan", "--model", "OPT-13B", "--target", "prefix", "--prefix-tokens", "10")
+    assert r.returncode == 0, r.stderr
+    assert "prefix: 4.10M trainable parameters" in r.stdout, r.stdout  # 40 layers x 10 tokens x 2 x 5120
+    bad = zoctl("plan", "--model", "OPT-13B", "--target", "prefix", "--prefix-tokens", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "prefix tokens 0" in bad.stderr
+
+
+def test_a_preset_is_planned_with_the_vocabulary_it_is_built_with(cache_dir):
+    """tiny-opt used to be planned at the BPE trainer's bound (1024 tokens): 282,112 parameters, not its 254,144."""
+    spec = ModelSpec.from_hf_config(preset_config("tiny-opt", cache_dir), name="tiny-opt")
+    assert spec.params == BlockModel.from_dir(preset_dir("tiny-opt", cache_dir)).manifest.numel == 254144
+
+
+@pytest.mark.parametrize("optimizer,width", [("sgd", 0), ("momentum", 1), ("adam", 2)])
+def test_lora_server_memory_has_state_only_for_the_adapters(optimizer, width):
+    m = MODELS["OPT-13B"]
+    t = lora_target(m, 8, ["q_proj", "v_proj"])
+    A, P = t.adapter_params, m.params
+    assert A == m.layers * 2 * 8 * (m.hidden + m.hidden)
+    p = predict(m, H100, LayoutSpec(), 32768, "bfloat16", optimizer=optimizer, target=t)
+    full = predict(m, H100, LayoutSpec(), 32768, "bfloat16", optimizer=optimizer)
+    h = p.memory_per_server_host_bytes
+    assert h["master_fp32"] == 4 * (P + A) and h["served_copy"] == 2 * (P + A)
+    assert h.get("optimizer_state", 0) == 4 * width * A
+    assert full.memory_per_server_host_bytes.get("optimizer_state", 0) == 4 * width * P
+    assert (p.trainable_params, p.frozen_params, p.target) == (A, P, "lora")
+    assert p.server_bytes_per_param == {"sgd": 6, "momentum": 10, "adam": 14}  # per trainable parameter
+    assert p.server_bytes_per_frozen_param == 6  # master + bfloat16 served copy, no state
+    assert p.server_memory_by_optimizer == {o: (6 + 4 * w) * A + 6 * P for o, w in
+                                            (("sgd", 0), ("momentum", 1), ("adam", 2))}
+    assert p.snapshot_headroom_bytes == (4 + 4 * width) * A  # copy-on-write of the blocks an update changes
+    assert p.terms_s["server_update"] < full.terms_s["server_update"] * A / P * 1.0001
+
+
+def test_lora_traffic_is_the_adapters_per_step_and_the_base_once():
+    m = MODELS["OPT-13B"]
+    t = lora_target(m, 8, ["q_proj", "v_proj"])
+    A, P = t.adapter_params, m.params
+    one = dataclasses.replace(H100, gpus_per_worker=1, fetch_group=1)  # a worker per GPU, each keeps its copy
+    p = predict(m, one, LayoutSpec(1, 8, 1), 32768, "bfloat16", target=t)
+    full = predict(m, one, LayoutSpec(1, 8, 1), 32768, "bfloat16")
+    assert p.bytes["h2d_per_gpu"] == 2 * A and full.bytes["h2d_per_gpu"] == 2 * P
+    assert p.bytes["frozen_once_per_worker"] == 2 * P
+    assert p.memory_per_gpu_bytes["frozen_blocks_kept"] == 2 * P and "frozen_blocks_kept" not in full.memory_per_gpu_bytes
+    assert p.memory_per_gpu_bytes["tied_embedding"] == 0  # kept with the frozen blocks, never perturbed
+    assert p.compute_detail_s["perturb"] < full.compute_detail_s["perturb"] * A / P * 1.0001
+    assert p.compute_detail_s["forward"] == pytest.approx(full.compute_detail_s["forward"] * (P + A) / P)
+    assert p.terms_s["h2d"] < full.terms_s["h2d"] / 100
+    assert any("fetched once per worker" in a for a in p.assumptions)
+    # a fetch group of 8 (a node group) does not keep the frozen blocks: they are fetched every step
+    group = predict(m, H100, LayoutSpec(), 32768, "bfloat16", target=t)
+    assert group.bytes["h2d_per_gpu"] == 2 * (P + A) / 8 and "frozen_once_per_worker" not in group.bytes
+    assert "frozen_blocks_kept" not in group.memory_per_gpu_bytes
+    assert any("fetched every step" in a for a in group.assumptions)
+    # full fine-tuning is what it was
+    assert predict(m, H100, LayoutSpec(), 32768, "bfloat16", target=FULL) == predict(m, H100, LayoutSpec(), 32768, "bfloat16")
+
+
+def test_lora_fits_where_full_adam_needs_more_shards():
+    m = MODELS["Llama-3-405B"]
+    t = lora_target(m, 8, ["q_proj", "v_proj"])
+    cluster = dataclasses.replace(CLUSTERS["h100x8-8n"], replicas=False)
+    full = recommend(m, cluster, 32768, optimizer="adam")
+    lora = recommend(m, cluster, 32768, optimizer="adam", target=t)
+    assert lora.prediction.memory_per_server_host_bytes["total"] < full.prediction.memory_per_server_host_bytes["total"]
+    # 405B x 14 B (adam) needs 3 hosts of 2 TiB; x 6 B (no state for the frozen base) needs 2
+    assert (full.prediction.shards, lora.prediction.shards) == (3, 2)
+
+
+def test_zoctl_plan_lora_json_and_table():
+    r = zoctl("plan", "--model", "tiny-opt", "--cluster", "cpu-local", "--target", "lora", "--optimizer", "adam", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    p = out["prediction"]
+    assert out["model"]["params"] == 254144
+    assert (p["target"], p["trainable_params"], p["frozen_params"]) == ("lora", 8192, 254144)
+    assert p["memory_per_server_host_bytes"]["optimizer_state"] == 8 * 8192
+    r = zoctl("plan", "--model", "tiny-opt", "--cluster", "cpu-local", "--target", "lora", "--lora-rank", "4",
+              "--lora-modules", "q_proj,k_proj,v_proj")
+    assert r.returncode == 0, r.stderr
+    assert "lora: 6.14K trainable parameters" in r.stdout  # 4 layers x 3 x 4 x (64 + 64)
+    assert "server bytes per frozen parameter" in r.stdout and "frozen, once per worker" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [(["--lora-modules", "q_proj,nope"], "['nope']"),
+                                         (["--lora-rank", "0"], "LoRA rank 0"),
+                                         (["--lora-modules", ","], "LoRA modules")])
+def test_zoctl_plan_bad_lora_settings_are_one_line_and_exit_2(args, needle):
+    r = zoctl("plan", "--model", "OPT-13B", "--target", "lora", *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr and "Traceback" not in r.stderr
