@@ -46,8 +46,11 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
         "optimizer": method + " (zeroth-order, two forwards per direction)",
         "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy",
                       "f1": "minus batch macro-F1"}[t.objective],
-        "target": "full model" if t.target == "full" else
-                  f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {', '.join(t.lora_modules)}; base frozen)",
+        "target": {"full": "full model",
+                   "lora": f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {', '.join(t.lora_modules)}; "
+                           "base frozen)",
+                   "prefix": f"prefix tuning (peft; {t.prefix_tokens} tokens per layer, no reparametrization; "
+                             "base frozen)"}[t.target],
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
         "perturbation scale eps": t.eps,
@@ -61,9 +64,11 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {Path(source).name} fine-tuned on {Path(task).name} with distzo", "",
              f"Fine-tuned by distzo ({mode}) with {method} from **{source}** on the task **{task}**. "
-             + ("The weights are the full model in safetensors; " if t.target == "full" else
-                "The weights are a LoRA adapter in peft's layout (`PeftModel.from_pretrained(base, this directory)`), "
-                "or the merged model when exported with --merge; ")
+             + {"full": "The weights are the full model in safetensors; ",
+                "lora": "The weights are a LoRA adapter in peft's layout (`PeftModel.from_pretrained(base, this "
+                        "directory)`), or the merged model when exported with --merge; ",
+                "prefix": "The weights are a prefix-tuning adapter in peft's layout (`PeftModel.from_pretrained(base, "
+                          "this directory)`); "}[t.target]
              + "the tokenizer files are the base model's.", "",
              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]  # as configured, not rounded

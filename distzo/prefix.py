@@ -26,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from distzo.errors import counted
 from distzo.modeldir import ModelError
 
 MODULE = "prefix_kv"  # the module added to each decoder layer; its parameter is ``<layer>.prefix_kv.weight``
@@ -63,10 +64,10 @@ class _PrefixLayer(DynamicLayer):
         if not self.is_initialized:
             keys, values = self.source.key_value(self.batch_size)
             if keys.shape[1] != key_states.shape[1] or keys.shape[3] != key_states.shape[3]:
-                raise ModelError(f"train.target prefix: peft lays out this config's prefix as {keys.shape[1]} heads of "
-                                 f"{keys.shape[3]}, and the attention's keys have {key_states.shape[1]} heads of "
-                                 f"{key_states.shape[3]}: peft's prefix does not fit this family (use train.target "
-                                 "lora or full)")
+                raise ModelError(f"train.target prefix: peft lays out this config's prefix as "
+                                 f"{counted(keys.shape[1], 'head')} of {keys.shape[3]}, and the attention's keys have "
+                                 f"{counted(key_states.shape[1], 'head')} of {key_states.shape[3]}: peft's prefix does "
+                                 "not fit this family (use train.target lora or full)")
             super().update(keys.to(key_states.dtype), values.to(value_states.dtype))
         return super().update(key_states, value_states, *args, **kwargs)
 

@@ -54,6 +54,15 @@ def test_prefix_trains_only_the_prefixes_and_exports_what_peft_loads(cache_dir, 
     assert not torch.equal(zero_shot[real], theirs[real])  # the prefix changes the model
 
 
+
+def test_the_model_card_of_a_prefix_export_names_the_prefix():
+    from distzo.config import JobConfig
+    from distzo.modelcard import model_card
+
+    card = model_card(JobConfig.from_dict({"train": {"target": "prefix", "prefix_tokens": 4}}), {}, 0)
+    assert "| target | prefix tuning (peft; 4 tokens per layer" in card and "prefix-tuning adapter" in card
+    assert "LoRA" not in card and "--merge" not in card  # a prefix cannot be merged
+
 # learned positions (opt, gpt2), grouped-query rotary (llama), alibi (bloom), partial rotary (gpt_neox),
 # sliding-window masks (mistral), Conv1D projections (gpt2)
 @pytest.mark.parametrize("model_type", ["opt", "gpt2", "llama", "bloom", "gpt_neox", "mistral"])
@@ -64,7 +73,7 @@ def test_the_streamed_prefix_gives_peft_s_logits_bit_for_bit(model_type):
 @pytest.mark.parametrize("model_type,needle", [
     ("gemma2", "peft gives its prefix through a cache of its own"),
     ("mamba", "not attention only"),
-    ("falcon", "peft's prefix does not fit this family"),  # multi-query keys: 1 head, peft lays out 4
+    ("falcon", "keys have 1 head of 8: peft's prefix does not fit this family"),  # multi-query: peft lays out 4
     ("mpt", "peft cannot lay out a prefix"),
     ("openai-gpt", "takes no key/value cache"),
 ])
