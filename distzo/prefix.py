@@ -123,9 +123,11 @@ class PrefixTarget:
         try:
             pc = self.peft_config(config)
         except ValueError as exc:  # peft cannot read the layers or heads from this config
-            raise ModelError(f"train.target prefix: peft cannot lay out a prefix for {config.model_type}: {exc}") from None
+            raise ModelError(f"train.target prefix: peft cannot lay out a prefix for {config.model_type}: {exc} "
+                             "(use train.target lora or full)") from None
         if pc.num_layers != len(layers):
-            raise ModelError(f"train.target prefix: peft counts {pc.num_layers} layers, the model has {len(layers)}")
+            raise ModelError(f"train.target prefix: {config.model_type}: peft lays out a prefix for "
+                             f"{counted(pc.num_layers, 'layer')}, the model has {len(layers)} (use train.target lora or full)")
         heads = pc.num_attention_heads
         for layer in layers:
             layer.add_module(MODULE, PrefixKV(self.tokens, heads, pc.token_dim // heads))

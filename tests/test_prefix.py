@@ -85,6 +85,15 @@ def test_families_a_prefix_does_not_fit_are_refused_by_name(model_type, needle):
     assert BlockModel(config).num_blocks == config.num_hidden_layers + 2  # the family itself still trains in full
 
 
+
+def test_a_layer_count_peft_reads_otherwise_is_refused_by_name():
+    # longcat_flash's num_hidden_layers (4) counts two attention sublayers in each of its 2 decoder layers
+    config = families.tiny_config(CONFIG_MAPPING["longcat_flash"]())
+    with pytest.raises(ModelError) as err:
+        BlockModel(config, adapter=PrefixTarget(3))
+    assert str(err.value) == ("train.target prefix: longcat_flash: peft lays out a prefix for 4 layers, the model has 2 "
+                              "(use train.target lora or full)")
+
 # the other layouts with an adapter target: pertp (a node group: no frozen-block cache), q = 2 directions (lora)
 @pytest.mark.parametrize("target,layout,workers,q", [("prefix", "dual", 1, 1), ("prefix", "ddp", 2, 1),
                                                      ("prefix", "pertp", 2, 1), ("lora", "dual", 2, 2)])
