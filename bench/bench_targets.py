@@ -6,9 +6,9 @@
 
 Runs the reference trainer (the same math as ``zoctl up``, which equals it bit for bit) for
 train.target full and lora with train.optimizer sgd, momentum and adam, each with the lr in
-``RUNS`` (not tuned beyond a short probe), or the ``--runs`` given, and prints one markdown table:
-the first eval with dev loss <= threshold (and the training seconds to it), the dev loss and
-accuracy at the last step.
+``RUNS`` (not tuned beyond a short probe), or the ``--runs`` given (any target: full, lora, prefix),
+and prints one markdown table: the first eval with dev loss <= threshold (and the training seconds
+to it), the dev loss and accuracy at the last step.
 """
 
 from __future__ import annotations

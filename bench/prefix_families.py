@@ -27,6 +27,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
     names = sys.argv[1:] or families.TESTED_FAMILIES
+    unknown = [name for name in names if name not in CONFIG_MAPPING]
+    if unknown:
+        sys.exit(f"prefix_families.py: {', '.join(unknown)}: not a transformers model_type (e.g. opt, llama, gpt2)")
     exact = refused = other = 0
     for name in names:
         try:

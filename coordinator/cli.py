@@ -45,8 +45,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, metavar="N", help="training steps")
     add_setting_options(p)
     p.add_argument("--out", metavar="DIR", help="export the trained model here (Hugging Face layout; train.target "
-                   "lora: peft's adapter directory)")
-    p.add_argument("--merge", action="store_true", help="train.target lora: export the merged plain model instead")
+                   "lora or prefix: peft's adapter directory)")
+    p.add_argument("--merge", action="store_true", help="train.target lora: export the merged plain model instead "
+                   "(a prefix cannot be merged)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
 

@@ -82,7 +82,8 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     if adapter:
         what = (f"This directory is a {kind} adapter in peft's layout, not a model: it needs its base model "
                 f"**{source}**. Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
-                "this directory)`; an export with `--merge` writes the merged plain model instead; ")
+                "this directory)`" + ("; an export with `--merge` writes the merged plain model instead; "
+                                      if t.target == "lora" else "; "))
     elif t.target != "full":
         what = (f"The weights are the base model with the trained {kind} adapter merged in (peft's "
                 "`merge_and_unload`): a plain model directory for `AutoModelForCausalLM`; ")

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from distzo.errors import counted
 from distzo.modeldir import ModelError
 
 MODULE = "prefix_kv"  # the module added to each decoder layer; its parameter is ``<layer>.prefix_kv.weight``
@@ -63,10 +64,10 @@ class _PrefixLayer(DynamicLayer):
         if not self.is_initialized:
             keys, values = self.source.key_value(self.batch_size)
             if keys.shape[1] != key_states.shape[1] or keys.shape[3] != key_states.shape[3]:
-                raise ModelError(f"train.target prefix: peft lays out this config's prefix as {keys.shape[1]} heads of "
-                                 f"{keys.shape[3]}, and the attention's keys have {key_states.shape[1]} heads of "
-                                 f"{key_states.shape[3]}: peft's prefix does not fit this family (use train.target "
-                                 "lora or full)")
+                raise ModelError(f"train.target prefix: peft lays out this config's prefix as "
+                                 f"{counted(keys.shape[1], 'head')} of {keys.shape[3]}, and the attention's keys have "
+                                 f"{counted(key_states.shape[1], 'head')} of {key_states.shape[3]}: peft's prefix does "
+                                 "not fit this family (use train.target lora or full)")
             super().update(keys.to(key_states.dtype), values.to(value_states.dtype))
         return super().update(key_states, value_states, *args, **kwargs)
 
@@ -122,9 +123,11 @@ class PrefixTarget:
         try:
             pc = self.peft_config(config)
         except ValueError as exc:  # peft cannot read the layers or heads from this config
-            raise ModelError(f"train.target prefix: peft cannot lay out a prefix for {config.model_type}: {exc}") from None
+            raise ModelError(f"train.target prefix: peft cannot lay out a prefix for {config.model_type}: {exc} "
+                             "(use train.target lora or full)") from None
         if pc.num_layers != len(layers):
-            raise ModelError(f"train.target prefix: peft counts {pc.num_layers} layers, the model has {len(layers)}")
+            raise ModelError(f"train.target prefix: {config.model_type}: peft lays out a prefix for "
+                             f"{counted(pc.num_layers, 'layer')}, the model has {len(layers)} (use train.target lora or full)")
         heads = pc.num_attention_heads
         for layer in layers:
             layer.add_module(MODULE, PrefixKV(self.tokens, heads, pc.token_dim // heads))

@@ -52,3 +52,10 @@ def test_bench_gpu_cpu_smoke_runs_every_side_and_prints_the_table_last(tmp_path)
         [(1, 96, "fp16", "zo2", 4), (4, 32, "fp32", "zo2", 4)]
     zo = next(x for x in rows if x["side"] == "zo2" and x["setting"] == "mezo")
     assert zo["step_seconds"] == 0.102  # median of the timed steps (101, 102, 103 ms): the warm-up step is excluded
+
+
+def test_prefix_families_names_an_unknown_model_type_in_one_line():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "prefix_families.py"), "opt", "nonsense"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr == "prefix_families.py: nonsense: not a transformers model_type (e.g. opt, llama, gpt2)\n"

@@ -54,6 +54,16 @@ def test_prefix_trains_only_the_prefixes_and_exports_what_peft_loads(cache_dir, 
     assert not torch.equal(zero_shot[real], theirs[real])  # the prefix changes the model
 
 
+
+def test_the_model_card_of_a_prefix_export_names_the_prefix():
+    from distzo.config import JobConfig
+    from distzo.modelcard import model_card
+
+    card = model_card(JobConfig.from_dict({"train": {"target": "prefix", "prefix_tokens": 4}}), {}, 0)
+    assert "| target | prefix-tuning (peft; 4 virtual tokens" in card and "prefix-tuning adapter" in card
+    assert "LoRA" not in card and "--merge" not in card  # a prefix cannot be merged
+
+
 # learned positions (opt, gpt2), grouped-query rotary (llama), alibi (bloom), partial rotary (gpt_neox),
 # sliding-window masks (mistral), Conv1D projections (gpt2)
 @pytest.mark.parametrize("model_type", ["opt", "gpt2", "llama", "bloom", "gpt_neox", "mistral"])
@@ -64,7 +74,7 @@ def test_the_streamed_prefix_gives_peft_s_logits_bit_for_bit(model_type):
 @pytest.mark.parametrize("model_type,needle", [
     ("gemma2", "peft gives its prefix through a cache of its own"),
     ("mamba", "not attention only"),
-    ("falcon", "peft's prefix does not fit this family"),  # multi-query keys: 1 head, peft lays out 4
+    ("falcon", "keys have 1 head of 8: peft's prefix does not fit this family"),  # multi-query: peft lays out 4
     ("mpt", "peft cannot lay out a prefix"),
     ("openai-gpt", "takes no key/value cache"),
 ])
@@ -75,6 +85,15 @@ def test_families_a_prefix_does_not_fit_are_refused_by_name(model_type, needle):
     assert needle in str(err.value)
     assert BlockModel(config).num_blocks == config.num_hidden_layers + 2  # the family itself still trains in full
 
+
+
+def test_a_layer_count_peft_reads_otherwise_is_refused_by_name():
+    # longcat_flash's num_hidden_layers (4) counts two attention sublayers in each of its 2 decoder layers
+    config = families.tiny_config(CONFIG_MAPPING["longcat_flash"]())
+    with pytest.raises(ModelError) as err:
+        BlockModel(config, adapter=PrefixTarget(3))
+    assert str(err.value) == ("train.target prefix: longcat_flash: peft lays out a prefix for 4 layers, the model has 2 "
+                              "(use train.target lora or full)")
 
 # the other layouts with an adapter target: pertp (a node group: no frozen-block cache), q = 2 directions (lora)
 @pytest.mark.parametrize("target,layout,workers,q", [("prefix", "dual", 1, 1), ("prefix", "ddp", 2, 1),
