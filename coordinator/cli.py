@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("reference", help="train in one process (the correctness oracle) and export",
-                       description="In-process MeZO-SGD with the same seeds, data order and layout arithmetic as the distributed run.")
+                       description="The in-process reference trainer (the same optimizer, target and objective) with the same seeds, data order and layout arithmetic as the distributed run.")
     add_job_options(p)
     p.add_argument("--run-dir", metavar="DIR", help="write the per-step log, the config and report.png here")
     p.set_defaults(func=cmd_reference)
