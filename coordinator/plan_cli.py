@@ -49,13 +49,12 @@ def register(sub: Any) -> None:
     p.add_argument("--target", choices=["full", "lora", "prefix"], default="full",
                    help="what is trained (train.target): full, or LoRA adapters or a prefix on a frozen base "
                         "(default full)")
-    p.add_argument("--lora-rank", type=int, default=_train_default("lora_rank"), metavar="R",
-                   help=f"LoRA rank (train.lora_rank, default {_train_default('lora_rank')})")
-    p.add_argument("--lora-modules", default=",".join(_train_default("lora_modules")), metavar="NAMES",
-                   help=f"comma-separated linear modules with adapters (train.lora_modules, default "
-                        f"{','.join(_train_default('lora_modules'))})")
-    p.add_argument("--prefix-tokens", type=int, default=_train_default("prefix_tokens"), metavar="N",
-                   help=f"prefix length (train.prefix_tokens, default {_train_default('prefix_tokens')})")
+    # defaults are the job config's, read when a plan is made (importing it here would slow every zoctl command)
+    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank (train.lora_rank; default the config's)")
+    p.add_argument("--lora-modules", metavar="NAMES",
+                   help="comma-separated linear modules with adapters (train.lora_modules; default the config's)")
+    p.add_argument("--prefix-tokens", type=int, metavar="N",
+                   help="prefix length (train.prefix_tokens; default the config's)")
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="predict this layout (default: the recommended one)")
     p.add_argument("--q", type=int, default=1, metavar="Q", help="perturbation directions per step (default 1)")
     p.add_argument("--shards", type=int, metavar="N", help="parameter-server shards (default: the fewest that fit)")
@@ -78,9 +77,14 @@ def resolve_target(args: argparse.Namespace, model: ModelSpec) -> TargetSpec:
     if getattr(args, "target", "full") == "full":
         return FULL
     if args.target == "prefix":
-        return prefix_target(model, args.prefix_tokens)
-    modules = [m.strip() for m in args.lora_modules.split(",") if m.strip()]
-    return lora_target(model, args.lora_rank, modules)
+        return prefix_target(model, _or_default(args.prefix_tokens, "prefix_tokens"))
+    names = args.lora_modules if args.lora_modules is not None else ",".join(_train_default("lora_modules"))
+    modules = [m.strip() for m in names.split(",") if m.strip()]
+    return lora_target(model, _or_default(args.lora_rank, "lora_rank"), modules)
+
+
+def _or_default(value: Any, name: str) -> Any:
+    return value if value is not None else _train_default(name)
 
 
 def bad_input(message: str) -> Exception:
