@@ -73,17 +73,11 @@ def test_adapter_targets_on_cuda_keep_the_frozen_blocks_and_equal_the_reference(
                                                                                  gpu_bytes):
     """The worker's cache of frozen blocks (train.target lora/prefix) in GPU memory, in pinned host memory
     (budget 0), and split between them: up == reference on CUDA."""
-    from test_lora import same_adapter
+    from test_lora import assert_up_equals_reference
 
     cfg = write_config(tmp_path, cache_dir, train={"steps": 4, "batch_size": 8, "target": target, "lr": 1e-2, "eps": 1e-2},
                        runtime={"device": "cuda", "frozen_gpu_bytes": gpu_bytes}, server={"served_dtype": served})
-    flags = ["--config", str(cfg), "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_adapter(tmp_path / "dist", tmp_path / "ref")
-    assert json.loads(up.stdout)["final_loss"] == json.loads(ref.stdout)["final_loss"]
+    assert_up_equals_reference(tmp_path, ["--config", str(cfg), "--json"])
 
 
 @pytest.mark.parametrize("served", ["float32", "bfloat16"])

@@ -27,6 +27,18 @@ def same_adapter(a, b) -> bool:  # noqa: ANN001
     return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
 
 
+def assert_up_equals_reference(tmp_path, flags: list[str], same=same_adapter) -> None:  # noqa: ANN001
+    """``zoctl up`` and ``zoctl reference`` with ``flags`` export the same bits (``same``) and report the same."""
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert same(tmp_path / "dist", tmp_path / "ref")
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
+        assert a[key] == b[key], key
+
+
 def test_lora_trains_only_the_adapters_and_exports_what_peft_loads(cache_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -100,18 +112,10 @@ def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, worke
 
     cfg = write_config(tmp_path, cache_dir, train={**LORA, "steps": 4, "batch_size": 8, "weight_decay": 0.01})
     flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"] + (["--merge"] if merge else [])
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    if merge:  # the server's merged export: a plain model, the same bits as the reference's
-        assert same_weights(tmp_path / "dist", tmp_path / "ref")
+    # with --merge the server's merged export: a plain model, the same bits as the reference's
+    assert_up_equals_reference(tmp_path, flags, same_weights if merge else same_adapter)
+    if merge:
         AutoModelForCausalLM.from_pretrained(str(tmp_path / "dist"))
-    else:
-        assert same_adapter(tmp_path / "dist", tmp_path / "ref")
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
-        assert a[key] == b[key], key
 
 
 @pytest.mark.parametrize("setting,needle", [(["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],

@@ -4,7 +4,6 @@ bitwise, also after the parameter server is killed mid-run."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
@@ -22,7 +21,7 @@ from paramserver.snapshot import list_snapshots, load_snapshot_state
 from conftest import small_config
 from pshelpers import Servers, server_config
 from test_cluster import at_step, base_config, run_cluster, write_config, zoctl
-from test_lora import LORA, same_adapter
+from test_lora import LORA, assert_up_equals_reference, same_adapter
 from test_paramserver import records
 
 
@@ -146,14 +145,7 @@ def test_lora_up_equals_the_reference_bitwise_for_each_optimizer(cache_dir, tmp_
     cfg = write_config(tmp_path, cache_dir, train={**LORA, "steps": 4, "batch_size": 8, "weight_decay": 0.01,
                                                    "distribution": "gaussian" if optimizer == "adam" else "rademacher"})
     flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--optimizer", optimizer, "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_adapter(tmp_path / "dist", tmp_path / "ref")
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
-        assert a[key] == b[key], key
+    assert_up_equals_reference(tmp_path, flags)
     # the optimizer changed the trajectory: sgd's adapter differs
     sgd = zoctl("reference", *[f for f in flags if f not in (optimizer, "--optimizer")], "--out", str(tmp_path / "sgd"))
     assert sgd.returncode == 0, sgd.stderr[-3000:]

@@ -18,7 +18,7 @@ from distzo.reference import ReferenceTrainer
 
 from conftest import small_config
 from test_cluster import write_config, zoctl
-from test_lora import same_adapter
+from test_lora import assert_up_equals_reference
 
 PREFIX = {"target": "prefix", "lr": 1e-2, "eps": 1e-2}
 
@@ -100,15 +100,8 @@ def test_a_layer_count_peft_reads_otherwise_is_refused_by_name():
                                                      ("prefix", "pertp", 2, 1), ("lora", "dual", 2, 2)])
 def test_adapter_up_equals_the_reference_bitwise(cache_dir, tmp_path, target, layout, workers, q):
     cfg = write_config(tmp_path, cache_dir, train={**PREFIX, "target": target, "steps": 4, "batch_size": 8})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--q", str(q), "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_adapter(tmp_path / "dist", tmp_path / "ref")
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
-        assert a[key] == b[key], key
+    assert_up_equals_reference(tmp_path, ["--config", str(cfg), "--layout", layout, "--workers", str(workers),
+                                          "--q", str(q), "--json"])
 
 
 @pytest.mark.parametrize("setting,needle", [
