@@ -114,7 +114,9 @@ def test_a_crashed_runs_hosts_are_removed_by_the_next_start(tmp_path):
 
 @needs_root
 def test_ctrl_c_tears_the_hosts_down(cache_dir, tmp_path):
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 1000, "batch_size": 6})
+    # far more steps than can run before the interrupt: with 1000 tiny steps (a whole run takes 89 s here)
+    # it once exited 0 under load, likely the run ending first (cluster.json is written after the start)
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "batch_size": 6})
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--layout", "ddp",
                              "--workers", "2", "--hosts", "2", "--run-dir", str(run_dir)],
