@@ -40,6 +40,18 @@ def same_weights(a: Path, b: Path) -> bool:
     return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
 
 
+def assert_up_equals_reference(tmp_path, flags: list[str], same=same_weights) -> None:  # noqa: ANN001
+    """``zoctl up`` and ``zoctl reference`` with ``flags`` export the same bits (``same``) and report the same."""
+    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert same(tmp_path / "dist", tmp_path / "ref")
+    a, b = json.loads(up.stdout), json.loads(ref.stdout)
+    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
+        assert a[key] == b[key], key
+
+
 def our_processes(run_dir: Path) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline"]):

@@ -147,16 +147,9 @@ def _family_dir(tmp_path, preset, model_type: str, **options):  # noqa: ANN001, 
 @pytest.mark.parametrize("model_type,layout,workers", [("gpt_neox", "dual", 1), ("bloom", "pertp", 2),
                                                        ("gemma2", "ddp", 2), ("gpt_neo", "dual", 1)])
 def test_a_few_distributed_steps_equal_the_reference_bitwise(preset, cache_dir, tmp_path, model_type, layout, workers):
-    from test_cluster import same_weights, write_config, zoctl
+    from test_cluster import assert_up_equals_reference, write_config
 
     model = _family_dir(tmp_path, preset, model_type)
     cfg = write_config(tmp_path, cache_dir, train={"steps": 3, "batch_size": 4}, data={"dev_examples": 8})
     flags = ["--config", str(cfg), "--model", str(model), "--layout", layout, "--workers", str(workers), "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_weights(tmp_path / "dist", tmp_path / "ref")
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
-        assert a[key] == b[key], key
+    assert_up_equals_reference(tmp_path, flags)

@@ -73,11 +73,12 @@ def test_adapter_targets_on_cuda_keep_the_frozen_blocks_and_equal_the_reference(
                                                                                  gpu_bytes):
     """The worker's cache of frozen blocks (train.target lora/prefix) in GPU memory, in pinned host memory
     (budget 0), and split between them: up == reference on CUDA."""
-    from test_lora import assert_up_equals_reference
+    from test_cluster import assert_up_equals_reference
+    from test_lora import same_adapter
 
     cfg = write_config(tmp_path, cache_dir, train={"steps": 4, "batch_size": 8, "target": target, "lr": 1e-2, "eps": 1e-2},
                        runtime={"device": "cuda", "frozen_gpu_bytes": gpu_bytes}, server={"served_dtype": served})
-    assert_up_equals_reference(tmp_path, ["--config", str(cfg), "--json"])
+    assert_up_equals_reference(tmp_path, ["--config", str(cfg), "--json"], same_adapter)
 
 
 @pytest.mark.parametrize("served", ["float32", "bfloat16"])

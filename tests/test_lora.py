@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from distzo.reference import ReferenceTrainer
 
 from clusterhelpers import Harness
 from conftest import small_config
-from test_cluster import same_weights, write_config, zoctl
+from test_cluster import assert_up_equals_reference, same_weights, write_config, zoctl
 from test_worker import reference_losses
 
 LORA = {"target": "lora", "lr": 1e-2, "eps": 1e-2}
@@ -25,18 +24,6 @@ LORA = {"target": "lora", "lr": 1e-2, "eps": 1e-2}
 def same_adapter(a, b) -> bool:  # noqa: ANN001
     x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
-
-
-def assert_up_equals_reference(tmp_path, flags: list[str], same=same_adapter) -> None:  # noqa: ANN001
-    """``zoctl up`` and ``zoctl reference`` with ``flags`` export the same bits (``same``) and report the same."""
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same(tmp_path / "dist", tmp_path / "ref")
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
-        assert a[key] == b[key], key
 
 
 def test_lora_trains_only_the_adapters_and_exports_what_peft_loads(cache_dir, tmp_path):

@@ -17,8 +17,8 @@ from distzo.forward import ForwardJob
 from distzo.reference import ReferenceTrainer
 
 from conftest import small_config
-from test_cluster import write_config, zoctl
-from test_lora import assert_up_equals_reference
+from test_cluster import assert_up_equals_reference, write_config, zoctl
+from test_lora import same_adapter
 
 PREFIX = {"target": "prefix", "lr": 1e-2, "eps": 1e-2}
 
@@ -101,7 +101,7 @@ def test_a_layer_count_peft_reads_otherwise_is_refused_by_name():
 def test_adapter_up_equals_the_reference_bitwise(cache_dir, tmp_path, target, layout, workers, q):
     cfg = write_config(tmp_path, cache_dir, train={**PREFIX, "target": target, "steps": 4, "batch_size": 8})
     assert_up_equals_reference(tmp_path, ["--config", str(cfg), "--layout", layout, "--workers", str(workers),
-                                          "--q", str(q), "--json"])
+                                          "--q", str(q), "--json"], same_adapter)
 
 
 @pytest.mark.parametrize("setting,needle", [
