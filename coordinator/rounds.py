@@ -15,12 +15,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Hashable, Sequence
 
 from distzo.config import CoordinatorSection
 from distzo.wire_sizes import MAX_MESSAGE_BYTES
 from distzo.data import Batch
 from distzo.logs import kv
+from distzo.mezo import UpdateRecord
+from paramserver.wire import record_to_pb
 from coordinator.registry import Registry, WorkerConn
 from protos import coordinator_pb2 as cpb
 
@@ -50,10 +52,17 @@ class Sent:
 
 class Round:
     def __init__(self, registry: Registry, policy: CoordinatorSection, step: int, version: int, kind: str,
-                 forwards: dict[Hashable, cpb.ForwardSpec], batches: dict[int, Batch], stopping: threading.Event):
+                 forwards: dict[Hashable, cpb.ForwardSpec], batches: dict[int, Batch], stopping: threading.Event,
+                 pending: Sequence[UpdateRecord] = ()):
+        """``version``: the materialized base the workers fetch; ``pending``: the records of steps version .. step-1
+        they replay on it (update windows; empty when the base is the step's own version)."""
         self.registry = registry
         self.policy = policy
         self.step, self.version, self.kind = step, version, kind
+        if [r.step for r in pending] != list(range(version, step)):
+            raise ValueError(f"step {step} reads base {version}: it needs the records of steps {version}..{step - 1}, "
+                             f"got {[r.step for r in pending]}")
+        self.pending = [record_to_pb(r) for r in pending]
         self.forwards = forwards
         self.batches = {s: self._wire(s, b) for s, b in batches.items()}
         self.results: dict[Hashable, cpb.ForwardResult] = {}
@@ -87,7 +96,8 @@ class Round:
         shards = sorted({s.shard for s in specs})
         a = cpb.Assignment(assignment_id=aid, step=self.step, version=self.version,
                            kind=self.kind if keys else "gather", forwards=specs,
-                           batches=[self.batches[s] for s in shards], deadline_s=self.policy.assignment_timeout_s)
+                           batches=[self.batches[s] for s in shards], deadline_s=self.policy.assignment_timeout_s,
+                           pending=self.pending)
         size = a.ByteSize()
         if size > MAX_MESSAGE_BYTES:  # the worker's channel would refuse it and the session would drop, again and again
             shapes = ", ".join(f"{self.batches[s].rows} x {self.batches[s].cols}" for s in shards)

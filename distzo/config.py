@@ -170,6 +170,12 @@ class ServerSection(_Section):
     max_update_step: float = Field(1.0, gt=0, description="refuse (before journaling) an update that moves a weight "
                                    "by more than this per unit of z: lr x mean |g| (a diverged or broken run)")
     data_dir: Text | None = Field(None, description="snapshots and journal (zoctl up: <run dir>/server)")
+    update_window: int = Field(
+        1, ge=1, le=1024, description="update window K: the server materializes the weights every K steps in one "
+        "pass over memory (K updates applied element by element: bitwise K single passes) and step t's forwards read "
+        "the base distzo.mezo.base_version(t, K), replaying the at most 2K - 2 records after it; 1: every step is "
+        "materialized and read as it is. `zoctl plan` recommends K for a cluster (1 on CPU clusters, where the "
+        "worker would pay for the replay)")
 
 
 class RuntimeSection(_Section):
@@ -250,6 +256,14 @@ class JobConfig(_Section):
         ddp = self.layout.ddp
         if self.train.batch_size % ddp:
             raise ValueError(f"train.batch_size {self.train.batch_size} must be divisible by the {ddp} data shards of layout {self.layout.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _window_needs_sgd(self) -> "JobConfig":
+        if self.server.update_window > 1 and self.train.optimizer != "sgd":
+            raise ValueError(f"server.update_window {self.server.update_window} needs train.optimizer sgd: "
+                             f"{self.train.optimizer} keeps per-parameter state on the parameter server, which the "
+                             "workers' replay of the pending updates does not have (use server.update_window 1)")
         return self
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from distzo.export import export_model_dir
 from distzo.modelcard import model_card, write_model_card
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.jobdata import EvalTally, JobData
-from distzo.mezo import StepOutcome, UpdateRecord, apply_update
+from distzo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
 from distzo.modeling import BlockModel
 from distzo.objective import forward_sums
 from distzo.optim import Optimizer
@@ -38,10 +38,11 @@ def apply_runtime_threads(cfg: JobConfig) -> None:
     generator.set_cpu_threads(cfg.runtime.kernel_threads)
 
 
-def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed) -> dict[str, float]:
+def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed, pending: Sequence[UpdateRecord] = ()) -> dict[str, float]:
+    """Dev loss and accuracy of the weights ``feed`` serves, with ``pending`` update records replayed on them."""
     tally = EvalTally(len(job.cfg.data.label_words))
     for i, (examples, batch, candidates) in enumerate(job.eval_chunks()):
-        res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed)[0]
+        res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed, pending)[0]
         tally.add(i, examples, batch, res.scores, bool(candidates))
     return tally.result()
 
@@ -70,10 +71,22 @@ class ReferenceTrainer:
         self.log = TrainLog()
         self.run_log: RunLog | None = None
         self.train_seconds = 0.0
+        # update windows (server.update_window K > 1): the materialized bases the workers of a step read, as
+        # the server keeps them (its two slots): the master at each multiple of K, the newest two
+        self.window = cfg.server.update_window
+        self.bases: dict[int, list[torch.Tensor]] = {0: [b.clone() for b in self.buffers]} if self.window > 1 else {}
 
-    def feed(self) -> MemoryFeed:
-        """The master weights as a worker receives them (served dtype, on the worker's device)."""
-        return MemoryFeed(self.buffers, self.device, self.cfg.server.served_dtype)
+    def feed(self, version: int | None = None) -> MemoryFeed:
+        """The weights as a worker receives them (served dtype, on the worker's device): the master, or with
+        update windows the materialized base ``version``."""
+        buffers = self.buffers if version is None or self.window == 1 else self.bases[version]
+        return MemoryFeed(buffers, self.device, self.cfg.server.served_dtype)
+
+    def at_step(self, step: int) -> tuple[MemoryFeed, list[UpdateRecord]]:
+        """What step ``step``'s forwards (or an eval after ``step`` steps) read: the base ``base_version(step, K)``
+        and the records after it, replayed on it (``mezo.replay_block``)."""
+        base = base_version(step, self.window)
+        return self.feed(base), self.log.records[base:step]
 
     def step(self, t: int) -> StepOutcome:
         """Run step ``t`` (forwards, g, update of the in-memory master) and return its outcome."""
@@ -89,7 +102,7 @@ class ReferenceTrainer:
         objective, cands = self.cfg.train.objective, self.job.train_candidates
         jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps, want_scores=bool(cands),
                            candidates=cands) for r in roles]
-        results = self.engine.run(jobs, self.feed())
+        results = self.engine.run(jobs, *self.at_step(plan.step))
         losses = {(r.direction, r.shard, r.sign): forward_sums(objective, cands, batches[r.shard], res.loss_sum,
                                                                res.label_tokens, res.scores)
                   for r, res in zip(roles, results)}
@@ -100,10 +113,15 @@ class ReferenceTrainer:
         for spec, buf, state in zip(self.model.manifest.blocks, self.buffers, self.opt_state):
             apply_update(spec, buf, record, self.engine.dist, optimizer=self.optimizer, state=state)
         self.log.records.append(record)
+        version = record.step + 1
+        if self.window > 1 and version % self.window == 0:  # materialized: steps from version + K - 1 read it
+            self.bases[version] = [b.clone() for b in self.buffers]
+            for old in [v for v in self.bases if v < version - self.window]:
+                del self.bases[old]
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Dev loss and accuracy of the current weights, recorded as the evaluation at ``step``."""
-        result = {"step": step, **evaluate(self.engine, self.job, self.feed())}
+        result = {"step": step, **evaluate(self.engine, self.job, *self.at_step(step))}
         self.log.evals.append(result)
         if self.run_log is not None:
             self.run_log.eval(**result)

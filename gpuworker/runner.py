@@ -18,12 +18,14 @@ from distzo.config import JobConfig
 from distzo.data import Batch, DataError
 from distzo.forward import ForwardEngine, ForwardJob, compute_dtype_for
 from distzo.logs import kv
+from distzo.mezo import UpdateRecord
 from distzo.adapters import adapter_from_train
 from distzo.modeling import BlockModel
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, FrozenBlocks, PrefetchFeed
 from gpuworker.node import GatherError, NodeGroup
 from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
+from paramserver.wire import record_from_pb
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.worker")
@@ -91,9 +93,10 @@ class ModelRunner:
                     raise DataError(f"forward for shard {f.shard} but the assignment carries no such batch")
                 jobs.append(ForwardJob(batches[f.shard], seed=f.seed, coef=f.coef, want_scores=f.want_scores,
                                        candidates=tuple(f.candidates)))
+            pending = self._pending(a)
             if jobs:
                 c0 = time.perf_counter()
-                outs = self.engine.run(jobs, feed)
+                outs = self.engine.run(jobs, feed, pending)
                 compute = time.perf_counter() - c0 - feed.timers.wait_s
                 for f, o in zip(a.forwards, outs):
                     r = result.results.add(spec=f, loss=o.loss, loss_sum=o.loss_sum, label_tokens=o.label_tokens,
@@ -136,6 +139,20 @@ class ModelRunner:
             total_s=time.perf_counter() - t0, bytes_received=tm.bytes_received, peak_memory_bytes=peak_mem,
             peak_block_bytes=tm.pool_bytes + self.engine.last_peak_copy_bytes, transport=tm.transport))
         return result
+
+    @staticmethod
+    def _pending(a: cpb.Assignment) -> tuple[UpdateRecord, ...]:
+        """The records to replay on the fetched base (update windows): steps a.version .. a.step - 1, valid.
+        Raises DataError when they are not exactly those, or a record is not a valid update."""
+        records = tuple(record_from_pb(m) for m in a.pending)
+        if [r.step for r in records] != list(range(a.version, a.step)) and a.version <= a.step:
+            raise DataError(f"step {a.step} reads base {a.version}: the assignment must carry the records of steps "
+                            f"{a.version}..{a.step - 1}, it carries {[r.step for r in records][:8]}")
+        if a.version > a.step:
+            raise DataError(f"step {a.step} cannot read base version {a.version}: a base is never newer than its step")
+        for r in records:
+            r.validate()
+        return records
 
     @staticmethod
     def _fail(result: cpb.WorkResult, kind: str, exc: BaseException) -> None:

@@ -20,7 +20,7 @@ from paramserver import metrics
 from paramserver.client import ParamServerClient
 from paramserver.replication import Follower
 from paramserver.service import PROTECTED, SERVICE, STATE_CHANGING, THREADS, ParamServerService
-from paramserver.state import ServerState
+from paramserver.state import RecoveryError, ServerState
 
 log = logging.getLogger("distzo.paramserver")
 MAX_REQUEST_BYTES = 1 << 20  # requests are small: the largest, an update of 4096 directions, is ~100 KiB
@@ -70,7 +70,15 @@ class ParamServer:
 
     def start(self) -> "ParamServer":
         try:
-            version = self.state.recover()
+            try:
+                version = self.state.recover()
+            except RecoveryError as exc:
+                if not self.follow_address:
+                    raise
+                # a replica's state is its primary's: start over and re-sync rather than stay down
+                log.warning("replica data directory unusable: starting over from its primary", extra=kv(reason=str(exc)))
+                self.state.discard_history()
+                version = self.state.recover()
         except BaseException:
             self.grpc.stop(0)
             self.state.close()  # unlink shared memory; nothing was served

@@ -75,6 +75,8 @@ class ParamServerService:
         store = self.state.store
         try:
             return store.wait_version(b, version, self._timeout(context), cancelled_event(context, store.cond))
+        except ValueError as exc:  # not a materialized version (server.update_window)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StaleVersion as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except TimeoutError as exc:
@@ -98,6 +100,7 @@ class ParamServerService:
             config_yaml=st.cfg.to_yaml(redact=True),
             model_config_json=st.model.config.to_json_string(use_diff=False),
             control_port=self.control_port,
+            update_window=st.store.window,
         )
         if seg is not None:
             reply.shm_versions_path = str(seg.versions_path)
@@ -143,17 +146,24 @@ class ParamServerService:
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
                           f"resume_offset {request.resume_offset} is outside the slice's {end - start} bytes")
         started = time.perf_counter()
-        version = self._wait(b, request.version, context)
+        whole = master or state  # the fp32 master and the optimizer state: at the newest materialized version
+        if whole:
+            version = st.store.version(b)
+            if request.version >= 0 and request.version != version:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"block {b}'s master is at version {version}, not {request.version}; fetch again")
+        else:
+            version = self._wait(b, request.version, context)
         chunk = st.cfg.server.chunk_bytes
         pos = start + request.resume_offset
         while True:
             n = min(chunk, end - pos)
-            with st.store.reading(b):
-                now = st.store.version(b)
+            with st.store.reading(b, version, master=whole):
+                now = st.store.version(b) if whole else st.store.slot_version(b, version)
                 if now != version:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"block {b} moved from version {version} to {now} while streaming; fetch again")
-                data = memoryview((st.store.state_bytes(b) if state else st.store.bytes_of(b, master))[pos : pos + n])
+                data = memoryview((st.store.state_bytes(b) if state else st.store.bytes_of(b, master, version))[pos : pos + n])
                 header = pb.ChunkHeader(block=b, version=version, dtype=dtype, slice_start=start, slice_bytes=end - start,
                                         offset=pos - start, checksum=checksum(data))
                 message = encode_chunk(header, data)  # the one server-side copy, under the read lock
@@ -176,7 +186,9 @@ class ParamServerService:
         st = self.state
         return pb.StatusReply(
             versions=[st.store.version(b) for b in st.owned],
-            applied_version=st.store.applied_version(),
+            applied_version=st.processed_version,
+            materialized_version=st.store.applied_version(),
+            update_window=st.store.window,
             journaled_steps=st.journal.next_step,
             snapshot_version=st.snapshot_version,
             role=st.role,
@@ -196,13 +208,17 @@ class ParamServerService:
     def FollowJournal(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
         if request.from_step < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"from_step must be >= 0, got {request.from_step}")
+        if request.to_step < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"to_step must be >= 0 (0: no end), got {request.to_step}")
         with self.admission.slot(context, "FollowJournal"):
-            yield from self._follow(request.from_step, context)
+            yield from self._follow(request.from_step, request.to_step, context)
 
-    def _follow(self, step: int, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
+    def _follow(self, step: int, to_step: int, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
         journal = self.state.journal
         ended = cancelled_event(context, journal.appended)
         while not ended.is_set():
+            if 0 < to_step <= step:
+                return
             try:
                 pending = list(journal.records_from(step))
             except LookupError as exc:
@@ -210,7 +226,7 @@ class ParamServerService:
             except JournalCorrupt as exc:
                 context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             for r in pending:
-                if r.step == step:
+                if r.step == step and not 0 < to_step <= step:
                     yield record_to_pb(r)
                     step += 1
             with journal.appended:
