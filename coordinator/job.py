@@ -163,7 +163,13 @@ class Job:
                                 "give this job a fresh data directory (zoctl up: a new --run-dir)")
         self.resumed_from = self.step = min(s.journaled_steps for s in status)
         base = base_version(self.step, cfg.server.update_window)
-        self.records = {r.step: r for r in self.client.records(base, self.step)}  # resuming mid-window
+        # resuming mid-window: the records after the base the next steps read (the server may be restarting too)
+        transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+                     grpc.StatusCode.DEADLINE_EXCEEDED)
+        records = Retrying(retry=retry_if_exception(lambda e: isinstance(e, FetchError) and e.code in transient),
+                           wait=wait_exponential(multiplier=0.1, max=2.0), stop=stop_after_delay(cfg.coordinator.server_timeout_s),
+                           reraise=True)(self.client.records, base, self.step)
+        self.records = {r.step: r for r in records}
         self.progress.on_start(self.step, cfg.train.steps, self.client.manifest.numel * ITEMSIZE[self.client.served_dtype])
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))

@@ -193,7 +193,8 @@ def _update_kernel(w_ptr, served_ptr, keys_ptr, coefs_ptr, decay_ptr, consts_ptr
 @triton.jit(do_not_specialize=["n", "offset", "c_first", "k0", "k1", "nrec"])
 def _replay_perturb_kernel(clean_ptr, out_ptr, coefs_ptr, consts_ptr, keys_ptr, rcoefs_ptr, rstart_ptr, decay_ptr,
                            n, offset, c_first, k0, k1, nrec,
-                           NC: tl.constexpr, OUT_KIND: tl.constexpr, GAUSSIAN: tl.constexpr, R: tl.constexpr):
+                           NC: tl.constexpr, OUT_KIND: tl.constexpr, GAUSSIAN: tl.constexpr, R: tl.constexpr,
+                           SERVED: tl.constexpr):
     # update windows: replay the pending records on the base tile (the CPU's window arithmetic: float64
     # inside, the sum over a record's directions from 0.0, one float32 rounding per record), then
     # perturb it; nothing but the base is read from memory and only the outputs are written
@@ -210,6 +211,10 @@ def _replay_perturb_kernel(clean_ptr, out_ptr, coefs_ptr, consts_ptr, keys_ptr, 
             acc = acc + zr * tl.load(rcoefs_ptr + d)
         xd = x.to(tl.float64)
         x = (xd - (acc + xd * tl.load(decay_ptr + r))).to(tl.float32)
+    if SERVED == 1:  # the served copy of the step's version, rebuilt: served.py's rounding, and back (exact)
+        x = (_bits16(x, 1).to(tl.uint16).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif SERVED == 2:
+        x = _bits16(x, 2).to(tl.float16, bitcast=True).to(tl.float32)
     if NC == 0:
         if OUT_KIND == 0:
             tl.store(out_ptr + idx, x, mask=mask)
@@ -255,10 +260,11 @@ def perturb(clean: torch.Tensor, offset: int, key: tuple[int, int], coefs: Seque
 
 
 def replay_perturb(clean: torch.Tensor, offset: int, packed, key: tuple[int, int], coefs: Sequence[float],  # noqa: ANN001
-                   out: torch.Tensor, gaussian: bool) -> None:
+                   out: torch.Tensor, gaussian: bool, served: int = 0) -> None:
     """``out[r] = out.dtype(float32(x + coefs[r] * z))`` with x = ``packed`` (``replay.PackedRecords``) replayed on
-    ``clean`` (float32 [n]); with no coefficient ``out[0]`` = x. ``out``: [max(1, len(coefs)), n], rows may be
-    strided views (written through a contiguous buffer then)."""
+    ``clean`` ([n], float32 or 16-bit) and rounded to the served dtype ``served`` (0 float32, 1 bfloat16, 2
+    float16); with no coefficient ``out[0]`` = x. ``out``: [max(1, len(coefs)), n], rows may be strided views
+    (written through a contiguous buffer then)."""
     n = clean.numel()
     if not n:
         return
@@ -273,7 +279,8 @@ def replay_perturb(clean: torch.Tensor, offset: int, packed, key: tuple[int, int
     c_first, r, grid = _layout(offset, n, gaussian)
     _replay_perturb_kernel[grid](clean.contiguous(), work if kind == 0 else work.view(torch.int16), c, _consts(dev), keys,
                                  rcoefs, rstart, decay, n, offset, c_first, key[0], key[1], packed.count,
-                                 NC=len(coefs), OUT_KIND=kind, GAUSSIAN=gaussian, R=r, enable_fp_fusion=False)
+                                 NC=len(coefs), OUT_KIND=kind, GAUSSIAN=gaussian, R=r, SERVED=served,
+                                 enable_fp_fusion=False)
     if work is not out:
         out.copy_(work)
 

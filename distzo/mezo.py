@@ -17,10 +17,10 @@ finite is not applied (``UpdateRecord.skipped``): it still advances the version.
 
 Update windows (``server.update_window`` K, DESIGN.md section 12): step t's forwards read the
 materialized version ``base_version(t, K)`` and replay the records from it to t - 1 on it
-(``replay_block``): with a float32 served copy that reproduces the master bit for bit (the same
-operations, in the same order); with a 16-bit served copy the forward weights are, by definition,
-the records replayed in float32 on the rounded base. The server materializes K records in one
-pass (``apply_window``), bitwise K single passes.
+(``replay_block``), rebuilding the served copy of version t: with a float32 served copy that is the
+master bit for bit (the same operations, in the same order); with a 16-bit one it is, by definition,
+the records replayed in float32 on the rounded base and rounded again, then perturbed as any fetched
+block. The server materializes K records in one pass (``apply_window``), bitwise K single passes.
 """
 
 from __future__ import annotations
@@ -286,32 +286,40 @@ def apply_window(block: BlockSpec, src: np.ndarray, dst: np.ndarray, records: Se
 
 
 def replay_block(block: BlockSpec, clean: torch.Tensor, pending: Sequence[UpdateRecord], dist: Distribution,
-                 seed: int = 0, coefs: Sequence[float] = (), out_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """The forward weights of a block whose fetched base is ``clean`` (flat [numel], served dtype, any device)
-    with the ``pending`` records after it: x = float32(clean) with each record applied as ``apply_update``
-    would (float64 inside, one float32 rounding per record), then ``float32(x + c * z(seed))`` per coefficient,
-    each in ``out_dtype``. With no coefficient: [x] itself (clean forwards, eval). A frozen block, or no
-    live record, is ``perturb_block`` of the base (x = clean)."""
+                 seed: int = 0, coefs: Sequence[float] = (), out_dtype: torch.dtype = torch.float32,
+                 start: int = 0) -> list[torch.Tensor]:
+    """The forward weights of a block whose fetched base is ``clean`` ([n] of the served dtype, any device: the
+    block's elements start .. start + n) with the ``pending`` records after it (update windows).
+
+    The served copy of the step's version, rebuilt from the base: x = the records applied to float32(clean)
+    as ``apply_update`` applies them (float64 inside, one float32 rounding per record), then rounded to the
+    served dtype (``served.py``'s rounding; none for float32, where x is the master bit for bit). The forwards
+    then perturb x exactly as they perturb a fetched block: ``float32(x + c * z(seed))`` per coefficient, in
+    ``out_dtype`` (one fused pass). With no coefficient: [x] in the served dtype (clean forwards, eval; a node
+    group's slice, rebuilt before the gather). A frozen block, or no live record: x = clean."""
     live = [r for r in pending if not r.skipped] if block.trainable else []
+    served_dtype = _SERVED_NAMES[clean.dtype]
     if not live:
-        if not coefs:
-            return [clean.to(out_dtype)]
-        return perturb_block(clean, block.global_offset, seed, dist, coefs, out_dtype)
-    rows = max(1, len(coefs))
-    # CPU: the numba kernel takes float32; a GPU kernel reads the 16-bit base itself (no extra pass)
-    src = clean if clean.dtype == torch.float32 or clean.device.type != "cpu" else clean.to(torch.float32)
+        return perturb_block(clean, block.global_offset + start, seed, dist, coefs, out_dtype) if coefs else [clean]
+    rows, n = max(1, len(coefs)), clean.shape[0]
     decays = any(r.lr * r.weight_decay for r in live)
-    segments = block.decay_segments() if decays else [(0, src.shape[0], False)]
-    if src.device.type == "cpu":
-        out = np.empty((rows, src.shape[0]), dtype=np.float32)
-        x = src.numpy()
-        for start, end, seg_decays in segments:
-            replay_perturb_cpu(x[start:end], block.global_offset + start, pack(live, seg_decays), seed, dist, coefs,
-                               out[:, start:end])
+    pieces = [(max(a, start), min(b, start + n), d) for a, b, d in
+              (block.decay_segments() if decays else [(start, start + n, False)])]
+    pieces = [(a - start, b - start, d) for a, b, d in pieces if a < b]
+    if clean.device.type == "cpu":
+        x = (clean if clean.dtype == torch.float32 else clean.to(torch.float32)).numpy()
+        out = np.empty((rows, n), dtype=np.float32)
+        for a, b, seg_decays in pieces:
+            replay_perturb_cpu(x[a:b], block.global_offset + start + a, pack(live, seg_decays), seed, dist, coefs,
+                               out[:, a:b], served_dtype)
         result = [torch.from_numpy(out[i]) for i in range(rows)]
-        return result if out_dtype == torch.float32 else [r.to(out_dtype) for r in result]
-    out_t = torch.empty((rows, src.shape[0]), dtype=out_dtype, device=src.device)  # GPU path
-    for start, end, seg_decays in segments:
-        replay_perturb_device(src[start:end], block.global_offset + start, pack(live, seg_decays), seed, dist, coefs,
-                              out_t[:, start:end])
+        want = out_dtype if coefs else clean.dtype
+        return result if want == torch.float32 else [r.to(want) for r in result]  # exact for rebuilt served values
+    out_t = torch.empty((rows, n), dtype=out_dtype if coefs else clean.dtype, device=clean.device)  # GPU path
+    for a, b, seg_decays in pieces:
+        replay_perturb_device(clean[a:b], block.global_offset + start + a, pack(live, seg_decays), seed, dist, coefs,
+                              out_t[:, a:b], served_dtype)
     return list(out_t.unbind(0))
+
+
+_SERVED_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

@@ -26,7 +26,7 @@ import torch
 
 from distzo.generator import (_ALIGN, Distribution, _check_offset, _key, _triton_available, perturb_torch, run_split,
                               update_torch)
-from distzo.served import served_kind
+from distzo.served import served_kind, to_served
 from distzo.windowkernels import rademacher_window_aligned, replay_perturb_kernel, window_kernel
 
 
@@ -105,9 +105,10 @@ def window_cpu(src: np.ndarray, dst: np.ndarray, offset: int, packed: PackedReco
 
 
 def replay_perturb_cpu(clean: np.ndarray, offset: int, packed: PackedRecords, seed: int, dist: Distribution | str,
-                       coefs: Sequence[float], out: np.ndarray) -> np.ndarray:
-    """``out[r] = float32(x + coefs[r] * z(seed))`` with x = the packed records replayed on ``clean`` (float32);
-    with no coefficient, ``out[0]`` = x itself. ``out``: float32 [max(1, len(coefs)), len(clean)]."""
+                       coefs: Sequence[float], out: np.ndarray, served_dtype: str = "float32") -> np.ndarray:
+    """``out[r] = float32(x + coefs[r] * z(seed))`` with x = the packed records replayed on ``clean`` (float32)
+    and rounded to ``served_dtype`` (``served.py``'s rounding; float32: none); with no coefficient, ``out[0]`` = x
+    itself. ``out``: float32 [max(1, len(coefs)), len(clean)]."""
     if clean.dtype != np.float32 or clean.ndim != 1:
         raise TypeError("replay expects a 1-D float32 clean buffer")
     pco = np.asarray(coefs, dtype=np.float64)
@@ -117,28 +118,33 @@ def replay_perturb_cpu(clean: np.ndarray, offset: int, packed: PackedRecords, se
     k0, k1 = _key(seed)
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
     p = packed
+    kind = served_kind(served_dtype)
     run_split(lambda a, b: replay_perturb_kernel(clean[a:b], out[:, a:b], pco, offset + a, k0, k1, gaussian, p.keys,
-                                                 p.coefs, p.rec_start, p.decay), clean.shape[0], offset)
+                                                 p.coefs, p.rec_start, p.decay, kind), clean.shape[0], offset)
     return out
 
 
 def replay_perturb_device(clean: torch.Tensor, offset: int, packed: PackedRecords, seed: int, dist: Distribution | str,
-                          coefs: Sequence[float], out: torch.Tensor) -> None:
-    """``replay_perturb_cpu`` on ``clean``'s device (float32 [n]) into ``out`` ([max(1, len(coefs)), n], the
-    forward's dtype; rows may be views): one fused Triton kernel on CUDA, else the torch path (a replayed
-    float32 copy by ``update_torch``, record by record, then ``perturb_torch``; the same bits)."""
+                          coefs: Sequence[float], out: torch.Tensor, served_dtype: str = "float32") -> None:
+    """``replay_perturb_cpu`` on ``clean``'s device ([n], float32 or the served dtype) into ``out``
+    ([max(1, len(coefs)), n], the forward's dtype; rows may be views): one fused Triton kernel on CUDA, else
+    the torch path (a replayed float32 copy by ``update_torch``, record by record, rounded, then
+    ``perturb_torch``; the same bits)."""
     _check_offset(offset, clean.shape[0])
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
     if clean.is_cuda and clean.is_contiguous() and _triton_available():  # GPU-only
         from distzo import generator_cuda
 
-        generator_cuda.replay_perturb(clean, offset, packed, _key(seed), [float(c) for c in coefs], out, gaussian)
+        generator_cuda.replay_perturb(clean, offset, packed, _key(seed), [float(c) for c in coefs], out, gaussian,
+                                      served_kind(served_dtype))
         return
     x = clean.to(torch.float32, copy=True)
     for r in range(packed.count):
         rows = slice(int(packed.rec_start[r]), int(packed.rec_start[r + 1]))
         seeds = [_seed_of(k) for k in packed.keys[rows]]
         update_torch(x, offset, seeds, packed.coefs[rows].tolist(), float(packed.decay[r]), dist)
+    if served_dtype != "float32":
+        x = to_served(x.cpu(), served_dtype).to(x.device).to(torch.float32)
     if not coefs:
         out[0].copy_(x.to(out.dtype))
         return

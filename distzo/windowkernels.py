@@ -9,8 +9,9 @@ each element for the whole window, the record loop running on a chunk that stays
 * ``window_kernel``: the server's K-step pass, fp32 source to fp32 destination (the same array
   for an in-place pass), writing the 16-bit served copy of the result in the same pass.
 * ``replay_perturb_kernel``: a worker's replay of the pending records on its (clean) base block,
-  then ``float32(x + c * z)`` for each perturbation coefficient, still in L1; with no
-  coefficient it writes the replayed weights themselves (clean forwards: eval).
+  rounded to the served dtype (the served copy of the step's version, rebuilt from the base), then
+  ``float32(x + c * z)`` for each perturbation coefficient, still in L1; with no coefficient it
+  writes the rebuilt served values themselves (clean forwards: eval, and a node group's slice).
 
 Records are packed as arrays: record r has directions ``rec_start[r] .. rec_start[r + 1]`` of
 ``keys`` ([D, 2] uint64 Philox keys) and ``coefs`` ([D] float64, lr * g / q), and the decay factor
@@ -20,12 +21,48 @@ Records are packed as arrays: record r has directions ``rec_start[r] .. rec_star
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core.extending import intrinsic
 
 from distzo import kernelcache
+from distzo.served import bf16_bits, f16_bits
 from distzo.zkernels import _ALIGN, _SCRATCH, _U64_32, _U64_MASK, _philox, _projected_sum, _write_served, _z_chunk
 
 kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
+
+
+@intrinsic
+def _f32_of_bits(typingctx, u):  # noqa: ANN001 - numba intrinsic: the float32 whose bits are the uint32 u
+    if u != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_of_f16_bits(typingctx, h):  # noqa: ANN001 - numba intrinsic: float16 bits -> float32 (exact)
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(inline="always", cache=True)
+def _round_served(v, kind):  # noqa: ANN001, ANN202
+    # v rounded to the served dtype and back (exact): served.py's bfloat16 / float16 rounding
+    if kind == 1:
+        for j in range(v.shape[0]):
+            v[j] = _f32_of_bits(np.uint32(np.uint32(bf16_bits(v[j])) << np.uint32(16)))
+    elif kind == 2:
+        for j in range(v.shape[0]):
+            v[j] = _f32_of_f16_bits(f16_bits(v[j]))
 
 
 @njit(inline="always", cache=True)
@@ -100,9 +137,9 @@ def rademacher_window_aligned(src, dst, start, k0, k1, c, decay, served, kind): 
 
 
 @njit(nogil=True, cache=True)
-def replay_perturb_kernel(clean, out, pcoefs, start, pk0, pk1, gaussian, keys, coefs, rec_start, decay):  # noqa: ANN001, ANN201
-    """out[r] = float32(x + pcoefs[r] * z(pk)) with x = the records replayed on clean (float32);
-    with no pcoefs, out[0] = x itself."""
+def replay_perturb_kernel(clean, out, pcoefs, start, pk0, pk1, gaussian, keys, coefs, rec_start, decay, kind):  # noqa: ANN001, ANN201
+    """out[r] = float32(x + pcoefs[r] * z(pk)) with x = the records replayed on clean (float32) and rounded
+    to the served dtype ``kind`` (0 float32: no rounding); with no pcoefs, out[0] = x itself."""
     words = np.empty(_SCRATCH + 2 * _ALIGN, np.uint32)
     zbuf = np.empty(_SCRATCH + 2 * _ALIGN, np.float32)
     acc = np.empty(_SCRATCH + 2 * _ALIGN, np.float64)
@@ -114,6 +151,7 @@ def replay_perturb_kernel(clean, out, pcoefs, start, pk0, pk1, gaussian, keys, c
         for j in range(n):
             v[j] = s[j]
         _apply_records(v, acc, words, zbuf, start + off, n, keys, coefs, rec_start, decay, gaussian)
+        _round_served(v, kind)
         if pcoefs.shape[0] == 0:
             o = out[0, off : off + n]
             for j in range(n):

@@ -78,11 +78,18 @@ class ModelRunner:
     def run(self, a: cpb.Assignment) -> cpb.WorkResult:
         t0 = time.perf_counter()
         result = cpb.WorkResult(assignment_id=a.assignment_id, step=a.step)
+        try:
+            pending = self._pending(a)
+        except DataError as exc:
+            self._fail(result, "bad_input", exc)
+            return result
+        # update windows: a node group's members rebuild their slices before the gather, a single worker
+        # rebuilds each block in its forward engine, fused into the perturbation
         feed = PrefetchFeed(self.client, self.model.manifest, a.version, self.device, self.pool,
                             self.cfg.runtime.prefetch_blocks, self.model.pinned_blocks, self.node,
                             timeout_s=min(self.cfg.server.fetch_timeout_s, a.deadline_s or math.inf),
                             digests=a.report_digests, copy_stream=self.copy_stream, direct=self.direct,
-                            kept=self.kept)
+                            kept=self.kept, pending=pending, dist=self.cfg.train.distribution)
         compute = 0.0
         try:
             batches = {bd.shard: Batch.from_arrays((bd.rows, bd.cols), bd.input_ids, bd.attention_mask, bd.labels)
@@ -93,10 +100,9 @@ class ModelRunner:
                     raise DataError(f"forward for shard {f.shard} but the assignment carries no such batch")
                 jobs.append(ForwardJob(batches[f.shard], seed=f.seed, coef=f.coef, want_scores=f.want_scores,
                                        candidates=tuple(f.candidates)))
-            pending = self._pending(a)
             if jobs:
                 c0 = time.perf_counter()
-                outs = self.engine.run(jobs, feed, pending)
+                outs = self.engine.run(jobs, feed, pending if self.node is None else ())
                 compute = time.perf_counter() - c0 - feed.timers.wait_s
                 for f, o in zip(a.forwards, outs):
                     r = result.results.add(spec=f, loss=o.loss, loss_sum=o.loss_sum, label_tokens=o.label_tokens,
@@ -126,7 +132,7 @@ class ModelRunner:
         peak_mem = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"  # GPU-only
                     else self.process.memory_info().rss)
         for phase, seconds in (("fetch", tm.fetch_s), ("h2d", tm.h2d_s), ("gather", tm.gather_s),
-                               ("compute", max(0.0, compute)), ("wait", tm.wait_s)):
+                               ("compute", max(0.0, compute)), ("wait", tm.wait_s), ("replay", tm.replay_s)):
             metrics.PHASE_SECONDS.labels(phase).inc(seconds)
         if tm.transport:
             metrics.RECEIVED_BYTES.labels(tm.transport).inc(tm.bytes_received)

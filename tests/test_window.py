@@ -14,7 +14,7 @@ import torch
 
 from distzo.blocks import BlockSpec, TensorSpec
 from distzo.generator import Distribution
-from distzo.mezo import Direction, UpdateRecord, apply_update, apply_window, base_version, replay_block
+from distzo.mezo import Direction, UpdateRecord, apply_update, apply_window, base_version, perturb_block, replay_block
 from distzo.replay import pack, replay_perturb_device
 from distzo.served import to_served
 
@@ -85,7 +85,6 @@ def test_replay_reproduces_the_master_and_perturbs_it(dist, wd) -> None:
         apply_update(spec, master, r, dist)
     (replayed,) = replay_block(spec, base, records, dist)
     assert torch.equal(replayed.view(torch.int32), master.view(torch.int32))
-    from distzo.mezo import perturb_block
 
     plus, minus = replay_block(spec, base, records, dist, seed=99, coefs=[1e-3, -1e-3])
     want = perturb_block(master, spec.global_offset, 99, dist, [1e-3, -1e-3], torch.float32)
@@ -96,13 +95,22 @@ def test_replay_reproduces_the_master_and_perturbs_it(dist, wd) -> None:
     for s, e, decays in spec.decay_segments() if wd else [(0, spec.numel, False)]:
         replay_perturb_device(base[s:e], spec.global_offset + s, pack(records, decays), 99, dist, [1e-3, -1e-3], out[:, s:e])
     assert torch.equal(out[0].view(torch.int32), want[0].view(torch.int32))
-    # a 16-bit base: the records replayed in float32 on the rounded values, by definition
-    base16 = to_served(base, "bfloat16")
-    (x16,) = replay_block(spec, base16, records, dist)
-    ref = base16.float()
-    for r in records:
-        apply_update(spec, ref, r, dist)
-    assert torch.equal(x16.view(torch.int32), ref.view(torch.int32))
+    # a 16-bit base: the records replayed in float32 on the rounded values and rounded again, by definition
+    # (the served copy of the step's version, rebuilt from the base); then perturbed as any fetched block
+    for served in ("bfloat16", "float16"):
+        base16 = to_served(base, served)
+        ref = base16.float()
+        for r in records:
+            apply_update(spec, ref, r, dist)
+        rebuilt = to_served(ref, served)
+        (x16,) = replay_block(spec, base16, records, dist)
+        assert x16.dtype == base16.dtype and torch.equal(x16.view(torch.int16), rebuilt.view(torch.int16)), served
+        fused = replay_block(spec, base16, records, dist, seed=99, coefs=[1e-3, -1e-3])
+        apart = perturb_block(rebuilt, spec.global_offset, 99, dist, [1e-3, -1e-3], torch.float32)
+        assert all(torch.equal(f.view(torch.int32), a.view(torch.int32)) for f, a in zip(fused, apart)), served
+        # a slice of the block (a node group member rebuilds its slice before the gather)
+        part = replay_block(spec, base16[4000:9000], records, dist, start=4000)[0]
+        assert torch.equal(part.view(torch.int16), rebuilt[4000:9000].view(torch.int16)), served
 
 
 def test_a_frozen_block_is_not_replayed() -> None:
@@ -129,17 +137,18 @@ def test_triton_replay_kernel_in_the_interpreter_matches_numba(tmp_path) -> None
             n, off = 3001, (1 << 33) + 77
             x = rng.normal(size=n).astype(np.float32)
             p = pack(recs, True)
-            want = np.empty((2, n), np.float32)
-            replay_perturb_cpu(x, off, p, 12345, dist, [1e-3, -1e-3], want)
-            for dt in (torch.float32, torch.bfloat16):
-                out = torch.empty((2, n), dtype=dt)
-                gc.replay_perturb(torch.from_numpy(x), off, p, _key(12345), [1e-3, -1e-3], out, gaussian)
-                assert torch.equal(out, torch.from_numpy(want).to(dt)), (gaussian, dt)
-            clean = torch.empty((1, n), dtype=torch.float32)
-            gc.replay_perturb(torch.from_numpy(x), off, p, _key(12345), [], clean, gaussian)
-            only = np.empty((1, n), np.float32)
-            replay_perturb_cpu(x, off, p, 0, dist, [], only)
-            assert np.array_equal(clean.numpy().view(np.uint32), only.view(np.uint32))
+            for served, kind in (("float32", 0), ("bfloat16", 1), ("float16", 2)):
+                want = np.empty((2, n), np.float32)
+                replay_perturb_cpu(x, off, p, 12345, dist, [1e-3, -1e-3], want, served)
+                for dt in (torch.float32, torch.bfloat16):
+                    out = torch.empty((2, n), dtype=dt)
+                    gc.replay_perturb(torch.from_numpy(x), off, p, _key(12345), [1e-3, -1e-3], out, gaussian, kind)
+                    assert torch.equal(out, torch.from_numpy(want).to(dt)), (gaussian, dt, served)
+                clean = torch.empty((1, n), dtype=torch.float32)
+                gc.replay_perturb(torch.from_numpy(x), off, p, _key(12345), [], clean, gaussian, kind)
+                only = np.empty((1, n), np.float32)
+                replay_perturb_cpu(x, off, p, 0, dist, [], only, served)
+                assert np.array_equal(clean.numpy().view(np.uint32), only.view(np.uint32)), (gaussian, served)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
