@@ -141,9 +141,12 @@ FAULT_STEPS = 16
 @pytest.fixture(scope="module")
 def two_host_reference(cache_dir, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("hosts-ref")
+    # update windows of 4, served bf16: the replica follows the journal into the same slots, and a killed one
+    # recovers mid-window from its own snapshot + journal (served bf16: the base it serves decides the forwards)
     cfg = write_config(tmp, cache_dir, train={"steps": FAULT_STEPS, "batch_size": 6},
                        layout={"name": "ddp", "workers": 2}, cluster={"hosts": 2},
-                       coordinator={"heartbeat_timeout_s": 30.0})
+                       coordinator={"heartbeat_timeout_s": 30.0},
+                       server={"update_window": 4, "served_dtype": "bfloat16", "snapshot_every": 3})
     ref = zoctl("reference", "--config", str(cfg), "--out", str(tmp / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
     return cfg, tmp / "ref"
