@@ -100,6 +100,8 @@ def job_identity(cfg: Any) -> dict[str, Any]:
         ident["train.objective"] = t.objective
     if t.lr_schedule != "constant":  # the decay spans the run: its length is part of the trajectory
         ident["train.steps"] = t.steps
+    if cfg.server.update_window != 1:  # which base a step reads decides its 16-bit forward weights
+        ident["server.update_window"] = cfg.server.update_window
     return ident
 
 

@@ -97,7 +97,10 @@ def test_a_deterministic_start_failure_ends_the_run(cache_dir, tmp_path):
 
 @pytest.mark.timeout(900)  # several runs and a reference on a busy 2-core host
 def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_path):
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 3, "batch_size": 8})
+    # update windows of 4, served bf16: the first run ends inside a window (3 records pending on base 0), so
+    # the resumed server recovers mid-window and the resumed coordinator reads the open window's records
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 3, "batch_size": 8},
+                       server={"update_window": 4, "served_dtype": "bfloat16"})
     run = tmp_path / "run"
     first = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--out", str(tmp_path / "a"), "--json")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -106,6 +109,7 @@ def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_p
     for args, needle in ((["--seed", "1"], "train.seed is 0 there and 1 here"),
                          (["--model", "tiny-llama"], "model.source is 'tiny-opt' there and 'tiny-llama' here"),
                          (["--resume", "--seed", "1"], "train.seed is 0 there and 1 here"),
+                         (["--resume", "--set", "server.update_window=2"], "server.update_window is 4 there and 2 here"),
                          ([], "pass --resume to continue it"),
                          (["--resume", "--steps", "2"], "is at step 3 and train.steps is 2: give --steps above 3")):
         r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), *args, timeout=300)
