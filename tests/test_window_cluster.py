@@ -19,10 +19,11 @@ WINDOW = 4
 
 
 def window_config(cache_dir: str, **sections) -> JobConfig:
-    # 12 steps at K = 4: bases 0, 4 and 8 are read (steps 7 and 11 read 4 and 8), evals after 5 and 10 steps
-    # replay 5 and 6 records, snapshots every 3 steps land inside windows (their pending records replayed)
+    # 13 steps at K = 4: bases 0, 4 and 8 are read (steps 7 and 11 read 4 and 8), evals after 5, 10 and 13
+    # steps replay 5, 6 and 5 records, the export's version 13 is the master (12) plus one pending record, and
+    # snapshots every 3 steps land inside windows (their pending records replayed)
     raw = {"runtime": {"cache_dir": cache_dir}, "data": {"dev_examples": 16},
-           "train": {"batch_size": 8, "steps": 12, "weight_decay": 0.01, "eval_every": 5},
+           "train": {"batch_size": 8, "steps": 13, "weight_decay": 0.01, "eval_every": 5},
            "server": {"update_window": WINDOW, "snapshot_every": 3}, "coordinator": {"heartbeat_timeout_s": 5.0}}
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
@@ -46,8 +47,8 @@ def test_up_equals_reference_with_update_windows(cache_dir, tmp_path, layout, wo
     a, b = json.loads(up.stdout), json.loads(ref.stdout)
     for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
         assert a[key] == b[key], key
-    # every evaluation replays the records after its base: 0, 5, 10 and 12 steps
-    assert [e["step"] for e in a["eval_history"]] == [0, 5, 10, 12]
+    # every evaluation replays the records after its base: 0, 5, 10 and 13 steps
+    assert [e["step"] for e in a["eval_history"]] == [0, 5, 10, 13]
     assert a["eval_history"] == b["eval_history"]
 
 
@@ -56,7 +57,7 @@ def test_kills_mid_window_change_nothing(cache_dir, tmp_path):
     forwards depend on which base they read): the run ends with the reference's weights and log."""
     from protos import coordinator_pb2 as cpb
 
-    cfg = window_config(cache_dir, train={"steps": 40, "eval_every": 0}, server={"served_dtype": "bfloat16"},
+    cfg = window_config(cache_dir, train={"steps": 41, "eval_every": 0}, server={"served_dtype": "bfloat16"},
                         layout={"name": "ddp", "workers": 2})
     killed_at = {}
 
