@@ -27,7 +27,8 @@ from numba.core.extending import intrinsic
 
 from distzo import kernelcache
 from distzo.served import bf16_bits, f16_bits
-from distzo.zkernels import _ALIGN, _SCRATCH, _U64_32, _U64_MASK, _philox, _projected_sum, _write_served, _z_chunk
+from distzo.zkernels import (_ALIGN, _SCRATCH, _U64_32, _U64_MASK, _perturb_rows, _philox, _projected_sum, _write_served,
+                             _z_chunk)
 
 kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
 
@@ -158,9 +159,4 @@ def replay_perturb_kernel(clean, out, pcoefs, start, pk0, pk1, gaussian, keys, c
                 o[j] = v[j]
             continue
         base = _z_chunk(gaussian, start + off, n, np.uint64(pk0), np.uint64(pk1), words, zbuf)
-        z = zbuf[base : base + n]
-        for r in range(pcoefs.shape[0]):
-            c = pcoefs[r]
-            o = out[r, off : off + n]
-            for j in range(n):
-                o[j] = np.float32(np.float64(v[j]) + c * np.float64(z[j]))
+        _perturb_rows(v, zbuf[base : base + n], pcoefs, out, off, n)
