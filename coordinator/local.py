@@ -378,9 +378,12 @@ class LocalCluster:
                 return st
             time.sleep(poll_s)
 
-    def export(self, out_dir: Path, merge: bool = False) -> cpb.ControlReply:
-        """Export the weights to ``out_dir`` (``merge``: a LoRA run's merged plain model)."""
-        return self.client().call("Export", cpb.ExportJobRequest(path=os.path.abspath(out_dir), merge=merge), timeout=600)
+    def export(self, out_dir: str | Path, merge: bool = False) -> cpb.ControlReply:
+        """Export the weights to ``out_dir``, a directory or a URL (``merge``: a LoRA run's merged plain model)."""
+        from distzo.transfer import is_url
+
+        path = str(out_dir) if is_url(str(out_dir)) else os.path.abspath(out_dir)
+        return self.client().call("Export", cpb.ExportJobRequest(path=path, merge=merge), timeout=600)
 
     def shutdown(self) -> None:
         """Ask the services to stop, then make sure every process is gone."""

@@ -18,8 +18,8 @@ from distzo import generator
 from distzo.adapters import adapter_from_train
 from distzo.config import JobConfig
 from distzo.data import Batch
-from distzo.export import export_model_dir
-from distzo.modelcard import model_card, write_model_card
+from distzo.export import check_destination, export_model_dir
+from distzo.modelcard import model_card
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.jobdata import EvalTally, JobData
 from distzo.mezo import StepOutcome, UpdateRecord, apply_update
@@ -117,6 +117,10 @@ class ReferenceTrainer:
         ``run_dir``: write the per-step log, the config and the report plot there.
         """
         cfg = self.cfg
+        if out_dir is not None:  # a destination the export would refuse is refused now, not after training
+            check_destination(out_dir)
+            if merge and self.model.adapter is None:
+                raise ValueError("--merge merges a LoRA adapter into the base: this run trains the full model")
         apply_runtime_threads(cfg)
         generator.warm_up(self.device, cfg.train.distribution, [self.engine.compute_dtype],
                           cfg.layout.q)  # like every service, before the clock starts
@@ -138,8 +142,6 @@ class ReferenceTrainer:
                 self.evaluate(t + 1)
         bar.close()
         final_eval = self.evaluate(cfg.train.steps)
-        if out_dir is not None:
-            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir, merge=merge)
         summary = {
             "mode": "reference",
             "model": cfg.model.source,
@@ -158,8 +160,9 @@ class ReferenceTrainer:
             "wall_seconds": time.perf_counter() - start,
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
-        if out_dir is not None:
-            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
+        if out_dir is not None:  # on copies of the buffers, with its card, moved into place whole
+            export_model_dir(self.model, self.buffers, out_dir, merge=merge,
+                             card=model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
         if run_dir is not None:
             summary.update(write_report(run_dir))
         return summary

@@ -12,18 +12,19 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 from distzo.config import JobConfig
 from distzo.dtypes import ITEMSIZE
 from distzo.durable import CorruptFile, differences, read_checked_json, write_checked_json
-from distzo.export import export_model_dir
+from distzo.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
 from distzo import generator
 from distzo.generator import Distribution
 from distzo.logs import kv
@@ -159,6 +160,7 @@ class ServerState:
     def recover(self) -> int:
         """Load the newest valid snapshot and replay the journal; returns the version reached."""
         remove_temporaries(self.data_dir)
+        remove_leftovers(self.data_dir / "exports")  # exports and uploads of a server killed midway
         snaps = list_snapshots(self.data_dir)
         blocks = None
         states: dict = {}
@@ -279,10 +281,11 @@ class ServerState:
                 m.result = job
             elif m.kind == "export":
                 self._wait_snapshot()
-                path, merge = m.arg  # type: ignore[misc]
+                path, merge, card = m.arg  # type: ignore[misc]
+                version = self.store.applied_version()
                 buffers = [self._block_tensor(b) for b in range(len(self.manifest.blocks))]
-                export_model_dir(self.model, buffers, path, merge=merge)
-                m.result = (str(path), self.store.applied_version())
+                export_model_dir(self.model, buffers, path, merge=merge, card=card(version) if card else None, owned=True)
+                m.result = (str(path), version)
         except BaseException as exc:  # reported to the caller
             m.error = exc
         finally:
@@ -291,11 +294,14 @@ class ServerState:
         return False
 
     def _block_tensor(self, b: int):  # noqa: ANN202
+        """Block ``b``'s fp32 weights at the current version, as a new tensor (a copy, never a view of the
+        master: whatever an export does to it, e.g. peft's in-place merge, cannot reach the weights being
+        trained). Every export path takes its buffers from here. Raises ValueError for a block of another shard."""
         import torch
 
         if b not in self.owned:
             raise ValueError(f"this shard holds blocks {self.first}:{self.end}; export needs the whole model")
-        return torch.from_numpy(self.store.master[b])
+        return torch.from_numpy(self.store.master[b].copy())
 
     # ------------------------------------------------------------------ snapshots
     def _start_snapshot(self, version: int, force: bool = False) -> SnapshotJob | None:
@@ -346,21 +352,33 @@ class ServerState:
             raise job.error
         return job
 
-    def export(self, path: str, timeout_s: float = 600.0, merge: bool = False) -> tuple[str, int]:
-        """Export the weights to ``path`` (under server.export_root); ``merge``: a LoRA run's merged model.
-        Raises ValueError for ``merge`` on a full-target run, PermissionError outside the export root."""
-        root = self.cfg.server.export_root
+    def export_path(self, path: str) -> Path:
+        """Where an export to ``path`` goes (a relative path: under server.export_root, else the data
+        directory's exports/), checked before any work: raises PermissionError outside the export root,
+        ExportRefused for a destination that is a file or a directory that is not an earlier export."""
         p = Path(path)
         if not p.is_absolute():
+            root = self.cfg.server.export_root
             p = (Path(root) if root else self.data_dir / "exports") / p
-        p = p.resolve()
-        if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
-            shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
-            raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
+        check_export_root(p, self.cfg.server.export_root)
+        return check_destination(p)
+
+    def staging_dir(self) -> Path:
+        """A new private directory path for an export on its way to a URL (removed by the caller; what a
+        killed server left there is removed when it starts again)."""
+        return self.data_dir / "exports" / f".upload{ASIDE}{uuid.uuid4().hex[:12]}"
+
+    def export(self, path: str | Path, timeout_s: float = 600.0, merge: bool = False,
+               card: Callable[[int], str] | None = None, staged: bool = False) -> tuple[str, int]:
+        """Export the weights to ``path`` (``export_path``; ``staged``: a ``staging_dir``, not checked against
+        the export root); ``merge``: a LoRA run's merged model; ``card(version)``: the model card written
+        with it. Returns (path, version). Raises ValueError for ``merge`` on a run that is not LoRA, and
+        what ``export_path`` raises, before anything is written."""
+        p = Path(path) if staged else self.export_path(str(path))
         if merge and getattr(self.model.adapter, "kind", "full") != "lora":
             raise ValueError("export --merge merges a LoRA adapter into the base: this run's train.target is "
                              f"{getattr(self.model.adapter, 'kind', 'full')}")
-        m = Marker("export", arg=(p, merge), done=threading.Event())
+        m = Marker("export", arg=(p, merge, card), done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):
             raise TimeoutError("export did not finish in time")
