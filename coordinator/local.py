@@ -35,14 +35,15 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt
 from distzo.cache import shared_kernel_cache_env
 from coordinator.targets import CLUSTER_FILE
 from distzo.config import JobConfig
-from distzo.durable import JobMismatch, check_same_job, differences, job_id, job_identity, record_job
+from distzo.durable import write_atomic, JobMismatch, check_same_job, differences, job_id, job_identity, record_job
 from distzo.errors import BadInput
+from distzo.locks import DirLock, alive
 from distzo.logs import kv
-from distzo.procs import READY, ServiceFailed, ServiceProcess, address_flags, python_module
+from distzo.procs import READY, SUPERVISOR_ENV, ServiceFailed, ServiceProcess, address_flags, python_module
 from coordinator.client import CoordinatorClient
 from gpuworker.launch import worker_command
 from distzo.rpc import Credentials
-from distzo.runlog import RUN, read_history
+from distzo.runlog import RUN, RUN_LOCK, read_history
 from distzo.supervise import RestartPolicy, Restarts
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -54,8 +55,41 @@ STABLE_S = 30.0  # a process that ran this long before dying is restarted at onc
 POLICY = RestartPolicy(first_delay_s=0.25, max_delay_s=5.0, stable_s=STABLE_S, max_restarts=MAX_RESTARTS)
 
 
+SURVIVORS_WAIT_S = 30.0  # how long a new zoctl up waits for the services of a killed one to end (they are told at once)
+
+
+def run_dir_lock(run_dir: Path) -> DirLock:
+    return DirLock(run_dir, RUN_LOCK, "the run directory")
+
+
+def _recorded_pids(run_dir: Path) -> tuple[int | None, list[int]]:
+    """The supervisor and service pids cluster.json records (none when it is missing or damaged)."""
+    try:
+        info = json.loads((run_dir / CLUSTER_FILE).read_bytes())
+        pids = [p for p in (info.get("pids") or {}).values() if isinstance(p, int)]
+        sup = info.get("supervisor_pid")
+        return (sup if isinstance(sup, int) else None), pids
+    except (OSError, ValueError, AttributeError):
+        return None, []
+
+
+def wait_for_run_dir(run_dir: Path) -> DirLock:
+    """Take the run directory's lock: refused (DirectoryBusy, one line naming the pids) while another
+    ``zoctl up`` runs there, or its services are still alive. The services of a ``zoctl up`` that was
+    killed end by themselves (``distzo.procs.end_with_supervisor``): waited for, up to SURVIVORS_WAIT_S."""
+    supervisor, pids = _recorded_pids(run_dir)
+    gone = supervisor is None or not alive(supervisor)
+    return run_dir_lock(run_dir).acquire(wait_s=SURVIVORS_WAIT_S if gone else 0.0,
+                                         holders=lambda: [p for p in [supervisor, *pids] if p])
+
+
 def check_run_dir(run_dir: Path, cfg: JobConfig, resume: bool) -> None:
-    """Refuse a run directory that holds another job, or this job's run without ``resume`` (BadInput)."""
+    """Refuse a run directory that holds another job, or this job's run without ``resume``, or one that
+    another ``zoctl up`` (or what is left of one) still uses (BadInput)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadInput(f"the run directory {run_dir} is a file: expected a directory (new, or a run to --resume)")
+    if (run_dir / RUN_LOCK).is_file():
+        wait_for_run_dir(run_dir).release()  # only a probe: LocalCluster takes it for the run
     claim = run_dir / RUN
     if claim.exists():
         check_same_job(claim, cfg, f"the run directory {run_dir}")
@@ -96,6 +130,7 @@ class LocalCluster:
         self.run_dir = self.run_dir.resolve()
         check_run_dir(self.run_dir, self.cfg, self.resume)  # before anything is written or started
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = wait_for_run_dir(self.run_dir)  # held until shutdown, and by every service started
         record_job(self.run_dir / RUN, self.cfg)
         token_file = self.run_dir / "token"
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -153,13 +188,18 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         self._hosts_of[name] = host
         p = ServiceProcess(name, self._in_host(host, [*argv, "--ready-file", str(ready)]), ready,
-                           self.run_dir / "logs" / f"{name}.log")
+                           self.run_dir / "logs" / f"{name}.log", pass_fds=(self.lock.fd,) if self.lock.fd else ())
         self.processes[name] = p
         return p
 
+    def _env(self) -> dict[str, str]:
+        """The services' environment: one kernel cache, and this process as their supervisor (they end
+        when it does, however it ends: distzo.procs.end_with_supervisor)."""
+        return {**shared_kernel_cache_env(self.cfg.runtime.cache_dir), SUPERVISOR_ENV: str(os.getpid())}
+
     def _spawn(self, name: str, argv: list[str], host: int = 0) -> ServiceProcess:
         p = self._service(name, argv, host)
-        p.start(timeout_s=300, env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+        p.start(timeout_s=300, env=self._env())
         return p
 
     def _launch(self, name: str, start: Callable[[], None]) -> None:
@@ -200,7 +240,7 @@ class LocalCluster:
         p = self._early.pop("coordinator", None)  # started with the parameter server (start())
         if p is None:
             p = self._coordinator_process(self.server_address)
-            p.spawn(env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+            p.spawn(env=self._env())
         p.wait_ready(timeout_s=300)
         self.coordinator_port = p.info["port"]
 
@@ -243,7 +283,7 @@ class LocalCluster:
         if procs is None:
             procs = self._node_processes(node, self.coordinator_address)
             for p in procs:  # all members first: a node group forms only when every member is up
-                _start_detached(p, shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+                _start_detached(p, self._env())
         deadline = time.monotonic() + 300
         for p in procs:
             while not p.ready_file.is_file():
@@ -279,7 +319,7 @@ class LocalCluster:
         ready.mkdir(parents=True, exist_ok=True)
         for stale in ready.glob("*.json"):  # a resumed run's: never read as this run's addresses
             stale.unlink(missing_ok=True)
-        env = shared_kernel_cache_env(self.cfg.runtime.cache_dir)
+        env = self._env()
         coordinator = self._coordinator_process(f"{READY}{ready / 'paramserver.json'}")
         coordinator.spawn(env=env)
         self._early["coordinator"] = coordinator
@@ -305,9 +345,7 @@ class LocalCluster:
                 "pids": {n: p.pid for n, p in self.processes.items()}, "supervisor_pid": os.getpid(), "started": time.time(),
                 **self._cluster_info()}
         # announced in the run directory only (coordinator.targets): never a machine-wide "latest" cluster
-        tmp = self.run_dir / (CLUSTER_FILE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self.run_dir / CLUSTER_FILE)
+        write_atomic(self.run_dir / CLUSTER_FILE, json.dumps(info, indent=2).encode(), 0o666)
 
     # ------------------------------------------------------------------ supervision
     def _record(self, name: str) -> Restarts:
@@ -402,12 +440,8 @@ class LocalCluster:
             p.stop(timeout_s=10)
         self._drop_client()
         (self.run_dir / CLUSTER_FILE).unlink(missing_ok=True)  # nothing is running here any more
+        self.lock.release()
 
 def _start_detached(p: ServiceProcess, env: dict[str, str]) -> None:
     """Start a process that announces itself elsewhere (a worker registers with the coordinator)."""
-    import subprocess
-
-    p.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(p.log_path, "ab") as log_file:
-        p.proc = subprocess.Popen(p.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True, env={**os.environ, **env})
+    p.popen(env)

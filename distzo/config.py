@@ -7,7 +7,7 @@ what is allowed, before anything starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,15 +29,36 @@ MAX_TEXT = 4096  # any string field: paths, names, templates
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
+class When(NamedTuple):
+    """A field that decides the weights only under a condition on its section (``train.momentum``: only
+    with ``train.optimizer momentum``); then it is always in the job identity."""
+
+    applies: Callable[[Any], bool]
+    what: str
+
+
+ALWAYS, NOT = "always", "not"  # identity roles besides When (see _Section)
+
+
 class _Section(BaseModel):
+    """A config section. How its fields enter the job identity (``distzo.durable.job_identity``, what a
+    resume must keep): ``IDENTITY`` names a field's role, ``ALWAYS`` (always recorded: the fields job ids
+    have held since they exist), ``NOT`` (never: it does not change the weights), or a ``When``; a field not
+    named there is in the identity when ``TRAJECTORY`` (recorded when set away from its default, so adding
+    a field changes no existing job id) and out of it otherwise."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf lr: no run
+    TRAJECTORY: ClassVar[bool] = True
+    IDENTITY: ClassVar[dict[str, Any]] = {}
 
 
 class ModelSection(_Section):
+    IDENTITY = {"source": ALWAYS}
     source: str = Field("tiny-opt", min_length=1, max_length=MAX_TEXT, description="a preset (tiny-opt, tiny-gpt2, tiny-llama, tiny-qwen3, ...), a fetched model (smollm2-135m, see `zoctl fetch`) or a Hugging Face model directory")
 
 
 class DataSection(_Section):
+    IDENTITY = dict.fromkeys(("train", "dev", "template", "label_words", "max_seq_len", "dev_examples"), ALWAYS)
     train: Text | None = Field(None, description="a task name (rotten-tomatoes after `zoctl fetch`, sst2-synth) or a JSONL file of training examples; default: sst2-synth, the shipped SST-2-style task")
     dev: Text | None = Field(None, description="JSONL of dev examples (or a task name: its dev split); default: the task's dev split, or the last tenth of a data.train file")
     template: Text = "{text} It was"
@@ -69,6 +90,14 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
+    IDENTITY = {**dict.fromkeys(("batch_size", "eps", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+                                 "distribution", "seed", "grad_clip"), ALWAYS),
+                "steps": When(lambda t: t.lr_schedule != "constant", "a decaying lr_schedule spans the run"),
+                "momentum": When(lambda t: t.optimizer == "momentum", "optimizer momentum"),
+                **dict.fromkeys(("adam_beta1", "adam_beta2", "adam_eps"), When(lambda t: t.optimizer == "adam", "optimizer adam")),
+                **dict.fromkeys(("lora_rank", "lora_alpha", "lora_modules"), When(lambda t: t.target == "lora", "target lora")),
+                "prefix_tokens": When(lambda t: t.target == "prefix", "target prefix"),
+                "eval_every": NOT, "eval_at_start": NOT}  # evaluations read the weights, never change them
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
     eps: float = Field(1e-3, gt=0, description="perturbation scale")
@@ -109,6 +138,8 @@ class TrainSection(_Section):
 
 
 class LayoutSection(_Section):
+    IDENTITY = {"workers": ALWAYS, "name": ALWAYS, "q": ALWAYS,
+                "node_size": NOT, "nodes": NOT}  # a node group gathers whole blocks: placement, not arithmetic
     workers: int = Field(1, ge=1)
     name: LayoutName = "dual"
     q: int = Field(1, ge=1, description="perturbation directions per step")
@@ -158,6 +189,9 @@ class LayoutSection(_Section):
 
 
 class ServerSection(_Section):
+    IDENTITY = {"served_dtype": ALWAYS,  # paths, threads, timeouts and guards never change the weights
+                **dict.fromkeys(("snapshot_every", "snapshot_at_start", "chunk_bytes", "update_threads", "shared_memory",
+                                 "shm_dir", "export_root", "fetch_timeout_s", "max_update_step", "data_dir"), NOT)}
     served_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     snapshot_every: int = Field(100, ge=0, description="snapshot every N steps (0: never automatically)")
     snapshot_at_start: bool = Field(True, description="snapshot the initial weights when the data directory has none, so recovery never needs the model directory again (benchmarks turn it off)")
@@ -173,6 +207,7 @@ class ServerSection(_Section):
 
 
 class RuntimeSection(_Section):
+    TRAJECTORY = False  # where and how fast: devices, threads, caches
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int = Field(1, ge=1, le=1024, description="torch compute threads per worker (and for the reference)")
     kernel_threads: int = Field(1, ge=1, le=1024, description="threads for the perturbation kernels")
@@ -186,6 +221,7 @@ class RuntimeSection(_Section):
 
 
 class CoordinatorSection(_Section):
+    TRAJECTORY = False  # a failure never changes the trajectory: how failures are handled neither
     on_worker_loss: Literal["reassign", "wait"] = Field(
         "reassign", description="a lost worker's forwards go to a live worker now, or wait for a replacement")
     heartbeat_timeout_s: float = Field(15.0, gt=0, description="a worker silent this long is lost")
@@ -198,6 +234,8 @@ class CoordinatorSection(_Section):
 class ClusterSection(_Section):
     """Where ``zoctl up`` puts the processes (placement only: it never changes the weights)."""
 
+    TRAJECTORY = False
+
     hosts: int = Field(1, ge=1, le=64, description="simulated hosts (Linux network namespaces, needs root): the primary "
                        "parameter server and the coordinator on host 0, a replica on every other host, the workers "
                        "spread evenly over all hosts, each fetching from its own host's server; 1: everything on loopback")
@@ -207,6 +245,7 @@ class ClusterSection(_Section):
 
 
 class SecuritySection(_Section):
+    TRAJECTORY = False
     token: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="bearer token for state-changing RPCs (prefer token_file)")
     token_file: Text | None = Field(None, description="file holding the bearer token (a mounted Secret)")
     tls_cert: Text | None = Field(None, description="PEM certificate of this service (enables TLS)")

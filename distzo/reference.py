@@ -18,7 +18,9 @@ from distzo import generator
 from distzo.adapters import adapter_from_train
 from distzo.config import JobConfig
 from distzo.data import Batch
+from distzo.durable import write_atomic
 from distzo.export import check_destination, export_model_dir
+from distzo.locks import DirLock
 from distzo.modelcard import model_card
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.jobdata import EvalTally, JobData
@@ -28,7 +30,7 @@ from distzo.objective import forward_sums
 from distzo.optim import Optimizer
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
-from distzo.runlog import RunLog
+from distzo.runlog import RUN_LOCK, RunLog
 from distzo.step import Losses, TrainingStopped, TrainLog, run_step
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
@@ -116,18 +118,30 @@ class ReferenceTrainer:
         ``merge``: a LoRA run exports its merged plain model instead of peft's adapter directory.
         ``run_dir``: write the per-step log, the config and the report plot there.
         """
-        cfg = self.cfg
         if out_dir is not None:  # a destination the export would refuse is refused now, not after training
             check_destination(out_dir)
             if merge and self.model.adapter is None:
                 raise ValueError("--merge merges a LoRA adapter into the base: this run trains the full model")
+        if run_dir is None:
+            return self._train(out_dir, progress, None, merge)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        # one writer per run directory: a zoctl up there (or its services, or another reference) is refused
+        lock = DirLock(run_dir, RUN_LOCK, "the run directory").acquire()
+        try:
+            return self._train(out_dir, progress, run_dir, merge)
+        finally:
+            lock.release()
+
+    def _train(self, out_dir: str | Path | None, progress: bool | None, run_dir: str | Path | None,
+               merge: bool) -> dict[str, Any]:
+        cfg = self.cfg
         apply_runtime_threads(cfg)
         generator.warm_up(self.device, cfg.train.distribution, [self.engine.compute_dtype],
                           cfg.layout.q)  # like every service, before the clock starts
         if run_dir is not None:
             self.run_log = RunLog(run_dir)
             self.run_log.resume(0, cfg)  # refuses a run directory of another job
-            (Path(run_dir) / "job.yaml").write_text(cfg.to_yaml(redact=True))
+            write_atomic(Path(run_dir) / "job.yaml", cfg.to_yaml(redact=True).encode())
         start = time.perf_counter()
         if cfg.train.eval_at_start:
             self.evaluate(0)

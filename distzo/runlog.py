@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from distzo.durable import check_same_job, record_job
+from distzo.durable import check_same_job, record_job, write_atomic
 
 
 def mean_finite(xs: Sequence[float]) -> float:
@@ -34,6 +33,7 @@ from distzo.strictjson import strict_json
 STEPS = "steps.jsonl"
 EVALS = "evals.jsonl"
 RUN = "run.json"  # the identity of the job whose log this is (distzo.durable)
+RUN_LOCK = ".lock"  # held by whoever writes the run directory: zoctl up (and its services), zoctl reference (distzo.locks)
 
 
 class RunLogError(BadInput):
@@ -98,9 +98,7 @@ class RunLog:
         old = read_history(self.dir)
         kept = RunHistory([r for r in old.steps if r["step"] < step], [r for r in old.evals if r["step"] <= step])
         for name, records in ((STEPS, kept.steps), (EVALS, kept.evals)):
-            tmp = self.dir / (name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-            os.replace(tmp, self.dir / name)
+            write_atomic(self.dir / name, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"), 0o666)
         return kept
 
     def _append(self, name: str, record: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from distzo.durable import CorruptFile, differences, read_checked_json, write_ch
 from distzo.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
 from distzo import generator
 from distzo.generator import Distribution
+from distzo.locks import DirLock
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.optim import Optimizer
@@ -43,6 +44,7 @@ from paramserver.store import BlockStore
 log = logging.getLogger("distzo.paramserver")
 KEEP_SNAPSHOTS = 2
 STATE_FILE = "state.json"  # what the data directory holds: model, layout, and the job that journals into it
+LOCK_FILE = "LOCK"  # held (flock) by the one server using the data directory (distzo.locks)
 
 
 class UpdateRejected(ValueError):
@@ -75,6 +77,15 @@ class ServerState:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.data_dir.chmod(0o700)  # snapshots and journal are private to the service's user
+        # one server per data directory, for its whole life: a second one would append to the same journal
+        self._lock = DirLock(self.data_dir, LOCK_FILE, "the parameter server's data directory").acquire()
+        try:
+            self._init(cfg, blocks, name, role)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, cfg: JobConfig, blocks: tuple[int, int] | None, name: str | None, role: str) -> None:
         self.role = role
         self.dist = Distribution(cfg.train.distribution)
         self.optimizer = Optimizer.from_config(cfg.train)
@@ -153,9 +164,15 @@ class ServerState:
             self.job = job
             log.info("data directory claimed by a job", extra=kv(job_id=job_id))
         elif self.job.get("job_id") != job_id:
+            try:
+                theirs = json.loads(identity_json) if identity_json else None
+            except ValueError:
+                theirs = None
+            why = (f" ({differences(self.job.get('identity') or {}, theirs)})" if isinstance(theirs, dict)
+                   and isinstance(self.job.get("identity"), dict) else "")
             raise UpdateRejected(f"this parameter server's data directory holds job {self.job.get('job_id')} "
-                                 f"(recorded in {self.data_dir / STATE_FILE}), not job {job_id[:32]}: a new job needs "
-                                 "a new data directory")
+                                 f"(recorded in {self.data_dir / STATE_FILE}), not job {job_id[:32]}{why}: a new job "
+                                 "needs a new data directory")
 
     def recover(self) -> int:
         """Load the newest valid snapshot and replay the journal; returns the version reached."""
@@ -426,3 +443,4 @@ class ServerState:
         self._wait_snapshot()
         self.journal.close()
         self.store.close()
+        self._lock.release()  # last: nothing of this server writes the data directory any more
