@@ -249,6 +249,8 @@ class Job:
             evals_waiting = bool(self._eval_requests)
         if t >= cfg.train.steps or due_eval or evals_waiting or self._paused.is_set() or self._stop.is_set():
             return
+        if not self.registry.units():  # no worker now: the step's own round waits for one, after the update
+            return
         plan = step_plan(cfg, t, len(self.data.train))
         forwards, pieces = self._round_spec(plan)
         rnd = Round(self.registry, cfg.coordinator, t, t, "train", forwards,

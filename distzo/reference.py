@@ -30,7 +30,7 @@ from distzo.objective import forward_sums
 from distzo.optim import Optimizer
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
-from distzo.runlog import RUN_LOCK, RunLog
+from distzo.runlog import RUN_LOCK, RunLog, make_run_dir
 from distzo.step import Losses, TrainingStopped, TrainLog, run_step
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
@@ -124,7 +124,7 @@ class ReferenceTrainer:
                 raise ValueError("--merge merges a LoRA adapter into the base: this run trains the full model")
         if run_dir is None:
             return self._train(out_dir, progress, None, merge)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        make_run_dir(run_dir)
         # one writer per run directory: a zoctl up there (or its services, or another reference) is refused
         lock = DirLock(run_dir, RUN_LOCK, "the run directory").acquire()
         try:
