@@ -50,6 +50,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf lr: no run
     TRAJECTORY: ClassVar[bool] = True
     IDENTITY: ClassVar[dict[str, Any]] = {}
+    PRIVATE: ClassVar[frozenset[str]] = frozenset()  # secrets and paths to them: never in a public view (to_yaml)
 
 
 class ModelSection(_Section):
@@ -189,6 +190,7 @@ class LayoutSection(_Section):
 
 
 class ServerSection(_Section):
+    PRIVATE = frozenset({"data_dir"})  # (zoctl up: inside the run directory, beside the token file)
     IDENTITY = {"served_dtype": ALWAYS,  # paths, threads, timeouts and guards never change the weights
                 **dict.fromkeys(("snapshot_every", "snapshot_at_start", "chunk_bytes", "update_threads", "shared_memory",
                                  "shm_dir", "export_root", "fetch_timeout_s", "max_update_step", "data_dir"), NOT)}
@@ -246,6 +248,7 @@ class ClusterSection(_Section):
 
 class SecuritySection(_Section):
     TRAJECTORY = False
+    PRIVATE = frozenset({"token", "token_file", "tls_cert", "tls_key", "tls_ca", "mutual_tls"})  # all of it, consistently
     token: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="bearer token for state-changing RPCs (prefer token_file)")
     token_file: Text | None = Field(None, description="file holding the bearer token (a mounted Secret)")
     tls_cert: Text | None = Field(None, description="PEM certificate of this service (enables TLS)")
@@ -376,11 +379,19 @@ class JobConfig(_Section):
             raw["layout"].pop("workers", None)  # derived from nodes x node_size again
         return JobConfig.from_dict(raw)
 
-    def to_yaml(self, redact: bool = False) -> str:
-        """The config as YAML; ``redact``: without secrets (security.token is null), for anything shown or sent."""
+    def to_yaml(self, redact: bool = False, public: bool = False) -> str:
+        """The config as YAML; ``redact``: without secrets (security.token is null), for anything shown or sent;
+        ``public``: also without the paths of secrets and private state (each section's PRIVATE fields at
+        their defaults), for what a client without the token may read."""
         raw = self.model_dump()
-        if redact:
+        if redact or public:
             raw["security"]["token"] = None
+        if public:
+            for name in type(self).model_fields:
+                section = getattr(self, name)
+                for field in section.PRIVATE:
+                    info = type(section).model_fields[field]
+                    raw[name][field] = info.default_factory() if info.default_factory is not None else info.default
         return yaml.safe_dump(raw, sort_keys=False)
 
 

@@ -94,7 +94,7 @@ class ParamServerService:
             first_block=st.first,
             end_block=st.end,
             server_id=st.server_id,
-            config_yaml=st.cfg.to_yaml(redact=True),
+            config_yaml=st.cfg.to_yaml(public=True),  # readable without the token: no secret, no path to one
             model_config_json=st.model.config.to_json_string(use_diff=False),
             control_port=self.control_port,
         )

@@ -171,7 +171,7 @@ class ServerState:
             why = (f" ({differences(self.job.get('identity') or {}, theirs)})" if isinstance(theirs, dict)
                    and isinstance(self.job.get("identity"), dict) else "")
             raise UpdateRejected(f"this parameter server's data directory holds job {self.job.get('job_id')} "
-                                 f"(recorded in {self.data_dir / STATE_FILE}), not job {job_id[:32]}{why}: a new job "
+                                 f"(recorded in its {STATE_FILE}), not job {job_id[:32]}{why}: a new job "
                                  "needs a new data directory")
 
     def recover(self) -> int:
