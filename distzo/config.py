@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distzo.errors import BadInput, counted
-from distzo.wire_sizes import MAX_MESSAGE_BYTES, MESSAGE_HEADROOM, TOKEN_BYTES
+from distzo.wire_sizes import INT32_MAX, INT64_MAX, MAX_DIRECTIONS, MAX_MESSAGE_BYTES, MESSAGE_HEADROOM, TOKEN_BYTES
 
 LayoutName = Literal["dual", "pertp", "ddp", "2d"]
 
@@ -26,6 +26,11 @@ class ConfigError(BadInput):
 
 MAX_CONFIG_BYTES = 256 << 10  # a job config is a few KB; StartJob's config_yaml has the same bound
 MAX_TEXT = 4096  # any string field: paths, names, templates
+# every number has a range (tests/test_config_data.py checks the schema): a count fits the protobuf field it
+# travels in (steps and versions int64, with room for step + 1), a wait fits threading's and gRPC's timeouts
+MAX_STEPS = 1 << 62
+MAX_COUNT = 1 << 16  # workers, directions' retries, attempts: far beyond any cluster
+MAX_WAIT_S = 1e6  # about 11.6 days
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
@@ -66,7 +71,7 @@ class DataSection(_Section):
     label_words: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["terrible", "great"], min_length=2, max_length=1024)
     max_seq_len: int = Field(64, ge=4, le=1 << 16)
-    dev_examples: int | None = Field(None, ge=1, description="evaluate on the first N dev examples only")
+    dev_examples: int | None = Field(None, ge=1, le=INT32_MAX, description="evaluate on the first N dev examples only")
 
     @field_validator("template")
     @classmethod
@@ -99,21 +104,21 @@ class TrainSection(_Section):
                 **dict.fromkeys(("lora_rank", "lora_alpha", "lora_modules"), When(lambda t: t.target == "lora", "target lora")),
                 "prefix_tokens": When(lambda t: t.target == "prefix", "target prefix"),
                 "eval_every": NOT, "eval_at_start": NOT}  # evaluations read the weights, never change them
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(16, ge=1)
+    steps: int = Field(1000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(16, ge=1, le=INT32_MAX)
     eps: float = Field(1e-3, gt=0, description="perturbation scale")
     lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     distribution: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int = Field(0, ge=0, lt=1 << 63)
     grad_clip: float | None = Field(None, gt=0, description="clip |g| to this value")
-    nonfinite_retries: int = Field(1, ge=0, description="re-runs of a step whose losses are not finite")
+    nonfinite_retries: int = Field(1, ge=0, le=MAX_COUNT, description="re-runs of a step whose losses are not finite")
     nonfinite_policy: Literal["skip", "stop"] = "skip"
-    max_consecutive_skips: int = Field(10, ge=1, description="stop when this many steps in a row are skipped (diverged)")
-    eval_every: int = Field(250, ge=0, description="evaluate every N steps (0: only at the end)")
+    max_consecutive_skips: int = Field(10, ge=1, le=MAX_STEPS, description="stop when this many steps in a row are skipped (diverged)")
+    eval_every: int = Field(250, ge=0, le=MAX_STEPS, description="evaluate every N steps (0: only at the end)")
     eval_at_start: bool = Field(True, description="evaluate before the first step (the zero-shot figures)")
     optimizer: Literal["sgd", "momentum", "adam"] = Field(
         "sgd", description="update rule on the parameter server: sgd (MeZO-SGD, no state), momentum (heavy ball, "
@@ -137,14 +142,24 @@ class TrainSection(_Section):
         description="names of the linear modules that get adapters (peft target_modules; MeZO's LoRA: q and v)")
     prefix_tokens: int = Field(5, ge=1, le=4096, description="prefix length in tokens (train.target prefix)")
 
+    @model_validator(mode="after")
+    def _decay_step_below_one(self) -> "TrainSection":
+        """The parameter server refuses an update with lr x weight_decay >= 1 (it would flip or zero every weight):
+        refused here, before the run, not at its first update (no schedule goes above lr)."""
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(f"train.lr x train.weight_decay = {self.lr} x {self.weight_decay} = "
+                             f"{self.lr * self.weight_decay:g} must be below 1 (each step multiplies a weight by "
+                             "1 - lr x weight_decay)")
+        return self
+
 
 class LayoutSection(_Section):
     IDENTITY = {"workers": ALWAYS, "name": ALWAYS, "q": ALWAYS,
                 "node_size": NOT, "nodes": NOT}  # a node group gathers whole blocks: placement, not arithmetic
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=MAX_COUNT)
     name: LayoutName = "dual"
-    q: int = Field(1, ge=1, description="perturbation directions per step")
-    node_size: int = Field(1, ge=1, description="workers per node group (sliced fetch + all-gather)")
+    q: int = Field(1, ge=1, le=MAX_DIRECTIONS, description="perturbation directions per step")
+    node_size: int = Field(1, ge=1, le=MAX_COUNT, description="workers per node group (sliced fetch + all-gather)")
     nodes: int | None = Field(None, ge=1, le=1 << 16, description="worker nodes (node groups); when set, workers = "
                               "nodes x node_size (the Kubernetes run's shape, k8s/overlays/gpu-run/shape.yaml)")
 
@@ -195,14 +210,14 @@ class ServerSection(_Section):
                 **dict.fromkeys(("snapshot_every", "snapshot_at_start", "chunk_bytes", "update_threads", "shared_memory",
                                  "shm_dir", "export_root", "fetch_timeout_s", "max_update_step", "data_dir"), NOT)}
     served_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    snapshot_every: int = Field(100, ge=0, description="snapshot every N steps (0: never automatically)")
+    snapshot_every: int = Field(100, ge=0, le=MAX_STEPS, description="snapshot every N steps (0: never automatically)")
     snapshot_at_start: bool = Field(True, description="snapshot the initial weights when the data directory has none, so recovery never needs the model directory again (benchmarks turn it off)")
     chunk_bytes: int = Field(4 << 20, ge=1 << 20, le=16 << 20, description="data-plane chunk size (1-16 MiB)")
-    update_threads: int = Field(1, ge=1, description="threads applying an update (results never depend on it)")
+    update_threads: int = Field(1, ge=1, le=1024, description="threads applying an update (results never depend on it)")
     shared_memory: bool = Field(True, description="offer the shared-memory fetch path to clients on this host")
     shm_dir: Text = Field("/dev/shm", description="where shared-memory segments live (a memory-backed directory)")
     export_root: Text | None = Field(None, description="exports must be written under this directory (None: anywhere)")
-    fetch_timeout_s: float = Field(120.0, gt=0, description="how long a fetch may wait for a version")
+    fetch_timeout_s: float = Field(120.0, gt=0, le=MAX_WAIT_S, description="how long a fetch may wait for a version")
     max_update_step: float = Field(1.0, gt=0, description="refuse (before journaling) an update that moves a weight "
                                    "by more than this per unit of z: lr x mean |g| (a diverged or broken run)")
     data_dir: Text | None = Field(None, description="snapshots and journal (zoctl up: <run dir>/server)")
@@ -215,7 +230,7 @@ class RuntimeSection(_Section):
     kernel_threads: int = Field(1, ge=1, le=1024, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
     frozen_gpu_bytes: int | None = Field(
-        None, ge=0, description="train.target lora/prefix on a GPU: at most this many bytes of frozen blocks kept in "
+        None, ge=0, le=INT64_MAX, description="train.target lora/prefix on a GPU: at most this many bytes of frozen blocks kept in "
         "GPU memory, the rest in the worker's pinned host memory (default: the GPU memory free at the first "
         "assignment less a fifth of the device, kept for activations and the streamed blocks)")
     copy_threads: int = Field(0, ge=0, le=64, description="threads copying fetched blocks out of the server's shared memory (0: one per core, at most 8)")
@@ -226,11 +241,11 @@ class CoordinatorSection(_Section):
     TRAJECTORY = False  # a failure never changes the trajectory: how failures are handled neither
     on_worker_loss: Literal["reassign", "wait"] = Field(
         "reassign", description="a lost worker's forwards go to a live worker now, or wait for a replacement")
-    heartbeat_timeout_s: float = Field(15.0, gt=0, description="a worker silent this long is lost")
-    assignment_timeout_s: float = Field(600.0, gt=0, description="an assignment not answered in this time is re-assigned")
-    max_attempts: int = Field(5, ge=1, description="tries per forward before the step fails")
-    server_timeout_s: float = Field(300.0, gt=0, description="how long to wait for an unreachable parameter server")
-    worker_wait_s: float = Field(600.0, gt=0, description="how long to wait for the layout's workers to register")
+    heartbeat_timeout_s: float = Field(15.0, gt=0, le=MAX_WAIT_S, description="a worker silent this long is lost")
+    assignment_timeout_s: float = Field(600.0, gt=0, le=MAX_WAIT_S, description="an assignment not answered in this time is re-assigned")
+    max_attempts: int = Field(5, ge=1, le=MAX_COUNT, description="tries per forward before the step fails")
+    server_timeout_s: float = Field(300.0, gt=0, le=MAX_WAIT_S, description="how long to wait for an unreachable parameter server")
+    worker_wait_s: float = Field(600.0, gt=0, le=MAX_WAIT_S, description="how long to wait for the layout's workers to register")
 
 
 class ClusterSection(_Section):
