@@ -35,15 +35,14 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt
 from distzo.cache import shared_kernel_cache_env
 from coordinator.targets import CLUSTER_FILE
 from distzo.config import JobConfig
-from distzo.durable import write_atomic, JobMismatch, check_same_job, differences, job_id, job_identity, record_job
-from distzo.errors import BadInput
-from distzo.locks import DirLock, alive
+from coordinator.rundir import check_run_dir, wait_for_run_dir  # noqa: F401 - check_run_dir: re-exported for zoctl up
+from distzo.durable import record_job, write_atomic
 from distzo.logs import kv
 from distzo.procs import READY, SUPERVISOR_ENV, ServiceFailed, ServiceProcess, address_flags, python_module
 from coordinator.client import CoordinatorClient
 from gpuworker.launch import worker_command
 from distzo.rpc import Credentials
-from distzo.runlog import RUN, RUN_LOCK, read_history
+from distzo.runlog import RUN
 from distzo.supervise import RestartPolicy, Restarts
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -53,60 +52,6 @@ MAX_RESTARTS = 20  # per process, over the run
 STABLE_S = 30.0  # a process that ran this long before dying is restarted at once (no backoff)
 # quick deaths (and failed starts) in a row wait 0.25 s, 0.5 s, 1 s, ... up to 5 s
 POLICY = RestartPolicy(first_delay_s=0.25, max_delay_s=5.0, stable_s=STABLE_S, max_restarts=MAX_RESTARTS)
-
-
-SURVIVORS_WAIT_S = 30.0  # how long a new zoctl up waits for the services of a killed one to end (they are told at once)
-
-
-def run_dir_lock(run_dir: Path) -> DirLock:
-    return DirLock(run_dir, RUN_LOCK, "the run directory")
-
-
-def _recorded_pids(run_dir: Path) -> tuple[int | None, list[int]]:
-    """The supervisor and service pids cluster.json records (none when it is missing or damaged)."""
-    try:
-        info = json.loads((run_dir / CLUSTER_FILE).read_bytes())
-        pids = [p for p in (info.get("pids") or {}).values() if isinstance(p, int)]
-        sup = info.get("supervisor_pid")
-        return (sup if isinstance(sup, int) else None), pids
-    except (OSError, ValueError, AttributeError):
-        return None, []
-
-
-def wait_for_run_dir(run_dir: Path) -> DirLock:
-    """Take the run directory's lock: refused (DirectoryBusy, one line naming the pids) while another
-    ``zoctl up`` runs there, or its services are still alive. The services of a ``zoctl up`` that was
-    killed end by themselves (``distzo.procs.end_with_supervisor``): waited for, up to SURVIVORS_WAIT_S."""
-    supervisor, pids = _recorded_pids(run_dir)
-    gone = supervisor is None or not alive(supervisor)
-    return run_dir_lock(run_dir).acquire(wait_s=SURVIVORS_WAIT_S if gone else 0.0,
-                                         holders=lambda: [p for p in [supervisor, *pids] if p])
-
-
-def check_run_dir(run_dir: Path, cfg: JobConfig, resume: bool) -> None:
-    """Refuse a run directory that holds another job, or this job's run without ``resume``, or one that
-    another ``zoctl up`` (or what is left of one) still uses (BadInput)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise BadInput(f"the run directory {run_dir} is a file: expected a directory (new, or a run to --resume)")
-    if (run_dir / RUN_LOCK).is_file():
-        wait_for_run_dir(run_dir).release()  # only a probe: LocalCluster takes it for the run
-    claim = run_dir / RUN
-    if claim.exists():
-        check_same_job(claim, cfg, f"the run directory {run_dir}")
-    elif (run_dir / "job.yaml").is_file() and (run_dir / "server").is_dir():
-        old = JobConfig.from_yaml(run_dir / "job.yaml")  # a run directory from before run.json existed
-        if job_id(job_identity(old)) != job_id(job_identity(cfg)):
-            raise JobMismatch(f"the run directory {run_dir} holds another job: "
-                              f"{differences(job_identity(old), job_identity(cfg))}. Use a new --run-dir for a new job")
-    else:
-        return  # nothing there yet
-    steps = len(read_history(run_dir).steps)
-    if not resume:
-        raise BadInput(f"the run directory {run_dir} holds a run of this job ({steps} steps logged): pass --resume to "
-                       "continue it, or choose a new --run-dir")
-    if cfg.train.steps < steps:  # it would start a cluster to train nothing
-        raise BadInput(f"the run in {run_dir} is at step {steps} and train.steps is {cfg.train.steps}: give --steps "
-                       f"above {steps} to continue it (its config: {run_dir / 'job.yaml'})")
 
 
 def free_port() -> int:
