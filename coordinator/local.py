@@ -77,17 +77,13 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.lock = wait_for_run_dir(self.run_dir)  # held until shutdown, and by every service started
         record_job(self.run_dir / RUN, self.cfg)
-        token_file = self.run_dir / "token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
+        token_file = self.run_dir / "token"  # written whole (a restarted service reads it again), private
+        write_atomic(token_file, (secrets.token_urlsafe(24) + "\n").encode(), 0o600)
         token_file.chmod(0o600)
         data_dir = self.cfg.server.data_dir or str(self.run_dir / "server")
         self.cfg = self.cfg.with_overrides({"security.token_file": str(token_file), "server.data_dir": data_dir})
         self.config_path = self.run_dir / "job.yaml"
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold a token
-        with os.fdopen(fd, "w") as f:
-            f.write(self.cfg.to_yaml())
+        write_atomic(self.config_path, self.cfg.to_yaml().encode(), 0o600)  # it may hold a token
         self.config_path.chmod(0o600)
         self._started_at: dict[str, float] = {}
         self._restarts: dict[str, Restarts] = {}  # process name, or node-N for a node group's start

@@ -45,11 +45,25 @@ def wait_for_run_dir(run_dir: Path) -> DirLock:
                                          holders=lambda: [p for p in [supervisor, *pids] if p])
 
 
+def check_writable(path: Path, what: str) -> None:
+    """BadInput unless ``path`` is, or can be made as, a directory this user writes in (checked on the nearest
+    existing parent)."""
+    import os
+
+    existing = Path(os.path.abspath(path))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"{what} {path}: {existing} is not a directory this user can write in")
+
+
 def check_run_dir(run_dir: Path, cfg: JobConfig, resume: bool) -> None:
     """Refuse a run directory that holds another job, or this job's run without ``resume``, or one that
     another ``zoctl up`` (or what is left of one) still uses (BadInput)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise BadInput(f"the run directory {run_dir} is a file: expected a directory (new, or a run to --resume)")
+    for path, what in ((run_dir, "the run directory"), (Path(cfg.server.data_dir or run_dir), "server.data_dir")):
+        check_writable(path, what)
     if (run_dir / RUN_LOCK).is_file():
         wait_for_run_dir(run_dir).release()  # only a probe: LocalCluster takes it for the run
     claim = run_dir / RUN
