@@ -105,8 +105,13 @@ def cmd_reference(args: argparse.Namespace) -> int:
                        "add --out DIR or drop --merge")
     if args.out:
         check_out(args.out, cfg)
-    if args.run_dir and Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
-        raise CliError(f"the run directory {args.run_dir} is a file: expected a directory")
+    if args.run_dir and Path(args.run_dir).exists():
+        if not Path(args.run_dir).is_dir():
+            raise CliError(f"the run directory {args.run_dir} is a file: expected a directory")
+        from distzo.locks import DirLock
+        from distzo.runlog import RUN_LOCK
+
+        DirLock(args.run_dir, RUN_LOCK, "the run directory").acquire().release()  # in use: refused before loading
     with tempfile.TemporaryDirectory(prefix="distzo-reference-") as staging:  # a URL: exported here, then pushed
         url = args.out if args.out and is_url(args.out) else None
         trainer = ReferenceTrainer(cfg)

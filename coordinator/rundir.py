@@ -40,7 +40,7 @@ def wait_for_run_dir(run_dir: Path) -> DirLock:
     ``zoctl up`` runs there, or its services are still alive. The services of a ``zoctl up`` that was
     killed end by themselves (``distzo.procs.end_with_supervisor``): waited for, up to SURVIVORS_WAIT_S."""
     supervisor, pids = _recorded_pids(run_dir)
-    gone = supervisor is None or not alive(supervisor)
+    gone = supervisor is not None and not alive(supervisor)  # a killed zoctl up: its services are ending
     return run_dir_lock(run_dir).acquire(wait_s=SURVIVORS_WAIT_S if gone else 0.0,
                                          holders=lambda: [p for p in [supervisor, *pids] if p])
 

@@ -158,3 +158,32 @@ def test_run_directory_files_of_the_wrong_type_or_kind_are_one_line_and_exit_2(c
         r = zoctl(*cmd)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file: expected a directory" in r.stderr, r.stderr
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_run_directory_in_use_is_refused_by_every_writer(cache_dir, tmp_path, capsys):
+    """One writer per run directory (kind 2): while a process holds it (here a stand-in for a running `zoctl up`
+    or one of its services), `zoctl up`, `zoctl up --resume` and `zoctl reference --run-dir` are refused in one
+    line naming its pid; once it ends, the directory is free again."""
+    from coordinator.cli import main
+
+    run = tmp_path / "run"
+    RunLog(run).resume(0, small_config(cache_dir))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distzo.locks import DirLock\n"
+                               "DirLock(sys.argv[1], '.lock', 'the run directory').acquire()\nprint('held', flush=True)\n"
+                               "time.sleep(600)\n", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = tmp_path / "job.yaml"
+        cfg.write_text(small_config(cache_dir).to_yaml())
+        for argv in (["up", "--config", str(cfg), "--run-dir", str(run)],
+                     ["up", "--config", str(cfg), "--run-dir", str(run), "--resume"],
+                     ["reference", "--config", str(cfg), "--run-dir", str(run)]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"the run directory {run} is in use by pid {holder.pid}" in err, (argv, err)
+    finally:
+        holder.kill()
+        holder.wait()
+    from distzo.locks import DirLock
+
+    DirLock(run, ".lock", "the run directory").acquire().release()  # the kernel dropped it with its holder
