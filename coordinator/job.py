@@ -20,7 +20,7 @@ import time
 from typing import Any, Sequence
 
 import grpc
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
 from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
@@ -260,6 +260,8 @@ class Job:
             evals_waiting = bool(self._eval_requests)
         if t >= cfg.train.steps or due_eval or evals_waiting or self._paused.is_set() or self._stop.is_set():
             return
+        if not self.registry.units():  # no worker now: the step's own round waits for one, after the update
+            return
         plan = step_plan(cfg, t, len(self.data.train))
         forwards, pieces = self._round_spec(plan)
         version, pending = self._base(t)
@@ -358,7 +360,8 @@ class Job:
         try:
             Retrying(retry=retry_if_exception(lambda e: isinstance(e, grpc.RpcError) and e.code() in unavailable),
                      wait=wait_exponential(multiplier=0.05, max=1.0),
-                     stop=stop_after_delay(self.cfg.coordinator.server_timeout_s), reraise=True,
+                     stop=stop_after_delay(self.cfg.coordinator.server_timeout_s) | stop_when_event_set(self._stop),
+                     reraise=True,
                      before_sleep=lambda _: log.warning("parameter server unavailable, retrying the update",
                                                         extra=kv(step=record.step)))(send)
         except grpc.RpcError as exc:

@@ -135,8 +135,23 @@ def resolve_cluster(args: argparse.Namespace) -> ClusterSpec:
                           replicas=False if args.no_replicas else None)
 
 
+# every number a plan takes: (flag, lowest, highest); checked before anything is loaded
+RANGES = (("nodes", 1, 1 << 16), ("gpus_per_node", 1, 1 << 10), ("gpus_per_worker", 1, 1 << 10), ("fetch_group", 1, 1 << 10),
+          ("tokens_per_step", 1, 1 << 40), ("seq_len", 1, 1 << 24), ("q", 1, 4096), ("shards", 1, 1 << 16),
+          ("lora_rank", 1, 4096), ("prefix_tokens", 1, 4096))
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """One line naming the flag, its range and the value given, for a number out of its range."""
+    for dest, low, high in RANGES:
+        value = getattr(args, dest, None)
+        if value is not None and not low <= value <= high:
+            raise bad_input(f"--{dest.replace('_', '-')} must be an integer from {low} to {high}, got {value}")
+
+
 def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, Recommendation]:
     """The prediction shown (the --layout asked for, or the recommended one) and the recommendation."""
+    check_ranges(args)
     model = resolve_model(args.model)
     try:
         cluster = resolve_cluster(args)

@@ -126,9 +126,7 @@ class Round:
     def start(self, pieces: list[list[Hashable]]) -> None:
         """Piece i to the i-th live worker (node groups whole); what is left over goes round-robin."""
         t0 = time.perf_counter()
-        units = self.registry.units()
-        if not units:
-            raise RoundFailed("no live workers")
+        units = self._wait_for_units(lambda: self.registry.units(), f"{len(pieces)} pieces of work")
         queue = list(pieces)
         for unit in units:
             if not queue:
@@ -251,16 +249,14 @@ class Round:
                 raise RoundFailed(f"step {self.step}: forward {k} failed {self.attempts[k]} times"
                                   + (f"; the last time: {last}" if last else ""))
         busy_ids = {s.worker.worker_id for s in self.sent.values()}
-        while True:
+
+        def candidates() -> list[list[WorkerConn]]:
             units = self.registry.units()
             if self.policy.on_worker_loss == "wait":  # only a worker with nothing of this round takes it
                 units = [u for u in units if not any(m.worker_id in busy_ids for m in u)]
-            if units:
-                break
-            if self.stopping.is_set():
-                raise RoundFailed("stopping")
-            log.warning("no live worker to take re-assigned forwards; waiting", extra=kv(step=self.step, forwards=len(keys)))
-            self.registry.wait_for(lambda: bool(self.registry.units()), 5.0)
+            return units
+
+        units = self._wait_for_units(candidates, f"{len(keys)} re-assigned forwards")
         unit = min(units, key=lambda u: sum(len(m.inflight) for m in u))
         self.reassignments += len(keys)
         log.info("re-assigning forwards", extra=kv(step=self.step, forwards=len(keys), to=unit[0].worker_id))
@@ -269,6 +265,28 @@ class Round:
             by_shard.setdefault(self.forwards[k].shard, []).append(k)
         for group in by_shard.values():
             self.dispatch_to_unit(unit, [group])
+
+    def _wait_for_units(self, units, what: str) -> list[list[WorkerConn]]:  # noqa: ANN001 - () -> units
+        """The units ``units()`` gives, waiting while there are none: a worker lost at any moment (running,
+        paused, evaluating, between steps) is replaced by its supervisor, and a replacement registers.
+        Raises RoundFailed when stopping, or when none comes within coordinator.assignment_timeout_s (the
+        time an assignment may take: no worker for that long is a cluster that lost its workers)."""
+        found = units()
+        if found:
+            return found
+        log.warning("no live worker for this round; waiting for one to register", extra=kv(step=self.step, kind=self.kind,
+                                                                                          work=what))
+        limit = self.policy.assignment_timeout_s
+        deadline = time.monotonic() + limit
+        while not found:
+            if self.stopping.is_set():
+                raise RoundFailed("stopping")
+            if time.monotonic() > deadline:
+                raise RoundFailed(f"step {self.step}: no live worker for {limit:g}s (coordinator.assignment_timeout_s) "
+                                  f"to run {what}")
+            self.registry.wait_for(lambda: bool(units()) or self.stopping.is_set(), min(1.0, limit))
+            found = units()
+        return found
 
     def loss(self, key: Hashable) -> tuple[float, int]:
         """(summed label loss, label tokens) of a forward that has a result."""

@@ -18,8 +18,10 @@ from distzo import generator
 from distzo.adapters import adapter_from_train
 from distzo.config import JobConfig
 from distzo.data import Batch
-from distzo.export import export_model_dir
-from distzo.modelcard import model_card, write_model_card
+from distzo.durable import write_atomic
+from distzo.export import check_destination, export_model_dir
+from distzo.locks import DirLock
+from distzo.modelcard import model_card
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.jobdata import EvalTally, JobData
 from distzo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
@@ -28,7 +30,7 @@ from distzo.objective import forward_sums
 from distzo.optim import Optimizer
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
-from distzo.runlog import RunLog
+from distzo.runlog import RUN_LOCK, RunLog, make_run_dir
 from distzo.step import Losses, TrainingStopped, TrainLog, run_step
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
@@ -134,6 +136,22 @@ class ReferenceTrainer:
         ``merge``: a LoRA run exports its merged plain model instead of peft's adapter directory.
         ``run_dir``: write the per-step log, the config and the report plot there.
         """
+        if out_dir is not None:  # a destination the export would refuse is refused now, not after training
+            check_destination(out_dir)
+            if merge and self.model.adapter is None:
+                raise ValueError("--merge merges a LoRA adapter into the base: this run trains the full model")
+        if run_dir is None:
+            return self._train(out_dir, progress, None, merge)
+        make_run_dir(run_dir)
+        # one writer per run directory: a zoctl up there (or its services, or another reference) is refused
+        lock = DirLock(run_dir, RUN_LOCK, "the run directory").acquire()
+        try:
+            return self._train(out_dir, progress, run_dir, merge)
+        finally:
+            lock.release()
+
+    def _train(self, out_dir: str | Path | None, progress: bool | None, run_dir: str | Path | None,
+               merge: bool) -> dict[str, Any]:
         cfg = self.cfg
         apply_runtime_threads(cfg)
         generator.warm_up(self.device, cfg.train.distribution, [self.engine.compute_dtype],
@@ -141,7 +159,7 @@ class ReferenceTrainer:
         if run_dir is not None:
             self.run_log = RunLog(run_dir)
             self.run_log.resume(0, cfg)  # refuses a run directory of another job
-            (Path(run_dir) / "job.yaml").write_text(cfg.to_yaml(redact=True))
+            write_atomic(Path(run_dir) / "job.yaml", cfg.to_yaml(redact=True).encode())
         start = time.perf_counter()
         if cfg.train.eval_at_start:
             self.evaluate(0)
@@ -156,8 +174,6 @@ class ReferenceTrainer:
                 self.evaluate(t + 1)
         bar.close()
         final_eval = self.evaluate(cfg.train.steps)
-        if out_dir is not None:
-            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir, merge=merge)
         summary = {
             "mode": "reference",
             "model": cfg.model.source,
@@ -176,8 +192,9 @@ class ReferenceTrainer:
             "wall_seconds": time.perf_counter() - start,
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
-        if out_dir is not None:
-            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
+        if out_dir is not None:  # on copies of the buffers, with its card, moved into place whole
+            export_model_dir(self.model, self.buffers, out_dir, merge=merge,
+                             card=model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
         if run_dir is not None:
             summary.update(write_report(run_dir))
         return summary

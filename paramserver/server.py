@@ -46,9 +46,15 @@ class ParamServer:
         if control_listen:
             self.control = make_server(self.creds, PROTECTED, max_workers=8, max_receive=MAX_REQUEST_BYTES)
             self.control_port = bind(self.control, control_listen, self.creds)
-        if self.creds.token is None:
+        try:
+            self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
+        except BaseException:  # refused (data directory in use, another model, ...): let the ports go
+            for server in (self.grpc, self.control):
+                if server is not None:
+                    server.stop(0)
+            raise
+        if self.creds.token is None:  # (after the data directory: a server refused it has nothing to warn about)
             log.warning("no bearer token configured: state-changing RPCs are not authenticated")
-        self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
         self._stopped = threading.Event()  # stopping has begun (followers quit)
         self._finished = threading.Event()  # everything is closed
         self.service = ParamServerService(self.state, on_shutdown=self.stop, token=self.creds.token)

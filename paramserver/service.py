@@ -5,8 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import re
+import shutil
 import threading
 import time
 from typing import Callable, Iterator
@@ -17,8 +16,9 @@ from distzo.blocks import ITEMSIZE
 from distzo.durable import job_id as identity_digest
 from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
-from distzo.modelcard import model_card, write_model_card
-from distzo.transfer import TransferError, is_url, push
+from distzo.export import ExportRefused
+from distzo.modelcard import model_card
+from distzo.transfer import TransferError, check_export_url, is_url, push
 from distzo.rpc import Admission, cancelled_event
 from paramserver import metrics
 from paramserver.journal import JournalCorrupt, JournalWriteError
@@ -32,7 +32,6 @@ from protos import paramserver_pb2 as pb
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
 MAX_MODEL_CARD = 64 << 10  # a card is a few KB
-EXPORT_SCHEMES = {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # where an export may be pushed
 STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")  # served on the control port when there is one
 # need the token too: FollowJournal streams every update to replicas (on the data port: replicas reach only that)
 PROTECTED = (*STATE_CHANGING, "FollowJournal")
@@ -97,7 +96,7 @@ class ParamServerService:
             first_block=st.first,
             end_block=st.end,
             server_id=st.server_id,
-            config_yaml=st.cfg.to_yaml(redact=True),
+            config_yaml=st.cfg.to_yaml(public=True),  # readable without the token: no secret, no path to one
             model_config_json=st.model.config.to_json_string(use_diff=False),
             control_port=self.control_port,
             update_window=st.store.window,
@@ -283,16 +282,23 @@ class ParamServerService:
             if why:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED if "export_root" in why else grpc.StatusCode.INVALID_ARGUMENT,
                               why)
+        st = self.state
+
+        def card(version: int) -> str:
+            return request.model_card or model_card(st.cfg, {}, version, merged=request.merge)
+
+        staged = st.staging_dir() if url else None  # a URL: exported privately first, then pushed, then removed
         try:
-            # a URL (s3://, gs://, file://, ...): exported under the export root first, then pushed there
-            local = "upload-" + re.sub(r"[^A-Za-z0-9._-]+", "_", request.path)[-120:] if url else request.path
-            path, version = self.state.export(local, merge=request.merge)
-            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version, merged=request.merge))
-            if url:
+            if staged is not None:
+                path, version = st.export(staged, merge=request.merge, card=card, staged=True)
                 push(path, url)
                 path = url
+            else:
+                path, version = st.export(request.path, merge=request.merge, card=card)
         except TransferError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"export to {request.path[:200]!r}: {exc}")
+        except ExportRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except PermissionError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
@@ -301,23 +307,14 @@ class ParamServerService:
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.errno in (errno.ENOSPC, errno.EDQUOT)
                     else grpc.StatusCode.INTERNAL)
             context.abort(code, f"export to {request.path[:200]!r} failed: {exc.strerror or exc}")
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
         return pb.ExportReply(path=path, version=version)
 
     def _refuse_url(self, url: str) -> str | None:
-        """Why an export URL is refused, or None: only object stores and file://, and a file:// URL, like a
-        path, only under server.export_root when one is set (a URL is no way around it)."""
-        scheme = url.split("://", 1)[0].lower()
-        if scheme not in EXPORT_SCHEMES:
-            return f"export URL scheme {scheme!r} is not one of {', '.join(sorted(EXPORT_SCHEMES))}"
-        root = self.state.cfg.server.export_root
-        if scheme == "file" and root:
-            from urllib.parse import urlparse
-            from urllib.request import url2pathname
-
-            target = os.path.realpath(url2pathname(urlparse(url).path))
-            if not target.startswith(os.path.realpath(root) + os.sep):
-                return f"export URL {url[:200]!r} is outside server.export_root {root!r}"
-        return None
+        """Why an export URL is refused, or None (``check_export_url``, with the server's export root)."""
+        return check_export_url(url, self.state.cfg.server.export_root)
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
         threading.Timer(0.1, self.on_shutdown).start()  # reply first

@@ -337,7 +337,7 @@ def prune_snapshots(directory: Path, keep: int, keep_at_or_before: int | None = 
 def remove_temporaries(directory: Path) -> None:
     """Half-written files left by a crash (call only when no snapshot is running): temporaries, and
     snapshot files whose sidecar was never written (never committed)."""
-    for tmp in [*directory.glob("snapshot-*.tmp"), *directory.glob("*.json.tmp")]:
+    for tmp in [*directory.glob("snapshot-*.tmp"), *directory.glob("*.json.tmp"), *directory.glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
     for data in directory.glob("snapshot-*.safetensors"):
         if not data.with_suffix(".json").exists():

@@ -12,21 +12,23 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from distzo.config import JobConfig
 from distzo.dtypes import ITEMSIZE
 from distzo.durable import CorruptFile, differences, read_checked_json, write_checked_json
-from distzo.export import export_model_dir
+from distzo.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
 from distzo import generator
 from distzo.generator import Distribution
+from distzo.locks import DirLock
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord, apply_window, base_version
 from distzo.optim import Optimizer
@@ -43,6 +45,7 @@ from paramserver.store import BlockStore
 log = logging.getLogger("distzo.paramserver")
 KEEP_SNAPSHOTS = 2
 STATE_FILE = "state.json"  # what the data directory holds: model, layout, and the job that journals into it
+LOCK_FILE = "LOCK"  # held (flock) by the one server using the data directory (distzo.locks)
 
 
 class UpdateRejected(ValueError):
@@ -75,6 +78,15 @@ class ServerState:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.data_dir.chmod(0o700)  # snapshots and journal are private to the service's user
+        # one server per data directory, for its whole life: a second one would append to the same journal
+        self._lock = DirLock(self.data_dir, LOCK_FILE, "the parameter server's data directory").acquire()
+        try:
+            self._init(cfg, blocks, name, role)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, cfg: JobConfig, blocks: tuple[int, int] | None, name: str | None, role: str) -> None:
         self.role = role
         self.dist = Distribution(cfg.train.distribution)
         self.optimizer = Optimizer.from_config(cfg.train)
@@ -159,9 +171,15 @@ class ServerState:
             self.job = job
             log.info("data directory claimed by a job", extra=kv(job_id=job_id))
         elif self.job.get("job_id") != job_id:
+            try:
+                theirs = json.loads(identity_json) if identity_json else None
+            except ValueError:
+                theirs = None
+            why = (f" ({differences(self.job.get('identity') or {}, theirs)})" if isinstance(theirs, dict)
+                   and isinstance(self.job.get("identity"), dict) else "")
             raise UpdateRejected(f"this parameter server's data directory holds job {self.job.get('job_id')} "
-                                 f"(recorded in {self.data_dir / STATE_FILE}), not job {job_id[:32]}: a new job needs "
-                                 "a new data directory")
+                                 f"(recorded in its {STATE_FILE}), not job {job_id[:32]}{why}: a new job "
+                                 "needs a new data directory")
 
     def recover(self) -> int:
         """Load a snapshot and replay the journal; returns the version reached (the next step's).
@@ -170,6 +188,7 @@ class ServerState:
         recovery starts from the newest valid snapshot at or before it (pruning keeps one), materializes that
         base, and queues the records after it for the applier, exactly as if they had just arrived."""
         remove_temporaries(self.data_dir)
+        remove_leftovers(self.data_dir / "exports")  # exports and uploads of a server killed midway
         snaps = list_snapshots(self.data_dir)
         try:
             records = list(self.journal.read_all(repair=True))
@@ -320,10 +339,11 @@ class ServerState:
                 m.result = job
             elif m.kind == "export":
                 self._wait_snapshot()
-                path, merge = m.arg  # type: ignore[misc]
+                path, merge, card = m.arg  # type: ignore[misc]
+                version = self.processed_version  # the master plus the open window's pending records
                 buffers = [self._block_tensor(b) for b in range(len(self.manifest.blocks))]
-                export_model_dir(self.model, buffers, path, merge=merge)
-                m.result = (str(path), self.processed_version)
+                export_model_dir(self.model, buffers, path, merge=merge, card=card(version) if card else None, owned=True)
+                m.result = (str(path), version)
         except BaseException as exc:  # reported to the caller
             m.error = exc
         finally:
@@ -332,8 +352,10 @@ class ServerState:
         return False
 
     def _block_tensor(self, b: int):  # noqa: ANN202
-        """Block b's fp32 weights at the server's version, as a new tensor (the master is never handed out):
-        the master's copy with the open window's pending records applied. Call from the applier thread."""
+        """Block ``b``'s fp32 weights at the server's version, as a new tensor (a copy, never a view of the
+        master: whatever an export does to it, e.g. peft's in-place merge, cannot reach the weights being
+        trained): the master's copy with the open update window's pending records applied. Every export path
+        takes its buffers from here. Call from the applier thread. Raises ValueError for a block of another shard."""
         import torch
 
         if b not in self.owned:
@@ -404,21 +426,33 @@ class ServerState:
             raise job.error
         return job
 
-    def export(self, path: str, timeout_s: float = 600.0, merge: bool = False) -> tuple[str, int]:
-        """Export the weights to ``path`` (under server.export_root); ``merge``: a LoRA run's merged model.
-        Raises ValueError for ``merge`` on a full-target run, PermissionError outside the export root."""
-        root = self.cfg.server.export_root
+    def export_path(self, path: str) -> Path:
+        """Where an export to ``path`` goes (a relative path: under server.export_root, else the data
+        directory's exports/), checked before any work: raises PermissionError outside the export root,
+        ExportRefused for a destination that is a file or a directory that is not an earlier export."""
         p = Path(path)
         if not p.is_absolute():
+            root = self.cfg.server.export_root
             p = (Path(root) if root else self.data_dir / "exports") / p
-        p = p.resolve()
-        if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
-            shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
-            raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
+        check_export_root(p, self.cfg.server.export_root)
+        return check_destination(p)
+
+    def staging_dir(self) -> Path:
+        """A new private directory path for an export on its way to a URL (removed by the caller; what a
+        killed server left there is removed when it starts again)."""
+        return self.data_dir / "exports" / f".upload{ASIDE}{uuid.uuid4().hex[:12]}"
+
+    def export(self, path: str | Path, timeout_s: float = 600.0, merge: bool = False,
+               card: Callable[[int], str] | None = None, staged: bool = False) -> tuple[str, int]:
+        """Export the weights to ``path`` (``export_path``; ``staged``: a ``staging_dir``, not checked against
+        the export root); ``merge``: a LoRA run's merged model; ``card(version)``: the model card written
+        with it. Returns (path, version). Raises ValueError for ``merge`` on a run that is not LoRA, and
+        what ``export_path`` raises, before anything is written."""
+        p = Path(path) if staged else self.export_path(str(path))
         if merge and getattr(self.model.adapter, "kind", "full") != "lora":
             raise ValueError("export --merge merges a LoRA adapter into the base: this run's train.target is "
                              f"{getattr(self.model.adapter, 'kind', 'full')}")
-        m = Marker("export", arg=(p, merge), done=threading.Event())
+        m = Marker("export", arg=(p, merge, card), done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):
             raise TimeoutError("export did not finish in time")
@@ -478,3 +512,4 @@ class ServerState:
         self._wait_snapshot()
         self.journal.close()
         self.store.close()
+        self._lock.release()  # last: nothing of this server writes the data directory any more

@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,9 @@ import pytest
 
 from coordinator.local import LocalCluster
 from distzo.config import JobConfig
+from distzo.locks import alive
 from distzo.procs import ServiceFailed
+from distzo.runlog import read_history
 from paramserver.service import ANONYMOUS_SLOTS
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
@@ -97,33 +101,54 @@ def test_a_deterministic_start_failure_ends_the_run(cache_dir, tmp_path):
 
 @pytest.mark.timeout(900)  # several runs and a reference on a busy 2-core host
 def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_path):
-    # update windows of 4, served bf16: the first run ends inside a window (3 records pending on base 0), so
-    # the resumed server recovers mid-window and the resumed coordinator reads the open window's records
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 3, "batch_size": 8},
+    # update windows of 4, served bf16: the killed run's journal ends where it ends, inside a window three
+    # times in four, so the resumed server recovers mid-window and the resumed coordinator reads the open
+    # window's records
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "batch_size": 8, "eval_every": 0},
                        server={"update_window": 4, "served_dtype": "bfloat16"})
     run = tmp_path / "run"
-    first = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--out", str(tmp_path / "a"), "--json")
-    assert first.returncode == 0, first.stderr[-3000:]
+    # zoctl up killed outright (SIGKILL, the OOM killer): its services end by themselves
+    up = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--run-dir", str(run)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: len(read_history(run).steps) >= 2 and (run / "cluster.json").is_file(), timeout=300,
+                   what="2 steps logged")
+        pids = list(json.loads((run / "cluster.json").read_text())["pids"].values())
+        up.kill()
+        up.wait()
+        # a resume started at once never runs beside them: it waits for them to end, then counts the steps
+        r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--resume", "--steps", "1", timeout=300)
+        assert not [p for p in pids if alive(p)], "services outlived their zoctl up"
+    finally:
+        up.kill()
+    steps = [s["step"] for s in read_history(run).steps]
+    assert steps == list(range(len(steps))), steps  # each step once: no second cluster appended to the log
+    n = len(steps)
+    assert r.returncode == 2 and f"is at step {n} and train.steps is 1: give --steps above {n}" in r.stderr, r.stderr
     journal = sorted((run / "server").glob("journal-*.log"))
     before = {p: p.read_bytes() for p in journal}
     for args, needle in ((["--seed", "1"], "train.seed is 0 there and 1 here"),
                          (["--model", "tiny-llama"], "model.source is 'tiny-opt' there and 'tiny-llama' here"),
                          (["--resume", "--seed", "1"], "train.seed is 0 there and 1 here"),
+                         (["--resume", "--set", "data.template={text} Overall"], "data.template is '{text} It was' there"),
+                         (["--resume", "--set", "train.max_consecutive_skips=3"], "train.max_consecutive_skips is 10 there"),
                          (["--resume", "--set", "server.update_window=2"], "server.update_window is 4 there and 2 here"),
-                         ([], "pass --resume to continue it"),
-                         (["--resume", "--steps", "2"], "is at step 3 and train.steps is 2: give --steps above 3")):
+                         ([], "pass --resume to continue it")):
         r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), *args, timeout=300)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") <= 1, (args, r.stderr[-2000:])
     assert {p: p.read_bytes() for p in journal} == before  # the old run is untouched
-    # resuming is explicit, and continues the same trajectory: 3 more steps equal a 6-step reference
-    more = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--resume", "--steps", "6", "--out",
-                 str(tmp_path / "b"), "--json")
+    # resuming is explicit, may change what does not decide the weights (threads, timeouts), and continues the
+    # same trajectory: 3 more steps equal a reference of them all
+    more = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--resume", "--steps", str(n + 3), "--out",
+                 str(tmp_path / "b"), "--set", "runtime.threads=2", "--set", "coordinator.heartbeat_timeout_s=20",
+                 "--json")
     assert more.returncode == 0, more.stderr[-3000:]
-    assert json.loads(more.stdout)["steps"] == 6
-    six = JobConfig.from_yaml(cfg).with_overrides({"train.steps": 6})
-    assert same_weights(tmp_path / "b", reference_export(tmp_path, six))
+    assert json.loads(more.stdout)["steps"] == n + 3
+    assert [s["step"] for s in read_history(run).steps] == list(range(n + 3))
+    total = JobConfig.from_yaml(cfg).with_overrides({"train.steps": n + 3})
+    assert same_weights(tmp_path / "b", reference_export(tmp_path, total))
     # a coordinator of another job pointed at this data directory refuses to resume it
-    other = JobConfig.from_yaml(cfg).with_overrides({"train.seed": 5, "server.data_dir": str(run / "server")})
+    other = total.with_overrides({"train.seed": 5, "server.data_dir": str(run / "server")})
     cluster = LocalCluster(other, tmp_path / "other-run")
     try:
         cluster.start()
