@@ -27,13 +27,36 @@ def _quote(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream of set-up time.
+
+    A handler bound at set-up keeps a stream that may be closed later (a CLI entry point called in
+    process, whose caller then swaps stderr back): every later record would print a logging error.
+    """
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(verbose: int = 0, service: str | None = None) -> None:
-    """WARNING by default; -v: INFO; -vv: DEBUG. Third-party libraries stay at WARNING or above."""
+    """WARNING by default; -v: INFO; -vv: DEBUG. Third-party libraries stay at WARNING or above.
+
+    Idempotent: replaces the handler an earlier call installed and leaves other handlers alone.
+    """
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+        if isinstance(h, StderrHandler) or (type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)):
+            root.removeHandler(h)
+    handler = StderrHandler()
     handler.setFormatter(LogfmtFormatter())
     root.addHandler(handler)
     root.setLevel(level)

@@ -131,3 +131,29 @@ def test_counts_read_right_in_plans_and_messages():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "processs" not in r.stdout and "(s)" not in r.stdout and not r.stdout.rstrip().endswith("may"), r.stdout
+
+
+def test_logging_set_up_under_a_swapped_stderr_survives_its_restoration(capsys):
+    """An entry point called in process (tests, notebooks) sets up logging while stderr is swapped: records after
+    the swap ends go to the stderr of their time, with no 'Logging error' from a handler holding a closed stream."""
+    import io
+    import logging
+    import sys
+
+    from distzo.logs import setup_logging
+
+    swapped, kept = io.StringIO(), sys.stderr
+    sys.stderr = swapped
+    try:
+        setup_logging(0)
+        logging.getLogger("distzo.test").warning("first")
+    finally:
+        sys.stderr = kept
+    swapped.close()
+    logging.getLogger("distzo.test").warning("second")
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and err.count("second") == 1, err
+    setup_logging(0)  # idempotent: one handler of ours, not two
+    setup_logging(0)
+    logging.getLogger("distzo.test").warning("third")
+    assert capsys.readouterr().err.count("third") == 1
