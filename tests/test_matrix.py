@@ -1,0 +1,220 @@
+"""zoctl up == zoctl reference, bit for bit: a covering set of the configuration matrix.
+
+Each run below is one ``zoctl up`` (its own processes, as a user starts them) against the in-process
+reference of the same flags (tests/references.py: trained once per config and session). Together the
+runs cover every layout (dual, pertp, ddp, 2d, q = 2), optimizer (sgd, momentum, adam), target (full,
+lora with and without --merge, prefix), objective (loss, accuracy, f1), distribution (rademacher,
+gaussian) and served dtype (float32, bfloat16, float16) at least once, several block-layout kinds of
+model family (tiny-opt, bloom, gemma2; tests/test_families.py runs the distributed path of every kind
+in process), and the interactions that broke before: PertP with an adapter (prefix under 2d), DDP with
+the accuracy and f1 objectives, q = 2 with LoRA. Every run checks the same things: the exported bits,
+the summary (every key of the reference's, the same figures), the run log (every step's losses, g and
+lr, every evaluation), and that nothing is left running. tests/README.md has the table of which run
+took over which of the earlier one-config tests.
+
+The run with a new user's defaults (own HOME), which also checks run-directory ownership and --resume,
+is test_zoctl_up_defaults_and_the_run_directory in this file; the real model's run is in
+tests/test_real_model.py; the runs with faults are in tests/test_cluster_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distzo.config import JobConfig
+from distzo.runlog import read_history
+
+from test_cluster import our_processes, same_weights, write_config, zoctl
+
+pytestmark = pytest.mark.cluster
+
+ADAPTER = {"lr": 1e-2, "eps": 1e-2}
+STEP_KEYS = ("step", "loss", "loss_plus", "loss_minus", "g", "lr", "tokens", "skipped")  # all but the time
+SUMMARY_KEYS = ("final_loss", "start_loss", "dev_loss", "dev_accuracy", "zero_shot_dev_loss", "zero_shot_dev_accuracy",
+                "steps", "train_tokens", "skipped_steps", "model", "layout", "workers")
+
+
+def same_adapter(a: Path, b: Path) -> bool:
+    from safetensors.numpy import load_file
+
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
+
+
+def same_run_log(run_dir: Path, ref_run_dir: Path) -> None:
+    dist, ref = read_history(run_dir), read_history(ref_run_dir)
+    assert [{k: r[k] for k in STEP_KEYS} for r in dist.steps] == [{k: r[k] for k in STEP_KEYS} for r in ref.steps]
+    assert dist.evals == ref.evals  # step, dev loss, dev accuracy, examples of every evaluation
+
+
+def check_up_equals_reference(tmp_path: Path, references, flags: list[str], same=same_weights, env=None):  # noqa: ANN001
+    """``zoctl up FLAGS`` against the session's reference of the same flags; returns (up's summary, reference)."""
+    run, dist = tmp_path / "run", tmp_path / "dist"
+    up = zoctl("up", *flags, "--json", "--run-dir", str(run), "--out", str(dist), env=env)
+    assert up.returncode == 0, up.stderr[-3000:]
+    ref, merge = references.for_flags(flags)
+    assert same(dist, ref.export(merge)), "the exported weights differ from the reference's"
+    a, b = json.loads(up.stdout), ref.summary
+    assert set(b) - {"mode"} <= set(a), set(b) - set(a)  # the reference's summary keys, and the run's own
+    for key in SUMMARY_KEYS:
+        assert a[key] == b[key], (key, a[key], b[key])
+    assert a["mode"] == "distributed" and a["state"] == "done" and a["restarts"] == {}
+    same_run_log(run, ref.run_dir)
+    assert Path(a["report"]).is_file() and Path(a["step_log"]).is_file() and Path(a["eval_log"]).is_file()
+    assert not our_processes(run)  # nothing left running
+    return a, ref
+
+
+@dataclass
+class Case:
+    layout: str
+    workers: int
+    q: int = 1
+    train: dict = field(default_factory=dict)
+    served: str = "float32"
+    family: str | None = None  # a tiny random model of this transformers family; None: the tiny-opt preset
+    merge: bool = False
+    steps: int = 4
+
+    def flags(self, tmp_path: Path, cache_dir: str, family_dir) -> list[str]:  # noqa: ANN001
+        cfg = write_config(tmp_path, cache_dir, train={"steps": self.steps, "batch_size": 8, **self.train},
+                           server={"served_dtype": self.served}, data={"dev_examples": 16})
+        flags = ["--config", str(cfg), "--layout", self.layout, "--workers", str(self.workers), "--q", str(self.q)]
+        if self.family:
+            flags += ["--model", str(family_dir(self.family))]
+        return flags + (["--merge"] if self.merge else [])
+
+
+CASES = {
+    # PertP with an adapter (one sign per worker, the frozen base kept by each worker), the bfloat16 served copy
+    "pertp-prefix-bf16": Case("pertp", 2, train={**ADAPTER, "target": "prefix"}, served="bfloat16"),
+    # 2d = PertP x DDP with the f1 objective over data shards, momentum state, float16 serving, on a family whose
+    # embedding block holds a layer norm (bloom)
+    "2d-momentum-f1-fp16-bloom": Case("2d", 4, train={"optimizer": "momentum", "objective": "f1", "eps": 1e-2,
+                                                      "weight_decay": 0.01}, served="float16", family="bloom"),
+    # DDP with the accuracy objective, adam and gaussian z, on a family whose head soft-caps the logits (gemma2)
+    "ddp-adam-gaussian-accuracy-gemma2": Case("ddp", 2, train={"optimizer": "adam", "lr": 1e-3, "eps": 1e-2,
+                                                               "distribution": "gaussian", "objective": "accuracy"},
+                                              family="gemma2", steps=5),
+    # q = 2 directions with LoRA, adam (gaussian z), weight decay
+    "q2-lora-adam-gaussian": Case("dual", 2, q=2, train={**ADAPTER, "target": "lora", "optimizer": "adam",
+                                                         "distribution": "gaussian", "weight_decay": 0.01}),
+    # LoRA over data shards with momentum, exported merged into the base (a plain model)
+    "ddp-lora-momentum-merge": Case("ddp", 2, train={**ADAPTER, "target": "lora", "optimizer": "momentum"}, merge=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_up_equals_the_reference_bitwise(cache_dir, tmp_path, references, family_dir, name):
+    case = CASES[name]
+    flags = case.flags(tmp_path, cache_dir, family_dir)
+    target = case.train.get("target", "full")
+    same = same_adapter if target != "full" and not case.merge else same_weights
+    summary, ref = check_up_equals_reference(tmp_path, references, flags, same)
+    cfg = ref.cfg
+    assert (cfg.layout.name, cfg.layout.q, cfg.train.target, cfg.server.served_dtype) == \
+        (case.layout, case.q, target, case.served)  # the flags meant what the case says
+    steps = read_history(ref.run_dir).steps
+    if cfg.train.optimizer != "sgd":  # the optimizer changed the trajectory: sgd's weights differ
+        sgd = references.get(cfg.with_overrides({"train.optimizer": "sgd"}))
+        assert not same(sgd.export(case.merge), ref.export(case.merge))
+    if cfg.train.objective != "loss":  # minus the batch accuracy (or macro-F1): in [-1, 0]; some step moved
+        assert all(-1.0 <= r["loss"] <= 0.0 for r in steps)
+        assert any(g != 0.0 for r in steps for g in r["g"])
+    if cfg.train.objective == "accuracy":  # minus a count of right rows over 8 (or 4, a shard's)
+        assert all(r["loss"] * 16 == int(r["loss"] * 16) for r in steps)
+    if case.merge:  # the server's merged export: a plain model transformers loads
+        from transformers import AutoModelForCausalLM
+
+        assert not (tmp_path / "dist" / "adapter_config.json").exists()
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "dist"))
+    if target != "full" and not case.merge:
+        assert json.loads((tmp_path / "dist" / "adapter_config.json").read_text())["peft_type"] == \
+            {"lora": "LORA", "prefix": "PREFIX_TUNING"}[target]
+
+
+def test_the_cases_cover_the_matrix():
+    """Every value of every axis appears in some run, and so do the interactions that broke before."""
+    runs = [(c.layout if c.q == 1 else f"q{c.q}", c.train.get("optimizer", "sgd"), c.train.get("target", "full"),
+             c.train.get("objective", "loss"), c.train.get("distribution", "rademacher"), c.served, c.merge)
+            for c in CASES.values()]
+    runs.append(("dual", "sgd", "full", "loss", "rademacher", "float32", False))  # test_zoctl_up_defaults_and_the_run_directory
+    axes = list(zip(*runs))
+    assert {"dual", "pertp", "ddp", "2d", "q2"} <= set(axes[0])
+    assert set(axes[1]) == {"sgd", "momentum", "adam"}
+    assert set(axes[2]) == {"full", "lora", "prefix"} and True in axes[6]
+    assert set(axes[3]) == {"loss", "accuracy", "f1"}
+    assert set(axes[4]) == {"rademacher", "gaussian"}
+    assert set(axes[5]) == {"float32", "bfloat16", "float16"}
+    pertp_like = {"pertp", "2d"}
+    ddp_like = {"ddp", "2d"}
+    assert any(r[0] in pertp_like and r[2] != "full" for r in runs)  # PertP x an adapter
+    assert {r[3] for r in runs if r[0] in ddp_like} >= {"accuracy", "f1"}  # DDP x accuracy, f1
+    assert any(r[0] == "q2" and r[2] == "lora" for r in runs)  # q = 2 x LoRA
+
+
+def test_zoctl_up_defaults_and_the_run_directory(tmp_path, references):
+    """`zoctl up` as a new user runs it (own HOME, shipped preset and data, defaults), equal to the reference;
+    then its run directory holds that one job: another job there is refused, continuing it needs --resume,
+    and resuming continues the same trajectory."""
+    home = tmp_path / "home"
+    env = {"HOME": str(home)}
+    run = tmp_path / "run"
+    r = zoctl("up", "--steps", "5", "--json", "--run-dir", str(run), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert s["steps"] == 5 and s["mode"] == "distributed" and s["tokens_per_second"] > 0
+    assert (Path(s["out_dir"]) / "model.safetensors").is_file()
+    assert "training" in r.stderr or "step" in r.stderr  # progress was shown
+    assert not our_processes(run)
+    # the end of a run: the starting and final loss, every evaluation, where the logs and the plot are
+    assert s["state"] == "done" and np.isfinite(s["start_loss"]) and np.isfinite(s["final_loss"])
+    assert [e["step"] for e in s["eval_history"]] == [0, 5]
+    assert s["eval_history"][-1]["dev_accuracy"] == s["dev_accuracy"]
+    assert all(Path(s[k]).is_file() for k in ("step_log", "eval_log", "report"))
+    assert "1 worker)" in r.stderr, r.stderr  # counted, not "1 workers"
+    assert (run / "logs" / "coordinator.log").is_file()
+    logs = "".join(f.read_text() for f in (run / "logs").glob("*.log"))
+    assert "worker lost" not in logs, logs  # a normal shutdown is not a lost worker (a warning, logged by default)
+    # bit for bit the reference of the same defaults (the preset that run built in the new HOME)
+    defaults = JobConfig().with_overrides({"train.steps": 5, "runtime.cache_dir": str(home / ".cache" / "distzo")})
+    ref = references.get(defaults)
+    assert same_weights(Path(s["out_dir"]), ref.out)
+    for key in SUMMARY_KEYS:
+        assert s[key] == ref.summary[key], key
+    same_run_log(run, ref.run_dir)
+
+    # the run directory holds one job, and resuming is explicit
+    journal = sorted((run / "server").glob("journal-*.log"))
+    before = {p: p.read_bytes() for p in journal}
+    for args, needle in ((["--seed", "1"], "train.seed is 0 there and 1 here"),
+                         (["--model", "tiny-llama"], "model.source is 'tiny-opt' there and 'tiny-llama' here"),
+                         (["--resume", "--seed", "1"], "train.seed is 0 there and 1 here"),
+                         ([], "pass --resume to continue it"),
+                         (["--resume", "--steps", "2"], "is at step 5 and train.steps is 2: give --steps above 5")):
+        r = zoctl("up", "--run-dir", str(run), *args, env=env, timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") <= 1, (args, r.stderr[-2000:])
+    assert {p: p.read_bytes() for p in journal} == before  # the old run is untouched
+    # resuming continues the same trajectory: 3 more steps equal an 8-step reference
+    more = zoctl("up", "--run-dir", str(run), "--resume", "--steps", "8", "--out", str(tmp_path / "b"), "--json", env=env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert json.loads(more.stdout)["steps"] == 8
+    eight = references.get(defaults.with_overrides({"train.steps": 8}))
+    assert same_weights(tmp_path / "b", eight.out)
+    assert [r["step"] for r in read_history(run).steps] == list(range(8))  # the run log continued, whole
+    # a coordinator of another job pointed at this data directory refuses to resume it
+    from coordinator.local import LocalCluster
+
+    other = defaults.with_overrides({"train.seed": 5, "server.data_dir": str(run / "server")})
+    cluster = LocalCluster(other, tmp_path / "other-run")
+    try:
+        cluster.start()
+        st = cluster.wait()
+        assert st.state == "failed" and "holds the state of another job" in st.error and "train.seed" in st.error, st.error
+    finally:
+        cluster.shutdown()
