@@ -1,5 +1,5 @@
-"""train.target lora: frozen base, trainable adapter blocks, bitwise layouts, the peft export, the data plane
-(the data plane for prefix too; the rest of prefix is tests/test_prefix.py)."""
+"""train.target lora: frozen base, trainable adapter blocks, the peft export, the data plane (the data plane for
+prefix too; the rest of prefix is tests/test_prefix.py). zoctl up == zoctl reference with LoRA: tests/test_matrix.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from distzo.reference import ReferenceTrainer
 
 from clusterhelpers import Harness
 from conftest import small_config
-from test_cluster import assert_up_equals_reference, same_weights, write_config, zoctl
+from test_cluster import zoctl
 from test_worker import reference_losses
 
 LORA = {"target": "lora", "lr": 1e-2, "eps": 1e-2}
@@ -91,18 +91,6 @@ def test_frozen_blocks_stay_in_gpu_memory_while_the_budget_lasts():
     kept = FrozenBlocks(gpu_budget=100)
     assert [kept.fits_on(torch.device("cuda"), n) for n in (60, 50, 40, 1)] == [True, False, True, False]
     assert kept.gpu_budget == 0
-
-
-@pytest.mark.parametrize("layout,workers,merge", [("dual", 1, False), ("ddp", 2, True)])
-def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers, merge):
-    from transformers import AutoModelForCausalLM
-
-    cfg = write_config(tmp_path, cache_dir, train={**LORA, "steps": 4, "batch_size": 8, "weight_decay": 0.01})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"] + (["--merge"] if merge else [])
-    # with --merge the server's merged export: a plain model, the same bits as the reference's
-    assert_up_equals_reference(tmp_path, flags, same_weights if merge else same_adapter)
-    if merge:
-        AutoModelForCausalLM.from_pretrained(str(tmp_path / "dist"))
 
 
 @pytest.mark.parametrize("setting,needle", [(["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],

@@ -30,6 +30,7 @@ from distzo.config import JobConfig
 from distzo.runlog import read_history
 
 from test_cluster import our_processes, same_weights, write_config, zoctl
+from test_lora import same_adapter
 
 pytestmark = pytest.mark.cluster
 
@@ -37,13 +38,6 @@ ADAPTER = {"lr": 1e-2, "eps": 1e-2}
 STEP_KEYS = ("step", "loss", "loss_plus", "loss_minus", "g", "lr", "tokens", "skipped")  # all but the time
 SUMMARY_KEYS = ("final_loss", "start_loss", "dev_loss", "dev_accuracy", "zero_shot_dev_loss", "zero_shot_dev_accuracy",
                 "steps", "train_tokens", "skipped_steps", "model", "layout", "workers")
-
-
-def same_adapter(a: Path, b: Path) -> bool:
-    from safetensors.numpy import load_file
-
-    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
 
 
 def same_run_log(run_dir: Path, ref_run_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""train.target prefix: frozen base, a trainable prefix block per layer, peft's logits, bitwise layouts, refusals."""
+"""train.target prefix: frozen base, a trainable prefix block per layer, peft's logits, refusals. (zoctl up ==
+zoctl reference with a prefix: tests/test_matrix.py.)"""
 
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from distzo.forward import ForwardJob
 from distzo.reference import ReferenceTrainer
 
 from conftest import small_config
-from test_cluster import assert_up_equals_reference, write_config, zoctl
-from test_lora import same_adapter
+from test_cluster import zoctl
 
 PREFIX = {"target": "prefix", "lr": 1e-2, "eps": 1e-2}
 
@@ -94,15 +94,6 @@ def test_a_layer_count_peft_reads_otherwise_is_refused_by_name():
         BlockModel(config, adapter=PrefixTarget(3))
     assert str(err.value) == ("train.target prefix: longcat_flash: peft lays out a prefix for 4 layers, the model has 2 "
                               "(use train.target lora or full)")
-
-# the other layouts with an adapter target: pertp (a node group: no frozen-block cache), q = 2 directions (lora)
-@pytest.mark.parametrize("target,layout,workers,q", [("prefix", "dual", 1, 1), ("prefix", "ddp", 2, 1),
-                                                     ("prefix", "pertp", 2, 1), ("lora", "dual", 2, 2)])
-def test_adapter_up_equals_the_reference_bitwise(cache_dir, tmp_path, target, layout, workers, q):
-    cfg = write_config(tmp_path, cache_dir, train={**PREFIX, "target": target, "steps": 4, "batch_size": 8})
-    assert_up_equals_reference(tmp_path, ["--config", str(cfg), "--layout", layout, "--workers", str(workers),
-                                          "--q", str(q), "--json"], same_adapter)
-
 
 @pytest.mark.parametrize("setting,needle", [
     (["--set", "train.prefix_tokens=0"], "train.prefix_tokens"),
