@@ -38,6 +38,43 @@ def zoctl(*args: str, timeout: float = 600, env: dict | None = None) -> subproce
                           env={**os.environ, **(env or {})})
 
 
+def zoctl_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """zoctl's ``main`` in this process, its exit code and output as ``zoctl()`` returns them (no interpreter start,
+    torch already imported: for the many refusals; every command keeps a subprocess check of its own).
+
+    Restores what ``main`` changes in the process: the root logger's handlers, the SIGTERM handler, ``env``."""
+    import contextlib
+    import io
+    import logging
+    import signal
+
+    from coordinator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level, sigterm = root.handlers[:], root.level, signal.getsignal(signal.SIGTERM)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    try:
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["zoctl", *args], code, out.getvalue(), err.getvalue())
+
+
 def same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
@@ -121,7 +158,8 @@ def _safe_step(cluster: LocalCluster) -> int:
 )
 def test_zoctl_up_bad_input_starts_nothing(cache_dir, tmp_path, args, needle):
     cfg = write_config(tmp_path, cache_dir)
-    r = zoctl("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), *args, timeout=120)
+    call = zoctl if args == ["--model", "/nonexistent/model"] else zoctl_here  # one through the process, the rest main()
+    r = call("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), *args)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert r.stderr.count("\n") <= 2  # one clear message, no traceback
     assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ from distzo.forward import ForwardJob
 from distzo.reference import ReferenceTrainer
 
 from conftest import small_config
-from test_cluster import zoctl
+from test_cluster import zoctl, zoctl_here
 
 PREFIX = {"target": "prefix", "lr": 1e-2, "eps": 1e-2}
 
@@ -104,8 +104,9 @@ def test_a_layer_count_peft_reads_otherwise_is_refused_by_name():
 ])
 def test_bad_prefix_settings_are_one_line_and_exit_2(cache_dir, tmp_path, setting, needle):
     setting = [str(tmp_path / "out") if s == "OUT" else s for s in setting]
-    r = zoctl("reference", "--target", "prefix", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
-              "--set", "data.dev_examples=8", "--set", "train.batch_size=4")
+    call = zoctl if needle == "train.prefix_tokens" else zoctl_here  # one through the process, the rest its main()
+    r = call("reference", "--target", "prefix", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
+             "--set", "data.dev_examples=8", "--set", "train.batch_size=4")
     if needle is None:
         assert r.returncode == 0, r.stderr[-2000:]
         return
