@@ -1,7 +1,7 @@
-"""zoctl up's local cluster under faults: one run that loses a worker, then the coordinator (killed again while
-it restarts), then the parameter server (killed again while it restarts, with adam state to recover) ends
-bitwise equal to the reference, with the whole run log; a service that refuses its input on restart ends the
-run; rounds that wait for an unreachable server. Mutual TLS and clients without the token are checked on the
+"""zoctl up's local cluster under faults: one run that loses a worker, then the coordinator, then the parameter
+server (each killed again while it restarts; the server with adam state to recover) keeps the reference's
+weights, run log, evaluation and optimizer state bit for bit; a service that refuses its input on restart ends
+the run; rounds that wait for an unreachable server. Mutual TLS and clients without the token are checked on the
 shared running cluster (tests/test_control.py); a run directory holding one job in tests/test_matrix.py."""
 
 from __future__ import annotations
@@ -50,56 +50,75 @@ def kill_twice(cluster: LocalCluster, name: str, module: str) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(900)  # a run with five kills and a reference on a busy 2-core host
-def test_killed_processes_are_replaced_and_the_run_ends_bitwise_equal(cache_dir, tmp_path, references):
-    """A worker killed once (step 2), the coordinator killed and killed again while it restarts (step 4), the
-    parameter server likewise (step 6: recovery = the snapshot of step 4, master and adam state, + the journal),
-    then at the end a data directory the restarted server refuses (exit 2): the run ends, not retried."""
+@pytest.mark.timeout(900)  # a run with six kills and a reference on a busy 2-core host
+def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache_dir, tmp_path, references):
+    """Each killed, then its replacement killed again while it starts: a worker (step 2), the coordinator (step 4),
+    the parameter server (step 6: recovery = a snapshot with master and adam state + the journal). The run trains
+    until it is told to stop (so it cannot end before the last kill): paused a few steps after the last restart,
+    its weights, evaluation, run log and snapshot (master and adam state) are the reference's at that step, bit
+    for bit. Then a data directory the restarted server refuses (exit 2) ends the run, not retried."""
     from distzo.runlog import read_history
     from paramserver.snapshot import list_snapshots, load_snapshot_state
+    from protos import coordinator_pb2 as cpb
 
-    cfg = base_config(cache_dir, steps=12, layout={"name": "ddp", "workers": 2},
-                      train={"optimizer": "adam", "lr": 1e-3, "distribution": "gaussian"})
+    cfg = base_config(cache_dir, steps=100_000, layout={"name": "ddp", "workers": 2},
+                      train={"optimizer": "adam", "lr": 1e-3, "distribution": "gaussian", "eval_every": 0})
     errors: list[BaseException] = []
+    done = threading.Event()
     cluster = LocalCluster(cfg, tmp_path / "run")
     try:
         cluster.start()
 
         def attack() -> None:
             try:
-                for step, name, module, twice in ((2, "worker-1", "gpuworker", False), (4, "coordinator", "coordinator", True),
-                                                  (6, "paramserver", "paramserver", True)):
+                for step, name, module in ((2, "worker-1", "gpuworker"), (4, "coordinator", "coordinator"),
+                                           (6, "paramserver", "paramserver")):
                     wait_until(lambda: _safe_step(cluster) >= step, timeout=300, what=f"step {step}")
-                    if twice:
-                        kill_twice(cluster, name, module)
-                    else:
-                        cluster.processes[name].kill(signal.SIGKILL)
+                    kill_twice(cluster, name, module)
             except BaseException as exc:  # noqa: BLE001 - reported by the test thread
                 errors.append(exc)
+            finally:
+                done.set()
 
-        attacker = threading.Thread(target=attack, daemon=True)
-        attacker.start()
-        st = cluster.wait()
-        attacker.join(60)
+        threading.Thread(target=attack, daemon=True).start()
+        seen: dict = {}
+
+        def pause_after_the_kills(st) -> None:  # noqa: ANN001 - called by wait(), which restarts what died
+            if errors:
+                raise _Paused  # the attack failed: reported below
+            if st.state == "paused":
+                seen["step"] = st.step
+                raise _Paused  # out of wait(): it returns only when the run has ended
+            if done.is_set() and st.state == "running" and "pause" not in seen:
+                seen.setdefault("after", st.step)
+                if st.step >= seen["after"] + 2:  # every process back, and the run moving again
+                    cluster.stub().Pause(cpb.ControlRequest(), timeout=30, metadata=cluster.creds.call_metadata())
+                    seen["pause"] = True
+
+        with pytest.raises(_Paused):
+            cluster.wait(pause_after_the_kills)
         assert not errors, errors
-        assert st.state == "done", st.error
-        cluster.export(tmp_path / "dist")
+        step = seen["step"]
         assert cluster.restarts.get("paramserver") == 2 and cluster.restarts.get("coordinator") == 2, cluster.restarts
-        assert cluster.restarts.get("worker-1", 0) + cluster.restarts.get("node-1", 0) == 1, cluster.restarts
-        assert st.resumed_from >= 4  # the restarted coordinator picked up from the parameter server's journal
+        assert cluster.restarts.get("worker-1", 0) + cluster.restarts.get("node-1", 0) == 2, cluster.restarts
+        assert cluster.status().resumed_from >= 4  # the restarted coordinator picked up from the server's journal
+        meta = cluster.creds.call_metadata()
+        ev = cluster.stub().Eval(cpb.ControlRequest(), timeout=300, metadata=meta)
+        snap_reply = cluster.stub().Snapshot(cpb.ControlRequest(), timeout=300, metadata=meta)
+        cluster.export(tmp_path / "dist")
 
-        # the same weights as an undisturbed run: the reference's, bit for bit
-        ref = references.get(cfg)
+        # the same weights as an undisturbed run: the reference's after that many steps, bit for bit
+        ref = references.get(cfg.with_overrides({"train.steps": step}))
         assert same_weights(tmp_path / "dist", ref.out)
+        assert ev.step == step and (ev.dev_loss, ev.dev_accuracy) == (ref.summary["dev_loss"], ref.summary["dev_accuracy"])
         # the run log covers the whole run, before and after the restarts, with the reference's numbers
         dist, want = read_history(tmp_path / "run"), read_history(ref.run_dir)
-        assert [r["step"] for r in dist.steps] == list(range(cfg.train.steps))
+        assert [r["step"] for r in dist.steps] == list(range(step))
         assert [(r["loss"], r["g"], r["lr"]) for r in dist.steps] == [(r["loss"], r["g"], r["lr"]) for r in want.steps]
-        assert [e["step"] for e in dist.evals] == [0, cfg.train.steps]
-        assert [e["dev_accuracy"] for e in dist.evals] == [e["dev_accuracy"] for e in want.evals]
-        # the server's newest snapshot (taken at the end) holds the reference's master and adam state, bitwise
-        snap = list_snapshots(cluster.run_dir / "server")[-1]
-        assert snap.version == cfg.train.steps
+        assert [(e["step"], e["dev_accuracy"]) for e in dist.evals] == [(e["step"], e["dev_accuracy"]) for e in want.evals]
+        # the snapshot taken now holds the reference's master and adam state, bitwise
+        assert "snapshot at version" in snap_reply.message, snap_reply
+        (snap,) = [s for s in list_snapshots(cluster.run_dir / "server") if s.version == step]
         tr = ref.trainer
         blocks, states = load_snapshot_state(snap, snap.meta["manifest_sha256"], None, 2,
                                              [b.index for b in tr.model.manifest.blocks])
@@ -118,6 +137,10 @@ def test_killed_processes_are_replaced_and_the_run_ends_bitwise_equal(cache_dir,
         assert cluster.restarts.get("paramserver") == 3  # started once more, and not retried: it would fail the same way
     finally:
         cluster.shutdown()
+
+
+class _Paused(Exception):
+    """Ends LocalCluster.wait() once the run is paused (wait() itself returns only when the run has ended)."""
 
 
 def _one_forward_round(server_timeout_s: float):

@@ -65,9 +65,9 @@ def block_layout_kind(manifest, vocab: int) -> tuple[str, str]:
 # one family of each kind of block layout; every tested family is of one of these kinds (checked with its
 # forward below), and each family here runs the distributed path (test_the_distributed_path_...)
 KINDS = {
-    ("vocab-matrix", "vector+vocab-matrix"): "llama",  # untied head
+    ("vocab-matrix", "vector+vocab-matrix"): "gpt_neox",  # untied head (llama's kind too)
     ("vocab-matrix", "vector"): "gemma2",  # tied head: the head block reads the embedding block's weight
-    ("matrix+vocab-matrix", "vector"): "opt",  # learned positions in the embedding block
+    ("matrix+vocab-matrix", "vector"): "gpt_neo",  # learned positions in the embedding block (opt's kind too)
     ("vocab-matrix", "vector+vocab-matrix+vocab-vector"): "phi",  # a head bias
     ("vocab-matrix", "matrix+vector+vocab-matrix"): "deepseek_v4",  # more matrices in the head
     ("vocab-matrix", "vocab-matrix"): "olmo",  # a head without a norm parameter
