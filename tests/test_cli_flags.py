@@ -83,8 +83,8 @@ def test_output_into_a_closed_pipe_is_not_a_traceback():
 def test_reference_with_flags_exports_a_model_card(cache_dir, tmp_path):
     cfg = write_config(tmp_path, cache_dir)
     out = tmp_path / "ref"
-    r = zoctl("reference", "--config", str(cfg), "--steps", "2", "--lr", "2e-4", "--eps", "0.002", "--seed", "7",
-              "--set", "train.lr_schedule=linear", "--out", str(out), "--json", timeout=600)
+    r = zoctl_here("reference", "--config", str(cfg), "--steps", "2", "--lr", "2e-4", "--eps", "0.002", "--seed", "7",
+                   "--set", "train.lr_schedule=linear", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n") and "tiny-opt" in card and "sst2-synth" in card

@@ -38,11 +38,12 @@ def zoctl(*args: str, timeout: float = 600, env: dict | None = None) -> subproce
                           env={**os.environ, **(env or {})})
 
 
-def zoctl_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def zoctl_here(*args: str, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """zoctl's ``main`` in this process, its exit code and output as ``zoctl()`` returns them (no interpreter start,
     torch already imported: for the many refusals; every command keeps a subprocess check of its own).
 
-    Restores what ``main`` changes in the process: the root logger's handlers, the SIGTERM handler, ``env``."""
+    Restores what ``main`` changes in the process: the root logger's handlers, the SIGTERM handler, ``env``.
+    ``timeout``: accepted for ``zoctl``'s signature (pytest-timeout bounds the test)."""
     import contextlib
     import io
     import logging
@@ -175,7 +176,7 @@ def test_zoctl_up_on_gpus_this_machine_does_not_have_is_refused(cache_dir, tmp_p
         cfg = write_config(tmp_path, cache_dir, runtime={"device": "cuda"},
                            layout={"name": "ddp", "workers": 4 * gpus, "node_size": 2 * gpus})
         needle = "needs one GPU per rank"
-    r = zoctl("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), timeout=120)
+    r = zoctl_here("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert r.stderr.count("\n") <= 2
     assert not (tmp_path / "run").exists()
@@ -187,7 +188,7 @@ def test_zoctl_up_refuses_a_model_that_is_not_a_causal_lm(cache_dir, tmp_path):
     BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=32).save_pretrained(tmp_path / "bert")
     cfg = write_config(tmp_path, cache_dir)
-    r = zoctl("up", "--config", str(cfg), "--model", str(tmp_path / "bert"), "--run-dir", str(tmp_path / "run"), timeout=120)
+    r = zoctl_here("up", "--config", str(cfg), "--model", str(tmp_path / "bert"), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and "not a decoder-only causal LM" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -196,7 +197,7 @@ def test_zoctl_up_bad_data_and_bad_config_files(cache_dir, tmp_path):
     cfg = write_config(tmp_path, cache_dir)
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "fine", "label": 1}\n{"text": "broken", "label"\n')
-    r = zoctl("up", "--config", str(cfg), "--data", str(data), "--run-dir", str(tmp_path / "run"), timeout=120)
+    r = zoctl_here("up", "--config", str(cfg), "--data", str(data), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and f"{data}:2: not valid JSON" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1, 2\n")

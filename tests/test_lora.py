@@ -114,8 +114,8 @@ def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
 
 def test_zoctl_up_refuses_a_module_outside_the_layers_before_starting_anything(cache_dir, tmp_path):
     """The parameter server used to crash on lm_head (exit 1), and the supervisor restarted it again and again."""
-    r = zoctl("up", "--target", "lora", "--set", "train.lora_modules=[lm_head]", "--steps", "1",
-              "--set", f"runtime.cache_dir={cache_dir}", "--run-dir", str(tmp_path / "run"), timeout=300)
+    r = zoctl_here("up", "--target", "lora", "--set", "train.lora_modules=[lm_head]", "--steps", "1",
+                   "--set", f"runtime.cache_dir={cache_dir}", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "train.lora_modules" in r.stderr and "lm_head" in r.stderr
     assert "Traceback" not in r.stderr and "starting it again" not in r.stderr

@@ -9,7 +9,7 @@ import torch
 from distzo.data import Batch, DataError
 from distzo.objective import forward_sums
 
-from test_cluster import zoctl
+from test_cluster import zoctl_here
 
 
 def test_accuracy_sums_count_the_rows_whose_true_word_ranks_first():
@@ -57,8 +57,8 @@ def test_a_task_without_single_token_candidates_is_refused_clearly(cache_dir, tm
     with pytest.raises(DataError, match=r"train.objective accuracy: needs label words that are one token each.*"
                                         r"'absolutely terrible'"):
         JobData.load(cfg)
-    r = zoctl("reference", "--objective", "accuracy", "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
-              "--set", "data.label_words=[absolutely terrible, great]")
+    r = zoctl_here("reference", "--objective", "accuracy", "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
+                   "--set", "data.label_words=[absolutely terrible, great]")
     assert r.returncode == 2 and "train.objective accuracy" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0
     JobData.load(cfg.with_overrides({"train.objective": "loss"}))  # the loss objective takes any label words
