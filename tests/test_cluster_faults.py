@@ -53,7 +53,8 @@ def kill_twice(cluster: LocalCluster, name: str, module: str) -> None:
 @pytest.mark.timeout(900)  # a run with six kills and a reference on a busy 2-core host
 def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache_dir, tmp_path, references):
     """Each killed, then its replacement killed again while it starts: a worker (step 2), the coordinator (step 4),
-    the parameter server (step 6: recovery = a snapshot with master and adam state + the journal). The run trains
+    the parameter server (from step 6, paused where the journal runs past the newest snapshot: recovery = that
+    snapshot, master and adam state, + the journal's records after it). The run trains
     until it is told to stop (so it cannot end before the last kill): paused a few steps after the last restart,
     its weights, evaluation, run log and snapshot (master and adam state) are the reference's at that step, bit
     for bit. Then a data directory the restarted server refuses (exit 2) ends the run, not retried."""
@@ -69,24 +70,52 @@ def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache
     try:
         cluster.start()
 
+        def control(method: str) -> None:  # from this thread: its own channel (wait() may renew the cluster's)
+            from coordinator.client import CoordinatorClient
+
+            with CoordinatorClient(cluster.coordinator_address, cluster.creds) as c:
+                c.call(method, cpb.ControlRequest(), timeout=60)
+
+        def job_state() -> str:
+            try:
+                return cluster.status().state
+            except Exception:  # noqa: BLE001 - the coordinator restarting
+                return ""
+
         def attack() -> None:
             try:
-                for step, name, module in ((2, "worker-1", "gpuworker"), (4, "coordinator", "coordinator"),
-                                           (6, "paramserver", "paramserver")):
+                for step, name, module in ((2, "worker-1", "gpuworker"), (4, "coordinator", "coordinator")):
                     wait_until(lambda: _safe_step(cluster) >= step, timeout=300, what=f"step {step}")
                     kill_twice(cluster, name, module)
+                # the server: where the journal runs past the newest snapshot (a multiple of 4), so that its
+                # restart replays records onto a snapshot holding master and adam state; paused there (else the
+                # run could be at a snapshot when the kill lands)
+                while True:
+                    wait_until(lambda: _safe_step(cluster) >= 6, timeout=300, what="step 6")
+                    control("Pause")
+                    wait_until(lambda: job_state() == "paused", timeout=300, what="paused")
+                    at = _safe_step(cluster)
+                    if at % 4:
+                        break
+                    control("Resume")
+                    wait_until(lambda: _safe_step(cluster) > at, timeout=300, what="a step more")
+                seen["server_killed_at"] = at
+                kill_twice(cluster, "paramserver", "paramserver")
+                wait_until(lambda: cluster.restarts.get("paramserver") == 2 and
+                           (cluster.run_dir / "ready" / "paramserver.json").is_file(), timeout=300, what="the server back")
+                control("Resume")
             except BaseException as exc:  # noqa: BLE001 - reported by the test thread
                 errors.append(exc)
             finally:
                 done.set()
 
-        threading.Thread(target=attack, daemon=True).start()
         seen: dict = {}
+        threading.Thread(target=attack, daemon=True).start()
 
         def pause_after_the_kills(st) -> None:  # noqa: ANN001 - called by wait(), which restarts what died
             if errors:
                 raise _Paused  # the attack failed: reported below
-            if st.state == "paused":
+            if st.state == "paused" and seen.get("pause"):
                 seen["step"] = st.step
                 raise _Paused  # out of wait(): it returns only when the run has ended
             if done.is_set() and st.state == "running" and "pause" not in seen:

@@ -48,10 +48,14 @@ def same_run_log(run_dir: Path, ref_run_dir: Path) -> None:
 
 def check_up_equals_reference(tmp_path: Path, references, flags: list[str], same=same_weights, env=None):  # noqa: ANN001
     """``zoctl up FLAGS`` against the session's reference of the same flags; returns (up's summary, reference)."""
+    import concurrent.futures as cf
+
     run, dist = tmp_path / "run", tmp_path / "dist"
-    up = zoctl("up", *flags, "--json", "--run-dir", str(run), "--out", str(dist), env=env)
+    with cf.ThreadPoolExecutor(1) as pool:  # the reference trains here while zoctl up's processes start and stop
+        reference = pool.submit(references.for_flags, flags)
+        up = zoctl("up", *flags, "--json", "--run-dir", str(run), "--out", str(dist), env=env)
+        ref, merge = reference.result()
     assert up.returncode == 0, up.stderr[-3000:]
-    ref, merge = references.for_flags(flags)
     assert same(dist, ref.export(merge)), "the exported weights differ from the reference's"
     a, b = json.loads(up.stdout), ref.summary
     assert set(b) - {"mode"} <= set(a), set(b) - set(a)  # the reference's summary keys, and the run's own
