@@ -66,23 +66,23 @@ def test_three_hosts_end_bitwise_equal_to_the_reference_with_only_control_bytes_
     assert not our_processes(tmp_path / "run")
 
 
-def test_hosts_need_root_and_a_layout_that_divides(cache_dir, tmp_path, monkeypatch, capsys):
-    from coordinator import cli
+def test_hosts_need_root_and_a_layout_that_divides(cache_dir, tmp_path, monkeypatch):
+    from test_cluster import zoctl_here  # zoctl's main() in this process (its logging restored after)
 
     cfg = write_config(tmp_path, cache_dir, train={"steps": 2, "batch_size": 6})
     run = ["--run-dir", str(tmp_path / "run")]
-    assert cli.main(["up", "--config", str(cfg), "--workers", "1", "--hosts", "2", *run]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cluster.hosts 2 must divide the layout's 1 node group" in err
-    assert cli.main(["up", "--config", str(cfg), "--hosts", "0", *run]) == 2
-    assert "cluster.hosts" in capsys.readouterr().err
-    assert cli.main(["up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2",
-                     "--set", "cluster.link_rate=fast", *run]) == 2
-    assert "cluster.link_rate" in capsys.readouterr().err
+    r = zoctl_here("up", "--config", str(cfg), "--workers", "1", "--hosts", "2", *run)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "cluster.hosts 2 must divide the layout's 1 node group" in err
+    r = zoctl_here("up", "--config", str(cfg), "--hosts", "0", *run)
+    assert r.returncode == 2 and "cluster.hosts" in r.stderr
+    r = zoctl_here("up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2",
+                   "--set", "cluster.link_rate=fast", *run)
+    assert r.returncode == 2 and "cluster.link_rate" in r.stderr
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert cli.main(["up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2", *run]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--hosts needs root" in err, err
+    r = zoctl_here("up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2", *run)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "--hosts needs root" in err, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert JobConfig.from_dict({"cluster": {"hosts": 2}, "layout": {"name": "ddp", "workers": 4}}).cluster.hosts == 2
 
