@@ -108,14 +108,14 @@ def long_text_task(out: Path, words: int, examples: int) -> Path:
 
 
 def job_config(model_dir: Path, task: Path, batch: int, seq_len: int, steps: int, served: str, device: str,
-               cache_dir: Path) -> JobConfig:
+               cache_dir: Path, window: int = 1) -> JobConfig:
     cpus = os.cpu_count() or 2
     return JobConfig.from_dict({
         "model": {"source": str(model_dir)},
         "data": {"train": str(task), "max_seq_len": seq_len, "dev_examples": 2},
         "train": {"steps": steps, "batch_size": batch, "eval_every": 0, "eval_at_start": False, "lr": 1e-7},
         "server": {"snapshot_every": 0, "snapshot_at_start": False, "served_dtype": served,
-                   "update_threads": max(1, cpus - 4)},
+                   "update_threads": max(1, cpus - 4), "update_window": window},
         "runtime": {"device": device, "threads": min(4, cpus), "kernel_threads": min(4, cpus), "prefetch_blocks": 2,
                     "cache_dir": str(cache_dir)},
     })
@@ -176,11 +176,14 @@ def run_resident(raw_cfg: dict, run_dir: str, warmup: int) -> dict:
             "step_durations": durations, "torch_peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0}
 
 
-def kernel_rates(elements: int) -> dict:
-    """Triton perturbation/update kernels against a device copy of the same elements (GPU-only)."""
+def kernel_rates(elements: int, pending: int = 8) -> dict:
+    """Triton perturbation/update kernels against a device copy of the same elements (GPU-only); the update
+    windows' replay: ``pending`` records replayed in the perturbation kernel (bf16 base, two bf16 outputs)."""
     import torch
 
     from distzo.generator import Distribution, perturb_device, update_torch
+    from distzo.mezo import Direction, UpdateRecord
+    from distzo.replay import pack, replay_perturb_device
 
     w = torch.randn(elements, device="cuda")
     out = torch.empty_like(w)
@@ -194,25 +197,48 @@ def kernel_rates(elements: int) -> dict:
             "perturb2_bf16_over_copy": copy_s / t(lambda: perturb_device(w, 0, 3, dist, [1e-3, -1e-3], torch.bfloat16)),
             "update_over_copy": copy_s / t(lambda: update_torch(w, 0, [3], [1e-7], 0.0, dist)),
             "update_cast_over_copy": copy_s / t(lambda: update_torch(w, 0, [3], [1e-7], 0.0, dist, served, "bfloat16"))}
+    base = w.to(torch.bfloat16)
+    two = torch.empty((2, elements), dtype=torch.bfloat16, device="cuda")
+    packed = pack([UpdateRecord(i, (Direction(11 + i, 0.5),), 1e-7, 0.0) for i in range(pending)], False)
+    for dist in (Distribution.RADEMACHER, Distribution.GAUSSIAN):
+        alone = t(lambda: perturb_device(base, 0, 3, dist, [1e-3, -1e-3], torch.bfloat16))
+        fused = t(lambda: replay_perturb_device(base, 0, packed, 3, dist, [1e-3, -1e-3], two, "bfloat16"))
+        res[dist.value].update({f"replay{pending}_perturb2_bf16_over_copy": copy_s / fused,
+                                f"replay{pending}_over_perturb2": fused / alone,
+                                "replay_records_per_s": pending * elements / max(1e-12, fused - alone)})
     return res
 
 
-def plan_rows(sizes: list[str], settings: list[str], mezo_served: list[str], zo2_dtype: str, sides: list[str]) -> list[dict]:
+def plan_rows(sizes: list[str], settings: list[str], mezo_served: list[str], zo2_dtype: str, sides: list[str],
+              windows: list[str] = ("1",)) -> list[dict]:
     """Rows in priority order, so that a short GPU lease measures the targets first: MeZO's setting
     served bf16, then ZO2's own setting, then MeZO's setting at the other dtypes; smaller sizes first;
-    within a group distzo, then ZO2, then resident MeZO (sort is stable)."""
+    within a group distzo (each update window, the larger first: 'auto' is the plan's), then ZO2, then
+    resident MeZO (sort is stable)."""
     rows = []
     for size in sizes:
         for setting in settings:
             for served in (mezo_served if setting == "mezo" else [zo2_dtype]):
                 for side in sides:
-                    rows.append({"size": size, "setting": setting, "dtype": served, "side": side})
+                    for window in (windows if side == "distzo" else ["1"]):
+                        rows.append({"size": size, "setting": setting, "dtype": served, "side": side, "window": window})
     side_prio = {"distzo": 0, "zo2": 1, "resident": 2}
 
     def prio(r: dict) -> tuple:
         group = 0 if (r["setting"], r["dtype"]) == ("mezo", "bfloat16") else 1 if r["setting"] == "zo2" else 2
-        return group, r["dtype"], sizes.index(r["size"]), side_prio.get(r["side"], 3)
+        return group, r["dtype"], sizes.index(r["size"]), side_prio.get(r["side"], 3), r["window"] == "1"
     return sorted(rows, key=prio)
+
+
+def recommended_window(model_dir: Path, tokens: int, seq_len: int, dtype: str) -> int:
+    """The plan's update window for this model and batch on one H100-class GPU (zoctl plan, one node of one)."""
+    from distzo.modeldir import load_config
+    from distzo.perfmodel import recommend
+    from distzo.perfspecs import CLUSTERS, ModelSpec, with_overrides
+
+    cluster = with_overrides(CLUSTERS["h100x8"], gpus_per_node=1)
+    model = ModelSpec.from_hf_config(load_config(model_dir, verify=False))
+    return recommend(model, cluster, tokens, dtype, seq_len).window
 
 
 def worker_transport(run_dir: Path, device: str) -> str:
@@ -228,8 +254,10 @@ def run_row(row: dict, args: argparse.Namespace, env: dict, sampler: GpuMemorySa
     batch, seq_len = env["settings"][setting]
     model_dir = env["models"][size]
     task = env["tasks"][setting]
-    cfg = job_config(model_dir, task, batch, seq_len, args.warmup + args.steps, dtype, env["device"], env["work"] / "cache")
-    run_dir = env["work"] / f"run-{size}-{setting}-{dtype}-{side}"
+    window = recommended_window(model_dir, batch * seq_len, seq_len, dtype) if row["window"] == "auto" else int(row["window"])
+    cfg = job_config(model_dir, task, batch, seq_len, args.warmup + args.steps, dtype, env["device"], env["work"] / "cache",
+                     window)
+    run_dir = env["work"] / f"run-{size}-{setting}-{dtype}-{side}-k{window}"
     shutil.rmtree(run_dir, ignore_errors=True)
     before = sampler.mark() if sampler else None
     t0 = time.perf_counter()
@@ -248,29 +276,33 @@ def run_row(row: dict, args: argparse.Namespace, env: dict, sampler: GpuMemorySa
     out["wall_s"] = time.perf_counter() - t0
     out["nvsmi_peak_gpu_bytes"] = sampler.peak_since(before) if sampler and before is not None else 0
     rates = dict(env["rates"], matmul_flops=env["rates"]["matmul"][f"{size}/{setting}/{dtype}"])
-    floor = gpu_floor.step_floor(env["params"][size], env["matmul_params"][size], batch * seq_len, ITEMSIZE[dtype], rates)
+    floor = gpu_floor.step_floor(env["params"][size], env["matmul_params"][size], batch * seq_len, ITEMSIZE[dtype], rates,
+                                 window)
     out["floor"] = floor
     out["floor_over_measured"] = floor["floor_s" if side == "distzo" else "resident_floor_s"] / out["step_seconds"]
     shutil.rmtree(run_dir / "server", ignore_errors=True)  # the journal; keep logs and run log
-    return {**row, "batch": batch, "seq_len": seq_len, **out}
+    return {**row, "window": window, "batch": batch, "seq_len": seq_len, **out}
 
 
 def table(rows: list[dict]) -> str:
     """The short table printed last: one line per (size, setting, dtype), the three sides side by side."""
     groups: dict[tuple, dict] = {}
-    for r in rows:
-        groups.setdefault((r["size"], r["setting"], r["dtype"]), {})[r["side"]] = r
+    for r in rows:  # one line per update window of distzo, the peers' rows beside each
+        windows = {x.get("window", "1") for x in rows if x["side"] == "distzo" and
+                   (x["size"], x["setting"], x["dtype"]) == (r["size"], r["setting"], r["dtype"])} or {"1"}
+        for w in windows if r["side"] != "distzo" else [r.get("window", "1")]:
+            groups.setdefault((r["size"], r["setting"], r["dtype"], w), {})[r["side"]] = r
     gib = 2**30
-    lines = [f"{'size':>5} {'setting':>12} {'dtype':>8} | {'distzo tok/s':>12} {'resident':>9} {'ZO2':>9} | "
+    lines = [f"{'size':>5} {'setting':>12} {'dtype':>8} {'K':>3} | {'distzo tok/s':>12} {'resident':>9} {'ZO2':>9} | "
              f"{'vs res':>6} {'vs ZO2':>6} | {'GPU GiB d/r/z':>15} | {'floor/meas':>10} | {'h2d GB/s':>8} | transport"]
-    for (size, setting, dtype), g in groups.items():
+    for (size, setting, dtype, window), g in groups.items():
         d, r, z = g.get("distzo"), g.get("resident"), g.get("zo2")
         tps = lambda x: f"{x['tokens_per_second']:.0f}" if x and "tokens_per_second" in x else "-"  # noqa: E731
         ratio = lambda a, b: f"{a['tokens_per_second'] / b['tokens_per_second']:.2f}" if (  # noqa: E731
             a and b and "tokens_per_second" in a and "tokens_per_second" in b) else "-"
         mem = "/".join(f"{x['nvsmi_peak_gpu_bytes'] / gib:.1f}" if x and x.get("nvsmi_peak_gpu_bytes") else "-" for x in (d, r, z))
         b, s = SETTINGS_SHOWN.get(setting, ("", ""))
-        lines.append(f"{size:>5} {setting + f' {b}x{s}':>12} {dtype:>8} | {tps(d):>12} {tps(r):>9} {tps(z):>9} | "
+        lines.append(f"{size:>5} {setting + f' {b}x{s}':>12} {dtype:>8} {window!s:>3} | {tps(d):>12} {tps(r):>9} {tps(z):>9} | "
                      f"{ratio(d, r):>6} {ratio(d, z):>6} | {mem:>15} | "
                      f"{(d or {}).get('floor_over_measured', float('nan')):>10.2f} | "
                      f"{(d or {}).get('h2d_GBps', float('nan')):>8.1f} | {(d or {}).get('transport', '-')}")
@@ -288,6 +320,8 @@ def main() -> None:
     ap.add_argument("--mezo-served", default="float32,bfloat16", help="served (= compute) dtypes at MeZO's setting")
     ap.add_argument("--zo2-dtype", default="float16", help="dtype at ZO2's setting (ZO2's default fp16)")
     ap.add_argument("--sides", default="distzo,resident,zo2")
+    ap.add_argument("--windows", default="1,auto",
+                    help="server.update_window of the distzo rows ('auto': the plan's recommendation for the row)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--zo2", help="a ZO2 checkout (bench/peers/zo2, git-ignored)")
@@ -355,11 +389,13 @@ def main() -> None:
         result["kernels"] = k = kernel_rates(1 << 28)
         print(f"kernels (2^28 elements, device copy {k['copy_GBps']:.0f} GB/s): " + "; ".join(
             f"{d}: perturb {k[d]['perturb_over_copy']:.2f}x, update {k[d]['update_over_copy']:.2f}x, "
-            f"update+cast {k[d]['update_cast_over_copy']:.2f}x copy" for d in ("rademacher", "gaussian")), flush=True)
+            f"update+cast {k[d]['update_cast_over_copy']:.2f}x copy, replay of 8 + perturb "
+            f"{k[d]['replay8_perturb2_bf16_over_copy']:.2f}x copy ({k[d]['replay_records_per_s'] / 1e12:.2f} T records/s)"
+            for d in ("rademacher", "gaussian")), flush=True)
     save()
     sampler = GpuMemorySampler().start() if not smoke else None
     sides = args.sides.split(",")
-    for row in plan_rows(sizes, settings, args.mezo_served.split(","), args.zo2_dtype, sides):
+    for row in plan_rows(sizes, settings, args.mezo_served.split(","), args.zo2_dtype, sides, args.windows.split(",")):
         if time.perf_counter() - start > args.budget_s:
             result["rows"].append({**row, "error": "skipped: --budget-s spent"})
             continue
@@ -369,7 +405,8 @@ def main() -> None:
             out = {**row, "error": f"{type(exc).__name__}: {str(exc)[-400:]}"}
         result["rows"].append(out)
         shown = f"{out['tokens_per_second']:.0f} tok/s, step {out['step_seconds'] * 1e3:.0f} ms" if "error" not in out else out["error"]
-        print(f"[{time.perf_counter() - start:5.0f} s] opt-{row['size']} {row['setting']} {row['dtype']} {row['side']}: {shown}",
+        print(f"[{time.perf_counter() - start:5.0f} s] opt-{row['size']} {row['setting']} {row['dtype']} {row['side']} "
+              f"K={out.get('window', row['window'])}: {shown}",
               flush=True)
         save()
     if sampler:

@@ -72,12 +72,14 @@ def update_params_per_s(served_dtype: str, threads: int, elements: int = 1 << 27
     return elements / _median_time(update, 3, lambda: None)
 
 
-def step_floor(params: int, matmul_params: int, tokens_per_forward: int, itemsize: int, rates: dict) -> dict:
+def step_floor(params: int, matmul_params: int, tokens_per_forward: int, itemsize: int, rates: dict,
+               window: int = 1) -> dict:
     """The three bounds of a streaming step and their max (seconds); ``rates``: pcie_GBps, matmul_flops,
     update_params_per_s. ``matmul_params``: the decoder layers' parameters (an embedding's forward is a
-    lookup); attention's T^2 terms are left out, so the compute bound is a lower bound."""
+    lookup); attention's T^2 terms are left out, so the compute bound is a lower bound. ``window``:
+    server.update_window K, one server pass per K steps (its ALU floor and the replay are left out)."""
     h2d = params * itemsize / (rates["pcie_GBps"] * 1e9) if rates.get("pcie_GBps") else 0.0
     compute = 2 * 2 * matmul_params * tokens_per_forward / rates["matmul_flops"]
-    server = params / rates["update_params_per_s"]
+    server = params / rates["update_params_per_s"] / window
     return {"h2d_s": h2d, "compute_s": compute, "server_s": server, "floor_s": max(h2d, compute, server),
             "resident_floor_s": compute}

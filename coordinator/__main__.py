@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="coordinator")
+    from distzo.procs import end_with_supervisor
+
+    end_with_supervisor()  # started by zoctl up: never outlive it
     from distzo.rpc import Credentials
     from coordinator.server import run
 

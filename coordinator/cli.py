@@ -74,19 +74,55 @@ def job_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - a JobConfi
 
 
 # ----------------------------------------------------------------------------- commands
+def check_out(out: str, cfg) -> None:  # noqa: ANN001 - a JobConfig
+    """Refuse an export destination (a directory or a URL) before any work: what the export would refuse
+    after the whole run (outside server.export_root, a file, another directory's files, an unwritable
+    parent, a URL scheme or its library that is missing) is one line and exit 2 now."""
+    from distzo.export import check_destination, check_export_root
+    from distzo.transfer import check_export_url, is_url
+
+    if is_url(out):
+        why = check_export_url(out, cfg.server.export_root)
+        if why:
+            raise CliError(f"--out: {why}")
+        return
+    try:
+        check_export_root(out, cfg.server.export_root)
+    except PermissionError as exc:
+        raise CliError(f"--out: {exc}: give --out a directory under it") from None
+    check_destination(out)  # ExportRefused (BadInput): exit 2
+
+
 def cmd_reference(args: argparse.Namespace) -> int:
+    import tempfile
+
     from distzo.reference import ReferenceTrainer, TrainingStopped
+    from distzo.transfer import is_url, push
 
     cfg = job_config_from_args(args)
     if args.merge and not args.out:  # zoctl up exports to its run directory; the reference only with --out
         raise CliError("--merge names the form of the export, and zoctl reference exports only with --out DIR: "
                        "add --out DIR or drop --merge")
-    trainer = ReferenceTrainer(cfg)
-    try:
-        summary = trainer.train(out_dir=args.out, progress=None if not args.json else False, run_dir=args.run_dir,
-                                merge=args.merge)
-    except TrainingStopped as exc:
-        raise CliError(str(exc), EXIT_FAILED) from None
+    if args.out:
+        check_out(args.out, cfg)
+    if args.run_dir and Path(args.run_dir).exists():
+        if not Path(args.run_dir).is_dir():
+            raise CliError(f"the run directory {args.run_dir} is a file: expected a directory")
+        from distzo.locks import DirLock
+        from distzo.runlog import RUN_LOCK
+
+        DirLock(args.run_dir, RUN_LOCK, "the run directory").acquire().release()  # in use: refused before loading
+    with tempfile.TemporaryDirectory(prefix="distzo-reference-") as staging:  # a URL: exported here, then pushed
+        url = args.out if args.out and is_url(args.out) else None
+        trainer = ReferenceTrainer(cfg)
+        try:
+            summary = trainer.train(out_dir=Path(staging) / "model" if url else args.out,
+                                    progress=None if not args.json else False, run_dir=args.run_dir, merge=args.merge)
+        except TrainingStopped as exc:
+            raise CliError(str(exc), EXIT_FAILED) from None
+        if url:
+            push(Path(staging) / "model", url)
+            summary["out_dir"] = url
     print_summary(summary, args.json)
     return EXIT_OK
 
@@ -183,10 +219,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from distzo.report import start_loss, write_report
     from distzo.runlog import read_history
 
+    out_dir = args.out or str(run_dir.resolve() / "model")
+    check_out(out_dir, cfg)  # a destination the final export would refuse: refused before the run, not after it
     if cfg.runtime.device == "cuda":
         check_local_gpus(cfg)
     JobData.load(cfg)  # model and data errors surface here, before any process starts
-    out_dir = Path(args.out) if args.out else run_dir / "model"
     if cfg.cluster.hosts > 1:
         from coordinator.hostcluster import HostsCluster
 

@@ -52,7 +52,8 @@ def _call(args: argparse.Namespace, method: str, request, timeout: float = 30.0)
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise CliError(f"cannot reach the coordinator at {address}: {exc.details()}", EXIT_UNREACHABLE) from None
             code = EXIT_BAD_INPUT if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
-                                                    grpc.StatusCode.FAILED_PRECONDITION) else EXIT_FAILED
+                                                    grpc.StatusCode.FAILED_PRECONDITION,
+                                                    grpc.StatusCode.PERMISSION_DENIED) else EXIT_FAILED
             raise CliError(f"{exc.code().name.lower()}: {exc.details()}", code) from None
 
 

@@ -20,7 +20,7 @@ import time
 from typing import Any, Sequence
 
 import grpc
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
 from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
@@ -28,7 +28,7 @@ from distzo.data import Batch
 from distzo.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
 from distzo.jobdata import EvalTally, JobData
 from distzo.logs import kv
-from distzo.mezo import UpdateRecord
+from distzo.mezo import UpdateRecord, base_version
 from distzo.plan import StepPlan, step_plan, worker_roles
 from distzo.runlog import RunLog
 from distzo.rpc import Credentials
@@ -80,6 +80,8 @@ class Job:
         self.job_id = job_id(self.identity)
         self._claimed = False
         self.elapsed_before = 0.0  # training seconds of the run before this coordinator resumed it
+        # update windows: the records a step's workers replay on their base (distzo.mezo.base_version)
+        self.records: dict[int, UpdateRecord] = {}
 
     @property
     def state(self) -> str:
@@ -149,7 +151,8 @@ class Job:
         self.client = self._connect_servers()
         server_cfg = JobConfig.from_yaml_text(self.client.config_yaml, "the parameter server's job config")
         for name, ours, theirs in (("train.distribution", cfg.train.distribution, server_cfg.train.distribution),
-                                   ("model.source", cfg.model.source, server_cfg.model.source)):
+                                   ("model.source", cfg.model.source, server_cfg.model.source),
+                                   ("server.update_window", cfg.server.update_window, self.client.update_window)):
             if ours != theirs:
                 raise JobFailed(f"{name} is {ours!r} here but {theirs!r} on the parameter server")
         status = self.client.status()
@@ -159,6 +162,14 @@ class Job:
                 raise JobFailed(f"the parameter server holds the state of another job ({differences(theirs, self.identity)}); "
                                 "give this job a fresh data directory (zoctl up: a new --run-dir)")
         self.resumed_from = self.step = min(s.journaled_steps for s in status)
+        base = base_version(self.step, cfg.server.update_window)
+        # resuming mid-window: the records after the base the next steps read (the server may be restarting too)
+        transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+                     grpc.StatusCode.DEADLINE_EXCEEDED)
+        records = Retrying(retry=retry_if_exception(lambda e: isinstance(e, FetchError) and e.code in transient),
+                           wait=wait_exponential(multiplier=0.1, max=2.0), stop=stop_after_delay(cfg.coordinator.server_timeout_s),
+                           reraise=True)(self.client.records, base, self.step)
+        self.records = {r.step: r for r in records}
         self.progress.on_start(self.step, cfg.train.steps, self.client.manifest.numel * ITEMSIZE[self.client.served_dtype])
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
@@ -249,10 +260,13 @@ class Job:
             evals_waiting = bool(self._eval_requests)
         if t >= cfg.train.steps or due_eval or evals_waiting or self._paused.is_set() or self._stop.is_set():
             return
+        if not self.registry.units():  # no worker now: the step's own round waits for one, after the update
+            return
         plan = step_plan(cfg, t, len(self.data.train))
         forwards, pieces = self._round_spec(plan)
-        rnd = Round(self.registry, cfg.coordinator, t, t, "train", forwards,
-                    dict(enumerate(self.data.shard_batches(plan))), self._stop)
+        version, pending = self._base(t)
+        rnd = Round(self.registry, cfg.coordinator, t, version, "train", forwards,
+                    dict(enumerate(self.data.shard_batches(plan))), self._stop, pending)
         self._next = rnd
         rnd.start(pieces)
 
@@ -291,8 +305,17 @@ class Job:
                                      torch.tensor(list(r.scores), dtype=torch.float64))
         return losses, sum(r.tokens for r in rnd.results.values())
 
+    def _base(self, step: int) -> tuple[int, list[UpdateRecord]]:
+        """The base version step ``step``'s workers fetch and the records they replay on it (update windows)."""
+        version = base_version(step, self.cfg.server.update_window)
+        return version, [self.records[s] for s in range(version, step)]
+
     def _update(self, record: UpdateRecord) -> None:
         """Dispatch the next step's round, then send this step's record to every server shard."""
+        self.records[record.step] = record  # the next steps' workers replay it until their base passes it
+        keep_from = base_version(record.step + 1, self.cfg.server.update_window)
+        for s in [s for s in self.records if s < keep_from]:
+            del self.records[s]
         self._prestart(record.step + 1)
         u0 = time.perf_counter()
         self._send_update(record)
@@ -300,7 +323,10 @@ class Job:
 
     def _run_round(self, step: int, kind: str, forwards: dict, batches: dict, pieces: list,
                    started: Round | None = None) -> Round:
-        rnd = started or Round(self.registry, self.cfg.coordinator, step, step, kind, forwards, batches, self._stop)
+        rnd = started
+        if rnd is None:
+            version, pending = self._base(step)
+            rnd = Round(self.registry, self.cfg.coordinator, step, version, kind, forwards, batches, self._stop, pending)
         self.round = rnd
         try:
             if started is None:
@@ -334,7 +360,8 @@ class Job:
         try:
             Retrying(retry=retry_if_exception(lambda e: isinstance(e, grpc.RpcError) and e.code() in unavailable),
                      wait=wait_exponential(multiplier=0.05, max=1.0),
-                     stop=stop_after_delay(self.cfg.coordinator.server_timeout_s), reraise=True,
+                     stop=stop_after_delay(self.cfg.coordinator.server_timeout_s) | stop_when_event_set(self._stop),
+                     reraise=True,
                      before_sleep=lambda _: log.warning("parameter server unavailable, retrying the update",
                                                         extra=kv(step=record.step)))(send)
         except grpc.RpcError as exc:

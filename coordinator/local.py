@@ -35,14 +35,14 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt
 from distzo.cache import shared_kernel_cache_env
 from coordinator.targets import CLUSTER_FILE
 from distzo.config import JobConfig
-from distzo.durable import JobMismatch, check_same_job, differences, job_id, job_identity, record_job
-from distzo.errors import BadInput
+from coordinator.rundir import check_run_dir, wait_for_run_dir  # noqa: F401 - check_run_dir: re-exported for zoctl up
+from distzo.durable import record_job, write_atomic
 from distzo.logs import kv
-from distzo.procs import READY, ServiceFailed, ServiceProcess, address_flags, python_module
+from distzo.procs import READY, SUPERVISOR_ENV, ServiceFailed, ServiceProcess, address_flags, python_module
 from coordinator.client import CoordinatorClient
 from gpuworker.launch import worker_command
 from distzo.rpc import Credentials
-from distzo.runlog import RUN, read_history
+from distzo.runlog import RUN
 from distzo.supervise import RestartPolicy, Restarts
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -52,27 +52,6 @@ MAX_RESTARTS = 20  # per process, over the run
 STABLE_S = 30.0  # a process that ran this long before dying is restarted at once (no backoff)
 # quick deaths (and failed starts) in a row wait 0.25 s, 0.5 s, 1 s, ... up to 5 s
 POLICY = RestartPolicy(first_delay_s=0.25, max_delay_s=5.0, stable_s=STABLE_S, max_restarts=MAX_RESTARTS)
-
-
-def check_run_dir(run_dir: Path, cfg: JobConfig, resume: bool) -> None:
-    """Refuse a run directory that holds another job, or this job's run without ``resume`` (BadInput)."""
-    claim = run_dir / RUN
-    if claim.exists():
-        check_same_job(claim, cfg, f"the run directory {run_dir}")
-    elif (run_dir / "job.yaml").is_file() and (run_dir / "server").is_dir():
-        old = JobConfig.from_yaml(run_dir / "job.yaml")  # a run directory from before run.json existed
-        if job_id(job_identity(old)) != job_id(job_identity(cfg)):
-            raise JobMismatch(f"the run directory {run_dir} holds another job: "
-                              f"{differences(job_identity(old), job_identity(cfg))}. Use a new --run-dir for a new job")
-    else:
-        return  # nothing there yet
-    steps = len(read_history(run_dir).steps)
-    if not resume:
-        raise BadInput(f"the run directory {run_dir} holds a run of this job ({steps} steps logged): pass --resume to "
-                       "continue it, or choose a new --run-dir")
-    if cfg.train.steps < steps:  # it would start a cluster to train nothing
-        raise BadInput(f"the run in {run_dir} is at step {steps} and train.steps is {cfg.train.steps}: give --steps "
-                       f"above {steps} to continue it (its config: {run_dir / 'job.yaml'})")
 
 
 def free_port() -> int:
@@ -96,18 +75,15 @@ class LocalCluster:
         self.run_dir = self.run_dir.resolve()
         check_run_dir(self.run_dir, self.cfg, self.resume)  # before anything is written or started
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = wait_for_run_dir(self.run_dir)  # held until shutdown, and by every service started
         record_job(self.run_dir / RUN, self.cfg)
-        token_file = self.run_dir / "token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
+        token_file = self.run_dir / "token"  # written whole (a restarted service reads it again), private
+        write_atomic(token_file, (secrets.token_urlsafe(24) + "\n").encode(), 0o600)
         token_file.chmod(0o600)
         data_dir = self.cfg.server.data_dir or str(self.run_dir / "server")
         self.cfg = self.cfg.with_overrides({"security.token_file": str(token_file), "server.data_dir": data_dir})
         self.config_path = self.run_dir / "job.yaml"
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold a token
-        with os.fdopen(fd, "w") as f:
-            f.write(self.cfg.to_yaml())
+        write_atomic(self.config_path, self.cfg.to_yaml().encode(), 0o600)  # it may hold a token
         self.config_path.chmod(0o600)
         self._started_at: dict[str, float] = {}
         self._restarts: dict[str, Restarts] = {}  # process name, or node-N for a node group's start
@@ -153,13 +129,18 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         self._hosts_of[name] = host
         p = ServiceProcess(name, self._in_host(host, [*argv, "--ready-file", str(ready)]), ready,
-                           self.run_dir / "logs" / f"{name}.log")
+                           self.run_dir / "logs" / f"{name}.log", pass_fds=(self.lock.fd,) if self.lock.fd else ())
         self.processes[name] = p
         return p
 
+    def _env(self) -> dict[str, str]:
+        """The services' environment: one kernel cache, and this process as their supervisor (they end
+        when it does, however it ends: distzo.procs.end_with_supervisor)."""
+        return {**shared_kernel_cache_env(self.cfg.runtime.cache_dir), SUPERVISOR_ENV: str(os.getpid())}
+
     def _spawn(self, name: str, argv: list[str], host: int = 0) -> ServiceProcess:
         p = self._service(name, argv, host)
-        p.start(timeout_s=300, env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+        p.start(timeout_s=300, env=self._env())
         return p
 
     def _launch(self, name: str, start: Callable[[], None]) -> None:
@@ -200,7 +181,7 @@ class LocalCluster:
         p = self._early.pop("coordinator", None)  # started with the parameter server (start())
         if p is None:
             p = self._coordinator_process(self.server_address)
-            p.spawn(env=shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+            p.spawn(env=self._env())
         p.wait_ready(timeout_s=300)
         self.coordinator_port = p.info["port"]
 
@@ -243,7 +224,7 @@ class LocalCluster:
         if procs is None:
             procs = self._node_processes(node, self.coordinator_address)
             for p in procs:  # all members first: a node group forms only when every member is up
-                _start_detached(p, shared_kernel_cache_env(self.cfg.runtime.cache_dir))
+                _start_detached(p, self._env())
         deadline = time.monotonic() + 300
         for p in procs:
             while not p.ready_file.is_file():
@@ -279,7 +260,7 @@ class LocalCluster:
         ready.mkdir(parents=True, exist_ok=True)
         for stale in ready.glob("*.json"):  # a resumed run's: never read as this run's addresses
             stale.unlink(missing_ok=True)
-        env = shared_kernel_cache_env(self.cfg.runtime.cache_dir)
+        env = self._env()
         coordinator = self._coordinator_process(f"{READY}{ready / 'paramserver.json'}")
         coordinator.spawn(env=env)
         self._early["coordinator"] = coordinator
@@ -305,9 +286,7 @@ class LocalCluster:
                 "pids": {n: p.pid for n, p in self.processes.items()}, "supervisor_pid": os.getpid(), "started": time.time(),
                 **self._cluster_info()}
         # announced in the run directory only (coordinator.targets): never a machine-wide "latest" cluster
-        tmp = self.run_dir / (CLUSTER_FILE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self.run_dir / CLUSTER_FILE)
+        write_atomic(self.run_dir / CLUSTER_FILE, json.dumps(info, indent=2).encode(), 0o666)
 
     # ------------------------------------------------------------------ supervision
     def _record(self, name: str) -> Restarts:
@@ -378,9 +357,12 @@ class LocalCluster:
                 return st
             time.sleep(poll_s)
 
-    def export(self, out_dir: Path, merge: bool = False) -> cpb.ControlReply:
-        """Export the weights to ``out_dir`` (``merge``: a LoRA run's merged plain model)."""
-        return self.client().call("Export", cpb.ExportJobRequest(path=os.path.abspath(out_dir), merge=merge), timeout=600)
+    def export(self, out_dir: str | Path, merge: bool = False) -> cpb.ControlReply:
+        """Export the weights to ``out_dir``, a directory or a URL (``merge``: a LoRA run's merged plain model)."""
+        from distzo.transfer import is_url
+
+        path = str(out_dir) if is_url(str(out_dir)) else os.path.abspath(out_dir)
+        return self.client().call("Export", cpb.ExportJobRequest(path=path, merge=merge), timeout=600)
 
     def shutdown(self) -> None:
         """Ask the services to stop, then make sure every process is gone."""
@@ -399,12 +381,8 @@ class LocalCluster:
             p.stop(timeout_s=10)
         self._drop_client()
         (self.run_dir / CLUSTER_FILE).unlink(missing_ok=True)  # nothing is running here any more
+        self.lock.release()
 
 def _start_detached(p: ServiceProcess, env: dict[str, str]) -> None:
     """Start a process that announces itself elsewhere (a worker registers with the coordinator)."""
-    import subprocess
-
-    p.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(p.log_path, "ab") as log_file:
-        p.proc = subprocess.Popen(p.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True, env={**os.environ, **env})
+    p.popen(env)

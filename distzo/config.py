@@ -7,44 +7,68 @@ what is allowed, before anything starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distzo.errors import BadInput, counted
-from distzo.wire_sizes import MAX_MESSAGE_BYTES, MESSAGE_HEADROOM, TOKEN_BYTES
+from distzo.configtext import ConfigError, _short, format_validation_error, parse_settings, read_utf8  # noqa: F401 - re-exported
+from distzo.errors import counted
+from distzo.wire_sizes import INT32_MAX, INT64_MAX, MAX_DIRECTIONS, MAX_MESSAGE_BYTES, MESSAGE_HEADROOM, TOKEN_BYTES
 
 LayoutName = Literal["dual", "pertp", "ddp", "2d"]
 
 EVAL_BATCH_EXAMPLES = 32  # dev examples per eval chunk (one assignment)
 
 
-class ConfigError(BadInput):
-    """A config that does not parse or validate; the message names the field."""
-
-
 MAX_CONFIG_BYTES = 256 << 10  # a job config is a few KB; StartJob's config_yaml has the same bound
 MAX_TEXT = 4096  # any string field: paths, names, templates
+# every number has a range (tests/test_config_data.py checks the schema): a count fits the protobuf field it
+# travels in (steps and versions int64, with room for step + 1), a wait fits threading's and gRPC's timeouts
+MAX_STEPS = 1 << 62
+MAX_COUNT = 1 << 16  # workers, directions' retries, attempts: far beyond any cluster
+MAX_WAIT_S = 1e6  # about 11.6 days
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
+class When(NamedTuple):
+    """A field that decides the weights only under a condition on its section (``train.momentum``: only
+    with ``train.optimizer momentum``); then it is always in the job identity."""
+
+    applies: Callable[[Any], bool]
+    what: str
+
+
+ALWAYS, NOT = "always", "not"  # identity roles besides When (see _Section)
+
+
 class _Section(BaseModel):
+    """A config section. How its fields enter the job identity (``distzo.durable.job_identity``, what a
+    resume must keep): ``IDENTITY`` names a field's role, ``ALWAYS`` (always recorded: the fields job ids
+    have held since they exist), ``NOT`` (never: it does not change the weights), or a ``When``; a field not
+    named there is in the identity when ``TRAJECTORY`` (recorded when set away from its default, so adding
+    a field changes no existing job id) and out of it otherwise."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf lr: no run
+    TRAJECTORY: ClassVar[bool] = True
+    IDENTITY: ClassVar[dict[str, Any]] = {}
+    PRIVATE: ClassVar[frozenset[str]] = frozenset()  # secrets and paths to them: never in a public view (to_yaml)
 
 
 class ModelSection(_Section):
+    IDENTITY = {"source": ALWAYS}
     source: str = Field("tiny-opt", min_length=1, max_length=MAX_TEXT, description="a preset (tiny-opt, tiny-gpt2, tiny-llama, tiny-qwen3, ...), a fetched model (smollm2-135m, see `zoctl fetch`) or a Hugging Face model directory")
 
 
 class DataSection(_Section):
+    IDENTITY = dict.fromkeys(("train", "dev", "template", "label_words", "max_seq_len", "dev_examples"), ALWAYS)
     train: Text | None = Field(None, description="a task name (rotten-tomatoes after `zoctl fetch`, sst2-synth) or a JSONL file of training examples; default: sst2-synth, the shipped SST-2-style task")
     dev: Text | None = Field(None, description="JSONL of dev examples (or a task name: its dev split); default: the task's dev split, or the last tenth of a data.train file")
     template: Text = "{text} It was"
     label_words: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["terrible", "great"], min_length=2, max_length=1024)
     max_seq_len: int = Field(64, ge=4, le=1 << 16)
-    dev_examples: int | None = Field(None, ge=1, description="evaluate on the first N dev examples only")
+    dev_examples: int | None = Field(None, ge=1, le=INT32_MAX, description="evaluate on the first N dev examples only")
 
     @field_validator("template")
     @classmethod
@@ -69,21 +93,29 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(16, ge=1)
+    IDENTITY = {**dict.fromkeys(("batch_size", "eps", "lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay",
+                                 "distribution", "seed", "grad_clip"), ALWAYS),
+                "steps": When(lambda t: t.lr_schedule != "constant", "a decaying lr_schedule spans the run"),
+                "momentum": When(lambda t: t.optimizer == "momentum", "optimizer momentum"),
+                **dict.fromkeys(("adam_beta1", "adam_beta2", "adam_eps"), When(lambda t: t.optimizer == "adam", "optimizer adam")),
+                **dict.fromkeys(("lora_rank", "lora_alpha", "lora_modules"), When(lambda t: t.target == "lora", "target lora")),
+                "prefix_tokens": When(lambda t: t.target == "prefix", "target prefix"),
+                "eval_every": NOT, "eval_at_start": NOT}  # evaluations read the weights, never change them
+    steps: int = Field(1000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(16, ge=1, le=INT32_MAX)
     eps: float = Field(1e-3, gt=0, description="perturbation scale")
     lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     distribution: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int = Field(0, ge=0, lt=1 << 63)
     grad_clip: float | None = Field(None, gt=0, description="clip |g| to this value")
-    nonfinite_retries: int = Field(1, ge=0, description="re-runs of a step whose losses are not finite")
+    nonfinite_retries: int = Field(1, ge=0, le=MAX_COUNT, description="re-runs of a step whose losses are not finite")
     nonfinite_policy: Literal["skip", "stop"] = "skip"
-    max_consecutive_skips: int = Field(10, ge=1, description="stop when this many steps in a row are skipped (diverged)")
-    eval_every: int = Field(250, ge=0, description="evaluate every N steps (0: only at the end)")
+    max_consecutive_skips: int = Field(10, ge=1, le=MAX_STEPS, description="stop when this many steps in a row are skipped (diverged)")
+    eval_every: int = Field(250, ge=0, le=MAX_STEPS, description="evaluate every N steps (0: only at the end)")
     eval_at_start: bool = Field(True, description="evaluate before the first step (the zero-shot figures)")
     optimizer: Literal["sgd", "momentum", "adam"] = Field(
         "sgd", description="update rule on the parameter server: sgd (MeZO-SGD, no state), momentum (heavy ball, "
@@ -107,12 +139,24 @@ class TrainSection(_Section):
         description="names of the linear modules that get adapters (peft target_modules; MeZO's LoRA: q and v)")
     prefix_tokens: int = Field(5, ge=1, le=4096, description="prefix length in tokens (train.target prefix)")
 
+    @model_validator(mode="after")
+    def _decay_step_below_one(self) -> "TrainSection":
+        """The parameter server refuses an update with lr x weight_decay >= 1 (it would flip or zero every weight):
+        refused here, before the run, not at its first update (no schedule goes above lr)."""
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(f"train.lr x train.weight_decay = {self.lr} x {self.weight_decay} = "
+                             f"{self.lr * self.weight_decay:g} must be below 1 (each step multiplies a weight by "
+                             "1 - lr x weight_decay)")
+        return self
+
 
 class LayoutSection(_Section):
-    workers: int = Field(1, ge=1)
+    IDENTITY = {"workers": ALWAYS, "name": ALWAYS, "q": ALWAYS,
+                "node_size": NOT, "nodes": NOT}  # a node group gathers whole blocks: placement, not arithmetic
+    workers: int = Field(1, ge=1, le=MAX_COUNT)
     name: LayoutName = "dual"
-    q: int = Field(1, ge=1, description="perturbation directions per step")
-    node_size: int = Field(1, ge=1, description="workers per node group (sliced fetch + all-gather)")
+    q: int = Field(1, ge=1, le=MAX_DIRECTIONS, description="perturbation directions per step")
+    node_size: int = Field(1, ge=1, le=MAX_COUNT, description="workers per node group (sliced fetch + all-gather)")
     nodes: int | None = Field(None, ge=1, le=1 << 16, description="worker nodes (node groups); when set, workers = "
                               "nodes x node_size (the Kubernetes run's shape, k8s/overlays/gpu-run/shape.yaml)")
 
@@ -158,27 +202,38 @@ class LayoutSection(_Section):
 
 
 class ServerSection(_Section):
+    PRIVATE = frozenset({"data_dir"})  # (zoctl up: inside the run directory, beside the token file)
+    IDENTITY = {"served_dtype": ALWAYS,  # paths, threads, timeouts and guards never change the weights
+                **dict.fromkeys(("snapshot_every", "snapshot_at_start", "chunk_bytes", "update_threads", "shared_memory",
+                                 "shm_dir", "export_root", "fetch_timeout_s", "max_update_step", "data_dir"), NOT)}
     served_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    snapshot_every: int = Field(100, ge=0, description="snapshot every N steps (0: never automatically)")
+    snapshot_every: int = Field(100, ge=0, le=MAX_STEPS, description="snapshot every N steps (0: never automatically)")
     snapshot_at_start: bool = Field(True, description="snapshot the initial weights when the data directory has none, so recovery never needs the model directory again (benchmarks turn it off)")
     chunk_bytes: int = Field(4 << 20, ge=1 << 20, le=16 << 20, description="data-plane chunk size (1-16 MiB)")
-    update_threads: int = Field(1, ge=1, description="threads applying an update (results never depend on it)")
+    update_threads: int = Field(1, ge=1, le=1024, description="threads applying an update (results never depend on it)")
     shared_memory: bool = Field(True, description="offer the shared-memory fetch path to clients on this host")
     shm_dir: Text = Field("/dev/shm", description="where shared-memory segments live (a memory-backed directory)")
     export_root: Text | None = Field(None, description="exports must be written under this directory (None: anywhere)")
-    fetch_timeout_s: float = Field(120.0, gt=0, description="how long a fetch may wait for a version")
+    fetch_timeout_s: float = Field(120.0, gt=0, le=MAX_WAIT_S, description="how long a fetch may wait for a version")
     max_update_step: float = Field(1.0, gt=0, description="refuse (before journaling) an update that moves a weight "
                                    "by more than this per unit of z: lr x mean |g| (a diverged or broken run)")
     data_dir: Text | None = Field(None, description="snapshots and journal (zoctl up: <run dir>/server)")
+    update_window: int = Field(
+        1, ge=1, le=1024, description="update window K: the server materializes the weights every K steps in one "
+        "pass over memory (K updates applied element by element: bitwise K single passes) and step t's forwards read "
+        "the base distzo.mezo.base_version(t, K), replaying the at most 2K - 2 records after it; 1: every step is "
+        "materialized and read as it is. `zoctl plan` recommends K for a cluster (1 on CPU clusters, where the "
+        "worker would pay for the replay)")
 
 
 class RuntimeSection(_Section):
+    TRAJECTORY = False  # where and how fast: devices, threads, caches
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int = Field(1, ge=1, le=1024, description="torch compute threads per worker (and for the reference)")
     kernel_threads: int = Field(1, ge=1, le=1024, description="threads for the perturbation kernels")
     prefetch_blocks: int = Field(2, ge=1, le=64, description="blocks fetched ahead of the one computing")
     frozen_gpu_bytes: int | None = Field(
-        None, ge=0, description="train.target lora/prefix on a GPU: at most this many bytes of frozen blocks kept in "
+        None, ge=0, le=INT64_MAX, description="train.target lora/prefix on a GPU: at most this many bytes of frozen blocks kept in "
         "GPU memory, the rest in the worker's pinned host memory (default: the GPU memory free at the first "
         "assignment less a fifth of the device, kept for activations and the streamed blocks)")
     copy_threads: int = Field(0, ge=0, le=64, description="threads copying fetched blocks out of the server's shared memory (0: one per core, at most 8)")
@@ -186,17 +241,20 @@ class RuntimeSection(_Section):
 
 
 class CoordinatorSection(_Section):
+    TRAJECTORY = False  # a failure never changes the trajectory: how failures are handled neither
     on_worker_loss: Literal["reassign", "wait"] = Field(
         "reassign", description="a lost worker's forwards go to a live worker now, or wait for a replacement")
-    heartbeat_timeout_s: float = Field(15.0, gt=0, description="a worker silent this long is lost")
-    assignment_timeout_s: float = Field(600.0, gt=0, description="an assignment not answered in this time is re-assigned")
-    max_attempts: int = Field(5, ge=1, description="tries per forward before the step fails")
-    server_timeout_s: float = Field(300.0, gt=0, description="how long to wait for an unreachable parameter server")
-    worker_wait_s: float = Field(600.0, gt=0, description="how long to wait for the layout's workers to register")
+    heartbeat_timeout_s: float = Field(15.0, gt=0, le=MAX_WAIT_S, description="a worker silent this long is lost")
+    assignment_timeout_s: float = Field(600.0, gt=0, le=MAX_WAIT_S, description="an assignment not answered in this time is re-assigned")
+    max_attempts: int = Field(5, ge=1, le=MAX_COUNT, description="tries per forward before the step fails")
+    server_timeout_s: float = Field(300.0, gt=0, le=MAX_WAIT_S, description="how long to wait for an unreachable parameter server")
+    worker_wait_s: float = Field(600.0, gt=0, le=MAX_WAIT_S, description="how long to wait for the layout's workers to register")
 
 
 class ClusterSection(_Section):
     """Where ``zoctl up`` puts the processes (placement only: it never changes the weights)."""
+
+    TRAJECTORY = False
 
     hosts: int = Field(1, ge=1, le=64, description="simulated hosts (Linux network namespaces, needs root): the primary "
                        "parameter server and the coordinator on host 0, a replica on every other host, the workers "
@@ -207,6 +265,8 @@ class ClusterSection(_Section):
 
 
 class SecuritySection(_Section):
+    TRAJECTORY = False
+    PRIVATE = frozenset({"token", "token_file", "tls_cert", "tls_key", "tls_ca", "mutual_tls"})  # all of it, consistently
     token: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="bearer token for state-changing RPCs (prefer token_file)")
     token_file: Text | None = Field(None, description="file holding the bearer token (a mounted Secret)")
     tls_cert: Text | None = Field(None, description="PEM certificate of this service (enables TLS)")
@@ -250,6 +310,14 @@ class JobConfig(_Section):
         ddp = self.layout.ddp
         if self.train.batch_size % ddp:
             raise ValueError(f"train.batch_size {self.train.batch_size} must be divisible by the {ddp} data shards of layout {self.layout.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _window_needs_sgd(self) -> "JobConfig":
+        if self.server.update_window > 1 and self.train.optimizer != "sgd":
+            raise ValueError(f"server.update_window {self.server.update_window} needs train.optimizer sgd: "
+                             f"{self.train.optimizer} keeps per-parameter state on the parameter server, which the "
+                             "workers' replay of the pending updates does not have (use server.update_window 1)")
         return self
 
     @model_validator(mode="after")
@@ -337,55 +405,17 @@ class JobConfig(_Section):
             raw["layout"].pop("workers", None)  # derived from nodes x node_size again
         return JobConfig.from_dict(raw)
 
-    def to_yaml(self, redact: bool = False) -> str:
-        """The config as YAML; ``redact``: without secrets (security.token is null), for anything shown or sent."""
+    def to_yaml(self, redact: bool = False, public: bool = False) -> str:
+        """The config as YAML; ``redact``: without secrets (security.token is null), for anything shown or sent;
+        ``public``: also without the paths of secrets and private state (each section's PRIVATE fields at
+        their defaults), for what a client without the token may read."""
         raw = self.model_dump()
-        if redact:
+        if redact or public:
             raw["security"]["token"] = None
+        if public:
+            for name in type(self).model_fields:
+                section = getattr(self, name)
+                for field in section.PRIVATE:
+                    info = type(section).model_fields[field]
+                    raw[name][field] = info.default_factory() if info.default_factory is not None else info.default
         return yaml.safe_dump(raw, sort_keys=False)
-
-
-def parse_settings(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", ...]`` (``--set`` values) -> ``{"train.lr": 1e-4}``; values are read as YAML
-    (numbers, booleans, lists, null). A malformed item raises ConfigError naming it."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
-            out[key] = text  # not YAML: the text itself (the field says whether a string is allowed)
-    return out
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])  # empty: a check across sections (its message names them)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `zoctl config` prints every field with its default)"
-        got = err.get("input")
-        secret = loc.startswith("security.token")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) or secret \
-            else f" (got {_short(repr(got), 80)})"
-        lines.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
-    more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
-    return "invalid config: " + "; ".join(_short(line, 300) for line in lines[:5]) + more
-
-
-def _short(text: str, limit: int) -> str:
-    """Error details never grow with the input."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def read_utf8(path: Path, what: str) -> str:
-    """A user's text file; not UTF-8 is a ConfigError naming the file and the first bad byte's offset."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None

@@ -1,10 +1,10 @@
 """Durable metadata: what a job is, and small files that carry their own checksum.
 
 **Job identity.** Two configs describe the same training trajectory when the fields that
-decide the weights agree: the model, the training data and its encoding, the seeds, the
-optimizer settings and the layout's arithmetic. ``job_identity`` lists exactly those (eval
-cadence, timeouts, threads and paths of logs do not change the weights); ``job_id`` is its
-digest. A run directory, a run log and a parameter server's data directory record the
+decide the weights agree: the model, the training data and its encoding, every training
+setting, the layout's arithmetic, the served dtype. ``job_identity`` derives them from the
+config schema (each section says which of its fields do: ``distzo.config._Section``; eval
+cadence, timeouts, threads and paths do not change the weights); ``job_id`` is its digest. A run directory, a run log and a parameter server's data directory record the
 identity of the job they hold, so a different job is refused instead of silently resuming
 someone else's state.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +49,33 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def write_checked_json(path: Path, body: dict[str, Any]) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace ``path`` with ``data`` whole: written to a temporary file of a name no other writer uses
+    (several processes may write the same file at once), fsync'd, renamed into place, the directory
+    fsync'd. A reader sees the old content or the new, never a mix; a failed write leaves nothing."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_canonical({"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_checked_json(path: Path, body: dict[str, Any]) -> None:
+    write_atomic(Path(path), _canonical({"sha256": hashlib.sha256(_canonical(body)).hexdigest(), "body": body}))
 
 
 def read_checked_json(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if not path.is_file():  # a directory, a device, a dangling link: not a file this module wrote
+        raise CorruptFile(f"{path} is not a regular file: expected the checksummed JSON file distzo writes there")
     try:
         doc = json.loads(path.read_bytes())
         body, digest = doc["body"], doc["sha256"]
@@ -79,28 +89,43 @@ def read_checked_json(path: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- job identity
 def job_identity(cfg: Any) -> dict[str, Any]:
-    """The config fields that decide the weights (dotted names), from a ``JobConfig``."""
-    t, d, lay = cfg.train, cfg.data, cfg.layout
-    ident: dict[str, Any] = {
-        "model.source": cfg.model.source,
-        "data.train": d.train, "data.dev": d.dev, "data.dev_examples": d.dev_examples,
-        "data.template": d.template, "data.label_words": list(d.label_words), "data.max_seq_len": d.max_seq_len,
-        "train.batch_size": t.batch_size, "train.eps": t.eps, "train.lr": t.lr, "train.lr_schedule": t.lr_schedule,
-        "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio,
-        "train.weight_decay": t.weight_decay, "train.distribution": t.distribution, "train.seed": t.seed,
-        "train.grad_clip": t.grad_clip,
-        "layout.name": lay.name, "layout.workers": lay.workers, "layout.q": lay.q,
-        "server.served_dtype": cfg.server.served_dtype,
-    }
-    if t.optimizer != "sgd":  # the state's update rule decides the weights (absent for sgd: older job ids unchanged)
-        ident["train.optimizer"] = t.optimizer
-        ident.update({f"train.{k}": getattr(t, k) for k in
-                      (("momentum",) if t.optimizer == "momentum" else ("adam_beta1", "adam_beta2", "adam_eps"))})
-    if t.objective != "loss":
-        ident["train.objective"] = t.objective
-    if t.lr_schedule != "constant":  # the decay spans the run: its length is part of the trajectory
-        ident["train.steps"] = t.steps
+    """The config fields that decide the weights (dotted names -> JSON values), from a ``JobConfig``.
+
+    Derived from the schema, not listed here: every field of every section, by its section's identity
+    roles (``distzo.config._Section``): the trajectory's fields are in, at their default only when they
+    were always recorded (older job ids stay valid) or their condition holds; the rest (threads, ports,
+    paths, timeouts, evaluation cadence) are out, so a resume may change them."""
+    from distzo.config import NOT, When
+
+    ident: dict[str, Any] = {}
+    for name in type(cfg).model_fields:
+        section = getattr(cfg, name)
+        cls = type(section)
+        values = section.model_dump(mode="json")
+        for field, info in cls.model_fields.items():
+            role = cls.IDENTITY.get(field, None if cls.TRAJECTORY else NOT)
+            if role == NOT or (isinstance(role, When) and not role.applies(section)):
+                continue
+            if role is None and values[field] == _default(info):
+                continue  # at its default: absent, so that a field added later changes no existing job id
+            ident[f"{name}.{field}"] = values[field]
     return ident
+
+
+def _default(info: Any) -> Any:
+    value = info.default_factory() if info.default_factory is not None else info.default
+    return json.loads(json.dumps(value))  # as model_dump(mode="json") gives it
+
+
+def identity_default(key: str) -> Any:
+    """The default value of identity field ``key`` ("train.lora_alpha"): what its absence means."""
+    from distzo.config import JobConfig
+
+    section, _, field = key.partition(".")
+    try:
+        return _default(JobConfig.model_fields[section].annotation.model_fields[field])
+    except (KeyError, AttributeError):
+        return None
 
 
 def job_id(identity: dict[str, Any]) -> str:
@@ -113,9 +138,11 @@ def differences(recorded: dict[str, Any], ours: dict[str, Any], limit: int = 3) 
         text = repr(v)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    keys = sorted(set(recorded) | set(ours))
-    diff = [f"{k} is {short(recorded.get(k))} there and {short(ours.get(k))} here" for k in keys
-            if recorded.get(k) != ours.get(k)]
+    diff = []
+    for k in sorted(set(recorded) | set(ours)):  # an absent field is at its default (or does not apply)
+        there, here = (short(d.get(k, identity_default(k))) for d in (recorded, ours))
+        if recorded.get(k) != ours.get(k) and there != here:
+            diff.append(f"{k} is {there} there and {here} here")
     more = f" (and {len(diff) - limit} more)" if len(diff) > limit else ""
     return "; ".join(diff[:limit]) + more
 

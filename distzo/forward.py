@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ from distzo.blocks import DTYPES
 from distzo.config import ConfigError
 from distzo.data import Batch
 from distzo.generator import Distribution
-from distzo.mezo import perturb_block
+from distzo.mezo import UpdateRecord, perturb_block, replay_block
 from distzo.modeling import BlockModel, causal_lm_logits
 from distzo.served import to_served
 
@@ -120,10 +120,11 @@ class _BlockState:
 
 
 class _Run:
-    def __init__(self, engine: "ForwardEngine", jobs: list[ForwardJob], feed: BlockFeed):
+    def __init__(self, engine: "ForwardEngine", jobs: list[ForwardJob], feed: BlockFeed, pending: Sequence[UpdateRecord]):
         self.engine = engine
         self.jobs = jobs
         self.feed = feed
+        self.pending = tuple(pending)
         self.lockstep = _Lockstep(len(jobs))
         self.blocks: dict[int, _BlockState] = {}
         self.current = [-1] * len(jobs)
@@ -139,7 +140,7 @@ class _Run:
             self.blocks[b] = state
             try:
                 state.clean = self.feed.get(b)
-                state.copies = self.engine.make_copies(b, state.clean, self.jobs)
+                state.copies = self.engine.make_copies(b, state.clean, self.jobs, self.pending)
                 self.copy_bytes += self._own_bytes(state)
                 self.peak_copy_bytes = max(self.peak_copy_bytes, self.copy_bytes)
             except BaseException as exc:  # every job entering this block fails the same way
@@ -212,23 +213,33 @@ class ForwardEngine:
             self._head.register_forward_pre_hook(self._gather_label_positions)
 
     # ------------------------------------------------------------------ perturbation
-    def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+    def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob],
+                    pending: Sequence[UpdateRecord] = ()) -> list[torch.Tensor]:
         """Each job's weights for block b, made out of place from the clean buffer.
 
-        ``clean``: block b's flat [numel] buffer. Returns one [numel] tensor of ``compute_dtype`` per
-        job: ``clean + coef * z(seed)`` (z over the block's global element indices, generated once per
-        seed for all that seed's coefficients), or the clean buffer itself for ``coef == 0`` and for a
-        frozen block (train.target lora's base weights)."""
+        ``clean``: block b's flat [numel] buffer, the fetched base; ``pending``: the update records after it
+        (update windows), replayed first (``mezo.replay_block``, fused into the perturbation when one seed
+        serves every job). Returns one [numel] tensor of ``compute_dtype`` per job: ``x + coef * z(seed)``
+        (z over the block's global element indices, generated once per seed for all that seed's
+        coefficients), or x itself for ``coef == 0`` and for a frozen block (train.target lora's base
+        weights), x being the base with the pending records applied."""
         spec = self.model.manifest.blocks[b]
         copies: list[torch.Tensor | None] = [None] * len(jobs)
         by_seed: dict[int, list[int]] = {}
         for j, job in enumerate(jobs):
-            if job.coef == 0.0 or not spec.trainable:
-                copies[j] = clean if clean.dtype == self.compute_dtype else clean.to(self.compute_dtype)
-            else:
+            if job.coef != 0.0 and spec.trainable:
                 by_seed.setdefault(job.seed, []).append(j)
+        replays = pending and spec.trainable and any(not r.skipped for r in pending)
+        if replays and len(by_seed) == 1 and sum(map(len, by_seed.values())) == len(jobs):
+            (seed, idx), = by_seed.items()  # the usual worker: one seed, both signs, one fused pass
+            outs = replay_block(spec, clean, pending, self.dist, seed, [jobs[j].coef for j in idx], self.compute_dtype)
+            return [outs[idx.index(j)] for j in range(len(jobs))]
+        base = replay_block(spec, clean, pending, self.dist)[0] if replays else clean
+        for j in range(len(jobs)):
+            if j not in {i for idx in by_seed.values() for i in idx}:
+                copies[j] = base if base.dtype == self.compute_dtype else base.to(self.compute_dtype)
         for seed, idx in by_seed.items():
-            outs = perturb_block(clean, spec.global_offset, seed, self.dist, [jobs[j].coef for j in idx], self.compute_dtype)
+            outs = perturb_block(base, spec.global_offset, seed, self.dist, [jobs[j].coef for j in idx], self.compute_dtype)
             for j, out in zip(idx, outs):
                 copies[j] = out
         return copies  # type: ignore[return-value]
@@ -262,17 +273,19 @@ class ForwardEngine:
         return (hidden[rows, at].unsqueeze(0), *args[1:])
 
     # ------------------------------------------------------------------ running
-    def run(self, jobs: list[ForwardJob], feed: BlockFeed) -> list[JobResult]:
+    def run(self, jobs: list[ForwardJob], feed: BlockFeed, pending: Sequence[UpdateRecord] = ()) -> list[JobResult]:
         """Run ``jobs`` over one pass of ``feed``'s blocks; their results, in order.
 
         Each block is fetched once for all jobs (``feed.get``) and released when the last job has
-        passed it. Raises the first job's error (ValueError for a batch without label tokens; the
-        feed's own errors, e.g. a failed fetch) after every job has stopped.
+        passed it; ``pending``: update records replayed on every fetched block first (update windows:
+        the feed serves the base, the jobs run at the base plus these). Raises the first job's error
+        (ValueError for a batch without label tokens; the feed's own errors, e.g. a failed fetch) after
+        every job has stopped.
         """
         if not jobs:
             return []
         with self._lock:
-            run = _Run(self, jobs, feed)
+            run = _Run(self, jobs, feed, pending)
             results: list[JobResult | None] = [None] * len(jobs)
             errors: list[BaseException | None] = [None] * len(jobs)
             threads = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -189,6 +190,44 @@ def _update_kernel(w_ptr, served_ptr, keys_ptr, coefs_ptr, decay_ptr, consts_ptr
         tl.store(served_ptr + idx, _bits16(y, SERVED), mask=mask)
 
 
+@triton.jit(do_not_specialize=["n", "offset", "c_first", "k0", "k1", "nrec"])
+def _replay_perturb_kernel(clean_ptr, out_ptr, coefs_ptr, consts_ptr, keys_ptr, rcoefs_ptr, rstart_ptr, decay_ptr,
+                           n, offset, c_first, k0, k1, nrec,
+                           NC: tl.constexpr, OUT_KIND: tl.constexpr, GAUSSIAN: tl.constexpr, R: tl.constexpr,
+                           SERVED: tl.constexpr):
+    # update windows: replay the pending records on the base tile (the CPU's window arithmetic: float64
+    # inside, the sum over a record's directions from 0.0, one float32 rounding per record), then
+    # perturb it; nothing but the base is read from memory and only the outputs are written
+    first = c_first.to(tl.uint64) + tl.program_id(0).to(tl.uint64) * R
+    gidx, z = _z_tile(first, k0.to(tl.uint64), k1.to(tl.uint64), consts_ptr, GAUSSIAN, R)
+    idx = gidx - offset
+    mask = (idx >= 0) & (idx < n)
+    x = tl.load(clean_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    for r in range(0, nrec):
+        acc = tl.zeros_like(z)
+        for d in range(tl.load(rstart_ptr + r), tl.load(rstart_ptr + r + 1)):
+            _, zr = _z_tile(first, tl.load(keys_ptr + 2 * d).to(tl.uint64), tl.load(keys_ptr + 2 * d + 1).to(tl.uint64),
+                            consts_ptr, GAUSSIAN, R)
+            acc = acc + zr * tl.load(rcoefs_ptr + d)
+        xd = x.to(tl.float64)
+        x = (xd - (acc + xd * tl.load(decay_ptr + r))).to(tl.float32)
+    if SERVED == 1:  # the served copy of the step's version, rebuilt: served.py's rounding, and back (exact)
+        x = (_bits16(x, 1).to(tl.uint16).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif SERVED == 2:
+        x = _bits16(x, 2).to(tl.float16, bitcast=True).to(tl.float32)
+    if NC == 0:
+        if OUT_KIND == 0:
+            tl.store(out_ptr + idx, x, mask=mask)
+        else:
+            tl.store(out_ptr + idx, _bits16(x, OUT_KIND), mask=mask)
+    for c in tl.static_range(NC):
+        y = (x.to(tl.float64) + z * tl.load(coefs_ptr + c)).to(tl.float32)
+        if OUT_KIND == 0:
+            tl.store(out_ptr + c * n + idx, y, mask=mask)
+        else:
+            tl.store(out_ptr + c * n + idx, _bits16(y, OUT_KIND), mask=mask)
+
+
 def _consts(device: torch.device) -> torch.Tensor:
     t = _CONSTS.get(device)
     if t is None:
@@ -218,6 +257,32 @@ def perturb(clean: torch.Tensor, offset: int, key: tuple[int, int], coefs: Seque
                               n, offset, c_first, key[0], key[1], NC=len(coefs), OUT_KIND=kind, GAUSSIAN=gaussian, R=r,
                               enable_fp_fusion=False)
     return list(out.unbind(0))
+
+
+def replay_perturb(clean: torch.Tensor, offset: int, packed, key: tuple[int, int], coefs: Sequence[float],  # noqa: ANN001
+                   out: torch.Tensor, gaussian: bool, served: int = 0) -> None:
+    """``out[r] = out.dtype(float32(x + coefs[r] * z))`` with x = ``packed`` (``replay.PackedRecords``) replayed on
+    ``clean`` ([n], float32 or 16-bit) and rounded to the served dtype ``served`` (0 float32, 1 bfloat16, 2
+    float16); with no coefficient ``out[0]`` = x. ``out``: [max(1, len(coefs)), n], rows may be strided views
+    (written through a contiguous buffer then)."""
+    n = clean.numel()
+    if not n:
+        return
+    dev = clean.device
+    work = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=dev)
+    c = torch.tensor(list(coefs) or [0.0], dtype=torch.float64, device=dev)
+    keys = torch.from_numpy(packed.keys.view(np.int64).reshape(-1).copy()).to(dev)
+    rcoefs = torch.from_numpy(packed.coefs).to(dev)
+    rstart = torch.from_numpy(packed.rec_start).to(dev)
+    decay = torch.from_numpy(packed.decay).to(dev)
+    kind = _OUT_KIND[out.dtype]
+    c_first, r, grid = _layout(offset, n, gaussian)
+    _replay_perturb_kernel[grid](clean.contiguous(), work if kind == 0 else work.view(torch.int16), c, _consts(dev), keys,
+                                 rcoefs, rstart, decay, n, offset, c_first, key[0], key[1], packed.count,
+                                 NC=len(coefs), OUT_KIND=kind, GAUSSIAN=gaussian, R=r, SERVED=served,
+                                 enable_fp_fusion=False)
+    if work is not out:
+        out.copy_(work)
 
 
 def update(w: torch.Tensor, offset: int, keys: Sequence[tuple[int, int]], coefs: Sequence[float], decay: float,

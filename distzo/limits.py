@@ -18,7 +18,7 @@ from distzo.config import MAX_CONFIG_BYTES, MAX_TEXT
 
 STRING = MAX_TEXT  # characters (bytes for bytes fields) of any field not listed below
 REPEATED = 4096  # entries of any repeated field not listed below
-MAX_DIRECTIONS = 4096  # (seed, g) pairs in one update
+from distzo.wire_sizes import MAX_DIRECTIONS  # noqa: E402 - (seed, g) pairs in one update; layout.q is bounded by it
 MAX_ERROR = 8192  # a worker's error text
 LIMITS: dict[str, int] = {
     "distzo.v1.StartJobRequest.config_yaml": MAX_CONFIG_BYTES,

@@ -14,6 +14,13 @@ One step t with directions j = 1..q (seed s_j), DDP shards d = 1..D, step size e
 Perturbed weights are made out of place from the clean block (``perturb_block``), so the
 master copy is never perturbed and never needs restoring. A step whose losses are not all
 finite is not applied (``UpdateRecord.skipped``): it still advances the version.
+
+Update windows (``server.update_window`` K, DESIGN.md section 12): step t's forwards read the
+materialized version ``base_version(t, K)`` and replay the records from it to t - 1 on it
+(``replay_block``), rebuilding the served copy of version t: with a float32 served copy that is the
+master bit for bit (the same operations, in the same order); with a 16-bit one it is, by definition,
+the records replayed in float32 on the rounded base and rounded again, then perturbed as any fetched
+block. The server materializes K records in one pass (``apply_window``), bitwise K single passes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import torch
 from distzo.blocks import BlockSpec
 from distzo.generator import Distribution, check_seed, perturb_cpu, perturb_device, update_cpu, update_torch
 from distzo.optim import Optimizer, update_stateful_cpu, update_stateful_torch
+from distzo.replay import pack, replay_perturb_cpu, replay_perturb_device, window_cpu
+from distzo.served import cast_into
 
 
 @dataclass(frozen=True)
@@ -237,3 +246,80 @@ def _apply_stateful(block: BlockSpec, buffer: torch.Tensor, record: UpdateRecord
             update_stateful_cpu(buffer[start:end].numpy(), st[start:end], *args)
         else:
             update_stateful_torch(buffer[start:end], state[start:end], *args)
+
+
+# ----------------------------------------------------------------------------- update windows
+def base_version(step: int, window: int) -> int:
+    """The materialized version that step ``step``'s forwards (and an eval after ``step`` steps) read.
+
+    ``max(0, K * floor((step + 1) / K) - K)`` for window K: the newest multiple of K that is at least
+    K - 1 steps old. The server starts materializing base B when record B - 1 is journaled and the
+    first step to read B is B + K - 1, so it has K - 1 steps of time and no worker waits for it; the
+    forwards replay records base..step-1 (at most 2K - 2). K = 1: the step itself, nothing to replay.
+    Raises ValueError for a negative step or a window below 1."""
+    if step < 0 or window < 1:
+        raise ValueError(f"base_version needs step >= 0 and window >= 1, got step {step}, window {window}")
+    return max(0, window * ((step + 1) // window) - window)
+
+
+def apply_window(block: BlockSpec, src: np.ndarray, dst: np.ndarray, records: Sequence[UpdateRecord], dist: Distribution,
+                 served: np.ndarray | None = None, served_dtype: str = "float32") -> None:
+    """dst <- ``records`` applied to the fp32 block ``src`` in step order, in one pass (``dst`` may be ``src``).
+
+    Bitwise ``apply_update`` once per record (tests prove it for both distributions, weight decay and
+    every served dtype); ``served`` (uint16, the block's length) for bfloat16/float16 gets the served copy
+    of the result. A frozen block, or records that are all skipped, leave the values as they are (copied to
+    ``dst``, cast to ``served``). SGD only: stateful optimizers keep K = 1 (config.py refuses the rest)."""
+    live = [r for r in records if not r.skipped] if block.trainable else []
+    if served is not None and served_dtype == "float32":
+        raise ValueError("a float32 served copy is the master itself: pass served=None")
+    if not live:
+        if dst is not src:
+            np.copyto(dst, src)
+        if served is not None:
+            cast_into(dst, served_dtype, served)
+        return
+    decays = any(r.lr * r.weight_decay for r in live)
+    for start, end, seg_decays in (block.decay_segments() if decays else [(0, src.shape[0], False)]):
+        window_cpu(src[start:end], dst[start:end], block.global_offset + start, pack(live, seg_decays), dist,
+                   served[start:end] if served is not None else None, served_dtype)
+
+
+def replay_block(block: BlockSpec, clean: torch.Tensor, pending: Sequence[UpdateRecord], dist: Distribution,
+                 seed: int = 0, coefs: Sequence[float] = (), out_dtype: torch.dtype = torch.float32,
+                 start: int = 0) -> list[torch.Tensor]:
+    """The forward weights of a block whose fetched base is ``clean`` ([n] of the served dtype, any device: the
+    block's elements start .. start + n) with the ``pending`` records after it (update windows).
+
+    The served copy of the step's version, rebuilt from the base: x = the records applied to float32(clean)
+    as ``apply_update`` applies them (float64 inside, one float32 rounding per record), then rounded to the
+    served dtype (``served.py``'s rounding; none for float32, where x is the master bit for bit). The forwards
+    then perturb x exactly as they perturb a fetched block: ``float32(x + c * z(seed))`` per coefficient, in
+    ``out_dtype`` (one fused pass). With no coefficient: [x] in the served dtype (clean forwards, eval; a node
+    group's slice, rebuilt before the gather). A frozen block, or no live record: x = clean."""
+    live = [r for r in pending if not r.skipped] if block.trainable else []
+    served_dtype = _SERVED_NAMES[clean.dtype]
+    if not live:
+        return perturb_block(clean, block.global_offset + start, seed, dist, coefs, out_dtype) if coefs else [clean]
+    rows, n = max(1, len(coefs)), clean.shape[0]
+    decays = any(r.lr * r.weight_decay for r in live)
+    pieces = [(max(a, start), min(b, start + n), d) for a, b, d in
+              (block.decay_segments() if decays else [(start, start + n, False)])]
+    pieces = [(a - start, b - start, d) for a, b, d in pieces if a < b]
+    if clean.device.type == "cpu":
+        x = (clean if clean.dtype == torch.float32 else clean.to(torch.float32)).numpy()
+        out = np.empty((rows, n), dtype=np.float32)
+        for a, b, seg_decays in pieces:
+            replay_perturb_cpu(x[a:b], block.global_offset + start + a, pack(live, seg_decays), seed, dist, coefs,
+                               out[:, a:b], served_dtype)
+        result = [torch.from_numpy(out[i]) for i in range(rows)]
+        want = out_dtype if coefs else clean.dtype
+        return result if want == torch.float32 else [r.to(want) for r in result]  # exact for rebuilt served values
+    out_t = torch.empty((rows, n), dtype=out_dtype if coefs else clean.dtype, device=clean.device)  # GPU path
+    for a, b, seg_decays in pieces:
+        replay_perturb_device(clean[a:b], block.global_offset + start + a, pack(live, seg_decays), seed, dist, coefs,
+                              out_t[:, a:b], served_dtype)
+    return list(out_t.unbind(0))
+
+
+_SERVED_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

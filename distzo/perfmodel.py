@@ -15,6 +15,15 @@ paced by the slowest one, not by their sum. Per step, for a model of P parameter
 * control: the batch (9 bytes a token: int32 ids, int8 mask, int32 labels) and a few hundred
   bytes per worker, plus the fixed per-step latency (RPC round trips, journal fsync).
 
+Update windows (``server.update_window`` K, DESIGN.md section 12): the server materializes K updates
+in one pass, so its term is the memory pass over K, bounded below by the pass's integer/ALU work
+(``P·q / (server_cores x window_updates_per_s_per_core)`` per step); the workers replay on average
+1.5·(K - 1) pending records per block (``mean_pending``), on their 1/f slice before the gather, at
+``replay_params_per_s``; K > 1 keeps a second served slot in host memory. ``host_dram`` (when the
+cluster gives ``host_dram_gbps``): everything that reads or writes one host's DRAM per step, the DMA
+reads of its node's fetches and its replica's update pass over K, shared by both; it is a bound on the
+step, not a pipeline stage (its bytes are the h2d and server-update terms' own).
+
 ``floor_s`` is the floor, the largest term. The prediction ``step_s`` adds what does not
 overlap: the pipeline fill (one block's worth of each stage other than the slowest: block 0 is
 fetched before its forward starts) and the control round (the next step needs g of this one).
@@ -58,8 +67,9 @@ TIE_TOLERANCE = 0.01  # layouts within 1% of the best tokens/s count as ties (th
 
 
 # ----------------------------------------------------------------------------- prediction
-TERMS = ("compute", "h2d", "nvlink", "network", "server_update", "control")
+TERMS = ("compute", "h2d", "nvlink", "network", "server_update", "host_dram", "control")
 STREAMING_TERMS = ("compute", "h2d", "nvlink", "network", "server_update")  # overlap each other
+WINDOWS = (1, 2, 4, 8, 16, 32)  # the update windows a plan considers
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,8 @@ class Prediction:
     frozen_params: int = 0  # never change: fetched once per worker (train.target lora's base)
     server_bytes_per_frozen_param: int = 0  # fp32 master + served copy, no optimizer state
     server_memory_by_optimizer: dict[str, float] = field(default_factory=dict)  # master + served + state per server host
+    window: int = 1  # server.update_window K
+    host_bytes_per_param_step: float = 0.0  # one host's DRAM traffic per step per model parameter: DMA reads + update / K
 
     @property
     def wording(self) -> Wording:
@@ -163,14 +175,16 @@ def _network_bytes(params: int, cluster: ClusterSpec, b: int, shards: int) -> tu
     return inbound, outbound
 
 
-def server_bytes_per_param(optimizer: str, served_dtype: str, trainable: bool = True) -> int:
+def server_bytes_per_param(optimizer: str, served_dtype: str, trainable: bool = True, window: int = 1) -> int:
     """Parameter-server memory per parameter (bytes): the fp32 master, the served copy (none at float32:
-    the master is served) and, for a trainable parameter, the optimizer's fp32 state (momentum 1 value,
-    adam 2; distzo/optim.py). A frozen parameter (train.target lora's base) has no state."""
+    the master is served), with update window > 1 a second served slot (trainable parameters only), and for
+    a trainable parameter the optimizer's fp32 state (momentum 1 value, adam 2; distzo/optim.py). A frozen
+    parameter (train.target lora's base) has no state."""
     if optimizer not in STATE_VALUES:
         raise ValueError(f"optimizer {optimizer!r}: expected one of {', '.join(STATE_VALUES)}")
     state = 4 * STATE_VALUES[optimizer] if trainable else 0
-    return MASTER_BYTES + (0 if served_dtype == "float32" else ITEMSIZE[served_dtype]) + state
+    second = ITEMSIZE[served_dtype] if trainable and window > 1 else 0
+    return MASTER_BYTES + (0 if served_dtype == "float32" else ITEMSIZE[served_dtype]) + second + state
 
 
 def update_traffic_ratio(optimizer: str, served_dtype: str) -> float:
@@ -181,20 +195,39 @@ def update_traffic_ratio(optimizer: str, served_dtype: str) -> float:
     return (sgd + 2 * 4 * STATE_VALUES[optimizer]) / sgd
 
 
+def update_pass_bytes(optimizer: str, served_dtype: str) -> int:
+    """DRAM bytes per parameter of one materializing pass: the fp32 master read and written, its optimizer
+    state read and written, the served copy written (with a float32 copy and K > 1 the pass reads one slot and
+    writes the other: the same 8 bytes)."""
+    served = 0 if served_dtype == "float32" else ITEMSIZE[served_dtype]
+    return 2 * MASTER_BYTES + served + 2 * 4 * STATE_VALUES[optimizer]
+
+
+def mean_pending(window: int) -> float:
+    """Records a step's workers replay on average: t - base_version(t, K) runs over K - 1 .. 2K - 2."""
+    return 1.5 * (window - 1)
+
+
 def _host_memory(model: ModelSpec, cluster: ClusterSpec, served_dtype: str, shards: int,
-                 prefetch_blocks: int, optimizer: str = "sgd", target: TargetSpec = FULL) -> tuple[dict[str, float], float]:
+                 prefetch_blocks: int, optimizer: str = "sgd", target: TargetSpec = FULL,
+                 window: int = 1) -> tuple[dict[str, float], float]:
     b = ITEMSIZE[served_dtype]
     total, trainable = target.total(model), target.trainable(model)
     master = MASTER_BYTES * total / shards
     served = 0.0 if served_dtype == "float32" else b * total / shards
+    # K > 1: the second served slot (the published base while the next is written; a float32 copy's slots
+    # are the masters of two bases); a frozen block's slots share one buffer
+    second = b * trainable / shards if window > 1 else 0.0
     state = 4 * STATE_VALUES[optimizer] * trainable / shards  # trainable blocks only
     pinned_blocks = 1 if model.tied else 0
     pool = (prefetch_blocks + pinned_blocks + 1) * model.largest_block() * b  # gpuworker.runner's BufferPool
     buffers = float(cluster.gpus_per_node * pool)
     mem = {"master_fp32": master, "served_copy": served}
+    if second:
+        mem["second_served_slot"] = second
     if state:
         mem["optimizer_state"] = state
-    mem.update(worker_buffers=buffers, total=master + served + state + buffers)
+    mem.update(worker_buffers=buffers, total=master + served + second + state + buffers)
     # a snapshot's copy-on-write copies a block's master and state, of the blocks an update changes
     return mem, MASTER_BYTES * trainable / shards + state
 
@@ -242,14 +275,20 @@ def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_pe
 
 def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int,
             served_dtype: str = "bfloat16", seq_len: int = 2048, shards: int = 1,
-            prefetch_blocks: int = 2, optimizer: str = "sgd", target: TargetSpec = FULL) -> Prediction:
+            prefetch_blocks: int = 2, optimizer: str = "sgd", target: TargetSpec = FULL,
+            window: int = 1) -> Prediction:
     """Every term of one step, the floor, the prediction, bytes per link and memory per GPU and host.
 
     ``optimizer``: the server's update rule (sgd, momentum, adam): its state is host memory, and its
     update moves more bytes (the server-update term is scaled by ``update_traffic_ratio``).
-    ``target``: what is trained (``distzo/perftargets.py``; the module docstring says what a frozen base changes)."""
+    ``target``: what is trained (``distzo/perftargets.py``; the module docstring says what a frozen base changes).
+    ``window``: server.update_window K (the module docstring says what it changes; ValueError below 1, or
+    above 1 with a stateful optimizer, which the job config refuses too)."""
     _check(model, cluster, layout, tokens_per_step, served_dtype, seq_len, shards)
     server_bytes_per_param(optimizer, served_dtype)  # a bad name is a ValueError here
+    if window < 1 or (window > 1 and STATE_VALUES[optimizer]):
+        raise ValueError(f"update window {window}: expected an integer >= 1, and 1 with optimizer {optimizer} "
+                         "(its per-parameter state is not replayed by the workers)")
     T, b = tokens_per_step, ITEMSIZE[served_dtype]
     P, A, frozen = target.total(model), target.trainable(model), target.frozen(model)
     cpu = cluster.device == "cpu"
@@ -263,6 +302,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
     tflops = cluster.gpu_tflops if cb == 2 else (cluster.gpu_tflops_fp32 or cluster.gpu_tflops)
     forward_s = layout.q * 2 * 2 * P * T / gpus / (tflops * 1e12 * cluster.mfu)
     perturb_s = layout.forwards_per_worker * A / cluster.perturb_params_per_s  # every GPU perturbs the trainable blocks
+    replay_s = mean_pending(window) * A / f / cluster.replay_params_per_s  # on its slice, before the gather
 
     model_bytes = P * b
     h2d_gpu = fetched * b / f
@@ -272,29 +312,34 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
     control_bytes = (layout.workers * (CONTROL_BYTES_PER_WORKER + BATCH_BYTES_PER_TOKEN * T / layout.ddp)
                      + hosts * UPDATE_RECORD_BYTES * layout.q)
 
+    one_pass_s = A / shards * layout.q / cluster.server_update_params_per_s * update_traffic_ratio(optimizer, served_dtype)
+    window_alu_s = A / shards * layout.q / (cluster.server_cores * cluster.window_updates_per_s_per_core)
+    update_bytes = A / shards * update_pass_bytes(optimizer, served_dtype) / window  # per step
+    host_bytes = h2d_gpu * cluster.gpus_per_node + update_bytes  # one host: its node's DMA reads, its replica's pass
     terms = {
-        "compute": forward_s + perturb_s,
+        "compute": forward_s + perturb_s + replay_s,
         "h2d": h2d_gpu / (cluster.h2d_gbps * 1e9),
         "nvlink": nvlink_gpu / (cluster.nvlink_gbps * 1e9),
         "network": max(net_in, net_out) / (cluster.network_gbps * 1e9),
-        "server_update": A / shards * layout.q / cluster.server_update_params_per_s
-        * update_traffic_ratio(optimizer, served_dtype),
+        "server_update": one_pass_s if window == 1 else max(one_pass_s / window, window_alu_s),
+        "host_dram": host_bytes / (cluster.host_dram_gbps * 1e9) if cluster.host_dram_gbps else 0.0,
         "control": control_bytes / (cluster.network_gbps * 1e9) + cluster.fixed_step_overhead_s,
     }
     streaming = max(terms[t] for t in STREAMING_TERMS)
     fill = (sum(terms[t] for t in STREAMING_TERMS) - streaming) / model.num_blocks  # the other stages' first/last block
-    step = streaming + fill + terms["control"]
+    step = max(streaming + fill, terms["host_dram"]) + terms["control"]
     if cpu and cluster.host_cores:
         # one CPU host: every worker's compute and fetch copy, and the server's update, share its cores
         cpu_work = layout.workers * (terms["compute"] + terms["h2d"] + terms["nvlink"]) + terms["server_update"]
         step = max(step, cpu_work / cluster.host_cores + terms["control"])
-    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer, target)
+    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer, target, window)
     tokens_per_gpu = T / (layout.ddp * g)
     return Prediction(
         model=model.name, cluster=cluster.name, layout=layout, tokens_per_step=T, seq_len=seq_len,
         served_dtype=served_dtype, compute_dtype=compute_dtype, shards=shards, gpus_per_worker=g, fetch_group=f,
-        terms_s=terms, compute_detail_s={"forward": forward_s, "perturb": perturb_s},
-        floor_s=max(terms.values()), fill_s=fill, step_s=step, sum_s=sum(terms.values()),
+        terms_s=terms, compute_detail_s={"forward": forward_s, "perturb": perturb_s, "replay": replay_s},
+        floor_s=max(terms.values()), fill_s=fill, step_s=step,
+        sum_s=sum(v for k, v in terms.items() if k != "host_dram"),  # host DRAM's bytes are h2d's and the update's
         bottleneck=max(terms, key=terms.__getitem__), tokens_per_s=T / step,
         bytes={"model_at_served_dtype": model_bytes, "h2d_per_gpu": h2d_gpu,
                "h2d_per_node": h2d_gpu * cluster.gpus_per_node, "nvlink_per_gpu": nvlink_gpu,
@@ -304,12 +349,14 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         memory_per_server_host_bytes=host_mem, snapshot_headroom_bytes=headroom,
         gpu_memory_bytes=cluster.gpu_memory_bytes, host_memory_bytes=cluster.host_memory_bytes,
         whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks, optimizer, target),
-        optimizer=optimizer, server_bytes_per_param={o: server_bytes_per_param(o, served_dtype) for o in STATE_VALUES},
+        optimizer=optimizer, server_bytes_per_param={o: server_bytes_per_param(o, served_dtype, window=window)
+                                                     for o in STATE_VALUES},
         device=cluster.device, target=target.name, trainable_params=A, frozen_params=frozen,
         server_bytes_per_frozen_param=server_bytes_per_param("sgd", served_dtype, trainable=False),
-        server_memory_by_optimizer={o: (A * server_bytes_per_param(o, served_dtype)
+        server_memory_by_optimizer={o: (A * server_bytes_per_param(o, served_dtype, window=window)
                                         + frozen * server_bytes_per_param(o, served_dtype, trainable=False)) / shards
                                     for o in STATE_VALUES},
+        window=window, host_bytes_per_param_step=host_bytes / P,
     )
 
 
@@ -348,10 +395,16 @@ class Recommendation:
     reason: str
     candidates: tuple[Prediction, ...]
 
+    @property
+    def window(self) -> int:
+        """The recommended server.update_window."""
+        return self.prediction.window
+
     def to_dict(self) -> dict[str, Any]:
         p = self.prediction
-        return {"layout": self.layout.to_dict(), "shards": p.shards, "tokens_per_s": p.tokens_per_s,
-                "step_s": p.step_s, "bottleneck": p.bottleneck, "fits": p.fits, "reason": self.reason}
+        return {"layout": self.layout.to_dict(), "shards": p.shards, "update_window": p.window,
+                "tokens_per_s": p.tokens_per_s, "step_s": p.step_s, "bottleneck": p.bottleneck, "fits": p.fits,
+                "reason": self.reason}
 
 
 def min_shards(model: ModelSpec, cluster: ClusterSpec, served_dtype: str = "bfloat16",
@@ -377,8 +430,10 @@ def layouts_for(workers: int, sequences: int, q: int = 1) -> list[LayoutSpec]:
 
 def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, served_dtype: str = "bfloat16",
               seq_len: int = 2048, q: int = 1, shards: int | None = None, prefetch_blocks: int = 2,
-              optimizer: str = "sgd", target: TargetSpec = FULL) -> Recommendation:
-    """The layout with the best predicted tokens/s that fits; ties (within 1%) go to less GPU memory."""
+              optimizer: str = "sgd", target: TargetSpec = FULL, window: int | None = None) -> Recommendation:
+    """The layout and update window with the best predicted tokens/s that fit; ties (within 1%) go to the
+    smaller window (1 where the update does not bound the step), then to less GPU memory. ``window``: only
+    that one (a stateful optimizer: 1 only)."""
     if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
         raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
     sequences = tokens_per_step // seq_len
@@ -388,25 +443,32 @@ def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, serv
                          f"into data shards: change --tokens-per-step, --seq-len or --q")
     s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks, optimizer, target)
                                            or valid_shards(cluster)[-1])
-    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks, optimizer, target)
-             for lay in layouts]
+    windows = [window] if window is not None else [1] if STATE_VALUES[optimizer] else list(WINDOWS)
+    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks, optimizer, target, k)
+             for lay in layouts for k in windows]
     fitting = [p for p in preds if p.fits]
     pool = fitting or preds
     best_tps = max(p.tokens_per_s for p in pool)
     ties = [p for p in pool if p.tokens_per_s >= best_tps * (1 - TIE_TOLERANCE)]
-    best = min(ties, key=lambda p: (p.memory_per_gpu_bytes["total"], p.layout.pertp))
+    best = min(ties, key=lambda p: (p.window, p.memory_per_gpu_bytes["total"], p.layout.pertp))
     return Recommendation(best.layout, best, _reason(best, pool, ties, bool(fitting)), tuple(preds))
 
 
 def _reason(best: Prediction, pool: list[Prediction], ties: list[Prediction], fits: bool) -> str:
     lay = best.layout
-    head = f"{lay.name} (pertp={lay.pertp}, ddp={lay.ddp}, q={lay.q}, {best.shards} shard{'s' if best.shards > 1 else ''})"
+    head = (f"{lay.name} (pertp={lay.pertp}, ddp={lay.ddp}, q={lay.q}, {best.shards} shard{'s' if best.shards > 1 else ''}, "
+            f"server.update_window {best.window})")
     if not fits:
         return (f"{head}: nothing fits ({best.why_not_fits()}); more nodes (server shards), float32 serving "
                 f"(no 16-bit copy on the host) or fewer tokens per step may make it fit")
-    text = (f"{head}: best predicted {best.tokens_per_s:,.0f} tokens/s of {counted(len(pool), 'layout')} that fit, "
+    choices = counted(len({p.layout for p in pool}), 'layout') + (
+        f" x {counted(len({p.window for p in pool}), 'update window')}" if len({p.window for p in pool}) > 1 else "")
+    text = (f"{head}: best predicted {best.tokens_per_s:,.0f} tokens/s of {choices} that fit, "
             f"bound by {best.wording.terms[best.bottleneck]}")
-    others = [p.layout.name for p in ties if p is not best]
+    others = sorted({p.layout.name for p in ties if p.layout != best.layout})
     if others:
         text += f"; ties with {', '.join(others)} within {TIE_TOLERANCE:.0%}, chosen for less {best.wording.memory}"
+    larger = sorted({p.window for p in ties if p.window > best.window})
+    if larger:
+        text += f"; update windows {', '.join(map(str, larger))} within {TIE_TOLERANCE:.0%} too, the smallest chosen"
     return text

@@ -154,7 +154,7 @@ class Wording:
     def terms(self) -> dict[str, str]:
         """A label for each term of the step (perfmodel.TERMS), in order."""
         return {"compute": "compute", "h2d": self.h2d, "nvlink": self.gather, "network": "network",
-                "server_update": "server update", "control": "control"}
+                "server_update": "server update", "host_dram": "host DRAM", "control": "control"}
 
 
 WORDING = {"cuda": Wording("GPU", "GPU", "host->GPU", "NVLink", "NVLink gather", "GPU memory"),
@@ -176,6 +176,11 @@ class ClusterSpec:
     ``host_cores`` (CPU clusters): cores the workers, the server and the coordinator share; the
     step then cannot be shorter than all their CPU work divided by the cores. ``device``: cuda or
     cpu (a CPU cluster's "GPUs" are worker processes; ``wording`` names them so).
+    Update windows (server.update_window): ``host_dram_gbps``, the DRAM bandwidth of one host that the
+    DMA reads and the server's update share (None: not modelled); ``server_cores`` and
+    ``window_updates_per_s_per_core``, the integer/ALU rate of the K-step pass (element-updates per
+    second per core, Philox words and selects on values in L1); ``replay_params_per_s``, one GPU
+    replaying one pending record in the perturbation kernel (element-records per second).
     """
 
     name: str
@@ -197,6 +202,10 @@ class ClusterSpec:
     fetch_group: int | None = None
     device: str = "cuda"
     host_cores: int | None = None
+    host_dram_gbps: float | None = None
+    server_cores: int = 1
+    window_updates_per_s_per_core: float = 3.0e9
+    replay_params_per_s: float = 6e12
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -204,7 +213,7 @@ class ClusterSpec:
         if self.device not in WORDING:
             raise ValueError(f"cluster {self.name}: device {self.device!r}: expected one of {', '.join(WORDING)}")
         for attr in ("h2d_gbps", "nvlink_gbps", "network_gbps", "server_update_params_per_s", "gpu_tflops", "mfu",
-                     "perturb_params_per_s"):
+                     "perturb_params_per_s", "server_cores", "window_updates_per_s_per_core", "replay_params_per_s"):
             if not getattr(self, attr) > 0:
                 raise ValueError(f"cluster {self.name}: {attr} must be > 0")
         for attr in ("gpus_per_worker", "fetch_group"):
@@ -242,13 +251,21 @@ def _dgx(name: str, nodes: int, gpu: str) -> ClusterSpec:
     # NIC (25 GB/s), HBM2e 2.0 TB/s -> 3.5e11. Host update: a dual-socket host streams ~10 bytes per
     # parameter (fp32 read+write, 16-bit served copy) at ~250 GB/s: 2.5e10 params/s (an assumption:
     # replace it with a measurement, bench/).
+    # Update windows (DESIGN.md section 12): a DGX H100 host has two 56-core sockets and ~560 GB/s of DRAM
+    # (8 DDR5-4800 channels each); DGX A100 two 64-core EPYC 7742, 8 DDR4-3200 channels each (~410 GB/s).
+    # The K-step pass: 3.0e9 element-updates/s per core, measured on this project's Zen 4 core
+    # (bench/bench_window.py); a GPU replays a record in the perturbation kernel at ~1/5.5 of its FP64 rate
+    # (H100 SXM 34 TFLOP/s, A100 9.7: about 5.5 float64 operations per element and record): assumptions
+    # until scripts/gpu_check.sh measures them.
     if gpu == "h100":
         return ClusterSpec(name, nodes, 8, h2d_gbps=50, nvlink_gbps=370, network_gbps=50,
                            server_update_params_per_s=2.5e10, gpu_tflops=989, gpu_tflops_fp32=67,
-                           gpu_memory_bytes=80 * GiB, host_memory_bytes=2 * TiB, perturb_params_per_s=5.9e11)
+                           gpu_memory_bytes=80 * GiB, host_memory_bytes=2 * TiB, perturb_params_per_s=5.9e11,
+                           host_dram_gbps=560, server_cores=112, replay_params_per_s=6e12)
     return ClusterSpec(name, nodes, 8, h2d_gbps=25, nvlink_gbps=230, network_gbps=25,
                        server_update_params_per_s=2.0e10, gpu_tflops=312, gpu_tflops_fp32=19.5,
-                       gpu_memory_bytes=80 * GiB, host_memory_bytes=2 * TiB, perturb_params_per_s=3.5e11)
+                       gpu_memory_bytes=80 * GiB, host_memory_bytes=2 * TiB, perturb_params_per_s=3.5e11,
+                       host_dram_gbps=410, server_cores=128, replay_params_per_s=1.8e12)
 
 
 CLUSTERS: dict[str, ClusterSpec] = {
@@ -263,14 +280,16 @@ CLUSTERS: dict[str, ClusterSpec] = {
     "cpu-local": ClusterSpec("cpu-local", 1, 2, h2d_gbps=19, nvlink_gbps=19, network_gbps=1.09,
                              server_update_params_per_s=3.2e9, gpu_tflops=0.1, gpu_tflops_fp32=0.1,
                              gpu_memory_bytes=8 * GiB, host_memory_bytes=16 * GiB, fixed_step_overhead_s=0.02,
-                             perturb_params_per_s=3.2e9, gpus_per_worker=1, fetch_group=1, device="cpu"),
+                             perturb_params_per_s=3.2e9, gpus_per_worker=1, fetch_group=1, device="cpu",
+                             server_cores=1, replay_params_per_s=3.0e9),
     # `zoctl up --hosts 2` on that machine (coordinator.hosts): simulated hosts (network namespaces), one CPU
     # worker each, a replica per host, links limited to 1 Gbit/s (cluster.link_rate: 1gbit = 0.125 GB/s); the
     # same rates as cpu-local, and every process shares its 2 cores (host_cores). --nodes N for N hosts.
     "cpu-netns": ClusterSpec("cpu-netns", 2, 1, h2d_gbps=19, nvlink_gbps=19, network_gbps=0.125,
                              server_update_params_per_s=3.2e9, gpu_tflops=0.1, gpu_tflops_fp32=0.1,
                              gpu_memory_bytes=8 * GiB, host_memory_bytes=16 * GiB, fixed_step_overhead_s=0.02,
-                             perturb_params_per_s=3.2e9, gpus_per_worker=1, fetch_group=1, device="cpu", host_cores=2),
+                             perturb_params_per_s=3.2e9, gpus_per_worker=1, fetch_group=1, device="cpu", host_cores=2,
+                             server_cores=1, replay_params_per_s=3.0e9),
 }
 
 CALIBRATION_KEYS = ("forward_flops_per_s", "memcpy_bytes_per_s", "update_params_per_s", "fixed_step_overhead_s")
@@ -286,7 +305,8 @@ def cluster_from_calibration(cal: Mapping[str, float], workers: int = 1, name: s
     ``update_params_per_s`` (the server's seed update), ``fixed_step_overhead_s``. Optional:
     ``perturb_params_per_s`` (default: the update rate), ``network_bytes_per_s`` (loopback gRPC,
     only the control messages use it; default 1e9), ``memory_bytes`` (default: physical memory),
-    ``host_cores`` (the cores every process shares; default: no sharing bound).
+    ``host_cores`` (the cores every process shares; default: no sharing bound),
+    ``window_updates_per_s_per_core`` and ``replay_params_per_s`` (update windows; default 3.0e9).
     Each of ``workers`` processes is a worker; ``fetch_group`` of them split each fetch and gather
     it (the job's ``layout.node_size``; 1: each fetches the whole model).
     """
@@ -305,6 +325,8 @@ def cluster_from_calibration(cal: Mapping[str, float], workers: int = 1, name: s
         perturb_params_per_s=float(cal.get("perturb_params_per_s", update)), gpus_per_worker=1,
         fetch_group=fetch_group, device="cpu",
         host_cores=int(cal["host_cores"]) if cal.get("host_cores") else None,
+        window_updates_per_s_per_core=float(cal.get("window_updates_per_s_per_core", 3.0e9)),
+        replay_params_per_s=float(cal.get("replay_params_per_s", cal.get("window_updates_per_s_per_core", 3.0e9))),
     )
 
 

@@ -28,6 +28,7 @@ class ServiceProcess:
     log_path: Path
     proc: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
+    pass_fds: tuple[int, ...] = ()  # open files the process inherits (zoctl up: its run directory's lock)
 
     def start(self, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> dict:
         """Start the process (its own session, so a kill reaches its children) and wait for its ready file."""
@@ -37,10 +38,15 @@ class ServiceProcess:
     def spawn(self, env: dict[str, str] | None = None) -> None:
         """Start the process without waiting for it (``wait_ready`` waits)."""
         self.ready_file.unlink(missing_ok=True)
+        self.popen(env)
+
+    def popen(self, env: dict[str, str] | None = None) -> None:
+        """The process itself: its own session (a kill reaches its children), its log, ``pass_fds`` inherited."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env={**os.environ, **(env or {})})
+                                         start_new_session=True, env={**os.environ, **(env or {})},
+                                         pass_fds=self.pass_fds)
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
         """Wait for the spawned process's ready file and return what it announced.
@@ -122,3 +128,29 @@ def address_from_ready_file(path: str | Path, timeout_s: float = 300.0) -> str:
             raise TimeoutError(f"{path} did not appear in {timeout_s:.0f} s (the service it names did not start)")
         time.sleep(0.05)
     return str(json.loads(path.read_text())["address"])
+
+
+SUPERVISOR_ENV = "DISTZO_SUPERVISOR_PID"  # set by zoctl up for its services: they end when it is gone
+
+
+def end_with_supervisor(poll_s: float = 0.5) -> None:
+    """In a service started by ``zoctl up`` (``SUPERVISOR_ENV`` names its pid): end this process with
+    SIGTERM, its clean shutdown, as soon as the supervisor is gone, however it died (SIGKILL, the OOM
+    killer), so that no service trains on unsupervised beside a resumed run.
+
+    A thread watches the parent pid (it changes when the parent dies: the orphan is re-parented).
+    Not PR_SET_PDEATHSIG: that fires when the *thread* that forked the child ends, and a supervisor
+    may start processes from any thread. Nothing happens without the variable (a service run by hand)."""
+    import threading
+
+    text = os.environ.get(SUPERVISOR_ENV, "")
+    if not text.isdigit():
+        return
+    supervisor = int(text)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()

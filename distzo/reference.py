@@ -18,17 +18,19 @@ from distzo import generator
 from distzo.adapters import adapter_from_train
 from distzo.config import JobConfig
 from distzo.data import Batch
-from distzo.export import export_model_dir
-from distzo.modelcard import model_card, write_model_card
+from distzo.durable import write_atomic
+from distzo.export import check_destination, export_model_dir
+from distzo.locks import DirLock
+from distzo.modelcard import model_card
 from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
 from distzo.jobdata import EvalTally, JobData
-from distzo.mezo import StepOutcome, UpdateRecord, apply_update
+from distzo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
 from distzo.modeling import BlockModel
 from distzo.objective import forward_sums
 from distzo.optim import Optimizer
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
-from distzo.runlog import RunLog
+from distzo.runlog import RUN_LOCK, RunLog, make_run_dir
 from distzo.step import Losses, TrainingStopped, TrainLog, run_step
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
@@ -38,10 +40,11 @@ def apply_runtime_threads(cfg: JobConfig) -> None:
     generator.set_cpu_threads(cfg.runtime.kernel_threads)
 
 
-def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed) -> dict[str, float]:
+def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed, pending: Sequence[UpdateRecord] = ()) -> dict[str, float]:
+    """Dev loss and accuracy of the weights ``feed`` serves, with ``pending`` update records replayed on them."""
     tally = EvalTally(len(job.cfg.data.label_words))
     for i, (examples, batch, candidates) in enumerate(job.eval_chunks()):
-        res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed)[0]
+        res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed, pending)[0]
         tally.add(i, examples, batch, res.scores, bool(candidates))
     return tally.result()
 
@@ -70,10 +73,22 @@ class ReferenceTrainer:
         self.log = TrainLog()
         self.run_log: RunLog | None = None
         self.train_seconds = 0.0
+        # update windows (server.update_window K > 1): the materialized bases the workers of a step read, as
+        # the server keeps them (its two slots): the master at each multiple of K, the newest two
+        self.window = cfg.server.update_window
+        self.bases: dict[int, list[torch.Tensor]] = {0: [b.clone() for b in self.buffers]} if self.window > 1 else {}
 
-    def feed(self) -> MemoryFeed:
-        """The master weights as a worker receives them (served dtype, on the worker's device)."""
-        return MemoryFeed(self.buffers, self.device, self.cfg.server.served_dtype)
+    def feed(self, version: int | None = None) -> MemoryFeed:
+        """The weights as a worker receives them (served dtype, on the worker's device): the master, or with
+        update windows the materialized base ``version``."""
+        buffers = self.buffers if version is None or self.window == 1 else self.bases[version]
+        return MemoryFeed(buffers, self.device, self.cfg.server.served_dtype)
+
+    def at_step(self, step: int) -> tuple[MemoryFeed, list[UpdateRecord]]:
+        """What step ``step``'s forwards (or an eval after ``step`` steps) read: the base ``base_version(step, K)``
+        and the records after it, replayed on it (``mezo.replay_block``)."""
+        base = base_version(step, self.window)
+        return self.feed(base), self.log.records[base:step]
 
     def step(self, t: int) -> StepOutcome:
         """Run step ``t`` (forwards, g, update of the in-memory master) and return its outcome."""
@@ -89,7 +104,7 @@ class ReferenceTrainer:
         objective, cands = self.cfg.train.objective, self.job.train_candidates
         jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps, want_scores=bool(cands),
                            candidates=cands) for r in roles]
-        results = self.engine.run(jobs, self.feed())
+        results = self.engine.run(jobs, *self.at_step(plan.step))
         losses = {(r.direction, r.shard, r.sign): forward_sums(objective, cands, batches[r.shard], res.loss_sum,
                                                                res.label_tokens, res.scores)
                   for r, res in zip(roles, results)}
@@ -100,10 +115,15 @@ class ReferenceTrainer:
         for spec, buf, state in zip(self.model.manifest.blocks, self.buffers, self.opt_state):
             apply_update(spec, buf, record, self.engine.dist, optimizer=self.optimizer, state=state)
         self.log.records.append(record)
+        version = record.step + 1
+        if self.window > 1 and version % self.window == 0:  # materialized: steps from version + K - 1 read it
+            self.bases[version] = [b.clone() for b in self.buffers]
+            for old in [v for v in self.bases if v < version - self.window]:
+                del self.bases[old]
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Dev loss and accuracy of the current weights, recorded as the evaluation at ``step``."""
-        result = {"step": step, **evaluate(self.engine, self.job, self.feed())}
+        result = {"step": step, **evaluate(self.engine, self.job, *self.at_step(step))}
         self.log.evals.append(result)
         if self.run_log is not None:
             self.run_log.eval(**result)
@@ -116,6 +136,22 @@ class ReferenceTrainer:
         ``merge``: a LoRA run exports its merged plain model instead of peft's adapter directory.
         ``run_dir``: write the per-step log, the config and the report plot there.
         """
+        if out_dir is not None:  # a destination the export would refuse is refused now, not after training
+            check_destination(out_dir)
+            if merge and self.model.adapter is None:
+                raise ValueError("--merge merges a LoRA adapter into the base: this run trains the full model")
+        if run_dir is None:
+            return self._train(out_dir, progress, None, merge)
+        make_run_dir(run_dir)
+        # one writer per run directory: a zoctl up there (or its services, or another reference) is refused
+        lock = DirLock(run_dir, RUN_LOCK, "the run directory").acquire()
+        try:
+            return self._train(out_dir, progress, run_dir, merge)
+        finally:
+            lock.release()
+
+    def _train(self, out_dir: str | Path | None, progress: bool | None, run_dir: str | Path | None,
+               merge: bool) -> dict[str, Any]:
         cfg = self.cfg
         apply_runtime_threads(cfg)
         generator.warm_up(self.device, cfg.train.distribution, [self.engine.compute_dtype],
@@ -123,7 +159,7 @@ class ReferenceTrainer:
         if run_dir is not None:
             self.run_log = RunLog(run_dir)
             self.run_log.resume(0, cfg)  # refuses a run directory of another job
-            (Path(run_dir) / "job.yaml").write_text(cfg.to_yaml(redact=True))
+            write_atomic(Path(run_dir) / "job.yaml", cfg.to_yaml(redact=True).encode())
         start = time.perf_counter()
         if cfg.train.eval_at_start:
             self.evaluate(0)
@@ -138,8 +174,6 @@ class ReferenceTrainer:
                 self.evaluate(t + 1)
         bar.close()
         final_eval = self.evaluate(cfg.train.steps)
-        if out_dir is not None:
-            export_model_dir(self.model, [b.cpu() for b in self.buffers], out_dir, merge=merge)
         summary = {
             "mode": "reference",
             "model": cfg.model.source,
@@ -158,8 +192,9 @@ class ReferenceTrainer:
             "wall_seconds": time.perf_counter() - start,
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
-        if out_dir is not None:
-            write_model_card(out_dir, model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
+        if out_dir is not None:  # on copies of the buffers, with its card, moved into place whole
+            export_model_dir(self.model, self.buffers, out_dir, merge=merge,
+                             card=model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
         if run_dir is not None:
             summary.update(write_report(run_dir))
         return summary

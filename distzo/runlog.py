@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from distzo.durable import check_same_job, record_job
+from distzo.durable import check_same_job, record_job, write_atomic
 
 
 def mean_finite(xs: Sequence[float]) -> float:
@@ -34,29 +33,74 @@ from distzo.strictjson import strict_json
 STEPS = "steps.jsonl"
 EVALS = "evals.jsonl"
 RUN = "run.json"  # the identity of the job whose log this is (distzo.durable)
+RUN_LOCK = ".lock"  # held by whoever writes the run directory: zoctl up (and its services), zoctl reference (distzo.locks)
 
 
 class RunLogError(BadInput):
     """A run log that is not the UTF-8 JSON lines this module writes."""
 
 
+def make_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir``, created if missing; RunLogError when it is a file (or cannot be made)."""
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise RunLogError(f"the run directory {d} is a file: expected a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunLogError(f"the run directory {d} cannot be made: {exc.strerror}") from None
+    return d
+
+
+NUMBERS = ("loss", "loss_plus", "loss_minus", "lr", "time_s", "dev_loss", "dev_accuracy")  # float or null
+COUNTS = ("tokens", "dev_examples")
+
+
+def _check(rec: dict[str, Any]) -> str | None:
+    """What is wrong with a record's types (None: nothing); the run's history and report read these fields."""
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if rec["step"] < 0:
+        return f"step {rec['step']} is negative"
+    for k in NUMBERS:
+        if not number(rec.get(k)):
+            return f"{k} is {type(rec[k]).__name__}, expected a number or null"
+    for k in COUNTS:
+        if rec.get(k) is not None and (not isinstance(rec[k], int) or isinstance(rec[k], bool)):
+            return f"{k} is {type(rec[k]).__name__}, expected an integer"
+    g = rec.get("g")
+    if g is not None and not (isinstance(g, list) and all(number(x) for x in g)):
+        return "g is not a list of numbers"
+    if not isinstance(rec.get("skipped", False), bool):
+        return "skipped is not true or false"
+    return None
+
+
 def _read(path: Path) -> list[dict[str, Any]]:
-    """Records of one file; a torn last line (a process killed mid-write) is ignored."""
+    """Records of one file; a torn last line (a process killed mid-write) is ignored. Raises RunLogError
+    naming the file (and line) for anything this module never writes: not a file, not UTF-8, a record
+    of the wrong types."""
     out = []
-    if not path.is_file():
+    if not path.exists():
         return out
+    if not path.is_file():
+        raise RunLogError(f"{path} is not a regular file: expected the run log distzo writes there")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RunLogError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
                           "not a run log written by distzo") from None
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+            why = _check(rec)
+            if why:
+                raise RunLogError(f"{path}:{n}: {why}: not a run log written by distzo")
             out.append(rec)
     return out
 
@@ -80,8 +124,7 @@ class RunLog:
     """Appends step and eval records to ``run_dir``; ``resume(t)`` first drops what step t re-creates."""
 
     def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_run_dir(run_dir)
 
     def resume(self, step: int, cfg: Any = None) -> RunHistory:
         """Keep steps < ``step`` and evals <= ``step``; return them (the run's history so far).
@@ -98,9 +141,7 @@ class RunLog:
         old = read_history(self.dir)
         kept = RunHistory([r for r in old.steps if r["step"] < step], [r for r in old.evals if r["step"] <= step])
         for name, records in ((STEPS, kept.steps), (EVALS, kept.evals)):
-            tmp = self.dir / (name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-            os.replace(tmp, self.dir / name)
+            write_atomic(self.dir / name, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"), 0o666)
         return kept
 
     def _append(self, name: str, record: dict[str, Any]) -> None:

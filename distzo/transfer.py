@@ -129,10 +129,28 @@ def pull(src: str, dest: str | Path, say=None) -> dict[str, str]:  # noqa: ANN00
 
 
 def push(src: str | Path, dest: str, say=None) -> dict[str, str]:  # noqa: ANN001
-    """Upload a local directory's files to ``dest``, then its SHA256SUMS (last); returns the sums."""
+    """Upload a local directory's files to ``dest``, then its SHA256SUMS (last); returns the sums.
+
+    ``dest`` ends with exactly this directory's files: on a local path (or ``file://``) the copy is
+    written aside and moved into place whole (``distzo.export.replace_dir``; refused, before anything
+    is written, for a destination that is neither new, empty, an export nor an earlier push); on an
+    object store the old SHA256SUMS goes first (a reader sees no complete upload meanwhile), the
+    files it listed that this upload lacks are removed, and the new SHA256SUMS is written last.
+    Raises TransferError (bad URL, missing library), distzo.export.ExportRefused, OSError."""
     sums = directory_sums(src)
+    local = _local_path(dest)
+    if local is not None:
+        _push_local(Path(src), local, sums)
+        return sums
     fs, root = _fs(dest)
     base = root.rstrip("/")
+    old: dict[str, str] = {}
+    if fs.exists(f"{base}/{SUMS}"):
+        try:
+            old = parse_sums(fs.cat_file(f"{base}/{SUMS}").decode("utf-8", "replace"), f"{dest}/{SUMS}")
+        except TransferError:
+            old = {}  # not ours to clean up: only what a valid SHA256SUMS lists is removed
+        fs.rm_file(f"{base}/{SUMS}")
     fs.makedirs(base, exist_ok=True)
     for name in sums:
         parent = PurePosixPath(f"{base}/{name}").parent
@@ -140,9 +158,68 @@ def push(src: str | Path, dest: str, say=None) -> dict[str, str]:  # noqa: ANN00
         fs.put_file(str(Path(src) / name), f"{base}/{name}")
         if say:
             say(f"{name} written")
+    for name in sorted(set(old) - set(sums)):  # an earlier upload's files this one does not have
+        if fs.exists(f"{base}/{name}"):
+            fs.rm_file(f"{base}/{name}")
     with fs.open(f"{base}/{SUMS}", "wb") as f:
         f.write(format_sums(sums).encode())
     return sums
+
+
+def _local_path(dest: str) -> Path | None:
+    """The local path of a plain path or a ``file://`` URL; None for anything else."""
+    if not is_url(dest):
+        return Path(dest)
+    if dest.split("://", 1)[0].lower() == "file":
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(dest).path))
+    return None
+
+
+def _push_local(src: Path, dest: Path, sums: dict[str, str]) -> None:
+    import shutil
+    import uuid
+
+    from distzo.export import ASIDE, EXPORT_MARK, check_destination, replace_dir
+
+    dest = check_destination(dest, marks=(EXPORT_MARK, SUMS))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name[:80]}{ASIDE}{uuid.uuid4().hex[:12]}"
+    try:
+        os.mkdir(tmp, 0o777)
+        for name in sums:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, tmp / name)
+        (tmp / SUMS).write_text(format_sums(sums))
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+EXPORT_SCHEMES = {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # where an export may be pushed
+
+
+def check_export_url(url: str, export_root: str | None = None) -> str | None:
+    """Why an export to ``url`` would be refused, or None: only object stores and ``file://``, each with
+    its fsspec library installed (s3:// needs s3fs, gs:// gcsfs, ...), and a ``file://`` URL, like a path,
+    only under ``server.export_root`` when one is set (a URL is no way around it)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in EXPORT_SCHEMES:
+        return f"export URL scheme {scheme!r} is not one of {', '.join(sorted(EXPORT_SCHEMES))}"
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"export URL scheme {scheme!r} needs a library that is not installed here ({first[:200]})"
+    if scheme == "file" and export_root:
+        target = os.path.realpath(_local_path(url) or "")
+        if not target.startswith(os.path.realpath(export_root) + os.sep):
+            return f"export URL {url[:200]!r} is outside server.export_root {export_root!r}"
+    return None
 
 
 def is_url(path: str) -> bool:

@@ -191,6 +191,16 @@ def _fill_kernel(out, start, k0, k1, gaussian):  # noqa: ANN001, ANN202
             o[j] = z[j]
 
 
+@njit(inline="always", cache=True)
+def _perturb_rows(x, z, coefs, out, off, n):  # noqa: ANN001, ANN202
+    # out[r, off + j] = float32(x[j] + coefs[r] * z[j]) for each coefficient r: one rounding, float64 inside
+    for r in range(coefs.shape[0]):
+        c = coefs[r]
+        o = out[r, off : off + n]
+        for j in range(n):
+            o[j] = np.float32(np.float64(x[j]) + c * np.float64(z[j]))
+
+
 @njit(nogil=True, cache=True)
 def _perturb_kernel(clean, out, coefs, start, k0, k1, gaussian):  # noqa: ANN001, ANN202
     # out[r, j] = float32(clean[j] + coefs[r] * z[start + j]) for each requested coefficient r
@@ -199,13 +209,7 @@ def _perturb_kernel(clean, out, coefs, start, k0, k1, gaussian):  # noqa: ANN001
     for off in range(0, clean.shape[0], _SCRATCH):
         n = min(_SCRATCH, clean.shape[0] - off)
         base = _z_chunk(gaussian, start + off, n, np.uint64(k0), np.uint64(k1), words, zbuf)
-        x = clean[off : off + n]
-        z = zbuf[base : base + n]
-        for r in range(coefs.shape[0]):
-            c = coefs[r]
-            o = out[r, off : off + n]
-            for j in range(n):
-                o[j] = np.float32(np.float64(x[j]) + c * np.float64(z[j]))
+        _perturb_rows(clean[off : off + n], zbuf[base : base + n], coefs, out, off, n)
 
 
 @njit(inline="always", cache=True)

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="worker")
+    from distzo.procs import end_with_supervisor
+
+    end_with_supervisor()  # started by zoctl up: never outlive it
     from distzo.metrics import start_metrics_server
     from distzo.rpc import Credentials, write_ready_file
     from gpuworker.node import GatherError

@@ -21,11 +21,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from distzo.blocks import DTYPES, ITEMSIZE, Manifest
+from distzo.generator import Distribution
+from distzo.mezo import UpdateRecord, replay_block
 from gpuworker.node import NodeGroup
 from paramserver.client import ParamServerClient
 from paramserver.wire import checksum
@@ -40,6 +42,7 @@ class FeedTimers:
     gather_s: float = 0.0
     h2d_s: float = 0.0
     wait_s: float = 0.0
+    replay_s: float = 0.0  # a node group member rebuilding its slice at the step's version
     bytes_received: int = 0
     pool_bytes: int = 0
     transport: str = ""
@@ -93,8 +96,14 @@ class PrefetchFeed:
     def __init__(self, client: ParamServerClient, manifest: Manifest, version: int, device: torch.device,
                  pool: BufferPool, depth: int, pinned_blocks: frozenset[int], node: NodeGroup | None = None,
                  timeout_s: float = 120.0, digests: bool = False, copy_stream: "torch.cuda.Stream | None" = None,
-                 direct: "DirectFetch | None" = None, kept: FrozenBlocks | None = None):
+                 direct: "DirectFetch | None" = None, kept: FrozenBlocks | None = None,
+                 pending: Sequence[UpdateRecord] = (), dist: Distribution | str = Distribution.RADEMACHER):
+        """``version``: the (materialized) base fetched. ``pending`` (a node group's update windows): the records
+        each member replays on its own slice before the gather, so the group gathers the served copy of the
+        step's version (``mezo.replay_block``); a single worker replays in its forward engine instead."""
         self.client = client
+        self.pending = tuple(pending) if node is not None else ()
+        self.dist = Distribution(dist)
         self.frozen = kept if node is None else None  # frozen blocks' own copies, across assignments
         self.manifest = manifest
         self.version = version
@@ -226,10 +235,12 @@ class PrefetchFeed:
             self.timers.fetch_s += t1 - t0
             if self.node.device.type == "cuda":  # GPU-only: gather on the device over NVLink
                 part_dev = part.to(self.node.device, non_blocking=True)
+                self._replay_slice(spec, part_dev, start, end)
                 out_dev = torch.empty(k * per, dtype=torch.uint8, device=self.node.device)
                 self.node.gather(part_dev, out_dev)
                 self.timers.gather_s += time.perf_counter() - t1
                 return out_dev[:nbytes].view(self.dtype)
+            self._replay_slice(spec, part, start, end)
             self.node.gather(part.clone(), buf[: k * per])  # the input overlaps the output: copy it
             self.timers.gather_s += time.perf_counter() - t1
         host = buf[:nbytes].view(self.dtype)
@@ -243,6 +254,16 @@ class PrefetchFeed:
         self._events[b] = ev
         self.timers.h2d_s += time.perf_counter() - t2
         return dev
+
+    def _replay_slice(self, spec, part: torch.Tensor, start: int, end: int) -> None:  # noqa: ANN001
+        """Rebuild this member's slice (bytes start..end of the block, in ``part``) at the step's version, in place:
+        replayed on the 1/k slice before the gather, not on the whole block after it (bench/NOTES.md, section 9)."""
+        if not self.pending or not spec.trainable:
+            return
+        t0 = time.perf_counter()
+        x = part[: end - start].view(self.dtype)
+        x.copy_(replay_block(spec, x, self.pending, self.dist, start=start // self.itemsize)[0])
+        self.timers.replay_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ consumer (BlockFeed)
     def get(self, block: int) -> torch.Tensor:

@@ -18,12 +18,14 @@ from distzo.config import JobConfig
 from distzo.data import Batch, DataError
 from distzo.forward import ForwardEngine, ForwardJob, compute_dtype_for
 from distzo.logs import kv
+from distzo.mezo import UpdateRecord
 from distzo.adapters import adapter_from_train
 from distzo.modeling import BlockModel
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, FrozenBlocks, PrefetchFeed
 from gpuworker.node import GatherError, NodeGroup
 from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
+from paramserver.wire import record_from_pb
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.worker")
@@ -76,11 +78,18 @@ class ModelRunner:
     def run(self, a: cpb.Assignment) -> cpb.WorkResult:
         t0 = time.perf_counter()
         result = cpb.WorkResult(assignment_id=a.assignment_id, step=a.step)
+        try:
+            pending = self._pending(a)
+        except DataError as exc:
+            self._fail(result, "bad_input", exc)
+            return result
+        # update windows: a node group's members rebuild their slices before the gather, a single worker
+        # rebuilds each block in its forward engine, fused into the perturbation
         feed = PrefetchFeed(self.client, self.model.manifest, a.version, self.device, self.pool,
                             self.cfg.runtime.prefetch_blocks, self.model.pinned_blocks, self.node,
                             timeout_s=min(self.cfg.server.fetch_timeout_s, a.deadline_s or math.inf),
                             digests=a.report_digests, copy_stream=self.copy_stream, direct=self.direct,
-                            kept=self.kept)
+                            kept=self.kept, pending=pending, dist=self.cfg.train.distribution)
         compute = 0.0
         try:
             batches = {bd.shard: Batch.from_arrays((bd.rows, bd.cols), bd.input_ids, bd.attention_mask, bd.labels)
@@ -93,7 +102,7 @@ class ModelRunner:
                                        candidates=tuple(f.candidates)))
             if jobs:
                 c0 = time.perf_counter()
-                outs = self.engine.run(jobs, feed)
+                outs = self.engine.run(jobs, feed, pending if self.node is None else ())
                 compute = time.perf_counter() - c0 - feed.timers.wait_s
                 for f, o in zip(a.forwards, outs):
                     r = result.results.add(spec=f, loss=o.loss, loss_sum=o.loss_sum, label_tokens=o.label_tokens,
@@ -123,7 +132,7 @@ class ModelRunner:
         peak_mem = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"  # GPU-only
                     else self.process.memory_info().rss)
         for phase, seconds in (("fetch", tm.fetch_s), ("h2d", tm.h2d_s), ("gather", tm.gather_s),
-                               ("compute", max(0.0, compute)), ("wait", tm.wait_s)):
+                               ("compute", max(0.0, compute)), ("wait", tm.wait_s), ("replay", tm.replay_s)):
             metrics.PHASE_SECONDS.labels(phase).inc(seconds)
         if tm.transport:
             metrics.RECEIVED_BYTES.labels(tm.transport).inc(tm.bytes_received)
@@ -136,6 +145,20 @@ class ModelRunner:
             total_s=time.perf_counter() - t0, bytes_received=tm.bytes_received, peak_memory_bytes=peak_mem,
             peak_block_bytes=tm.pool_bytes + self.engine.last_peak_copy_bytes, transport=tm.transport))
         return result
+
+    @staticmethod
+    def _pending(a: cpb.Assignment) -> tuple[UpdateRecord, ...]:
+        """The records to replay on the fetched base (update windows): steps a.version .. a.step - 1, valid.
+        Raises DataError when they are not exactly those, or a record is not a valid update."""
+        records = tuple(record_from_pb(m) for m in a.pending)
+        if [r.step for r in records] != list(range(a.version, a.step)) and a.version <= a.step:
+            raise DataError(f"step {a.step} reads base {a.version}: the assignment must carry the records of steps "
+                            f"{a.version}..{a.step - 1}, it carries {[r.step for r in records][:8]}")
+        if a.version > a.step:
+            raise DataError(f"step {a.step} cannot read base version {a.version}: a base is never newer than its step")
+        for r in records:
+            r.validate()
+        return records
 
     @staticmethod
     def _fail(result: cpb.WorkResult, kind: str, exc: BaseException) -> None:

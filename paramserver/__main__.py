@@ -11,6 +11,7 @@ import sys  # noqa: E402
 
 from distzo.config import ConfigError, JobConfig, parse_settings
 from distzo.logs import setup_logging
+from distzo.procs import end_with_supervisor
 from distzo.modeldir import ModelError
 from distzo.rpc import PORTS
 from paramserver.fence import FenceUnavailable
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="paramserver")
+    end_with_supervisor()  # started by zoctl up: never outlive it
     from paramserver.server import run
     from paramserver.state import RecoveryError
 

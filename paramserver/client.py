@@ -244,10 +244,31 @@ class ParamServerClient:
     def digest(self, block: int, timeout_s: float = 10.0) -> pb.DigestReply:
         return self._shard(block).stub.BlockDigest(pb.DigestRequest(block=block), timeout=timeout_s, metadata=self._md)
 
-    def follow(self, from_step: int, timeout_s: float | None = None) -> Iterator[UpdateRecord]:
-        """Journal records from ``from_step`` on, live (single-shard servers)."""
-        for m in self.shards[0].stub.FollowJournal(pb.FollowRequest(from_step=from_step), timeout=timeout_s, metadata=self._md):
+    def follow(self, from_step: int, timeout_s: float | None = None, to_step: int = 0) -> Iterator[UpdateRecord]:
+        """Journal records from ``from_step`` on, live (single-shard servers); ``to_step`` > 0: up to step
+        ``to_step - 1`` only (the stream then ends)."""
+        request = pb.FollowRequest(from_step=from_step, to_step=to_step)
+        for m in self.shards[0].stub.FollowJournal(request, timeout=timeout_s, metadata=self._md):
             yield record_from_pb(m)
+
+    def records(self, from_step: int, to_step: int, timeout_s: float = 30.0) -> list[UpdateRecord]:
+        """The journaled records of steps [from_step, to_step) (a coordinator resuming mid-window needs the
+        records after the base its workers read). Raises FetchError when the journal no longer has them."""
+        if to_step <= from_step:
+            return []
+        try:
+            got = list(self.follow(from_step, timeout_s=timeout_s, to_step=to_step))
+        except grpc.RpcError as exc:
+            raise FetchError(f"journal records {from_step}..{to_step - 1}: {exc.details()}", exc.code()) from None
+        if [r.step for r in got] != list(range(from_step, to_step)):
+            raise FetchError(f"journal records {from_step}..{to_step - 1}: got steps {[r.step for r in got][:8]}")
+        return got
+
+    @property
+    def update_window(self) -> int:
+        """server.update_window of the servers (1 for a server that predates windows)."""
+        self.manifest  # noqa: B018 - connects
+        return self.shards[0].manifest.update_window or 1  # type: ignore[union-attr]
 
     def close(self) -> None:
         for s in self.shards:

@@ -11,12 +11,17 @@ FETCH_SECONDS = Histogram("distzo_paramserver_fetch_duration_seconds", "FetchSli
                           buckets=LATENCY_BUCKETS)
 VERSION_WAIT_SECONDS = Histogram("distzo_paramserver_version_wait_seconds",
                                  "Time a fetch or WaitVersion waited for the block's version", buckets=LATENCY_BUCKETS)
-UPDATE_SECONDS = Histogram("distzo_paramserver_update_duration_seconds", "Applying one update to every owned block",
-                           buckets=LATENCY_BUCKETS)
+UPDATE_SECONDS = Histogram("distzo_paramserver_update_duration_seconds",
+                           "One materializing pass over every owned block: one update, or a window of "
+                           "server.update_window updates", buckets=LATENCY_BUCKETS)
 JOURNAL_FSYNC_SECONDS = Histogram("distzo_paramserver_journal_append_seconds", "Appending and fsyncing one journal record",
                                   buckets=LATENCY_BUCKETS)
 UPDATES = Counter("distzo_paramserver_updates_total", "Update requests by outcome", ["outcome"])
-APPLIED_VERSION = Gauge("distzo_paramserver_applied_version", "Version every owned block has reached")
+APPLIED_VERSION = Gauge("distzo_paramserver_applied_version",
+                        "Version the server's weights are at: every journaled update taken up, materialized or pending "
+                        "in the open update window")
+MATERIALIZED_VERSION = Gauge("distzo_paramserver_materialized_version",
+                             "Version every owned block's fp32 master has (a multiple of server.update_window)")
 JOURNALED_STEPS = Gauge("distzo_paramserver_journaled_steps", "Updates durable in the journal")
 VERSION_LAG = Gauge("distzo_paramserver_version_lag", "Journaled updates not yet applied to every owned block")
 JOURNAL_BYTES = Gauge("distzo_paramserver_journal_bytes", "Journal size on disk")
@@ -28,5 +33,8 @@ REPLICA_FOLLOWING = Gauge("distzo_paramserver_replica_following",
                           "Replicas: 1 while following the primary's journal and caught up once, 0 while catching up "
                           "or after the follower died (the replica then reports NOT_SERVING and exits)")
 MODEL_BYTES = Gauge("distzo_paramserver_master_bytes", "fp32 master bytes this server holds")
+SERVED_COPY_BYTES = Gauge("distzo_paramserver_served_copy_bytes",
+                          "Served-copy bytes this server holds besides the master: the 16-bit copy, and with "
+                          "server.update_window > 1 the second slot (with a float32 copy the slots are the master's)")
 OPTIMIZER_STATE_BYTES = Gauge("distzo_paramserver_optimizer_state_bytes",
                               "train.optimizer momentum/adam state this server holds (trainable blocks only: none for frozen ones)")

@@ -92,17 +92,26 @@ class Follower(threading.Thread):
                 caught_up = True
 
     def _resync(self) -> None:
-        """Copy the primary's blocks, replay records per block until all share one version."""
+        """Copy the primary's blocks, bring them to one version with its journal, and take the base before
+        it that the primary still serves (update windows: the next steps may read it)."""
         st = self.state
         versions = {}
         for b in st.owned:
             versions[b] = self._copy_block(b)
         low, high = min(versions.values()), max(versions.values())
         if high > low:
-            for record in self.primary.follow(low):
-                st.store.apply(record, st.dist)  # blocks already past a step skip it
-                if record.step + 1 >= high:
+            records = self.primary.records(low, high)
+            for start in sorted(set(versions.values()) - {high}):  # blocks already at high skip each pass
+                st.store.materialize(records[start - low:], st.dist)
+        window = st.window
+        if window > 1 and high >= window:
+            older = high - window
+            for b in st.owned:
+                try:
+                    buf, _ = self.primary.fetch_block(b, older)
+                except StaleVersionError:  # the primary moved past it: no step reads it any more
                     break
+                st.store.set_served(b, older, buf)
         version = st.restart_history()
         log.info("re-synced from the primary", extra=kv(version=version))
 

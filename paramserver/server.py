@@ -20,7 +20,7 @@ from paramserver import metrics
 from paramserver.client import ParamServerClient
 from paramserver.replication import Follower
 from paramserver.service import PROTECTED, SERVICE, STATE_CHANGING, THREADS, ParamServerService
-from paramserver.state import ServerState
+from paramserver.state import RecoveryError, ServerState
 
 log = logging.getLogger("distzo.paramserver")
 MAX_REQUEST_BYTES = 1 << 20  # requests are small: the largest, an update of 4096 directions, is ~100 KiB
@@ -46,9 +46,15 @@ class ParamServer:
         if control_listen:
             self.control = make_server(self.creds, PROTECTED, max_workers=8, max_receive=MAX_REQUEST_BYTES)
             self.control_port = bind(self.control, control_listen, self.creds)
-        if self.creds.token is None:
+        try:
+            self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
+        except BaseException:  # refused (data directory in use, another model, ...): let the ports go
+            for server in (self.grpc, self.control):
+                if server is not None:
+                    server.stop(0)
+            raise
+        if self.creds.token is None:  # (after the data directory: a server refused it has nothing to warn about)
             log.warning("no bearer token configured: state-changing RPCs are not authenticated")
-        self.state = ServerState(cfg, data_dir, blocks=blocks, name=name, role="replica" if follow else "primary")
         self._stopped = threading.Event()  # stopping has begun (followers quit)
         self._finished = threading.Event()  # everything is closed
         self.service = ParamServerService(self.state, on_shutdown=self.stop, token=self.creds.token)
@@ -70,7 +76,15 @@ class ParamServer:
 
     def start(self) -> "ParamServer":
         try:
-            version = self.state.recover()
+            try:
+                version = self.state.recover()
+            except RecoveryError as exc:
+                if not self.follow_address:
+                    raise
+                # a replica's state is its primary's: start over and re-sync rather than stay down
+                log.warning("replica data directory unusable: starting over from its primary", extra=kv(reason=str(exc)))
+                self.state.discard_history()
+                version = self.state.recover()
         except BaseException:
             self.grpc.stop(0)
             self.state.close()  # unlink shared memory; nothing was served

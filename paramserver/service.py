@@ -5,8 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import re
+import shutil
 import threading
 import time
 from typing import Callable, Iterator
@@ -17,8 +16,9 @@ from distzo.blocks import ITEMSIZE
 from distzo.durable import job_id as identity_digest
 from distzo.limits import MAX_DIRECTIONS
 from distzo.logs import kv
-from distzo.modelcard import model_card, write_model_card
-from distzo.transfer import TransferError, is_url, push
+from distzo.export import ExportRefused
+from distzo.modelcard import model_card
+from distzo.transfer import TransferError, check_export_url, is_url, push
 from distzo.rpc import Admission, cancelled_event
 from paramserver import metrics
 from paramserver.journal import JournalCorrupt, JournalWriteError
@@ -32,7 +32,6 @@ from protos import paramserver_pb2 as pb
 log = logging.getLogger("distzo.paramserver.rpc")
 SERVICE = "distzo.v1.ParameterServer"
 MAX_MODEL_CARD = 64 << 10  # a card is a few KB
-EXPORT_SCHEMES = {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # where an export may be pushed
 STATE_CHANGING = ("ApplyUpdate", "Snapshot", "Export", "Shutdown")  # served on the control port when there is one
 # need the token too: FollowJournal streams every update to replicas (on the data port: replicas reach only that)
 PROTECTED = (*STATE_CHANGING, "FollowJournal")
@@ -75,6 +74,8 @@ class ParamServerService:
         store = self.state.store
         try:
             return store.wait_version(b, version, self._timeout(context), cancelled_event(context, store.cond))
+        except ValueError as exc:  # not a materialized version (server.update_window)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StaleVersion as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except TimeoutError as exc:
@@ -95,9 +96,10 @@ class ParamServerService:
             first_block=st.first,
             end_block=st.end,
             server_id=st.server_id,
-            config_yaml=st.cfg.to_yaml(redact=True),
+            config_yaml=st.cfg.to_yaml(public=True),  # readable without the token: no secret, no path to one
             model_config_json=st.model.config.to_json_string(use_diff=False),
             control_port=self.control_port,
+            update_window=st.store.window,
         )
         if seg is not None:
             reply.shm_versions_path = str(seg.versions_path)
@@ -143,17 +145,24 @@ class ParamServerService:
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
                           f"resume_offset {request.resume_offset} is outside the slice's {end - start} bytes")
         started = time.perf_counter()
-        version = self._wait(b, request.version, context)
+        whole = master or state  # the fp32 master and the optimizer state: at the newest materialized version
+        if whole:
+            version = st.store.version(b)
+            if request.version >= 0 and request.version != version:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"block {b}'s master is at version {version}, not {request.version}; fetch again")
+        else:
+            version = self._wait(b, request.version, context)
         chunk = st.cfg.server.chunk_bytes
         pos = start + request.resume_offset
         while True:
             n = min(chunk, end - pos)
-            with st.store.reading(b):
-                now = st.store.version(b)
+            with st.store.reading(b, version, master=whole):
+                now = st.store.version(b) if whole else st.store.slot_version(b, version)
                 if now != version:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"block {b} moved from version {version} to {now} while streaming; fetch again")
-                data = memoryview((st.store.state_bytes(b) if state else st.store.bytes_of(b, master))[pos : pos + n])
+                data = memoryview((st.store.state_bytes(b) if state else st.store.bytes_of(b, master, version))[pos : pos + n])
                 header = pb.ChunkHeader(block=b, version=version, dtype=dtype, slice_start=start, slice_bytes=end - start,
                                         offset=pos - start, checksum=checksum(data))
                 message = encode_chunk(header, data)  # the one server-side copy, under the read lock
@@ -176,7 +185,9 @@ class ParamServerService:
         st = self.state
         return pb.StatusReply(
             versions=[st.store.version(b) for b in st.owned],
-            applied_version=st.store.applied_version(),
+            applied_version=st.processed_version,
+            materialized_version=st.store.applied_version(),
+            update_window=st.store.window,
             journaled_steps=st.journal.next_step,
             snapshot_version=st.snapshot_version,
             role=st.role,
@@ -196,13 +207,17 @@ class ParamServerService:
     def FollowJournal(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
         if request.from_step < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"from_step must be >= 0, got {request.from_step}")
+        if request.to_step < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"to_step must be >= 0 (0: no end), got {request.to_step}")
         with self.admission.slot(context, "FollowJournal"):
-            yield from self._follow(request.from_step, context)
+            yield from self._follow(request.from_step, request.to_step, context)
 
-    def _follow(self, step: int, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
+    def _follow(self, step: int, to_step: int, context: grpc.ServicerContext) -> Iterator[common_pb2.UpdateRecord]:
         journal = self.state.journal
         ended = cancelled_event(context, journal.appended)
         while not ended.is_set():
+            if 0 < to_step <= step:
+                return
             try:
                 pending = list(journal.records_from(step))
             except LookupError as exc:
@@ -210,7 +225,7 @@ class ParamServerService:
             except JournalCorrupt as exc:
                 context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             for r in pending:
-                if r.step == step:
+                if r.step == step and not 0 < to_step <= step:
                     yield record_to_pb(r)
                     step += 1
             with journal.appended:
@@ -267,16 +282,23 @@ class ParamServerService:
             if why:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED if "export_root" in why else grpc.StatusCode.INVALID_ARGUMENT,
                               why)
+        st = self.state
+
+        def card(version: int) -> str:
+            return request.model_card or model_card(st.cfg, {}, version, merged=request.merge)
+
+        staged = st.staging_dir() if url else None  # a URL: exported privately first, then pushed, then removed
         try:
-            # a URL (s3://, gs://, file://, ...): exported under the export root first, then pushed there
-            local = "upload-" + re.sub(r"[^A-Za-z0-9._-]+", "_", request.path)[-120:] if url else request.path
-            path, version = self.state.export(local, merge=request.merge)
-            write_model_card(path, request.model_card or model_card(self.state.cfg, {}, version, merged=request.merge))
-            if url:
+            if staged is not None:
+                path, version = st.export(staged, merge=request.merge, card=card, staged=True)
                 push(path, url)
                 path = url
+            else:
+                path, version = st.export(request.path, merge=request.merge, card=card)
         except TransferError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"export to {request.path[:200]!r}: {exc}")
+        except ExportRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except PermissionError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
@@ -285,23 +307,14 @@ class ParamServerService:
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.errno in (errno.ENOSPC, errno.EDQUOT)
                     else grpc.StatusCode.INTERNAL)
             context.abort(code, f"export to {request.path[:200]!r} failed: {exc.strerror or exc}")
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
         return pb.ExportReply(path=path, version=version)
 
     def _refuse_url(self, url: str) -> str | None:
-        """Why an export URL is refused, or None: only object stores and file://, and a file:// URL, like a
-        path, only under server.export_root when one is set (a URL is no way around it)."""
-        scheme = url.split("://", 1)[0].lower()
-        if scheme not in EXPORT_SCHEMES:
-            return f"export URL scheme {scheme!r} is not one of {', '.join(sorted(EXPORT_SCHEMES))}"
-        root = self.state.cfg.server.export_root
-        if scheme == "file" and root:
-            from urllib.parse import urlparse
-            from urllib.request import url2pathname
-
-            target = os.path.realpath(url2pathname(urlparse(url).path))
-            if not target.startswith(os.path.realpath(root) + os.sep):
-                return f"export URL {url[:200]!r} is outside server.export_root {root!r}"
-        return None
+        """Why an export URL is refused, or None (``check_export_url``, with the server's export root)."""
+        return check_export_url(url, self.state.cfg.server.export_root)
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownReply:
         threading.Timer(0.1, self.on_shutdown).start()  # reply first

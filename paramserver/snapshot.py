@@ -61,10 +61,13 @@ class SnapshotJob:
 
     def __init__(self, directory: Path, version: int, blocks: list[int], numels: dict[int, int],
                  live: Callable[[int], np.ndarray], manifest_digest: str,
-                 live_state: Callable[[int], np.ndarray] | None = None):
+                 live_state: Callable[[int], np.ndarray] | None = None,
+                 finish: Callable[[int, np.ndarray], np.ndarray] | None = None):
         """``live(b)``: block b's master (float32 [numel]); ``live_state(b)``: its optimizer state
         (float32 [numel, width]), None for a block without one (frozen); ``live_state`` None: no block
-        has state (sgd). Both are copied before the updater changes b."""
+        has state (sgd). Both are copied before the updater changes b. ``finish(b, master)``: the block's
+        values at the snapshot's version from the master's (a new array; update windows: the master plus
+        the pending records), None when the master is at the snapshot's version."""
         self.dir = directory
         self.version = version
         self.blocks = blocks
@@ -72,6 +75,7 @@ class SnapshotJob:
         self.live = live
         self.live_state = live_state
         self.manifest_digest = manifest_digest
+        self.finish = finish
         self._lock = threading.Lock()
         self._copies: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._written: set[int] = set()
@@ -93,10 +97,12 @@ class SnapshotJob:
     def _take(self, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:
             data = self._copies.pop(b, None)
-            if data is not None:
-                return data
-            self._writing = b  # the updater waits for this block instead of copying it
-            return self.live(b), self.live_state(b) if self.live_state else None
+            if data is None:
+                self._writing = b  # the updater waits for this block instead of copying it
+                data = (self.live(b), self.live_state(b) if self.live_state else None)
+        if self.finish is not None:
+            data = (self.finish(b, data[0]), data[1])
+        return data
 
     def _mark(self, b: int) -> None:
         with self._lock:
@@ -312,9 +318,14 @@ def _load_states(f, name: str, meta: dict, blocks: Collection[str], numels: dict
     return states
 
 
-def prune_snapshots(directory: Path, keep: int) -> list[int]:
-    """Delete all but the newest ``keep`` complete snapshots."""
+def prune_snapshots(directory: Path, keep: int, keep_at_or_before: int | None = None) -> list[int]:
+    """Delete all but the newest ``keep`` complete snapshots, and (``keep_at_or_before``) never the newest one at
+    or before that version, nor any after it: update windows recover from a snapshot at or before a base."""
     snaps = list_snapshots(directory)
+    if keep and keep_at_or_before is not None:
+        older = [i for i, s in enumerate(snaps) if s.version <= keep_at_or_before]
+        if older:
+            keep = max(keep, len(snaps) - older[-1])
     removed = []
     for s in snaps[:-keep] if keep else []:
         s.path.unlink(missing_ok=True)
@@ -326,7 +337,7 @@ def prune_snapshots(directory: Path, keep: int) -> list[int]:
 def remove_temporaries(directory: Path) -> None:
     """Half-written files left by a crash (call only when no snapshot is running): temporaries, and
     snapshot files whose sidecar was never written (never committed)."""
-    for tmp in [*directory.glob("snapshot-*.tmp"), *directory.glob("*.json.tmp")]:
+    for tmp in [*directory.glob("snapshot-*.tmp"), *directory.glob("*.json.tmp"), *directory.glob(".*.tmp")]:
         tmp.unlink(missing_ok=True)
     for data in directory.glob("snapshot-*.safetensors"):
         if not data.with_suffix(".json").exists():

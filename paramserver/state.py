@@ -12,22 +12,25 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 
 from distzo.config import JobConfig
 from distzo.dtypes import ITEMSIZE
 from distzo.durable import CorruptFile, differences, read_checked_json, write_checked_json
-from distzo.export import export_model_dir
+from distzo.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
 from distzo import generator
 from distzo.generator import Distribution
+from distzo.locks import DirLock
 from distzo.logs import kv
-from distzo.mezo import UpdateRecord
+from distzo.mezo import UpdateRecord, apply_window, base_version
 from distzo.optim import Optimizer
 from distzo.adapters import adapter_from_train
 from distzo.modeling import BlockModel
@@ -42,6 +45,7 @@ from paramserver.store import BlockStore
 log = logging.getLogger("distzo.paramserver")
 KEEP_SNAPSHOTS = 2
 STATE_FILE = "state.json"  # what the data directory holds: model, layout, and the job that journals into it
+LOCK_FILE = "LOCK"  # held (flock) by the one server using the data directory (distzo.locks)
 
 
 class UpdateRejected(ValueError):
@@ -74,6 +78,15 @@ class ServerState:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.data_dir.chmod(0o700)  # snapshots and journal are private to the service's user
+        # one server per data directory, for its whole life: a second one would append to the same journal
+        self._lock = DirLock(self.data_dir, LOCK_FILE, "the parameter server's data directory").acquire()
+        try:
+            self._init(cfg, blocks, name, role)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, cfg: JobConfig, blocks: tuple[int, int] | None, name: str | None, role: str) -> None:
         self.role = role
         self.dist = Distribution(cfg.train.distribution)
         self.optimizer = Optimizer.from_config(cfg.train)
@@ -99,7 +112,13 @@ class ServerState:
             reaped = reap_stale_segments(shm_dir)
             if reaped:
                 log.info("removed shared-memory segments of dead servers", extra=kv(segments=",".join(reaped)))
-        self.store = BlockStore(self.manifest, first, end, cfg.server.served_dtype, shm_dir, self.server_id, self.optimizer)
+        self.window = cfg.server.update_window
+        self.store = BlockStore(self.manifest, first, end, cfg.server.served_dtype, shm_dir, self.server_id, self.optimizer,
+                                self.window)
+        # update windows: the records after the master's version, not yet materialized (fewer than K), and the
+        # version they bring the weights to (eval, export, snapshot read exactly this one)
+        self.pending: list[UpdateRecord] = []
+        self.processed_version = -1
         self.journal = Journal(self.data_dir, rotate_every=cfg.server.snapshot_every)
         self._submit_lock = threading.Lock()
         self._queue: queue.Queue[UpdateRecord | Marker] = queue.Queue()
@@ -152,19 +171,40 @@ class ServerState:
             self.job = job
             log.info("data directory claimed by a job", extra=kv(job_id=job_id))
         elif self.job.get("job_id") != job_id:
+            try:
+                theirs = json.loads(identity_json) if identity_json else None
+            except ValueError:
+                theirs = None
+            why = (f" ({differences(self.job.get('identity') or {}, theirs)})" if isinstance(theirs, dict)
+                   and isinstance(self.job.get("identity"), dict) else "")
             raise UpdateRejected(f"this parameter server's data directory holds job {self.job.get('job_id')} "
-                                 f"(recorded in {self.data_dir / STATE_FILE}), not job {job_id[:32]}: a new job needs "
-                                 "a new data directory")
+                                 f"(recorded in its {STATE_FILE}), not job {job_id[:32]}{why}: a new job "
+                                 "needs a new data directory")
 
     def recover(self) -> int:
-        """Load the newest valid snapshot and replay the journal; returns the version reached."""
+        """Load a snapshot and replay the journal; returns the version reached (the next step's).
+
+        With update windows (K > 1) the next steps read base ``base_version(J, K)`` of the journal's end J:
+        recovery starts from the newest valid snapshot at or before it (pruning keeps one), materializes that
+        base, and queues the records after it for the applier, exactly as if they had just arrived."""
         remove_temporaries(self.data_dir)
+        remove_leftovers(self.data_dir / "exports")  # exports and uploads of a server killed midway
         snaps = list_snapshots(self.data_dir)
+        try:
+            records = list(self.journal.read_all(repair=True))
+        except JournalCorrupt as exc:
+            raise RecoveryError(str(exc)) from None
+        end = max([records[-1].step + 1 if records else 0, *(s.version for s in snaps)])
+        target = base_version(end, self.window)  # = end with K = 1
         blocks = None
         states: dict = {}
         base = 0
         reasons = []
         for info in reversed(snaps):
+            if info.version > target:
+                reasons.append(f"snapshot at version {info.version} is newer than base {target} that the next step "
+                               f"reads (server.update_window {self.window})")
+                continue
             try:
                 blocks, states = load_snapshot_state(info, self.digest, {b: self.manifest.blocks[b].numel for b in self.owned},
                                                      self.optimizer.width, list(self.store.opt_state))
@@ -173,13 +213,10 @@ class ServerState:
             except SnapshotCorrupt as exc:
                 reasons.append(str(exc))
                 log.error("snapshot unusable, trying an older one", extra=kv(error=str(exc)))
-        try:
-            records = list(self.journal.read_all(repair=True))
-        except JournalCorrupt as exc:
-            raise RecoveryError(str(exc)) from None
         if blocks is None:
             if snaps:
-                raise RecoveryError(f"no usable snapshot in {self.data_dir}: all {len(snaps)} fail their checks "
+                raise RecoveryError(f"no usable snapshot in {self.data_dir}: all {len(snaps)} fail their checks"
+                                    f"{'' if self.window == 1 else ' or are newer than the base the next step reads'} "
                                     f"({'; '.join(reasons)})")
             if records and records[0].step != 0:
                 raise RecoveryError(f"{self.data_dir} holds a journal from step {records[0].step} but no snapshot to replay it onto")
@@ -188,11 +225,6 @@ class ServerState:
                             extra=kv(model=str(self.model_dir), records=len(records)))
             buffers = self.model.load_block_buffers()
             blocks = {b: buffers[b].numpy() for b in self.owned}
-        for b in self.owned:
-            if b not in blocks:
-                raise RecoveryError(f"snapshot at version {base} lacks block {b}")
-            self.store.set_block(b, blocks[b], base, states.get(b))
-        del blocks, states
         self.snapshot_version = base if snaps else -1
         replay = [r for r in records if r.step >= base]
         for i, r in enumerate(replay):
@@ -200,27 +232,52 @@ class ServerState:
                 raise RecoveryError(f"the journal has step {r.step} where step {base + i} should follow the snapshot at "
                                     f"version {base}: records are missing")
         t0 = time.perf_counter()
-        for r in replay:
-            self.store.apply(r, self.dist)
+        if self.window == 1:
+            for b in self.owned:
+                self._check_block(blocks, b, base)
+                self.store.set_block(b, blocks[b], base, states.get(b))
+            for r in replay:
+                self.store.apply(r, self.dist)
+            self.processed_version = base + len(replay)
+        else:  # the records up to the base in one pass per block, those after it through the applier
+            upto = replay[: target - base]
+            for b in self.owned:
+                data = np.array(self._check_block(blocks, b, base), dtype=np.float32, copy=True)
+                if upto:
+                    apply_window(self.manifest.blocks[b], data, data, upto, self.dist)
+                self.store.set_block(b, data, target)
+            for r in replay[target - base:]:
+                self._queue.put(r)
+            self.processed_version = target
+        del blocks, states
         version = base + len(replay)
         self.journal.open(version, last_step=records[-1].step if records else None)
         for r in replay[-self.journal.recent.maxlen:]:
             self.journal.recent.append(r)
-        log.info("recovered", extra=kv(snapshot=base, replayed=len(replay), version=version,
+        log.info("recovered", extra=kv(snapshot=base, replayed=len(replay), version=version, materialized=self.store.applied_version(),
                                        seconds=round(time.perf_counter() - t0, 3)))
         if not snaps and self.cfg.server.snapshot_at_start:
-            self._start_snapshot(version)  # never depend on the model directory again
+            self._start_snapshot(self.processed_version)  # never depend on the model directory again
         return version
+
+    @staticmethod
+    def _check_block(blocks: dict, b: int, base: int) -> np.ndarray:
+        if b not in blocks:
+            raise RecoveryError(f"snapshot at version {base} lacks block {b}")
+        return blocks[b]
 
     def start(self) -> None:
         self._applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
         self._applier.start()
-        metrics.APPLIED_VERSION.set_function(self.store.applied_version)
+        metrics.APPLIED_VERSION.set_function(lambda: self.processed_version)
+        metrics.MATERIALIZED_VERSION.set_function(self.store.applied_version)
         metrics.JOURNALED_STEPS.set_function(lambda: self.journal.next_step)
-        metrics.VERSION_LAG.set_function(lambda: max(0, self.journal.next_step - self.store.applied_version()))
+        metrics.VERSION_LAG.set_function(lambda: max(0, self.journal.next_step - self.processed_version))
         metrics.JOURNAL_BYTES.set_function(self.journal.total_bytes)
         metrics.MODEL_BYTES.set(sum(self.manifest.blocks[b].numel * ITEMSIZE["float32"] for b in self.owned))
         metrics.OPTIMIZER_STATE_BYTES.set(self.store.state_nbytes())
+        master = sum(self.store.master[b].nbytes for b in self.owned)
+        metrics.SERVED_COPY_BYTES.set(self.store.served_nbytes() - (master if self.cfg.server.served_dtype == "float32" else 0))
 
     # ------------------------------------------------------------------ updates
     def submit(self, record: UpdateRecord, job_id: str = "", identity_json: str = "") -> tuple[bool, int]:
@@ -258,16 +315,19 @@ class ServerState:
                 if self._handle_marker(item):
                     return
                 continue
-            try:
-                job = self._snapshot if self._snapshot is not None and not self._snapshot.done.is_set() else None
-                with metrics.UPDATE_SECONDS.time():
-                    self.store.apply(item, self.dist, before_modify=job.before_modify if job else None)
-            except BaseException as exc:  # the state is no longer trustworthy: stop taking updates
-                self.failed = exc
-                log.critical("applying an update failed", extra=kv(step=item.step, error=repr(exc)))
-                return
-            version = item.step + 1
-            if every and version % every == 0:
+            self.pending.append(item)
+            if len(self.pending) == self.window:  # a whole window: one pass over every block (K = 1: every update)
+                try:
+                    job = self._snapshot if self._snapshot is not None and not self._snapshot.done.is_set() else None
+                    with metrics.UPDATE_SECONDS.time():
+                        self.store.materialize(self.pending, self.dist, before_modify=job.before_modify if job else None)
+                except BaseException as exc:  # the state is no longer trustworthy: stop taking updates
+                    self.failed = exc
+                    log.critical("applying an update failed", extra=kv(step=item.step, error=repr(exc)))
+                    return
+                self.pending = []
+            self.processed_version = version = item.step + 1
+            if every and version % every == 0 and version > self.snapshot_version:
                 self._start_snapshot(version)
 
     def _handle_marker(self, m: Marker) -> bool:
@@ -275,14 +335,15 @@ class ServerState:
             if m.kind == "stop":
                 return True
             if m.kind == "snapshot":
-                job = self._start_snapshot(self.store.applied_version(), force=True)
+                job = self._start_snapshot(self.processed_version, force=True)
                 m.result = job
             elif m.kind == "export":
                 self._wait_snapshot()
-                path, merge = m.arg  # type: ignore[misc]
+                path, merge, card = m.arg  # type: ignore[misc]
+                version = self.processed_version  # the master plus the open window's pending records
                 buffers = [self._block_tensor(b) for b in range(len(self.manifest.blocks))]
-                export_model_dir(self.model, buffers, path, merge=merge)
-                m.result = (str(path), self.store.applied_version())
+                export_model_dir(self.model, buffers, path, merge=merge, card=card(version) if card else None, owned=True)
+                m.result = (str(path), version)
         except BaseException as exc:  # reported to the caller
             m.error = exc
         finally:
@@ -291,11 +352,22 @@ class ServerState:
         return False
 
     def _block_tensor(self, b: int):  # noqa: ANN202
+        """Block ``b``'s fp32 weights at the server's version, as a new tensor (a copy, never a view of the
+        master: whatever an export does to it, e.g. peft's in-place merge, cannot reach the weights being
+        trained): the master's copy with the open update window's pending records applied. Every export path
+        takes its buffers from here. Call from the applier thread. Raises ValueError for a block of another shard."""
         import torch
 
         if b not in self.owned:
             raise ValueError(f"this shard holds blocks {self.first}:{self.end}; export needs the whole model")
-        return torch.from_numpy(self.store.master[b])
+        return torch.from_numpy(self._block_at(b, self.store.master[b], self.pending))
+
+    def _block_at(self, b: int, master: np.ndarray, pending: list[UpdateRecord]) -> np.ndarray:
+        with self.store.master_lock(b).read():
+            data = master.copy()
+        if pending:
+            apply_window(self.manifest.blocks[b], data, data, pending, self.dist)
+        return data
 
     # ------------------------------------------------------------------ snapshots
     def _start_snapshot(self, version: int, force: bool = False) -> SnapshotJob | None:
@@ -304,9 +376,16 @@ class ServerState:
                 log.warning("snapshot skipped: the previous one is still being written", extra=kv(version=version))
                 return None
             self._snapshot.done.wait()
+        pending = list(self.pending)
+        if self.store.applied_version() + len(pending) != version:
+            raise RuntimeError(f"snapshot at version {version}: the master is at {self.store.applied_version()} with "
+                               f"{len(pending)} pending records")
+        masters = {b: self.store.master[b] for b in self.owned}  # the arrays at the master's version (a float32
+        # copy with K > 1 moves to the other slot at the next pass: this one is copied before it is overwritten)
         job = SnapshotJob(self.data_dir, version, list(self.owned), {b: self.manifest.blocks[b].numel for b in self.owned},
-                          lambda b: self.store.master[b], self.digest,
-                          self.store.opt_state.get if self.optimizer.width else None)  # None for a frozen block
+                          masters.__getitem__, self.digest,
+                          self.store.opt_state.get if self.optimizer.width else None,  # None for a frozen block
+                          finish=(lambda b, data: self._block_at(b, data, pending)) if pending else None)
         self._snapshot = job
         threading.Thread(target=self._run_snapshot, args=(job,), name="snapshot", daemon=True).start()
         return job
@@ -319,7 +398,8 @@ class ServerState:
                 self.snapshot_version = job.version
                 metrics.SNAPSHOT_BYTES.set(job.bytes)
                 metrics.SNAPSHOT_VERSION.set(job.version)
-                prune_snapshots(self.data_dir, KEEP_SNAPSHOTS)
+                # recovery needs one at or before the base the next step reads (update windows)
+                prune_snapshots(self.data_dir, KEEP_SNAPSHOTS, keep_at_or_before=base_version(self.journal.next_step, self.window))
                 kept = list_snapshots(self.data_dir)
                 if kept:
                     self.journal.drop_before(kept[0].version)  # keep what the oldest kept snapshot needs
@@ -346,27 +426,48 @@ class ServerState:
             raise job.error
         return job
 
-    def export(self, path: str, timeout_s: float = 600.0, merge: bool = False) -> tuple[str, int]:
-        """Export the weights to ``path`` (under server.export_root); ``merge``: a LoRA run's merged model.
-        Raises ValueError for ``merge`` on a full-target run, PermissionError outside the export root."""
-        root = self.cfg.server.export_root
+    def export_path(self, path: str) -> Path:
+        """Where an export to ``path`` goes (a relative path: under server.export_root, else the data
+        directory's exports/), checked before any work: raises PermissionError outside the export root,
+        ExportRefused for a destination that is a file or a directory that is not an earlier export."""
         p = Path(path)
         if not p.is_absolute():
+            root = self.cfg.server.export_root
             p = (Path(root) if root else self.data_dir / "exports") / p
-        p = p.resolve()
-        if root and not str(p).startswith(str(Path(root).resolve()) + os.sep):
-            shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
-            raise PermissionError(f"export path {shown!r} is outside server.export_root {root!r}")
+        check_export_root(p, self.cfg.server.export_root)
+        return check_destination(p)
+
+    def staging_dir(self) -> Path:
+        """A new private directory path for an export on its way to a URL (removed by the caller; what a
+        killed server left there is removed when it starts again)."""
+        return self.data_dir / "exports" / f".upload{ASIDE}{uuid.uuid4().hex[:12]}"
+
+    def export(self, path: str | Path, timeout_s: float = 600.0, merge: bool = False,
+               card: Callable[[int], str] | None = None, staged: bool = False) -> tuple[str, int]:
+        """Export the weights to ``path`` (``export_path``; ``staged``: a ``staging_dir``, not checked against
+        the export root); ``merge``: a LoRA run's merged model; ``card(version)``: the model card written
+        with it. Returns (path, version). Raises ValueError for ``merge`` on a run that is not LoRA, and
+        what ``export_path`` raises, before anything is written."""
+        p = Path(path) if staged else self.export_path(str(path))
         if merge and getattr(self.model.adapter, "kind", "full") != "lora":
             raise ValueError("export --merge merges a LoRA adapter into the base: this run's train.target is "
                              f"{getattr(self.model.adapter, 'kind', 'full')}")
-        m = Marker("export", arg=(p, merge), done=threading.Event())
+        m = Marker("export", arg=(p, merge, card), done=threading.Event())
         self._queue.put(m)
         if not m.done.wait(timeout_s):
             raise TimeoutError("export did not finish in time")
         if m.error is not None:
             raise m.error
         return m.result  # type: ignore[return-value]
+
+    def discard_history(self) -> None:
+        """Delete the journal and the snapshots (a replica that cannot recover starts over from its primary)."""
+        self.journal.close()
+        for seg in self.journal.segments():
+            seg.path.unlink()
+        for snap in list_snapshots(self.data_dir):
+            snap.path.unlink(missing_ok=True)
+            snap.path.with_suffix(".json").unlink(missing_ok=True)
 
     def restart_history(self) -> int:
         """Make the blocks' current version this server's new starting point, after they were installed
@@ -381,18 +482,21 @@ class ServerState:
         self.journal.close()
         self.journal.open(version)
         self.journal.recent.clear()
+        self.pending = []
+        self.processed_version = version
         self._start_snapshot(version, force=True)
         return version
 
     # ------------------------------------------------------------------ queries
     def drain(self, timeout_s: float = 60.0) -> int:
-        """Wait until every journaled update is applied; returns the applied version."""
+        """Wait until the applier has taken up every journaled update (materialized, or pending in the open
+        window); returns that version."""
         deadline = time.monotonic() + timeout_s
-        while self.store.applied_version() < self.journal.next_step:
+        while self.processed_version < self.journal.next_step:
             if self.failed is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.002)
-        return self.store.applied_version()
+        return self.processed_version
 
     def close(self) -> None:
         # freeze the callback gauges at their last values: the store they read is going away
@@ -408,3 +512,4 @@ class ServerState:
         self._wait_snapshot()
         self.journal.close()
         self.store.close()
+        self._lock.release()  # last: nothing of this server writes the data directory any more

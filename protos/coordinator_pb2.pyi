@@ -1,3 +1,4 @@
+from protos import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -71,7 +72,7 @@ class BatchData(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., input_ids: _Optional[bytes] = ..., attention_mask: _Optional[bytes] = ..., labels: _Optional[bytes] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("assignment_id", "step", "version", "kind", "forwards", "batches", "deadline_s", "report_digests")
+    __slots__ = ("assignment_id", "step", "version", "kind", "forwards", "batches", "deadline_s", "report_digests", "pending")
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +81,7 @@ class Assignment(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     REPORT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     assignment_id: int
     step: int
     version: int
@@ -88,7 +90,8 @@ class Assignment(_message.Message):
     batches: _containers.RepeatedCompositeFieldContainer[BatchData]
     deadline_s: float
     report_digests: bool
-    def __init__(self, assignment_id: _Optional[int] = ..., step: _Optional[int] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., forwards: _Optional[_Iterable[_Union[ForwardSpec, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[BatchData, _Mapping]]] = ..., deadline_s: _Optional[float] = ..., report_digests: _Optional[bool] = ...) -> None: ...
+    pending: _containers.RepeatedCompositeFieldContainer[_common_pb2.UpdateRecord]
+    def __init__(self, assignment_id: _Optional[int] = ..., step: _Optional[int] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., forwards: _Optional[_Iterable[_Union[ForwardSpec, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[BatchData, _Mapping]]] = ..., deadline_s: _Optional[float] = ..., report_digests: _Optional[bool] = ..., pending: _Optional[_Iterable[_Union[_common_pb2.UpdateRecord, _Mapping]]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("worker_id", "job_config_yaml", "param_servers")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/paramserver.proto\x12\tdistzo.v1\x1a\x13protos/common.proto\"\x11\n\x0fManifestRequest\"H\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05\x64\x65\x63\x61y\x18\x04 \x01(\x08\"\x96\x01\n\tBlockInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rglobal_offset\x18\x03 \x01(\x03\x12\r\n\x05numel\x18\x04 \x01(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.distzo.v1.TensorInfo\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\r\n\x05owned\x18\x07 \x01(\x08\"\xd2\x02\n\rManifestReply\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x14\n\x0cserved_dtype\x18\x03 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x04 \x01(\t\x12$\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x14.distzo.v1.BlockInfo\x12\x13\n\x0b\x66irst_block\x18\x06 \x01(\x05\x12\x11\n\tend_block\x18\x07 \x01(\x05\x12\x19\n\x11shm_versions_path\x18\x08 \x01(\t\x12\x15\n\rshm_data_path\x18\t \x01(\t\x12\x11\n\tshm_nonce\x18\n \x01(\x06\x12\x11\n\tserver_id\x18\x0b \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x0c \x01(\t\x12\x19\n\x11model_config_json\x18\r \x01(\t\x12\x14\n\x0c\x63ontrol_port\x18\x0e \x01(\x05\"q\n\x0c\x46\x65tchRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05parts\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rresume_offset\x18\x06 \x01(\x03\"\x88\x01\n\x0b\x43hunkHeader\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bslice_start\x18\x04 \x01(\x03\x12\x13\n\x0bslice_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x06\"=\n\x05\x43hunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.distzo.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"-\n\x0bWaitRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\"/\n\tWaitReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tshm_nonce\x18\x02 \x01(\x06\"c\n\rUpdateRequest\x12\'\n\x06record\x18\x01 \x01(\x0b\x32\x17.distzo.v1.UpdateRecord\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x19\n\x11job_identity_json\x18\x03 \x01(\t\"E\n\x0bUpdateReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x15\n\rjournal_bytes\x18\x03 \x01(\x03\"\x11\n\x0fSnapshotRequest\"=\n\rSnapshotReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"@\n\rExportRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nmodel_card\x18\x02 \x01(\t\x12\r\n\x05merge\x18\x03 \x01(\x08\",\n\x0b\x45xportReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply\"\x0f\n\rStatusRequest\"\xe2\x01\n\x0bStatusReply\x12\x10\n\x08versions\x18\x01 \x03(\x03\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\x03\x12\x17\n\x0fjournaled_steps\x18\x03 \x01(\x03\x12\x18\n\x10snapshot_version\x18\x04 \x01(\x03\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x14\n\x0cserved_bytes\x18\x06 \x01(\x03\x12\x13\n\x0b\x66irst_block\x18\x07 \x01(\x05\x12\x11\n\tend_block\x18\x08 \x01(\x05\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\x19\n\x11job_identity_json\x18\n \x01(\t\"\x1e\n\rDigestRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\";\n\x0b\x44igestReply\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04xxh3\x18\x03 \x01(\x06\"\"\n\rFollowRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x32\x95\x05\n\x0fParameterServer\x12\x43\n\x0bGetManifest\x12\x1a.distzo.v1.ManifestRequest\x1a\x18.distzo.v1.ManifestReply\x12\x39\n\nFetchSlice\x12\x17.distzo.v1.FetchRequest\x1a\x10.distzo.v1.Chunk0\x01\x12;\n\x0bWaitVersion\x12\x16.distzo.v1.WaitRequest\x1a\x14.distzo.v1.WaitReply\x12?\n\x0b\x41pplyUpdate\x12\x18.distzo.v1.UpdateRequest\x1a\x16.distzo.v1.UpdateReply\x12@\n\x08Snapshot\x12\x1a.distzo.v1.SnapshotRequest\x1a\x18.distzo.v1.SnapshotReply\x12:\n\x06\x45xport\x12\x18.distzo.v1.ExportRequest\x1a\x16.distzo.v1.ExportReply\x12@\n\x08Shutdown\x12\x1a.distzo.v1.ShutdownRequest\x1a\x18.distzo.v1.ShutdownReply\x12=\n\tGetStatus\x12\x18.distzo.v1.StatusRequest\x1a\x16.distzo.v1.StatusReply\x12?\n\x0b\x42lockDigest\x12\x18.distzo.v1.DigestRequest\x1a\x16.distzo.v1.DigestReply\x12\x44\n\rFollowJournal\x12\x18.distzo.v1.FollowRequest\x1a\x17.distzo.v1.UpdateRecord0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/paramserver.proto\x12\tdistzo.v1\x1a\x13protos/common.proto\"\x11\n\x0fManifestRequest\"H\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\r\n\x05\x64\x65\x63\x61y\x18\x04 \x01(\x08\"\x96\x01\n\tBlockInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rglobal_offset\x18\x03 \x01(\x03\x12\r\n\x05numel\x18\x04 \x01(\x03\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.distzo.v1.TensorInfo\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\r\n\x05owned\x18\x07 \x01(\x08\"\xe9\x02\n\rManifestReply\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x14\n\x0cserved_dtype\x18\x03 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x04 \x01(\t\x12$\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x14.distzo.v1.BlockInfo\x12\x13\n\x0b\x66irst_block\x18\x06 \x01(\x05\x12\x11\n\tend_block\x18\x07 \x01(\x05\x12\x19\n\x11shm_versions_path\x18\x08 \x01(\t\x12\x15\n\rshm_data_path\x18\t \x01(\t\x12\x11\n\tshm_nonce\x18\n \x01(\x06\x12\x11\n\tserver_id\x18\x0b \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x0c \x01(\t\x12\x19\n\x11model_config_json\x18\r \x01(\t\x12\x14\n\x0c\x63ontrol_port\x18\x0e \x01(\x05\x12\x15\n\rupdate_window\x18\x0f \x01(\x05\"q\n\x0c\x46\x65tchRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05parts\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rresume_offset\x18\x06 \x01(\x03\"\x88\x01\n\x0b\x43hunkHeader\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bslice_start\x18\x04 \x01(\x03\x12\x13\n\x0bslice_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x06\"=\n\x05\x43hunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.distzo.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"-\n\x0bWaitRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\"/\n\tWaitReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tshm_nonce\x18\x02 \x01(\x06\"c\n\rUpdateRequest\x12\'\n\x06record\x18\x01 \x01(\x0b\x32\x17.distzo.v1.UpdateRecord\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x19\n\x11job_identity_json\x18\x03 \x01(\t\"E\n\x0bUpdateReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x15\n\rjournal_bytes\x18\x03 \x01(\x03\"\x11\n\x0fSnapshotRequest\"=\n\rSnapshotReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"@\n\rExportRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nmodel_card\x18\x02 \x01(\t\x12\r\n\x05merge\x18\x03 \x01(\x08\",\n\x0b\x45xportReply\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply\"\x0f\n\rStatusRequest\"\x97\x02\n\x0bStatusReply\x12\x10\n\x08versions\x18\x01 \x03(\x03\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\x03\x12\x17\n\x0fjournaled_steps\x18\x03 \x01(\x03\x12\x18\n\x10snapshot_version\x18\x04 \x01(\x03\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x14\n\x0cserved_bytes\x18\x06 \x01(\x03\x12\x13\n\x0b\x66irst_block\x18\x07 \x01(\x05\x12\x11\n\tend_block\x18\x08 \x01(\x05\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\x19\n\x11job_identity_json\x18\n \x01(\t\x12\x1c\n\x14materialized_version\x18\x0b \x01(\x03\x12\x15\n\rupdate_window\x18\x0c \x01(\x05\"\x1e\n\rDigestRequest\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\";\n\x0b\x44igestReply\x12\r\n\x05\x62lock\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04xxh3\x18\x03 \x01(\x06\"3\n\rFollowRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x12\x0f\n\x07to_step\x18\x02 \x01(\x03\x32\x95\x05\n\x0fParameterServer\x12\x43\n\x0bGetManifest\x12\x1a.distzo.v1.ManifestRequest\x1a\x18.distzo.v1.ManifestReply\x12\x39\n\nFetchSlice\x12\x17.distzo.v1.FetchRequest\x1a\x10.distzo.v1.Chunk0\x01\x12;\n\x0bWaitVersion\x12\x16.distzo.v1.WaitRequest\x1a\x14.distzo.v1.WaitReply\x12?\n\x0b\x41pplyUpdate\x12\x18.distzo.v1.UpdateRequest\x1a\x16.distzo.v1.UpdateReply\x12@\n\x08Snapshot\x12\x1a.distzo.v1.SnapshotRequest\x1a\x18.distzo.v1.SnapshotReply\x12:\n\x06\x45xport\x12\x18.distzo.v1.ExportRequest\x1a\x16.distzo.v1.ExportReply\x12@\n\x08Shutdown\x12\x1a.distzo.v1.ShutdownRequest\x1a\x18.distzo.v1.ShutdownReply\x12=\n\tGetStatus\x12\x18.distzo.v1.StatusRequest\x1a\x16.distzo.v1.StatusReply\x12?\n\x0b\x42lockDigest\x12\x18.distzo.v1.DigestRequest\x1a\x16.distzo.v1.DigestReply\x12\x44\n\rFollowJournal\x12\x18.distzo.v1.FollowRequest\x1a\x17.distzo.v1.UpdateRecord0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,43 +39,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKINFO']._serialized_start=154
   _globals['_BLOCKINFO']._serialized_end=304
   _globals['_MANIFESTREPLY']._serialized_start=307
-  _globals['_MANIFESTREPLY']._serialized_end=645
-  _globals['_FETCHREQUEST']._serialized_start=647
-  _globals['_FETCHREQUEST']._serialized_end=760
-  _globals['_CHUNKHEADER']._serialized_start=763
-  _globals['_CHUNKHEADER']._serialized_end=899
-  _globals['_CHUNK']._serialized_start=901
-  _globals['_CHUNK']._serialized_end=962
-  _globals['_WAITREQUEST']._serialized_start=964
-  _globals['_WAITREQUEST']._serialized_end=1009
-  _globals['_WAITREPLY']._serialized_start=1011
-  _globals['_WAITREPLY']._serialized_end=1058
-  _globals['_UPDATEREQUEST']._serialized_start=1060
-  _globals['_UPDATEREQUEST']._serialized_end=1159
-  _globals['_UPDATEREPLY']._serialized_start=1161
-  _globals['_UPDATEREPLY']._serialized_end=1230
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1232
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1249
-  _globals['_SNAPSHOTREPLY']._serialized_start=1251
-  _globals['_SNAPSHOTREPLY']._serialized_end=1312
-  _globals['_EXPORTREQUEST']._serialized_start=1314
-  _globals['_EXPORTREQUEST']._serialized_end=1378
-  _globals['_EXPORTREPLY']._serialized_start=1380
-  _globals['_EXPORTREPLY']._serialized_end=1424
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1426
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1443
-  _globals['_SHUTDOWNREPLY']._serialized_start=1445
-  _globals['_SHUTDOWNREPLY']._serialized_end=1460
-  _globals['_STATUSREQUEST']._serialized_start=1462
-  _globals['_STATUSREQUEST']._serialized_end=1477
-  _globals['_STATUSREPLY']._serialized_start=1480
-  _globals['_STATUSREPLY']._serialized_end=1706
-  _globals['_DIGESTREQUEST']._serialized_start=1708
-  _globals['_DIGESTREQUEST']._serialized_end=1738
-  _globals['_DIGESTREPLY']._serialized_start=1740
-  _globals['_DIGESTREPLY']._serialized_end=1799
-  _globals['_FOLLOWREQUEST']._serialized_start=1801
-  _globals['_FOLLOWREQUEST']._serialized_end=1835
-  _globals['_PARAMETERSERVER']._serialized_start=1838
-  _globals['_PARAMETERSERVER']._serialized_end=2499
+  _globals['_MANIFESTREPLY']._serialized_end=668
+  _globals['_FETCHREQUEST']._serialized_start=670
+  _globals['_FETCHREQUEST']._serialized_end=783
+  _globals['_CHUNKHEADER']._serialized_start=786
+  _globals['_CHUNKHEADER']._serialized_end=922
+  _globals['_CHUNK']._serialized_start=924
+  _globals['_CHUNK']._serialized_end=985
+  _globals['_WAITREQUEST']._serialized_start=987
+  _globals['_WAITREQUEST']._serialized_end=1032
+  _globals['_WAITREPLY']._serialized_start=1034
+  _globals['_WAITREPLY']._serialized_end=1081
+  _globals['_UPDATEREQUEST']._serialized_start=1083
+  _globals['_UPDATEREQUEST']._serialized_end=1182
+  _globals['_UPDATEREPLY']._serialized_start=1184
+  _globals['_UPDATEREPLY']._serialized_end=1253
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1255
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1272
+  _globals['_SNAPSHOTREPLY']._serialized_start=1274
+  _globals['_SNAPSHOTREPLY']._serialized_end=1335
+  _globals['_EXPORTREQUEST']._serialized_start=1337
+  _globals['_EXPORTREQUEST']._serialized_end=1401
+  _globals['_EXPORTREPLY']._serialized_start=1403
+  _globals['_EXPORTREPLY']._serialized_end=1447
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1449
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1466
+  _globals['_SHUTDOWNREPLY']._serialized_start=1468
+  _globals['_SHUTDOWNREPLY']._serialized_end=1483
+  _globals['_STATUSREQUEST']._serialized_start=1485
+  _globals['_STATUSREQUEST']._serialized_end=1500
+  _globals['_STATUSREPLY']._serialized_start=1503
+  _globals['_STATUSREPLY']._serialized_end=1782
+  _globals['_DIGESTREQUEST']._serialized_start=1784
+  _globals['_DIGESTREQUEST']._serialized_end=1814
+  _globals['_DIGESTREPLY']._serialized_start=1816
+  _globals['_DIGESTREPLY']._serialized_end=1875
+  _globals['_FOLLOWREQUEST']._serialized_start=1877
+  _globals['_FOLLOWREQUEST']._serialized_end=1928
+  _globals['_PARAMETERSERVER']._serialized_start=1931
+  _globals['_PARAMETERSERVER']._serialized_end=2592
 # @@protoc_insertion_point(module_scope)

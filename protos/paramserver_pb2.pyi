@@ -42,7 +42,7 @@ class BlockInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., global_offset: _Optional[int] = ..., numel: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., version: _Optional[int] = ..., owned: _Optional[bool] = ...) -> None: ...
 
 class ManifestReply(_message.Message):
-    __slots__ = ("model_type", "manifest_json", "served_dtype", "distribution", "blocks", "first_block", "end_block", "shm_versions_path", "shm_data_path", "shm_nonce", "server_id", "config_yaml", "model_config_json", "control_port")
+    __slots__ = ("model_type", "manifest_json", "served_dtype", "distribution", "blocks", "first_block", "end_block", "shm_versions_path", "shm_data_path", "shm_nonce", "server_id", "config_yaml", "model_config_json", "control_port", "update_window")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVED_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class ManifestReply(_message.Message):
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CONTROL_PORT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_WINDOW_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     manifest_json: str
     served_dtype: str
@@ -71,7 +72,8 @@ class ManifestReply(_message.Message):
     config_yaml: str
     model_config_json: str
     control_port: int
-    def __init__(self, model_type: _Optional[str] = ..., manifest_json: _Optional[str] = ..., served_dtype: _Optional[str] = ..., distribution: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ..., shm_versions_path: _Optional[str] = ..., shm_data_path: _Optional[str] = ..., shm_nonce: _Optional[int] = ..., server_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., model_config_json: _Optional[str] = ..., control_port: _Optional[int] = ...) -> None: ...
+    update_window: int
+    def __init__(self, model_type: _Optional[str] = ..., manifest_json: _Optional[str] = ..., served_dtype: _Optional[str] = ..., distribution: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ..., shm_versions_path: _Optional[str] = ..., shm_data_path: _Optional[str] = ..., shm_nonce: _Optional[int] = ..., server_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., model_config_json: _Optional[str] = ..., control_port: _Optional[int] = ..., update_window: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("block", "version", "rank", "parts", "dtype", "resume_offset")
@@ -196,7 +198,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("versions", "applied_version", "journaled_steps", "snapshot_version", "role", "served_bytes", "first_block", "end_block", "job_id", "job_identity_json")
+    __slots__ = ("versions", "applied_version", "journaled_steps", "snapshot_version", "role", "served_bytes", "first_block", "end_block", "job_id", "job_identity_json", "materialized_version", "update_window")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOURNALED_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +209,8 @@ class StatusReply(_message.Message):
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_IDENTITY_JSON_FIELD_NUMBER: _ClassVar[int]
+    MATERIALIZED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_WINDOW_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedScalarFieldContainer[int]
     applied_version: int
     journaled_steps: int
@@ -217,7 +221,9 @@ class StatusReply(_message.Message):
     end_block: int
     job_id: str
     job_identity_json: str
-    def __init__(self, versions: _Optional[_Iterable[int]] = ..., applied_version: _Optional[int] = ..., journaled_steps: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., role: _Optional[str] = ..., served_bytes: _Optional[int] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ..., job_id: _Optional[str] = ..., job_identity_json: _Optional[str] = ...) -> None: ...
+    materialized_version: int
+    update_window: int
+    def __init__(self, versions: _Optional[_Iterable[int]] = ..., applied_version: _Optional[int] = ..., journaled_steps: _Optional[int] = ..., snapshot_version: _Optional[int] = ..., role: _Optional[str] = ..., served_bytes: _Optional[int] = ..., first_block: _Optional[int] = ..., end_block: _Optional[int] = ..., job_id: _Optional[str] = ..., job_identity_json: _Optional[str] = ..., materialized_version: _Optional[int] = ..., update_window: _Optional[int] = ...) -> None: ...
 
 class DigestRequest(_message.Message):
     __slots__ = ("block",)
@@ -236,7 +242,9 @@ class DigestReply(_message.Message):
     def __init__(self, block: _Optional[int] = ..., version: _Optional[int] = ..., xxh3: _Optional[int] = ...) -> None: ...
 
 class FollowRequest(_message.Message):
-    __slots__ = ("from_step",)
+    __slots__ = ("from_step", "to_step")
     FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    TO_STEP_FIELD_NUMBER: _ClassVar[int]
     from_step: int
-    def __init__(self, from_step: _Optional[int] = ...) -> None: ...
+    to_step: int
+    def __init__(self, from_step: _Optional[int] = ..., to_step: _Optional[int] = ...) -> None: ...

@@ -148,3 +148,59 @@ def test_unknown_or_unfetched_names_are_refused_with_what_to_run(tmp_path):
     assert r.returncode == 1 and "not fetched yet" in r.stdout
     listing = _zoctl("fetch", "--list", env=home)
     assert listing.returncode == 0 and "smollm2-135m" in listing.stdout and "not fetched" in listing.stdout
+
+
+def test_a_damaged_or_malformed_cache_is_refused_on_use_with_what_to_run(tmp_path, local_registry, preset, capsys,
+                                                                         monkeypatch):
+    """Every use verifies what it reads (kind 5): a flipped bit of the same size in a cached task or model, or a
+    malformed manifest, is one line saying `zoctl fetch NAME`, from the CLI, a job's data and the parameter server."""
+    from coordinator.cli import main
+    from distzo.config import JobConfig
+    from paramserver.state import ServerState
+
+    material, pip_args = local_registry
+    cache = str(tmp_path / "cache")
+    task = catalog.fetch(material.name, cache, pip_args, quiet=True)
+    # a model in the catalog: the tiny preset's files, cached as `zoctl fetch` caches them
+    model = dataclasses.replace(material, name="test-model", kind="model", revision="test")
+    monkeypatch.setitem(catalog.CATALOG, model.name, model)
+    mdir = Path(cache) / "material" / model.dirname
+    mdir.mkdir(parents=True)
+    for f in preset("tiny-opt").iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (mdir / f.name).write_bytes(f.read_bytes())
+    catalog._write_manifest(model, mdir)
+    (mdir / ".complete").write_text("ok\n")
+    assert catalog.resolve_model(model.name, cache) == mdir  # whole: hashed once, then stamped
+    assert (mdir / catalog.STAMP).is_file()
+
+    def flip(f: Path) -> None:
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0x10  # same size: only a hash sees it
+        f.write_bytes(bytes(raw))
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(JobConfig.from_dict({"runtime": {"cache_dir": cache}, "train": {"steps": 1, "batch_size": 4}}).to_yaml())
+    flip(mdir / "model.safetensors")
+    flip(task / "train.jsonl")
+    for argv, name in ((["reference", "--config", str(cfg), "--model", model.name], model.name),
+                       (["reference", "--config", str(cfg), "--data", material.name], material.name),
+                       (["up", "--config", str(cfg), "--model", model.name, "--run-dir", str(tmp_path / "run")], model.name)):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"run `zoctl fetch {name}`" in err and "does not match its sha256" in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything started
+    with pytest.raises(catalog.MaterialError, match=f"zoctl fetch {model.name}"):
+        ServerState(JobConfig.from_dict({"model": {"source": model.name}, "runtime": {"cache_dir": cache}}), tmp_path / "d")
+    # a malformed manifest (hand-edited, truncated, of the wrong types): the same one line
+    for bad in ("[]", '{"files": []}', '{"files": {"model.safetensors": {"size": "12", "sha256": "x"}}}',
+                '{"files": {"../../etc/passwd": {"size": 1, "sha256": "' + "0" * 64 + '"}}}', "{"):
+        (mdir / catalog.MANIFEST).write_text(bad)
+        with pytest.raises(catalog.MaterialError, match=f"MANIFEST.json is damaged: .*run `zoctl fetch {model.name}`"):
+            catalog.resolve_model(model.name, cache)
+    # and a stamp does not hide a later write: fetch repairs the task, a new write is hashed again
+    catalog.fetch(material.name, cache, pip_args, quiet=True)
+    assert catalog.resolve_task(material.name, cache)[0] == task / "train.jsonl"
+    flip(task / "dev.jsonl")
+    with pytest.raises(catalog.MaterialError, match="dev.jsonl does not match its sha256"):
+        catalog.resolve_task(material.name, cache)

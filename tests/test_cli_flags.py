@@ -104,13 +104,18 @@ def test_layout_nodes_derive_the_workers_and_a_mismatch_is_named():
         JobConfig.from_dict({"layout": {"name": "2d", "nodes": 2, "node_size": 8, "workers": 4}})
 
 
-def test_services_take_set_and_refuse_bad_values_in_one_line(tmp_path):
+def test_services_take_set_and_refuse_bad_values_in_one_line(tmp_path, capsys):
     cases = [(["paramserver", "--data-dir", str(tmp_path / "d"), "--set", "layout.nodes=zero"], "layout.nodes"),
              (["paramserver", "--data-dir", str(tmp_path / "d"), "--set", "nope"], "expected KEY.PATH=VALUE"),
              (["coordinator", "--param-server", "127.0.0.1:1", "--set", "train.lr=1"], "--set needs --config")]
     for args, needle in cases:
         r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    from paramserver.__main__ import main as paramserver_main  # a number past its protobuf field: in process (fast)
+
+    assert paramserver_main(["--data-dir", str(tmp_path / "d"), "--set", "train.steps=9223372036854775808"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.steps: Input should be less than or equal to 4611686018427387904" in err, err
     assert not (tmp_path / "d").exists()
 
 

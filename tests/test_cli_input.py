@@ -115,3 +115,34 @@ def test_status_and_control_commands_import_only_what_they_need(tmp_path):
         doc = json.loads(r.stdout.strip().splitlines()[-1])
         assert doc["rc"] == 3 and doc["heavy"] == [], (args, doc, r.stderr[-500:])
         print(args[0], f"{doc['seconds']:.2f}s")  # shown with -s; not asserted (this host is shared)
+
+
+def test_an_export_destination_is_checked_before_any_work(cache_dir, tmp_path, capsys):
+    """Kind 4 of issue 28: what the export at the end would refuse is refused before training, by `zoctl up`
+    and `zoctl reference` alike: one line, exit 2, nothing started, nothing written."""
+    import importlib.util
+
+    from coordinator.cli import main
+
+    cfg = write_config(tmp_path, cache_dir, server={"export_root": str(tmp_path / "exports")})
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "a-file").write_text("x")
+    (tmp_path / "exports" / "mine").mkdir()
+    (tmp_path / "exports" / "mine" / "notes.txt").write_text("keep")
+    cases = [([], "outside server.export_root"),  # zoctl up's default, <run dir>/model, is outside it
+             (["--out", str(tmp_path / "elsewhere")], "outside server.export_root"),
+             (["--out", str(tmp_path / "exports" / "a-file")], "is a file"),
+             (["--out", str(tmp_path / "exports" / "mine")], "holds files that are not a distzo export"),
+             (["--out", "http://example.invalid/m"], "export URL scheme 'http' is not one of"),
+             (["--out", (tmp_path / "elsewhere").as_uri()], "is outside server.export_root")]
+    if importlib.util.find_spec("s3fs") is None:
+        cases.append((["--out", "s3://bucket/m"], "export URL scheme 's3' needs a library that is not installed here"))
+    for args, needle in cases:
+        for cmd in ("up", "reference"):
+            if cmd == "reference" and not args:
+                continue  # the reference exports only with --out
+            assert main([cmd, "--config", str(cfg), "--run-dir", str(tmp_path / "run"), *args]) == 2, (cmd, args)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and needle in err, (cmd, args, err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "exports" / "mine" / "notes.txt").read_text() == "keep"

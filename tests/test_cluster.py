@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -146,6 +147,33 @@ def _safe_step(cluster: LocalCluster) -> int:
         return -1
 
 
+@pytest.mark.cluster
+def test_pause_and_resume_give_the_same_weights_also_when_the_only_worker_is_lost_while_paused(cache_dir, tmp_path,
+                                                                                                  references):
+    cfg = base_config(cache_dir)
+
+    def pause_resume(cluster: LocalCluster) -> None:
+        from protos import coordinator_pb2 as cpb
+
+        at_step(cluster, 3)
+        cluster.stub().Pause(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
+        wait_until(lambda: cluster.status().state == "paused", what="paused")
+        step = cluster.status().step
+        time.sleep(1.0)
+        assert cluster.status().step == step  # nothing moves while paused
+        ev = cluster.stub().Eval(cpb.ControlRequest(), timeout=120, metadata=cluster.creds.call_metadata())
+        assert ev.step == step and 0 <= ev.dev_accuracy <= 1
+        # the only worker is lost while paused, and the job is resumed before its replacement registers
+        # (it is restarted only once cluster.wait() supervises): the job waits for it instead of failing
+        cluster.processes["worker-0"].kill(signal.SIGKILL)
+        wait_until(lambda: [w.state for w in cluster.status().workers] == ["lost"], what="worker-0 lost")
+        cluster.stub().Resume(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
+
+    cluster, _ = run_cluster(tmp_path, cfg, pause_resume)
+    assert cluster.restarts == {"worker-0": 1}
+    assert same_weights(tmp_path / "dist", references.get(cfg).out)
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -270,3 +298,73 @@ def test_late_and_duplicate_reports_are_ignored_and_counted():
                                                                       label_tokens=2)]))
     waiter.join(timeout=10)
     assert rnd.done() and rnd.loss(("k", -1)) == (5.0, 2) and rnd.reassignments == 1 and rnd.late == 3
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_round_with_no_live_worker_waits_for_a_replacement(kind, caplog):
+    """A worker lost at any moment (paused, between steps, evaluating, mid-round) never fails the job: the
+    round waits for a replacement to register, bounded by coordinator.assignment_timeout_s."""
+    from coordinator.registry import Registry
+    from coordinator.rounds import Round, RoundFailed
+    from distzo.config import CoordinatorSection
+    from distzo.data import Batch
+    from protos import coordinator_pb2 as cpb
+    import threading
+
+    import torch
+
+    batch = Batch(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), torch.full((1, 3), -100))
+    fw = {("k", s): cpb.ForwardSpec(shard=0, sign=s, seed=1, coef=s * 1e-3) for s in ((1, -1) if kind == "train" else (0,))}
+
+    def new_round(reg, **policy) -> Round:  # noqa: ANN001
+        return Round(reg, CoordinatorSection(heartbeat_timeout_s=60, **policy), step=3, version=3, kind=kind, forwards=fw,
+                     batches={0: batch}, stopping=threading.Event())
+
+    def answer(w, rnd) -> None:  # noqa: ANN001 - the worker runs what it was sent
+        msg = w.outbox.get(timeout=30)
+        while not msg.HasField("assignment"):
+            msg = w.outbox.get(timeout=30)
+        a = msg.assignment
+        rnd.on_result(w, cpb.WorkResult(assignment_id=a.assignment_id, step=3, results=[
+            cpb.ForwardResult(spec=f, loss=1.0, loss_sum=2.0, label_tokens=2) for f in a.forwards]))
+
+    reg = Registry()
+    old = reg.register(cpb.WorkerHello(worker_id="w", node_size=1))
+    reg.heartbeat(old, ready=True)
+    reg.lose(old, "killed while the job was paused")
+    rnd = new_round(reg)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rnd.start([list(fw)])
+            rnd.wait()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(lambda: errors or "waiting for one to register" in caplog.text, what="the round to wait for a worker")
+    assert t.is_alive() and not errors, errors  # waiting, not failed
+    new = reg.register(cpb.WorkerHello(worker_id="w", node_size=1))  # the supervisor's replacement registers
+    reg.heartbeat(new, ready=True)
+    answer(new, rnd)
+    t.join(timeout=30)
+    assert not errors and rnd.done() and set(rnd.results) == set(fw), errors
+    # lost mid-round with no other worker: its forwards wait for the next one too
+    rnd = new_round(reg)
+    t = threading.Thread(target=run)
+    t.start()
+    first = new.outbox.get(timeout=30).assignment
+    assert first.assignment_id
+    reg.lose(new, "killed mid-round")
+    third = reg.register(cpb.WorkerHello(worker_id="w", node_size=1))
+    reg.heartbeat(third, ready=True)
+    answer(third, rnd)
+    t.join(timeout=30)
+    assert not errors and rnd.done(), errors
+    # but not forever: no worker within the assignment timeout fails the round, saying why
+    reg.lose(third, "gone for good")
+    rnd = new_round(reg, assignment_timeout_s=0.5)
+    with pytest.raises(RoundFailed, match=r"no live worker for 0.5s \(coordinator.assignment_timeout_s\)"):
+        rnd.start([list(fw)])

@@ -2,11 +2,14 @@
 server (each killed again while it restarts; the server with adam state to recover) keeps the reference's
 weights, run log, evaluation and optimizer state bit for bit; a service that refuses its input on restart ends
 the run; rounds that wait for an unreachable server. Mutual TLS and clients without the token are checked on the
-shared running cluster (tests/test_control.py); a run directory holding one job in tests/test_matrix.py."""
+shared running cluster (tests/test_control.py)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,10 +19,13 @@ import psutil
 import pytest
 
 from coordinator.local import LocalCluster
+from distzo.config import JobConfig
+from distzo.locks import alive
 from distzo.procs import ServiceFailed
+from distzo.runlog import read_history
 
 from clusterhelpers import wait_until
-from test_cluster import _safe_step, base_config, same_weights
+from test_cluster import _safe_step, base_config, same_weights, write_config, zoctl
 
 
 def service_pids(run_dir: Path, module: str) -> set[int]:
@@ -170,6 +176,66 @@ def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache
 
 class _Paused(Exception):
     """Ends LocalCluster.wait() once the run is paused (wait() itself returns only when the run has ended)."""
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(900)  # several runs and a reference on a busy 2-core host
+def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_path, references):
+    # update windows of 4, served bf16: the killed run's journal ends where it ends, inside a window three
+    # times in four, so the resumed server recovers mid-window and the resumed coordinator reads the open
+    # window's records
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "batch_size": 8, "eval_every": 0},
+                       server={"update_window": 4, "served_dtype": "bfloat16"})
+    run = tmp_path / "run"
+    # zoctl up killed outright (SIGKILL, the OOM killer): its services end by themselves
+    up = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--run-dir", str(run)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: len(read_history(run).steps) >= 2 and (run / "cluster.json").is_file(), timeout=300,
+                   what="2 steps logged")
+        pids = list(json.loads((run / "cluster.json").read_text())["pids"].values())
+        up.kill()
+        up.wait()
+        # a resume started at once never runs beside them: it waits for them to end, then counts the steps
+        r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--resume", "--steps", "1", timeout=300)
+        assert not [p for p in pids if alive(p)], "services outlived their zoctl up"
+    finally:
+        up.kill()
+    steps = [s["step"] for s in read_history(run).steps]
+    assert steps == list(range(len(steps))), steps  # each step once: no second cluster appended to the log
+    n = len(steps)
+    assert r.returncode == 2 and f"is at step {n} and train.steps is 1: give --steps above {n}" in r.stderr, r.stderr
+    journal = sorted((run / "server").glob("journal-*.log"))
+    before = {p: p.read_bytes() for p in journal}
+    for args, needle in ((["--seed", "1"], "train.seed is 0 there and 1 here"),
+                         (["--model", "tiny-llama"], "model.source is 'tiny-opt' there and 'tiny-llama' here"),
+                         (["--resume", "--seed", "1"], "train.seed is 0 there and 1 here"),
+                         (["--resume", "--set", "data.template={text} Overall"], "data.template is '{text} It was' there"),
+                         (["--resume", "--set", "train.max_consecutive_skips=3"], "train.max_consecutive_skips is 10 there"),
+                         (["--resume", "--set", "server.update_window=2"], "server.update_window is 4 there and 2 here"),
+                         ([], "pass --resume to continue it")):
+        r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), *args, timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") <= 1, (args, r.stderr[-2000:])
+    assert {p: p.read_bytes() for p in journal} == before  # the old run is untouched
+    # resuming is explicit, may change what does not decide the weights (threads, timeouts), and continues the
+    # same trajectory: 3 more steps equal a reference of them all
+    more = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--resume", "--steps", str(n + 3), "--out",
+                 str(tmp_path / "b"), "--set", "runtime.threads=2", "--set", "coordinator.heartbeat_timeout_s=20",
+                 "--json")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert json.loads(more.stdout)["steps"] == n + 3
+    assert [s["step"] for s in read_history(run).steps] == list(range(n + 3))
+    total = JobConfig.from_yaml(cfg).with_overrides({"train.steps": n + 3})
+    assert same_weights(tmp_path / "b", references.get(total).out)
+    # a coordinator of another job pointed at this data directory refuses to resume it
+    other = total.with_overrides({"train.seed": 5, "server.data_dir": str(run / "server")})
+    cluster = LocalCluster(other, tmp_path / "other-run")
+    try:
+        cluster.start()
+        st = cluster.wait()
+        assert st.state == "failed" and "holds the state of another job" in st.error and "train.seed" in st.error, st.error
+    finally:
+        cluster.shutdown()
 
 
 def _one_forward_round(server_timeout_s: float):

@@ -104,3 +104,50 @@ def test_plan_is_deterministic_and_layouts_cover_every_role():
         for rs in worker_roles(layout):  # dual: both signs of one (direction, shard); PertP: one sign per worker
             assert len({(r.direction, r.shard) for r in rs}) == 1
             assert sorted(r.sign for r in rs) == ([-1, 1] if layout.pertp == 1 else [rs[0].sign])
+
+
+def _numeric_fields():
+    import typing
+
+    for section, info in JobConfig.model_fields.items():
+        for field, f in info.annotation.model_fields.items():
+            kinds = [a for a in (typing.get_args(f.annotation) or (f.annotation,)) if a is not type(None)]
+            if kinds and all(a in (int, float) for a in kinds):
+                yield f"{section}.{field}", kinds[0], f
+
+
+def test_every_number_of_the_config_has_a_range_checked_before_anything_starts(tmp_path, capsys):
+    """Kind 4 of issue 28: an integer fits the protobuf field it travels in (int64 at most), a wait fits the
+    timeouts of threading and gRPC, no number is inf or nan; past the range is one line, exit 2, nothing started."""
+    from coordinator.cli import main
+    from distzo.config import MAX_WAIT_S
+    from distzo.wire_sizes import INT64_MAX
+
+    fields = list(_numeric_fields())
+    assert len(fields) > 30
+    for key, kind, f in fields:
+        section, field = key.split(".")
+        bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in f.metadata
+                  if type(m).__name__ in ("Le", "Lt", "Ge", "Gt")}
+        if kind is int:
+            top = bounds.get("Le", bounds.get("Lt", INT64_MAX + 1) - 1)
+            assert "Le" in bounds or "Lt" in bounds, f"{key} has no upper bound"
+            assert top <= INT64_MAX, key
+            with pytest.raises(ConfigError, match=f"{key}: Input should be less than"):
+                JobConfig.from_dict({section: {field: top + 1}})
+        else:
+            for bad in (float("inf"), float("nan")):
+                with pytest.raises(ConfigError, match=key):
+                    JobConfig.from_dict({section: {field: bad}})
+            if field.endswith("_s"):
+                assert bounds.get("Le", float("inf")) <= MAX_WAIT_S, f"{key}: a wait without a bound"
+        assert "Ge" in bounds or "Gt" in bounds, f"{key} has no lower bound"
+    # the same, from the command line: one line, exit 2, no run directory made
+    for setting, needle in (("train.steps=9223372036854775808", "train.steps: Input should be less than or equal"),
+                            ("layout.q=5000", "layout.q: Input should be less than or equal to 4096"),
+                            ("coordinator.heartbeat_timeout_s=1e300", "coordinator.heartbeat_timeout_s"),
+                            ("train.weight_decay=3000", "train.lr x train.weight_decay = 0.0005 x 3000.0 = 1.5 must be below 1")):
+        assert main(["up", "--set", setting, "--run-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (setting, err)
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,9 @@ from distzo.generator import Distribution
 from distzo.mezo import apply_update
 from paramserver.journal import END, Journal, JournalCorrupt, parse_record
 from paramserver.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
+from distzo.locks import DirectoryBusy
+from paramserver.__main__ import main as paramserver_main
+from paramserver.server import ParamServer
 from paramserver.state import RecoveryError
 
 from pshelpers import Servers, server_config
@@ -372,7 +375,7 @@ def test_state_files_are_private_to_the_service_user(servers, cache_dir, tmp_pat
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
 
 
-def test_a_server_refuses_the_updates_of_another_job(servers, cache_dir, tmp_path):
+def test_a_server_refuses_the_updates_of_another_job(servers, cache_dir, tmp_path, capsys):
     import json
 
     from distzo.config import JobConfig
@@ -384,10 +387,13 @@ def test_a_server_refuses_the_updates_of_another_job(servers, cache_dir, tmp_pat
     ours = job_identity(cfg)
     rs = records(2)
     c.apply_update(rs[0], job_id=job_id(ours), job_identity_json=json.dumps(ours))
-    theirs = job_identity(JobConfig.from_dict({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "seed": 7}}))
-    with pytest.raises(grpc.RpcError) as err:
-        c.apply_update(rs[1], job_id=job_id(theirs), job_identity_json=json.dumps(theirs))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "a new job needs a new data directory" in err.value.details()
+    for field, value in (("seed", 7), ("max_consecutive_skips", 3)):  # a field of the old list, one it lacked
+        theirs = job_identity(cfg.with_overrides({f"train.{field}": value}))
+        with pytest.raises(grpc.RpcError) as err:
+            c.apply_update(rs[1], job_id=job_id(theirs), job_identity_json=json.dumps(theirs))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert "a new job needs a new data directory" in err.value.details()
+        assert f"train.{field} is" in err.value.details() and f"there and {value} here" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:  # an id that is not the digest of the identity it comes with
         c.apply_update(rs[1], job_id="0" * 16, job_identity_json=json.dumps(ours))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -396,3 +402,15 @@ def test_a_server_refuses_the_updates_of_another_job(servers, cache_dir, tmp_pat
     s.stop()
     again = servers.start(cfg, tmp_path / "d")  # the claim survives a restart
     assert servers.client(again.address).status()[0].job_id == job_id(ours)
+    # one server per data directory: a second one is refused at once, in one line, exit 2, and takes nothing
+    journal = {p: p.read_bytes() for p in (tmp_path / "d").glob("journal-*.log")}
+    with pytest.raises(DirectoryBusy, match=f"in use by pid {os.getpid()}"):
+        ParamServer(cfg, tmp_path / "d")
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    code = paramserver_main(["--config", str(cfg_file), "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+                             "--metrics-port", "-1"])
+    err_text = capsys.readouterr().err
+    assert code == 2 and err_text.count("\n") == 1 and "data directory" in err_text and "is in use by pid" in err_text
+    assert {p: p.read_bytes() for p in (tmp_path / "d").glob("journal-*.log")} == journal
+    assert servers.client(again.address).status()[0].journaled_steps == 1  # the first one serves on

@@ -50,12 +50,33 @@ def test_updates_on_cuda_equal_the_cpu_bits(preset, dist):
         assert np.array_equal(buf.numpy().view(np.uint32), gpu.cpu().numpy().view(np.uint32)), spec.name
 
 
-@pytest.mark.parametrize("layout,workers,served", [("dual", 1, "float32"), ("ddp", 2, "float32"), ("pertp", 2, "float32"),
-                                                   ("dual", 1, "bfloat16")])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("served", ["float32", "bfloat16", "float16"])
+def test_the_replay_on_cuda_equals_the_cpu_bits(preset, dist, served):
+    """Update windows: the fused Triton replay + perturbation against the numba one, every block of tiny-opt."""
+    from distzo.mezo import replay_block
+    from distzo.served import to_served
+
+    specs, buffers = model_blocks(preset)
+    pending = [UpdateRecord(t, (Direction(11 + t, 0.7), Direction(40 + t, -1.3))[: 1 + t % 2], 1e-3, 0.01 * (t % 2))
+               for t in range(5)]
+    for spec, buf in zip(specs, buffers):
+        base = to_served(buf, served)
+        for coefs, dtype in (([1e-3, -1e-3], torch.float32), ([1e-3, -1e-3], torch.bfloat16), ([], None)):
+            cpu = replay_block(spec, base, pending, Distribution(dist), 1234, coefs, dtype or torch.float32)
+            gpu = replay_block(spec, base.cuda(), pending, Distribution(dist), 1234, coefs, dtype or torch.float32)
+            for a, b in zip(cpu, gpu):
+                a = a.to(dtype) if dtype is not None else a
+                assert b.device.type == "cuda" and torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8)), spec.name
+
+
+@pytest.mark.parametrize("layout,workers,served,window", [("dual", 1, "float32", 1), ("ddp", 2, "float32", 1),
+                                                          ("pertp", 2, "float32", 1), ("dual", 1, "bfloat16", 1),
+                                                          ("dual", 1, "bfloat16", 4)])
 @pytest.mark.cluster
-def test_zoctl_up_on_cuda_equals_the_reference_on_cuda_bitwise(cache_dir, tmp_path, layout, workers, served):
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 6, "batch_size": 8, "weight_decay": 0.01},
-                       runtime={"device": "cuda"}, server={"served_dtype": served})
+def test_zoctl_up_on_cuda_equals_the_reference_on_cuda_bitwise(cache_dir, tmp_path, layout, workers, served, window):
+    cfg = write_config(tmp_path, cache_dir, train={"steps": 6 if window == 1 else 12, "batch_size": 8, "weight_decay": 0.01},
+                       runtime={"device": "cuda"}, server={"served_dtype": served, "update_window": window})
     flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"]
     up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
     assert up.returncode == 0, up.stderr[-3000:]

@@ -164,9 +164,12 @@ def test_a_host_cut_off_for_10s_and_a_killed_replica_and_the_run_ends_bitwise_eq
     """Two hosts. Host 1's link goes down for 10 s (its replica and worker cut off from the coordinator and the
     primary) and comes back: it rejoins. Then host 1's replica is killed (kill -9): zoctl status shows it dead, the
     supervisor restarts it from its own snapshot + journal, it catches up. The run ends bitwise equal."""
+    # update windows of 4, served bf16: the replica follows the journal into the same slots, and the killed one
+    # recovers mid-window from its own snapshot + journal (served bf16: the base it serves decides the forwards)
     cfg = JobConfig.from_yaml(write_config(tmp_path, cache_dir, train={"steps": FAULT_STEPS, "batch_size": 6},
                                            layout={"name": "ddp", "workers": 2}, cluster={"hosts": 2},
-                                           coordinator={"heartbeat_timeout_s": 30.0}))
+                                           coordinator={"heartbeat_timeout_s": 30.0},
+                                           server={"update_window": 4, "served_dtype": "bfloat16", "snapshot_every": 3}))
     seen: dict[str, object] = {}
     threads: list[threading.Thread] = []
     killed: list[int] = []

@@ -77,8 +77,11 @@ def test_terms_follow_the_formulas_and_the_floor_is_their_max():
     assert p.terms_s["server_update"] == pytest.approx(m.params / H100.server_update_params_per_s)
     assert p.floor_s == max(p.terms_s.values())
     assert p.bottleneck == max(p.terms_s, key=p.terms_s.get)
+    # one host's DRAM: its node's DMA reads and its replica's update pass (fp32 read+write, bf16 written)
+    assert p.terms_s["host_dram"] == pytest.approx((m.params * 2 + m.params * 10) / (H100.host_dram_gbps * 1e9))
+    assert p.host_bytes_per_param_step == pytest.approx(12.0)
     assert p.floor_s <= p.step_s <= p.sum_s
-    assert p.sum_s == pytest.approx(sum(p.terms_s.values()))
+    assert p.sum_s == pytest.approx(sum(v for k, v in p.terms_s.items() if k != "host_dram"))  # the same bytes
     assert p.tokens_per_s == pytest.approx(T / p.step_s)
 
 
@@ -93,7 +96,7 @@ def test_q_directions_multiply_compute_and_server_update():
 
 
 def test_more_tokens_grow_compute_and_move_the_bottleneck_from_transfer_to_compute():
-    fast_server = on(H100, server_update_params_per_s=1e14)
+    fast_server = on(H100, server_update_params_per_s=1e14, host_dram_gbps=None)
     m = MODELS["OPT-13B"]
     small = predict(m, fast_server, LayoutSpec(), 256, seq_len=256)
     large = predict(m, fast_server, LayoutSpec(), 256 * 1024, seq_len=2048)
@@ -263,7 +266,7 @@ def test_zoctl_plan_json_has_the_prediction_and_the_recommendation():
     for key in ("terms_s", "floor_s", "step_s", "sum_s", "bottleneck", "bytes", "memory_per_gpu_bytes",
                 "memory_per_server_host_bytes", "snapshot_headroom_bytes", "fits", "tokens_per_s", "layout"):
         assert key in p, key
-    assert set(p["terms_s"]) == {"compute", "h2d", "nvlink", "network", "server_update", "control"}
+    assert set(p["terms_s"]) == {"compute", "h2d", "nvlink", "network", "server_update", "host_dram", "control"}
     assert p["bottleneck"] in p["terms_s"] and p["fits"] is True
     assert out["model"]["params"] == MODELS["OPT-13B"].params
     assert out["recommended"]["layout"]["workers"] == 1 and out["recommended"]["reason"]
@@ -341,3 +344,65 @@ def test_a_cpu_clusters_plan_speaks_of_worker_processes_not_gpus(cluster, model)
     lay = LayoutSpec(1, 1, 1)  # a layout of the wrong size: the error counts processes
     with pytest.raises(ValueError, match="has 2 workers of 1 process$"):
         predict(MODELS[model], CLUSTERS[cluster], lay, 32768)
+
+
+# ----------------------------------------------------------------------------- update windows, peers
+def test_update_windows_divide_the_server_pass_and_add_the_replay():
+    from distzo.perfmodel import mean_pending
+
+    m, T = MODELS["OPT-175B"], 2048
+    one = predict(m, H100, LayoutSpec(), T, "bfloat16")
+    for k in (2, 8, 32):
+        p = predict(m, H100, LayoutSpec(), T, "bfloat16", window=k)
+        alu = m.params / (H100.server_cores * H100.window_updates_per_s_per_core)
+        assert p.terms_s["server_update"] == pytest.approx(max(one.terms_s["server_update"] / k, alu))
+        assert p.compute_detail_s["replay"] == pytest.approx(1.5 * (k - 1) * m.params / 8 / H100.replay_params_per_s)
+        assert p.host_bytes_per_param_step == pytest.approx(2 + 10 / k)  # DMA reads of 8 sliced fetches + pass / K
+        assert p.memory_per_server_host_bytes["second_served_slot"] == pytest.approx(2 * m.params)
+        assert p.server_bytes_per_param["sgd"] == 8  # master 4, two 2-byte served slots
+    assert mean_pending(1) == 0 and mean_pending(4) == 4.5
+    assert "second_served_slot" not in one.memory_per_server_host_bytes and one.compute_detail_s["replay"] == 0
+    with pytest.raises(ValueError, match="update window 4"):
+        predict(m, H100, LayoutSpec(), T, "bfloat16", optimizer="adam", window=4)
+
+
+def test_the_plan_recommends_a_window_that_takes_the_update_off_the_critical_path():
+    m = MODELS["OPT-175B"]
+    today = recommend(m, H100, 2048, "bfloat16", 2048, window=1).prediction
+    rec = recommend(m, H100, 2048, "bfloat16", 2048)
+    assert today.bottleneck == "server_update" and today.step_s > 6.9
+    assert rec.window == 8 and rec.prediction.bottleneck == "compute" and rec.prediction.step_s <= 1.3
+    assert rec.prediction.host_bytes_per_param_step <= 3.25
+    assert recommend(m, H100, 2048, "bfloat16", 2048, optimizer="momentum").window == 1  # state is not replayed
+    # where the update does not bound the step the replay is pure cost: a CPU cluster gets K = 1
+    assert recommend(MODELS["OPT-1.3B"], CLUSTERS["cpu-local"], 512, "float32", 64).window == 1
+
+
+def test_peers_follow_their_formulas():
+    from distzo.perfpeers import predict_peers
+
+    m, T = MODELS["OPT-175B"], 2048
+    zo2, dist = predict_peers(m, H100, T, "bfloat16")
+    link = m.params * 2 / (H100.h2d_gbps * 1e9)
+    assert zo2.gpus == 1 and zo2.terms_s["upload"] == pytest.approx(link) == zo2.terms_s["write_back"]
+    assert zo2.bottleneck == "upload" and zo2.host_bytes_per_param_step == 4
+    assert zo2.step_s > link  # PCIe-bound, plus the pipeline's ends and the fixed per-step latency
+    assert dist.gpus == 8 and dist.terms_s["upload"] == pytest.approx(link / 8)
+    assert dist.terms_s["gather"] == pytest.approx(m.params * 2 * 7 / 8 / (H100.nvlink_gbps * 1e9))
+    ours = recommend(m, H100, T, "bfloat16", 2048).prediction
+    assert ours.tokens_per_s > dist.tokens_per_s > zo2.tokens_per_s
+
+
+def test_zoctl_plan_update_window_and_peers():
+    r = zoctl("plan", "--model", "OPT-175B", "--tokens-per-step", "2048", "--peers", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["recommended"]["update_window"] == 8 and out["prediction"]["window"] == 8
+    assert [p["name"] for p in out["peers"]] == ["ZO2", "DistZO2"]
+    text = zoctl("plan", "--model", "OPT-175B", "--tokens-per-step", "2048", "--update-window", "1", "--peers")
+    assert text.returncode == 0 and "server.update_window 1" in text.stdout and "ZO2" in text.stdout
+    assert "12.00 B per parameter per step" in text.stdout
+    bad = zoctl("plan", "--model", "OPT-175B", "--update-window", "0")
+    assert bad.returncode == 2 and "--update-window 0" in bad.stderr
+    stateful = zoctl("plan", "--model", "OPT-13B", "--optimizer", "adam", "--update-window", "4")
+    assert stateful.returncode == 2 and "update window 4" in stateful.stderr

@@ -51,7 +51,7 @@ def test_zoctl_plan_prefix_and_its_bad_length():
     assert r.returncode == 0, r.stderr
     assert "prefix: 4.10M trainable parameters" in r.stdout, r.stdout  # 40 layers x 10 tokens x 2 x 5120
     bad = zoctl("plan", "--model", "OPT-13B", "--target", "prefix", "--prefix-tokens", "0")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "prefix tokens 0" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--prefix-tokens must be an integer from 1" in bad.stderr
 
 
 def test_a_preset_is_planned_with_the_vocabulary_it_is_built_with(cache_dir):
@@ -134,9 +134,24 @@ def test_zoctl_plan_lora_json_and_table():
 
 
 @pytest.mark.parametrize("args,needle", [(["--lora-modules", "q_proj,nope"], "['nope']"),
-                                         (["--lora-rank", "0"], "LoRA rank 0"),
+                                         (["--lora-rank", "0"], "--lora-rank must be an integer from 1 to 4096, got 0"),
                                          (["--lora-modules", ","], "LoRA modules")])
 def test_zoctl_plan_bad_lora_settings_are_one_line_and_exit_2(args, needle):
     r = zoctl("plan", "--model", "OPT-13B", "--target", "lora", *args)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_number_a_plan_takes_is_checked_in_one_line(capsys):
+    """Kind 4 of issue 28: each numeric flag of zoctl plan, past its range, is one line and exit 2 (--q 0 was a
+    ZeroDivisionError traceback, --seq-len 0 was silently the default)."""
+    from coordinator.cli import main
+    from coordinator.plan_cli import RANGES
+
+    for dest, low, high in RANGES:
+        for value in (low - 1, high + 1):
+            flag = "--" + dest.replace("_", "-")
+            target = ["--target", "lora"] if dest == "lora_rank" else ["--target", "prefix"] if dest == "prefix_tokens" else []
+            assert main(["plan", "--model", "OPT-13B", *target, flag, str(value)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{flag} must be an integer from {low} to {high}, got {value}" in err, err

@@ -77,6 +77,7 @@ def test_the_streamed_prefix_gives_peft_s_logits_bit_for_bit(model_type):
     ("falcon", "keys have 1 head of 8: peft's prefix does not fit this family"),  # multi-query: peft lays out 4
     ("mpt", "peft cannot lay out a prefix"),
     ("openai-gpt", "takes no key/value cache"),
+    ("ergo", "logits differ from peft's"),
 ])
 def test_families_a_prefix_does_not_fit_are_refused_by_name(model_type, needle):
     config = families.tiny_config(CONFIG_MAPPING[model_type]())

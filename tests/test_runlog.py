@@ -116,3 +116,74 @@ def test_the_worker_launcher_does_not_restart_a_worker_that_refuses_its_input(tm
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.count("node group started") <= 1 and "not restarting" in r.stderr
+
+
+def test_run_directory_files_of_the_wrong_type_or_kind_are_one_line_and_exit_2(cache_dir, tmp_path, capsys):
+    """The user's run-directory files are read defensively: each command that reads one names it (kind 7)."""
+    from coordinator.cli import main
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(small_config(cache_dir).to_yaml())
+
+    def zoctl(*args: str) -> subprocess.CompletedProcess:  # in process: these fail before anything starts
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    run = tmp_path / "run"
+    log = RunLog(run)
+    log.resume(0, small_config(cache_dir))
+    _log_steps(log, range(3))
+    steps = run / "steps.jsonl"
+    good = steps.read_text()
+    for line, needle in (('{"step": 3, "loss": "low"}', "steps.jsonl:4: loss is str"),
+                         ('{"step": 3, "g": {"x": 1}}', "steps.jsonl:4: g is not a list of numbers"),
+                         ('{"step": -1}', "steps.jsonl:4: step -1 is negative")):
+        steps.write_text(good + line + "\n")
+        for cmd in (["report", str(run)], ["up", "--config", str(cfg), "--run-dir", str(run), "--resume"]):
+            r = zoctl(*cmd)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, (cmd, r.stderr)
+    steps.unlink()
+    steps.mkdir()  # the wrong kind of file
+    r = zoctl("report", str(run))
+    assert r.returncode == 2 and f"{steps} is not a regular file" in r.stderr, r.stderr
+    steps.rmdir()
+    (run / "run.json").unlink()
+    (run / "run.json").mkdir()
+    r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), "--resume")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "run.json is not a regular file" in r.stderr, r.stderr
+    (tmp_path / "file").write_text("x")
+    for cmd in (["up", "--config", str(cfg), "--run-dir", str(tmp_path / "file")],
+                ["reference", "--config", str(cfg), "--run-dir", str(tmp_path / "file")]):
+        r = zoctl(*cmd)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file: expected a directory" in r.stderr, r.stderr
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_run_directory_in_use_is_refused_by_every_writer(cache_dir, tmp_path, capsys):
+    """One writer per run directory (kind 2): while a process holds it (here a stand-in for a running `zoctl up`
+    or one of its services), `zoctl up`, `zoctl up --resume` and `zoctl reference --run-dir` are refused in one
+    line naming its pid; once it ends, the directory is free again."""
+    from coordinator.cli import main
+
+    run = tmp_path / "run"
+    RunLog(run).resume(0, small_config(cache_dir))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distzo.locks import DirLock\n"
+                               "DirLock(sys.argv[1], '.lock', 'the run directory').acquire()\nprint('held', flush=True)\n"
+                               "time.sleep(600)\n", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = tmp_path / "job.yaml"
+        cfg.write_text(small_config(cache_dir).to_yaml())
+        for argv in (["up", "--config", str(cfg), "--run-dir", str(run)],
+                     ["up", "--config", str(cfg), "--run-dir", str(run), "--resume"],
+                     ["reference", "--config", str(cfg), "--run-dir", str(run)]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"the run directory {run} is in use by pid {holder.pid}" in err, (argv, err)
+    finally:
+        holder.kill()
+        holder.wait()
+    from distzo.locks import DirLock
+
+    DirLock(run, ".lock", "the run directory").acquire().release()  # the kernel dropped it with its holder

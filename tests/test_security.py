@@ -145,6 +145,66 @@ def test_a_welcome_carries_no_secret(cache_dir):
     assert JobConfig.from_dict(__import__("yaml").safe_load(msg.job_config_yaml)).train == cfg.train  # the rest is there
 
 
+def test_no_unauthenticated_reply_carries_a_secret_or_a_path_to_one(servers, cache_dir, tmp_path):
+    """Every RPC of the parameter server and the coordinator, called without the token: neither a reply nor
+    an error names the token, the token file, the TLS material or the data directory (kind 8)."""
+    from coordinator.server import CoordinatorServer
+    from paramserver.wire import record_to_pb
+    from protos import paramserver_pb2 as pspb
+
+    private = tmp_path / "private-place"
+    private.mkdir()
+    tls = make_tls(private)
+    (private / "token").write_text(TOKEN + "\n")
+    sec = {"token_file": str(private / "token"), "tls_cert": str(tls["server"]), "tls_key": str(tls["server_key"]),
+           "tls_ca": str(tls["ca"])}
+    cfg = server_config(cache_dir, security=sec, server={"data_dir": str(private / "data")})
+    srv = servers.start(cfg, private / "data", listen="localhost:0")
+    creds = Credentials.from_config(cfg.security)
+    coord = CoordinatorServer([f"localhost:{srv.port}"], creds, listen="localhost:0").start(cfg)  # waits for workers
+    seen: list[str] = []
+
+    def call(fn, request) -> None:  # noqa: ANN001
+        try:
+            reply = fn(request, timeout=20)
+            if not hasattr(reply, "SerializeToString"):  # a stream: its first message, or its error
+                reply = next(iter(reply))
+            seen.append(reply.SerializeToString().decode("latin-1"))
+        except grpc.RpcError as exc:
+            seen.append(f"{exc.code().name}: {exc.details()}")
+        except StopIteration:
+            pass
+
+    try:
+        wait_until(lambda: coord.service.job.state == "waiting_for_workers", what="the job started")
+        ca = grpc.ssl_channel_credentials(root_certificates=tls["ca"].read_bytes())
+        with grpc.secure_channel(f"localhost:{srv.port}", ca) as ch:
+            stub = pb_grpc.ParameterServerStub(ch)
+            for name, request in (("GetManifest", pspb.ManifestRequest()), ("GetStatus", pspb.StatusRequest()),
+                                  ("WaitVersion", pspb.WaitRequest(block=0, version=0)),
+                                  ("BlockDigest", pspb.DigestRequest(block=0)),
+                                  ("ApplyUpdate", pspb.UpdateRequest(record=record_to_pb(records(1)[0]))),
+                                  ("Snapshot", pspb.SnapshotRequest()), ("Export", pspb.ExportRequest(path=str(private / "x"))),
+                                  ("Shutdown", pspb.ShutdownRequest())):
+                call(getattr(stub, name), request)
+            call(stub.FetchSlice, pspb.FetchRequest(block=0, version=0, parts=1))
+            call(stub.FollowJournal, pspb.FollowRequest(from_step=0))
+        with grpc.secure_channel(coord.address, ca) as ch:
+            cstub = cpb_grpc.CoordinatorStub(ch)
+            call(cstub.GetStatus, cpb.StatusQuery())
+            for name in ("Pause", "Resume", "Snapshot", "Eval", "Stop", "Shutdown"):
+                call(getattr(cstub, name), cpb.ControlRequest())
+            call(cstub.Export, cpb.ExportJobRequest(path=str(private / "y")))
+    finally:
+        coord.stop(grace=0.2)
+    assert len(seen) == 18 and any("tiny-opt" in text for text in seen)  # the replies came, with the public config
+    for text in seen:
+        assert TOKEN not in text and str(private) not in text, text[:3000]
+    with ParamServerClient(f"localhost:{srv.port}", Credentials(ca=tls["ca"].read_bytes())).connect() as c:
+        public = JobConfig.from_yaml_text(c.config_yaml)
+    assert public.security == type(cfg.security)() and public.server.data_dir is None and public.train == cfg.train
+
+
 # ----------------------------------------------------------------------------- absurd updates
 def test_updates_with_a_non_finite_or_absurd_step_are_refused_before_journaling(servers, cache_dir, tmp_path):
     srv = token_server(servers, cache_dir, tmp_path)

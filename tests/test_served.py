@@ -103,8 +103,8 @@ def test_the_servers_bytes_are_the_references_bytes(preset, served):
         for b in range(n):
             ref = feed.get(b)
             assert ref.dtype == getattr(torch, served)
-            assert store.served[b].nbytes == bm.manifest.blocks[b].numel * ITEMSIZE[served]
-            assert np.array_equal(store.served[b], ref.view(torch.uint8).numpy()), (r.step, b)
+            assert store.served[(0, b)].nbytes == bm.manifest.blocks[b].numel * ITEMSIZE[served]
+            assert np.array_equal(store.served[(0, b)], ref.view(torch.uint8).numpy()), (r.step, b)
             assert np.array_equal(store.master[b], buffers[b].numpy())
     assert store.version(0) == 3
 

@@ -130,3 +130,43 @@ def test_named_contexts_as_kubectl_has_them(tmp_path, home):
     assert zoctl("context", "delete", "lab", cwd=work, home=home).returncode == 0
     with pytest.raises(TargetError):
         resolve(cwd=tmp_path)
+
+
+def test_concurrent_context_edits_all_land_and_damaged_files_are_one_line(tmp_path, home, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, "-m", "coordinator.cli", "context", "set", f"c{i}", "--coordinator",
+                               f"127.0.0.1:{i + 1}"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(8)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [err for _, err in outs]
+    path = home / ".config" / "distzo" / "contexts.json"
+    assert sorted(json.loads(path.read_text())["contexts"]) == [f"c{i}" for i in range(8)]  # no write lost
+    from coordinator.cli import main
+
+    monkeypatch.chdir(work)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["contexts.json", "contexts.json.lock"]  # no temporaries
+    # a contexts file of the wrong shape, or not a file: one line naming it, exit 2, from every command reading it
+    for bad in ("[]", '{"contexts": []}', '{"contexts": {"a": 1}}', '{"contexts": {"a": {"coordinator": 5}}}',
+                '{"current": 3, "contexts": {}}', '{"contexts": {"a": {"coordinator": "h:1", "token_file": ["x"]}}}', None):
+        path.unlink()
+        if bad is None:
+            path.mkdir()
+        else:
+            path.write_text(bad)
+        for cmd in (["context", "list"], ["context", "set", "x", "--coordinator", "h:1"], ["status"]):
+            assert main(cmd) == 2, (bad, cmd)  # in process (fast): these fail before any network
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{path} (zoctl's named contexts) is damaged" in err, (bad, cmd, err)
+        if bad is None:
+            path.rmdir()
+    # a cluster record of the wrong shape: named, exit 2 (not "unreachable")
+    for info in ([], {"coordinator": "127.0.0.1:1", "pids": [1]}, {"coordinator": "127.0.0.1:1", "token_file": 7}):
+        run = work / "runs" / "r"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / targets.CLUSTER_FILE).write_text(json.dumps(info))
+        assert main(["status", "--run-dir", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{run / targets.CLUSTER_FILE} is damaged" in err, err

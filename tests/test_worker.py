@@ -132,11 +132,24 @@ def test_faults_are_reported_and_the_worker_stays_ready(harness, cache_dir, devi
     h.wait_registered(["w"])
     # a version the server never reaches
     far = h.train_assignment(0, [(0, 0, 1)])
-    far.version = 7
+    far.step = far.version = 7
     far.deadline_s = 1.0
     h.send("w", far)
     _, r = h.result()
     assert r.error_kind == "version_timeout" and "version 7" in r.error, r.error
+    # update windows: a base newer than its step, and pending records that are not the ones after the base
+    ahead = h.train_assignment(0, [(0, 0, 1)])
+    ahead.version = 2
+    h.send("w", ahead)
+    _, r = h.result()
+    assert r.error_kind == "bad_input" and "base version 2" in r.error, r.error
+    gap = h.train_assignment(0, [(0, 0, 1)])
+    gap.step = 3
+    gap.pending.add(step=0, lr=1e-3, directions=[{"seed": 1, "g": 0.5}])
+    gap.pending.add(step=2, lr=1e-3, directions=[{"seed": 2, "g": 0.5}])
+    h.send("w", gap)
+    _, r = h.result()
+    assert r.error_kind == "bad_input" and "records of steps 0..2" in r.error, r.error
     # a shard with no label tokens
     bad = h.train_assignment(0, [(0, 0, 1)])
     labels = bytearray(bad.batches[0].labels)
