@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from distzo.config import JobConfig
-
-SERVER_KEYS = ("served_dtype",)  # the only server setting the weights depend on
-
+from distzo.durable import job_identity
 
 def reference_key(cfg: JobConfig) -> str:
     raw = cfg.model_dump(mode="json")
     for section in ("security", "coordinator", "cluster"):
         raw.pop(section, None)
-    raw["server"] = {k: raw["server"][k] for k in SERVER_KEYS}
+    # of the server's settings, those the weights depend on (the job identity's: served dtype, update window, ...)
+    raw["server"] = {k: v for k, v in job_identity(cfg).items() if k.startswith("server.")}
     return json.dumps(raw, sort_keys=True)
 
 

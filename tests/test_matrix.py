@@ -6,15 +6,15 @@ runs cover every layout (dual, pertp, ddp, 2d, q = 2), optimizer (sgd, momentum,
 lora with and without --merge, prefix), objective (loss, accuracy, f1), distribution (rademacher,
 gaussian) and served dtype (float32, bfloat16, float16) at least once, several block-layout kinds of
 model family (tiny-opt, bloom, gemma2; tests/test_families.py runs the distributed path of every kind
-in process), and the interactions that broke before: PertP with an adapter (prefix under 2d), DDP with
-the accuracy and f1 objectives, q = 2 with LoRA. Every run checks the same things: the exported bits,
+in process), update windows (K = 2 with a prefix under PertP, K = 4 with 2d in node groups and with q = 2, bf16
+and fp32 served), and the interactions that broke before: PertP with an adapter, DDP with the accuracy and f1
+objectives, q = 2 with LoRA. Every run checks the same things: the exported bits,
 the summary (every key of the reference's, the same figures), the run log (every step's losses, g and
 lr, every evaluation), and that nothing is left running. tests/README.md has the table of which run
 took over which of the earlier one-config tests.
 
-The run with a new user's defaults (own HOME), which also checks run-directory ownership and --resume,
-is test_zoctl_up_defaults_and_the_run_directory in this file; the real model's run is in
-tests/test_real_model.py; the runs with faults are in tests/test_cluster_faults.py.
+The run with a new user's defaults (own HOME) is test_zoctl_up_with_a_new_users_defaults in this file; the real
+model's run is in tests/test_real_model.py; the runs with faults are in tests/test_cluster_faults.py.
 """
 
 from __future__ import annotations
@@ -78,19 +78,32 @@ class Case:
     family: str | None = None  # a tiny random model of this transformers family; None: the tiny-opt preset
     merge: bool = False
     steps: int = 4
+    window: int = 1  # server.update_window K
+    node_size: int = 1
+    server: dict = field(default_factory=dict)  # more server settings (snapshot_every)
 
     def flags(self, tmp_path: Path, cache_dir: str, family_dir) -> list[str]:  # noqa: ANN001
         cfg = write_config(tmp_path, cache_dir, train={"steps": self.steps, "batch_size": 8, **self.train},
-                           server={"served_dtype": self.served}, data={"dev_examples": 16})
+                           server={"served_dtype": self.served, "update_window": self.window, **self.server},
+                           layout={"name": self.layout, "workers": self.workers, "q": self.q, "node_size": self.node_size},
+                           data={"dev_examples": 16})
         flags = ["--config", str(cfg), "--layout", self.layout, "--workers", str(self.workers), "--q", str(self.q)]
         if self.family:
             flags += ["--model", str(family_dir(self.family))]
         return flags + (["--merge"] if self.merge else [])
 
 
+# update windows of 4 over 13 steps: bases 0, 4 and 8 are read (steps 7 and 11 read 4 and 8), the evaluations
+# after 5, 10 and 13 steps replay 5, 6 and 5 records, the export's version 13 is the master (12) plus one pending
+# record, and snapshots every 3 steps land inside windows (their pending records replayed)
+WINDOWED = {"steps": 13, "window": 4, "server": {"snapshot_every": 3}}
+WINDOWED_TRAIN = {"weight_decay": 0.01, "eval_every": 5}
+
 CASES = {
-    # PertP with an adapter (one sign per worker, the frozen base kept by each worker), the bfloat16 served copy
-    "pertp-prefix-bf16": Case("pertp", 2, train={**ADAPTER, "target": "prefix"}, served="bfloat16"),
+    # PertP with an adapter (one sign per worker, the frozen base kept by each worker), the bfloat16 served copy,
+    # update windows of 2 (step 3 and the final eval read base 2 from the second slot, which a frozen block shares
+    # with the first)
+    "pertp-prefix-window2-bf16": Case("pertp", 2, train={**ADAPTER, "target": "prefix"}, served="bfloat16", window=2),
     # 2d = PertP x DDP with the f1 objective over data shards, momentum state, float16 serving, on a family whose
     # embedding block holds a layer norm (bloom)
     "2d-momentum-f1-fp16-bloom": Case("2d", 4, train={"optimizer": "momentum", "objective": "f1", "eps": 1e-2,
@@ -104,6 +117,11 @@ CASES = {
                                                          "distribution": "gaussian", "weight_decay": 0.01}),
     # LoRA over data shards with momentum, exported merged into the base (a plain model)
     "ddp-lora-momentum-merge": Case("ddp", 2, train={**ADAPTER, "target": "lora", "optimizer": "momentum"}, merge=True),
+    # update windows of 4 (above) with 2d in two node groups of 2 (each member rebuilds its slice at the step's
+    # version before the gather), bfloat16 served (the forwards read the rounded base)
+    "2d-nodegroups-window4-bf16": Case("2d", 4, node_size=2, served="bfloat16", train=WINDOWED_TRAIN, **WINDOWED),
+    # update windows of 4 with q = 2 directions (records of two directions replayed), float32 served
+    "q2-window4-f32": Case("dual", 2, q=2, train=WINDOWED_TRAIN, **WINDOWED),
 }
 
 
@@ -115,8 +133,8 @@ def test_up_equals_the_reference_bitwise(cache_dir, tmp_path, references, family
     same = same_adapter if target != "full" and not case.merge else same_weights
     summary, ref = check_up_equals_reference(tmp_path, references, flags, same)
     cfg = ref.cfg
-    assert (cfg.layout.name, cfg.layout.q, cfg.train.target, cfg.server.served_dtype) == \
-        (case.layout, case.q, target, case.served)  # the flags meant what the case says
+    assert (cfg.layout.name, cfg.layout.q, cfg.train.target, cfg.server.served_dtype, cfg.server.update_window,
+            cfg.layout.node_size) == (case.layout, case.q, target, case.served, case.window, case.node_size)
     steps = read_history(ref.run_dir).steps
     if cfg.train.optimizer != "sgd":  # the optimizer changed the trajectory: sgd's weights differ
         sgd = references.get(cfg.with_overrides({"train.optimizer": "sgd"}))
@@ -134,14 +152,16 @@ def test_up_equals_the_reference_bitwise(cache_dir, tmp_path, references, family
     if target != "full" and not case.merge:
         assert json.loads((tmp_path / "dist" / "adapter_config.json").read_text())["peft_type"] == \
             {"lora": "LORA", "prefix": "PREFIX_TUNING"}[target]
+    if case.window == WINDOWED["window"]:  # every evaluation replays the records after its base
+        assert [e["step"] for e in summary["eval_history"]] == [0, 5, 10, 13]
 
 
 def test_the_cases_cover_the_matrix():
     """Every value of every axis appears in some run, and so do the interactions that broke before."""
     runs = [(c.layout if c.q == 1 else f"q{c.q}", c.train.get("optimizer", "sgd"), c.train.get("target", "full"),
-             c.train.get("objective", "loss"), c.train.get("distribution", "rademacher"), c.served, c.merge)
-            for c in CASES.values()]
-    runs.append(("dual", "sgd", "full", "loss", "rademacher", "float32", False))  # test_zoctl_up_defaults_and_the_run_directory
+             c.train.get("objective", "loss"), c.train.get("distribution", "rademacher"), c.served, c.merge, c.window,
+             c.node_size) for c in CASES.values()]
+    runs.append(("dual", "sgd", "full", "loss", "rademacher", "float32", False, 1, 1))  # test_zoctl_up_with_a_new_users_defaults
     axes = list(zip(*runs))
     assert {"dual", "pertp", "ddp", "2d", "q2"} <= set(axes[0])
     assert set(axes[1]) == {"sgd", "momentum", "adam"}
@@ -154,12 +174,16 @@ def test_the_cases_cover_the_matrix():
     assert any(r[0] in pertp_like and r[2] != "full" for r in runs)  # PertP x an adapter
     assert {r[3] for r in runs if r[0] in ddp_like} >= {"accuracy", "f1"}  # DDP x accuracy, f1
     assert any(r[0] == "q2" and r[2] == "lora" for r in runs)  # q = 2 x LoRA
+    # update windows: with both served copies, node groups, q = 2 and an adapter (frozen blocks in the slots)
+    windowed = [r for r in runs if r[7] > 1]
+    assert {r[5] for r in windowed} >= {"float32", "bfloat16"} and any(r[8] > 1 for r in windowed)
+    assert any(r[0] == "q2" for r in windowed) and any(r[2] != "full" for r in windowed)
+    assert {r[0] for r in windowed} & pertp_like and {r[0] for r in windowed} & ddp_like
 
 
-def test_zoctl_up_defaults_and_the_run_directory(tmp_path, references):
-    """`zoctl up` as a new user runs it (own HOME, shipped preset and data, defaults), equal to the reference;
-    then its run directory holds that one job: another job there is refused, continuing it needs --resume,
-    and resuming continues the same trajectory."""
+def test_zoctl_up_with_a_new_users_defaults(tmp_path, references):
+    """`zoctl up` as a new user runs it (own HOME, shipped preset and data, defaults), equal to the reference.
+    (A run directory holding one job, and --resume: tests/test_cluster_faults.py.)"""
     home = tmp_path / "home"
     env = {"HOME": str(home)}
     run = tmp_path / "run"
@@ -186,33 +210,3 @@ def test_zoctl_up_defaults_and_the_run_directory(tmp_path, references):
     for key in SUMMARY_KEYS:
         assert s[key] == ref.summary[key], key
     same_run_log(run, ref.run_dir)
-
-    # the run directory holds one job, and resuming is explicit
-    journal = sorted((run / "server").glob("journal-*.log"))
-    before = {p: p.read_bytes() for p in journal}
-    for args, needle in ((["--seed", "1"], "train.seed is 0 there and 1 here"),
-                         (["--model", "tiny-llama"], "model.source is 'tiny-opt' there and 'tiny-llama' here"),
-                         (["--resume", "--seed", "1"], "train.seed is 0 there and 1 here"),
-                         ([], "pass --resume to continue it"),
-                         (["--resume", "--steps", "2"], "is at step 5 and train.steps is 2: give --steps above 5")):
-        r = zoctl("up", "--run-dir", str(run), *args, env=env, timeout=300)
-        assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") <= 1, (args, r.stderr[-2000:])
-    assert {p: p.read_bytes() for p in journal} == before  # the old run is untouched
-    # resuming continues the same trajectory: 3 more steps equal an 8-step reference
-    more = zoctl("up", "--run-dir", str(run), "--resume", "--steps", "8", "--out", str(tmp_path / "b"), "--json", env=env)
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert json.loads(more.stdout)["steps"] == 8
-    eight = references.get(defaults.with_overrides({"train.steps": 8}))
-    assert same_weights(tmp_path / "b", eight.out)
-    assert [r["step"] for r in read_history(run).steps] == list(range(8))  # the run log continued, whole
-    # a coordinator of another job pointed at this data directory refuses to resume it
-    from coordinator.local import LocalCluster
-
-    other = defaults.with_overrides({"train.seed": 5, "server.data_dir": str(run / "server")})
-    cluster = LocalCluster(other, tmp_path / "other-run")
-    try:
-        cluster.start()
-        st = cluster.wait()
-        assert st.state == "failed" and "holds the state of another job" in st.error and "train.seed" in st.error, st.error
-    finally:
-        cluster.shutdown()
