@@ -1,4 +1,10 @@
-"""Shared fixtures: presets built once per session into a temporary cache, quiet logs."""
+"""Shared fixtures: presets built once per session into a temporary cache, the in-process reference computed
+once per job config (tests/references.py), tiny models of a family, quiet logs.
+
+Markers (pyproject.toml): ``cluster`` starts service processes (zoctl up, a local cluster), ``hosts`` simulated
+hosts (network namespaces, root), ``gpu`` needs a CUDA device. ``pytest -q`` runs everything; a tier while
+working: ``pytest -m "not cluster and not hosts"`` (about the unit tests), ``pytest -m cluster``.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ quiet_transformers()
 torch.set_num_threads(1)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine, bench/RESULTS.md)"))])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine, bench/RESULTS.md)")])])
 def device(request: pytest.FixtureRequest) -> str:
     """The worker tests run on both: CPU everywhere, CUDA where a GPU is visible."""
     return request.param
@@ -38,6 +44,46 @@ def preset(cache_dir: str):
         return preset_dir(name, cache_dir)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory: pytest.TempPathFactory):
+    """``references.get(cfg)`` / ``references.for_flags(flags)``: the reference of a job config, trained once."""
+    from references import References
+
+    return References(tmp_path_factory.mktemp("references"))
+
+
+@pytest.fixture(scope="session")
+def family_dir(preset, tmp_path_factory: pytest.TempPathFactory):
+    """``family_dir("bloom")``: a tiny random model of the family beside the presets' tokenizer, built once."""
+    built: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("families")
+
+    def get(model_type: str, **options) -> Path:
+        key = (model_type, tuple(sorted(options.items())))
+        if key not in built:
+            built[key] = tiny_family_dir(root / f"{model_type}-{len(built)}", preset("tiny-opt"), model_type, **options)
+        return built[key]
+
+    return get
+
+
+def tiny_family_dir(out: Path, tokenizer_dir: Path, model_type: str, **options) -> Path:
+    """A tiny random model of the family (distzo.families.tiny_config) saved beside the presets' tokenizer
+    (its ids: pad 0, bos 1, eos 2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from distzo import families
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = families.tiny_config(CONFIG_MAPPING[model_type](pad_token_id=0, bos_token_id=1, eos_token_id=2, **options),
+                               vocab_size=len(tok))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
 
 
 def make_model_dir(out: Path, family: str, tokenizer_dir: Path, **sizes: int) -> Path:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # stands in for ZO2's test/mezo_sgd/hf_opt/test_speed.py: the same flags, the same step lines
@@ -25,6 +27,7 @@ for i in range(a.max_steps):
 '''
 
 
+@pytest.mark.cluster
 def test_bench_gpu_cpu_smoke_runs_every_side_and_prints_the_table_last(tmp_path):
     zo2 = tmp_path / "zo2"
     script = zo2 / "test" / "mezo_sgd" / "hf_opt" / "test_speed.py"

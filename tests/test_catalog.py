@@ -136,10 +136,12 @@ def test_unknown_or_unfetched_names_are_refused_with_what_to_run(tmp_path):
     r = _zoctl("fetch", "no-such-model")
     assert r.returncode == 2 and "unknown model or task 'no-such-model'" in r.stderr
     home = {"HOME": str(tmp_path / "home")}  # a new user's empty cache
-    r = _zoctl("reference", "--model", "smollm2-135m", "--steps", "1", env=home)
+    from test_cluster import zoctl_here  # zoctl's main() in this process (the fetch commands above and below: the process)
+
+    r = zoctl_here("reference", "--model", "smollm2-135m", "--steps", "1", env=home)
     assert r.returncode == 2 and "run `zoctl fetch smollm2-135m` once" in r.stderr, r.stderr
     assert r.stderr.count("\n") <= 2
-    r = _zoctl("up", "--data", "rotten-tomatoes", "--steps", "1", "--run-dir", str(tmp_path / "run"), env=home)
+    r = zoctl_here("up", "--data", "rotten-tomatoes", "--steps", "1", "--run-dir", str(tmp_path / "run"), env=home)
     assert r.returncode == 2 and "task 'rotten-tomatoes' is not fetched yet" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
     r = _zoctl("fetch", "--check", "rotten-tomatoes", env=home)

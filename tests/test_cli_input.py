@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cluster import write_config, zoctl
+from test_cluster import write_config, zoctl, zoctl_here
 
 NOT_UTF8 = b"train:\n  steps: 3\n  # caf\xe9 \xff\n"
 
@@ -50,8 +50,8 @@ def test_non_utf8_config_and_data_files(cache_dir, tmp_path):
     logdir.mkdir()
     (logdir / "steps.jsonl").write_bytes(b'{"step": 0, "loss": 1.0}\n\xff\n')
     cases.append((["report", str(logdir)], "steps.jsonl is not UTF-8 text"))
-    for args, needle in cases:
-        r = zoctl(*args, timeout=300)
+    for i, (args, needle) in enumerate(cases):  # the first through the process, the rest through its main() here
+        r = zoctl(*args, timeout=300) if i == 0 else zoctl_here(*args)
         one_clean_line(r)
         assert needle in r.stderr, (args, r.stderr)
     assert not run.exists()  # nothing started
@@ -63,9 +63,9 @@ def test_a_truncated_checkpoint_is_refused_before_anything_starts(cache_dir, pre
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     cfg = write_config(tmp_path, cache_dir)
-    for cmd in ("up", "reference"):
+    for cmd in ("up", "reference"):  # up through the process, reference through its main() here
         extra = ["--run-dir", str(tmp_path / "run")] if cmd == "up" else []
-        r = zoctl(cmd, "--config", str(cfg), "--model", str(model), *extra, timeout=300)
+        r = (zoctl if cmd == "up" else zoctl_here)(cmd, "--config", str(cfg), "--model", str(model), *extra)
         one_clean_line(r)
         assert f"model weights '{weights}' cannot be read" in r.stderr and "truncated or damaged" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,8 @@
-"""The coordinator and zoctl up: exactness for every layout, job control, faults, bad input."""
+"""zoctl up's helpers for the cluster tests, and what zoctl up refuses before it starts anything; rounds.
+
+The bitwise runs (every layout, optimizer, target, objective, distribution, served dtype) are in
+tests/test_matrix.py, job control of a running cluster in tests/test_control.py, faults in
+tests/test_cluster_faults.py (tests/README.md: where each earlier test went)."""
 
 from __future__ import annotations
 
@@ -35,6 +39,44 @@ def zoctl(*args: str, timeout: float = 600, env: dict | None = None) -> subproce
                           env={**os.environ, **(env or {})})
 
 
+def zoctl_here(*args: str, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """zoctl's ``main`` in this process, its exit code and output as ``zoctl()`` returns them (no interpreter start,
+    torch already imported: for the many refusals; every command keeps a subprocess check of its own).
+
+    Restores what ``main`` changes in the process: the root logger's handlers, the SIGTERM handler, ``env``.
+    ``timeout``: accepted for ``zoctl``'s signature (pytest-timeout bounds the test)."""
+    import contextlib
+    import io
+    import logging
+    import signal
+
+    from coordinator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level, sigterm = root.handlers[:], root.level, signal.getsignal(signal.SIGTERM)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    try:
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["zoctl", *args], code, out.getvalue(), err.getvalue())
+
+
 def same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return sorted(x) == sorted(y) and all(np.array_equal(x[k].view(np.uint32), y[k].view(np.uint32)) for k in x)
@@ -61,22 +103,6 @@ def our_processes(run_dir: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
-
-
-@pytest.mark.parametrize("layout,workers,q", [("dual", 1, 1), ("pertp", 2, 1), ("ddp", 2, 1), ("2d", 4, 1), ("dual", 2, 2)])
-def test_distributed_run_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers, q):
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 6, "batch_size": 8, "weight_decay": 0.01})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--q", str(q), "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    assert same_weights(tmp_path / "dist", tmp_path / "ref")
-    assert set(b) - {"mode"} <= set(a)  # the same summary keys as the reference
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "steps", "train_tokens"):
-        assert a[key] == b[key], key
-    assert not our_processes(tmp_path / "run")  # nothing left running
 
 
 def run_cluster(tmp_path: Path, cfg: JobConfig, during=None) -> tuple[LocalCluster, object]:  # noqa: ANN001
@@ -121,7 +147,9 @@ def _safe_step(cluster: LocalCluster) -> int:
         return -1
 
 
-def test_pause_and_resume_give_the_same_weights(cache_dir, tmp_path):
+@pytest.mark.cluster
+def test_pause_and_resume_give_the_same_weights_also_when_the_only_worker_is_lost_while_paused(cache_dir, tmp_path,
+                                                                                                  references):
     cfg = base_config(cache_dir)
 
     def pause_resume(cluster: LocalCluster) -> None:
@@ -143,120 +171,7 @@ def test_pause_and_resume_give_the_same_weights(cache_dir, tmp_path):
 
     cluster, _ = run_cluster(tmp_path, cfg, pause_resume)
     assert cluster.restarts == {"worker-0": 1}
-    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
-
-
-@pytest.mark.parametrize("victim", ["worker-1", "coordinator", "paramserver"])
-def test_a_killed_process_is_replaced_and_the_weights_do_not_change(cache_dir, tmp_path, victim):
-    cfg = base_config(cache_dir, layout={"name": "ddp", "workers": 2})
-
-    def kill(cluster: LocalCluster) -> None:
-        at_step(cluster, 4)
-        cluster.processes[victim].kill(signal.SIGKILL)
-
-    cluster, st = run_cluster(tmp_path, cfg, kill)
-    assert cluster.restarts == {victim: 1}
-    if victim == "coordinator":
-        assert st.resumed_from >= 4  # picked up from the parameter server's journal
-    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
-    # the run log covers the whole run, before and after the restart, with the reference's numbers
-    from distzo.runlog import read_history
-
-    dist, ref = read_history(tmp_path / "run"), read_history(tmp_path / "ref-run")
-    assert [r["step"] for r in dist.steps] == list(range(cfg.train.steps))
-    assert [(r["loss"], r["g"], r["lr"]) for r in dist.steps] == [(r["loss"], r["g"], r["lr"]) for r in ref.steps]
-    assert [e["step"] for e in dist.evals] == [0, cfg.train.steps]
-    assert [e["dev_accuracy"] for e in dist.evals] == [e["dev_accuracy"] for e in ref.evals]
-
-
-def test_zoctl_up_with_defaults_short_variant(tmp_path):
-    """`zoctl up` as a new user runs it (own HOME, shipped preset and data), just fewer steps."""
-    env = {"HOME": str(tmp_path / "home")}
-    r = zoctl("up", "--steps", "5", "--json", "--run-dir", str(tmp_path / "run"), env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads(r.stdout)
-    assert s["steps"] == 5 and s["mode"] == "distributed" and s["tokens_per_second"] > 0
-    assert (Path(s["out_dir"]) / "model.safetensors").is_file()
-    assert "training" in r.stderr or "step" in r.stderr  # progress was shown
-    assert not our_processes(tmp_path / "run")
-    # the end of a run: the starting and final loss, every evaluation, where the logs and the plot are
-    assert s["state"] == "done" and np.isfinite(s["start_loss"]) and np.isfinite(s["final_loss"])
-    assert [e["step"] for e in s["eval_history"]] == [0, 5]
-    assert s["eval_history"][-1]["dev_accuracy"] == s["dev_accuracy"]
-    assert all(Path(s[k]).is_file() for k in ("step_log", "eval_log", "report"))
-    assert "1 worker)" in r.stderr, r.stderr  # counted, not "1 workers"
-    assert (tmp_path / "run" / "logs" / "coordinator.log").is_file()
-    logs = "".join(f.read_text() for f in (tmp_path / "run" / "logs").glob("*.log"))
-    assert "worker lost" not in logs, logs  # a normal shutdown is not a lost worker (a warning, logged by default)
-
-
-def test_zoctl_up_stopped_by_zoctl_stop_exports_and_reports_what_it_trained(cache_dir, tmp_path):
-    run = tmp_path / "run"
-    # ends only by `zoctl stop`; its two workers are one node group, formed through a rendezvous file (no port race)
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "eval_every": 0},
-                       layout={"name": "ddp", "workers": 2, "node_size": 2})
-    up = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--run-dir", str(run),
-                           "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: (run / "steps.jsonl").is_file() and len((run / "steps.jsonl").read_text().splitlines()) >= 3,
-                   timeout=300, what="3 steps logged")
-        # the node group formed through its file in the run directory (torch removes it when the group ends cleanly)
-        assert [f.name.startswith("node-0-") for f in (run / "rendezvous").iterdir()] == [True]
-        stop = zoctl("stop", "--run-dir", str(run))
-        assert stop.returncode == 0, stop.stderr
-        out, err = up.communicate(timeout=300)
-    finally:
-        up.kill()
-    assert up.returncode == 0, err[-3000:]
-    s = json.loads(out)
-    assert s["state"] == "stopped" and 3 <= s["steps"] < 100_000
-    assert f"training stopped at step {s['steps']} of 100000" in err
-    assert [e["step"] for e in s["eval_history"]] == [0]  # stopped: no final evaluation ...
-    assert s["dev_accuracy"] is None and s["dev_loss"] is None  # ... so no dev figures, not step 0's passed off as final
-    assert (Path(s["out_dir"]) / "model.safetensors").is_file() and Path(s["report"]).is_file()
-    card = (Path(s["out_dir"]) / "README.md").read_text()  # the model card: no step-0 figures as the end result
-    assert "| dev loss at the end | n/a |" in card and "| dev accuracy at the end | n/a |" in card, card
-    assert all(f.name.startswith("node-0-") for f in (run / "rendezvous").iterdir())  # no other rendezvous
-    gone = zoctl("status", "--run-dir", str(run))  # the hint names commands that work on a run that has ended
-    assert gone.returncode == 3 and f"`zoctl report {run}`" in gone.stderr and "--resume" in gone.stderr, gone.stderr
-
-
-def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
-    cfg = base_config(cache_dir, steps=100_000)  # never ends by itself, however slow the zoctl calls are: stopped below
-    cluster = LocalCluster(cfg, tmp_path / "run")
-    try:
-        cluster.start()
-        at_step(cluster, 2)
-        target = ["--coordinator", cluster.coordinator_address, "--token-file", str(cluster.cfg.security.token_file)]
-        st = zoctl("status", "--json", "--run-dir", str(tmp_path / "run"))  # found by its run directory, token included
-        assert st.returncode == 0, st.stderr
-        assert f"zoctl: coordinator {cluster.coordinator_address} (the local cluster of {tmp_path / 'run'})" in st.stderr
-        doc = json.loads(st.stdout)
-        worker_port = cluster.metrics_endpoints()["worker-0"].rsplit(":", 1)[1].split("/")[0]
-        probe = subprocess.run([sys.executable, "-m", "gpuworker.probe", "--port", worker_port], capture_output=True, text=True)
-        assert probe.returncode == 0, probe.stderr  # the pod's readiness probe: worker 0 has its session and job
-        assert doc["state"] in ("running", "paused") and doc["workers"][0]["pid"] == cluster.processes["worker-0"].pid
-        assert isinstance(doc["step"], int) and isinstance(doc["total_steps"], int)  # int64 as numbers, not text
-        assert zoctl("pause", *target).returncode == 0
-        wait_until(lambda: cluster.status().state == "paused", what="paused")
-        snap = zoctl("snapshot", *target)
-        assert snap.returncode == 0 and "snapshot at version" in snap.stdout
-        exp = zoctl("export", str(tmp_path / "mid"), *target)
-        assert exp.returncode == 0 and (tmp_path / "mid" / "config.json").is_file()
-        card = (tmp_path / "mid" / "README.md").read_text()  # the model card, from the coordinator's job
-        assert "Fine-tuned by distzo (distributed) with MeZO-SGD from **tiny-opt**" in card, card
-        assert "| dev accuracy before training (step 0) | 0." in card and "| batch size | 8 |" in card, card
-        no_token = zoctl("pause", "--coordinator", cluster.coordinator_address)
-        assert no_token.returncode == 2 and "bearer token" in no_token.stderr
-        assert zoctl("stop", *target).returncode == 0
-        assert cluster.status().state == "stopped"
-    finally:
-        cluster.shutdown()
-    gone = zoctl("status", "--coordinator", cluster.coordinator_address)
-    assert gone.returncode == 3 and "cannot reach the coordinator" in gone.stderr
-    assert not (tmp_path / "run" / "cluster.json").exists()  # a stopped cluster is no longer announced
-    gone = zoctl("status", "--run-dir", str(tmp_path / "run"))
-    assert gone.returncode == 3 and "no local cluster is running in" in gone.stderr, gone.stderr
+    assert same_weights(tmp_path / "dist", references.get(cfg).out)
 
 
 @pytest.mark.parametrize(
@@ -272,7 +187,8 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
 )
 def test_zoctl_up_bad_input_starts_nothing(cache_dir, tmp_path, args, needle):
     cfg = write_config(tmp_path, cache_dir)
-    r = zoctl("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), *args, timeout=120)
+    call = zoctl if args == ["--model", "/nonexistent/model"] else zoctl_here  # one through the process, the rest main()
+    r = call("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), *args)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert r.stderr.count("\n") <= 2  # one clear message, no traceback
     assert not (tmp_path / "run").exists()
@@ -288,7 +204,7 @@ def test_zoctl_up_on_gpus_this_machine_does_not_have_is_refused(cache_dir, tmp_p
         cfg = write_config(tmp_path, cache_dir, runtime={"device": "cuda"},
                            layout={"name": "ddp", "workers": 4 * gpus, "node_size": 2 * gpus})
         needle = "needs one GPU per rank"
-    r = zoctl("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), timeout=120)
+    r = zoctl_here("up", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert r.stderr.count("\n") <= 2
     assert not (tmp_path / "run").exists()
@@ -300,7 +216,7 @@ def test_zoctl_up_refuses_a_model_that_is_not_a_causal_lm(cache_dir, tmp_path):
     BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=32).save_pretrained(tmp_path / "bert")
     cfg = write_config(tmp_path, cache_dir)
-    r = zoctl("up", "--config", str(cfg), "--model", str(tmp_path / "bert"), "--run-dir", str(tmp_path / "run"), timeout=120)
+    r = zoctl_here("up", "--config", str(cfg), "--model", str(tmp_path / "bert"), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and "not a decoder-only causal LM" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -309,12 +225,32 @@ def test_zoctl_up_bad_data_and_bad_config_files(cache_dir, tmp_path):
     cfg = write_config(tmp_path, cache_dir)
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "fine", "label": 1}\n{"text": "broken", "label"\n')
-    r = zoctl("up", "--config", str(cfg), "--data", str(data), "--run-dir", str(tmp_path / "run"), timeout=120)
+    r = zoctl_here("up", "--config", str(cfg), "--data", str(data), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and f"{data}:2: not valid JSON" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1, 2\n")
     r = zoctl("up", "--config", str(bad), timeout=60)
     assert r.returncode == 2 and "not valid YAML" in r.stderr
+
+
+@pytest.mark.parametrize("layout,workers,q", [("pertp", 2, 1), ("2d", 4, 1), ("pertp", 4, 2)])
+def test_pertp_sends_each_sign_of_a_shard_to_its_own_worker(layout, workers, q):
+    """The coordinator's round: with PertP, worker 2k computes l+ and worker 2k+1 l- of the same direction and
+    shard, one forward each (the results would be the same if one worker did both: only this sees it)."""
+    from types import SimpleNamespace
+
+    from coordinator.job import Job
+    from distzo.plan import StepPlan
+
+    cfg = JobConfig.from_dict({"layout": {"name": layout, "workers": workers, "q": q}, "train": {"batch_size": 8}})
+    plan = StepPlan(3, tuple(range(100, 100 + q)), tuple(range(8)), 1e-3)
+    forwards, pieces = Job._round_spec(SimpleNamespace(cfg=cfg, data=None), plan)
+    assert len(pieces) == workers and all(len(p) == 1 for p in pieces)
+    for plus, minus in zip(pieces[0::2], pieces[1::2]):
+        (j, d, s), (j2, d2, s2) = plus[0], minus[0]
+        assert (j, d) == (j2, d2) and (s, s2) == (1, -1)
+        assert forwards[plus[0]].coef == -forwards[minus[0]].coef == cfg.train.eps
+    assert sorted(k for p in pieces for k in p) == sorted(forwards)
 
 
 def test_late_and_duplicate_reports_are_ignored_and_counted():

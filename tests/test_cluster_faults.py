@@ -1,10 +1,12 @@
-"""zoctl up under faults and attacks: second faults during restarts, a run directory that holds
-another job, the whole cluster over mutual TLS, clients without the token. Weights stay bitwise
-those of the reference."""
+"""zoctl up's local cluster under faults: one run with update windows that loses a worker, then the coordinator,
+then the parameter server (each killed again while it restarts; the last two inside a window) keeps the
+reference's weights, run log, evaluation and snapshot bit for bit; a service that refuses its input on restart
+ends the run; a run directory holds one job and resuming is explicit (zoctl up itself SIGKILLed); rounds that
+wait for an unreachable server. Mutual TLS and clients without the token are checked on the
+shared running cluster (tests/test_control.py)."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import signal
 import subprocess
@@ -13,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
+import numpy as np
 import psutil
 import pytest
 
@@ -22,13 +24,9 @@ from distzo.config import JobConfig
 from distzo.locks import alive
 from distzo.procs import ServiceFailed
 from distzo.runlog import read_history
-from paramserver.service import ANONYMOUS_SLOTS
-from protos import paramserver_pb2 as pb
-from protos import paramserver_pb2_grpc as pb_grpc
 
 from clusterhelpers import wait_until
-from pshelpers import make_tls
-from test_cluster import _safe_step, at_step, base_config, reference_export, run_cluster, same_weights, write_config, zoctl
+from test_cluster import _safe_step, base_config, same_weights, write_config, zoctl
 
 
 def service_pids(run_dir: Path, module: str) -> set[int]:
@@ -58,49 +56,144 @@ def kill_twice(cluster: LocalCluster, name: str, module: str) -> None:
         psutil.Process(pid).kill()
 
 
-@pytest.mark.timeout(900)  # several runs and a reference on a busy 2-core host
-def test_a_process_killed_again_while_restarting_is_restarted(cache_dir, tmp_path):
-    cfg = base_config(cache_dir, steps=12, layout={"name": "ddp", "workers": 2})
-    errors = []
-
-    def attack(cluster: LocalCluster) -> None:
-        def run() -> None:
-            try:
-                for step, name, module in ((2, "paramserver", "paramserver"), (5, "coordinator", "coordinator"),
-                                           (8, "worker-1", "gpuworker")):
-                    wait_until(lambda: _safe_step(cluster) >= step, timeout=300, what=f"step {step}")
-                    kill_twice(cluster, name, module)
-            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-                errors.append(exc)
-
-        threading.Thread(target=run, daemon=True).start()
-
-    cluster, st = run_cluster(tmp_path, cfg, attack)
-    assert not errors, errors
-    assert cluster.restarts.get("paramserver") == 2 and cluster.restarts.get("coordinator") == 2
-    assert cluster.restarts.get("worker-1", 0) + cluster.restarts.get("node-1", 0) == 2, cluster.restarts
-    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
+WINDOW = 4
 
 
-def test_a_deterministic_start_failure_ends_the_run(cache_dir, tmp_path):
-    cfg = base_config(cache_dir, steps=1000)
+@pytest.mark.cluster
+@pytest.mark.timeout(900)  # a run with six kills and a reference on a busy 2-core host
+def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache_dir, tmp_path, references):
+    """Update windows of 4, served bf16 (the forwards depend on which base they read), snapshots every 3 steps.
+    Each victim killed, then its replacement killed again while it starts: a worker mid-step (step 2; its forwards
+    go to the other), the coordinator paused inside a window (its successor resumes from the journal, the open
+    window's records too), the parameter server paused inside a window (it recovers mid-window from a snapshot +
+    the journal). The run trains until it is told to stop, so it cannot end before the last kill: paused a few
+    steps after the last restart, its weights, evaluation, run log and snapshot are the reference's at that step,
+    bit for bit. Then a data directory the restarted server refuses (exit 2) ends the run, not retried."""
+    from paramserver.snapshot import list_snapshots, load_snapshot_state
+    from protos import coordinator_pb2 as cpb
+
+    cfg = base_config(cache_dir, steps=100_000, layout={"name": "ddp", "workers": 2},
+                      train={"eval_every": 0, "weight_decay": 0.01},
+                      server={"update_window": WINDOW, "served_dtype": "bfloat16", "snapshot_every": 3})
+    errors: list[BaseException] = []
+    done = threading.Event()
+    seen: dict = {}
     cluster = LocalCluster(cfg, tmp_path / "run")
     try:
         cluster.start()
-        at_step(cluster, 1)
-        state = Path(cluster.cfg.server.data_dir) / "state.json"
-        state.write_bytes(b"{}")  # the data directory no longer says what it holds: the server refuses (exit 2)
-        cluster.processes["paramserver"].kill(signal.SIGKILL)
+
+        def control(method: str) -> None:  # from this thread: its own channel (wait() may renew the cluster's)
+            from coordinator.client import CoordinatorClient
+
+            with CoordinatorClient(cluster.coordinator_address, cluster.creds) as c:
+                c.call(method, cpb.ControlRequest(), timeout=60)
+
+        def job_state() -> str:
+            try:
+                return cluster.status().state
+            except Exception:  # noqa: BLE001 - the coordinator restarting
+                return ""
+
+        def paused_mid_window(after: int) -> int:
+            """Pause between two steps whose journal does not end on a window boundary (pending records)."""
+            while True:
+                wait_until(lambda: _safe_step(cluster) >= after, timeout=300, what=f"step {after}")
+                control("Pause")
+                wait_until(lambda: job_state() == "paused", timeout=300, what="paused")
+                at = _safe_step(cluster)
+                if at % WINDOW:
+                    return at
+                control("Resume")
+                after = at + 1
+
+        def resumed() -> bool:
+            try:
+                control("Resume")
+                return True
+            except Exception:  # noqa: BLE001 - the coordinator may be reconnecting to the restarted server
+                return False
+
+        def attack() -> None:
+            try:
+                wait_until(lambda: _safe_step(cluster) >= 2, timeout=300, what="step 2")
+                kill_twice(cluster, "worker-1", "gpuworker")  # mid-step: its forwards go to worker-0
+                seen["coordinator"] = paused_mid_window(3)
+                kill_twice(cluster, "coordinator", "coordinator")  # its successor resumes, unpaused
+                seen["paramserver"] = paused_mid_window(seen["coordinator"] + 2)
+                kill_twice(cluster, "paramserver", "paramserver")  # recovers mid-window: snapshot + journal
+                wait_until(lambda: cluster.restarts.get("paramserver") == 2 and
+                           (cluster.run_dir / "ready" / "paramserver.json").is_file(), timeout=300, what="the server back")
+                wait_until(resumed, timeout=120, what="resumed")
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=attack, daemon=True).start()
+
+        def pause_after_the_kills(st) -> None:  # noqa: ANN001 - called by wait(), which restarts what died
+            if errors:
+                raise _Paused  # the attack failed: reported below
+            if st.state == "paused" and seen.get("pause"):
+                seen["step"] = st.step
+                raise _Paused  # out of wait(): it returns only when the run has ended
+            if done.is_set() and st.state == "running" and "pause" not in seen:
+                seen.setdefault("after", st.step)
+                if st.step >= seen["after"] + 2:  # every process back, and the run moving again
+                    cluster.stub().Pause(cpb.ControlRequest(), timeout=30, metadata=cluster.creds.call_metadata())
+                    seen["pause"] = True
+
+        with pytest.raises(_Paused):
+            cluster.wait(pause_after_the_kills)
+        assert not errors, errors
+        step = seen["step"]
+        assert cluster.restarts.get("paramserver") == 2 and cluster.restarts.get("coordinator") == 2, cluster.restarts
+        assert cluster.restarts.get("worker-1", 0) + cluster.restarts.get("node-1", 0) == 2, cluster.restarts
+        assert seen["coordinator"] % WINDOW and seen["paramserver"] % WINDOW, seen  # both killed inside a window
+        assert cluster.status().resumed_from == seen["coordinator"]  # from the journal, the open window's records too
+        meta = cluster.creds.call_metadata()
+        ev = cluster.stub().Eval(cpb.ControlRequest(), timeout=300, metadata=meta)
+        snap_reply = cluster.stub().Snapshot(cpb.ControlRequest(), timeout=300, metadata=meta)
+        cluster.export(tmp_path / "dist")
+
+        # the same weights as an undisturbed run: the reference's after that many steps, bit for bit
+        ref = references.get(cfg.with_overrides({"train.steps": step}))
+        assert same_weights(tmp_path / "dist", ref.out)  # the export: the master plus the open window
+        assert ev.step == step and (ev.dev_loss, ev.dev_accuracy) == (ref.summary["dev_loss"], ref.summary["dev_accuracy"])
+        # the run log covers the whole run, before and after the restarts, with the reference's numbers
+        dist, want = read_history(tmp_path / "run"), read_history(ref.run_dir)
+        assert [r["step"] for r in dist.steps] == list(range(step))
+        assert [(r["loss"], r["g"], r["lr"]) for r in dist.steps] == [(r["loss"], r["g"], r["lr"]) for r in want.steps]
+        assert [(e["step"], e["dev_loss"], e["dev_accuracy"]) for e in dist.evals] == \
+            [(e["step"], e["dev_loss"], e["dev_accuracy"]) for e in want.evals]
+        # the snapshot taken now holds the reference's weights at that step, bitwise
+        assert "snapshot at version" in snap_reply.message, snap_reply
+        (snap,) = [s for s in list_snapshots(cluster.run_dir / "server") if s.version == step]
+        tr = ref.trainer
+        blocks, _ = load_snapshot_state(snap, snap.meta["manifest_sha256"], None, None)
+        for spec, buf in zip(tr.model.manifest.blocks, tr.buffers):
+            assert np.array_equal(blocks[spec.index].view(np.uint32), buf.numpy().view(np.uint32)), spec.name
+
+        # a deterministic start failure ends the run: the data directory no longer says what it holds
+        (Path(cluster.cfg.server.data_dir) / "state.json").write_bytes(b"{}")
+        server = cluster.processes["paramserver"]
+        server.kill(signal.SIGKILL)
+        server.proc.wait(60)
         with pytest.raises(ServiceFailed) as err:
             cluster.wait()
         assert err.value.code == 2 and "state.json is damaged" in str(err.value)
-        assert cluster.restarts == {"paramserver": 1}  # not retried: it would fail the same way
+        assert cluster.restarts.get("paramserver") == 3  # started once more, and not retried: it would fail the same way
     finally:
         cluster.shutdown()
 
 
+class _Paused(Exception):
+    """Ends LocalCluster.wait() once the run is paused (wait() itself returns only when the run has ended)."""
+
+
+@pytest.mark.cluster
 @pytest.mark.timeout(900)  # several runs and a reference on a busy 2-core host
-def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_path):
+def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_path, references):
     # update windows of 4, served bf16: the killed run's journal ends where it ends, inside a window three
     # times in four, so the resumed server recovers mid-window and the resumed coordinator reads the open
     # window's records
@@ -146,7 +239,7 @@ def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_p
     assert json.loads(more.stdout)["steps"] == n + 3
     assert [s["step"] for s in read_history(run).steps] == list(range(n + 3))
     total = JobConfig.from_yaml(cfg).with_overrides({"train.steps": n + 3})
-    assert same_weights(tmp_path / "b", reference_export(tmp_path, total))
+    assert same_weights(tmp_path / "b", references.get(total).out)
     # a coordinator of another job pointed at this data directory refuses to resume it
     other = total.with_overrides({"train.seed": 5, "server.data_dir": str(run / "server")})
     cluster = LocalCluster(other, tmp_path / "other-run")
@@ -156,60 +249,6 @@ def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_p
         assert st.state == "failed" and "holds the state of another job" in st.error and "train.seed" in st.error, st.error
     finally:
         cluster.shutdown()
-
-
-@pytest.mark.timeout(900)  # several runs and a reference on a busy 2-core host
-def test_the_whole_local_cluster_runs_over_mutual_tls(cache_dir, tmp_path):
-    tls = make_tls(tmp_path)
-    sec = {"tls_cert": str(tls["server"]), "tls_key": str(tls["server_key"]), "tls_ca": str(tls["ca"]), "mutual_tls": True}
-    cfg = base_config(cache_dir, steps=4, security=sec, layout={"name": "pertp", "workers": 2})
-
-    def check(cluster: LocalCluster) -> None:
-        at_step(cluster, 1)
-        st = zoctl("status", "--json", "--run-dir", str(cluster.run_dir))  # its record has the CA and client certificate
-        assert st.returncode == 0 and json.loads(st.stdout)["state"] in ("running", "done"), st.stderr
-        with grpc.insecure_channel(cluster.server_address) as ch, pytest.raises(grpc.RpcError):
-            pb_grpc.ParameterServerStub(ch).GetStatus(pb.StatusRequest(), timeout=3)
-        ca_only = grpc.ssl_channel_credentials(root_certificates=tls["ca"].read_bytes())
-        with grpc.secure_channel(cluster.server_address, ca_only) as ch, pytest.raises(grpc.RpcError):
-            pb_grpc.ParameterServerStub(ch).GetStatus(pb.StatusRequest(), timeout=3)  # no client certificate
-
-    run_cluster(tmp_path, cfg, check)
-    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
-
-
-@pytest.mark.timeout(900)  # several runs and a reference on a busy 2-core host
-def test_clients_without_the_token_cannot_stall_a_live_run(cache_dir, tmp_path):
-    # anonymous calls may hold their slots for 10 minutes: the run must finish while they still do
-    cfg = base_config(cache_dir, steps=10, server={"fetch_timeout_s": 600.0})
-    pool = cf.ThreadPoolExecutor(max_workers=80)
-    cluster = LocalCluster(cfg, tmp_path / "run")
-    ch = None
-    waits: list = []
-    try:
-        cluster.start()
-        at_step(cluster, 2)
-        ch = grpc.insecure_channel(cluster.server_address)
-        stub = pb_grpc.ParameterServerStub(ch)
-        waits = [stub.WaitVersion.future(pb.WaitRequest(block=0, version=10**6), timeout=600) for _ in range(70)]
-        follows = [pool.submit(lambda: list(stub.FollowJournal(pb.FollowRequest(from_step=0), timeout=600)))
-                   for _ in range(70)]
-        st = cluster.wait()
-        assert st.state == "done", st.error
-        assert sum(not w.done() for w in waits) == ANONYMOUS_SLOTS  # still holding theirs: the run did not wait
-        for f in follows:
-            with pytest.raises(grpc.RpcError) as err:
-                f.result(timeout=30)
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        cluster.export(tmp_path / "dist")
-    finally:
-        for w in waits:
-            w.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
-        if ch is not None:
-            ch.close()
-        cluster.shutdown()
-    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
 
 
 def _one_forward_round(server_timeout_s: float):

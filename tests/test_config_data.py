@@ -101,6 +101,9 @@ def test_plan_is_deterministic_and_layouts_cover_every_role():
         want = {(j, d, s) for j in range(q) for d in range(layout.ddp) for s in (1, -1)}
         assert {(r.direction, r.shard, r.sign) for r in roles} == want and len(roles) == len(want)
         assert len(worker_roles(layout)) == workers
+        for rs in worker_roles(layout):  # dual: both signs of one (direction, shard); PertP: one sign per worker
+            assert len({(r.direction, r.shard) for r in rs}) == 1
+            assert sorted(r.sign for r in rs) == ([-1, 1] if layout.pertp == 1 else [rs[0].sign])
 
 
 def _numeric_fields():

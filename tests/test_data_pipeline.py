@@ -150,7 +150,7 @@ def _model_dir_with(tmp_path: Path, preset_dir: Path, tokenizer_dir: Path, vocab
 
 
 def test_a_tokenizer_that_disagrees_with_the_weights_is_refused_before_anything_starts(preset, cache_dir, tmp_path):
-    from test_cluster import write_config, zoctl
+    from test_cluster import write_config, zoctl_here
 
     from transformers import AutoTokenizer
 
@@ -158,7 +158,7 @@ def test_a_tokenizer_that_disagrees_with_the_weights_is_refused_before_anything_
     tokens = len(AutoTokenizer.from_pretrained(str(preset("tiny-llama"))))
     model = _model_dir_with(tmp_path, preset("tiny-llama"), preset("tiny-llama"), vocab=tokens - 100)
     cfg = write_config(tmp_path, cache_dir, train={"steps": 2})
-    r = zoctl("up", "--config", str(cfg), "--model", str(model), "--run-dir", str(tmp_path / "run"), timeout=300)
+    r = zoctl_here("up", "--config", str(cfg), "--model", str(model), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2, r.stderr
     assert "the tokenizer and the weights disagree" in r.stderr, r.stderr
     assert f"the tokenizer has {tokens} tokens, the model's embedding {tokens - 100} rows" in r.stderr, r.stderr

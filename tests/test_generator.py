@@ -161,6 +161,7 @@ def test_bad_seed_and_range_are_refused():
         g.fill_z(out, 1, 0, "uniform")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
 def test_cuda_bits_equal_cpu(dist):

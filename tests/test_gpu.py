@@ -19,7 +19,7 @@ from distzo.modeling import BlockModel
 
 from test_cluster import our_processes, same_weights, write_config, zoctl
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def model_blocks(preset) -> tuple[list[BlockSpec], list[torch.Tensor]]:  # noqa: ANN001
@@ -73,6 +73,7 @@ def test_the_replay_on_cuda_equals_the_cpu_bits(preset, dist, served):
 @pytest.mark.parametrize("layout,workers,served,window", [("dual", 1, "float32", 1), ("ddp", 2, "float32", 1),
                                                           ("pertp", 2, "float32", 1), ("dual", 1, "bfloat16", 1),
                                                           ("dual", 1, "bfloat16", 4)])
+@pytest.mark.cluster
 def test_zoctl_up_on_cuda_equals_the_reference_on_cuda_bitwise(cache_dir, tmp_path, layout, workers, served, window):
     cfg = write_config(tmp_path, cache_dir, train={"steps": 6 if window == 1 else 12, "batch_size": 8, "weight_decay": 0.01},
                        runtime={"device": "cuda"}, server={"served_dtype": served, "update_window": window})
@@ -90,6 +91,7 @@ def test_zoctl_up_on_cuda_equals_the_reference_on_cuda_bitwise(cache_dir, tmp_pa
 
 @pytest.mark.parametrize("target,served,gpu_bytes", [("lora", "float32", None), ("prefix", "bfloat16", None),
                                                      ("lora", "bfloat16", 0), ("prefix", "float32", 300_000)])
+@pytest.mark.cluster
 def test_adapter_targets_on_cuda_keep_the_frozen_blocks_and_equal_the_reference(cache_dir, tmp_path, target, served,
                                                                                  gpu_bytes):
     """The worker's cache of frozen blocks (train.target lora/prefix) in GPU memory, in pinned host memory

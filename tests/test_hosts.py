@@ -31,6 +31,7 @@ from test_cluster import our_processes, same_weights, write_config, zoctl
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="simulated hosts are network namespaces: creating them needs root "
                                                  "(CI runs as root)")
+pytestmark = [pytest.mark.hosts, pytest.mark.cluster]
 
 
 def ip_names() -> str:
@@ -39,14 +40,18 @@ def ip_names() -> str:
 
 
 @needs_root
-def test_three_hosts_end_bitwise_equal_to_the_reference_with_only_control_bytes_on_the_links(cache_dir, tmp_path):
+def test_three_hosts_end_bitwise_equal_to_the_reference_with_only_control_bytes_on_the_links(cache_dir, tmp_path,
+                                                                                             references):
     cfg = write_config(tmp_path, cache_dir, train={"steps": 30, "batch_size": 6})
     flags = ["--config", str(cfg), "--layout", "ddp", "--workers", "3"]  # dual on each host, ddp across hosts
-    up = zoctl("up", *flags, "--hosts", "3", "--json", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1) as pool:  # the reference trains here while the hosts' processes start and stop
+        reference = pool.submit(references.for_flags, flags)
+        up = zoctl("up", *flags, "--hosts", "3", "--json", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
+        ref, _ = reference.result()
     assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_weights(tmp_path / "dist", tmp_path / "ref")
+    assert same_weights(tmp_path / "dist", ref.out)
     summary = json.loads(up.stdout)
     net = summary["network"]
     assert net["hosts"] == 3 and net["model_bytes"] == 1_016_576
@@ -61,23 +66,23 @@ def test_three_hosts_end_bitwise_equal_to_the_reference_with_only_control_bytes_
     assert not our_processes(tmp_path / "run")
 
 
-def test_hosts_need_root_and_a_layout_that_divides(cache_dir, tmp_path, monkeypatch, capsys):
-    from coordinator import cli
+def test_hosts_need_root_and_a_layout_that_divides(cache_dir, tmp_path, monkeypatch):
+    from test_cluster import zoctl_here  # zoctl's main() in this process (its logging restored after)
 
     cfg = write_config(tmp_path, cache_dir, train={"steps": 2, "batch_size": 6})
     run = ["--run-dir", str(tmp_path / "run")]
-    assert cli.main(["up", "--config", str(cfg), "--workers", "1", "--hosts", "2", *run]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cluster.hosts 2 must divide the layout's 1 node group" in err
-    assert cli.main(["up", "--config", str(cfg), "--hosts", "0", *run]) == 2
-    assert "cluster.hosts" in capsys.readouterr().err
-    assert cli.main(["up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2",
-                     "--set", "cluster.link_rate=fast", *run]) == 2
-    assert "cluster.link_rate" in capsys.readouterr().err
+    r = zoctl_here("up", "--config", str(cfg), "--workers", "1", "--hosts", "2", *run)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "cluster.hosts 2 must divide the layout's 1 node group" in err
+    r = zoctl_here("up", "--config", str(cfg), "--hosts", "0", *run)
+    assert r.returncode == 2 and "cluster.hosts" in r.stderr
+    r = zoctl_here("up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2",
+                   "--set", "cluster.link_rate=fast", *run)
+    assert r.returncode == 2 and "cluster.link_rate" in r.stderr
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert cli.main(["up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2", *run]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--hosts needs root" in err, err
+    r = zoctl_here("up", "--config", str(cfg), "--layout", "ddp", "--workers", "2", "--hosts", "2", *run)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "--hosts needs root" in err, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert JobConfig.from_dict({"cluster": {"hosts": 2}, "layout": {"name": "ddp", "workers": 4}}).cluster.hosts == 2
 
@@ -135,27 +140,13 @@ def test_ctrl_c_tears_the_hosts_down(cache_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------- faults (in process: the harness cuts links)
-FAULT_STEPS = 16
+FAULT_STEPS = 20  # room for a 10 s outage, the rejoin and the replica's kill before the end
 
 
-@pytest.fixture(scope="module")
-def two_host_reference(cache_dir, tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("hosts-ref")
-    # update windows of 4, served bf16: the replica follows the journal into the same slots, and a killed one
-    # recovers mid-window from its own snapshot + journal (served bf16: the base it serves decides the forwards)
-    cfg = write_config(tmp, cache_dir, train={"steps": FAULT_STEPS, "batch_size": 6},
-                       layout={"name": "ddp", "workers": 2}, cluster={"hosts": 2},
-                       coordinator={"heartbeat_timeout_s": 30.0},
-                       server={"update_window": 4, "served_dtype": "bfloat16", "snapshot_every": 3})
-    ref = zoctl("reference", "--config", str(cfg), "--out", str(tmp / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    return cfg, tmp / "ref"
-
-
-def run_hosts(cfg_path: Path, tmp_path: Path, on_status) -> object:  # noqa: ANN001
+def run_hosts(cfg: JobConfig, tmp_path: Path, on_status) -> object:  # noqa: ANN001
     from coordinator.hostcluster import HostsCluster
 
-    cluster = HostsCluster(JobConfig.from_yaml(cfg_path), tmp_path / "run")
+    cluster = HostsCluster(cfg, tmp_path / "run")
     try:
         cluster.start()
         st = cluster.wait(lambda st: on_status(cluster, st))
@@ -168,9 +159,20 @@ def run_hosts(cfg_path: Path, tmp_path: Path, on_status) -> object:  # noqa: ANN
 
 
 @needs_root
-def test_a_host_whose_link_goes_down_for_10s_rejoins_and_the_run_ends_bitwise_equal(two_host_reference, tmp_path):
-    cfg, ref = two_host_reference
-    seen: dict[str, int] = {}
+@pytest.mark.timeout(900)
+def test_a_host_cut_off_for_10s_and_a_killed_replica_and_the_run_ends_bitwise_equal(cache_dir, tmp_path, references):
+    """Two hosts. Host 1's link goes down for 10 s (its replica and worker cut off from the coordinator and the
+    primary) and comes back: it rejoins. Then host 1's replica is killed (kill -9): zoctl status shows it dead, the
+    supervisor restarts it from its own snapshot + journal, it catches up. The run ends bitwise equal."""
+    # update windows of 4, served bf16: the replica follows the journal into the same slots, and the killed one
+    # recovers mid-window from its own snapshot + journal (served bf16: the base it serves decides the forwards)
+    cfg = JobConfig.from_yaml(write_config(tmp_path, cache_dir, train={"steps": FAULT_STEPS, "batch_size": 6},
+                                           layout={"name": "ddp", "workers": 2}, cluster={"hosts": 2},
+                                           coordinator={"heartbeat_timeout_s": 30.0},
+                                           server={"update_window": 4, "served_dtype": "bfloat16", "snapshot_every": 3}))
+    seen: dict[str, object] = {}
+    threads: list[threading.Thread] = []
+    killed: list[int] = []
 
     def outage(cluster) -> None:  # noqa: ANN001
         cluster.net.set_link(1, False)  # host 1 (its replica and worker) cut off from the coordinator and the primary
@@ -179,30 +181,12 @@ def test_a_host_whose_link_goes_down_for_10s_rejoins_and_the_run_ends_bitwise_eq
         seen["up_at"] = cluster.status().step
         cluster.net.set_link(1, True)
 
-    threads: list[threading.Thread] = []
-
     def on_status(cluster, st) -> None:  # noqa: ANN001
         if st.step >= 3 and not threads:
             threads.append(threading.Thread(target=outage, args=(cluster,), daemon=True))
             threads[0].start()
-
-    run_hosts(cfg, tmp_path, on_status)
-    threads[0].join(30)
-    assert "up_at" in seen and seen["down_at"] < FAULT_STEPS
-    # the cut was real: host 1's worker holds a data shard of every step, and it waited (heartbeat timeout 30 s)
-    assert seen["up_at"] <= seen["down_at"] + 1, seen
-    assert same_weights(tmp_path / "dist", ref)
-
-
-@needs_root
-def test_a_killed_replica_is_restarted_catches_up_and_the_run_ends_bitwise_equal(two_host_reference, tmp_path):
-    cfg, ref = two_host_reference
-    killed: list[int] = []
-
-    seen: dict[str, object] = {}
-
-    def on_status(cluster, st) -> None:  # noqa: ANN001
-        if st.step >= 3 and not killed:
+        if "up_at" in seen and st.step >= seen["up_at"] + 2 and st.state == "running" and not killed:  # rejoined, moving
+            # (killed while running: wait() restarts it before it looks at the status again)
             shown = zoctl("status", "--run-dir", str(cluster.run_dir), "--json", timeout=60)
             assert shown.returncode == 0, shown.stderr
             seen["before"] = json.loads(shown.stdout)["replicas"]
@@ -213,11 +197,15 @@ def test_a_killed_replica_is_restarted_catches_up_and_the_run_ends_bitwise_equal
             seen["killed"] = replica_states(cluster.server_address, {"1": cluster.replica_address(1)}, cluster.creds)
 
     cluster = run_hosts(cfg, tmp_path, on_status)
+    threads[0].join(30)
+    assert "up_at" in seen and seen["down_at"] < FAULT_STEPS
+    # the cut was real: host 1's worker holds a data shard of every step, and it waited (heartbeat timeout 30 s)
+    assert seen["up_at"] <= seen["down_at"] + 1, seen
     assert killed and cluster.restarts.get("replica-1", 0) >= 1
     before, after = seen["before"], seen["killed"]
     assert [(r["host"], r["state"]) for r in before] == [("1", "serving")] and before[0]["lag"] <= 1, before
     assert [(r["host"], r["state"], r["version"]) for r in after] == [("1", "dead", None)], after  # zoctl status shows it
-    assert same_weights(tmp_path / "dist", ref)
+    assert same_weights(tmp_path / "dist", references.get(cfg).out)
 
 
 def test_link_meter_counts_steady_state_apart_from_evals_and_the_last_step():

@@ -1,5 +1,5 @@
-"""train.target lora: frozen base, trainable adapter blocks, bitwise layouts, the peft export, the data plane
-(the data plane for prefix too; the rest of prefix is tests/test_prefix.py)."""
+"""train.target lora: frozen base, trainable adapter blocks, the peft export, the data plane (the data plane for
+prefix too; the rest of prefix is tests/test_prefix.py). zoctl up == zoctl reference with LoRA: tests/test_matrix.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from distzo.reference import ReferenceTrainer
 
 from clusterhelpers import Harness
 from conftest import small_config
-from test_cluster import assert_up_equals_reference, same_weights, write_config, zoctl
+from test_cluster import zoctl, zoctl_here
 from test_worker import reference_losses
 
 LORA = {"target": "lora", "lr": 1e-2, "eps": 1e-2}
@@ -93,18 +93,6 @@ def test_frozen_blocks_stay_in_gpu_memory_while_the_budget_lasts():
     assert kept.gpu_budget == 0
 
 
-@pytest.mark.parametrize("layout,workers,merge", [("dual", 1, False), ("ddp", 2, True)])
-def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, workers, merge):
-    from transformers import AutoModelForCausalLM
-
-    cfg = write_config(tmp_path, cache_dir, train={**LORA, "steps": 4, "batch_size": 8, "weight_decay": 0.01})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--json"] + (["--merge"] if merge else [])
-    # with --merge the server's merged export: a plain model, the same bits as the reference's
-    assert_up_equals_reference(tmp_path, flags, same_weights if merge else same_adapter)
-    if merge:
-        AutoModelForCausalLM.from_pretrained(str(tmp_path / "dist"))
-
-
 @pytest.mark.parametrize("setting,needle", [(["--target", "lora", "--set", "train.lora_modules=[nope_proj]"],
                                              "train.lora_modules"),
                                             # one unknown next to a known one (peft accepts it), and a linear
@@ -117,7 +105,8 @@ def test_lora_up_equals_the_reference_bitwise(cache_dir, tmp_path, layout, worke
                                             (["--merge"], "--target lora"),
                                             (["--target", "lora", "--merge"], "add --out DIR")])
 def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
-    r = zoctl("reference", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}")
+    call = zoctl if needle == "train.lora_modules" else zoctl_here  # one through the process, the rest its main()
+    r = call("reference", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().count("\n") == 0 and needle in r.stderr
     assert "Traceback" not in r.stderr
@@ -125,8 +114,8 @@ def test_bad_targets_are_one_line_and_exit_2(cache_dir, setting, needle):
 
 def test_zoctl_up_refuses_a_module_outside_the_layers_before_starting_anything(cache_dir, tmp_path):
     """The parameter server used to crash on lm_head (exit 1), and the supervisor restarted it again and again."""
-    r = zoctl("up", "--target", "lora", "--set", "train.lora_modules=[lm_head]", "--steps", "1",
-              "--set", f"runtime.cache_dir={cache_dir}", "--run-dir", str(tmp_path / "run"), timeout=300)
+    r = zoctl_here("up", "--target", "lora", "--set", "train.lora_modules=[lm_head]", "--steps", "1",
+                   "--set", f"runtime.cache_dir={cache_dir}", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "train.lora_modules" in r.stderr and "lm_head" in r.stderr
     assert "Traceback" not in r.stderr and "starting it again" not in r.stderr

@@ -1,10 +1,9 @@
 """train.target lora with momentum/adam: optimizer state for the trainable blocks only, on the
-server (memory, snapshots, recovery, replicas) and in the reference; zoctl up == zoctl reference
-bitwise, also after the parameter server is killed mid-run."""
+server (memory, snapshots, recovery, replicas) and in the reference. (zoctl up == zoctl reference with LoRA and
+momentum or adam: tests/test_matrix.py; a killed server with adam state: tests/test_cluster_faults.py.)"""
 
 from __future__ import annotations
 
-import signal
 import time
 
 import numpy as np
@@ -20,8 +19,7 @@ from paramserver.snapshot import list_snapshots, load_snapshot_state
 
 from conftest import small_config
 from pshelpers import Servers, server_config
-from test_cluster import assert_up_equals_reference, at_step, base_config, run_cluster, write_config, zoctl
-from test_lora import LORA, same_adapter
+from test_lora import LORA
 from test_paramserver import records
 
 
@@ -138,42 +136,6 @@ def test_the_reference_keeps_state_for_the_trainable_blocks_only(cache_dir):
     blocks = tr.model.manifest.blocks
     assert [s is not None for s in tr.opt_state] == [b.trainable for b in blocks]
     assert all(tuple(s.shape) == (b.numel, 2) for s, b in zip(tr.opt_state, blocks) if s is not None)
-
-
-@pytest.mark.parametrize("optimizer,layout,workers", [("momentum", "dual", 1), ("adam", "dual", 1), ("adam", "ddp", 2)])
-def test_lora_up_equals_the_reference_bitwise_for_each_optimizer(cache_dir, tmp_path, optimizer, layout, workers):
-    cfg = write_config(tmp_path, cache_dir, train={**LORA, "steps": 4, "batch_size": 8, "weight_decay": 0.01,
-                                                   "distribution": "gaussian" if optimizer == "adam" else "rademacher"})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--optimizer", optimizer, "--json"]
-    assert_up_equals_reference(tmp_path, flags, same_adapter)
-    # the optimizer changed the trajectory: sgd's adapter differs
-    sgd = zoctl("reference", *[f for f in flags if f not in (optimizer, "--optimizer")], "--out", str(tmp_path / "sgd"))
-    assert sgd.returncode == 0, sgd.stderr[-3000:]
-    assert not same_adapter(tmp_path / "sgd", tmp_path / "ref")
-
-
-def test_a_killed_lora_adam_server_comes_back_with_its_state_and_the_adapter_does_not_change(cache_dir, tmp_path):
-    cfg = base_config(cache_dir, steps=8, train={**LORA, "optimizer": "adam", "distribution": "gaussian"})
-
-    def kill(cluster) -> None:  # noqa: ANN001
-        at_step(cluster, 5)  # past the snapshot at 4: recovery = snapshot (master + state) + journal
-        cluster.processes["paramserver"].kill(signal.SIGKILL)
-
-    cluster, _ = run_cluster(tmp_path, cfg, kill)
-    assert cluster.restarts == {"paramserver": 1}
-    ref = ReferenceTrainer(cfg)
-    ref.train(out_dir=tmp_path / "ref", progress=False)
-    assert same_adapter(tmp_path / "dist", tmp_path / "ref")
-    # the server's newest snapshot (taken at the end, version 8) holds the reference's master and state, bitwise
-    snap = list_snapshots(cluster.run_dir / "server")[-1]
-    assert snap.version == cfg.train.steps
-    blocks, states = load_snapshot_state(snap, snap.meta["manifest_sha256"], None, 2,
-                                         [b.index for b in ref.model.manifest.blocks if b.trainable])
-    for spec, buf, st in zip(ref.model.manifest.blocks, ref.buffers, ref.opt_state):
-        assert np.array_equal(blocks[spec.index].view(np.uint32), buf.numpy().view(np.uint32)), spec.name
-        assert (st is None) == (spec.index not in states), spec.name
-        if st is not None:
-            assert np.array_equal(states[spec.index].view(np.uint32), st.numpy().view(np.uint32)), spec.name
 
 
 def test_a_snapshot_that_also_holds_frozen_blocks_states_still_recovers(tmp_path):

@@ -1,8 +1,7 @@
-"""train.objective accuracy: minus the batch accuracy of the label words' ranking, the same in every layout."""
+"""train.objective accuracy and f1: minus the batch accuracy (macro-F1) of the label words' ranking. (zoctl up ==
+zoctl reference with each objective, DDP included: tests/test_matrix.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from distzo.data import Batch, DataError
 from distzo.objective import forward_sums
 
-from test_cluster import same_weights, write_config, zoctl
+from test_cluster import zoctl_here
 
 
 def test_accuracy_sums_count_the_rows_whose_true_word_ranks_first():
@@ -49,42 +48,6 @@ def test_f1_sums_are_minus_the_macro_f1_of_the_ranking_times_the_rows():
     assert forward_sums("f1", cands, batch, 0.0, 4, scores3)[0] == pytest.approx(-(6 / 7) / 2 * 4, rel=1e-12)
 
 
-def test_up_equals_the_reference_bitwise_with_the_f1_objective(cache_dir, tmp_path):
-    from distzo.runlog import read_history
-
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 4, "batch_size": 8, "eps": 0.01})
-    flags = ["--config", str(cfg), "--layout", "dual", "--workers", "1", "--objective", "f1", "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"), "--run-dir", str(tmp_path / "ref-run"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_weights(tmp_path / "dist", tmp_path / "ref")
-    steps = read_history(tmp_path / "ref-run").steps
-    assert [r["g"] for r in read_history(tmp_path / "run").steps] == [r["g"] for r in steps]
-    assert all(-1.0 <= r["loss"] <= 0.0 for r in steps)
-
-
-@pytest.mark.parametrize("layout,workers", [("dual", 1), ("ddp", 2)])
-def test_up_equals_the_reference_bitwise_with_the_accuracy_objective(cache_dir, tmp_path, layout, workers):
-    from distzo.runlog import read_history
-
-    cfg = write_config(tmp_path, cache_dir, train={"steps": 5, "batch_size": 8, "eps": 0.01})
-    flags = ["--config", str(cfg), "--layout", layout, "--workers", str(workers), "--objective", "accuracy", "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"), "--run-dir", str(tmp_path / "ref-run"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    assert same_weights(tmp_path / "dist", tmp_path / "ref")
-    for key in ("final_loss", "dev_loss", "dev_accuracy"):
-        assert a[key] == b[key], key
-    steps = read_history(tmp_path / "ref-run").steps
-    assert [r["g"] for r in read_history(tmp_path / "run").steps] == [r["g"] for r in steps]
-    # the step "loss" is minus the batch accuracy: a multiple of 1/8 in [-1, 0]; some step moved
-    assert all(-1.0 <= r["loss"] <= 0.0 and (r["loss"] * 16) == int(r["loss"] * 16) for r in steps)
-    assert any(g != 0.0 for r in steps for g in r["g"])
-
-
 def test_a_task_without_single_token_candidates_is_refused_clearly(cache_dir, tmp_path):
     from distzo.config import JobConfig
     from distzo.jobdata import JobData
@@ -94,8 +57,8 @@ def test_a_task_without_single_token_candidates_is_refused_clearly(cache_dir, tm
     with pytest.raises(DataError, match=r"train.objective accuracy: needs label words that are one token each.*"
                                         r"'absolutely terrible'"):
         JobData.load(cfg)
-    r = zoctl("reference", "--objective", "accuracy", "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
-              "--set", "data.label_words=[absolutely terrible, great]")
+    r = zoctl_here("reference", "--objective", "accuracy", "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
+                   "--set", "data.label_words=[absolutely terrible, great]")
     assert r.returncode == 2 and "train.objective accuracy" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0
     JobData.load(cfg.with_overrides({"train.objective": "loss"}))  # the loss objective takes any label words

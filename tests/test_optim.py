@@ -203,3 +203,12 @@ def test_the_plan_gives_server_memory_per_parameter_for_each_optimizer(served):
         assert p[o].terms_s["server_update"] > p["sgd"].terms_s["server_update"]  # more bytes per update
     with pytest.raises(ValueError, match="optimizer 'adamw'"):
         predict(m, c, LayoutSpec(), 32768, served, optimizer="adamw")
+
+
+def test_a_bad_optimizer_is_one_line_and_exit_2():
+    from test_cluster import zoctl
+
+    r = zoctl("reference", "--optimizer", "adamw", "--steps", "1")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "train.optimizer" in r.stderr and "'adam'" in r.stderr
+    assert "Traceback" not in r.stderr

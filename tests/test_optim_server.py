@@ -13,6 +13,7 @@ from distzo.optim import Optimizer
 from paramserver.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot_state
 from paramserver.state import RecoveryError, ServerState
 
+from clusterhelpers import wait_until
 from pshelpers import Servers, server_config
 from test_paramserver import master_of, records
 
@@ -79,8 +80,11 @@ def test_a_damaged_state_is_never_believed_and_another_optimizer_is_refused(serv
     s1 = servers.start(cfg, d)
     c = servers.client(s1.address)
     for r in records(2):
+        s1.state._wait_snapshot()  # no periodic snapshot skipped (the one at start still being written on a busy host)
         c.apply_update(r)
     s1.state.drain()
+    # the snapshot at 2 starts after the update is applied, so after drain() may return: wait for it
+    wait_until(lambda: any(x.version == 2 for x in list_snapshots(d)), what="the snapshot at version 2")
     s1.state._wait_snapshot()
     digest = s1.state.digest
     s1.stop()

@@ -357,6 +357,7 @@ def test_export_loads_with_transformers(servers, cache_dir, tmp_path):
             assert np.array_equal(state[t.name].numpy().reshape(-1), flat[t.offset : t.offset + t.numel])
 
 
+@pytest.mark.cluster
 def test_kill_9_mid_updates_recovers_bitwise(cache_dir, tmp_path):
     """A server process killed with SIGKILL while updates stream in comes back with every acknowledged one."""
     import threading

@@ -124,7 +124,9 @@ def test_zoctl_plan_lora_json_and_table():
     assert out["model"]["params"] == 254144
     assert (p["target"], p["trainable_params"], p["frozen_params"]) == ("lora", 8192, 254144)
     assert p["memory_per_server_host_bytes"]["optimizer_state"] == 8 * 8192
-    r = zoctl("plan", "--model", "tiny-opt", "--cluster", "cpu-local", "--target", "lora", "--lora-rank", "4",
+    from test_cluster import zoctl_here  # the second through zoctl's main() in this process
+
+    r = zoctl_here("plan", "--model", "tiny-opt", "--cluster", "cpu-local", "--target", "lora", "--lora-rank", "4",
               "--lora-modules", "q_proj,k_proj,v_proj")
     assert r.returncode == 0, r.stderr
     assert "lora: 6.14K trainable parameters" in r.stdout  # 4 layers x 3 x 4 x (64 + 64)

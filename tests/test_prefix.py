@@ -1,4 +1,5 @@
-"""train.target prefix: frozen base, a trainable prefix block per layer, peft's logits, bitwise layouts, refusals."""
+"""train.target prefix: frozen base, a trainable prefix block per layer, peft's logits, refusals. (zoctl up ==
+zoctl reference with a prefix: tests/test_matrix.py.)"""
 
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from distzo.forward import ForwardJob
 from distzo.reference import ReferenceTrainer
 
 from conftest import small_config
-from test_cluster import assert_up_equals_reference, write_config, zoctl
-from test_lora import same_adapter
+from test_cluster import zoctl, zoctl_here
 
 PREFIX = {"target": "prefix", "lr": 1e-2, "eps": 1e-2}
 
@@ -96,19 +96,6 @@ def test_a_layer_count_peft_reads_otherwise_is_refused_by_name():
     assert str(err.value) == ("train.target prefix: longcat_flash: peft lays out a prefix for 4 layers, the model has 2 "
                               "(use train.target lora or full)")
 
-# the other layouts with an adapter target: pertp (a node group: no frozen-block cache), q = 2 directions (lora);
-# two with update windows of 2 (step 3 and the final eval read base 2 from the second slot, which a frozen block
-# shares with the first; served bf16 for the lora one)
-@pytest.mark.parametrize("target,layout,workers,q,window,served", [
-    ("prefix", "dual", 1, 1, 1, "float32"), ("prefix", "ddp", 2, 1, 1, "float32"),
-    ("prefix", "pertp", 2, 1, 2, "float32"), ("lora", "dual", 2, 2, 2, "bfloat16")])
-def test_adapter_up_equals_the_reference_bitwise(cache_dir, tmp_path, target, layout, workers, q, window, served):
-    cfg = write_config(tmp_path, cache_dir, train={**PREFIX, "target": target, "steps": 4, "batch_size": 8},
-                       server={"update_window": window, "served_dtype": served})
-    assert_up_equals_reference(tmp_path, ["--config", str(cfg), "--layout", layout, "--workers", str(workers),
-                                          "--q", str(q), "--json"], same_adapter)
-
-
 @pytest.mark.parametrize("setting,needle", [
     (["--set", "train.prefix_tokens=0"], "train.prefix_tokens"),
     (["--merge", "--out", "OUT"], "--target lora"),
@@ -118,8 +105,9 @@ def test_adapter_up_equals_the_reference_bitwise(cache_dir, tmp_path, target, la
 ])
 def test_bad_prefix_settings_are_one_line_and_exit_2(cache_dir, tmp_path, setting, needle):
     setting = [str(tmp_path / "out") if s == "OUT" else s for s in setting]
-    r = zoctl("reference", "--target", "prefix", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
-              "--set", "data.dev_examples=8", "--set", "train.batch_size=4")
+    call = zoctl if needle == "train.prefix_tokens" else zoctl_here  # one through the process, the rest its main()
+    r = call("reference", "--target", "prefix", *setting, "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}",
+             "--set", "data.dev_examples=8", "--set", "train.batch_size=4")
     if needle is None:
         assert r.returncode == 0, r.stderr[-2000:]
         return

@@ -73,19 +73,12 @@ def test_the_task_split_is_whole_and_disjoint():
         assert 0.5 < share < 0.65  # 7,403 fresh of 12,808 snippets before dedup
 
 
-def test_a_few_distributed_steps_on_the_real_model_equal_the_reference_bitwise(tmp_path):
-    from test_cluster import same_weights, zoctl
+@pytest.mark.cluster
+def test_a_few_distributed_steps_on_the_real_model_equal_the_reference_bitwise(tmp_path, references):
+    from test_matrix import check_up_equals_reference
 
     cfg = tmp_path / "job.yaml"
     cfg.write_text("model: {source: smollm2-135m}\ndata: {train: rotten-tomatoes, dev_examples: 8}\n"
                    "train: {steps: 3, batch_size: 4, lr: 1.0e-5}\nserver: {snapshot_every: 0}\n")
-    up = zoctl("up", "--config", str(cfg), "--json", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", "--config", str(cfg), "--json", "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_weights(tmp_path / "dist", tmp_path / "ref")
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("zero_shot_dev_accuracy", "zero_shot_dev_loss", "final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
-        assert a[key] == b[key], key
+    a, _ = check_up_equals_reference(tmp_path, references, ["--config", str(cfg)])  # weights, summary, run log
     assert a["model"] == "smollm2-135m" and a["task"] == "rotten-tomatoes"
-    assert Path(a["report"]).is_file() and Path(a["step_log"]).is_file()

@@ -14,7 +14,7 @@ from distzo.transfer import SUMS, TransferError, pull, push, write_sums
 from paramserver.server import ParamServer
 
 from clusterhelpers import wait_until
-from test_cluster import base_config, reference_export, same_weights
+from test_cluster import base_config, same_weights
 
 
 def model_dir(root: Path) -> Path:
@@ -80,8 +80,9 @@ def test_push_then_pull_round_trip(tmp_path):
     assert (tmp_path / "back" / "sub" / "tokenizer.json").read_text() == "{}"
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(900)
-def test_a_batch_coordinator_ends_with_the_job_and_pushes_the_export(cache_dir, tmp_path):
+def test_a_batch_coordinator_ends_with_the_job_and_pushes_the_export(cache_dir, tmp_path, references):
     cfg = base_config(cache_dir, steps=4)
     server = ParamServer(cfg, tmp_path / "server").start()
     cfg_path = tmp_path / "job.yaml"
@@ -110,7 +111,7 @@ def test_a_batch_coordinator_ends_with_the_job_and_pushes_the_export(cache_dir, 
     back = tmp_path / "back"
     pull(url, back)  # the pushed export, verified against the SHA256SUMS it carries
     assert "Fine-tuned by distzo (distributed)" in (back / "README.md").read_text()
-    assert same_weights(back, reference_export(tmp_path, cfg))
+    assert same_weights(back, references.get(cfg).out)
 
 
 def test_an_export_url_cannot_escape_the_export_root_or_use_other_protocols(cache_dir, tmp_path):

@@ -1,19 +1,18 @@
-"""Update windows through the whole system (server.update_window K = 4): `zoctl up` equals `zoctl reference`
-bit for bit for every layout and served dtype, processes killed mid-window change nothing, K = 4 exports what
-K = 1 exports with a float32 served copy, and stateful optimizers are refused in one line."""
+"""Update windows (server.update_window K = 4) around the cluster runs: K = 4 exports what K = 1 exports with a
+float32 served copy (and not with a bfloat16 one), and stateful optimizers are refused in one line.
+
+`zoctl up` equals the reference with windows in tests/test_matrix.py (K = 2 under PertP with a prefix, K = 4 in
+2d node groups and with q = 2, bfloat16 and float32 served); processes killed inside a window: the fault run in
+tests/test_cluster_faults.py (DDP, K = 4, bfloat16)."""
 
 from __future__ import annotations
-
-import json
-import signal
 
 import pytest
 
 from distzo.config import JobConfig
 from distzo.reference import ReferenceTrainer
 
-from clusterhelpers import wait_until
-from test_cluster import at_step, reference_export, run_cluster, same_weights, zoctl
+from test_cluster import same_weights, zoctl
 
 WINDOW = 4
 
@@ -28,91 +27,6 @@ def window_config(cache_dir: str, **sections) -> JobConfig:
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
     return JobConfig.from_dict(raw)
-
-
-@pytest.mark.parametrize("served", ["float32", "bfloat16"])
-@pytest.mark.parametrize("layout,workers,node_size", [("dual", 1, 1), ("pertp", 2, 1), ("ddp", 2, 1), ("2d", 4, 2)])
-def test_up_equals_reference_with_update_windows(cache_dir, tmp_path, layout, workers, node_size, served):
-    # 2d in two node groups of 2: each member rebuilds its slice at the step's version before the gather
-    cfg = window_config(cache_dir, server={"served_dtype": served},
-                        layout={"name": layout, "workers": workers, "node_size": node_size})
-    path = tmp_path / "job.yaml"
-    path.write_text(cfg.to_yaml())
-    flags = ["--config", str(path), "--json"]
-    up = zoctl("up", *flags, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "dist"))
-    assert up.returncode == 0, up.stderr[-3000:]
-    ref = zoctl("reference", *flags, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert same_weights(tmp_path / "dist", tmp_path / "ref")  # the export: the master plus the open window
-    a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
-        assert a[key] == b[key], key
-    # every evaluation replays the records after its base: 0, 5, 10 and 13 steps
-    assert [e["step"] for e in a["eval_history"]] == [0, 5, 10, 13]
-    assert a["eval_history"] == b["eval_history"]
-
-
-def test_kills_mid_window_change_nothing(cache_dir, tmp_path):
-    """A worker, then the coordinator, then the parameter server SIGKILLed inside a window (bf16 served, so the
-    forwards depend on which base they read): the run ends with the reference's weights and log."""
-    from protos import coordinator_pb2 as cpb
-
-    cfg = window_config(cache_dir, train={"steps": 41, "eval_every": 0}, server={"served_dtype": "bfloat16"},
-                        layout={"name": "ddp", "workers": 2})
-    killed_at = {}
-
-    def control(cluster, rpc: str) -> None:  # noqa: ANN001
-        getattr(cluster.stub(), rpc)(cpb.ControlRequest(), timeout=30, metadata=cluster.creds.call_metadata())
-
-    def paused_mid_window(cluster) -> int:  # noqa: ANN001
-        # between two steps whose journal does not end on a window boundary: pending records on every side
-        while True:
-            control(cluster, "Pause")
-            wait_until(lambda: cluster.status().state == "paused", what=f"paused (state {cluster.status().state}, step {cluster.status().step}, killed {killed_at})")
-            step = cluster.status().step
-            if step % WINDOW:
-                return step
-            control(cluster, "Resume")
-            at_step(cluster, step + 1)
-
-    def restarted(cluster, victim: str) -> None:  # noqa: ANN001
-        # the supervisor restarts it (run_cluster's wait() supervises only after this function)
-        wait_until(lambda: bool(cluster.supervise() or True) and cluster.restarts.get(victim) == 1,
-                   timeout=120, what=f"{victim} restarted")
-
-    def kill(cluster) -> None:  # noqa: ANN001
-        at_step(cluster, 2)
-        killed_at["coordinator"] = paused_mid_window(cluster)
-        cluster.processes["coordinator"].kill(signal.SIGKILL)  # its successor resumes from the journal, unpaused
-        restarted(cluster, "coordinator")
-        at_step(cluster, killed_at["coordinator"] + 2)
-        killed_at["paramserver"] = paused_mid_window(cluster)
-        cluster.processes["paramserver"].kill(signal.SIGKILL)  # recovers from snapshot + journal mid-window
-        restarted(cluster, "paramserver")
-        wait_until(lambda: _resumed(cluster), timeout=120, what="resumed")
-        at_step(cluster, killed_at["paramserver"] + 2)
-        killed_at["worker-1"] = cluster.status().step
-        cluster.processes["worker-1"].kill(signal.SIGKILL)  # mid-step: its forwards go to worker-0
-        restarted(cluster, "worker-1")
-
-    def _resumed(cluster) -> bool:  # noqa: ANN001
-        try:
-            control(cluster, "Resume")
-            return True
-        except Exception:  # noqa: BLE001 - the coordinator may be reconnecting to the restarted server
-            return False
-
-    cluster, st = run_cluster(tmp_path, cfg, kill)
-    assert cluster.restarts == {"worker-1": 1, "coordinator": 1, "paramserver": 1}
-    assert killed_at["coordinator"] % WINDOW and killed_at["paramserver"] % WINDOW, killed_at
-    assert killed_at["worker-1"] < cfg.train.steps
-    assert st.resumed_from == killed_at["coordinator"]  # picked up from the journal, the open window's records too
-    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
-    from distzo.runlog import read_history
-
-    dist, ref = read_history(tmp_path / "run"), read_history(tmp_path / "ref-run")
-    assert [(r["step"], r["loss"], r["g"]) for r in dist.steps] == [(r["step"], r["loss"], r["g"]) for r in ref.steps]
-    assert [(e["step"], e["dev_loss"]) for e in dist.evals] == [(e["step"], e["dev_loss"]) for e in ref.evals]
 
 
 def test_a_float32_window_exports_what_k1_exports(cache_dir, tmp_path):

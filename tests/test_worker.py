@@ -79,6 +79,7 @@ def test_pertp_workers_each_reproduce_one_sign(harness, cache_dir, device):
     assert got == reference_losses(h.cfg)
 
 
+@pytest.mark.cluster
 def test_node_group_of_two_gloo_workers_gathers_the_whole_block(harness, tmp_path):
     from coordinator.local import free_port
 
