@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--compare-bf16", action="store_true", help="g of bfloat16 against float32 forwards (issue 29)")
+    ap.add_argument("--save", metavar="FILE", help="with --compare-bf16: also write every g and z·∇L there (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.compare_bf16:
@@ -169,9 +171,12 @@ def compare_bf16(args: argparse.Namespace) -> None:
                      "rel_rms_diff": float(np.sqrt(np.mean((g - ref) ** 2)) / np.sqrt(np.mean(ref ** 2))),
                      "same_sign": float(np.mean(np.sign(g) == np.sign(ref))),
                      "corr_vs_autograd": float(np.corrcoef(g, truth)[0, 1]), "rms_g": float(np.sqrt(np.mean(g ** 2)))})
+    raw = {"model": args.model, "seeds": args.seeds, "loss": float(loss.detach()), "rows": rows,
+           "g": {f"{k[0]}@{k[1]:g}": v.tolist() for k, v in gs.items()}, "z_dot_grad": truth.tolist()}
+    if args.save:
+        Path(args.save).write_text(json.dumps(raw, indent=2))
     if args.json:
-        print(json.dumps({"model": args.model, "seeds": args.seeds, "loss": float(loss.detach()), "rows": rows,
-                          "g": {f"{k[0]}@{k[1]:g}": v.tolist() for k, v in gs.items()}, "z_dot_grad": truth.tolist()}, indent=2))
+        print(json.dumps(raw, indent=2))
         return
     print(f"{args.model}: {args.seeds} seeds, batch {args.batch_size} of step {args.step}, served bfloat16, loss "
           f"{float(loss.detach()):.4f}, rms z·∇L {np.sqrt(np.mean(truth ** 2)):.2f}")

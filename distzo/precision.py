@@ -53,6 +53,11 @@ def job_precision(cfg) -> ForwardPrecision:  # noqa: ANN001 - a JobConfig
     return forward_precision(cfg.train.eps, DTYPES[forward_dtype_name(cfg)], cfg.train.eps_bf16)
 
 
+def forward_dtypes(compute_dtype: torch.dtype) -> list[torch.dtype]:
+    """The dtypes a forward's weights are made in (the kernels to warm up): 16-bit forwards keep 1-D tensors float32."""
+    return [compute_dtype] if compute_dtype == torch.float32 else [compute_dtype, torch.float32]
+
+
 # ----------------------------------------------------------------------------- the figures
 @dataclass(frozen=True)
 class KindFigure:

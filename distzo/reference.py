@@ -28,7 +28,7 @@ from distzo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
 from distzo.modeling import BlockModel
 from distzo.objective import forward_sums
 from distzo.optim import Optimizer
-from distzo.precision import PerturbationReport, job_precision, job_report
+from distzo.precision import PerturbationReport, forward_dtypes, job_precision, job_report
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
 from distzo.runlog import RUN_LOCK, RunLog, make_run_dir
@@ -163,7 +163,7 @@ class ReferenceTrainer:
                merge: bool) -> dict[str, Any]:
         cfg = self.cfg
         apply_runtime_threads(cfg)
-        generator.warm_up(self.device, cfg.train.distribution, [self.engine.compute_dtype],
+        generator.warm_up(self.device, cfg.train.distribution, forward_dtypes(self.engine.compute_dtype),
                           cfg.layout.q)  # like every service, before the clock starts
         if run_dir is not None:
             self.run_log = RunLog(run_dir)

@@ -17,7 +17,7 @@ from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
 from distzo.data import Batch, DataError
 from distzo.forward import ForwardEngine, ForwardJob
-from distzo.precision import job_precision
+from distzo.precision import forward_dtypes, job_precision
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.adapters import adapter_from_train
@@ -72,7 +72,7 @@ class ModelRunner:
         """Compile/load every kernel variant this worker will launch, before the first assignment."""
         from distzo import generator
 
-        generator.warm_up(self.device, self.cfg.train.distribution, [self.engine.compute_dtype])
+        generator.warm_up(self.device, self.cfg.train.distribution, forward_dtypes(self.engine.compute_dtype))
 
     def close(self) -> None:
         if self.direct is not None:

@@ -1,6 +1,6 @@
 """Update windows through the whole system (server.update_window K = 4): `zoctl up` equals `zoctl reference`
-bit for bit for every layout and served dtype, processes killed mid-window change nothing, K = 4 exports what
-K = 1 exports with a float32 served copy, and stateful optimizers are refused in one line."""
+bit for bit for every layout and served dtype (bfloat16 forwards too: issue 29), processes killed mid-window change
+nothing, K = 4 exports what K = 1 exports with a float32 served copy, and stateful optimizers are refused in one line."""
 
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ def window_config(cache_dir: str, **sections) -> JobConfig:
 @pytest.mark.parametrize("served", ["float32", "bfloat16"])
 @pytest.mark.parametrize("layout,workers,node_size", [("dual", 1, 1), ("pertp", 2, 1), ("ddp", 2, 1), ("2d", 4, 2)])
 def test_up_equals_reference_with_update_windows(cache_dir, tmp_path, layout, workers, node_size, served):
-    # 2d in two node groups of 2: each member rebuilds its slice at the step's version before the gather
-    cfg = window_config(cache_dir, server={"served_dtype": served},
+    # 2d in two node groups of 2: each member rebuilds its slice at the step's version before the gather. pertp and
+    # 2d at bf16 compute in bfloat16 as a GPU would (train.forward_dtype; issue 29): 1-D tensors float32 under
+    # autocast, eps_bf16 = 4 x eps, each sign on another worker
+    forward = "bfloat16" if served == "bfloat16" and layout in ("pertp", "2d") else "auto"
+    cfg = window_config(cache_dir, server={"served_dtype": served}, train={"forward_dtype": forward},
                         layout={"name": layout, "workers": workers, "node_size": node_size})
     path = tmp_path / "job.yaml"
     path.write_text(cfg.to_yaml())
@@ -45,8 +48,11 @@ def test_up_equals_reference_with_update_windows(cache_dir, tmp_path, layout, wo
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert same_weights(tmp_path / "dist", tmp_path / "ref")  # the export: the master plus the open window
     a, b = json.loads(up.stdout), json.loads(ref.stdout)
-    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens"):
+    for key in ("final_loss", "dev_loss", "dev_accuracy", "train_tokens", "perturbation"):
         assert a[key] == b[key], key
+    assert a["perturbation"].startswith(f"{'bfloat16' if forward == 'bfloat16' else 'float32'} forwards at eps "
+                                        f"{0.004 if forward == 'bfloat16' else 0.001:g}")
+    assert f"zoctl: {a['perturbation']}\n" in up.stderr  # said at the start, as the reference says it
     # every evaluation replays the records after its base: 0, 5, 10 and 13 steps
     assert [e["step"] for e in a["eval_history"]] == [0, 5, 10, 13]
     assert a["eval_history"] == b["eval_history"]
