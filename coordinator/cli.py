@@ -115,6 +115,10 @@ def cmd_reference(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="distzo-reference-") as staging:  # a URL: exported here, then pushed
         url = args.out if args.out and is_url(args.out) else None
         trainer = ReferenceTrainer(cfg)
+        report = trainer.perturbation()  # what the forwards keep of the perturbation: said before training
+        for line in (report.line(), report.warning()):
+            if line:
+                print(f"zoctl: {line}", file=sys.stderr, flush=True)
         try:
             summary = trainer.train(out_dir=Path(staging) / "model" if url else args.out,
                                     progress=None if not args.json else False, run_dir=args.run_dir, merge=args.merge)

@@ -30,6 +30,7 @@ from distzo.jobdata import EvalTally, JobData
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord, base_version
 from distzo.plan import StepPlan, step_plan, worker_roles
+from distzo.precision import job_precision
 from distzo.runlog import RunLog
 from distzo.rpc import Credentials
 from distzo.step import ForwardKey, Losses, TrainingStopped, run_step
@@ -171,6 +172,7 @@ class Job:
                            reraise=True)(self.client.records, base, self.step)
         self.records = {r.step: r for r in records}
         self.progress.on_start(self.step, cfg.train.steps, self.client.manifest.numel * ITEMSIZE[self.client.served_dtype])
+        self.progress.measure_perturbation(cfg, self.client.manifest, self.data.model_dir)  # logged, in status and metrics
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
         if self.run_log is not None:  # the whole run's history, also from before a restart
@@ -233,7 +235,7 @@ class Job:
 
     def _round_spec(self, plan: StepPlan) -> tuple[dict[ForwardKey, cpb.ForwardSpec], list[list[ForwardKey]]]:
         """The layout's forwards of ``plan``, by (direction, shard, sign), and each worker's piece of them."""
-        eps = self.cfg.train.eps
+        eps = job_precision(self.cfg).eps  # the forwards' (train.eps_bf16 for bfloat16 forwards)
         cands = self.data.train_candidates if self.data is not None else ()  # train.objective accuracy: scored
         forwards: dict[ForwardKey, cpb.ForwardSpec] = {}
         pieces = []

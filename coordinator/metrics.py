@@ -30,3 +30,11 @@ DEV_LOSS = Gauge("distzo_eval_dev_loss", "Dev loss at the last eval")
 DEV_ACCURACY = Gauge("distzo_eval_dev_accuracy", "Dev label accuracy at the last eval")
 JOB_STATE = Gauge("distzo_job_state", "1 for the job's current state", ["state"])
 JOB_STATES = ("idle", "starting", "waiting_for_workers", "running", "paused", "stopping", "stopped", "done", "failed")
+PERTURBATION_EPS = Gauge("distzo_perturbation_eps", "The eps the forwards perturb by (train.eps; train.eps_bf16 for "
+                         "bfloat16 forwards)")
+PERTURBATION_RMS = Gauge("distzo_perturbation_rms_error_ratio", "RMS error of the perturbation the forwards see, relative "
+                         "to eps, by tensor kind (measured at the job's start on a sample of the weights; "
+                         "distzo/precision.py)", ["kind"])
+PERTURBATION_LOST = Gauge("distzo_perturbation_lost_ratio", "Fraction of the weights whose +eps and -eps forward copies "
+                          "are equal, by tensor kind (measured at the job's start on a sample; distzo/precision.py)",
+                          ["kind"])

@@ -7,6 +7,7 @@ parameter-server host, and the recommended layout, before anyone rents the GPUs.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,10 @@ def register(sub: Any) -> None:
                         "(formulas: bench/NOTES.md)")
     p.add_argument("--shards", type=int, metavar="N", help="parameter-server shards (default: the fewest that fit)")
     p.add_argument("--no-replicas", action="store_true", help="no server replica per node: weights cross the network")
+    p.add_argument("--eps", type=float, metavar="EPS",
+                   help="perturbation scale (train.eps; default the config's): with the model's weights at hand (a "
+                        "preset, a fetched model, a model directory), the plan says what the forwards keep of the "
+                        "perturbation (distzo/precision.py)")
     p.add_argument("--json", action="store_true", help="print the same as JSON (seconds, bytes)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=cmd_plan)
@@ -147,6 +152,9 @@ def check_ranges(args: argparse.Namespace) -> None:
         value = getattr(args, dest, None)
         if value is not None and not low <= value <= high:
             raise bad_input(f"--{dest.replace('_', '-')} must be an integer from {low} to {high}, got {value}")
+    eps = getattr(args, "eps", None)
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
+        raise bad_input(f"--eps must be a finite number > 0, got {eps}")
 
 
 def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, Recommendation]:
@@ -176,17 +184,57 @@ def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, 
 def cmd_plan(args: argparse.Namespace) -> int:
     model, cluster, pred, rec = plan(args)
     peers = predict_peers(model, cluster, args.tokens_per_step, _peer_dtype(args.served_dtype)) if args.peers else []
+    kept = perturbation_report(args, pred)
     if args.json:
         out = {"model": model.to_dict(), "cluster": cluster.to_dict(), "prediction": pred.to_dict(),
                "recommended": rec.to_dict()}
         if args.peers:
             out["peers"] = [p.to_dict() for p in peers]
+        if kept is not None:
+            out["perturbation"] = kept.as_dict()
         print_json(out)
     else:
         print(render(model, cluster, pred, rec))
         if peers:
             print(render_peers(pred, peers))
+        if kept is not None:
+            print("\nperturbation (the model's weights, distzo/precision.py)\n  " + kept.line()
+                  + (f"\n  {kept.warning()}" if kept.warning() else ""))
     return 0
+
+
+def weights_dir(name: str) -> Path | None:
+    """Where the weights of ``--model`` are, when they are at hand: a preset, a fetched model, a model directory."""
+    from distzo import catalog
+    from distzo.presets import PRESETS, preset_dir
+
+    if name in PRESETS:
+        return preset_dir(name)
+    if name in catalog.CATALOG and catalog.CATALOG[name].kind == "model":
+        return catalog.locate(name) if catalog.is_fetched(name) else None
+    path = Path(name)
+    return path if (path / "config.json").is_file() and any(path.glob("*.safetensors")) else None
+
+
+def perturbation_report(args: argparse.Namespace, pred: Prediction):  # noqa: ANN201 - precision.PerturbationReport | None
+    """What the plan's forwards (its compute dtype, --eps, the served dtype) keep of the perturbation on the model's
+    own weights (``distzo.precision.measure``; full target only); None without weights at hand."""
+    if getattr(args, "target", "full") != "full":
+        return None
+    path = weights_dir(args.model)
+    if path is None:
+        return None
+    from distzo.blocks import DTYPES
+    from distzo.mezo import forward_precision
+    from distzo.modeling import BlockModel
+    from distzo.plan import direction_seed
+    from distzo.precision import ModelDirSource, measure
+
+    precision = forward_precision(_or_default(getattr(args, "eps", None), "eps"), DTYPES[pred.compute_dtype],
+                                  _train_default("eps_bf16"))
+    manifest = BlockModel.from_dir(path).manifest
+    return measure(manifest, ModelDirSource(path), precision, pred.served_dtype, _train_default("distribution"),
+                   direction_seed(_train_default("seed"), 0, 0))
 
 
 def _peer_dtype(served_dtype: str) -> str:

@@ -8,7 +8,9 @@ method updates both the record (for ``zoctl status``) and the Prometheus metrics
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from distzo.step import StepResult, TrainLog
@@ -17,6 +19,11 @@ from protos import coordinator_pb2 as cpb
 
 if TYPE_CHECKING:
     from coordinator.rounds import Round
+    from distzo.blocks import Manifest
+    from distzo.config import JobConfig
+    from distzo.precision import PerturbationReport
+
+log = logging.getLogger("distzo.coordinator.job")
 
 WORKER_PHASES = ("fetch", "h2d", "gather", "compute", "wait")  # the phases of cpb.Timing, in seconds
 
@@ -61,12 +68,39 @@ class Progress(TrainLog):
     train_seconds: float = 0.0
     phase: PhaseTotals = field(default_factory=PhaseTotals)
     timed_steps: int = 0
+    perturbation: str = ""  # what the forwards keep of the perturbation (distzo/precision.py), one line
+    perturbation_warning: str = ""  # one line when a kind loses more than the bound
 
     # ------------------------------------------------------------------ the run
     def on_start(self, step: int, planned_steps: int, model_bytes: int) -> None:
         metrics.STEP.set(step)
         metrics.PLANNED_STEPS.set(planned_steps)
         metrics.MODEL_BYTES.set(model_bytes)
+
+    def measure_perturbation(self, cfg: JobConfig, manifest: Manifest, model_dir: Path) -> None:
+        """What the job's forwards keep of the perturbation, on its initial weights (``distzo.precision.job_report``):
+        logged (a warning when over the bound), in the status (zoctl up prints it) and the metrics. A failure to
+        measure is logged, never fatal: training goes on without the figure."""
+        from distzo.precision import job_report
+
+        try:
+            report = job_report(cfg, manifest, model_dir)
+        except Exception:  # noqa: BLE001 - a figure for people, not a condition of the run
+            log.exception("could not measure what the forwards keep of the perturbation")
+            return
+        self.on_perturbation(report)
+        log.info(report.line())
+        if report.warning():
+            log.warning(report.warning())
+
+    def on_perturbation(self, report: PerturbationReport) -> None:
+        """The job's figures of ``distzo.precision.measure``, measured at its start."""
+        self.perturbation = report.line()
+        self.perturbation_warning = report.warning() or ""
+        metrics.PERTURBATION_EPS.set(report.eps)
+        for k in report.kinds:
+            metrics.PERTURBATION_RMS.labels(k.kind).set(k.rms)
+            metrics.PERTURBATION_LOST.labels(k.kind).set(k.lost)
 
     def on_outcome(self, result: StepResult) -> None:
         """A step's losses, g and lr (``distzo.step.run_step``'s observe hook: before the skip policy)."""
@@ -136,6 +170,7 @@ class Progress(TrainLog):
             worker_wait_s=p.worker_wait_s / n, worker_gather_s=p.worker_gather_s / n,
             bytes_per_step=p.bytes_received / n, worker_h2d_s=p.worker_h2d_s / n,
             worker_peak_memory_bytes=int(p.worker_peak_memory_bytes),
+            perturbation=self.perturbation, perturbation_warning=self.perturbation_warning,
         )
 
 

@@ -16,7 +16,8 @@ from distzo.errors import counted
 
 SUMMARY_KEYS = ("mode", "model", "task", "layout", "workers", "state", "steps", "zero_shot_dev_loss",
                 "zero_shot_dev_accuracy", "start_loss", "final_loss", "dev_loss", "dev_accuracy", "tokens_per_second",
-                "wall_seconds", "skipped_steps", "out_dir", "step_log", "eval_log", "report")
+                "wall_seconds", "skipped_steps", "out_dir", "step_log", "eval_log", "report", "perturbation",
+                "perturbation_warning")
 
 
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -72,6 +73,8 @@ def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, A
         "reassignments": st.reassignments,
         "late_reports": st.late_reports,
         "resumed_from": st.resumed_from,
+        "perturbation": st.perturbation or None,
+        "perturbation_warning": st.perturbation_warning or None,
         **extra,
     }
 
@@ -91,12 +94,25 @@ class ProgressBar:
         self.bar = None
         self.last_line = (0.0, "", -1)  # when, state, step of the last plain line
         self.done = 0
+        self.announced = False
+
+    def note(self, line: str) -> None:
+        """A line on stderr that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def update(self, st) -> None:  # noqa: ANN001 - a JobStatus
         self.total = st.total_steps or self.total
         loss = f"{st.loss:.4f}" if math.isfinite(st.loss) else "-"
         if not self.enabled:
             return
+        if st.perturbation and not self.announced:  # measured at the job's start: said once, warning included
+            self.announced = True
+            self.note(f"zoctl: {st.perturbation}")
+            if st.perturbation_warning:
+                self.note(f"zoctl: {st.perturbation_warning}")
         if not self.tty:
             when, state, step = self.last_line
             if st.state != state or (st.step != step and time.monotonic() - when > 5):
@@ -162,6 +178,9 @@ def print_status(st, as_json: bool) -> None:  # noqa: ANN001
           f"reassigned {st.reassignments}")
     if st.error:
         print(f"error: {st.error}")
+    for line in (st.perturbation, st.perturbation_warning):
+        if line:
+            print(line)
     if st.evals:
         e = st.evals[-1]
         print(f"last eval: step {e.step}  dev loss {e.dev_loss:.4f}  dev accuracy {e.dev_accuracy:.3f}")

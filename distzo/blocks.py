@@ -66,6 +66,24 @@ class BlockSpec:
                 segs.append((t.offset, t.offset + t.numel, t.decay))
         return segs
 
+    def vector_segments(self) -> list[tuple[int, int]]:
+        """Maximal runs [start, end) of tensors of rank < 2 (norm weights, biases), in block order: what a
+        16-bit forward keeps in float32 (``mezo.forward_weights``), packed back to back."""
+        segs: list[tuple[int, int]] = []
+        for t in self.tensors:
+            if len(t.shape) >= 2:
+                continue
+            if segs and segs[-1][1] == t.offset:
+                segs[-1] = (segs[-1][0], t.offset + t.numel)
+            else:
+                segs.append((t.offset, t.offset + t.numel))
+        return segs
+
+    @property
+    def vector_numel(self) -> int:
+        """Elements of the block's tensors of rank < 2."""
+        return sum(t.numel for t in self.tensors if len(t.shape) < 2)
+
     def slice_range(self, rank: int, parts: int) -> tuple[int, int]:
         """Element range [start, end) of slice ``rank`` of ``parts`` (even split, last ones shorter)."""
         if parts < 1:
@@ -172,8 +190,20 @@ def flatten_block(spec: BlockSpec, tensors: dict[str, torch.Tensor], dtype: torc
     return flat
 
 
-def block_views(spec: BlockSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-tensor views into a flat block buffer (no copies)."""
+def block_views(spec: BlockSpec, flat: torch.Tensor, vectors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-tensor views into a flat block buffer (no copies); with ``vectors`` ([``spec.vector_numel``], the
+    tensors of rank < 2 packed in block order: a 16-bit forward's float32 ones), those tensors are views of it."""
     if flat.numel() != spec.numel:
         raise ValueError(f"block {spec.index} buffer has {flat.numel()} elements, manifest says {spec.numel}")
-    return {t.name: flat[t.offset : t.offset + t.numel].view(t.shape) for t in spec.tensors}
+    if vectors is None:
+        return {t.name: flat[t.offset : t.offset + t.numel].view(t.shape) for t in spec.tensors}
+    if vectors.numel() != spec.vector_numel:
+        raise ValueError(f"block {spec.index} vectors have {vectors.numel()} elements, manifest says {spec.vector_numel}")
+    out, at = {}, 0
+    for t in spec.tensors:
+        if len(t.shape) < 2:
+            out[t.name] = vectors[at : at + t.numel].view(t.shape)
+            at += t.numel
+        else:
+            out[t.name] = flat[t.offset : t.offset + t.numel].view(t.shape)
+    return out

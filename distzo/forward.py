@@ -15,6 +15,7 @@ the forwards one after another, whatever the thread scheduling.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from distzo.blocks import DTYPES
 from distzo.config import ConfigError
 from distzo.data import Batch
 from distzo.generator import Distribution
-from distzo.mezo import UpdateRecord, perturb_block, replay_block
+from distzo.lockstep import Lockstep
+from distzo.mezo import ForwardWeights, UpdateRecord, forward_weights, replay_block
 from distzo.modeling import BlockModel, causal_lm_logits
 from distzo.served import to_served
 
@@ -71,50 +73,10 @@ class BlockFeed(Protocol):
         ...
 
 
-class _Lockstep:
-    """Turn-taking over (block, job): the unfinished job with the lowest (block, index) runs."""
-
-    def __init__(self, njobs: int):
-        self.pos = [-1] * njobs
-        self.done = [False] * njobs
-        self.turn = 0
-        self.cv = threading.Condition()
-
-    def _next(self) -> int:
-        live = [(p, j) for j, p in enumerate(self.pos) if not self.done[j]]
-        return min(live)[1] if live else -1
-
-    def lowest_position(self) -> float:
-        """The lowest block an unfinished job is in (inf when all are done): blocks below it are free."""
-        live = [p for j, p in enumerate(self.pos) if not self.done[j]]
-        return min(live) if live else math.inf
-
-    def wait_turn(self, j: int) -> None:
-        """Block until job ``j`` is the one to run."""
-        with self.cv:
-            self.cv.wait_for(lambda: self.turn == j)
-
-    def move(self, j: int, block: int, on_moved) -> None:  # noqa: ANN001
-        """Job ``j`` enters ``block``: run ``on_moved()`` while it still holds the turn, pass the turn on, wait for it back."""
-        with self.cv:
-            self.pos[j] = block
-            on_moved()  # still our turn: safe to drop blocks nobody will enter again
-            self.turn = self._next()
-            self.cv.notify_all()
-            self.cv.wait_for(lambda: self.turn == j)
-
-    def finish(self, j: int) -> None:
-        """Job ``j`` is done: pass the turn on for good."""
-        with self.cv:
-            self.done[j] = True
-            self.turn = self._next()
-            self.cv.notify_all()
-
-
 @dataclass
 class _BlockState:
     clean: torch.Tensor | None = None
-    copies: list[torch.Tensor] = field(default_factory=list)
+    copies: list[ForwardWeights] = field(default_factory=list)
     views: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     error: BaseException | None = None
 
@@ -125,7 +87,7 @@ class _Run:
         self.jobs = jobs
         self.feed = feed
         self.pending = tuple(pending)
-        self.lockstep = _Lockstep(len(jobs))
+        self.lockstep = Lockstep(len(jobs))
         self.blocks: dict[int, _BlockState] = {}
         self.current = [-1] * len(jobs)
         self.copy_bytes = 0  # perturbed copies alive now, and the most at once
@@ -154,7 +116,8 @@ class _Run:
         state = self.prepare(b)
         v = state.views.get(j)
         if v is None:
-            v = self.engine.model.views(self.engine.model.manifest.blocks[b], state.copies[j])
+            copy = state.copies[j]
+            v = self.engine.model.views(self.engine.model.manifest.blocks[b], copy.main, copy.vectors)
             state.views[j] = v
         return v
 
@@ -167,8 +130,10 @@ class _Run:
 
     @staticmethod
     def _own_bytes(state: _BlockState) -> int:
-        seen = {id(c) for c in state.copies if c is not state.clean}
-        return sum(c.numel() * c.element_size() for c in state.copies if id(c) in seen and c is not state.clean)
+        """Bytes of the block's copies that are not the clean buffer itself (a shared copy counted once)."""
+        own = {id(c): c for c in state.copies}.values()
+        return sum((c.main.numel() * c.main.element_size() if c.main is not state.clean else 0)
+                   + (c.vectors.numel() * 4 if c.vectors is not None else 0) for c in own)
 
     def drop(self, b: int) -> None:
         """Free block ``b``'s perturbed copies and views and give its clean buffer back to the feed."""
@@ -186,8 +151,11 @@ class ForwardEngine:
     """Runs forward jobs over a block feed with the model's skeleton.
 
     ``dist``: the distribution of z (``distzo.generator``); ``device``: where the forwards run;
-    ``compute_dtype``: the dtype of the perturbed copies and of the forward (float32 on CPU; on a
-    GPU the served 16-bit dtype, ``compute_dtype_for``). One ``run`` at a time per engine.
+    ``compute_dtype``: the dtype of the perturbed copies and of the forward (the job's, ``precision.job_precision``:
+    float32 on CPU; on a GPU the served 16-bit dtype). A 16-bit forward keeps the tensors of rank < 2 in float32
+    (``mezo.forward_weights``) and runs under ``torch.autocast(compute_dtype)``; a module whose weights are all
+    such tensors (a norm) returns its floating outputs in the compute dtype when its inputs are (the activations
+    keep the forward's dtype). One ``run`` at a time per engine.
     """
 
     def __init__(
@@ -204,8 +172,10 @@ class ForwardEngine:
         self._tls = threading.local()
         self._lock = threading.Lock()  # one run at a time per engine (the skeleton is shared)
         self.last_peak_copy_bytes = 0
-        for mod in model.module_refs:
+        for mod, refs in model.module_refs.items():
             mod.register_forward_pre_hook(self._pre_hook)
+            if compute_dtype != torch.float32 and all(len(model.manifest.tensor(r.name)[1].shape) < 2 for r in refs):
+                mod.register_forward_hook(self._keep_activation_dtype, with_kwargs=True)
         # the output embedding sees only the hidden states of the label positions (logits [1, n, V],
         # not [B, P, V]); what the family's forward does after it (scaling, soft-capping) is elementwise
         self._head = model.skeleton.get_output_embeddings()
@@ -214,17 +184,17 @@ class ForwardEngine:
 
     # ------------------------------------------------------------------ perturbation
     def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob],
-                    pending: Sequence[UpdateRecord] = ()) -> list[torch.Tensor]:
-        """Each job's weights for block b, made out of place from the clean buffer.
+                    pending: Sequence[UpdateRecord] = ()) -> list[ForwardWeights]:
+        """Each job's weights for block b, made out of place from the clean buffer (``mezo.forward_weights``).
 
         ``clean``: block b's flat [numel] buffer, the fetched base; ``pending``: the update records after it
         (update windows), replayed first (``mezo.replay_block``, fused into the perturbation when one seed
-        serves every job). Returns one [numel] tensor of ``compute_dtype`` per job: ``x + coef * z(seed)``
+        serves every job). Returns one ``ForwardWeights`` per job in ``compute_dtype``: x + coef * z(seed)
         (z over the block's global element indices, generated once per seed for all that seed's
         coefficients), or x itself for ``coef == 0`` and for a frozen block (train.target lora's base
         weights), x being the base with the pending records applied."""
         spec = self.model.manifest.blocks[b]
-        copies: list[torch.Tensor | None] = [None] * len(jobs)
+        dt = self.compute_dtype
         by_seed: dict[int, list[int]] = {}
         for j, job in enumerate(jobs):
             if job.coef != 0.0 and spec.trainable:
@@ -232,15 +202,18 @@ class ForwardEngine:
         replays = pending and spec.trainable and any(not r.skipped for r in pending)
         if replays and len(by_seed) == 1 and sum(map(len, by_seed.values())) == len(jobs):
             (seed, idx), = by_seed.items()  # the usual worker: one seed, both signs, one fused pass
-            outs = replay_block(spec, clean, pending, self.dist, seed, [jobs[j].coef for j in idx], self.compute_dtype)
+            outs = forward_weights(spec, clean, self.dist, seed, [jobs[j].coef for j in idx], dt, pending)
             return [outs[idx.index(j)] for j in range(len(jobs))]
         base = replay_block(spec, clean, pending, self.dist)[0] if replays else clean
-        for j in range(len(jobs)):
-            if j not in {i for idx in by_seed.values() for i in idx}:
-                copies[j] = base if base.dtype == self.compute_dtype else base.to(self.compute_dtype)
+        copies: list[ForwardWeights | None] = [None] * len(jobs)
+        perturbed = {i for idx in by_seed.values() for i in idx}
+        if len(perturbed) < len(jobs):
+            plain = forward_weights(spec, base, self.dist, compute_dtype=dt)[0]
+            for j in range(len(jobs)):
+                if j not in perturbed:
+                    copies[j] = plain
         for seed, idx in by_seed.items():
-            outs = perturb_block(base, spec.global_offset, seed, self.dist, [jobs[j].coef for j in idx], self.compute_dtype)
-            for j, out in zip(idx, outs):
+            for j, out in zip(idx, forward_weights(spec, base, self.dist, seed, [jobs[j].coef for j in idx], dt)):
                 copies[j] = out
         return copies  # type: ignore[return-value]
 
@@ -260,6 +233,30 @@ class ForwardEngine:
         # the whole block at once: a layer may read a parameter of one of its modules without calling it
         for mod in self.model.block_modules[b]:
             self.model.bind(mod, {r.block: run.views(j, r.block) for r in self.model.module_refs[mod]})
+
+    def _keep_activation_dtype(self, _module: torch.nn.Module, args: tuple, kwargs: dict, out: object) -> object:
+        """A 16-bit forward's module whose weights are all float32 vectors (a norm): when its floating inputs are
+        all in the compute dtype, its float32 outputs are rounded to it, as in a forward without float32 vectors
+        (the module's arithmetic used the float32 weights; the activations keep the forward's dtype)."""
+        dt = self.compute_dtype
+        floats = [a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        if not floats or any(d != dt for d in floats):
+            return None
+
+        def cast(x: object) -> object:
+            if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+                return x.to(dt)
+            if type(x) in (tuple, list):
+                return type(x)(cast(v) for v in x)
+            return x
+
+        return cast(out)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """A 16-bit forward runs under torch.autocast (its float32 vectors meet 16-bit activations)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _gather_label_positions(self, _module: torch.nn.Module, args: tuple) -> tuple | None:
         picks = getattr(self._tls, "picks", None)
@@ -310,7 +307,7 @@ class ForwardEngine:
         self._tls.ctx = (run, j)
         try:
             run.lockstep.wait_turn(j)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 results[j] = self._forward(run.jobs[j])
         except BaseException as exc:  # reported to the caller after every job has finished
             errors[j] = exc
@@ -414,11 +411,3 @@ def resolve_device(name: str | torch.device) -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"device {str(name)!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     return device
-
-
-def compute_dtype_for(device: torch.device, served_dtype: str) -> torch.dtype:
-    """What the forward computes in: fp32, except on a GPU fed 16-bit weights (GPU-only: 16-bit compute)."""
-    if device.type == "cuda" and served_dtype != "float32":
-        return DTYPES[served_dtype]
-    return torch.float32
-

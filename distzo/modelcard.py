@@ -71,7 +71,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
         "target": _target_text(t) + (" (exported merged into the base)" if merged else ""),
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
-        "perturbation scale eps": t.eps,
+        "perturbation scale eps": _eps_text(cfg),
         "batch size": t.batch_size,
         "weight decay": t.weight_decay,
         "master seed": t.seed,
@@ -112,3 +112,13 @@ def write_model_card(out_dir: str | Path, text: str) -> Path:
     path = Path(out_dir) / CARD_FILE
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _eps_text(cfg: Any) -> str:
+    """train.eps, and what the forwards perturbed by when they computed in 16 bits (issue 29). ``cfg``: a JobConfig."""
+    from distzo.precision import forward_dtype_name, job_precision
+
+    used = job_precision(cfg)
+    if forward_dtype_name(cfg) == "float32":
+        return f"{cfg.train.eps}"
+    return f"{cfg.train.eps} ({forward_dtype_name(cfg)} forwards: {used.eps:g}, 1-D tensors in float32)"

@@ -383,9 +383,10 @@ class BlockModel:
             state.update(block_views(spec, buf))
         return state
 
-    def views(self, block: BlockSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameter name -> view of its shape into ``flat``, the block's [numel] buffer (no copy)."""
-        return block_views(block, flat)
+    def views(self, block: BlockSpec, flat: torch.Tensor, vectors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Parameter name -> view of its shape into ``flat``, the block's [numel] buffer (no copy); with ``vectors``
+        the tensors of rank < 2 are views of it (``blocks.block_views``)."""
+        return block_views(block, flat, vectors)
 
     # ------------------------------------------------------------------ binding
     def bind(self, module: nn.Module, block_views_of: "dict[int, dict[str, torch.Tensor]]") -> None:

@@ -22,12 +22,13 @@ from distzo.durable import write_atomic
 from distzo.export import check_destination, export_model_dir
 from distzo.locks import DirLock
 from distzo.modelcard import model_card
-from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, compute_dtype_for, resolve_device
+from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed, resolve_device
 from distzo.jobdata import EvalTally, JobData
 from distzo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
 from distzo.modeling import BlockModel
 from distzo.objective import forward_sums
 from distzo.optim import Optimizer
+from distzo.precision import PerturbationReport, forward_dtypes, job_precision, job_report
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
 from distzo.runlog import RUN_LOCK, RunLog, make_run_dir
@@ -61,8 +62,10 @@ class ReferenceTrainer:
         self.device = resolve_device(cfg.runtime.device)
         if resident:
             self.buffers = [b.to(self.device) for b in self.buffers]
+        self.precision = job_precision(cfg)  # what the forwards compute in, and their eps
         self.engine = ForwardEngine(self.model, cfg.train.distribution, device=self.device,
-                                    compute_dtype=compute_dtype_for(self.device, cfg.server.served_dtype))
+                                    compute_dtype=self.precision.compute_dtype)
+        self._perturbation: PerturbationReport | None = None
         # the optimizer's per-parameter state (train.optimizer momentum/adam), as the server keeps it:
         # for the trainable blocks only (a frozen block never changes)
         self.optimizer = Optimizer.from_config(cfg.train)
@@ -90,6 +93,12 @@ class ReferenceTrainer:
         base = base_version(step, self.window)
         return self.feed(base), self.log.records[base:step]
 
+    def perturbation(self) -> PerturbationReport:
+        """What the forwards keep of the perturbation, on the initial weights (``precision.job_report``; measured once)."""
+        if self._perturbation is None:
+            self._perturbation = job_report(self.cfg, self.model.manifest, self.job.model_dir)
+        return self._perturbation
+
     def step(self, t: int) -> StepOutcome:
         """Run step ``t`` (forwards, g, update of the in-memory master) and return its outcome."""
         t0 = time.perf_counter()
@@ -100,7 +109,7 @@ class ReferenceTrainer:
     def _forwards(self, plan: StepPlan, batches: Sequence[Batch], attempt: int) -> tuple[Losses, int]:
         """Every forward of the layout, in this process: (S, N) per (direction, shard, sign), tokens."""
         roles = all_roles(self.cfg.layout)
-        eps = self.cfg.train.eps
+        eps = self.precision.eps
         objective, cands = self.cfg.train.objective, self.job.train_candidates
         jobs = [ForwardJob(batches[r.shard], seed=plan.seeds[r.direction], coef=r.sign * eps, want_scores=bool(cands),
                            candidates=cands) for r in roles]
@@ -154,7 +163,7 @@ class ReferenceTrainer:
                merge: bool) -> dict[str, Any]:
         cfg = self.cfg
         apply_runtime_threads(cfg)
-        generator.warm_up(self.device, cfg.train.distribution, [self.engine.compute_dtype],
+        generator.warm_up(self.device, cfg.train.distribution, forward_dtypes(self.engine.compute_dtype),
                           cfg.layout.q)  # like every service, before the clock starts
         if run_dir is not None:
             self.run_log = RunLog(run_dir)
@@ -191,6 +200,8 @@ class ReferenceTrainer:
             "tokens_per_second": self.log.tokens / self.train_seconds if self.train_seconds > 0 else 0.0,
             "wall_seconds": time.perf_counter() - start,
             "out_dir": str(out_dir) if out_dir is not None else None,
+            "perturbation": self.perturbation().line(),
+            "perturbation_warning": self.perturbation().warning(),
         }
         if out_dir is not None:  # on copies of the buffers, with its card, moved into place whole
             export_model_dir(self.model, self.buffers, out_dir, merge=merge,

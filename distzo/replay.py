@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from distzo.generator import (_ALIGN, Distribution, _check_offset, _key, _triton_available, perturb_torch, run_split,
-                              update_torch)
+from distzo import generator
+from distzo.generator import _ALIGN, Distribution, _check_offset, _key, perturb_torch, run_split, update_torch
 from distzo.served import served_kind, to_served
 from distzo.windowkernels import rademacher_window_aligned, replay_perturb_kernel, window_kernel
 
@@ -132,7 +132,7 @@ def replay_perturb_device(clean: torch.Tensor, offset: int, packed: PackedRecord
     ``perturb_torch``; the same bits)."""
     _check_offset(offset, clean.shape[0])
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
-    if clean.is_cuda and clean.is_contiguous() and _triton_available():  # GPU-only
+    if generator._use_triton(clean):  # GPU-only (and the interpreter tests)
         from distzo import generator_cuda
 
         generator_cuda.replay_perturb(clean, offset, packed, _key(seed), [float(c) for c in coefs], out, gaussian,

@@ -26,6 +26,7 @@ from distzo.jobdata import JobData
 from distzo.logs import kv
 from distzo.mezo import StepOutcome, UpdateRecord, make_update
 from distzo.plan import StepPlan, step_plan
+from distzo.precision import job_precision
 from distzo.runlog import RunLog, mean_finite
 
 log = logging.getLogger("distzo.step")
@@ -104,13 +105,14 @@ def run_step(cfg: JobConfig, t: int, data: JobData, forwards: Forwards, update: 
     Raises TrainingStopped when the policy stops the run (the record is then neither logged nor sent).
     """
     tc = cfg.train
+    eps = job_precision(cfg).eps  # the forwards' (train.eps_bf16 for bfloat16 forwards): g's denominator
     t0 = time.perf_counter()
     plan = step_plan(cfg, t, len(data.train))
     batches = data.shard_batches(plan)
     retries = 0
     for attempt in range(tc.nonfinite_retries + 1):
         losses, tokens = forwards(plan, batches, attempt)
-        outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, tc.eps, plan.lr, tc.weight_decay, tc.grad_clip)
+        outcome = make_update(t, plan.seeds, losses, cfg.layout.ddp, eps, plan.lr, tc.weight_decay, tc.grad_clip)
         if not outcome.nonfinite:
             break
         if attempt < tc.nonfinite_retries:

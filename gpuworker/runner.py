@@ -16,7 +16,8 @@ import torch
 from distzo.blocks import ITEMSIZE
 from distzo.config import JobConfig
 from distzo.data import Batch, DataError
-from distzo.forward import ForwardEngine, ForwardJob, compute_dtype_for
+from distzo.forward import ForwardEngine, ForwardJob
+from distzo.precision import forward_dtypes, job_precision
 from distzo.logs import kv
 from distzo.mezo import UpdateRecord
 from distzo.adapters import adapter_from_train
@@ -45,8 +46,10 @@ class ModelRunner:
         if self.model.manifest.to_json() != manifest_json:
             raise RuntimeError("this worker cuts the model into different blocks than the parameter server "
                                "(transformers versions differ?)")
+        # the job's precision (train.forward_dtype; auto: from runtime.device), whatever this worker's device:
+        # every forward of a step computes the same way, and the coordinator divides by the same eps
         self.engine = ForwardEngine(self.model, cfg.train.distribution, device=device,
-                                    compute_dtype=compute_dtype_for(device, client.served_dtype))
+                                    compute_dtype=job_precision(cfg).compute_dtype)
         itemsize = ITEMSIZE[client.served_dtype]
         k = node.size if node is not None else 1
         biggest = max(-(-b.numel // k) * k * itemsize for b in self.model.manifest.blocks)
@@ -69,7 +72,7 @@ class ModelRunner:
         """Compile/load every kernel variant this worker will launch, before the first assignment."""
         from distzo import generator
 
-        generator.warm_up(self.device, self.cfg.train.distribution, [self.engine.compute_dtype])
+        generator.warm_up(self.device, self.cfg.train.distribution, forward_dtypes(self.engine.compute_dtype))
 
     def close(self) -> None:
         if self.direct is not None:

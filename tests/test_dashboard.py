@@ -225,7 +225,7 @@ def test_dashboard_covers_the_services() -> None:
         "distzo_paramserver_version_lag", "distzo_paramserver_applied_version", "distzo_paramserver_journal_bytes",
         "distzo_paramserver_snapshot_duration_seconds_sum", "distzo_paramserver_snapshot_bytes",
         "distzo_workers", "distzo_reassignments_total", "distzo_skipped_steps_total", "distzo_late_reports_total",
-        "distzo_eval_dev_accuracy", "distzo_eval_dev_loss",
+        "distzo_eval_dev_accuracy", "distzo_eval_dev_loss", "distzo_perturbation_rms_error_ratio",
         "distzo_grpc_server_handled_total", "distzo_grpc_server_handling_seconds_bucket",
     }
     assert wanted <= used, f"not on the dashboard: {sorted(wanted - used)}"

@@ -70,6 +70,26 @@ def test_the_replay_on_cuda_equals_the_cpu_bits(preset, dist, served):
                 assert b.device.type == "cuda" and torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8)), spec.name
 
 
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_weights_on_cuda_equal_the_cpu_bits(preset, dist, dtype):
+    """Issue 29's definition (mezo.forward_weights): the 16-bit copy and the float32 1-D tensors, with and without
+    pending records, every block of tiny-opt (norms and biases between its matrices)."""
+    from distzo.mezo import forward_weights
+    from distzo.served import to_served
+
+    specs, buffers = model_blocks(preset)
+    pending = [UpdateRecord(t, (Direction(11 + t, 0.7),), 1e-3, 0.01) for t in range(3)]
+    for spec, buf in zip(specs, buffers):
+        base = to_served(buf, "bfloat16")
+        for recs in ((), pending):
+            cpu = forward_weights(spec, base, Distribution(dist), 1234, [4e-3, -4e-3], dtype, recs)
+            gpu = forward_weights(spec, base.cuda(), Distribution(dist), 1234, [4e-3, -4e-3], dtype, recs)
+            for a, b in zip(cpu, gpu):
+                assert b.main.device.type == "cuda" and torch.equal(a.main.view(torch.uint8), b.main.cpu().view(torch.uint8))
+                assert torch.equal(a.vectors.view(torch.uint8), b.vectors.cpu().view(torch.uint8)), spec.name
+
+
 @pytest.mark.parametrize("layout,workers,served,window", [("dual", 1, "float32", 1), ("ddp", 2, "float32", 1),
                                                           ("pertp", 2, "float32", 1), ("dual", 1, "bfloat16", 1),
                                                           ("dual", 1, "bfloat16", 4)])

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.cluster
 ADAPTER = {"lr": 1e-2, "eps": 1e-2}
 STEP_KEYS = ("step", "loss", "loss_plus", "loss_minus", "g", "lr", "tokens", "skipped")  # all but the time
 SUMMARY_KEYS = ("final_loss", "start_loss", "dev_loss", "dev_accuracy", "zero_shot_dev_loss", "zero_shot_dev_accuracy",
-                "steps", "train_tokens", "skipped_steps", "model", "layout", "workers")
+                "steps", "train_tokens", "skipped_steps", "model", "layout", "workers", "perturbation")
 
 
 def same_run_log(run_dir: Path, ref_run_dir: Path) -> None:
@@ -103,7 +103,9 @@ CASES = {
     # PertP with an adapter (one sign per worker, the frozen base kept by each worker), the bfloat16 served copy,
     # update windows of 2 (step 3 and the final eval read base 2 from the second slot, which a frozen block shares
     # with the first)
-    "pertp-prefix-window2-bf16": Case("pertp", 2, train={**ADAPTER, "target": "prefix"}, served="bfloat16", window=2),
+    # with forwards computed in bfloat16 as on a GPU (issue 29: 1-D tensors float32 under autocast, eps_bf16)
+    "pertp-prefix-window2-bf16": Case("pertp", 2, train={**ADAPTER, "target": "prefix", "forward_dtype": "bfloat16"},
+                                      served="bfloat16", window=2),
     # 2d = PertP x DDP with the f1 objective over data shards, momentum state, float16 serving, on a family whose
     # embedding block holds a layer norm (bloom)
     "2d-momentum-f1-fp16-bloom": Case("2d", 4, train={"optimizer": "momentum", "objective": "f1", "eps": 1e-2,
@@ -119,7 +121,8 @@ CASES = {
     "ddp-lora-momentum-merge": Case("ddp", 2, train={**ADAPTER, "target": "lora", "optimizer": "momentum"}, merge=True),
     # update windows of 4 (above) with 2d in two node groups of 2 (each member rebuilds its slice at the step's
     # version before the gather), bfloat16 served (the forwards read the rounded base)
-    "2d-nodegroups-window4-bf16": Case("2d", 4, node_size=2, served="bfloat16", train=WINDOWED_TRAIN, **WINDOWED),
+    "2d-nodegroups-window4-bf16": Case("2d", 4, node_size=2, served="bfloat16",
+                                       train={**WINDOWED_TRAIN, "forward_dtype": "bfloat16"}, **WINDOWED),
     # update windows of 4 with q = 2 directions (records of two directions replayed), float32 served
     "q2-window4-f32": Case("dual", 2, q=2, train=WINDOWED_TRAIN, **WINDOWED),
 }
@@ -152,6 +155,8 @@ def test_up_equals_the_reference_bitwise(cache_dir, tmp_path, references, family
     if target != "full" and not case.merge:
         assert json.loads((tmp_path / "dist" / "adapter_config.json").read_text())["peft_type"] == \
             {"lora": "LORA", "prefix": "PREFIX_TUNING"}[target]
+    forward = case.train.get("forward_dtype", "auto")  # the perturbation the forwards see, said at the start
+    assert summary["perturbation"].startswith(f"{'bfloat16' if forward == 'bfloat16' else 'float32'} forwards at eps ")
     if case.window == WINDOWED["window"]:  # every evaluation replays the records after its base
         assert [e["step"] for e in summary["eval_history"]] == [0, 5, 10, 13]
 
