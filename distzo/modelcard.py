@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from distzo.errors import counted
+from distzo.runlog import loss_window
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub spells ids
@@ -97,7 +98,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]  # as configured, not rounded
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
-    window = counted(min(10, steps_done), "step") if steps_done > 0 else "10 steps"  # TrainLog.final_loss's window
+    window = counted(loss_window(steps_done), "step")  # TrainLog.final_loss's window
     for key, text in METRIC_NAMES:
         text = text.format(window=window)
         if key == "final_loss" and t.objective != "loss":  # the scalar trained on is minus the batch accuracy

@@ -30,7 +30,7 @@ from distzo.objective import forward_sums
 from distzo.optim import Optimizer
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
-from distzo.runlog import RUN_LOCK, RunLog, make_run_dir
+from distzo.runlog import RUN_LOCK, RunLog, loss_window, make_run_dir
 from distzo.step import Losses, TrainingStopped, TrainLog, run_step
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
@@ -53,6 +53,12 @@ class ReferenceTrainer:
     def __init__(self, cfg: JobConfig, job: JobData | None = None, resident: bool = False):
         """``resident``: keep the master weights on runtime.device (all-on-GPU MeZO, for the benchmarks;
         the model must fit there). By default they stay in host memory, as on the parameter server."""
+        if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size
+            from distzo.defaults import resolve
+
+            cfg = resolve(cfg, job.model_dir if job is not None else None)[0]
+            if job is not None:
+                job.cfg = cfg
         self.cfg = cfg
         self.job = job or JobData.load(cfg)
         self.model = BlockModel.from_dir(self.job.model_dir, adapter_from_train(cfg.train))
@@ -171,7 +177,9 @@ class ReferenceTrainer:
             bar.update(1)
             bar.set_postfix(loss=f"{outcome.loss:.4f}")
             if cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0 and t + 1 < cfg.train.steps:
+                bar.set_postfix_str("evaluating (dev split)")
                 self.evaluate(t + 1)
+        bar.set_postfix_str("evaluating (dev split)")
         bar.close()
         final_eval = self.evaluate(cfg.train.steps)
         summary = {
@@ -183,6 +191,7 @@ class ReferenceTrainer:
             "steps": cfg.train.steps,
             **eval_summary(self.log.evals),
             "start_loss": self.log.start_loss(),
+            "loss_window": loss_window(len(self.log.losses)),
             "final_loss": self.log.final_loss(),
             "dev_loss": final_eval["dev_loss"],
             "dev_accuracy": final_eval["dev_accuracy"],

@@ -56,12 +56,29 @@ def test_the_card_is_generic_on_the_adapter_target():
     assert "| target | prefix-tuning (peft; 5 virtual tokens; base frozen) |" in card
 
 
-@pytest.mark.parametrize("steps,window", [(3, "3 steps"), (1, "1 step"), (25, "10 steps")])
+@pytest.mark.parametrize("steps,window", [(3, "1 step"), (1, "1 step"), (12, "6 steps"), (25, "10 steps")])
 def test_the_card_and_the_report_name_the_steps_their_loss_means_cover(steps, window):
+    """The start and final loss average 10 steps, or half of a shorter run: they never overlap (issue 25)."""
+    from coordinator.summary import print_summary
+
     assert f"training loss at the end (mean of the last {window}) | 2.0000 |" in model_card(config(), METRICS, steps)
     history = RunHistory([{"step": i, "loss": 1.0 + i, "tokens": 10, "time_s": 1.0 + i} for i in range(steps)])
-    n = min(steps, 10)
+    n = int(window.split()[0])
     assert f"(first {window}) -> " in text_report(history) and f"(last {n})" in text_report(history)
+    if steps > 1:  # the two means are over different steps, and the summary says which
+        assert f"training loss: {1.0 + (n - 1) / 2:.4f}" in text_report(history)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_summary({"steps": steps, "start_loss": 1.0, "final_loss": 2.0, "loss_window": n}, False)
+    text = out.getvalue()
+    if steps == 1:
+        assert "the run's one step: start and final loss are the same step" in text
+    else:
+        assert f"(mean of steps 0-{n - 1})" in text or f"(step 0)" in text
+        assert f"(mean of steps {steps - n}-{steps - 1})" in text or f"(step {steps - 1})" in text
 
 
 @pytest.mark.parametrize("lora,merge", [(False, False), (True, False), (True, True)])
