@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
@@ -39,6 +39,8 @@ from coordinator.rounds import BadInput, Round, RoundFailed
 from paramserver.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 
+ENDED = ("stopped", "done", "failed")  # a job in one of these states does not change any more
+
 log = logging.getLogger("distzo.coordinator.job")
 
 
@@ -53,6 +55,11 @@ def _nan(value: float | None) -> float:
 class Job:
     def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials,
                  run_dir: str | None = None):
+        if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size
+            from distzo.defaults import resolve
+
+            cfg, said = resolve(cfg)
+            log.info("defaults", extra=kv(settings=said))
         self.cfg = cfg
         self.registry = registry
         self.param_servers = param_servers
@@ -68,6 +75,8 @@ class Job:
         self._last_round: Round | None = None  # the round whose losses made the current step's record
         self._stop = threading.Event()
         self._paused = threading.Event()
+        self._changed = threading.Condition()  # notified on every change of state (pause and resume wait for it)
+        self.activity = ""  # "evaluating" while the dev split runs (JobStatus.activity)
         self._eval_requests: list[threading.Event] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -89,19 +98,31 @@ class Job:
 
     @state.setter
     def state(self, value: str) -> None:
-        self._state = value
-        set_job_state(value)
+        with self._changed:
+            self._state = value
+            set_job_state(value)
+            self._changed.notify_all()
+
+    def wait_state(self, done: Callable[[str], bool], timeout_s: float) -> str:
+        """Wait until ``done(state)`` or the job ends (at most ``timeout_s``); return the state then."""
+        with self._changed:
+            self._changed.wait_for(lambda: done(self._state) or self._state in ENDED, timeout_s)
+            return self._state
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="job", daemon=True)
         self._thread.start()
 
-    def pause(self) -> None:
+    def pause(self, timeout_s: float = 0.0) -> str:
+        """Pause after the current step (or evaluation); wait up to ``timeout_s`` for it and return the state."""
         self._paused.set()
+        return self.wait_state(lambda s: s == "paused" or not self._paused.is_set(), timeout_s)
 
-    def resume(self) -> None:
+    def resume(self, timeout_s: float = 0.0) -> str:
+        """Resume a paused job; wait up to ``timeout_s`` for it to leave the paused state and return the state."""
         self._paused.clear()
+        return self.wait_state(lambda s: s != "paused" or self._paused.is_set(), timeout_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -369,6 +390,13 @@ class Job:
 
     # ------------------------------------------------------------------ eval
     def _evaluate(self) -> dict[str, Any]:
+        self.activity = "evaluating"
+        try:
+            return self._run_eval()
+        finally:
+            self.activity = ""
+
+    def _run_eval(self) -> dict[str, Any]:
         assert self.data is not None
         chunks = self.data.eval_chunks()
         forwards = {i: cpb.ForwardSpec(shard=i, sign=0, want_scores=True, candidates=c) for i, (_, _, c) in enumerate(chunks)}
@@ -399,6 +427,7 @@ class Job:
             loss=p.losses[-1] if p.losses else math.nan,
             error=self.error, error_kind=self.error_kind, layout=self.cfg.layout.name, layout_workers=self.cfg.layout.workers,
             resumed_from=self.resumed_from, model=self.cfg.model.source, wall_seconds=now - self.started_at,
+            activity=self.activity,
             **p.status_fields(),
         )
         for e in p.evals:
