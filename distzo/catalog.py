@@ -397,6 +397,17 @@ def resolve_task(source: str | None, cache_dir: str | None = None) -> tuple[Path
     return path, None
 
 
+def check_sources(model: str, train: str | None, dev: str | None, cache_dir: str | None = None) -> None:
+    """Refuse (MaterialError) a job's model or data that names nothing: an unknown name, a missing file, a catalog
+    item not fetched. Light on purpose (no torch, no transformers, nothing built): ``zoctl up`` and ``zoctl
+    reference`` call it before they import the heavy stack, so a misspelled name is refused in well under a second."""
+    if model not in PRESETS:  # a preset is built (once) when the job loads it
+        resolve_model(model, cache_dir)
+    resolve_task(train, cache_dir)
+    if dev is not None:
+        resolve_task(dev, cache_dir)
+
+
 def _did_you_mean(name: str, names: list[str]) -> str:
     import difflib
 

@@ -103,8 +103,10 @@ class TrainSection(_Section):
                 "eval_every": NOT, "eval_at_start": NOT}  # evaluations read the weights, never change them
     steps: int = Field(1000, ge=1, le=MAX_STEPS)
     batch_size: int = Field(16, ge=1, le=INT32_MAX)
-    eps: float = Field(1e-3, gt=0, description="perturbation scale")
-    lr: float = Field(5e-4, gt=0)
+    eps: float | None = Field(None, gt=0, description="perturbation scale; null: the default for train.target "
+                              "(1e-3 full, 1e-2 lora, 1e-1 prefix; distzo/defaults.py)")
+    lr: float | None = Field(None, gt=0, description="learning rate; null: the default for train.target and the "
+                             "model's size (distzo/defaults.py; zoctl up and zoctl reference print the one in use)")
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -143,7 +145,7 @@ class TrainSection(_Section):
     def _decay_step_below_one(self) -> "TrainSection":
         """The parameter server refuses an update with lr x weight_decay >= 1 (it would flip or zero every weight):
         refused here, before the run, not at its first update (no schedule goes above lr)."""
-        if self.lr * self.weight_decay >= 1:
+        if self.lr is not None and self.lr * self.weight_decay >= 1:
             raise ValueError(f"train.lr x train.weight_decay = {self.lr} x {self.weight_decay} = "
                              f"{self.lr * self.weight_decay:g} must be below 1 (each step multiplies a weight by "
                              "1 - lr x weight_decay)")
