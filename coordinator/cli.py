@@ -173,7 +173,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from distzo.report import text_report, write_report
-    from distzo.runlog import loss_window, read_history
+    from distzo.runlog import read_history
 
     history = read_history(args.run_dir)
     if not history.steps and not history.evals:
@@ -216,6 +216,21 @@ def check_local_gpus(cfg) -> None:  # noqa: ANN001 - a JobConfig
                        f"{torch.cuda.device_count()}: lower layout.node_size or set runtime.device: cpu")
 
 
+def run_summary(cluster, st, run_dir: Path, out_dir: str, wall_s: float) -> dict[str, Any]:  # noqa: ANN001
+    """The summary of a local cluster's run: the coordinator's final status and the run log (both cover the whole
+    run, also across a coordinator restart), the report drawn, where the run started, and the restarts."""
+    from distzo.report import start_loss, write_report
+    from distzo.runlog import loss_window, read_history
+
+    history = read_history(run_dir)
+    links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}  # zoctl up --hosts
+    return summary_from_status(st, wall_s, out_dir, {
+        "task": cluster.cfg.data.train or "sst2-synth", "run_dir": str(run_dir), "restarts": dict(cluster.restarts),
+        "resumed_from": cluster.started_at_step if cluster.started_at_step is not None else st.resumed_from,
+        "start_loss": start_loss(history), "loss_window": loss_window(len(history.steps)),
+        **write_report(run_dir), **links})
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from distzo.procs import ServiceFailed
     from coordinator.local import LocalCluster, check_run_dir
@@ -228,8 +243,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         check_can_make_hosts()  # not root: one line, exit 2, before anything is loaded
 
     from distzo.jobdata import JobData  # torch and transformers: only now
-    from distzo.report import start_loss, write_report
-    from distzo.runlog import read_history
 
     out_dir = args.out or str(run_dir / "model")  # as given: the summary's paths are all relative, or all absolute
     check_out(out_dir, cfg)  # a destination the final export would refuse: refused before the run, not after it
@@ -260,13 +273,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"zoctl: training stopped at step {st.step} of {st.total_steps} (zoctl stop); exporting that",
                   file=sys.stderr)
         cluster.export(out_dir, merge=args.merge)
-        history = read_history(run_dir)
-        links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}  # zoctl up --hosts
-        summary = summary_from_status(st, time.monotonic() - t0, out_dir,
-                                      {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),
-                                       "restarts": dict(cluster.restarts), "start_loss": start_loss(history),
-                                       "loss_window": loss_window(len(history.steps)),
-                                       **write_report(run_dir), **links})
+        summary = run_summary(cluster, st, run_dir, out_dir, time.monotonic() - t0)
     except ServiceFailed as exc:
         if exc.code == EXIT_BAD_INPUT:  # a service refused its input: its own one-line error, exit 2
             lines = [line for line in str(exc).splitlines() if line.strip()]

@@ -88,7 +88,6 @@ class Job:
         self.identity = job_identity(cfg)
         self.job_id = job_id(self.identity)
         self._claimed = False
-        self.elapsed_before = 0.0  # training seconds of the run before this coordinator resumed it
         # update windows: the records a step's workers replay on their base (distzo.mezo.base_version)
         self.records: dict[int, UpdateRecord] = {}
 
@@ -148,7 +147,8 @@ class Job:
             if self._stop.is_set():
                 self.state = "stopped"
             else:
-                self._evaluate()
+                if self._eval_due(self.step):  # the final evaluation (once, also across a restart)
+                    self._evaluate()
                 self.state = "done"
         except (JobFailed, RoundFailed, TrainingStopped, FetchError) as exc:
             if self._stop.is_set():
@@ -202,7 +202,10 @@ class Job:
             self.progress.losses = [r["loss"] if r.get("loss") is not None else math.nan for r in history.steps]
             self.progress.evals = [{**e, "dev_loss": _nan(e["dev_loss"]), "dev_accuracy": _nan(e["dev_accuracy"])}
                                    for e in history.evals]
-            self.elapsed_before = history.elapsed_s
+            # the totals a summary reports are the whole run's: what the coordinator before this one counted too
+            self.progress.tokens = sum(int(r.get("tokens") or 0) for r in history.steps)
+            self.progress.skipped_steps = sum(1 for r in history.steps if r.get("skipped"))
+            self.progress.train_seconds = history.elapsed_s
         self.state = "waiting_for_workers"
         need = cfg.layout.workers
         ok = self.registry.wait_for(lambda: sum(len(u) for u in self.registry.units()) >= need or self._stop.is_set(),
@@ -224,8 +227,8 @@ class Job:
 
     def _train(self) -> None:
         cfg = self.cfg
-        if self.step == 0 and cfg.train.eval_at_start:
-            self._evaluate()  # the zero-shot figures
+        if self._eval_due(self.step):  # the zero-shot figures, or the evaluation a coordinator before this one missed
+            self._evaluate()
         for t in range(self.step, cfg.train.steps):
             self._between_steps()
             if self._stop.is_set():
@@ -237,6 +240,15 @@ class Job:
             set_worker_gauges(w.state for w in list(self.registry.workers.values()))
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self._evaluate()
+
+    def _eval_due(self, step: int) -> bool:
+        """An evaluation is scheduled after ``step`` steps (0: zero-shot) and the run log does not hold it yet."""
+        t = self.cfg.train
+        if any(e["step"] == step for e in self.progress.evals):  # evaluated before a restart: the same weights
+            return False
+        if step == 0:
+            return t.eval_at_start
+        return step == t.steps or (bool(t.eval_every) and step % t.eval_every == 0 and step < t.steps)
 
     def _between_steps(self) -> None:
         while True:
@@ -297,7 +309,7 @@ class Job:
         s0 = time.perf_counter()
         self._last_round = None
         run_step(self.cfg, t, self.data, self._forwards, self._update, self.progress, self.run_log,
-                 elapsed_s=lambda: self.elapsed_before + self.progress.train_seconds + time.perf_counter() - s0,
+                 elapsed_s=lambda: self.progress.train_seconds + time.perf_counter() - s0,
                  observe=self.progress.on_outcome)
         assert self._last_round is not None
         self.progress.on_step_round(self._last_round)

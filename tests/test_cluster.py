@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from distzo.config import JobConfig
+from distzo.runlog import read_history
 from coordinator.local import LocalCluster
 
 from clusterhelpers import wait_until
@@ -95,10 +96,15 @@ def run_cluster(tmp_path: Path, cfg: JobConfig, during=None) -> tuple[LocalClust
 
 def reference_export(tmp_path: Path, cfg: JobConfig) -> Path:
     """The reference's export (tmp/ref), with its run log in tmp/ref-run."""
+    return reference_run(tmp_path, cfg)[0]
+
+
+def reference_run(tmp_path: Path, cfg: JobConfig) -> tuple[Path, dict]:
+    """The reference's export (tmp/ref) and its summary, with its run log in tmp/ref-run."""
     from distzo.reference import ReferenceTrainer
 
-    ReferenceTrainer(cfg).train(out_dir=tmp_path / "ref", progress=False, run_dir=tmp_path / "ref-run")
-    return tmp_path / "ref"
+    summary = ReferenceTrainer(cfg).train(out_dir=tmp_path / "ref", progress=False, run_dir=tmp_path / "ref-run")
+    return tmp_path / "ref", summary
 
 
 def base_config(cache_dir: str, steps: int = 12, **sections) -> JobConfig:
@@ -128,8 +134,9 @@ def test_pause_and_resume_give_the_same_weights(cache_dir, tmp_path):
         from protos import coordinator_pb2 as cpb
 
         at_step(cluster, 3)
-        cluster.stub().Pause(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
-        wait_until(lambda: cluster.status().state == "paused", what="paused")
+        reply = cluster.stub().Pause(cpb.ControlRequest(), timeout=60, metadata=cluster.creds.call_metadata())
+        # the reply is the state after the command, with the workers (issue 25: it was the state before, no workers)
+        assert reply.state == "paused" and [w.pid for w in reply.workers] == [cluster.processes["worker-0"].pid], reply
         step = cluster.status().step
         time.sleep(1.0)
         assert cluster.status().step == step  # nothing moves while paused
@@ -139,7 +146,8 @@ def test_pause_and_resume_give_the_same_weights(cache_dir, tmp_path):
         # (it is restarted only once cluster.wait() supervises): the job waits for it instead of failing
         cluster.processes["worker-0"].kill(signal.SIGKILL)
         wait_until(lambda: [w.state for w in cluster.status().workers] == ["lost"], what="worker-0 lost")
-        cluster.stub().Resume(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
+        reply = cluster.stub().Resume(cpb.ControlRequest(), timeout=60, metadata=cluster.creds.call_metadata())
+        assert reply.state == "running" and [w.state for w in reply.workers] == ["lost"], reply
 
     cluster, _ = run_cluster(tmp_path, cfg, pause_resume)
     assert cluster.restarts == {"worker-0": 1}
@@ -158,10 +166,19 @@ def test_a_killed_process_is_replaced_and_the_weights_do_not_change(cache_dir, t
     assert cluster.restarts == {victim: 1}
     if victim == "coordinator":
         assert st.resumed_from >= 4  # picked up from the parameter server's journal
-    assert same_weights(tmp_path / "dist", reference_export(tmp_path, cfg))
-    # the run log covers the whole run, before and after the restart, with the reference's numbers
-    from distzo.runlog import read_history
+    ref_dir, ref_summary = reference_run(tmp_path, cfg)
+    assert same_weights(tmp_path / "dist", ref_dir)
+    # every figure of the summary is the undisturbed run's: tokens, losses, evaluations, whole-run times
+    # (issue 25, kind 2: a restarted coordinator counted only what it had done itself)
+    from coordinator.cli import run_summary
 
+    summary = run_summary(cluster, st, tmp_path / "run", str(tmp_path / "dist"), 0.0)
+    timing = {"mode", "wall_seconds", "tokens_per_second", "out_dir", "step_log", "eval_log", "report"}
+    assert {k: v for k, v in summary.items() if k in set(ref_summary) - timing} == \
+        {k: v for k, v in ref_summary.items() if k not in timing}
+    assert summary["resumed_from"] == 0 and summary["restarts"] == {victim: 1}
+    assert st.train_seconds >= read_history(tmp_path / "run").elapsed_s > 0  # the run's training time, not the last part
+    # the run log covers the whole run, before and after the restart, with the reference's numbers
     dist, ref = read_history(tmp_path / "run"), read_history(tmp_path / "ref-run")
     assert [r["step"] for r in dist.steps] == list(range(cfg.train.steps))
     assert [(r["loss"], r["g"], r["lr"]) for r in dist.steps] == [(r["loss"], r["g"], r["lr"]) for r in ref.steps]
@@ -235,8 +252,9 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
         assert probe.returncode == 0, probe.stderr  # the pod's readiness probe: worker 0 has its session and job
         assert doc["state"] in ("running", "paused") and doc["workers"][0]["pid"] == cluster.processes["worker-0"].pid
         assert isinstance(doc["step"], int) and isinstance(doc["total_steps"], int)  # int64 as numbers, not text
-        assert zoctl("pause", *target).returncode == 0
-        wait_until(lambda: cluster.status().state == "paused", what="paused")
+        paused = zoctl("pause", *target)  # says the state after the command, and lists the workers (issue 25)
+        assert paused.returncode == 0 and "job: paused" in paused.stdout, paused.stdout
+        assert str(cluster.processes["worker-0"].pid) in paused.stdout.splitlines()[-1], paused.stdout
         snap = zoctl("snapshot", *target)
         assert snap.returncode == 0 and "snapshot at version" in snap.stdout
         exp = zoctl("export", str(tmp_path / "mid"), *target)
@@ -246,6 +264,8 @@ def test_zoctl_status_and_control_of_a_running_cluster(cache_dir, tmp_path):
         assert "| dev accuracy before training (step 0) | 0." in card and "| batch size | 8 |" in card, card
         no_token = zoctl("pause", "--coordinator", cluster.coordinator_address)
         assert no_token.returncode == 2 and "bearer token" in no_token.stderr
+        resumed = zoctl("resume", *target)
+        assert resumed.returncode == 0 and "job: running" in resumed.stdout, resumed.stdout
         assert zoctl("stop", *target).returncode == 0
         assert cluster.status().state == "stopped"
     finally:
