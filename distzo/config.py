@@ -126,8 +126,9 @@ class TrainSection(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay beta1 (train.optimizer adam)")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="second-moment decay beta2 (train.optimizer adam)")
     adam_eps: float = Field(1e-8, gt=0, description="denominator offset epsilon of adam (train.optimizer adam)")
-    objective: Literal["loss", "accuracy", "f1"] = Field(
-        "loss", description="the scalar each forward returns: loss (mean label-token cross-entropy), accuracy "
+    objective: Literal["loss", "accuracy", "f1", "classification"] = Field(
+        "loss", description="the scalar each forward returns: loss (mean label-token cross-entropy), classification "
+        "(cross-entropy over the label words only: a softmax over their log-likelihoods, MeZO's train_as_classification), accuracy "
         "(minus the batch accuracy of the label words' likelihood ranking: non-differentiable, as in MeZO) or f1 "
         "(minus the macro-F1 of that ranking over the batch's classes)")
     target: Literal["full", "lora", "prefix"] = Field(

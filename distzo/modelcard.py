@@ -68,7 +68,8 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     hyper = {
         "optimizer": method + " (zeroth-order, two forwards per direction)",
         "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy",
-                      "f1": "minus batch macro-F1"}[t.objective],
+                      "f1": "minus batch macro-F1",
+                      "classification": "cross-entropy over the label words"}[t.objective],
         "target": _target_text(t) + (" (exported merged into the base)" if merged else ""),
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
