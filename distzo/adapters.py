@@ -126,7 +126,7 @@ def checkpoint_name(name: str) -> str:
     return name.replace(BASE_MARK, ".")
 
 
-def export_adapter(config, source_dir, state: dict[str, torch.Tensor], adapter: "LoraTarget | PrefixTarget",  # noqa: ANN001
+def export_adapter(config, base_name, state: dict[str, torch.Tensor], adapter: "LoraTarget | PrefixTarget",  # noqa: ANN001
                    layers_path: str, out, merge: bool = False) -> None:  # noqa: ANN001
     """Write the run's adapter with peft (``adapter_config.json``, ``adapter_model.safetensors``), or with
     ``merge`` (LoRA only) the merged plain model (``save_pretrained``).
@@ -146,8 +146,9 @@ def export_adapter(config, source_dir, state: dict[str, torch.Tensor], adapter: 
     if unexpected:
         raise RuntimeError(f"export: unexpected tensors {unexpected[:5]}")
     hf.tie_weights()
-    if source_dir is not None:
-        hf.config._name_or_path = str(source_dir)  # noqa: SLF001 - peft records it as the adapter's base model
+    if base_name is not None:  # a name that works elsewhere (catalog.base_model_name), not this machine's cache
+        hf.config._name_or_path = str(base_name)  # noqa: SLF001 - peft records it as the adapter's base model
+        hf.name_or_path = str(base_name)  # (the model's own copy, taken from the config when it was built)
     with warnings.catch_warnings():  # peft's PeftModel asks transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(hf, adapter.peft_config(), adapter_name=ADAPTER)
@@ -157,4 +158,8 @@ def export_adapter(config, source_dir, state: dict[str, torch.Tensor], adapter: 
         if merge:
             peft_model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
         else:
-            peft_model.save_pretrained(str(out), safe_serialization=True)
+            # peft's "auto" asks the Hub whether the base's vocabulary changed, by the base's name: never a network
+            # call here (the vocabulary never changes); an adapter on the embedding itself is saved as "auto" would
+            targets = getattr(peft_model.peft_config[ADAPTER], "target_modules", None) or ()
+            embedding = any(name in targets for name in ("embed_tokens", "lm_head"))
+            peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=embedding)

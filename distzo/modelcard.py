@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from distzo.catalog import base_model_name
 from distzo.errors import counted
 from distzo.runlog import loss_window
 
@@ -49,6 +50,18 @@ def _target_text(t: Any) -> str:
     return f"{t.target} (peft; base frozen)"
 
 
+def _local_base(source: str, upstream: str) -> str:
+    """How to load the adapter on a local copy of its base (adapter_config.json names ``upstream``)."""
+    if upstream != source:  # a fetched model: distzo trained on its converted copy in the cache
+        return (f"distzo trained it on its own copy of the base, `{source}` (`zoctl fetch --check {source}` prints where "
+                "it is; it can differ from the Hub release, e.g. a dequantized file): for the run's logits, load that "
+                "directory as `base`, or set `base_model_name_or_path` in `adapter_config.json` to it; ")
+    if not _HUB_ID.match(source):
+        return (f"`{source}` is a local name or directory: load `base` from your copy of it, or set "
+                "`base_model_name_or_path` in `adapter_config.json` to its path; ")
+    return ""
+
+
 def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "distributed", merged: bool = False) -> str:
     """Markdown text of the card. ``cfg``: a JobConfig; ``metrics``: the keys of METRIC_NAMES (missing or
     non-finite ones are shown as n/a); ``steps_done``: training steps applied to the exported weights;
@@ -58,7 +71,8 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     t, lay = cfg.train, cfg.layout
     adapter = t.target != "full" and not merged  # the export is peft's adapter directory
     kind = ADAPTER_NAMES.get(t.target, t.target)
-    base = source if _HUB_ID.match(source) and not Path(source).exists() else None
+    upstream = base_model_name(source)  # a fetched model's Hub id (what the adapter names as its base)
+    base = upstream if _HUB_ID.match(upstream) and not Path(upstream).exists() else None
     tags = ["distzo", "mezo", "zeroth-order", "text-classification"] + ([t.target] if t.target != "full" else [])
     front: dict[str, Any] = {"library_name": "peft" if adapter else "transformers", "tags": tags}
     if base:
@@ -83,9 +97,9 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     }
     if adapter:
         what = (f"This directory is a {kind} adapter in peft's layout, not a model: it needs its base model "
-                f"**{source}**. Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+                f"**{upstream}**. Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
                 "this directory)`" + ("; an export with `--merge` writes the merged plain model instead; "
-                                      if t.target == "lora" else "; "))
+                                      if t.target == "lora" else "; ") + _local_base(source, upstream))
     elif t.target != "full":
         what = (f"The weights are the base model with the trained {kind} adapter merged in (peft's "
                 "`merge_and_unload`): a plain model directory for `AutoModelForCausalLM`; ")

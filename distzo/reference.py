@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from distzo import generator
 from distzo.adapters import adapter_from_train
+from distzo.catalog import base_model_name
 from distzo.config import JobConfig
 from distzo.data import Batch
 from distzo.durable import write_atomic
@@ -202,7 +203,7 @@ class ReferenceTrainer:
             "out_dir": str(out_dir) if out_dir is not None else None,
         }
         if out_dir is not None:  # on copies of the buffers, with its card, moved into place whole
-            export_model_dir(self.model, self.buffers, out_dir, merge=merge,
+            export_model_dir(self.model, self.buffers, out_dir, merge=merge, base_name=base_model_name(cfg.model.source),
                              card=model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
         if run_dir is not None:
             summary.update(write_report(run_dir))

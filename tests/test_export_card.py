@@ -95,3 +95,22 @@ def test_exported_files_all_follow_the_umask_and_the_adapter_export_warns_nothin
     assert any(name.endswith(".safetensors") for name in modes)
     assert set(modes.values()) == {0o640}, modes  # the safetensors writer's 0600 no more
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_an_adapter_names_its_base_by_a_name_that_works_elsewhere(cache_dir, tmp_path):
+    """Issue 25: adapter_config.json named the base by an absolute path into this machine's cache. It names the
+    catalog's upstream Hub id (a preset: its name), and the card says how to point it at the local copy."""
+    import json
+
+    from distzo.catalog import base_model_name
+
+    assert base_model_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name("tiny-opt") == "tiny-opt" and base_model_name("./my-model") == "./my-model"
+    model = BlockModel.from_dir(preset_dir("tiny-opt", cache_dir), LoraTarget(8, 16.0, ("q_proj", "v_proj"), 0))
+    out = export_model_dir(model, model.load_block_buffers(), tmp_path / "out", base_name=base_model_name("tiny-opt"))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-opt"
+    card = model_card(config("lora", "smollm2-135m"), METRICS, 20)
+    assert front(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "it needs its base model **HuggingFaceTB/SmolLM2-135M-Instruct**" in card
+    assert "`zoctl fetch --check smollm2-135m` prints where it is" in card and "base_model_name_or_path" in card
+    assert "set `base_model_name_or_path` in `adapter_config.json` to its path" in model_card(config("lora"), METRICS, 20)
