@@ -21,6 +21,7 @@ from distzo.perftargets import FULL, TargetSpec, lora_target, prefix_target
 DEFAULT_CLUSTER = "h100x8"
 DEFAULT_TOKENS = 32768  # 16 sequences of 2048: MeZO's batch of 16
 DEFAULT_SEQ = 2048
+LORA_MODULES = ("q_proj", "v_proj")  # train.lora_modules null: peft's default for the family; these for most
 
 
 def register(sub: Any) -> None:
@@ -88,7 +89,7 @@ def resolve_target(args: argparse.Namespace, model: ModelSpec) -> TargetSpec:
         return FULL
     if args.target == "prefix":
         return prefix_target(model, _or_default(args.prefix_tokens, "prefix_tokens"))
-    names = args.lora_modules if args.lora_modules is not None else ",".join(_train_default("lora_modules"))
+    names = args.lora_modules if args.lora_modules is not None else ",".join(_train_default("lora_modules") or LORA_MODULES)
     modules = [m.strip() for m in names.split(",") if m.strip()]
     return lora_target(model, _or_default(args.lora_rank, "lora_rank"), modules)
 
@@ -165,7 +166,8 @@ def apply_config(args: argparse.Namespace) -> None:
         t, d = cfg.train, cfg.data
         job = {"model": cfg.model.source, "tokens_per_step": t.batch_size * d.max_seq_len, "seq_len": d.max_seq_len,
                "served_dtype": cfg.server.served_dtype, "optimizer": t.optimizer, "target": t.target, "q": cfg.layout.q,
-               "lora_rank": t.lora_rank, "lora_modules": ",".join(t.lora_modules), "prefix_tokens": t.prefix_tokens,
+               "lora_rank": t.lora_rank, "lora_modules": ",".join(t.lora_modules) if t.lora_modules else None,
+               "prefix_tokens": t.prefix_tokens,
                "update_window": cfg.server.update_window}
         cluster = _lookup(args.cluster, CLUSTERS)
         if cluster is not None and cluster.device == "cpu" and args.nodes is None and args.gpus_per_node is None:

@@ -137,9 +137,10 @@ class TrainSection(_Section):
         "every layer's attention, peft's prefix tuning, the base frozen)")
     lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank r (train.target lora)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha: the adapter adds (alpha / r) B A x")
-    lora_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64,
-        description="names of the linear modules that get adapters (peft target_modules; MeZO's LoRA: q and v)")
+    lora_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, min_length=1, max_length=64,
+        description="names of the linear modules that get adapters (peft target_modules); null: peft's default for "
+        "the model's family (q_proj and v_proj for Llama, OPT, Qwen, Mistral: MeZO's LoRA; c_attn for GPT-2)")
     prefix_tokens: int = Field(5, ge=1, le=4096, description="prefix length in tokens (train.target prefix)")
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1}
-LR_AT_100M = {"full": 3e-5, "lora": 3e-4, "prefix": 3e-3}  # lr for a 100M-parameter model, by train.target
+LR_AT_100M = {"full": 2e-5, "lora": 1e-3, "prefix": 3e-2}  # lr for a 100M-parameter model, by train.target
 
 
 def model_parameters(model_dir: str | Path) -> int:

@@ -44,7 +44,8 @@ def _target_text(t: Any) -> str:
     if t.target == "full":
         return "full model"
     if t.target == "lora":
-        return f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {', '.join(t.lora_modules)}; base frozen)"
+        modules = ", ".join(t.lora_modules) if t.lora_modules else "peft's default for the model's family"
+        return f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {modules}; base frozen)"
     if t.target == "prefix":
         return f"prefix-tuning (peft; {t.prefix_tokens} virtual tokens; base frozen)"
     return f"{t.target} (peft; base frozen)"

@@ -165,6 +165,43 @@ def test_status_and_control_commands_import_only_what_they_need(tmp_path):
         print(args[0], f"{doc['seconds']:.2f}s")  # shown with -s; not asserted (this host is shared)
 
 
+def test_a_model_or_data_that_names_nothing_is_refused_before_the_heavy_imports(tmp_path):
+    """Issue 25: a misspelled model or a missing data file took 11-13 s to be refused (torch and transformers
+    were imported first); config errors take under a second. Now the names are checked first."""
+    probe = ("import json, sys\n"
+             "from coordinator.cli import main\n"
+             "rc = main(sys.argv[1:])\n"
+             "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+             "print(json.dumps({'rc': rc, 'heavy': heavy}))\n")
+    for args, needle in ((["up", "--model", "smollm2-13"], "model 'smollm2-13' does not exist"),
+                         (["reference", "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl' does not exist"),
+                         (["up", "--dev", str(tmp_path / "nope.jsonl"), "--run-dir", str(tmp_path / "run")],
+                          "does not exist")):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        assert doc == {"rc": 2, "heavy": []} and needle in r.stderr and r.stderr.count("\n") == 1, (args, doc, r.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_up_json_errors_and_a_subcommands_usage(capsys):
+    """Issue 25: `zoctl up --json` printed nothing on stdout when it failed; `zoctl up --modle x` printed zoctl's
+    usage instead of up's."""
+    from coordinator.cli import main
+
+    assert main(["up", "--model", "nope", "--json"]) == 2
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert doc["exit_code"] == 2 and doc["command"] == "up" and "model 'nope' does not exist" in doc["error"]
+    assert out.err.count("\n") == 1
+    assert main(["up", "--modle", "x"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("usage: zoctl up ") and "zoctl up: error: unrecognized arguments: --modle x; did you " \
+        "mean --model?" in out.err and out.out == ""
+    assert main(["reference", "--steps", "x", "--json"]) == 2
+    out = capsys.readouterr()
+    assert json.loads(out.out)["error"] == "argument --steps: invalid int value: 'x'" and "usage: zoctl reference" in out.err
+
+
 def test_an_export_destination_is_checked_before_any_work(cache_dir, tmp_path, capsys):
     """Kind 4 of issue 28: what the export at the end would refuse is refused before training, by `zoctl up`
     and `zoctl reference` alike: one line, exit 2, nothing started, nothing written."""
