@@ -416,7 +416,7 @@ class Job:
         units = max(1, sum(len(u) for u in self.registry.units()))
         pieces = [[i for i in range(len(chunks)) if i % units == w] for w in range(units)]
         rnd = self._run_round(self.step, "eval", forwards, batches, [p for p in pieces if p])
-        tally = EvalTally(len(self.cfg.data.label_words))
+        tally = EvalTally(len(self.cfg.data.label_words), self.cfg.train.objective)
         import torch
 
         for i, (examples, batch, candidates) in enumerate(chunks):

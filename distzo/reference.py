@@ -43,7 +43,7 @@ def apply_runtime_threads(cfg: JobConfig) -> None:
 
 def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed, pending: Sequence[UpdateRecord] = ()) -> dict[str, float]:
     """Dev loss and accuracy of the weights ``feed`` serves, with ``pending`` update records replayed on them."""
-    tally = EvalTally(len(job.cfg.data.label_words))
+    tally = EvalTally(len(job.cfg.data.label_words), job.cfg.train.objective)
     for i, (examples, batch, candidates) in enumerate(job.eval_chunks()):
         res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed, pending)[0]
         tally.add(i, examples, batch, res.scores, bool(candidates))

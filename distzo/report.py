@@ -84,7 +84,7 @@ def plot(history: RunHistory, path: str | Path, title: str = "") -> Path:
                          label=f"moving average ({window} steps)")
         ax_loss.legend(loc="upper right")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training loss (label tokens, nats)")
+    ax_loss.set_ylabel("training loss (nats; train.objective's)")
     ax_loss.set_title("training loss")
     ax_loss.grid(alpha=0.3)
 
@@ -101,7 +101,7 @@ def plot(history: RunHistory, path: str | Path, title: str = "") -> Path:
     if ev_steps and ev_steps[0] == 0:  # the zero-shot level, to read a change against
         ax_acc.axhline(acc[0], color="gray", linestyle="--", linewidth=1, label=f"zero-shot {acc[0]:.3f}")
         ax_dev.axhline(dev_loss[0], color="gray", linestyle="--", linewidth=1, label=f"zero-shot {dev_loss[0]:.3f}")
-    for ax, name in ((ax_acc, "dev accuracy"), (ax_dev, "dev loss (nats per label token)")):
+    for ax, name in ((ax_acc, "dev accuracy"), (ax_dev, "dev loss (nats)")):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.set_title(f"{name.split(' (')[0]}{n}")
@@ -124,8 +124,9 @@ def _title(run_dir: Path) -> str:
 
         cfg = yaml.safe_load((run_dir / "job.yaml").read_text())
         t = cfg["train"]
+        objective = f", objective {t['objective']}" if t.get("objective", "loss") != "loss" else ""
         return (f"{cfg['model']['source']} on {cfg['data']['train'] or 'sst2-synth'}: "
-                f"lr {t['lr']:g}, eps {t['eps']:g}, batch {t['batch_size']}, layout {cfg['layout']['name']}")
+                f"lr {t['lr']:g}, eps {t['eps']:g}, batch {t['batch_size']}{objective}, layout {cfg['layout']['name']}")
     except (OSError, KeyError, TypeError, ValueError):
         return run_dir.name
 

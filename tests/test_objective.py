@@ -43,6 +43,13 @@ def test_classification_sums_are_the_cross_entropy_over_the_label_words_only():
     assert n == 3 and s == pytest.approx(float(expect), rel=1e-12)
     assert forward_sums("classification", cands, batch, 0.0, 3, scores - 5.0) == (s, n)  # a shared shift: no change
     assert s == pytest.approx(-math.log(1 / (1 + math.exp(-2))) + math.log(2) - math.log(1 / (1 + math.exp(-5))))
+    # its dev loss is the same loss, per example (the plot's training and dev loss are one quantity)
+    from distzo.data import Example
+    from distzo.jobdata import EvalTally
+
+    tally = EvalTally(2, "classification")
+    tally.add(0, [Example("a", 1), Example("b", 0), Example("c", 0)], batch, scores, True)
+    assert tally.result()["dev_loss"] == pytest.approx(s / 3, rel=1e-12) and tally.result()["dev_accuracy"] == 2 / 3
 
 
 def test_f1_sums_are_minus_the_macro_f1_of_the_ranking_times_the_rows():
