@@ -93,13 +93,24 @@ def check_out(out: str, cfg) -> None:  # noqa: ANN001 - a JobConfig
     check_destination(out)  # ExportRefused (BadInput): exit 2
 
 
+def prepare_job(cfg):  # noqa: ANN001, ANN201 - a JobConfig
+    """Check that the model and data the job names exist (a name, a file, a fetched item) before torch is
+    imported; return the config with its defaults chosen by the model (train.lr, train.eps), and a line saying
+    which are in use (printed as training starts, after every other check)."""
+    from distzo.catalog import check_sources
+    from distzo.defaults import resolve
+
+    check_sources(cfg.model.source, cfg.data.train, cfg.data.dev, cfg.runtime.cache_dir)
+    return resolve(cfg)
+
+
 def cmd_reference(args: argparse.Namespace) -> int:
     import tempfile
 
+    cfg, settings = prepare_job(job_config_from_args(args))  # a misspelled model or missing data: refused at once
     from distzo.reference import ReferenceTrainer, TrainingStopped
     from distzo.transfer import is_url, push
 
-    cfg = job_config_from_args(args)
     if args.merge and not args.out:  # zoctl up exports to its run directory; the reference only with --out
         raise CliError("--merge names the form of the export, and zoctl reference exports only with --out DIR: "
                        "add --out DIR or drop --merge")
@@ -115,6 +126,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="distzo-reference-") as staging:  # a URL: exported here, then pushed
         url = args.out if args.out and is_url(args.out) else None
         trainer = ReferenceTrainer(cfg)
+        print(f"zoctl: training with {settings}", file=sys.stderr, flush=True)
         report = trainer.perturbation()  # what the forwards keep of the perturbation: said before training
         for line in (report.line(), report.warning()):
             if line:
@@ -122,8 +134,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
         try:
             summary = trainer.train(out_dir=Path(staging) / "model" if url else args.out,
                                     progress=None if not args.json else False, run_dir=args.run_dir, merge=args.merge)
-        except TrainingStopped as exc:
-            raise CliError(str(exc), EXIT_FAILED) from None
+        except TrainingStopped as exc:  # the same words as zoctl up's
+            raise CliError(f"training failed: {exc}", EXIT_FAILED) from None
         if url:
             push(Path(staging) / "model", url)
             summary["out_dir"] = url
@@ -208,22 +220,35 @@ def check_local_gpus(cfg) -> None:  # noqa: ANN001 - a JobConfig
                        f"{torch.cuda.device_count()}: lower layout.node_size or set runtime.device: cpu")
 
 
+def run_summary(cluster, st, run_dir: Path, out_dir: str, wall_s: float) -> dict[str, Any]:  # noqa: ANN001
+    """The summary of a local cluster's run: the coordinator's final status and the run log (both cover the whole
+    run, also across a coordinator restart), the report drawn, where the run started, and the restarts."""
+    from distzo.report import start_loss, write_report
+    from distzo.runlog import loss_window, read_history
+
+    history = read_history(run_dir)
+    links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}  # zoctl up --hosts
+    return summary_from_status(st, wall_s, out_dir, {
+        "task": cluster.cfg.data.train or "sst2-synth", "run_dir": str(run_dir), "restarts": dict(cluster.restarts),
+        "resumed_from": cluster.started_at_step if cluster.started_at_step is not None else st.resumed_from,
+        "start_loss": start_loss(history), "loss_window": loss_window(len(history.steps)),
+        **write_report(run_dir), **links})
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from distzo.procs import ServiceFailed
     from coordinator.local import LocalCluster, check_run_dir
     from coordinator.hosts import check_can_make_hosts
 
-    cfg = job_config_from_args(args)
+    cfg, settings = prepare_job(job_config_from_args(args))  # a misspelled model or missing data: refused at once
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))
     check_run_dir(run_dir.resolve(), cfg, args.resume)  # another job's run directory: refused at once
     if cfg.cluster.hosts > 1:
         check_can_make_hosts()  # not root: one line, exit 2, before anything is loaded
 
     from distzo.jobdata import JobData  # torch and transformers: only now
-    from distzo.report import start_loss, write_report
-    from distzo.runlog import read_history
 
-    out_dir = args.out or str(run_dir.resolve() / "model")
+    out_dir = args.out or str(run_dir / "model")  # as given: the summary's paths are all relative, or all absolute
     check_out(out_dir, cfg)  # a destination the final export would refuse: refused before the run, not after it
     if cfg.runtime.device == "cuda":
         check_local_gpus(cfg)
@@ -242,6 +267,7 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"parameter server {cluster.server_address}, {counted(cfg.layout.workers, 'worker')}"
               + (f" on {cfg.cluster.hosts} simulated hosts" if cfg.cluster.hosts > 1 else "") + ")", file=sys.stderr)
         print("zoctl: metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_endpoints().items()), file=sys.stderr)
+        print(f"zoctl: training with {settings}", file=sys.stderr, flush=True)
         st = cluster.wait(progress.update)
         progress.close()
         if st.state not in ("done", "stopped"):
@@ -250,12 +276,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if st.state == "stopped":  # `zoctl stop`: what was trained is kept, exported and reported like a finished run
             print(f"zoctl: training stopped at step {st.step} of {st.total_steps} (zoctl stop); exporting that",
                   file=sys.stderr)
-        reply = cluster.export(out_dir, merge=args.merge)
-        links = {"network": cluster.link_report()} if hasattr(cluster, "link_report") else {}  # zoctl up --hosts
-        summary = summary_from_status(st, time.monotonic() - t0, reply.path,
-                                      {"task": cfg.data.train or "sst2-synth", "run_dir": str(run_dir),
-                                       "restarts": dict(cluster.restarts), "start_loss": start_loss(read_history(run_dir)),
-                                       **write_report(run_dir), **links})
+        cluster.export(out_dir, merge=args.merge)
+        summary = run_summary(cluster, st, run_dir, out_dir, time.monotonic() - t0)
     except ServiceFailed as exc:
         if exc.code == EXIT_BAD_INPUT:  # a service refused its input: its own one-line error, exit 2
             lines = [line for line in str(exc).splitlines() if line.strip()]
@@ -298,7 +320,7 @@ def package_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zoctl", description="distzo: distributed zeroth-order fine-tuning",
+    parser = Parser(prog="zoctl", description="distzo: distributed zeroth-order fine-tuning",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"zoctl (distzo) {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -355,28 +377,70 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # same clean-up path as Ctrl-C: nothing is left running
 
 
+class UsageError(Exception):
+    """A command line argparse refuses: its message, and the usage of the (sub)command it was given to."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, raising UsageError instead of exiting (main prints it, as JSON too with --json)."""
+
+    def error(self, message: str):  # noqa: ANN201 - never returns
+        raise UsageError(self, message)
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    return sub.choices.get(name, parser)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """argparse's message for arguments a command does not take, with the closest option it does take."""
+    import difflib
+
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]  # noqa: SLF001
+    flags = [x.split("=", 1)[0] for x in extra if x.startswith("--")]
+    hint = next((f"; did you mean {close[0]}?" for f in flags
+                 for close in [difflib.get_close_matches(f, options, n=1, cutoff=0.6)] if close), "")
+    return f"unrecognized arguments: {' '.join(extra)}{hint}"
+
+
+def _fail(args: argparse.Namespace | None, argv: list[str], command: str, message: str, code: int,
+          kind: str = "") -> int:
+    """An error: one line on stderr, and with --json one JSON object on stdout, for scripts."""
+    print(f"zoctl{' ' + command if command else ''}: {kind}{message}", file=sys.stderr)
+    if getattr(args, "json", False) or (args is None and "--json" in argv):
+        print_json({"error": message, "exit_code": code, "command": command or None}, indent=None)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # `zoctl up --modle x`: the usage of `up`, not zoctl's
+            sub = _subcommand_parser(parser, args.command)
+            sub.error(_unrecognized(sub, extra))
+    except UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        command = exc.parser.prog.removeprefix("zoctl").strip()
+        return _fail(None, argv, command, str(exc), EXIT_BAD_INPUT, kind="error: ")
     setup_logging(getattr(args, "verbose", 0))
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         return int(args.func(args))
-    except CliError as exc:
-        print(f"zoctl {args.command}: {exc}", file=sys.stderr)
-        return exc.code
-    except TargetError as exc:  # no cluster named, or several candidates (coordinator.targets)
-        print(f"zoctl {args.command}: {exc}", file=sys.stderr)
-        return exc.code
+    except (CliError, TargetError) as exc:  # TargetError: no cluster named, or several candidates (coordinator.targets)
+        return _fail(args, argv, args.command, str(exc), exc.code)
     except BadInput as exc:  # config, data, model, material, run directory
-        print(f"zoctl {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(args, argv, args.command, str(exc), EXIT_BAD_INPUT)
     except FetchError as exc:
-        print(f"zoctl {args.command}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE if exc.unreachable else EXIT_FAILED
+        return _fail(args, argv, args.command, str(exc), EXIT_UNREACHABLE if exc.unreachable else EXIT_FAILED)
     except KeyboardInterrupt:
-        print(f"zoctl {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, argv, args.command, "interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:  # `zoctl status | head`: the reader has gone, which is not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again

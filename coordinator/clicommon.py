@@ -45,7 +45,7 @@ def add_setting_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="master seed (train.seed; seeds and data order derive from it)")
     p.add_argument("--device", metavar="DEVICE", help="cpu or cuda (runtime.device)")
     p.add_argument("--optimizer", metavar="NAME", help="sgd, momentum or adam (train.optimizer; state on the server)")
-    p.add_argument("--objective", metavar="NAME", help="loss, accuracy or f1 (train.objective)")
+    p.add_argument("--objective", metavar="NAME", help="loss, classification, accuracy or f1 (train.objective)")
     p.add_argument("--target", metavar="NAME", help="full, lora or prefix (train.target; lora settings: --set "
                    "train.lora_rank=N, train.lora_alpha, train.lora_modules; prefix: train.prefix_tokens)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY.PATH=VALUE",

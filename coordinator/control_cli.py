@@ -112,6 +112,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     reply = _call(args, method, cpb.ControlRequest(), timeout=600)
     if method in ("Pause", "Resume", "Stop"):
         print_status(reply, args.json)
+        if method == "Pause" and reply.state not in ("paused", "stopped", "done", "failed"):
+            print("zoctl: pause requested: the job pauses after its current step or evaluation", file=sys.stderr)
     elif args.json:
         print_json(status_dict(reply))
     elif method == "Eval":

@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
@@ -40,6 +40,8 @@ from coordinator.rounds import BadInput, Round, RoundFailed
 from paramserver.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 
+ENDED = ("stopped", "done", "failed")  # a job in one of these states does not change any more
+
 log = logging.getLogger("distzo.coordinator.job")
 
 
@@ -54,6 +56,11 @@ def _nan(value: float | None) -> float:
 class Job:
     def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials,
                  run_dir: str | None = None):
+        if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size
+            from distzo.defaults import resolve
+
+            cfg, said = resolve(cfg)
+            log.info("defaults", extra=kv(settings=said))
         self.cfg = cfg
         self.registry = registry
         self.param_servers = param_servers
@@ -69,6 +76,8 @@ class Job:
         self._last_round: Round | None = None  # the round whose losses made the current step's record
         self._stop = threading.Event()
         self._paused = threading.Event()
+        self._changed = threading.Condition()  # notified on every change of state (pause and resume wait for it)
+        self.activity = ""  # "evaluating" while the dev split runs (JobStatus.activity)
         self._eval_requests: list[threading.Event] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -80,7 +89,6 @@ class Job:
         self.identity = job_identity(cfg)
         self.job_id = job_id(self.identity)
         self._claimed = False
-        self.elapsed_before = 0.0  # training seconds of the run before this coordinator resumed it
         # update windows: the records a step's workers replay on their base (distzo.mezo.base_version)
         self.records: dict[int, UpdateRecord] = {}
 
@@ -90,19 +98,31 @@ class Job:
 
     @state.setter
     def state(self, value: str) -> None:
-        self._state = value
-        set_job_state(value)
+        with self._changed:
+            self._state = value
+            set_job_state(value)
+            self._changed.notify_all()
+
+    def wait_state(self, done: Callable[[str], bool], timeout_s: float) -> str:
+        """Wait until ``done(state)`` or the job ends (at most ``timeout_s``); return the state then."""
+        with self._changed:
+            self._changed.wait_for(lambda: done(self._state) or self._state in ENDED, timeout_s)
+            return self._state
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="job", daemon=True)
         self._thread.start()
 
-    def pause(self) -> None:
+    def pause(self, timeout_s: float = 0.0) -> str:
+        """Pause after the current step (or evaluation); wait up to ``timeout_s`` for it and return the state."""
         self._paused.set()
+        return self.wait_state(lambda s: s == "paused" or not self._paused.is_set(), timeout_s)
 
-    def resume(self) -> None:
+    def resume(self, timeout_s: float = 0.0) -> str:
+        """Resume a paused job; wait up to ``timeout_s`` for it to leave the paused state and return the state."""
         self._paused.clear()
+        return self.wait_state(lambda s: s != "paused" or self._paused.is_set(), timeout_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -128,7 +148,8 @@ class Job:
             if self._stop.is_set():
                 self.state = "stopped"
             else:
-                self._evaluate()
+                if self._eval_due(self.step):  # the final evaluation (once, also across a restart)
+                    self._evaluate()
                 self.state = "done"
         except (JobFailed, RoundFailed, TrainingStopped, FetchError) as exc:
             if self._stop.is_set():
@@ -183,7 +204,10 @@ class Job:
             self.progress.losses = [r["loss"] if r.get("loss") is not None else math.nan for r in history.steps]
             self.progress.evals = [{**e, "dev_loss": _nan(e["dev_loss"]), "dev_accuracy": _nan(e["dev_accuracy"])}
                                    for e in history.evals]
-            self.elapsed_before = history.elapsed_s
+            # the totals a summary reports are the whole run's: what the coordinator before this one counted too
+            self.progress.tokens = sum(int(r.get("tokens") or 0) for r in history.steps)
+            self.progress.skipped_steps = sum(1 for r in history.steps if r.get("skipped"))
+            self.progress.train_seconds = history.elapsed_s
         self.state = "waiting_for_workers"
         need = cfg.layout.workers
         ok = self.registry.wait_for(lambda: sum(len(u) for u in self.registry.units()) >= need or self._stop.is_set(),
@@ -205,8 +229,8 @@ class Job:
 
     def _train(self) -> None:
         cfg = self.cfg
-        if self.step == 0 and cfg.train.eval_at_start:
-            self._evaluate()  # the zero-shot figures
+        if self._eval_due(self.step):  # the zero-shot figures, or the evaluation a coordinator before this one missed
+            self._evaluate()
         for t in range(self.step, cfg.train.steps):
             self._between_steps()
             if self._stop.is_set():
@@ -218,6 +242,15 @@ class Job:
             set_worker_gauges(w.state for w in list(self.registry.workers.values()))
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self._evaluate()
+
+    def _eval_due(self, step: int) -> bool:
+        """An evaluation is scheduled after ``step`` steps (0: zero-shot) and the run log does not hold it yet."""
+        t = self.cfg.train
+        if any(e["step"] == step for e in self.progress.evals):  # evaluated before a restart: the same weights
+            return False
+        if step == 0:
+            return t.eval_at_start
+        return step == t.steps or (bool(t.eval_every) and step % t.eval_every == 0 and step < t.steps)
 
     def _between_steps(self) -> None:
         while True:
@@ -278,7 +311,7 @@ class Job:
         s0 = time.perf_counter()
         self._last_round = None
         run_step(self.cfg, t, self.data, self._forwards, self._update, self.progress, self.run_log,
-                 elapsed_s=lambda: self.elapsed_before + self.progress.train_seconds + time.perf_counter() - s0,
+                 elapsed_s=lambda: self.progress.train_seconds + time.perf_counter() - s0,
                  observe=self.progress.on_outcome)
         assert self._last_round is not None
         self.progress.on_step_round(self._last_round)
@@ -371,6 +404,13 @@ class Job:
 
     # ------------------------------------------------------------------ eval
     def _evaluate(self) -> dict[str, Any]:
+        self.activity = "evaluating"
+        try:
+            return self._run_eval()
+        finally:
+            self.activity = ""
+
+    def _run_eval(self) -> dict[str, Any]:
         assert self.data is not None
         chunks = self.data.eval_chunks()
         forwards = {i: cpb.ForwardSpec(shard=i, sign=0, want_scores=True, candidates=c) for i, (_, _, c) in enumerate(chunks)}
@@ -378,7 +418,7 @@ class Job:
         units = max(1, sum(len(u) for u in self.registry.units()))
         pieces = [[i for i in range(len(chunks)) if i % units == w] for w in range(units)]
         rnd = self._run_round(self.step, "eval", forwards, batches, [p for p in pieces if p])
-        tally = EvalTally(len(self.cfg.data.label_words))
+        tally = EvalTally(len(self.cfg.data.label_words), self.cfg.train.objective)
         import torch
 
         for i, (examples, batch, candidates) in enumerate(chunks):
@@ -401,6 +441,7 @@ class Job:
             loss=p.losses[-1] if p.losses else math.nan,
             error=self.error, error_kind=self.error_kind, layout=self.cfg.layout.name, layout_workers=self.cfg.layout.workers,
             resumed_from=self.resumed_from, model=self.cfg.model.source, wall_seconds=now - self.started_at,
+            activity=self.activity,
             **p.status_fields(),
         )
         for e in p.evals:

@@ -69,9 +69,15 @@ class LocalCluster:
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     server_port: int = 0
     coordinator_port: int = 0
+    # the step this run started at (0, or where --resume picked it up), as the first coordinator said; a
+    # coordinator restarted mid-run resumes later, but the run did not start there
+    started_at_step: int | None = None
     PRESTART = True  # start the coordinator and workers with the parameter server (_prestart); a class attribute
 
     def __post_init__(self) -> None:
+        from distzo.defaults import resolve
+
+        self.cfg = resolve(self.cfg)[0]  # train.lr/eps chosen by the model where null: one job, one identity
         self.run_dir = self.run_dir.resolve()
         check_run_dir(self.run_dir, self.cfg, self.resume)  # before anything is written or started
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +347,10 @@ class LocalCluster:
             self._client = None
 
     def status(self) -> cpb.JobStatus:
-        return self.client().status()
+        st = self.client().status()
+        if self.started_at_step is None and st.state not in ("idle", "starting"):
+            self.started_at_step = int(st.resumed_from)
+        return st
 
     def wait(self, on_status: Callable[[cpb.JobStatus], None] | None = None, poll_s: float = 0.25) -> cpb.JobStatus:
         while True:

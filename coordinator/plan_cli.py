@@ -22,6 +22,7 @@ from distzo.perftargets import FULL, TargetSpec, lora_target, prefix_target
 DEFAULT_CLUSTER = "h100x8"
 DEFAULT_TOKENS = 32768  # 16 sequences of 2048: MeZO's batch of 16
 DEFAULT_SEQ = 2048
+LORA_MODULES = ("q_proj", "v_proj")  # train.lora_modules null: peft's default for the family; these for most
 
 
 def register(sub: Any) -> None:
@@ -32,8 +33,11 @@ def register(sub: Any) -> None:
                     "control per step; the floor is the largest, since they overlap. Memory per GPU is a few "
                     "blocks, not the model. On a CPU cluster (cpu-local, cpu-netns) a GPU is a worker process: "
                     "host->worker, intra-node link, worker memory. Without --layout, the recommended layout is shown.")
-    p.add_argument("--model", required=True, metavar="NAME",
-                   help=f"{', '.join(MODELS)}; or a preset or Hugging Face model directory")
+    p.add_argument("--model", metavar="NAME",
+                   help=f"{', '.join(MODELS)}; or a preset or Hugging Face model directory (default: --config's)")
+    p.add_argument("--config", metavar="FILE",
+                   help="plan this job: its model, tokens per step (batch x max_seq_len), sequence length, served dtype, "
+                        "optimizer, target and q; on a CPU cluster also its layout and workers (flags win)")
     p.add_argument("--cluster", default=DEFAULT_CLUSTER, metavar="NAME",
                    help=f"{', '.join(CLUSTERS)} (default {DEFAULT_CLUSTER})")
     p.add_argument("--nodes", type=int, metavar="N", help="override the cluster's node count")
@@ -41,14 +45,14 @@ def register(sub: Any) -> None:
     p.add_argument("--gpus-per-worker", type=int, metavar="G",
                    help="GPUs per worker (1: one worker per GPU, as distzo-worker-launch --gpus all runs them)")
     p.add_argument("--fetch-group", type=int, metavar="F", help="workers sharing a sliced fetch (layout.node_size)")
-    p.add_argument("--tokens-per-step", type=int, default=DEFAULT_TOKENS, metavar="T",
+    p.add_argument("--tokens-per-step", type=int, metavar="T",
                    help=f"tokens in one step's batch (default {DEFAULT_TOKENS})")
     p.add_argument("--seq-len", type=int, metavar="S", help=f"sequence length (default min({DEFAULT_SEQ}, T))")
-    p.add_argument("--served-dtype", choices=list(ITEMSIZE), default="bfloat16",
+    p.add_argument("--served-dtype", choices=list(ITEMSIZE),
                    help="dtype the parameter server serves (default bfloat16)")
-    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd",
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
                    help="the server's update rule (train.optimizer): its fp32 state is server memory (default sgd)")
-    p.add_argument("--target", choices=["full", "lora", "prefix"], default="full",
+    p.add_argument("--target", choices=["full", "lora", "prefix"],
                    help="what is trained (train.target): full, or LoRA adapters or a prefix on a frozen base "
                         "(default full)")
     # defaults are the job config's, read when a plan is made (importing it here would slow every zoctl command)
@@ -58,7 +62,7 @@ def register(sub: Any) -> None:
     p.add_argument("--prefix-tokens", type=int, metavar="N",
                    help="prefix length (train.prefix_tokens; default the config's)")
     p.add_argument("--layout", choices=["dual", "pertp", "ddp", "2d"], help="predict this layout (default: the recommended one)")
-    p.add_argument("--q", type=int, default=1, metavar="Q", help="perturbation directions per step (default 1)")
+    p.add_argument("--q", type=int, metavar="Q", help="perturbation directions per step (default 1)")
     p.add_argument("--update-window", type=int, metavar="K",
                    help="server.update_window: materialize K updates per server pass, workers replay the rest "
                         "(default: the recommended one; 1 with momentum or adam)")
@@ -90,7 +94,7 @@ def resolve_target(args: argparse.Namespace, model: ModelSpec) -> TargetSpec:
         return FULL
     if args.target == "prefix":
         return prefix_target(model, _or_default(args.prefix_tokens, "prefix_tokens"))
-    names = args.lora_modules if args.lora_modules is not None else ",".join(_train_default("lora_modules"))
+    names = args.lora_modules if args.lora_modules is not None else ",".join(_train_default("lora_modules") or LORA_MODULES)
     modules = [m.strip() for m in names.split(",") if m.strip()]
     return lora_target(model, _or_default(args.lora_rank, "lora_rank"), modules)
 
@@ -157,8 +161,43 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise bad_input(f"--eps must be a finite number > 0, got {eps}")
 
 
+PLAN_DEFAULTS = {"tokens_per_step": DEFAULT_TOKENS, "served_dtype": "bfloat16", "optimizer": "sgd", "target": "full",
+                 "q": 1}
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """Fill the flags not given from --config's job (or the plan's defaults). ConfigError (exit 2) for a bad file."""
+    if getattr(args, "config", None):
+        from distzo.config import JobConfig
+
+        cfg = JobConfig.from_yaml(args.config)
+        t, d = cfg.train, cfg.data
+        job = {"model": cfg.model.source, "tokens_per_step": t.batch_size * d.max_seq_len, "seq_len": d.max_seq_len,
+               "served_dtype": cfg.server.served_dtype, "optimizer": t.optimizer, "target": t.target, "q": cfg.layout.q,
+               "lora_rank": t.lora_rank, "lora_modules": ",".join(t.lora_modules) if t.lora_modules else None,
+               "prefix_tokens": t.prefix_tokens,
+               "update_window": cfg.server.update_window}
+        cluster = _lookup(args.cluster, CLUSTERS)
+        if cluster is not None and cluster.device == "cpu" and args.nodes is None and args.gpus_per_node is None:
+            # a CPU cluster runs this job's workers as processes of one host (cpu-netns: one per host)
+            job["layout"] = cfg.layout.name
+            if cluster.name == "cpu-netns":
+                job.update(nodes=cfg.cluster.hosts, gpus_per_node=cfg.layout.workers // cfg.cluster.hosts)
+            else:
+                job["gpus_per_node"] = cfg.layout.workers
+        for key, value in job.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    if getattr(args, "model", None) is None:
+        raise bad_input("--model NAME or --config FILE is required (a job config: its model, batch and sequence length)")
+    for key, value in PLAN_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
 def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, Recommendation]:
     """The prediction shown (the --layout asked for, or the recommended one) and the recommendation."""
+    apply_config(args)
     check_ranges(args)
     model = resolve_model(args.model)
     try:
@@ -173,12 +212,37 @@ def plan(args: argparse.Namespace) -> tuple[ModelSpec, ClusterSpec, Prediction, 
                         optimizer=opt, target=target, window=window)
         pred = rec.prediction
         if args.layout:
-            layout = LayoutSpec.from_name(args.layout, cluster.workers, args.q)
+            layout = _layout(args.layout, cluster, args.q)
             pred = predict(model, cluster, layout, args.tokens_per_step, args.served_dtype, seq, shards=rec.prediction.shards,
                            optimizer=opt, target=target, window=rec.window)
     except ValueError as exc:
         raise bad_input(str(exc)) from None
     return model, cluster, pred, rec
+
+
+def _layout(name: str, cluster: ClusterSpec, q: int) -> LayoutSpec:
+    """--layout on the cluster's workers; refused (ValueError) naming how the workers are counted and the
+    --gpus-per-worker values that give a worker count the layout takes."""
+    try:
+        return LayoutSpec.from_name(name, cluster.workers, q)
+    except ValueError as exc:
+        unit = cluster.wording.unit
+        gpus = cluster.nodes * cluster.gpus_per_node
+        fits = [g for g in range(1, cluster.gpus_per_node + 1) if cluster.gpus_per_node % g == 0 and _takes(name, gpus // g, q)]
+        counted_as = (f"{counted(cluster.nodes, 'node')} x {counted(cluster.gpus_per_node, unit)} "
+                      f"(--nodes, --gpus-per-node), {counted(cluster.worker_gpus, unit)} per worker (--gpus-per-worker)")
+        hint = ("; " + " or ".join(f"--gpus-per-worker {g} gives {counted(gpus // g, 'worker')}" for g in fits)
+                if fits else f"; no --gpus-per-worker gives layout {name} a worker count it takes on "
+                f"{counted(gpus, unit)}: change --nodes or --gpus-per-node")
+        raise ValueError(f"{exc}; the cluster's workers are {counted_as}{hint}") from None
+
+
+def _takes(name: str, workers: int, q: int) -> bool:
+    try:
+        LayoutSpec.from_name(name, workers, q)
+        return True
+    except ValueError:
+        return False
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -275,6 +339,17 @@ def _target_line(p: Prediction) -> str:
             f"{fmt_params(p.frozen_params)} frozen (no optimizer state; a worker fetches them once)")
 
 
+def _frozen_split(p: Prediction) -> str:
+    """Where a worker keeps the frozen blocks: its device's memory, and what does not fit there in pinned host
+    memory, copied over at each use (in host->GPU above)."""
+    on_device = p.memory_per_gpu_bytes.get("frozen_blocks_kept", 0.0)
+    in_host = p.bytes["frozen_once_per_worker"] - on_device
+    if in_host <= 0:
+        return ""
+    return (f" ({_size(on_device).strip()} in {p.wording.unit} memory, {_size(in_host).strip()} in pinned host "
+            "memory, copied over at each use)")
+
+
 def _fits(ok: bool) -> str:
     return "fits" if ok else "DOES NOT FIT"
 
@@ -328,7 +403,7 @@ def render(model: ModelSpec, cluster: ClusterSpec, p: Prediction, rec: Recommend
         f"{_size(b['network_out_per_server_host']).strip()}",
         f"  {'control':<{col}}{_size(b['control_per_step'])}",
         *([f"  {'frozen, once per worker':<{col}}{_size(b['frozen_once_per_worker'])}   fetched at the first step, "
-           "then kept"] if "frozen_once_per_worker" in b else []),
+           f"then kept{_frozen_split(p)}"] if "frozen_once_per_worker" in b else []),
         "",
     ]
     g, h = p.memory_per_gpu_bytes, p.memory_per_server_host_bytes

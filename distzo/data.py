@@ -8,6 +8,7 @@ tokens carry a loss. Eval scores every candidate label word and predicts the lik
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -141,16 +142,21 @@ class TaskEncoder:
         self.pad_id = int(pad)
         self._prompts: dict[str, list[int]] = {}
         self._pairs: dict[tuple[str, int], tuple[list[int], int]] = {}
-        probe = "This is a sentence"
+        # a text to fill the template with, to find the tokenizer's special prefix and the label words' tokens in
+        # context: made of what the user gave (a label word), so no check can trip over text the user never wrote
+        probe = self.label_words[0]
         with_special = self._encode(template.format(text=probe), special=True, what="data.template")
         plain = self._encode(template.format(text=probe), special=False, what="data.template")
         at = next((i for i in range(len(with_special) - len(plain) + 1) if with_special[i : i + len(plain)] == plain), 0)
         self.prefix = with_special[:at]  # BOS and the like; trailing specials (EOS) never go before the word
         unk = tokenizer.unk_token_id
-        if unk is not None and unk in plain:
-            pieces = [t for t, i in zip(tokenizer.convert_ids_to_tokens(plain), plain) if i == unk]
-            raise DataError(f"data.template {template!r}: the tokenizer cannot encode part of it (gives the unknown "
-                            f"token {pieces[0]!r}); use characters its vocabulary has")
+        # the template is judged by its own text, never by the probe sentence filled in to find the prefix
+        for literal in (text for text, *_ in string.Formatter().parse(template) if text):
+            ids = self._encode(literal, special=False, what="data.template")
+            if unk is not None and unk in ids:
+                pieces = [t for t, i in zip(tokenizer.convert_ids_to_tokens(ids), ids) if i == unk]
+                raise DataError(f"data.template {template!r}: the tokenizer cannot encode {literal!r} (gives the "
+                                f"unknown token {pieces[0]!r}); use characters its vocabulary has")
         # the label words in the template's context: eval's candidates, and the length check
         self.label_ids = [self._pair(probe, c)[0][self._pair(probe, c)[1] :] for c in range(len(self.label_words))]
         budget = max_seq_len - len(self.prefix) - 1  # at least one token to predict the word from

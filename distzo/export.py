@@ -95,7 +95,7 @@ def _shown(p: Path) -> str:
 
 
 def export_model_dir(model, buffers: list[torch.Tensor], out_dir: str | Path, merge: bool = False,  # noqa: ANN001
-                     card: str | None = None, owned: bool = False) -> Path:
+                     card: str | None = None, owned: bool = False, base_name: str | None = None) -> Path:
     """Save the weights in ``buffers`` (fp32 blocks of ``model``, a BlockModel) with the model's config
     and tokenizer files, and ``card`` (the model card, README.md) when given; returns the destination.
 
@@ -120,7 +120,8 @@ def export_model_dir(model, buffers: list[torch.Tensor], out_dir: str | Path, me
     try:
         state = model.state_dict_from_blocks(buffers)
         if model.adapter is not None:
-            export_adapter(model.config, model.source_dir, state, model.adapter, model.layers_path, tmp, merge)
+            export_adapter(model.config, base_name if base_name is not None else model.source_dir, state, model.adapter,
+                           model.layers_path, tmp, merge)
         else:
             hf = _empty_model(model.config)
             missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)

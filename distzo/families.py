@@ -229,7 +229,7 @@ def compare_prefix_with_peft(config: PretrainedConfig, tokens: int = 3, seed: in
     ours = ForwardEngine(bm).run([ForwardJob(batch, want_logits=True)], MemoryFeed(clean))[0].logits
     with warnings.catch_warnings():  # peft passes past_key_values, deprecated in transformers 5.2x
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(hf, target.peft_config(), adapter_name="default").eval()
+        peft_model = get_peft_model(hf, target.peft_config(hf.config), adapter_name="default").eval()
         target.load_into(peft_model, {k: v for k, v in bm.state_dict_from_blocks(clean).items() if is_adapter(k)},
                          bm.layers_path)
         with torch.no_grad():

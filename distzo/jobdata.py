@@ -111,6 +111,7 @@ class EvalTally:
     """Accumulates candidate scores into dev loss and accuracy."""
 
     n_labels: int
+    objective: str = "loss"  # train.objective: "classification" makes the dev loss its loss (over the label words)
     examples: int = 0
     nonfinite: int = 0  # examples with a non-finite candidate score: no loss or accuracy is computed from them
     _parts: list[tuple[int, float, int, int]] = field(default_factory=list)
@@ -127,15 +128,17 @@ class EvalTally:
         correct = 0
         logp = 0.0
         tok = 0
+        classify = self.objective == "classification"
         for i, ex in enumerate(examples):
             correct += int(int(torch.argmax(s[i])) == ex.label)
-            logp += float(s[i, ex.label])
-            tok += int(t[i, ex.label])
+            logp += float(torch.log_softmax(s[i], dim=0)[ex.label]) if classify else float(s[i, ex.label])
+            tok += 1 if classify else int(t[i, ex.label])
         self._parts.append((chunk_index, logp, tok, correct))
         self.examples += len(examples)
 
     def result(self) -> dict[str, float]:
-        """Dev loss (nats per label token) and accuracy; both NaN when any score was not finite
+        """Dev loss (nats per label token; with the classification objective, per example over the label words)
+        and accuracy; both NaN when any score was not finite
         (diverged weights: an argmax over NaN is no prediction)."""
         if self.nonfinite:
             return {"dev_loss": math.nan, "dev_accuracy": math.nan, "dev_examples": self.examples}

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from distzo.catalog import base_model_name
 from distzo.errors import counted
+from distzo.runlog import loss_window
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub spells ids
@@ -42,10 +44,23 @@ def _target_text(t: Any) -> str:
     if t.target == "full":
         return "full model"
     if t.target == "lora":
-        return f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {', '.join(t.lora_modules)}; base frozen)"
+        modules = ", ".join(t.lora_modules) if t.lora_modules else "peft's default for the model's family"
+        return f"LoRA (peft; rank {t.lora_rank}, alpha {t.lora_alpha}, modules {modules}; base frozen)"
     if t.target == "prefix":
         return f"prefix-tuning (peft; {t.prefix_tokens} virtual tokens; base frozen)"
     return f"{t.target} (peft; base frozen)"
+
+
+def _local_base(source: str, upstream: str) -> str:
+    """How to load the adapter on a local copy of its base (adapter_config.json names ``upstream``)."""
+    if upstream != source:  # a fetched model: distzo trained on its converted copy in the cache
+        return (f"distzo trained it on its own copy of the base, `{source}` (`zoctl fetch --check {source}` prints where "
+                "it is; it can differ from the Hub release, e.g. a dequantized file): for the run's logits, load that "
+                "directory as `base`, or set `base_model_name_or_path` in `adapter_config.json` to it; ")
+    if not _HUB_ID.match(source):
+        return (f"`{source}` is a local name or directory: load `base` from your copy of it, or set "
+                "`base_model_name_or_path` in `adapter_config.json` to its path; ")
+    return ""
 
 
 def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "distributed", merged: bool = False) -> str:
@@ -57,7 +72,8 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     t, lay = cfg.train, cfg.layout
     adapter = t.target != "full" and not merged  # the export is peft's adapter directory
     kind = ADAPTER_NAMES.get(t.target, t.target)
-    base = source if _HUB_ID.match(source) and not Path(source).exists() else None
+    upstream = base_model_name(source)  # a fetched model's Hub id (what the adapter names as its base)
+    base = upstream if _HUB_ID.match(upstream) and not Path(upstream).exists() else None
     tags = ["distzo", "mezo", "zeroth-order", "text-classification"] + ([t.target] if t.target != "full" else [])
     front: dict[str, Any] = {"library_name": "peft" if adapter else "transformers", "tags": tags}
     if base:
@@ -67,7 +83,8 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     hyper = {
         "optimizer": method + " (zeroth-order, two forwards per direction)",
         "objective": {"loss": "label-token cross-entropy", "accuracy": "minus batch accuracy",
-                      "f1": "minus batch macro-F1"}[t.objective],
+                      "f1": "minus batch macro-F1",
+                      "classification": "cross-entropy over the label words"}[t.objective],
         "target": _target_text(t) + (" (exported merged into the base)" if merged else ""),
         "steps (configured / applied)": f"{t.steps} / {steps_done}",
         "learning rate": f"{t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}, min ratio {t.min_lr_ratio})",
@@ -81,9 +98,9 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
     }
     if adapter:
         what = (f"This directory is a {kind} adapter in peft's layout, not a model: it needs its base model "
-                f"**{source}**. Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+                f"**{upstream}**. Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
                 "this directory)`" + ("; an export with `--merge` writes the merged plain model instead; "
-                                      if t.target == "lora" else "; "))
+                                      if t.target == "lora" else "; ") + _local_base(source, upstream))
     elif t.target != "full":
         what = (f"The weights are the base model with the trained {kind} adapter merged in (peft's "
                 "`merge_and_unload`): a plain model directory for `AutoModelForCausalLM`; ")
@@ -97,7 +114,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], steps_done: int, mode: str = "
              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hyper.items()]  # as configured, not rounded
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
-    window = counted(min(10, steps_done), "step") if steps_done > 0 else "10 steps"  # TrainLog.final_loss's window
+    window = counted(loss_window(steps_done), "step")  # TrainLog.final_loss's window
     for key, text in METRIC_NAMES:
         text = text.format(window=window)
         if key == "final_loss" and t.objective != "loss":  # the scalar trained on is minus the batch accuracy

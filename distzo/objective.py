@@ -6,6 +6,12 @@ non-differentiable objectives, accuracy and F1). Each forward reports a pair (S,
 ``distzo.mezo.sign_losses`` adds over the data shards and divides, l = sum S / sum N:
 
 * ``loss``: S = summed cross-entropy of the label tokens, N = label tokens (the mean token loss);
+* ``classification``: S = summed cross-entropy of the true label word among the label words only, -log
+  softmax over the candidates' log-probabilities at the label position, N = rows: the mean classification
+  loss (MeZO's ``train_as_classification``, LM-BFF's loss). Unlike ``loss`` it does not reward raising every
+  label word's probability against the rest of the vocabulary, so the steps go to telling the words apart
+  (the instruct model's label-word loss starts at several nats, which ``loss`` spends its first steps on).
+  Needs the same one-token label words as accuracy.
 * ``accuracy``: S = minus the rows whose true label word has the highest log-probability among
   the label words (the candidates' likelihood ranking, ties to the first word, as eval ranks),
   N = rows: l = -(batch accuracy), so minimizing l maximizes accuracy. It needs label words that
@@ -70,7 +76,11 @@ def forward_sums(objective: str, candidates: tuple[int, ...], batch: Batch, loss
     target = torch.tensor([lookup.get(int(t), -1) for t in truth], dtype=torch.int64)
     if bool((target < 0).any()):
         raise ValueError("a row's label token is none of the label words' tokens")
-    pred = torch.argmax(scores.reshape(rows, len(candidates)), dim=1)
+    scores = scores.reshape(rows, len(candidates))
+    if objective == "classification":
+        logp = torch.log_softmax(scores.to(torch.float64), dim=1)
+        return -float(logp[torch.arange(rows), target].sum()), rows
+    pred = torch.argmax(scores, dim=1)
     if objective == "f1":
         return -macro_f1(pred, target, len(candidates)) * rows, rows
     return -float(int((pred == target).sum())), rows

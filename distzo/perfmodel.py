@@ -62,6 +62,7 @@ BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_
 CONTROL_BYTES_PER_WORKER = 512  # assignment header + loss report (assumption: a few hundred bytes)
 UPDATE_RECORD_BYTES = 128  # one journal record (step, seed, g, lr) per server host
 RUNTIME_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # CUDA context / interpreter and allocator slack (assumption)
+FROZEN_GPU_RESERVE = 0.2  # of the device: what gpuworker/feed.py leaves free when it keeps frozen blocks on the GPU
 MASTER_BYTES = 4  # the server's fp32 master
 TIE_TOLERANCE = 0.01  # layouts within 1% of the best tokens/s count as ties (then: less GPU memory wins)
 
@@ -249,10 +250,17 @@ def _gpu_memory(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, b: i
     runtime = float(RUNTIME_BYTES.get(cluster.device, RUNTIME_BYTES["cuda"]))
     mem = {"resident_blocks": resident, "perturbed_copies": copies, "tied_embedding": tied,
            "activations": residual + transient, "runtime": runtime}
-    if kept:
-        mem["frozen_blocks_kept"] = float(target.frozen(model) * b)  # fetched once, at the served dtype
+    host = 0.0
+    if kept:  # fetched once, at the served dtype, and kept as gpuworker/feed.py's FrozenBlocks keeps them
+        frozen = float(target.frozen(model) * b)
+        if cluster.device == "cpu":
+            on_device = frozen  # a CPU worker's memory holds them all
+        else:  # GPU memory up to what is free less a fifth of the device, the rest in pinned host memory
+            on_device = min(frozen, max(0.0, cluster.gpu_memory_bytes * (1 - FROZEN_GPU_RESERVE) - sum(mem.values())))
+        mem["frozen_blocks_kept"] = on_device
+        host = frozen - on_device
     mem["total"] = sum(mem.values())
-    return mem
+    return mem, host
 
 
 def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int, served_dtype: str,
@@ -298,6 +306,8 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
     g, f = cluster.worker_gpus, cluster.fetch_gpus
     kept = bool(frozen) and f == 1  # a worker keeps the frozen blocks (not in fetch groups: feed.py)
     fetched = P - frozen if kept else P  # parameters fetched per step
+    tokens_per_gpu = T / (layout.ddp * g)
+    gpu_mem, frozen_in_host = _gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks, target, kept)
 
     tflops = cluster.gpu_tflops if cb == 2 else (cluster.gpu_tflops_fp32 or cluster.gpu_tflops)
     forward_s = layout.q * 2 * 2 * P * T / gpus / (tflops * 1e12 * cluster.mfu)
@@ -305,7 +315,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
     replay_s = mean_pending(window) * A / f / cluster.replay_params_per_s  # on its slice, before the gather
 
     model_bytes = P * b
-    h2d_gpu = fetched * b / f
+    h2d_gpu = fetched * b / f + frozen_in_host  # frozen blocks kept in pinned host memory: copied over at each use
     nvlink_gpu = fetched * b * (f - 1) / f
     net_in, net_out = _network_bytes(fetched, cluster, b, shards)
     hosts = cluster.nodes if cluster.replicas else shards
@@ -333,7 +343,9 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         cpu_work = layout.workers * (terms["compute"] + terms["h2d"] + terms["nvlink"]) + terms["server_update"]
         step = max(step, cpu_work / cluster.host_cores + terms["control"])
     host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer, target, window)
-    tokens_per_gpu = T / (layout.ddp * g)
+    if frozen_in_host:  # every worker of a node keeps its own pinned copy of what its GPU has no room for
+        host_mem["worker_frozen_copies"] = frozen_in_host * cluster.gpus_per_node / g
+        host_mem["total"] += host_mem["worker_frozen_copies"]
     return Prediction(
         model=model.name, cluster=cluster.name, layout=layout, tokens_per_step=T, seq_len=seq_len,
         served_dtype=served_dtype, compute_dtype=compute_dtype, shards=shards, gpus_per_worker=g, fetch_group=f,
@@ -345,7 +357,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
                "h2d_per_node": h2d_gpu * cluster.gpus_per_node, "nvlink_per_gpu": nvlink_gpu,
                "network_in_per_node": net_in, "network_out_per_server_host": net_out, "control_per_step": control_bytes,
                **({"frozen_once_per_worker": float(frozen * b)} if kept else {})},
-        memory_per_gpu_bytes=_gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks, target, kept),
+        memory_per_gpu_bytes=gpu_mem,
         memory_per_server_host_bytes=host_mem, snapshot_headroom_bytes=headroom,
         gpu_memory_bytes=cluster.gpu_memory_bytes, host_memory_bytes=cluster.host_memory_bytes,
         whole_model_bytes=model_bytes, assumptions=_assumptions(cluster, g, f, prefetch_blocks, optimizer, target),
@@ -379,8 +391,9 @@ def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, opt
         f"= forwards*t*hidden + t*max((4*hidden+mlp)*bytes, 4*vocab) for t tokens per {words.unit}, plus a runtime allowance",
     ) + ((f"server update with {optimizer} state: the sgd update rate scaled by the ratio of DRAM bytes moved "
           "(an estimate, not measured on this cluster)",) if STATE_VALUES[optimizer] else ()) + (
-        (f"train.target {target.name}: frozen blocks " + ("fetched once per worker and kept in its memory at the served "
-         "dtype; per step only the trainable blocks are fetched" if f == 1 else "fetched every step (a fetch group "
+        (f"train.target {target.name}: frozen blocks " + ("fetched once per worker and kept at the served dtype: in GPU "
+         "memory up to what is free less a fifth of the device, the rest in pinned host memory, copied over at each "
+         "use (gpuworker/feed.py); per step the trainable blocks are fetched" if f == 1 else "fetched every step (a fetch group "
          "does not keep them)") + "; only the trainable blocks are perturbed, updated and have optimizer state",)
         if target.frozen_base else ())
 

@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from distzo.cache import atomic_build, cache_root
 
 DATASET_DIR = Path(__file__).resolve().parent / "datasets" / "sst2_synth"
@@ -146,6 +144,7 @@ def preset_dir(name: str, cache_dir: str | None = None) -> Path:
     factory, sizes = PRESETS[name]
 
     def build(out: Path) -> None:
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

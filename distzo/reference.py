@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from distzo import generator
 from distzo.adapters import adapter_from_train
+from distzo.catalog import base_model_name
 from distzo.config import JobConfig
 from distzo.data import Batch
 from distzo.durable import write_atomic
@@ -31,7 +32,7 @@ from distzo.optim import Optimizer
 from distzo.precision import PerturbationReport, forward_dtypes, job_precision, job_report
 from distzo.plan import StepPlan, all_roles
 from distzo.report import eval_summary, write_report
-from distzo.runlog import RUN_LOCK, RunLog, make_run_dir
+from distzo.runlog import RUN_LOCK, RunLog, loss_window, make_run_dir
 from distzo.step import Losses, TrainingStopped, TrainLog, run_step
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
@@ -43,7 +44,7 @@ def apply_runtime_threads(cfg: JobConfig) -> None:
 
 def evaluate(engine: ForwardEngine, job: JobData, feed: MemoryFeed, pending: Sequence[UpdateRecord] = ()) -> dict[str, float]:
     """Dev loss and accuracy of the weights ``feed`` serves, with ``pending`` update records replayed on them."""
-    tally = EvalTally(len(job.cfg.data.label_words))
+    tally = EvalTally(len(job.cfg.data.label_words), job.cfg.train.objective)
     for i, (examples, batch, candidates) in enumerate(job.eval_chunks()):
         res = engine.run([ForwardJob(batch, want_scores=True, candidates=candidates)], feed, pending)[0]
         tally.add(i, examples, batch, res.scores, bool(candidates))
@@ -54,6 +55,12 @@ class ReferenceTrainer:
     def __init__(self, cfg: JobConfig, job: JobData | None = None, resident: bool = False):
         """``resident``: keep the master weights on runtime.device (all-on-GPU MeZO, for the benchmarks;
         the model must fit there). By default they stay in host memory, as on the parameter server."""
+        if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size
+            from distzo.defaults import resolve
+
+            cfg = resolve(cfg, job.model_dir if job is not None else None)[0]
+            if job is not None:
+                job.cfg = cfg
         self.cfg = cfg
         self.job = job or JobData.load(cfg)
         self.model = BlockModel.from_dir(self.job.model_dir, adapter_from_train(cfg.train))
@@ -180,7 +187,9 @@ class ReferenceTrainer:
             bar.update(1)
             bar.set_postfix(loss=f"{outcome.loss:.4f}")
             if cfg.train.eval_every and (t + 1) % cfg.train.eval_every == 0 and t + 1 < cfg.train.steps:
+                bar.set_postfix_str("evaluating (dev split)")
                 self.evaluate(t + 1)
+        bar.set_postfix_str("evaluating (dev split)")
         bar.close()
         final_eval = self.evaluate(cfg.train.steps)
         summary = {
@@ -192,6 +201,7 @@ class ReferenceTrainer:
             "steps": cfg.train.steps,
             **eval_summary(self.log.evals),
             "start_loss": self.log.start_loss(),
+            "loss_window": loss_window(len(self.log.losses)),
             "final_loss": self.log.final_loss(),
             "dev_loss": final_eval["dev_loss"],
             "dev_accuracy": final_eval["dev_accuracy"],
@@ -204,7 +214,7 @@ class ReferenceTrainer:
             "perturbation_warning": self.perturbation().warning(),
         }
         if out_dir is not None:  # on copies of the buffers, with its card, moved into place whole
-            export_model_dir(self.model, self.buffers, out_dir, merge=merge,
+            export_model_dir(self.model, self.buffers, out_dir, merge=merge, base_name=base_model_name(cfg.model.source),
                              card=model_card(cfg, summary, cfg.train.steps, mode="reference", merged=merge))
         if run_dir is not None:
             summary.update(write_report(run_dir))

@@ -48,8 +48,11 @@ _SERVICE_CONFIG = json.dumps({
 
 def server_options(max_receive: int = MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
     """Servers accept the clients' keepalive pings (every 20 s, also between calls) without GOAWAY;
-    ``max_receive`` caps a whole request message (RESOURCE_EXHAUSTED above it)."""
+    ``max_receive`` caps a whole request message (RESOURCE_EXHAUSTED above it). A port is never shared: gRPC
+    sets SO_REUSEPORT by default, which lets a second process bind a port a running service listens on and
+    then splits the connections between the two (a client would reach the wrong one): off."""
     return [
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", max_receive),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_permit_without_calls", 1),

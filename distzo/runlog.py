@@ -23,6 +23,12 @@ from typing import Any, Sequence
 from distzo.durable import check_same_job, record_job, write_atomic
 
 
+def loss_window(steps: int) -> int:
+    """Steps in a run's start and final training-loss means: 10, or half of a shorter run, so the two windows
+    never overlap from 2 steps on (a 1-step run's start and final loss are its one step)."""
+    return max(1, min(10, steps // 2))
+
+
 def mean_finite(xs: Sequence[float]) -> float:
     """The mean of the finite values of ``xs``; nan when there are none (a run's start and final loss)."""
     kept = [x for x in xs if math.isfinite(x)]

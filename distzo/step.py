@@ -27,7 +27,7 @@ from distzo.logs import kv
 from distzo.mezo import StepOutcome, UpdateRecord, make_update
 from distzo.plan import StepPlan, step_plan
 from distzo.precision import job_precision
-from distzo.runlog import RunLog, mean_finite
+from distzo.runlog import RunLog, loss_window, mean_finite
 
 log = logging.getLogger("distzo.step")
 
@@ -36,7 +36,13 @@ Losses = Mapping[ForwardKey, tuple[float, int]]  # key -> (summed label-token lo
 
 
 class TrainingStopped(RuntimeError):
-    """The non-finite policy stopped the run."""
+    """The non-finite policy stopped the run, or a step's update is one the parameter server refuses."""
+
+
+class UpdateRefused(TrainingStopped):
+    """A step's update is out of the parameter server's bounds (``UpdateRecord.check_bounds``): a diverged run.
+    Checked here, before the step is logged or sent, so the reference and the cluster stop at the same step
+    with the same message, and the run log never records it as a step that was applied."""
 
 
 def check_skip_policy(cfg: JobConfig, step: int, consecutive: int) -> None:
@@ -63,12 +69,12 @@ class TrainLog:
     records: list[UpdateRecord] = field(default_factory=list)  # what a parameter server would be sent (reference)
 
     def start_loss(self) -> float:
-        """Mean of the first 10 step losses that are finite (nan when there are none)."""
-        return mean_finite(self.losses[:10])
+        """Mean of the first ``loss_window`` step losses that are finite (nan when there are none)."""
+        return mean_finite(self.losses[:loss_window(len(self.losses))])
 
     def final_loss(self) -> float:
-        """Mean of the last 10 step losses that are finite (nan when there are none)."""
-        return mean_finite(self.losses[-10:])
+        """Mean of the last ``loss_window`` step losses that are finite (nan when there are none)."""
+        return mean_finite(self.losses[-loss_window(len(self.losses)):])
 
 
 @dataclass
@@ -102,7 +108,8 @@ def run_step(cfg: JobConfig, t: int, data: JobData, forwards: Forwards, update: 
     ``update``: applies or sends the record (also a skipped one: it still advances the version).
     ``elapsed_s``: the run's training seconds so far, for the run log. ``observe``: the caller's
     bookkeeping (metrics), called before the skip policy may stop the run.
-    Raises TrainingStopped when the policy stops the run (the record is then neither logged nor sent).
+    Raises TrainingStopped when the policy stops the run, UpdateRefused when the update is out of the parameter
+    server's bounds (the record is then neither logged nor sent).
     """
     tc = cfg.train
     eps = job_precision(cfg).eps  # the forwards' (train.eps_bf16 for bfloat16 forwards): g's denominator
@@ -119,6 +126,10 @@ def run_step(cfg: JobConfig, t: int, data: JobData, forwards: Forwards, update: 
             retries += 1
             train_log.nonfinite_retries += 1
             log.warning("non-finite loss, re-running the step", extra=kv(step=t))
+    try:  # the server's bound, applied by whoever runs the step (the reference too)
+        outcome.record.check_bounds(cfg.server.max_update_step)
+    except ValueError as exc:
+        raise UpdateRefused(f"step {t}: {exc}") from None
     result = StepResult(plan, outcome, tokens, retries)
     train_log.tokens += tokens
     if observe is not None:

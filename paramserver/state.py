@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from distzo.catalog import base_model_name
 from distzo.config import JobConfig
 from distzo.dtypes import ITEMSIZE
 from distzo.durable import CorruptFile, differences, read_checked_json, write_checked_json
@@ -342,7 +343,8 @@ class ServerState:
                 path, merge, card = m.arg  # type: ignore[misc]
                 version = self.processed_version  # the master plus the open window's pending records
                 buffers = [self._block_tensor(b) for b in range(len(self.manifest.blocks))]
-                export_model_dir(self.model, buffers, path, merge=merge, card=card(version) if card else None, owned=True)
+                export_model_dir(self.model, buffers, path, merge=merge, card=card(version) if card else None, owned=True,
+                                 base_name=base_model_name(self.cfg.model.source))
                 m.result = (str(path), version)
         except BaseException as exc:  # reported to the caller
             m.error = exc

@@ -226,7 +226,7 @@ class EvalResult(_message.Message):
     def __init__(self, step: _Optional[int] = ..., dev_loss: _Optional[float] = ..., dev_accuracy: _Optional[float] = ..., dev_examples: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("state", "step", "total_steps", "loss", "final_loss", "tokens_per_second", "train_tokens", "train_seconds", "skipped_steps", "reassignments", "late_reports", "nonfinite_retries", "workers", "evals", "error", "layout", "layout_workers", "resumed_from", "model", "wall_seconds", "assign_s", "wait_s", "update_s", "worker_fetch_s", "worker_compute_s", "worker_wait_s", "worker_gather_s", "bytes_per_step", "worker_h2d_s", "worker_peak_memory_bytes", "error_kind", "perturbation", "perturbation_warning")
+    __slots__ = ("state", "step", "total_steps", "loss", "final_loss", "tokens_per_second", "train_tokens", "train_seconds", "skipped_steps", "reassignments", "late_reports", "nonfinite_retries", "workers", "evals", "error", "layout", "layout_workers", "resumed_from", "model", "wall_seconds", "assign_s", "wait_s", "update_s", "worker_fetch_s", "worker_compute_s", "worker_wait_s", "worker_gather_s", "bytes_per_step", "worker_h2d_s", "worker_peak_memory_bytes", "error_kind", "perturbation", "perturbation_warning", "activity")
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,7 @@ class JobStatus(_message.Message):
     ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     PERTURBATION_FIELD_NUMBER: _ClassVar[int]
     PERTURBATION_WARNING_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     state: str
     step: int
     total_steps: int
@@ -293,7 +294,8 @@ class JobStatus(_message.Message):
     error_kind: str
     perturbation: str
     perturbation_warning: str
-    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., final_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., train_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., skipped_steps: _Optional[int] = ..., reassignments: _Optional[int] = ..., late_reports: _Optional[int] = ..., nonfinite_retries: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalResult, _Mapping]]] = ..., error: _Optional[str] = ..., layout: _Optional[str] = ..., layout_workers: _Optional[int] = ..., resumed_from: _Optional[int] = ..., model: _Optional[str] = ..., wall_seconds: _Optional[float] = ..., assign_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., update_s: _Optional[float] = ..., worker_fetch_s: _Optional[float] = ..., worker_compute_s: _Optional[float] = ..., worker_wait_s: _Optional[float] = ..., worker_gather_s: _Optional[float] = ..., bytes_per_step: _Optional[float] = ..., worker_h2d_s: _Optional[float] = ..., worker_peak_memory_bytes: _Optional[int] = ..., error_kind: _Optional[str] = ..., perturbation: _Optional[str] = ..., perturbation_warning: _Optional[str] = ...) -> None: ...
+    activity: str
+    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., final_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., train_tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., skipped_steps: _Optional[int] = ..., reassignments: _Optional[int] = ..., late_reports: _Optional[int] = ..., nonfinite_retries: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., evals: _Optional[_Iterable[_Union[EvalResult, _Mapping]]] = ..., error: _Optional[str] = ..., layout: _Optional[str] = ..., layout_workers: _Optional[int] = ..., resumed_from: _Optional[int] = ..., model: _Optional[str] = ..., wall_seconds: _Optional[float] = ..., assign_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., update_s: _Optional[float] = ..., worker_fetch_s: _Optional[float] = ..., worker_compute_s: _Optional[float] = ..., worker_wait_s: _Optional[float] = ..., worker_gather_s: _Optional[float] = ..., bytes_per_step: _Optional[float] = ..., worker_h2d_s: _Optional[float] = ..., worker_peak_memory_bytes: _Optional[int] = ..., error_kind: _Optional[str] = ..., perturbation: _Optional[str] = ..., perturbation_warning: _Optional[str] = ..., activity: _Optional[str] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
     __slots__ = ("config_yaml",)

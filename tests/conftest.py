@@ -102,10 +102,12 @@ def make_model_dir(out: Path, family: str, tokenizer_dir: Path, **sizes: int) ->
 
 
 def small_config(cache_dir: str, **sections):
-    """A JobConfig for fast tests: few steps, small batch, the session's preset cache."""
+    """A JobConfig for fast tests: few steps, small batch, the session's preset cache, and the lr and eps the tests
+    were written with (tiny-opt's default would be 6e-4: tests/test_defaults.py covers the defaults)."""
     from distzo.config import JobConfig
 
-    raw = {"train": {"steps": 4, "batch_size": 4}, "data": {"dev_examples": 16}, "runtime": {"cache_dir": cache_dir}}
+    raw = {"train": {"steps": 4, "batch_size": 4, "lr": 5e-4, "eps": 1e-3}, "data": {"dev_examples": 16},
+           "runtime": {"cache_dir": cache_dir}}
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return JobConfig.from_dict(raw)

@@ -71,15 +71,54 @@ def test_a_truncated_checkpoint_is_refused_before_anything_starts(cache_dir, pre
     assert not (tmp_path / "run").exists()
 
 
-def taken_port() -> tuple[socket.socket, int]:
+def taken_port(reuseport: bool = False) -> tuple[socket.socket, int]:
+    """A port held by a listening socket; ``reuseport``: one with SO_REUSEPORT, as any gRPC server sets it by
+    default, so the operating system would let a second socket with it bind the same port."""
     s = socket.socket()
+    if reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind(("127.0.0.1", 0))
     s.listen(1)
     return s, s.getsockname()[1]
 
 
+def test_no_two_services_share_a_port_even_where_the_os_would_let_them(tmp_path):
+    """Issue 25, kind 4: gRPC's default SO_REUSEPORT let a second server bind a port a running one listens on
+    (and split the connections between them). Every listening port of every service goes through these two."""
+    from concurrent import futures
+
+    import grpc
+
+    from distzo.metrics import start_metrics_server
+    from distzo.rpc import Credentials, bind, make_server
+
+    creds = Credentials.for_client(None, None)
+    holder, port = taken_port(reuseport=True)
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on '127.0.0.1:{port}': the port is in use"):
+            bind(make_server(creds, []), f"127.0.0.1:{port}", creds)
+        with pytest.raises(OSError, match=f"cannot serve metrics on port {port}"):
+            start_metrics_server(port, "127.0.0.1")
+    finally:
+        holder.close()
+    first = make_server(creds, [])  # a running distzo service: nothing, reuse or not, binds its port again
+    port = bind(first, "127.0.0.1:0", creds)
+    first.start()
+    try:
+        with pytest.raises(OSError, match="the port is in use"):
+            bind(make_server(creds, []), f"127.0.0.1:{port}", creds)
+        plain = grpc.server(futures.ThreadPoolExecutor(1))  # gRPC's defaults: SO_REUSEPORT on
+        try:
+            assert plain.add_insecure_port(f"127.0.0.1:{port}") == 0
+        except RuntimeError:  # "Failed to bind": what newer gRPC raises
+            pass
+    finally:
+        first.stop(None)
+
+
 def test_listen_on_a_taken_or_invalid_address_and_a_taken_metrics_port(tmp_path):
     sock, port = taken_port()
+    shared, shared_port = taken_port(reuseport=True)
     cases = []
     for service, extra in (("paramserver", ["--data-dir", str(tmp_path / "d")]),
                            ("coordinator", ["--param-server", "127.0.0.1:1"])):
@@ -89,6 +128,14 @@ def test_listen_on_a_taken_or_invalid_address_and_a_taken_metrics_port(tmp_path)
                       f"cannot serve metrics on port {port}"))
     cases.append((["gpuworker", "--coordinator", "127.0.0.1:1", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
                   f"cannot serve metrics on port {port}"))
+    # a port held with SO_REUSEPORT (as a gRPC server holds it by default): refused all the same (issue 25)
+    address = f"127.0.0.1:{shared_port}"
+    cases += [(["paramserver", "--data-dir", str(tmp_path / "d"), "--listen", address, "--metrics-port", "-1"],
+               f"cannot listen on '{address}'"),
+              (["paramserver", "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:0", "--control-listen", address,
+                "--metrics-port", "-1"], f"cannot listen on '{address}'"),
+              (["coordinator", "--param-server", "127.0.0.1:1", "--listen", address, "--metrics-port", "-1"],
+               f"cannot listen on '{address}'")]
     try:  # all at once: each start loads torch, which takes seconds on a busy host
         procs = [(subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                   args, needle) for args, needle in cases]
@@ -99,6 +146,7 @@ def test_listen_on_a_taken_or_invalid_address_and_a_taken_metrics_port(tmp_path)
             assert needle in r.stderr, (args, r.stderr)
     finally:
         sock.close()
+        shared.close()
     assert not (tmp_path / "d").exists()  # the server refused before making its data directory
 
 
@@ -115,6 +163,43 @@ def test_status_and_control_commands_import_only_what_they_need(tmp_path):
         doc = json.loads(r.stdout.strip().splitlines()[-1])
         assert doc["rc"] == 3 and doc["heavy"] == [], (args, doc, r.stderr[-500:])
         print(args[0], f"{doc['seconds']:.2f}s")  # shown with -s; not asserted (this host is shared)
+
+
+def test_a_model_or_data_that_names_nothing_is_refused_before_the_heavy_imports(tmp_path):
+    """Issue 25: a misspelled model or a missing data file took 11-13 s to be refused (torch and transformers
+    were imported first); config errors take under a second. Now the names are checked first."""
+    probe = ("import json, sys\n"
+             "from coordinator.cli import main\n"
+             "rc = main(sys.argv[1:])\n"
+             "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+             "print(json.dumps({'rc': rc, 'heavy': heavy}))\n")
+    for args, needle in ((["up", "--model", "smollm2-13"], "model 'smollm2-13' does not exist"),
+                         (["reference", "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl' does not exist"),
+                         (["up", "--dev", str(tmp_path / "nope.jsonl"), "--run-dir", str(tmp_path / "run")],
+                          "does not exist")):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        assert doc == {"rc": 2, "heavy": []} and needle in r.stderr and r.stderr.count("\n") == 1, (args, doc, r.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_up_json_errors_and_a_subcommands_usage(capsys):
+    """Issue 25: `zoctl up --json` printed nothing on stdout when it failed; `zoctl up --modle x` printed zoctl's
+    usage instead of up's."""
+    from coordinator.cli import main
+
+    assert main(["up", "--model", "nope", "--json"]) == 2
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert doc["exit_code"] == 2 and doc["command"] == "up" and "model 'nope' does not exist" in doc["error"]
+    assert out.err.count("\n") == 1
+    assert main(["up", "--modle", "x"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("usage: zoctl up ") and "zoctl up: error: unrecognized arguments: --modle x; did you " \
+        "mean --model?" in out.err and out.out == ""
+    assert main(["reference", "--steps", "x", "--json"]) == 2
+    out = capsys.readouterr()
+    assert json.loads(out.out)["error"] == "argument --steps: invalid int value: 'x'" and "usage: zoctl reference" in out.err
 
 
 def test_an_export_destination_is_checked_before_any_work(cache_dir, tmp_path, capsys):

@@ -156,8 +156,9 @@ def test_pause_and_resume_give_the_same_weights_also_when_the_only_worker_is_los
         from protos import coordinator_pb2 as cpb
 
         at_step(cluster, 3)
-        cluster.stub().Pause(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
-        wait_until(lambda: cluster.status().state == "paused", what="paused")
+        reply = cluster.stub().Pause(cpb.ControlRequest(), timeout=60, metadata=cluster.creds.call_metadata())
+        # the reply is the state after the command, with the workers (issue 25: it was the state before, no workers)
+        assert reply.state == "paused" and [w.pid for w in reply.workers] == [cluster.processes["worker-0"].pid], reply
         step = cluster.status().step
         time.sleep(1.0)
         assert cluster.status().step == step  # nothing moves while paused
@@ -167,7 +168,8 @@ def test_pause_and_resume_give_the_same_weights_also_when_the_only_worker_is_los
         # (it is restarted only once cluster.wait() supervises): the job waits for it instead of failing
         cluster.processes["worker-0"].kill(signal.SIGKILL)
         wait_until(lambda: [w.state for w in cluster.status().workers] == ["lost"], what="worker-0 lost")
-        cluster.stub().Resume(cpb.ControlRequest(), timeout=10, metadata=cluster.creds.call_metadata())
+        reply = cluster.stub().Resume(cpb.ControlRequest(), timeout=60, metadata=cluster.creds.call_metadata())
+        assert reply.state == "running" and [w.state for w in reply.workers] == ["lost"], reply
 
     cluster, _ = run_cluster(tmp_path, cfg, pause_resume)
     assert cluster.restarts == {"worker-0": 1}

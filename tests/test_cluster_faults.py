@@ -150,14 +150,19 @@ def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache
         assert cluster.restarts.get("paramserver") == 2 and cluster.restarts.get("coordinator") == 2, cluster.restarts
         assert cluster.restarts.get("worker-1", 0) + cluster.restarts.get("node-1", 0) == 2, cluster.restarts
         assert seen["coordinator"] % WINDOW and seen["paramserver"] % WINDOW, seen  # both killed inside a window
-        assert cluster.status().resumed_from == seen["coordinator"]  # from the journal, the open window's records too
+        st = cluster.status()
+        assert st.resumed_from == seen["coordinator"]  # from the journal, the open window's records too
+        # the restarted coordinator counts the whole run, not only its own part (issue 25): tokens and skips are the
+        # reference's, its training time covers the run log's
+        ref = references.get(cfg.with_overrides({"train.steps": step}))
+        assert (st.train_tokens, st.skipped_steps) == (ref.summary["train_tokens"], ref.summary["skipped_steps"])
+        assert st.train_seconds >= read_history(cluster.run_dir).elapsed_s > 0
         meta = cluster.creds.call_metadata()
         ev = cluster.stub().Eval(cpb.ControlRequest(), timeout=300, metadata=meta)
         snap_reply = cluster.stub().Snapshot(cpb.ControlRequest(), timeout=300, metadata=meta)
         cluster.export(tmp_path / "dist")
 
         # the same weights as an undisturbed run: the reference's after that many steps, bit for bit
-        ref = references.get(cfg.with_overrides({"train.steps": step}))
         assert same_weights(tmp_path / "dist", ref.out)  # the export: the master plus the open window
         assert ev.step == step and (ev.dev_loss, ev.dev_accuracy) == (ref.summary["dev_loss"], ref.summary["dev_accuracy"])
         # the run log covers the whole run, before and after the restarts, with the reference's numbers

@@ -160,8 +160,9 @@ def test_pause_eval_snapshot_export_resume_and_the_weights_are_the_references(li
     from protos import coordinator_pb2 as cpb
 
     target = live.target()
-    assert zoctl("pause", *target).returncode == 0
-    wait_until(lambda: live.status().state == "paused", what="paused")
+    paused = zoctl("pause", *target)  # says the state after the command, and lists the workers (issue 25)
+    assert paused.returncode == 0 and "job: paused" in paused.stdout, paused.stdout
+    assert str(live.status().workers[0].pid) in paused.stdout, paused.stdout
     step = live.status().step
     time.sleep(1.0)
     assert live.status().step == step  # nothing moves while paused
@@ -178,7 +179,8 @@ def test_pause_eval_snapshot_export_resume_and_the_weights_are_the_references(li
     assert "| dev accuracy before training (step 0) | 0." in card and "| batch size | 8 |" in card, card
     no_token = zoctl("pause", *live.target(token=False))
     assert no_token.returncode == 2 and "bearer token" in no_token.stderr, no_token.stderr
-    assert zoctl("resume", *target).returncode == 0
+    resumed = zoctl("resume", *target)
+    assert resumed.returncode == 0 and "job: running" in resumed.stdout, resumed.stdout
     wait_until(lambda: live.step() > step + 1, timeout=300, what="steps after the resume")
     # what was exported while paused is the reference's model after that many steps (constant lr: the
     # total of 100,000 steps does not enter the weights)

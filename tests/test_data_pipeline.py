@@ -195,3 +195,29 @@ def test_the_sentencepiece_tokenizer_trains_end_to_end(preset, cache_dir, tmp_pa
     assert trainer.job.encoder.eval_candidates  # in-context single tokens: the one-row eval path
     summary = trainer.train(progress=False)
     assert math.isfinite(summary["final_loss"]) and 0 <= summary["dev_accuracy"] <= 1
+
+
+def word_tokenizer(words: list[str]):  # noqa: ANN201
+    """A word-level tokenizer knowing only ``words``: any other word is its unknown token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_the_template_check_judges_only_the_template_and_the_label_words():
+    """Issue 25: a check that refused a valid template because of text the user never wrote (a probe sentence
+    filled in to find the special prefix). The template's own text and the label words are judged, nothing else."""
+    tok = word_tokenizer(["it", "was", "bad", "good", "a", "film", "dull"])  # no "This", "is", "sentence"
+    enc = TaskEncoder(tok, "{text} it was", ["bad", "good"], 16)
+    assert enc.prefix == [tok.bos_token_id] and [tok.convert_ids_to_tokens(i) for i in enc.label_ids] == [["bad"], ["good"]]
+    batch = enc.train_batch([Example("a good film", 1), Example("dull", 0)])
+    assert batch.input_ids[0].tolist() == tok.encode("a good film it was good")
+    with pytest.raises(DataError, match=r"data.template '\{text\} it seemed': the tokenizer cannot encode ' it seemed'"):
+        TaskEncoder(tok, "{text} it seemed", ["bad", "good"], 16)  # "seemed": the template's own word
+    with pytest.raises(DataError, match=r"data.label_words: the tokenizer cannot encode 'great'"):
+        TaskEncoder(tok, "{text} it was", ["bad", "great"], 16)

@@ -56,12 +56,29 @@ def test_the_card_is_generic_on_the_adapter_target():
     assert "| target | prefix-tuning (peft; 5 virtual tokens; base frozen) |" in card
 
 
-@pytest.mark.parametrize("steps,window", [(3, "3 steps"), (1, "1 step"), (25, "10 steps")])
+@pytest.mark.parametrize("steps,window", [(3, "1 step"), (1, "1 step"), (12, "6 steps"), (25, "10 steps")])
 def test_the_card_and_the_report_name_the_steps_their_loss_means_cover(steps, window):
+    """The start and final loss average 10 steps, or half of a shorter run: they never overlap (issue 25)."""
+    from coordinator.summary import print_summary
+
     assert f"training loss at the end (mean of the last {window}) | 2.0000 |" in model_card(config(), METRICS, steps)
     history = RunHistory([{"step": i, "loss": 1.0 + i, "tokens": 10, "time_s": 1.0 + i} for i in range(steps)])
-    n = min(steps, 10)
+    n = int(window.split()[0])
     assert f"(first {window}) -> " in text_report(history) and f"(last {n})" in text_report(history)
+    if steps > 1:  # the two means are over different steps, and the summary says which
+        assert f"training loss: {1.0 + (n - 1) / 2:.4f}" in text_report(history)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_summary({"steps": steps, "start_loss": 1.0, "final_loss": 2.0, "loss_window": n}, False)
+    text = out.getvalue()
+    if steps == 1:
+        assert "the run's one step: start and final loss are the same step" in text
+    else:
+        assert f"(mean of steps 0-{n - 1})" in text or f"(step 0)" in text
+        assert f"(mean of steps {steps - n}-{steps - 1})" in text or f"(step {steps - 1})" in text
 
 
 @pytest.mark.parametrize("lora,merge", [(False, False), (True, False), (True, True)])
@@ -78,3 +95,22 @@ def test_exported_files_all_follow_the_umask_and_the_adapter_export_warns_nothin
     assert any(name.endswith(".safetensors") for name in modes)
     assert set(modes.values()) == {0o640}, modes  # the safetensors writer's 0600 no more
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_an_adapter_names_its_base_by_a_name_that_works_elsewhere(cache_dir, tmp_path):
+    """Issue 25: adapter_config.json named the base by an absolute path into this machine's cache. It names the
+    catalog's upstream Hub id (a preset: its name), and the card says how to point it at the local copy."""
+    import json
+
+    from distzo.catalog import base_model_name
+
+    assert base_model_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name("tiny-opt") == "tiny-opt" and base_model_name("./my-model") == "./my-model"
+    model = BlockModel.from_dir(preset_dir("tiny-opt", cache_dir), LoraTarget(8, 16.0, ("q_proj", "v_proj"), 0))
+    out = export_model_dir(model, model.load_block_buffers(), tmp_path / "out", base_name=base_model_name("tiny-opt"))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-opt"
+    card = model_card(config("lora", "smollm2-135m"), METRICS, 20)
+    assert front(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "it needs its base model **HuggingFaceTB/SmolLM2-135M-Instruct**" in card
+    assert "`zoctl fetch --check smollm2-135m` prints where it is" in card and "base_model_name_or_path" in card
+    assert "set `base_model_name_or_path` in `adapter_config.json` to its path" in model_card(config("lora"), METRICS, 20)

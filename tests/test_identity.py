@@ -51,6 +51,7 @@ SPECIAL: dict[str, dict[str, Any]] = {
     "train.min_lr_ratio": {"train.min_lr_ratio": 0.5},
     "train.batch_size": {"train.batch_size": 16},
     "train.weight_decay": {"train.weight_decay": 0.01},
+    "train.lora_modules": {"train.lora_modules": ["q_proj"]},
 }
 BASE = {"layout.name": "ddp", "layout.workers": 2, "train.batch_size": 8}  # room for hosts, nodes, node groups
 

@@ -3,6 +3,8 @@ zoctl reference with each objective, DDP included: tests/test_matrix.py.)"""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -26,6 +28,28 @@ def test_accuracy_sums_count_the_rows_whose_true_word_ranks_first():
     labels[3, 4] = 5  # not a label word
     with pytest.raises(ValueError, match="none of the label words"):
         forward_sums("accuracy", cands, batch, 0.0, 4, scores)
+
+
+def test_classification_sums_are_the_cross_entropy_over_the_label_words_only():
+    """MeZO's train_as_classification: a softmax over the candidates' log-probs, whatever the rest of the vocabulary
+    holds (raising every label word's probability alike changes nothing)."""
+    cands = (7, 9)
+    labels = torch.full((3, 4), -100)
+    labels[0, 3], labels[1, 2], labels[2, 3] = 9, 7, 7  # true words: 1, 0, 0
+    batch = Batch(torch.zeros(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64), labels)
+    scores = torch.tensor([[-4.0, -2.0], [-3.0, -3.0], [-1.0, -6.0]], dtype=torch.float64)
+    s, n = forward_sums("classification", cands, batch, 99.0, 3, scores)
+    expect = -(torch.log_softmax(scores, dim=1)[[0, 1, 2], [1, 0, 0]]).sum()
+    assert n == 3 and s == pytest.approx(float(expect), rel=1e-12)
+    assert forward_sums("classification", cands, batch, 0.0, 3, scores - 5.0) == (s, n)  # a shared shift: no change
+    assert s == pytest.approx(-math.log(1 / (1 + math.exp(-2))) + math.log(2) - math.log(1 / (1 + math.exp(-5))))
+    # its dev loss is the same loss, per example (the plot's training and dev loss are one quantity)
+    from distzo.data import Example
+    from distzo.jobdata import EvalTally
+
+    tally = EvalTally(2, "classification")
+    tally.add(0, [Example("a", 1), Example("b", 0), Example("c", 0)], batch, scores, True)
+    assert tally.result()["dev_loss"] == pytest.approx(s / 3, rel=1e-12) and tally.result()["dev_accuracy"] == 1.0
 
 
 def test_f1_sums_are_minus_the_macro_f1_of_the_ranking_times_the_rows():

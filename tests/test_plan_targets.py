@@ -105,6 +105,24 @@ def test_lora_traffic_is_the_adapters_per_step_and_the_base_once():
     assert predict(m, H100, LayoutSpec(), 32768, "bfloat16", target=FULL) == predict(m, H100, LayoutSpec(), 32768, "bfloat16")
 
 
+def test_frozen_blocks_a_gpu_cannot_hold_are_kept_in_pinned_host_memory_as_the_worker_does():
+    """Issue 25: LoRA on OPT-175B with one GPU was planned at 344 GiB per GPU (every frozen block on the GPU),
+    while full fine-tuning fitted in 36 GiB. The worker keeps frozen blocks on the GPU only up to the memory free
+    less a fifth of the device (gpuworker/feed.py), the rest in pinned host memory copied over at each use."""
+    m = MODELS["OPT-175B"]
+    t = lora_target(m, 8, ["q_proj", "v_proj"])
+    one = dataclasses.replace(H100, nodes=1, gpus_per_node=1, gpus_per_worker=1, fetch_group=1)
+    p = predict(m, one, LayoutSpec(1, 1, 1), 32768, "bfloat16", target=t)
+    g = p.memory_per_gpu_bytes
+    assert p.fits_gpu and g["total"] <= 0.8 * one.gpu_memory_bytes + 1 and g["frozen_blocks_kept"] > 0
+    in_host = p.bytes["frozen_once_per_worker"] - g["frozen_blocks_kept"]
+    assert p.memory_per_server_host_bytes["worker_frozen_copies"] == in_host > 0
+    assert p.bytes["h2d_per_gpu"] == 2 * t.adapter_params + in_host  # the host part crosses PCIe every step
+    r = zoctl("plan", "--model", "OPT-175B", "--nodes", "1", "--gpus-per-node", "1", "--target", "lora")
+    assert r.returncode == 0 and "DOES NOT FIT" not in r.stdout.split("memory per server host")[0], r.stdout
+    assert "in pinned host memory, copied over at each use" in r.stdout
+
+
 def test_lora_fits_where_full_adam_needs_more_shards():
     m = MODELS["Llama-3-405B"]
     t = lora_target(m, 8, ["q_proj", "v_proj"])
@@ -155,3 +173,25 @@ def test_every_number_a_plan_takes_is_checked_in_one_line(capsys):
             assert main(["plan", "--model", "OPT-13B", *target, flag, str(value)]) == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and f"{flag} must be an integer from {low} to {high}, got {value}" in err, err
+
+
+def test_zoctl_plan_takes_a_job_config_and_names_the_worker_count_flags(tmp_path, capsys):
+    """Issue 25: `--cluster cpu-local` planned 32768 tokens of 2048 whatever the job; `--layout pertp` refused
+    without saying how the workers are counted."""
+    from coordinator.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {source: tiny-llama}\ndata: {max_seq_len: 48}\ntrain: {batch_size: 8, target: lora}\n"
+                   "layout: {name: ddp, workers: 2}\n")
+    assert main(["plan", "--cluster", "cpu-local", "--config", str(job), "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["prediction"]
+    assert (p["tokens_per_step"], p["seq_len"], p["target"]) == (8 * 48, 48, "lora")
+    assert (p["layout"]["name"], p["layout"]["workers"]) == ("ddp", 2)
+    assert main(["plan", "--cluster", "cpu-local", "--config", str(job), "--seq-len", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"]["seq_len"] == 16  # a flag wins over the config
+    assert main(["plan", "--model", "OPT-13B", "--layout", "pertp"]) == 2
+    err = capsys.readouterr().err
+    assert "8 GPUs per worker (--gpus-per-worker); --gpus-per-worker 4 gives 2 workers" in err and err.count("\n") == 1
+    assert main(["plan", "--model", "OPT-13B", "--layout", "pertp", "--gpus-per-worker", "1"]) == 2
+    assert "uses exactly 2 workers, the cluster has 8 workers" in capsys.readouterr().err
+    assert main(["plan"]) == 2 and "--model NAME or --config FILE is required" in capsys.readouterr().err
