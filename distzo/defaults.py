@@ -44,6 +44,11 @@ def model_parameters(model_dir: str | Path) -> int:
     return total
 
 
+def job_eps(train: Any) -> float:
+    """``train.eps``, or the default for ``train.target`` where it is null (needs no model, unlike the lr)."""
+    return train.eps if train.eps is not None else EPS[train.target]
+
+
 def default_lr(target: str, parameters: int) -> float:
     """The default learning rate for ``target`` on a model of ``parameters`` parameters, to 2 significant digits."""
     lr = LR_AT_100M[target] * (max(parameters, 1) / 1e8) ** -0.5
@@ -68,7 +73,7 @@ def resolve(cfg: Any, model_dir: str | Path | None = None) -> tuple[Any, str]:
     else:
         said.append(f"lr {t.lr:g}")
     if t.eps is None:
-        overrides["train.eps"] = EPS[t.target]
+        overrides["train.eps"] = job_eps(t)
         said.append(f"eps {overrides['train.eps']:g} (the default for train.target {t.target})")
     else:
         said.append(f"eps {t.eps:g}")

@@ -49,8 +49,11 @@ def forward_dtype_name(cfg) -> str:  # noqa: ANN001 - a JobConfig
 
 
 def job_precision(cfg) -> ForwardPrecision:  # noqa: ANN001 - a JobConfig
-    """The precision of every forward of the job (reference, workers) and the eps of its g (``mezo.forward_precision``)."""
-    return forward_precision(cfg.train.eps, DTYPES[forward_dtype_name(cfg)], cfg.train.eps_bf16)
+    """The precision of every forward of the job (reference, workers) and the eps of its g (``mezo.forward_precision``);
+    a null ``train.eps`` is the target's default (``distzo.defaults``)."""
+    from distzo.defaults import job_eps
+
+    return forward_precision(job_eps(cfg.train), DTYPES[forward_dtype_name(cfg)], cfg.train.eps_bf16)
 
 
 def forward_dtypes(compute_dtype: torch.dtype) -> list[torch.dtype]:

@@ -112,6 +112,8 @@ def run_step(cfg: JobConfig, t: int, data: JobData, forwards: Forwards, update: 
     server's bounds (the record is then neither logged nor sent).
     """
     tc = cfg.train
+    if tc.lr is None:
+        raise ValueError("run_step needs train.lr set: resolve the job's defaults first (distzo.defaults.resolve)")
     eps = job_precision(cfg).eps  # the forwards' (train.eps_bf16 for bfloat16 forwards): g's denominator
     t0 = time.perf_counter()
     plan = step_plan(cfg, t, len(data.train))

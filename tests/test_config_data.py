@@ -146,7 +146,7 @@ def test_every_number_of_the_config_has_a_range_checked_before_anything_starts(t
     for setting, needle in (("train.steps=9223372036854775808", "train.steps: Input should be less than or equal"),
                             ("layout.q=5000", "layout.q: Input should be less than or equal to 4096"),
                             ("coordinator.heartbeat_timeout_s=1e300", "coordinator.heartbeat_timeout_s"),
-                            ("train.weight_decay=3000", "train.lr x train.weight_decay = 0.0005 x 3000.0 = 1.5 must be below 1")):
+                            ("train.weight_decay=3000", "train.lr x train.weight_decay = 0.0004 x 3000.0 = 1.2 must be below 1")):
         assert main(["up", "--set", setting, "--run-dir", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (setting, err)
