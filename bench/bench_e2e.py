@@ -11,7 +11,7 @@ their ratio, where the distributed step's time goes (the services' own timers), 
 bytes each step moved as a multiple of the model at the served dtype.
 Target (issue 7): one worker in dual mode >= 0.9x the reference.
 
-The step-time model (distzo/perfmodel.py) is calibrated from micro-measurements on this
+The step-time model (distzo/perf/model.py) is calibrated from micro-measurements on this
 machine that are not the runs it predicts: the update kernel over the whole model, a memory
 copy of it and gRPC round trips (once), and, right before each distributed run, a clean forward
 at its shard size and the perturbation kernel, in as many processes at once as the layout
@@ -31,10 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distzo.config import JobConfig  # noqa: E402
-from distzo.logs import quiet_transformers  # noqa: E402
-from distzo.reference import ReferenceTrainer  # noqa: E402
-from coordinator.local import LocalCluster  # noqa: E402
+from distzo.common.config import JobConfig  # noqa: E402
+from distzo.infra.logs import quiet_transformers  # noqa: E402
+from distzo.train.reference import ReferenceTrainer  # noqa: E402
+from coordinator.cluster.local import LocalCluster  # noqa: E402
 
 
 def job_config(model: str, steps: int, layout: str, workers: int, cache_dir: str | None, batch: int) -> JobConfig:
@@ -81,14 +81,14 @@ def _compute_rates(raw_cfg: dict, shard: int, barrier) -> tuple[float, float]:  
     lockstep, on one shard batch), split into forward FLOP/s and perturbed copies per second."""
     import torch
 
-    from distzo import generator
-    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.generator import Distribution
-    from distzo.jobdata import JobData
-    from distzo.logs import quiet_transformers
-    from distzo.mezo import perturb_block
-    from distzo.modeling import BlockModel
-    from distzo.plan import step_plan
+    from distzo.zo import generator
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.zo.generator import Distribution
+    from distzo.data.jobdata import JobData
+    from distzo.infra.logs import quiet_transformers
+    from distzo.zo.mezo import perturb_block
+    from distzo.model.modeling import BlockModel
+    from distzo.train.plan import step_plan
 
     quiet_transformers()
     cfg = JobConfig.from_dict(raw_cfg)
@@ -138,7 +138,7 @@ def calibrate_compute(cfg: JobConfig) -> tuple[float, float]:
 
 
 def calibrate(cfg: JobConfig) -> dict:
-    """Rates for the perfmodel that do not depend on the layout (see its cluster_from_calibration)."""
+    """Rates for the step-time model (distzo.perf.model) that do not depend on the layout (see its cluster_from_calibration)."""
     import os
     from concurrent import futures
 
@@ -147,12 +147,12 @@ def calibrate(cfg: JobConfig) -> dict:
     import torch
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from distzo import generator
-    from distzo.generator import Distribution
-    from distzo.jobdata import JobData
-    from distzo.mezo import Direction, UpdateRecord, apply_update
-    from distzo.modeling import BlockModel
-    from distzo.plan import step_plan
+    from distzo.zo import generator
+    from distzo.zo.generator import Distribution
+    from distzo.data.jobdata import JobData
+    from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+    from distzo.model.modeling import BlockModel
+    from distzo.train.plan import step_plan
 
     torch.set_num_threads(cfg.runtime.threads)
     generator.set_cpu_threads(cfg.runtime.kernel_threads)
@@ -197,10 +197,10 @@ def calibrate(cfg: JobConfig) -> dict:
 
 
 def predict_step(cal: dict, cfg: JobConfig, tokens_per_step: float, compute: tuple[float, float]) -> float:
-    from distzo.modeling import BlockModel
-    from distzo.perfspecs import LayoutSpec, ModelSpec, cluster_from_calibration
-    from distzo.perfmodel import predict
-    from distzo.catalog import resolve_model
+    from distzo.model.modeling import BlockModel
+    from distzo.perf.specs import LayoutSpec, ModelSpec, cluster_from_calibration
+    from distzo.perf.model import predict
+    from distzo.data.catalog import resolve_model
 
     model = ModelSpec.from_hf_config(BlockModel.from_dir(resolve_model(cfg.model.source, cfg.runtime.cache_dir)).config)
     rates = dict(cal)
@@ -223,8 +223,8 @@ def main() -> None:
     args = ap.parse_args()
     quiet_transformers()
     rows = []
-    from distzo.modeling import BlockModel
-    from distzo.catalog import resolve_model
+    from distzo.model.modeling import BlockModel
+    from distzo.data.catalog import resolve_model
 
     model_bytes = BlockModel.from_dir(resolve_model(args.model, args.cache_dir)).manifest.numel * 4
     specs = [(n, int(w)) for n, w in (x.split(":") for x in args.layouts.split(","))]

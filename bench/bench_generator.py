@@ -3,7 +3,7 @@
     python bench/bench_generator.py [--elements N] [--repeats R] [--threads T] [--json]
 
 For each distribution: the fused "generate z and apply it" update (``w -= c*z`` over a
-float32 slice, ``distzo.generator.update_cpu``) against ``w.add_(x, alpha=-c)`` with a
+float32 slice, ``distzo.zo.generator.update_cpu``) against ``w.add_(x, alpha=-c)`` with a
 precomputed z over the same elements. Measurements alternate (axpy, fused, axpy, ...) and
 each ratio is the median of per-pair ratios, so machine noise hits both sides alike.
 Targets (issue 2): Rademacher >= 0.5x, Gaussian >= 0.1x.
@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from distzo import generator
+from distzo.zo import generator
 
 TARGETS = {"rademacher": 0.5, "gaussian": 0.1}
 

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_floor  # noqa: E402
 from zo2_peer import GpuMemorySampler, run_zo2  # noqa: E402
 
-from distzo.config import JobConfig  # noqa: E402
-from distzo.logs import quiet_transformers  # noqa: E402
+from distzo.common.config import JobConfig  # noqa: E402
+from distzo.infra.logs import quiet_transformers  # noqa: E402
 
 # OPT family shapes (Zhang et al. 2022, table 1): hidden, layers, heads; "smoke" is ours (CPU smoke run)
 OPT_SIZES = {"smoke": (64, 2, 2), "125m": (768, 12, 12), "350m": (1024, 24, 16), "1.3b": (2048, 24, 32),
@@ -56,9 +56,9 @@ def build_random_opt(size: str, out: Path) -> Path:
     from safetensors.numpy import save_file
     from transformers import AutoTokenizer, OPTConfig
 
-    from distzo import generator
-    from distzo.modeling import BlockModel
-    from distzo.presets import preset_dir
+    from distzo.zo import generator
+    from distzo.model.modeling import BlockModel
+    from distzo.data.presets import preset_dir
 
     if (out / ".complete").is_file():
         return out
@@ -126,7 +126,7 @@ def step_times(run_dir: Path, warmup: int) -> tuple[float, int, list[float]]:
 
     The log counts the tokens of every forward (dual: the batch twice, at +eps and -eps); tokens/s here
     is MeZO's and ZO2's measure, the batch's tokens per step over the step time."""
-    from distzo.runlog import read_history
+    from distzo.run.runlog import read_history
 
     steps = read_history(run_dir).steps
     times = [float(r["time_s"]) for r in steps]
@@ -138,7 +138,7 @@ def step_times(run_dir: Path, warmup: int) -> tuple[float, int, list[float]]:
 
 
 def run_distzo(cfg: JobConfig, work: Path, warmup: int) -> dict:
-    from coordinator.local import LocalCluster
+    from coordinator.cluster.local import LocalCluster
 
     cluster = LocalCluster(cfg, work)
     try:
@@ -162,7 +162,7 @@ def run_resident(raw_cfg: dict, run_dir: str, warmup: int) -> dict:
     """In a fresh process: all-on-device MeZO (the reference trainer with resident weights)."""
     import torch
 
-    from distzo.reference import ReferenceTrainer
+    from distzo.train.reference import ReferenceTrainer
 
     quiet_transformers()
     cfg = JobConfig.from_dict(raw_cfg)
@@ -181,9 +181,9 @@ def kernel_rates(elements: int, pending: int = 8) -> dict:
     windows' replay: ``pending`` records replayed in the perturbation kernel (bf16 base, two bf16 outputs)."""
     import torch
 
-    from distzo.generator import Distribution, perturb_device, update_torch
-    from distzo.mezo import Direction, UpdateRecord
-    from distzo.replay import pack, replay_perturb_device
+    from distzo.zo.generator import Distribution, perturb_device, update_torch
+    from distzo.zo.mezo import Direction, UpdateRecord
+    from distzo.zo.replay import pack, replay_perturb_device
 
     w = torch.randn(elements, device="cuda")
     out = torch.empty_like(w)
@@ -232,9 +232,9 @@ def plan_rows(sizes: list[str], settings: list[str], mezo_served: list[str], zo2
 
 def recommended_window(model_dir: Path, tokens: int, seq_len: int, dtype: str) -> int:
     """The plan's update window for this model and batch on one H100-class GPU (zoctl plan, one node of one)."""
-    from distzo.modeldir import load_config
-    from distzo.perfmodel import recommend
-    from distzo.perfspecs import CLUSTERS, ModelSpec, with_overrides
+    from distzo.model.modeldir import load_config
+    from distzo.perf.model import recommend
+    from distzo.perf.specs import CLUSTERS, ModelSpec, with_overrides
 
     cluster = with_overrides(CLUSTERS["h100x8"], gpus_per_node=1)
     model = ModelSpec.from_hf_config(load_config(model_dir, verify=False))
@@ -359,7 +359,7 @@ def main() -> None:
     for setting in settings:
         _, seq = SETTINGS_SHOWN[setting]
         env["tasks"][setting] = long_text_task(work / f"task-{seq}.jsonl", words=int(seq * 1.3) + 16, examples=600 if seq < 1024 else 64)
-    from distzo.modeling import BlockModel
+    from distzo.model.modeling import BlockModel
 
     for size in sizes:
         t0 = time.perf_counter()

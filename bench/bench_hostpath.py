@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_paramserver import start_server  # noqa: E402
 
-from distzo import generator  # noqa: E402
-from distzo.catalog import resolve_model  # noqa: E402
-from distzo.config import JobConfig  # noqa: E402
-from distzo.generator import Distribution  # noqa: E402
-from distzo.mezo import Direction, UpdateRecord  # noqa: E402
-from distzo.modeling import BlockModel  # noqa: E402
-from paramserver import hostcopy  # noqa: E402
-from paramserver.client import ParamServerClient  # noqa: E402
+from distzo.zo import generator  # noqa: E402
+from distzo.data.catalog import resolve_model  # noqa: E402
+from distzo.common.config import JobConfig  # noqa: E402
+from distzo.zo.generator import Distribution  # noqa: E402
+from distzo.zo.mezo import Direction, UpdateRecord  # noqa: E402
+from distzo.model.modeling import BlockModel  # noqa: E402
+from paramserver.dataplane import hostcopy  # noqa: E402
+from paramserver.dataplane.client import ParamServerClient  # noqa: E402
 from paramserver.store import BlockStore  # noqa: E402
 
 

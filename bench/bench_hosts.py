@@ -13,7 +13,7 @@ of the same job, alternately:
 - ``replica``: host 1 runs a replica that follows the primary's journal, and its workers fetch
   through host 1's shared memory (what ``zoctl up --hosts`` does).
 
-Printed: host 1's link bytes per step in steady state (coordinator.linkstats), their ratio to one
+Printed: host 1's link bytes per step in steady state (coordinator.cluster.linkstats), their ratio to one
 copy of the model, and tokens/s over the training steps (the coordinator's count). Target (issue
 16): the replica path moves >= 100x fewer bytes per step on the link. Needs root.
 
@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.hostcluster import HostsCluster  # noqa: E402
-from distzo.config import JobConfig  # noqa: E402
-from distzo.logs import quiet_transformers  # noqa: E402
+from coordinator.cluster.hostcluster import HostsCluster  # noqa: E402
+from distzo.common.config import JobConfig  # noqa: E402
+from distzo.infra.logs import quiet_transformers  # noqa: E402
 
 
 class AllWorkersOnHost1(HostsCluster):
@@ -92,9 +92,9 @@ def run(kind: type[HostsCluster], cfg: JobConfig, work: Path) -> dict:
 
 def scale(args: argparse.Namespace) -> list[dict]:
     """Tokens/s of zoctl up --hosts N for each N, beside the planner's prediction (cpu-netns, N nodes)."""
-    from coordinator.plan_cli import resolve_model
-    from distzo.perfspecs import CLUSTERS, LayoutSpec, with_overrides
-    from distzo.perfmodel import predict
+    from coordinator.zoctl.plan import resolve_model
+    from distzo.perf.specs import CLUSTERS, LayoutSpec, with_overrides
+    from distzo.perf.model import predict
 
     rows = []
     for n in (int(x) for x in args.scale.split(",")):

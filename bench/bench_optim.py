@@ -3,11 +3,11 @@
     python bench/bench_optim.py [--elements N] [--repeats R] [--threads T] [--dist D] [--json]
 
 For sgd, momentum and adam: one step of the update the parameter server applies to an fp32
-block (``distzo.mezo.apply_update``'s kernels: z regenerated from the seed, master, state and
+block (``distzo.zo.mezo.apply_update``'s kernels: z regenerated from the seed, master, state and
 a bf16 served copy written in one pass), over the same elements. Measurements alternate
 (sgd, momentum, adam, sgd, ...) and each ratio is the median of per-round ratios, so machine
 noise hits every side alike. For scale, also the DRAM bytes each moves per parameter
-(``distzo.perfmodel.update_traffic_ratio``, what ``zoctl plan`` scales the update term by).
+(``distzo.perf.model.update_traffic_ratio``, what ``zoctl plan`` scales the update term by).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from distzo import generator
-from distzo.optim import Optimizer, update_stateful_cpu
-from distzo.perfmodel import update_traffic_ratio
+from distzo.zo import generator
+from distzo.zo.optim import Optimizer, update_stateful_cpu
+from distzo.perf.model import update_traffic_ratio
 
 
 def measure(elements: int, repeats: int, threads: int, dist: str) -> dict[str, float]:

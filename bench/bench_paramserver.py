@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distzo.config import JobConfig
-from distzo.generator import z_torch
-from distzo.mezo import Direction, UpdateRecord
-from distzo.procs import ServiceProcess, python_module
-from paramserver.client import ParamServerClient
+from distzo.common.config import JobConfig
+from distzo.zo.generator import z_torch
+from distzo.zo.mezo import Direction, UpdateRecord
+from distzo.infra.procs import ServiceProcess, python_module
+from paramserver.dataplane.client import ParamServerClient
 
 
 def start_server(work: Path, cfg: JobConfig, tag: str) -> ServiceProcess:

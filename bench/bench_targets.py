@@ -25,8 +25,8 @@ RUNS = [("full", "sgd", 5e-4), ("full", "momentum", 5e-5), ("full", "adam", 2e-3
 
 
 def main() -> None:
-    from distzo.config import JobConfig
-    from distzo.reference import ReferenceTrainer
+    from distzo.common.config import JobConfig
+    from distzo.train.reference import ReferenceTrainer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-opt")

@@ -25,14 +25,14 @@ import time
 import numpy as np
 import torch
 
-from distzo import generator
-from distzo.blocks import ITEMSIZE
-from distzo.generator import Distribution
-from distzo.mezo import Direction, UpdateRecord, perturb_block, replay_block
-from distzo.modeling import BlockModel
-from distzo.perfmodel import mean_pending
-from distzo.presets import preset_dir
-from distzo.served import to_served
+from distzo.zo import generator
+from distzo.model.blocks import ITEMSIZE
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import Direction, UpdateRecord, perturb_block, replay_block
+from distzo.model.modeling import BlockModel
+from distzo.perf.model import mean_pending
+from distzo.data.presets import preset_dir
+from distzo.zo.served import to_served
 from paramserver.store import BlockStore
 
 DIST = Distribution.RADEMACHER

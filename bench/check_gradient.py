@@ -54,13 +54,13 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from distzo import generator
-    from distzo.config import JobConfig
-    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.jobdata import JobData
-    from distzo.logs import quiet_transformers
-    from distzo.modeling import BlockModel
-    from distzo.plan import step_plan
+    from distzo.zo import generator
+    from distzo.common.config import JobConfig
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.data.jobdata import JobData
+    from distzo.infra.logs import quiet_transformers
+    from distzo.model.modeling import BlockModel
+    from distzo.train.plan import step_plan
 
     quiet_transformers()
     cfg = JobConfig.from_dict({"model": {"source": args.model}, "data": {"train": args.data},
@@ -107,15 +107,15 @@ def compare_bf16(args: argparse.Namespace) -> None:
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from distzo import generator
-    from distzo.config import JobConfig
-    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.jobdata import JobData
-    from distzo.logs import quiet_transformers
-    from distzo.mezo import BF16_EPS_SCALE, ForwardWeights
-    from distzo.modeling import BlockModel
-    from distzo.plan import step_plan
-    from distzo.served import to_served
+    from distzo.zo import generator
+    from distzo.common.config import JobConfig
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.data.jobdata import JobData
+    from distzo.infra.logs import quiet_transformers
+    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardWeights
+    from distzo.model.modeling import BlockModel
+    from distzo.train.plan import step_plan
+    from distzo.zo.served import to_served
 
     class Before(ForwardEngine):
         """distzo's 16-bit forward before issue 29: every tensor rounded to the compute dtype, no autocast."""

@@ -1,4 +1,4 @@
-"""The default learning rates (distzo/defaults.py) against larger and smaller ones: 40 steps per model and target.
+"""The default learning rates (distzo/train/defaults.py) against larger and smaller ones: 40 steps per model and target.
 
     python bench/default_lr.py [--models tiny-opt,tiny-llama,...] [--targets full,lora,prefix]
                                [--scales 0.3,1,3,10] [--steps 40] [--batch-size 16] [--dev-examples 32]
@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from distzo.catalog import resolve_model
-    from distzo.config import JobConfig
-    from distzo.defaults import EPS, default_lr, model_parameters
-    from distzo.logs import quiet_transformers
-    from distzo.reference import ReferenceTrainer
-    from distzo.step import TrainingStopped
+    from distzo.data.catalog import resolve_model
+    from distzo.common.config import JobConfig
+    from distzo.train.defaults import EPS, default_lr, model_parameters
+    from distzo.infra.logs import quiet_transformers
+    from distzo.train.reference import ReferenceTrainer
+    from distzo.train.step import TrainingStopped
 
     quiet_transformers()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

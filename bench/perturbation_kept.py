@@ -1,4 +1,4 @@
-"""What 16-bit forwards keep of the perturbation, per tensor kind, before and after issue 29 (distzo/precision.py).
+"""What 16-bit forwards keep of the perturbation, per tensor kind, before and after issue 29 (distzo/train/precision.py).
 
 For each model (its initial weights: a preset, a fetched model or a model directory) and the served dtype, the
 figures of ``precision.measure`` (rms error of the seen perturbation / eps, and the share of elements whose +eps and
@@ -31,13 +31,13 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=65536, help="elements sampled per kind")
     args = ap.parse_args()
 
-    from distzo.blocks import DTYPES
-    from distzo.catalog import resolve_model
-    from distzo.logs import quiet_transformers
-    from distzo.mezo import BF16_EPS_SCALE, ForwardPrecision
-    from distzo.modeling import BlockModel
-    from distzo.plan import direction_seed
-    from distzo.precision import KINDS, ModelDirSource, measure
+    from distzo.model.blocks import DTYPES
+    from distzo.data.catalog import resolve_model
+    from distzo.infra.logs import quiet_transformers
+    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardPrecision
+    from distzo.model.modeling import BlockModel
+    from distzo.train.plan import direction_seed
+    from distzo.train.precision import KINDS, ModelDirSource, measure
 
     quiet_transformers()
     dt = DTYPES[args.dtype]

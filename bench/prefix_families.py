@@ -2,9 +2,9 @@
 
     python bench/prefix_families.py [MODEL_TYPE ...]
 
-For every family in ``distzo.families.TESTED_FAMILIES`` (or those named), a random tiny model with a
+For every family in ``distzo.model.families.TESTED_FAMILIES`` (or those named), a random tiny model with a
 random 3-token prefix: the largest logit difference between distzo's streamed forward and peft's
-prefix-tuning model (``distzo.families.compare_prefix_with_peft``; 0 = bit for bit), or distzo's
+prefix-tuning model (``distzo.model.families.compare_prefix_with_peft``; 0 = bit for bit), or distzo's
 refusal. Prints one line per family and the counts.
 """
 
@@ -21,8 +21,8 @@ def main() -> None:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from distzo import families
-    from distzo.modeldir import ModelError
+    from distzo.model import families
+    from distzo.model.modeldir import ModelError
 
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()

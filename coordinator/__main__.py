@@ -9,9 +9,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to st
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from distzo.config import ConfigError, JobConfig, parse_settings
-from distzo.logs import setup_logging
-from distzo.rpc import PORTS, add_security_args, security_from_args
+from distzo.common.config import ConfigError, JobConfig, parse_settings
+from distzo.infra.logs import setup_logging
+from distzo.infra.rpc import PORTS, add_security_args, security_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="coordinator")
-    from distzo.procs import end_with_supervisor
+    from distzo.infra.procs import end_with_supervisor
 
     end_with_supervisor()  # started by zoctl up: never outlive it
-    from distzo.rpc import Credentials
+    from distzo.infra.rpc import Credentials
     from coordinator.server import run
 
     if args.param_server_from:
-        from distzo.procs import address_from_ready_file
+        from distzo.infra.procs import address_from_ready_file
 
         try:
             args.param_server = [address_from_ready_file(args.param_server_from)]

@@ -1,7 +1,7 @@
 """The job: the step protocol, from seeds to the parameter server's update.
 
     for t from the server's journaled step to train.steps:
-        distzo.step.run_step, the reference trainer's step, with
+        distzo.train.step.run_step, the reference trainer's step, with
             forwards = each layout worker's forwards, version t   (rounds.Round: dispatch, collect)
             update   = send UpdateRecord(t, (seed, g)..., lr) to every parameter-server shard
         eval every N steps on the dev split
@@ -22,22 +22,22 @@ from typing import Any, Callable, Sequence
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
-from distzo.blocks import ITEMSIZE
-from distzo.config import JobConfig
-from distzo.data import Batch
-from distzo.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
-from distzo.jobdata import EvalTally, JobData
-from distzo.logs import kv
-from distzo.mezo import UpdateRecord, base_version
-from distzo.plan import StepPlan, step_plan, worker_roles
-from distzo.precision import job_precision
-from distzo.runlog import RunLog
-from distzo.rpc import Credentials
-from distzo.step import ForwardKey, Losses, TrainingStopped, run_step
+from distzo.model.blocks import ITEMSIZE
+from distzo.common.config import JobConfig
+from distzo.data.tasks import Batch
+from distzo.common.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
+from distzo.data.jobdata import EvalTally, JobData
+from distzo.infra.logs import kv
+from distzo.zo.mezo import UpdateRecord, base_version
+from distzo.train.plan import StepPlan, step_plan, worker_roles
+from distzo.train.precision import job_precision
+from distzo.run.runlog import RunLog
+from distzo.infra.rpc import Credentials
+from distzo.train.step import ForwardKey, Losses, TrainingStopped, run_step
 from coordinator.progress import Progress, set_job_state, set_worker_gauges
 from coordinator.registry import Registry
 from coordinator.rounds import BadInput, Round, RoundFailed
-from paramserver.client import FetchError, ParamServerClient
+from paramserver.dataplane.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 
 ENDED = ("stopped", "done", "failed")  # a job in one of these states does not change any more
@@ -57,7 +57,7 @@ class Job:
     def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials,
                  run_dir: str | None = None):
         if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size
-            from distzo.defaults import resolve
+            from distzo.train.defaults import resolve
 
             cfg, said = resolve(cfg)
             log.info("defaults", extra=kv(settings=said))
@@ -89,7 +89,7 @@ class Job:
         self.identity = job_identity(cfg)
         self.job_id = job_id(self.identity)
         self._claimed = False
-        # update windows: the records a step's workers replay on their base (distzo.mezo.base_version)
+        # update windows: the records a step's workers replay on their base (distzo.zo.mezo.base_version)
         self.records: dict[int, UpdateRecord] = {}
 
     @property
@@ -306,7 +306,7 @@ class Job:
         rnd.start(pieces)
 
     def _train_step(self, t: int) -> None:
-        """Step t through the one step function (distzo.step): a round over the workers, then the server."""
+        """Step t through the one step function (distzo.train.step): a round over the workers, then the server."""
         assert self.data is not None
         s0 = time.perf_counter()
         self._last_round = None
@@ -330,7 +330,7 @@ class Job:
             return {k: rnd.loss(k) for k in forwards}, sum(r.tokens for r in rnd.results.values())
         import torch
 
-        from distzo.objective import forward_sums
+        from distzo.train.objective import forward_sums
 
         cands = self.data.train_candidates  # type: ignore[union-attr]
         losses = {}

@@ -2,7 +2,7 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from distzo.metrics import LATENCY_BUCKETS
+from distzo.infra.metrics import LATENCY_BUCKETS
 
 STEP = Gauge("distzo_train_step", "Training steps applied")
 PLANNED_STEPS = Gauge("distzo_train_steps_planned", "Steps the job will run")
@@ -34,7 +34,7 @@ PERTURBATION_EPS = Gauge("distzo_perturbation_eps", "The eps the forwards pertur
                          "bfloat16 forwards)")
 PERTURBATION_RMS = Gauge("distzo_perturbation_rms_error_ratio", "RMS error of the perturbation the forwards see, relative "
                          "to eps, by tensor kind (measured at the job's start on a sample of the weights; "
-                         "distzo/precision.py)", ["kind"])
+                         "distzo/train/precision.py)", ["kind"])
 PERTURBATION_LOST = Gauge("distzo_perturbation_lost_ratio", "Fraction of the weights whose +eps and -eps forward copies "
-                          "are equal, by tensor kind (measured at the job's start on a sample; distzo/precision.py)",
+                          "are equal, by tensor kind (measured at the job's start on a sample; distzo/train/precision.py)",
                           ["kind"])

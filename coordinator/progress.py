@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from distzo.step import StepResult, TrainLog
+from distzo.train.step import StepResult, TrainLog
 from coordinator import metrics
 from protos import coordinator_pb2 as cpb
 
 if TYPE_CHECKING:
     from coordinator.rounds import Round
-    from distzo.blocks import Manifest
-    from distzo.config import JobConfig
-    from distzo.precision import PerturbationReport
+    from distzo.model.blocks import Manifest
+    from distzo.common.config import JobConfig
+    from distzo.train.precision import PerturbationReport
 
 log = logging.getLogger("distzo.coordinator.job")
 
@@ -68,7 +68,7 @@ class Progress(TrainLog):
     train_seconds: float = 0.0
     phase: PhaseTotals = field(default_factory=PhaseTotals)
     timed_steps: int = 0
-    perturbation: str = ""  # what the forwards keep of the perturbation (distzo/precision.py), one line
+    perturbation: str = ""  # what the forwards keep of the perturbation (distzo/train/precision.py), one line
     perturbation_warning: str = ""  # one line when a kind loses more than the bound
 
     # ------------------------------------------------------------------ the run
@@ -78,10 +78,10 @@ class Progress(TrainLog):
         metrics.MODEL_BYTES.set(model_bytes)
 
     def measure_perturbation(self, cfg: JobConfig, manifest: Manifest, model_dir: Path) -> None:
-        """What the job's forwards keep of the perturbation, on its initial weights (``distzo.precision.job_report``):
+        """What the job's forwards keep of the perturbation, on its initial weights (``distzo.train.precision.job_report``):
         logged (a warning when over the bound), in the status (zoctl up prints it) and the metrics. A failure to
         measure is logged, never fatal: training goes on without the figure."""
-        from distzo.precision import job_report
+        from distzo.train.precision import job_report
 
         try:
             report = job_report(cfg, manifest, model_dir)
@@ -94,7 +94,7 @@ class Progress(TrainLog):
             log.warning(report.warning())
 
     def on_perturbation(self, report: PerturbationReport) -> None:
-        """The job's figures of ``distzo.precision.measure``, measured at its start."""
+        """The job's figures of ``distzo.train.precision.measure``, measured at its start."""
         self.perturbation = report.line()
         self.perturbation_warning = report.warning() or ""
         metrics.PERTURBATION_EPS.set(report.eps)
@@ -103,7 +103,7 @@ class Progress(TrainLog):
             metrics.PERTURBATION_LOST.labels(k.kind).set(k.lost)
 
     def on_outcome(self, result: StepResult) -> None:
-        """A step's losses, g and lr (``distzo.step.run_step``'s observe hook: before the skip policy)."""
+        """A step's losses, g and lr (``distzo.train.step.run_step``'s observe hook: before the skip policy)."""
         outcome = result.outcome
         metrics.NONFINITE_RETRIES.inc(result.retries)
         metrics.TOKENS.inc(result.tokens)

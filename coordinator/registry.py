@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from distzo.logs import kv
+from distzo.infra.logs import kv
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.coordinator.workers")

@@ -9,12 +9,12 @@ from typing import Callable, Iterator
 
 import grpc
 
-from distzo.config import ConfigError, JobConfig
-from distzo.errors import BadInput
-from distzo.rpc import Credentials, has_token
+from distzo.common.config import ConfigError, JobConfig
+from distzo.common.errors import BadInput
+from distzo.infra.rpc import Credentials, has_token
 from coordinator.job import Job
 from coordinator.registry import Registry
-from paramserver.client import FetchError, ParamServerClient
+from paramserver.dataplane.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
 
@@ -177,8 +177,8 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         job = self.job
         if job is None:
             return ""
-        from distzo.modelcard import model_card
-        from distzo.report import eval_summary
+        from distzo.run.modelcard import model_card
+        from distzo.run.report import eval_summary
 
         st = job.status()
         evals = [{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy} for e in st.evals]

@@ -10,9 +10,9 @@ import argparse  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-from distzo.config import ConfigError
-from distzo.logs import setup_logging
-from distzo.rpc import PORTS, add_security_args, security_from_args
+from distzo.common.config import ConfigError
+from distzo.infra.logs import setup_logging
+from distzo.infra.rpc import PORTS, add_security_args, security_from_args
 
 EXIT_GROUP_BROKEN = 75  # a node-group collective failed: restart the whole group
 
@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="worker")
-    from distzo.procs import end_with_supervisor
+    from distzo.infra.procs import end_with_supervisor
 
     end_with_supervisor()  # started by zoctl up: never outlive it
-    from distzo.metrics import start_metrics_server
-    from distzo.rpc import Credentials, write_ready_file
+    from distzo.infra.metrics import start_metrics_server
+    from distzo.infra.rpc import Credentials, write_ready_file
     from gpuworker.node import GatherError
     from gpuworker.worker import Worker
 
     if args.coordinator_from:
-        from distzo.procs import address_from_ready_file
+        from distzo.infra.procs import address_from_ready_file
 
         try:
             args.coordinator = address_from_ready_file(args.coordinator_from)

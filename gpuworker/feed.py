@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from distzo.blocks import DTYPES, ITEMSIZE, Manifest
-from distzo.generator import Distribution
-from distzo.mezo import UpdateRecord, replay_block
+from distzo.model.blocks import DTYPES, ITEMSIZE, Manifest
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import UpdateRecord, replay_block
 from gpuworker.node import NodeGroup
-from paramserver.client import ParamServerClient
-from paramserver.wire import checksum
+from paramserver.dataplane.client import ParamServerClient
+from paramserver.dataplane.wire import checksum
 
 if TYPE_CHECKING:
     from gpuworker.hostreg import DirectFetch

@@ -20,9 +20,9 @@ import warnings
 import numpy as np
 import torch
 
-from distzo.logs import kv
-from paramserver.client import FetchResult, ParamServerClient
-from paramserver.shm import SharedView
+from distzo.infra.logs import kv
+from paramserver.dataplane.client import FetchResult, ParamServerClient
+from paramserver.dataplane.shm import SharedView
 
 log = logging.getLogger("distzo.worker.hostreg")
 HOST_REGISTER_PORTABLE = 0x01

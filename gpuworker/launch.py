@@ -8,7 +8,7 @@ together, so when one dies the others cannot go on: the launcher stops the rest 
 the whole group again (the coordinator re-assigns their work meanwhile), with backoff when
 it keeps dying soon after starting. A worker that exits with code 2 refused its input (a bad
 flag or config): that fails the same way every time, so the launcher stops and exits 2.
-(The restart policy: ``distzo.supervise``, shared with ``zoctl up``'s local cluster.)
+(The restart policy: ``distzo.infra.supervise``, shared with ``zoctl up``'s local cluster.)
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import sys
 import time
 from typing import Mapping, Sequence
 
-from distzo.logs import kv, setup_logging
-from distzo.procs import ServiceFailed, address_flags
-from distzo.rpc import PORTS
-from distzo.supervise import RestartPolicy, Restarts
+from distzo.infra.logs import kv, setup_logging
+from distzo.infra.procs import ServiceFailed, address_flags
+from distzo.infra.rpc import PORTS
+from distzo.infra.supervise import RestartPolicy, Restarts
 
 log = logging.getLogger("distzo.launch")
 STABLE_S = 60.0

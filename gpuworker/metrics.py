@@ -2,7 +2,7 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from distzo.metrics import LATENCY_BUCKETS
+from distzo.infra.metrics import LATENCY_BUCKETS
 
 PHASE_SECONDS = Counter("distzo_worker_phase_seconds_total",
                         "Time in each phase: fetch, h2d (host to device), gather (node all-gather), compute, wait (compute blocked on a block), replay (a node group member rebuilding its slice at the step's version: update windows)",

@@ -14,7 +14,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from distzo.logs import kv
+from distzo.infra.logs import kv
 
 log = logging.getLogger("distzo.worker.node")
 

@@ -13,20 +13,20 @@ import time
 import psutil
 import torch
 
-from distzo.blocks import ITEMSIZE
-from distzo.config import JobConfig
-from distzo.data import Batch, DataError
-from distzo.forward import ForwardEngine, ForwardJob
-from distzo.precision import forward_dtypes, job_precision
-from distzo.logs import kv
-from distzo.mezo import UpdateRecord
-from distzo.adapters import adapter_from_train
-from distzo.modeling import BlockModel
+from distzo.model.blocks import ITEMSIZE
+from distzo.common.config import JobConfig
+from distzo.data.tasks import Batch, DataError
+from distzo.model.forward import ForwardEngine, ForwardJob
+from distzo.train.precision import forward_dtypes, job_precision
+from distzo.infra.logs import kv
+from distzo.zo.mezo import UpdateRecord
+from distzo.model.adapters import adapter_from_train
+from distzo.model.modeling import BlockModel
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, FrozenBlocks, PrefetchFeed
 from gpuworker.node import GatherError, NodeGroup
-from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
-from paramserver.wire import record_from_pb
+from paramserver.dataplane.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
+from paramserver.dataplane.wire import record_from_pb
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.worker")
@@ -70,7 +70,7 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """Compile/load every kernel variant this worker will launch, before the first assignment."""
-        from distzo import generator
+        from distzo.zo import generator
 
         generator.warm_up(self.device, self.cfg.train.distribution, forward_dtypes(self.engine.compute_dtype))
 

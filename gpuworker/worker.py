@@ -19,17 +19,17 @@ import grpc
 import torch
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from distzo import generator
-from distzo.config import JobConfig
-from distzo.forward import resolve_device
-from distzo.logs import kv
-from coordinator.client import CoordinatorClient
-from distzo.rpc import Credentials
+from distzo.zo import generator
+from distzo.common.config import JobConfig
+from distzo.model.forward import resolve_device
+from distzo.infra.logs import kv
+from distzo.infra.coordclient import CoordinatorClient
+from distzo.infra.rpc import Credentials
 from gpuworker import metrics
 from gpuworker.node import GatherError, NodeGroup
 from gpuworker.runner import ModelRunner
-from paramserver import hostcopy
-from paramserver.client import ParamServerClient
+from paramserver.dataplane import hostcopy
+from paramserver.dataplane.client import ParamServerClient
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.worker")

@@ -9,12 +9,12 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to st
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from distzo.config import ConfigError, JobConfig, parse_settings
-from distzo.logs import setup_logging
-from distzo.procs import end_with_supervisor
-from distzo.modeldir import ModelError
-from distzo.rpc import PORTS
-from paramserver.fence import FenceUnavailable
+from distzo.common.config import ConfigError, JobConfig, parse_settings
+from distzo.infra.logs import setup_logging
+from distzo.infra.procs import end_with_supervisor
+from distzo.model.modeldir import ModelError
+from distzo.infra.rpc import PORTS
+from paramserver.dataplane.fence import FenceUnavailable
 
 
 def parse_blocks(text: str | None) -> tuple[int, int] | None:

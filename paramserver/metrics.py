@@ -1,8 +1,8 @@
-"""Parameter-server metrics (see distzo/metrics.py for the conventions)."""
+"""Parameter-server metrics (see distzo/infra/metrics.py for the conventions)."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from distzo.metrics import LATENCY_BUCKETS
+from distzo.infra.metrics import LATENCY_BUCKETS
 
 SERVED_BYTES = Counter("distzo_paramserver_served_bytes_total",
                        "Block bytes sent to clients over gRPC (shared-memory reads never reach the server: workers count them)",

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
-from distzo.config import JobConfig
-from distzo.logs import kv
+from distzo.common.config import JobConfig
+from distzo.infra.logs import kv
 import grpc
 
-from distzo.metrics import start_metrics_server
-from distzo.rpc import Credentials, RefuseMethods, add_health_and_reflection, bind, make_server, write_ready_file
+from distzo.infra.metrics import start_metrics_server
+from distzo.infra.rpc import Credentials, RefuseMethods, add_health_and_reflection, bind, make_server, write_ready_file
 from paramserver import metrics
-from paramserver.client import ParamServerClient
-from paramserver.replication import Follower
+from paramserver.dataplane.client import ParamServerClient
+from paramserver.durability.replication import Follower
 from paramserver.service import PROTECTED, SERVICE, STATE_CHANGING, THREADS, ParamServerService
 from paramserver.state import RecoveryError, ServerState
 

@@ -22,31 +22,31 @@ from typing import Callable
 
 import numpy as np
 
-from distzo.catalog import base_model_name
-from distzo.config import JobConfig
-from distzo.dtypes import ITEMSIZE
-from distzo.durable import CorruptFile, differences, read_checked_json, write_checked_json
-from distzo.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
-from distzo import generator
-from distzo.generator import Distribution
-from distzo.locks import DirLock
-from distzo.logs import kv
-from distzo.mezo import UpdateRecord, apply_window, base_version
-from distzo.optim import Optimizer
-from distzo.adapters import adapter_from_train
-from distzo.modeling import BlockModel
-from distzo.catalog import resolve_model
+from distzo.data.catalog import base_model_name
+from distzo.common.config import JobConfig
+from distzo.common.dtypes import ITEMSIZE
+from distzo.common.durable import CorruptFile, differences, read_checked_json, write_checked_json
+from distzo.model.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
+from distzo.zo import generator
+from distzo.zo.generator import Distribution
+from distzo.common.locks import DirLock
+from distzo.infra.logs import kv
+from distzo.zo.mezo import UpdateRecord, apply_window, base_version
+from distzo.zo.optim import Optimizer
+from distzo.model.adapters import adapter_from_train
+from distzo.model.modeling import BlockModel
+from distzo.data.catalog import resolve_model
 from paramserver import metrics
-from paramserver.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
-from paramserver.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot_state, prune_snapshots,
+from paramserver.durability.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
+from paramserver.durability.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot_state, prune_snapshots,
                                   remove_temporaries)
-from paramserver.shm import reap_stale_segments
+from paramserver.dataplane.shm import reap_stale_segments
 from paramserver.store import BlockStore
 
 log = logging.getLogger("distzo.paramserver")
 KEEP_SNAPSHOTS = 2
 STATE_FILE = "state.json"  # what the data directory holds: model, layout, and the job that journals into it
-LOCK_FILE = "LOCK"  # held (flock) by the one server using the data directory (distzo.locks)
+LOCK_FILE = "LOCK"  # held (flock) by the one server using the data directory (distzo.common.locks)
 
 
 class UpdateRejected(ValueError):

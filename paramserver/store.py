@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import xxhash
 
-from distzo.blocks import ITEMSIZE, Manifest
-from distzo.generator import Distribution
-from distzo.mezo import UpdateRecord, apply_update, apply_window
-from distzo.optim import Optimizer
-from distzo.served import cast_into
-from paramserver.shm import ServedSegments, StaleVersion
+from distzo.model.blocks import ITEMSIZE, Manifest
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import UpdateRecord, apply_update, apply_window
+from distzo.zo.optim import Optimizer
+from distzo.zo.served import cast_into
+from paramserver.dataplane.shm import ServedSegments, StaleVersion
 
 
 class WaitCancelled(Exception):
@@ -67,7 +67,7 @@ class RWLock:
 
 
 def to_served(master: np.ndarray, served_dtype: str, out: np.ndarray) -> None:
-    """Write the served-dtype bytes of an fp32 block into ``out`` (uint8): ``distzo/served.py``'s rounding."""
+    """Write the served-dtype bytes of an fp32 block into ``out`` (uint8): ``distzo/zo/served.py``'s rounding."""
     cast_into(master, served_dtype, out)
 
 
@@ -156,7 +156,7 @@ class BlockStore:
         """ValueError unless ``version`` can ever be served: with K > 1 only window boundaries are."""
         if version >= 0 and version % self.window:
             raise ValueError(f"version {version} is not a multiple of server.update_window {self.window}: only "
-                             f"materialized versions are served (distzo.mezo.base_version)")
+                             f"materialized versions are served (distzo.zo.mezo.base_version)")
 
     def wait_version(self, b: int, version: int, timeout_s: float, cancelled: threading.Event | None = None) -> int:
         """Block until block ``b``'s served copy of ``version`` is published (returns it); -1 means the newest.

@@ -1,4 +1,4 @@
-"""Regenerate the shipped SST-2-style task (distzo/datasets/sst2_synth/*.jsonl).
+"""Regenerate the shipped SST-2-style task (distzo/data/datasets/sst2_synth/*.jsonl).
 
 Short movie-review sentences in SST-2's lowercase style with a binary sentiment label
 (0 = negative -> "terrible", 1 = positive -> "great"). Negation ("not", "never") and
@@ -49,7 +49,7 @@ def sentence(rng):
 
 def main():
     rng = random.Random(20261122)
-    out = Path(__file__).resolve().parent.parent / "distzo" / "datasets" / "sst2_synth"
+    out = Path(__file__).resolve().parent.parent / "distzo" / "data" / "datasets" / "sst2_synth"
     out.mkdir(parents=True, exist_ok=True)
     seen = set()
     rows = []

@@ -9,11 +9,11 @@ import threading
 import time
 from pathlib import Path
 
-from distzo.config import JobConfig
-from distzo.jobdata import JobData
-from distzo.plan import step_plan
-from distzo.procs import ServiceProcess
-from distzo.rpc import Credentials
+from distzo.common.config import JobConfig
+from distzo.data.jobdata import JobData
+from distzo.train.plan import step_plan
+from distzo.infra.procs import ServiceProcess
+from distzo.infra.rpc import Credentials
 from coordinator.rounds import Round
 from coordinator.server import CoordinatorServer
 from gpuworker.worker import Worker

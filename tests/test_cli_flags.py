@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import build_parser, job_config_from_args
+from coordinator.zoctl.cli import build_parser, job_config_from_args
 from test_cli_input import one_clean_line
 from test_cluster import write_config, zoctl, zoctl_here
 
@@ -70,7 +70,7 @@ def test_output_into_a_closed_pipe_is_not_a_traceback():
         read_end, write_end = os.pipe()
         os.close(read_end)
         try:
-            r = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], stdout=write_end, stderr=subprocess.PIPE,
+            r = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", *args], stdout=write_end, stderr=subprocess.PIPE,
                                text=True, timeout=120)
         finally:
             os.close(write_end)
@@ -95,7 +95,7 @@ def test_reference_with_flags_exports_a_model_card(cache_dir, tmp_path):
 
 
 def test_layout_nodes_derive_the_workers_and_a_mismatch_is_named():
-    from distzo.config import ConfigError, JobConfig
+    from distzo.common.config import ConfigError, JobConfig
 
     cfg = JobConfig.from_dict({"layout": {"name": "2d", "nodes": 2, "node_size": 8}})
     assert cfg.layout.workers == 16
@@ -127,10 +127,10 @@ def test_named_flags_and_set_are_validated_together():
 
 
 def test_counts_read_right_in_plans_and_messages():
-    from distzo.errors import counted
+    from distzo.common.errors import counted
 
     assert [counted(1, "worker"), counted(2, "worker"), counted(2, "process")] == ["1 worker", "2 workers", "2 processes"]
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", "--model", "OPT-13B", "--cluster", "cpu-netns"],
+    r = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", "plan", "--model", "OPT-13B", "--cluster", "cpu-netns"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "processs" not in r.stdout and "(s)" not in r.stdout and not r.stdout.rstrip().endswith("may"), r.stdout
@@ -143,7 +143,7 @@ def test_logging_set_up_under_a_swapped_stderr_survives_its_restoration(capsys):
     import logging
     import sys
 
-    from distzo.logs import setup_logging
+    from distzo.infra.logs import setup_logging
 
     swapped, kept = io.StringIO(), sys.stderr
     sys.stderr = swapped

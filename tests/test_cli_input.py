@@ -89,8 +89,8 @@ def test_no_two_services_share_a_port_even_where_the_os_would_let_them(tmp_path)
 
     import grpc
 
-    from distzo.metrics import start_metrics_server
-    from distzo.rpc import Credentials, bind, make_server
+    from distzo.infra.metrics import start_metrics_server
+    from distzo.infra.rpc import Credentials, bind, make_server
 
     creds = Credentials.for_client(None, None)
     holder, port = taken_port(reuseport=True)
@@ -153,7 +153,7 @@ def test_listen_on_a_taken_or_invalid_address_and_a_taken_metrics_port(tmp_path)
 def test_status_and_control_commands_import_only_what_they_need(tmp_path):
     probe = ("import json, sys, time\n"
              "t = time.perf_counter()\n"
-             "from coordinator.cli import main\n"
+             "from coordinator.zoctl.cli import main\n"
              f"rc = main(sys.argv[1:])\n"
              "heavy = [m for m in ('torch', 'transformers', 'numpy', 'pydantic', 'safetensors') if m in sys.modules]\n"
              "print(json.dumps({'rc': rc, 'heavy': heavy, 'seconds': time.perf_counter() - t}))\n")
@@ -169,7 +169,7 @@ def test_a_model_or_data_that_names_nothing_is_refused_before_the_heavy_imports(
     """Issue 25: a misspelled model or a missing data file took 11-13 s to be refused (torch and transformers
     were imported first); config errors take under a second. Now the names are checked first."""
     probe = ("import json, sys\n"
-             "from coordinator.cli import main\n"
+             "from coordinator.zoctl.cli import main\n"
              "rc = main(sys.argv[1:])\n"
              "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
              "print(json.dumps({'rc': rc, 'heavy': heavy}))\n")
@@ -186,7 +186,7 @@ def test_a_model_or_data_that_names_nothing_is_refused_before_the_heavy_imports(
 def test_up_json_errors_and_a_subcommands_usage(capsys):
     """Issue 25: `zoctl up --json` printed nothing on stdout when it failed; `zoctl up --modle x` printed zoctl's
     usage instead of up's."""
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     assert main(["up", "--model", "nope", "--json"]) == 2
     out = capsys.readouterr()
@@ -207,7 +207,7 @@ def test_an_export_destination_is_checked_before_any_work(cache_dir, tmp_path, c
     and `zoctl reference` alike: one line, exit 2, nothing started, nothing written."""
     import importlib.util
 
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     cfg = write_config(tmp_path, cache_dir, server={"export_root": str(tmp_path / "exports")})
     (tmp_path / "exports").mkdir()

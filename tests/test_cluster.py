@@ -19,8 +19,8 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from distzo.config import JobConfig
-from coordinator.local import LocalCluster
+from distzo.common.config import JobConfig
+from coordinator.cluster.local import LocalCluster
 
 from clusterhelpers import wait_until
 
@@ -35,7 +35,7 @@ def write_config(tmp: Path, cache_dir: str, **sections) -> Path:
 
 
 def zoctl(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 
@@ -50,7 +50,7 @@ def zoctl_here(*args: str, env: dict | None = None, timeout: float | None = None
     import logging
     import signal
 
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
@@ -121,7 +121,7 @@ def run_cluster(tmp_path: Path, cfg: JobConfig, during=None) -> tuple[LocalClust
 
 def reference_export(tmp_path: Path, cfg: JobConfig) -> Path:
     """The reference's export (tmp/ref), with its run log in tmp/ref-run."""
-    from distzo.reference import ReferenceTrainer
+    from distzo.train.reference import ReferenceTrainer
 
     ReferenceTrainer(cfg).train(out_dir=tmp_path / "ref", progress=False, run_dir=tmp_path / "ref-run")
     return tmp_path / "ref"
@@ -242,7 +242,7 @@ def test_pertp_sends_each_sign_of_a_shard_to_its_own_worker(layout, workers, q):
     from types import SimpleNamespace
 
     from coordinator.job import Job
-    from distzo.plan import StepPlan
+    from distzo.train.plan import StepPlan
 
     cfg = JobConfig.from_dict({"layout": {"name": layout, "workers": workers, "q": q}, "train": {"batch_size": 8}})
     plan = StepPlan(3, tuple(range(100, 100 + q)), tuple(range(8)), 1e-3)
@@ -258,8 +258,8 @@ def test_pertp_sends_each_sign_of_a_shard_to_its_own_worker(layout, workers, q):
 def test_late_and_duplicate_reports_are_ignored_and_counted():
     from coordinator.registry import Registry
     from coordinator.rounds import Round
-    from distzo.config import CoordinatorSection
-    from distzo.data import Batch
+    from distzo.common.config import CoordinatorSection
+    from distzo.data.tasks import Batch
     from protos import coordinator_pb2 as cpb
     import threading
 
@@ -308,8 +308,8 @@ def test_a_round_with_no_live_worker_waits_for_a_replacement(kind, caplog):
     round waits for a replacement to register, bounded by coordinator.assignment_timeout_s."""
     from coordinator.registry import Registry
     from coordinator.rounds import Round, RoundFailed
-    from distzo.config import CoordinatorSection
-    from distzo.data import Batch
+    from distzo.common.config import CoordinatorSection
+    from distzo.data.tasks import Batch
     from protos import coordinator_pb2 as cpb
     import threading
 

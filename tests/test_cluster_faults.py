@@ -19,11 +19,11 @@ import numpy as np
 import psutil
 import pytest
 
-from coordinator.local import LocalCluster
-from distzo.config import JobConfig
-from distzo.locks import alive
-from distzo.procs import ServiceFailed
-from distzo.runlog import read_history
+from coordinator.cluster.local import LocalCluster
+from distzo.common.config import JobConfig
+from distzo.common.locks import alive
+from distzo.infra.procs import ServiceFailed
+from distzo.run.runlog import read_history
 
 from clusterhelpers import wait_until
 from test_cluster import _safe_step, base_config, same_weights, write_config, zoctl
@@ -69,7 +69,7 @@ def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache
     the journal). The run trains until it is told to stop, so it cannot end before the last kill: paused a few
     steps after the last restart, its weights, evaluation, run log and snapshot are the reference's at that step,
     bit for bit. Then a data directory the restarted server refuses (exit 2) ends the run, not retried."""
-    from paramserver.snapshot import list_snapshots, load_snapshot_state
+    from paramserver.durability.snapshot import list_snapshots, load_snapshot_state
     from protos import coordinator_pb2 as cpb
 
     cfg = base_config(cache_dir, steps=100_000, layout={"name": "ddp", "workers": 2},
@@ -83,7 +83,7 @@ def test_killed_processes_are_replaced_and_the_weights_stay_the_references(cache
         cluster.start()
 
         def control(method: str) -> None:  # from this thread: its own channel (wait() may renew the cluster's)
-            from coordinator.client import CoordinatorClient
+            from distzo.infra.coordclient import CoordinatorClient
 
             with CoordinatorClient(cluster.coordinator_address, cluster.creds) as c:
                 c.call(method, cpb.ControlRequest(), timeout=60)
@@ -206,7 +206,7 @@ def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_p
                        server={"update_window": 4, "served_dtype": "bfloat16"})
     run = tmp_path / "run"
     # zoctl up killed outright (SIGKILL, the OOM killer): its services end by themselves
-    up = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--run-dir", str(run)],
+    up = subprocess.Popen([sys.executable, "-m", "coordinator.zoctl.cli", "up", "--config", str(cfg), "--run-dir", str(run)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: len(read_history(run).steps) >= 2 and (run / "cluster.json").is_file(), timeout=300,
@@ -261,8 +261,8 @@ def _one_forward_round(server_timeout_s: float):
 
     from coordinator.registry import Registry
     from coordinator.rounds import Round
-    from distzo.config import CoordinatorSection
-    from distzo.data import Batch
+    from distzo.common.config import CoordinatorSection
+    from distzo.data.tasks import Batch
     from protos import coordinator_pb2 as cpb
 
     reg = Registry()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distzo.config import ConfigError, JobConfig
-from distzo.data import DataError, load_jsonl
-from distzo.plan import all_roles, batch_examples, direction_seed, shard_bounds, worker_roles
+from distzo.common.config import ConfigError, JobConfig
+from distzo.data.tasks import DataError, load_jsonl
+from distzo.train.plan import all_roles, batch_examples, direction_seed, shard_bounds, worker_roles
 
 
 def test_defaults_run_and_round_trip(tmp_path):
@@ -119,9 +119,9 @@ def _numeric_fields():
 def test_every_number_of_the_config_has_a_range_checked_before_anything_starts(tmp_path, capsys):
     """Kind 4 of issue 28: an integer fits the protobuf field it travels in (int64 at most), a wait fits the
     timeouts of threading and gRPC, no number is inf or nan; past the range is one line, exit 2, nothing started."""
-    from coordinator.cli import main
-    from distzo.config import MAX_WAIT_S
-    from distzo.wire_sizes import INT64_MAX
+    from coordinator.zoctl.cli import main
+    from distzo.common.config import MAX_WAIT_S
+    from distzo.common.wire_sizes import INT64_MAX
 
     fields = list(_numeric_fields())
     assert len(fields) > 30

@@ -56,8 +56,8 @@ class Live:
         return flags + (["--token-file", str(self.run / "token")] if token else [])
 
     def client(self):  # noqa: ANN201 - a CoordinatorClient with the token, over mutual TLS
-        from coordinator.client import CoordinatorClient
-        from distzo.rpc import Credentials
+        from distzo.infra.coordclient import CoordinatorClient
+        from distzo.infra.rpc import Credentials
 
         return CoordinatorClient(self.coordinator, Credentials.for_client(
             str(self.run / "token"), str(self.tls["ca"]), str(self.tls["client"]), str(self.tls["client_key"])))
@@ -86,7 +86,7 @@ def start(tmp: Path, cache_dir: str) -> Live:
                        security={"tls_cert": str(tls["server"]), "tls_key": str(tls["server_key"]), "tls_ca": str(tls["ca"]),
                                  "mutual_tls": True})
     run = tmp / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--run-dir", str(run),
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator.zoctl.cli", "up", "--config", str(cfg), "--run-dir", str(run),
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     live = Live(proc, run, tmp, cfg, tls)
     wait_until(lambda: (run / "cluster.json").is_file() or proc.poll() is not None, timeout=300, what="the cluster up")
@@ -156,7 +156,7 @@ def test_status_finds_the_cluster_by_its_run_directory_over_mutual_tls(live):
 
 
 def test_pause_eval_snapshot_export_resume_and_the_weights_are_the_references(live, references):
-    from distzo.config import JobConfig
+    from distzo.common.config import JobConfig
     from protos import coordinator_pb2 as cpb
 
     target = live.target()
@@ -236,7 +236,7 @@ def scalar(base: str, expr: str) -> float | None:
 
 
 def test_a_real_prometheus_scrapes_the_running_cluster(live, tmp_path):
-    from coordinator.local import free_port
+    from coordinator.cluster.local import free_port
 
     binary = shutil.which("prometheus")
     if binary is None:
@@ -285,7 +285,7 @@ def test_a_real_prometheus_scrapes_the_running_cluster(live, tmp_path):
 
 # ---------------------------------------------------------------------------- destructive: last
 def test_zoctl_stop_ends_the_run_and_it_exports_and_reports_what_it_trained(live, references):
-    from distzo.config import JobConfig
+    from distzo.common.config import JobConfig
 
     run, coordinator = live.run, live.coordinator
     code, out, err = stop(live)

@@ -95,7 +95,7 @@ def exported_sample_names() -> set[str]:
     the services' metrics modules. A labelled metric without children yet has no samples, so the
     names a family's type implies are added to the sample names it has."""
     import coordinator.metrics  # noqa: F401
-    import distzo.metrics  # noqa: F401
+    import distzo.infra.metrics  # noqa: F401
     import gpuworker.metrics  # noqa: F401
     import paramserver.metrics  # noqa: F401
     from prometheus_client import REGISTRY

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distzo.data import IGNORE, DataError, Example, TaskEncoder
-from distzo.presets import DEFAULT_TRAIN
+from distzo.data.tasks import IGNORE, DataError, Example, TaskEncoder
+from distzo.data.presets import DEFAULT_TRAIN
 
 from conftest import small_config
 
@@ -111,10 +111,10 @@ def test_label_words_the_tokenizer_cannot_tell_apart_or_encode_are_refused(sp_to
 
 def test_ddp_gives_the_projected_gradient_of_dual(cache_dir):
     """Same step, same 8 examples, label words of 1 and 3 tokens: token-weighted shards give dual's g."""
-    from distzo.forward import ForwardJob
-    from distzo.mezo import make_update
-    from distzo.plan import step_plan
-    from distzo.reference import ReferenceTrainer
+    from distzo.model.forward import ForwardJob
+    from distzo.zo.mezo import make_update
+    from distzo.train.plan import step_plan
+    from distzo.train.reference import ReferenceTrainer
 
     words = {"label_words": ["terrible", "really quite great"]}
     dual = ReferenceTrainer(small_config(cache_dir, data=words, train={"batch_size": 8}))
@@ -168,8 +168,8 @@ def test_a_tokenizer_that_disagrees_with_the_weights_is_refused_before_anything_
 def test_special_token_ids_outside_the_vocabulary_are_refused(preset, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from distzo.jobdata import check_tokenizer_fits_model
-    from distzo.modeling import ModelError
+    from distzo.data.jobdata import check_tokenizer_fits_model
+    from distzo.model.modeling import ModelError
 
     tok = AutoTokenizer.from_pretrained(str(preset("tiny-llama")))
     cfg = AutoConfig.from_pretrained(str(preset("tiny-llama")))
@@ -186,7 +186,7 @@ def test_special_token_ids_outside_the_vocabulary_are_refused(preset, tmp_path):
 
 def test_the_sentencepiece_tokenizer_trains_end_to_end(preset, cache_dir, tmp_path, sp_tok):
     """A model directory with the SentencePiece tokenizer: the job loads, trains a step and evaluates."""
-    from distzo.reference import ReferenceTrainer
+    from distzo.train.reference import ReferenceTrainer
 
     sp_dir = tmp_path / "sp"
     sentencepiece_tokenizer(sp_dir)

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from distzo import catalog
-from distzo.config import JobConfig
-from distzo.defaults import EPS, default_lr, model_parameters, resolve
-from distzo.presets import PRESETS
+from distzo.data import catalog
+from distzo.common.config import JobConfig
+from distzo.train.defaults import EPS, default_lr, model_parameters, resolve
+from distzo.data.presets import PRESETS
 
 from conftest import small_config
 
@@ -34,7 +34,7 @@ def test_the_default_lr_shrinks_with_the_model_and_grows_for_adapters(cache_dir)
 
 
 def test_the_lr_in_use_is_printed_as_training_starts(cache_dir, tmp_path, capsys):
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     assert main(["reference", "--steps", "1", "--set", f"runtime.cache_dir={cache_dir}", "--set",
                  "data.dev_examples=4", "--set", "train.batch_size=2", "--json"]) == 0
@@ -45,13 +45,13 @@ def test_the_lr_in_use_is_printed_as_training_starts(cache_dir, tmp_path, capsys
 def test_a_refused_update_stops_the_reference_and_the_cluster_alike_and_is_not_logged(cache_dir, tmp_path, capsys):
     """The parameter server refuses an absurd update (server.max_update_step): `zoctl reference` applied it and
     went on, and the coordinator logged the step as applied before the server refused it."""
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
     from coordinator.job import Job
     from coordinator.registry import Registry
-    from distzo.jobdata import JobData
-    from distzo.reference import ReferenceTrainer
-    from distzo.rpc import Credentials
-    from distzo.runlog import read_history
+    from distzo.data.jobdata import JobData
+    from distzo.train.reference import ReferenceTrainer
+    from distzo.infra.rpc import Credentials
+    from distzo.run.runlog import read_history
 
     cfg = small_config(cache_dir, train={"lr": 1e3, "eval_at_start": False})
     path = tmp_path / "job.yaml"
@@ -81,7 +81,7 @@ def test_the_defaults_train_every_model_with_every_target_for_40_steps(model, ca
     """Every catalog model and preset, full, LoRA and prefix, at the defaults: no step refused or skipped, and the
     dev loss on a fixed set lower after 40 steps (deterministic: seeds, data order and perturbations are fixed).
     The fetched models run on their task with short rows and small batches, to keep the test short."""
-    from distzo.reference import ReferenceTrainer
+    from distzo.train.reference import ReferenceTrainer
 
     real = model in catalog.CATALOG
     data = {"train": "rotten-tomatoes" if real and catalog.is_fetched("rotten-tomatoes") else None,

@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 
-from distzo.generator import Distribution
-from distzo.mezo import apply_update
-from paramserver.journal import END, Journal, JournalCorrupt, parse_record
-from paramserver.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
-from distzo.locks import DirectoryBusy
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import apply_update
+from paramserver.durability.journal import END, Journal, JournalCorrupt, parse_record
+from paramserver.durability.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
+from distzo.common.locks import DirectoryBusy
 from paramserver.__main__ import main as paramserver_main
 from paramserver.server import ParamServer
 from paramserver.state import RecoveryError
@@ -150,7 +150,7 @@ def test_a_flipped_length_bit_mid_journal_refuses_to_start_and_keeps_every_recor
 # ----------------------------------------------------------------------------- disk full
 def _fail_writes_after(monkeypatch, first_bytes: int) -> list[int]:
     """os.write in the journal writes ``first_bytes`` of the next record, then the disk is full."""
-    import paramserver.journal as journal
+    import paramserver.durability.journal as journal
 
     real = os.write
     calls = []
@@ -378,8 +378,8 @@ def test_state_files_are_private_to_the_service_user(servers, cache_dir, tmp_pat
 def test_a_server_refuses_the_updates_of_another_job(servers, cache_dir, tmp_path, capsys):
     import json
 
-    from distzo.config import JobConfig
-    from distzo.durable import job_id, job_identity
+    from distzo.common.config import JobConfig
+    from distzo.common.durable import job_id, job_identity
 
     cfg = server_config(cache_dir)
     s = servers.start(cfg, tmp_path / "d")

@@ -9,14 +9,14 @@ import warnings
 import pytest
 import yaml
 
-from distzo.adapters import LoraTarget
-from distzo.config import JobConfig
-from distzo.export import export_model_dir
-from distzo.modelcard import model_card
-from distzo.modeling import BlockModel
-from distzo.presets import preset_dir
-from distzo.report import text_report
-from distzo.runlog import RunHistory
+from distzo.model.adapters import LoraTarget
+from distzo.common.config import JobConfig
+from distzo.model.export import export_model_dir
+from distzo.run.modelcard import model_card
+from distzo.model.modeling import BlockModel
+from distzo.data.presets import preset_dir
+from distzo.run.report import text_report
+from distzo.run.runlog import RunHistory
 
 METRICS = {"dev_loss": 1.0, "dev_accuracy": 0.5, "final_loss": 2.0}
 
@@ -59,7 +59,7 @@ def test_the_card_is_generic_on_the_adapter_target():
 @pytest.mark.parametrize("steps,window", [(3, "1 step"), (1, "1 step"), (12, "6 steps"), (25, "10 steps")])
 def test_the_card_and_the_report_name_the_steps_their_loss_means_cover(steps, window):
     """The start and final loss average 10 steps, or half of a shorter run: they never overlap (issue 25)."""
-    from coordinator.summary import print_summary
+    from coordinator.zoctl.summary import print_summary
 
     assert f"training loss at the end (mean of the last {window}) | 2.0000 |" in model_card(config(), METRICS, steps)
     history = RunHistory([{"step": i, "loss": 1.0 + i, "tokens": 10, "time_s": 1.0 + i} for i in range(steps)])
@@ -102,7 +102,7 @@ def test_an_adapter_names_its_base_by_a_name_that_works_elsewhere(cache_dir, tmp
     catalog's upstream Hub id (a preset: its name), and the card says how to point it at the local copy."""
     import json
 
-    from distzo.catalog import base_model_name
+    from distzo.data.catalog import base_model_name
 
     assert base_model_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model_name("tiny-opt") == "tiny-opt" and base_model_name("./my-model") == "./my-model"

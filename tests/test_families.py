@@ -13,8 +13,8 @@ import pytest
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from distzo import families
-from distzo.modeling import BlockModel, ModelError, load_config
+from distzo.model import families
+from distzo.model.modeling import BlockModel, ModelError, load_config
 
 # Families transformers lists for causal LM whose toy-size model (families.tiny_config of the default config)
 # transformers itself cannot build or run: the config's own validation, a hybrid cache that needs use_cache,
@@ -84,10 +84,10 @@ KINDS = {
 
 @pytest.mark.parametrize("model_type", families.TESTED_FAMILIES)
 def test_block_forward_equals_the_family_forward(model_type, monkeypatch):
-    import distzo.modeling
+    import distzo.model.modeling
 
     built = []
-    monkeypatch.setattr(distzo.modeling, "BlockModel", lambda *a, **k: built.append(BlockModel(*a, **k)) or built[-1])
+    monkeypatch.setattr(distzo.model.modeling, "BlockModel", lambda *a, **k: built.append(BlockModel(*a, **k)) or built[-1])
     config = families.tiny_config(CONFIG_MAPPING[model_type]())
     check = families.compare_with_transformers(config)
     assert check.causal, model_type
@@ -106,8 +106,8 @@ def test_what_the_head_does_after_the_last_layer_runs(monkeypatch):
         check = families.compare_with_transformers(cfg)
         assert check.ok, (model_type, check)
     # and it matters: with soft-capping at 0.5 every logit lies in (-0.5, 0.5)
-    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.blocks import flatten_block
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.blocks import flatten_block
     from transformers import AutoModelForCausalLM
 
     cfg = families.tiny_config(CONFIG_MAPPING["gemma2"](final_logit_softcapping=0.5))
@@ -196,10 +196,10 @@ def test_the_distributed_path_equals_the_reference_for_each_kind_of_block_layout
     updated weights are the reference trainer's, bit for bit."""
     from clusterhelpers import Harness
     from conftest import small_config
-    from distzo.forward import ForwardJob
-    from distzo.plan import step_plan
-    from distzo.reference import ReferenceTrainer
-    from paramserver.client import ParamServerClient
+    from distzo.model.forward import ForwardJob
+    from distzo.train.plan import step_plan
+    from distzo.train.reference import ReferenceTrainer
+    from paramserver.dataplane.client import ParamServerClient
 
     model = family_dir(model_type)
     cfg = small_config(str(cache_dir), model={"source": str(model)}, train={"weight_decay": 0.01})

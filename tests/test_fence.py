@@ -8,9 +8,9 @@ import platform
 import numpy as np
 import pytest
 
-from paramserver import fence as fence_mod
-from paramserver.fence import FenceUnavailable, require_fence
-from paramserver.shm import ServedSegments, SharedView
+from paramserver.dataplane import fence as fence_mod
+from paramserver.dataplane.fence import FenceUnavailable, require_fence
+from paramserver.dataplane.shm import ServedSegments, SharedView
 
 
 def test_the_fence_is_a_hardware_barrier_on_this_machine():

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from distzo.mezo import Direction, UpdateRecord
-from paramserver import hostcopy
-from paramserver.client import ParamServerClient
+from distzo.zo.mezo import Direction, UpdateRecord
+from paramserver.dataplane import hostcopy
+from paramserver.dataplane.client import ParamServerClient
 from paramserver.server import ParamServer
-from paramserver.shm import ServedSegments, SharedView, StaleVersion
+from paramserver.dataplane.shm import ServedSegments, SharedView, StaleVersion
 
 from conftest import small_config
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from distzo import generator as g
+from distzo.zo import generator as g
 
 # Random123 tests/kat_vectors, the three "philox4x32 10" lines: counter, key -> output
 KAT = [
@@ -172,9 +172,9 @@ def test_cuda_bits_equal_cpu(dist):
 
 _TRITON_CHECK = """
 import numpy as np, torch
-from distzo import generator as g
-from distzo import generator_cuda as gc
-from distzo import served
+from distzo.zo import generator as g
+from distzo.zo import generator_cuda as gc
+from distzo.zo import served
 for gaussian in (False, True):
     dist = g.Distribution.GAUSSIAN if gaussian else g.Distribution.RADEMACHER
     for off, n in ((123_457_001, 3001), (5_000_000_000_123, 700), (0, 128), (3, 5)):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from distzo.blocks import BlockSpec
-from distzo.generator import Distribution
-from distzo.mezo import Direction, UpdateRecord, apply_update, perturb_block
-from distzo.modeling import BlockModel
+from distzo.model.blocks import BlockSpec
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import Direction, UpdateRecord, apply_update, perturb_block
+from distzo.model.modeling import BlockModel
 
 from test_cluster import our_processes, same_weights, write_config, zoctl
 
@@ -54,8 +54,8 @@ def test_updates_on_cuda_equal_the_cpu_bits(preset, dist):
 @pytest.mark.parametrize("served", ["float32", "bfloat16", "float16"])
 def test_the_replay_on_cuda_equals_the_cpu_bits(preset, dist, served):
     """Update windows: the fused Triton replay + perturbation against the numba one, every block of tiny-opt."""
-    from distzo.mezo import replay_block
-    from distzo.served import to_served
+    from distzo.zo.mezo import replay_block
+    from distzo.zo.served import to_served
 
     specs, buffers = model_blocks(preset)
     pending = [UpdateRecord(t, (Direction(11 + t, 0.7), Direction(40 + t, -1.3))[: 1 + t % 2], 1e-3, 0.01 * (t % 2))
@@ -75,8 +75,8 @@ def test_the_replay_on_cuda_equals_the_cpu_bits(preset, dist, served):
 def test_forward_weights_on_cuda_equal_the_cpu_bits(preset, dist, dtype):
     """Issue 29's definition (mezo.forward_weights): the 16-bit copy and the float32 1-D tensors, with and without
     pending records, every block of tiny-opt (norms and biases between its matrices)."""
-    from distzo.mezo import forward_weights
-    from distzo.served import to_served
+    from distzo.zo.mezo import forward_weights
+    from distzo.zo.served import to_served
 
     specs, buffers = model_blocks(preset)
     pending = [UpdateRecord(t, (Direction(11 + t, 0.7),), 1e-3, 0.01) for t in range(3)]
@@ -129,7 +129,7 @@ def test_direct_fetch_on_cuda_dmas_the_served_bytes_from_registered_shared_memor
     """No host copy: the worker registers the server's read-only segment with the driver and DMAs from it."""
     from conftest import small_config
     from gpuworker.hostreg import DirectFetch
-    from paramserver.client import ParamServerClient
+    from paramserver.dataplane.client import ParamServerClient
     from paramserver.server import ParamServer
 
     server = ParamServer(small_config(cache_dir, server={"served_dtype": served}), tmp_path / "ps").start()

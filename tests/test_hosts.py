@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from clusterhelpers import wait_until
-from coordinator.hostcluster import replica_states
-from coordinator.hosts import HostNetwork, cleanup_stale, leftovers
-from distzo.config import JobConfig
+from coordinator.cluster.hostcluster import replica_states
+from coordinator.cluster.hosts import HostNetwork, cleanup_stale, leftovers
+from distzo.common.config import JobConfig
 from test_cluster import our_processes, same_weights, write_config, zoctl
 
 ROOT = os.geteuid() == 0
@@ -89,7 +89,7 @@ def test_hosts_need_root_and_a_layout_that_divides(cache_dir, tmp_path, monkeypa
 
 CRASHING_RUN = """
 import subprocess, sys, time
-from coordinator.hosts import HostNetwork
+from coordinator.cluster.hosts import HostNetwork
 net = HostNetwork(2).create()
 p = subprocess.Popen(net.exec_argv(1, ["sleep", "600"]))
 print(net.rid, p.pid, flush=True)
@@ -123,7 +123,7 @@ def test_ctrl_c_tears_the_hosts_down(cache_dir, tmp_path):
     # it once exited 0 under load, likely the run ending first (cluster.json is written after the start)
     cfg = write_config(tmp_path, cache_dir, train={"steps": 100_000, "batch_size": 6})
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "up", "--config", str(cfg), "--layout", "ddp",
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator.zoctl.cli", "up", "--config", str(cfg), "--layout", "ddp",
                              "--workers", "2", "--hosts", "2", "--run-dir", str(run_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -144,7 +144,7 @@ FAULT_STEPS = 20  # room for a 10 s outage, the rejoin and the replica's kill be
 
 
 def run_hosts(cfg: JobConfig, tmp_path: Path, on_status) -> object:  # noqa: ANN001
-    from coordinator.hostcluster import HostsCluster
+    from coordinator.cluster.hostcluster import HostsCluster
 
     cluster = HostsCluster(cfg, tmp_path / "run")
     try:
@@ -211,7 +211,7 @@ def test_a_host_cut_off_for_10s_and_a_killed_replica_and_the_run_ends_bitwise_eq
 def test_link_meter_counts_steady_state_apart_from_evals_and_the_last_step():
     from urllib.request import urlopen
 
-    from coordinator.linkstats import LinkMeter
+    from coordinator.cluster.linkstats import LinkMeter
 
     wire = {0: [0, 0], 1: [0, 0]}
     meter = LinkMeter(2, lambda h: tuple(wire[h]), total_steps=6, model_bytes=10_000)

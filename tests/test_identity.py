@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from distzo.config import JobConfig
-from distzo.durable import JobMismatch, check_same_job, job_id, job_identity, record_job
+from distzo.common.config import JobConfig
+from distzo.common.durable import JobMismatch, check_same_job, job_id, job_identity, record_job
 
 # What does NOT change the weights, written here independently of the schema's own marks: placement,
 # threads, ports, paths, timeouts, guards, credentials, evaluation cadence. Any other field, including

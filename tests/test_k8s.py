@@ -20,9 +20,9 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from distzo.config import JobConfig
-from distzo.presets import PRESETS
-from distzo.rpc import PORTS
+from distzo.common.config import JobConfig
+from distzo.data.presets import PRESETS
+from distzo.infra.rpc import PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -300,7 +300,7 @@ def test_container_ports_are_the_codes_ports(docs: list[dict]) -> None:
             else:
                 assert name in expected.get(kind, {}), f"{where}: unexpected port name {name}"
                 want = expected[kind][name]
-            assert number == want, f"{where}: port {name} is {number}, distzo.rpc.PORTS says {want}"
+            assert number == want, f"{where}: port {name} is {number}, distzo.infra.rpc.PORTS says {want}"
         # ... and the command line listens where the ports say
         if kind in ("paramserver", "coordinator"):
             assert port_of(flag(c, "--listen") or "") == ports["grpc"], f"{where}: --listen is not the grpc port"

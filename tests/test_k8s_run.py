@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distzo.config import JobConfig
+from distzo.common.config import JobConfig
 from test_k8s import K8S, MIN_KUBERNETES, ROOT, _console_scripts, cli_flags, flag_values
 
 RUN = "gpu-run"
@@ -204,7 +204,7 @@ def test_every_overlays_job_passes_zoctl_plan_for_its_declared_cluster(overlay):
     else:
         cfg = JobConfig.from_dict(yaml.safe_load(config_map(docs, "distzo-job")["data"]["job.yaml"]))
         extra = {}
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", *plan_args(overlay, cfg, extra)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", *plan_args(overlay, cfg, extra)], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, f"zoctl plan refuses {overlay}'s job: {r.stderr}"
     pred = json.loads(r.stdout)["prediction"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from distzo import kernelcache, optim, served, zkernels
+from distzo.zo import kernelcache, optim, served, zkernels
 
 
 def test_an_edit_of_any_kernel_module_gives_a_fresh_cache_folder(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from distzo.export import export_model_dir
-from distzo.forward import ForwardJob
-from distzo.reference import ReferenceTrainer
+from distzo.model.export import export_model_dir
+from distzo.model.forward import ForwardJob
+from distzo.train.reference import ReferenceTrainer
 
 from clusterhelpers import Harness
 from conftest import small_config

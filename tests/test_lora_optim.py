@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from distzo.generator import Distribution
-from distzo.mezo import apply_update
-from distzo.optim import Optimizer
-from distzo.reference import ReferenceTrainer
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import apply_update
+from distzo.zo.optim import Optimizer
+from distzo.train.reference import ReferenceTrainer
 from paramserver import metrics
-from paramserver.snapshot import list_snapshots, load_snapshot_state
+from paramserver.durability.snapshot import list_snapshots, load_snapshot_state
 
 from conftest import small_config
 from pshelpers import Servers, server_config
@@ -140,7 +140,7 @@ def test_the_reference_keeps_state_for_the_trainable_blocks_only(cache_dir):
 
 def test_a_snapshot_that_also_holds_frozen_blocks_states_still_recovers(tmp_path):
     """Snapshots written before frozen blocks went without state hold theirs too: only the trainable ones are read."""
-    from paramserver.snapshot import SnapshotCorrupt, SnapshotJob
+    from paramserver.durability.snapshot import SnapshotCorrupt, SnapshotJob
 
     numels = {0: 6, 1: 4, 2: 5}
     master = {b: np.arange(n, dtype=np.float32) + b for b, n in numels.items()}

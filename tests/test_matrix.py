@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distzo.config import JobConfig
-from distzo.runlog import read_history
+from distzo.common.config import JobConfig
+from distzo.run.runlog import read_history
 
 from test_cluster import our_processes, same_weights, write_config, zoctl
 from test_lora import same_adapter

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distzo.blocks import block_views, flatten_block
-from distzo.data import TaskEncoder, load_jsonl
-from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-from distzo.modeling import BlockModel, ModelError
-from distzo.presets import DEFAULT_TRAIN
+from distzo.model.blocks import block_views, flatten_block
+from distzo.data.tasks import TaskEncoder, load_jsonl
+from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+from distzo.model.modeling import BlockModel, ModelError
+from distzo.data.presets import DEFAULT_TRAIN
 
 FAMILIES = ["tiny-opt", "tiny-gpt2", "tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]
 

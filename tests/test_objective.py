@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from distzo.data import Batch, DataError
-from distzo.objective import forward_sums
+from distzo.data.tasks import Batch, DataError
+from distzo.train.objective import forward_sums
 
 from test_cluster import zoctl_here
 
@@ -44,8 +44,8 @@ def test_classification_sums_are_the_cross_entropy_over_the_label_words_only():
     assert forward_sums("classification", cands, batch, 0.0, 3, scores - 5.0) == (s, n)  # a shared shift: no change
     assert s == pytest.approx(-math.log(1 / (1 + math.exp(-2))) + math.log(2) - math.log(1 / (1 + math.exp(-5))))
     # its dev loss is the same loss, per example (the plot's training and dev loss are one quantity)
-    from distzo.data import Example
-    from distzo.jobdata import EvalTally
+    from distzo.data.tasks import Example
+    from distzo.data.jobdata import EvalTally
 
     tally = EvalTally(2, "classification")
     tally.add(0, [Example("a", 1), Example("b", 0), Example("c", 0)], batch, scores, True)
@@ -73,8 +73,8 @@ def test_f1_sums_are_minus_the_macro_f1_of_the_ranking_times_the_rows():
 
 
 def test_a_task_without_single_token_candidates_is_refused_clearly(cache_dir, tmp_path):
-    from distzo.config import JobConfig
-    from distzo.jobdata import JobData
+    from distzo.common.config import JobConfig
+    from distzo.data.jobdata import JobData
 
     cfg = JobConfig.from_dict({"runtime": {"cache_dir": cache_dir}, "data": {"label_words": ["absolutely terrible", "great"]},
                                "train": {"objective": "accuracy"}})

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from distzo import generator
-from distzo.config import ConfigError, JobConfig
-from distzo.dtypes import STATE_VALUES
-from distzo.generator import Distribution, fill_z
-from distzo.mezo import Direction, UpdateRecord, apply_update
-from distzo.optim import OPTIMIZERS, STATE_NAMES, Optimizer, power, update_stateful_cpu, update_stateful_torch
+from distzo.zo import generator
+from distzo.common.config import ConfigError, JobConfig
+from distzo.common.dtypes import STATE_VALUES
+from distzo.zo.generator import Distribution, fill_z
+from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.zo.optim import OPTIMIZERS, STATE_NAMES, Optimizer, power, update_stateful_cpu, update_stateful_torch
 
 OPTS = {"momentum": Optimizer("momentum", momentum=0.8), "adam": Optimizer("adam", beta1=0.85, beta2=0.99, eps=1e-6)}
 
@@ -95,7 +95,7 @@ def test_results_do_not_depend_on_threads_or_on_how_the_block_is_cut(name):
 
 @pytest.mark.parametrize("served_dtype", ["bfloat16", "float16"])
 def test_the_served_copy_is_written_in_the_same_pass(served_dtype):
-    from distzo.served import to_served
+    from distzo.zo.served import to_served
 
     opt = OPTS["adam"]
     w = np.random.default_rng(2).standard_normal(3000).astype(np.float32)
@@ -107,7 +107,7 @@ def test_the_served_copy_is_written_in_the_same_pass(served_dtype):
 
 
 def test_apply_update_with_sgd_is_the_stateless_path_bit_for_bit():
-    from distzo.blocks import BlockSpec, TensorSpec
+    from distzo.model.blocks import BlockSpec, TensorSpec
 
     spec = BlockSpec(index=0, name="b", global_offset=128,
                      tensors=(TensorSpec("w", (20, 20), 0, True), TensorSpec("b", (200,), 400, False)))
@@ -130,7 +130,7 @@ def test_apply_update_with_sgd_is_the_stateless_path_bit_for_bit():
 
 
 def test_a_skipped_record_changes_neither_weights_nor_state():
-    from distzo.blocks import BlockSpec, TensorSpec
+    from distzo.model.blocks import BlockSpec, TensorSpec
 
     spec = BlockSpec(index=0, name="b", global_offset=0, tensors=(TensorSpec("w", (300,), 0, True),))
     w, st = torch.ones(300), torch.full((300, 2), 0.5)
@@ -174,7 +174,7 @@ def test_the_config_names_a_bad_optimizer_setting(field, value, needle):
 
 
 def test_the_default_is_sgd_and_job_ids_of_sgd_runs_are_unchanged():
-    from distzo.durable import job_identity
+    from distzo.common.durable import job_identity
 
     cfg = JobConfig()
     assert cfg.train.optimizer == "sgd" and cfg.train.objective == "loss"
@@ -186,8 +186,8 @@ def test_the_default_is_sgd_and_job_ids_of_sgd_runs_are_unchanged():
 
 @pytest.mark.parametrize("served", ["bfloat16", "float32"])
 def test_the_plan_gives_server_memory_per_parameter_for_each_optimizer(served):
-    from distzo.perfspecs import CLUSTERS, MODELS, LayoutSpec
-    from distzo.perfmodel import predict
+    from distzo.perf.specs import CLUSTERS, MODELS, LayoutSpec
+    from distzo.perf.model import predict
 
     m = MODELS["OPT-13B"]
     c = CLUSTERS["h100x8"]

@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from distzo.generator import Distribution
-from distzo.mezo import apply_update
-from distzo.optim import Optimizer
-from paramserver.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot_state
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import apply_update
+from distzo.zo.optim import Optimizer
+from paramserver.durability.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot_state
 from paramserver.state import RecoveryError, ServerState
 
 from clusterhelpers import wait_until

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from distzo.generator import Distribution
-from distzo.mezo import Direction, UpdateRecord, apply_update
-from distzo.modeling import BlockModel
-from distzo.reference import ReferenceTrainer
-from distzo.rpc import Credentials
-from paramserver.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.model.modeling import BlockModel
+from distzo.train.reference import ReferenceTrainer
+from distzo.infra.rpc import Credentials
+from paramserver.dataplane.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
 
@@ -31,7 +31,7 @@ def servers():
 
 
 def master_of(cache_dir: str, name: str = "tiny-opt") -> tuple[BlockModel, list[torch.Tensor]]:
-    from distzo.presets import preset_dir
+    from distzo.data.presets import preset_dir
 
     bm = BlockModel.from_dir(preset_dir(name, cache_dir))
     return bm, bm.load_block_buffers()
@@ -305,7 +305,7 @@ def test_snapshots_recover_bitwise_and_corruption_is_detected(servers, cache_dir
 
 
 def test_corrupt_snapshots_fall_back_then_refuse(servers, cache_dir, tmp_path):
-    from paramserver.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
+    from paramserver.durability.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
     from paramserver.state import RecoveryError
 
     cfg = server_config(cache_dir, server={"snapshot_every": 2})
@@ -362,7 +362,7 @@ def test_kill_9_mid_updates_recovers_bitwise(cache_dir, tmp_path):
     """A server process killed with SIGKILL while updates stream in comes back with every acknowledged one."""
     import threading
 
-    from distzo.procs import ServiceProcess, python_module
+    from distzo.infra.procs import ServiceProcess, python_module
 
     cfg = server_config(cache_dir, server={"snapshot_every": 5})
     (tmp_path / "job.yaml").write_text(cfg.to_yaml())
@@ -457,7 +457,7 @@ def test_shm_client_survives_a_server_restart(servers, cache_dir, tmp_path):
 def test_without_a_start_snapshot_a_restart_replays_onto_the_initial_weights(servers, cache_dir, tmp_path):
     """server.snapshot_at_start off (benchmarks: no model-sized write on the clock): nothing is written at
     start, and a restarted server still recovers bitwise from the model directory and the journal."""
-    from paramserver.snapshot import list_snapshots
+    from paramserver.durability.snapshot import list_snapshots
 
     cfg = server_config(cache_dir, server={"snapshot_every": 0, "snapshot_at_start": False})
     srv = servers.start(cfg, tmp_path / "d")

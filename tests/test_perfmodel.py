@@ -1,4 +1,4 @@
-"""The step-time model (distzo.perfmodel) and `zoctl plan`: counts, terms, bytes, memory, layouts."""
+"""The step-time model (distzo.perf.model) and `zoctl plan`: counts, terms, bytes, memory, layouts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from distzo.perfspecs import CLUSTERS, MODELS, ClusterSpec, LayoutSpec, ModelSpec, cluster_from_calibration
-from distzo.perfmodel import layouts_for, predict, recommend
+from distzo.perf.specs import CLUSTERS, MODELS, ClusterSpec, LayoutSpec, ModelSpec, cluster_from_calibration
+from distzo.perf.model import layouts_for, predict, recommend
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = CLUSTERS["h100x8"]
@@ -54,8 +54,8 @@ def test_from_hf_config_counts_exactly_what_the_catalog_computes():
 @pytest.mark.parametrize("preset", ["tiny-opt", "tiny-gpt2", "tiny-llama", "tiny-qwen3"])
 def test_from_hf_config_agrees_with_the_servers_block_manifest(preset):
     """Same parameter count (tied weights once) and block count as the blocks the server holds."""
-    from distzo.modeling import BlockModel
-    from distzo.presets import PRESETS, VOCAB_SIZE
+    from distzo.model.modeling import BlockModel
+    from distzo.data.presets import PRESETS, VOCAB_SIZE
 
     factory, sizes = PRESETS[preset]
     config = factory(VOCAB_SIZE, **sizes)
@@ -253,7 +253,7 @@ def test_cluster_from_calibration_predicts_a_small_cpu_model():
 
 # ----------------------------------------------------------------------------- zoctl plan
 def zoctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 
 
@@ -348,7 +348,7 @@ def test_a_cpu_clusters_plan_speaks_of_worker_processes_not_gpus(cluster, model)
 
 # ----------------------------------------------------------------------------- update windows, peers
 def test_update_windows_divide_the_server_pass_and_add_the_replay():
-    from distzo.perfmodel import mean_pending
+    from distzo.perf.model import mean_pending
 
     m, T = MODELS["OPT-175B"], 2048
     one = predict(m, H100, LayoutSpec(), T, "bfloat16")
@@ -379,7 +379,7 @@ def test_the_plan_recommends_a_window_that_takes_the_update_off_the_critical_pat
 
 
 def test_peers_follow_their_formulas():
-    from distzo.perfpeers import predict_peers
+    from distzo.perf.peers import predict_peers
 
     m, T = MODELS["OPT-175B"], 2048
     zo2, dist = predict_peers(m, H100, T, "bfloat16")

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import torch
 
-from distzo.reference import ReferenceTrainer
-from distzo.rpc import Credentials
+from distzo.train.reference import ReferenceTrainer
+from distzo.infra.rpc import Credentials
 from coordinator.server import CoordinatorServer
 from gpuworker.worker import Worker
 from paramserver.server import ParamServer

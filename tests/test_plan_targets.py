@@ -8,13 +8,13 @@ import json
 
 import pytest
 
-from distzo.adapters import LoraTarget
-from distzo.modeling import BlockModel
-from distzo.perfmodel import predict, recommend
-from distzo.perfspecs import CLUSTERS, MODELS, LayoutSpec, ModelSpec
-from distzo.perftargets import FULL, lora_target, prefix_target
-from distzo.prefix import PrefixTarget
-from distzo.presets import preset_config, preset_dir
+from distzo.model.adapters import LoraTarget
+from distzo.model.modeling import BlockModel
+from distzo.perf.model import predict, recommend
+from distzo.perf.specs import CLUSTERS, MODELS, LayoutSpec, ModelSpec
+from distzo.perf.targets import FULL, lora_target, prefix_target
+from distzo.model.prefix import PrefixTarget
+from distzo.data.presets import preset_config, preset_dir
 
 from test_perfmodel import zoctl
 
@@ -163,8 +163,8 @@ def test_zoctl_plan_bad_lora_settings_are_one_line_and_exit_2(args, needle):
 def test_every_number_a_plan_takes_is_checked_in_one_line(capsys):
     """Kind 4 of issue 28: each numeric flag of zoctl plan, past its range, is one line and exit 2 (--q 0 was a
     ZeroDivisionError traceback, --seq-len 0 was silently the default)."""
-    from coordinator.cli import main
-    from coordinator.plan_cli import RANGES
+    from coordinator.zoctl.cli import main
+    from coordinator.zoctl.plan import RANGES
 
     for dest, low, high in RANGES:
         for value in (low - 1, high + 1):
@@ -178,7 +178,7 @@ def test_every_number_a_plan_takes_is_checked_in_one_line(capsys):
 def test_zoctl_plan_takes_a_job_config_and_names_the_worker_count_flags(tmp_path, capsys):
     """Issue 25: `--cluster cpu-local` planned 32768 tokens of 2048 whatever the job; `--layout pertp` refused
     without saying how the workers are counted."""
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     job = tmp_path / "job.yaml"
     job.write_text("model: {source: tiny-llama}\ndata: {max_seq_len: 48}\ntrain: {batch_size: 8, target: lora}\n"

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from distzo.blocks import BlockSpec, build_manifest
-from distzo.generator import Distribution, fill_z
-from distzo.mezo import (BF16_EPS_SCALE, Direction, ForwardPrecision, UpdateRecord, forward_precision, forward_weights,
+from distzo.model.blocks import BlockSpec, build_manifest
+from distzo.zo.generator import Distribution, fill_z
+from distzo.zo.mezo import (BF16_EPS_SCALE, Direction, ForwardPrecision, UpdateRecord, forward_precision, forward_weights,
                          replay_block)
-from distzo.precision import BOUND, BufferSource, measure
-from distzo.served import to_served
+from distzo.train.precision import BOUND, BufferSource, measure
+from distzo.zo.served import to_served
 
 EPS = 2.0 ** -10  # a power of two: x +- eps is exactly a bfloat16 number, a tie or nothing for the weights below
 # bfloat16 steps at these magnitudes: 2^-11 = eps/2 (x +- eps exact: error 0), 2^-9 = 2 eps (x +- eps a tie, rounded to
@@ -96,10 +96,10 @@ def test_the_gpu_path_of_the_definition_in_the_triton_interpreter():
     in Triton's interpreter, against the CPU's numba path: main and vectors, bitwise, with and without pending records."""
     script = textwrap.dedent("""
         import torch
-        from distzo import generator, mezo
-        from distzo.generator import Distribution
-        from distzo.mezo import Direction, UpdateRecord, forward_weights
-        from distzo.served import to_served
+        from distzo.zo import generator, mezo
+        from distzo.zo.generator import Distribution
+        from distzo.zo.mezo import Direction, UpdateRecord, forward_weights
+        from distzo.zo.served import to_served
         from test_precision import _block
         block = _block([("n1", (40,)), ("w", (30, 20)), ("b", (30,)), ("w2", (7, 9)), ("n2", (5,))], offset=(1 << 33) + 77)
         pending = [UpdateRecord(t, (Direction(100 + t, 0.5 - t),), 1e-3, 0.01) for t in range(2)]
@@ -188,7 +188,7 @@ FAMILIES_16 = ("mamba", "falcon_mamba", "ergo", "inkling2_text", "inkling2_loop_
                "hy_v4", "llama", "opt", "gpt2", "qwen2", "gemma2", "bloom", "gpt_neox", "falcon", "phi")
 
 
-@pytest.mark.parametrize("model_type", __import__("distzo.families").families.TESTED_FAMILIES
+@pytest.mark.parametrize("model_type", __import__("distzo.model.families").families.TESTED_FAMILIES
                          if os.environ.get("DISTZO_BF16_FAMILIES") == "all" else FAMILIES_16)
 def test_a_16_bit_forward_keeps_vectors_in_float32_and_runs_every_family(model_type):
     """On the CPU (bf16 matmuls), a family's tiny model in the engine's 16-bit forward: 1-D tensors float32 and
@@ -198,10 +198,10 @@ def test_a_16_bit_forward_keeps_vectors_in_float32_and_runs_every_family(model_t
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from distzo import families
-    from distzo.blocks import flatten_block
-    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.modeling import BlockModel
+    from distzo.model import families
+    from distzo.model.blocks import flatten_block
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.modeling import BlockModel
 
     config = families.tiny_config(CONFIG_MAPPING[model_type]())
     with torch.random.fork_rng(devices=[]):
@@ -241,7 +241,7 @@ def test_the_16_bit_forward_rounds_a_norms_output_back_to_the_compute_dtype():
     """The cast that keeps activations in the compute dtype is what makes hy_v4 run (its attention mask follows the
     hidden states' dtype); llama's norms see bfloat16 in and give bfloat16 out, their weights float32."""
     test_a_16_bit_forward_keeps_vectors_in_float32_and_runs_every_family("hy_v4")
-    from distzo.forward import ForwardEngine
+    from distzo.model.forward import ForwardEngine
 
     saved = ForwardEngine._keep_activation_dtype
     try:
@@ -253,7 +253,7 @@ def test_the_16_bit_forward_rounds_a_norms_output_back_to_the_compute_dtype():
 
 
 def test_zoctl_plan_shows_the_figure_when_it_has_the_weights(capsys, cache_dir):
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     assert main(["plan", "--model", "tiny-llama", "--eps", "1e-4"]) == 0
     out = capsys.readouterr().out
@@ -272,7 +272,7 @@ def test_zoctl_reference_says_what_the_forwards_keep_and_warns_in_one_line(capsy
     """Over the bound (tiny-llama's weights are near 0.02: their bfloat16 steps are about 1e-4, so eps_bf16 5e-5
     loses most of the perturbation): one warning line at the start naming eps, dtype and the figure; the summary
     carries the figure."""
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     rc = main(["reference", "--model", "tiny-llama", "--steps", "1", "--json", "--set", f"runtime.cache_dir={cache_dir}",
                "--set", "train.forward_dtype=bfloat16", "--set", "server.served_dtype=bfloat16",

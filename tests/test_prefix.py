@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from distzo import families
-from distzo.modeling import BlockModel, ModelError
-from distzo.prefix import PrefixTarget
-from distzo.forward import ForwardJob
-from distzo.reference import ReferenceTrainer
+from distzo.model import families
+from distzo.model.modeling import BlockModel, ModelError
+from distzo.model.prefix import PrefixTarget
+from distzo.model.forward import ForwardJob
+from distzo.train.reference import ReferenceTrainer
 
 from conftest import small_config
 from test_cluster import zoctl, zoctl_here
@@ -56,8 +56,8 @@ def test_prefix_trains_only_the_prefixes_and_exports_what_peft_loads(cache_dir, 
 
 
 def test_the_model_card_of_a_prefix_export_names_the_prefix():
-    from distzo.config import JobConfig
-    from distzo.modelcard import model_card
+    from distzo.common.config import JobConfig
+    from distzo.run.modelcard import model_card
 
     card = model_card(JobConfig.from_dict({"train": {"target": "prefix", "prefix_tokens": 4}}), {}, 0)
     assert "| target | prefix-tuning (peft; 4 virtual tokens" in card and "prefix-tuning adapter" in card

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 import coordinator.metrics  # noqa: F401 - register every service's metrics
-import distzo.metrics  # noqa: F401
+import distzo.infra.metrics  # noqa: F401
 import gpuworker.metrics  # noqa: F401
 import paramserver.metrics  # noqa: F401
 

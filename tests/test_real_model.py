@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distzo import catalog
+from distzo.data import catalog
 
 pytestmark = pytest.mark.skipif(
     not (catalog.is_fetched("smollm2-135m") and catalog.is_fetched("rotten-tomatoes")),
@@ -34,9 +34,9 @@ def test_the_converted_model_is_the_pretrained_one():
 def test_block_model_gives_the_logits_of_the_transformers_forward():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distzo.data import Example, TaskEncoder, load_jsonl
-    from distzo.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.modeling import BlockModel
+    from distzo.data.tasks import Example, TaskEncoder, load_jsonl
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.modeling import BlockModel
 
     path = catalog.locate("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(str(path))

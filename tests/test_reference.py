@@ -9,7 +9,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from distzo.reference import ReferenceTrainer, TrainingStopped
+from distzo.train.reference import ReferenceTrainer, TrainingStopped
 
 from conftest import small_config
 
@@ -61,14 +61,14 @@ def test_divergence_stops_with_a_clear_message(cache_dir):
 def test_zoctl_reference_cli(cache_dir, tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"runtime:\n  cache_dir: {cache_dir}\ndata:\n  dev_examples: 8\ntrain:\n  batch_size: 4\n")
-    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "reference", "--config", str(cfg), "--steps", "2",
+    out = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", "reference", "--config", str(cfg), "--steps", "2",
                           "--json", "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     for key in ("final_loss", "steps", "tokens_per_second", "wall_seconds", "dev_accuracy"):
         assert key in summary
     assert summary["steps"] == 2
-    bad = subprocess.run([sys.executable, "-m", "coordinator.cli", "reference", "--config", str(cfg), "--workers", "3"],
+    bad = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", "reference", "--config", str(cfg), "--workers", "3"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "uses exactly 1 worker" in bad.stderr
     from test_cluster import zoctl_here  # more refusals: the same main() in this process
@@ -79,7 +79,7 @@ def test_zoctl_reference_cli(cache_dir, tmp_path):
 
 
 def test_one_row_per_example_scores_the_candidates_as_one_row_per_candidate_does(cache_dir, monkeypatch):
-    from distzo.data import TaskEncoder
+    from distzo.data.tasks import TaskEncoder
 
     trainer = ReferenceTrainer(small_config(cache_dir, data={"dev_examples": 40}))
     assert trainer.job.encoder.eval_candidates  # the shipped words are one token each: eval takes the short path

@@ -7,10 +7,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clusterhelpers import wait_until
-from distzo.mezo import Direction
+from distzo.zo.mezo import Direction
 from paramserver import metrics
 from paramserver.service import SERVICE
-from paramserver.wire import UpdateRecord
+from paramserver.dataplane.wire import UpdateRecord
 from pshelpers import Servers, server_config
 
 

@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from distzo.runlog import RunLog, read_history
-from distzo.report import text_report, write_report
+from distzo.run.runlog import RunLog, read_history
+from distzo.run.report import text_report, write_report
 
 from conftest import small_config
 
@@ -57,18 +57,18 @@ def test_report_draws_a_png_and_prints_the_history(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000 and paths["report"].endswith("report.png")
     text = text_report(read_history(tmp_path))
     assert "steps: 0..39 (40 logged)" in text and "0.5500" in text and "0.6500" in text
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "report", str(tmp_path)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", "report", str(tmp_path)], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ))
     assert r.returncode == 0 and "training loss:" in r.stdout and "report.png" in r.stdout, r.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "report", str(empty)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", "report", str(empty)], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ))
     assert r.returncode == 2 and "holds no run log" in r.stderr
 
 
 def test_the_reference_writes_the_run_log_with_the_zero_shot_eval(cache_dir, tmp_path):
-    from distzo.reference import ReferenceTrainer
+    from distzo.train.reference import ReferenceTrainer
 
     cfg = small_config(cache_dir, train={"steps": 3, "eval_every": 2})
     trainer = ReferenceTrainer(cfg)
@@ -86,7 +86,7 @@ def test_the_reference_writes_the_run_log_with_the_zero_shot_eval(cache_dir, tmp
 def test_a_run_log_of_another_job_is_never_continued_or_overwritten(cache_dir, tmp_path):
     import pytest
 
-    from distzo.durable import CorruptFile, JobMismatch
+    from distzo.common.durable import CorruptFile, JobMismatch
 
     ours = small_config(cache_dir)
     log = RunLog(tmp_path)
@@ -120,7 +120,7 @@ def test_the_worker_launcher_does_not_restart_a_worker_that_refuses_its_input(tm
 
 def test_run_directory_files_of_the_wrong_type_or_kind_are_one_line_and_exit_2(cache_dir, tmp_path, capsys):
     """The user's run-directory files are read defensively: each command that reads one names it (kind 7)."""
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     cfg = tmp_path / "job.yaml"
     cfg.write_text(small_config(cache_dir).to_yaml())
@@ -164,11 +164,11 @@ def test_a_run_directory_in_use_is_refused_by_every_writer(cache_dir, tmp_path, 
     """One writer per run directory (kind 2): while a process holds it (here a stand-in for a running `zoctl up`
     or one of its services), `zoctl up`, `zoctl up --resume` and `zoctl reference --run-dir` are refused in one
     line naming its pid; once it ends, the directory is free again."""
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     run = tmp_path / "run"
     RunLog(run).resume(0, small_config(cache_dir))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distzo.locks import DirLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distzo.common.locks import DirLock\n"
                                "DirLock(sys.argv[1], '.lock', 'the run directory').acquire()\nprint('held', flush=True)\n"
                                "time.sleep(600)\n", str(run)], stdout=subprocess.PIPE, text=True)
     try:
@@ -184,6 +184,6 @@ def test_a_run_directory_in_use_is_refused_by_every_writer(cache_dir, tmp_path, 
     finally:
         holder.kill()
         holder.wait()
-    from distzo.locks import DirLock
+    from distzo.common.locks import DirLock
 
     DirLock(run, ".lock", "the run directory").acquire().release()  # the kernel dropped it with its holder

@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import pytest
 
-from distzo.config import JobConfig
-from distzo.mezo import Direction, UpdateRecord
-from distzo.rpc import Credentials
-from paramserver.client import FetchError, ParamServerClient
+from distzo.common.config import JobConfig
+from distzo.zo.mezo import Direction, UpdateRecord
+from distzo.infra.rpc import Credentials
+from paramserver.dataplane.client import FetchError, ParamServerClient
 from paramserver.service import ANONYMOUS_SLOTS
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -123,12 +123,12 @@ def test_the_token_is_never_echoed(servers, cache_dir, tmp_path, capfd):
 
     f = tmp_path / "job.yaml"
     f.write_text(f"security:\n  token: {TOKEN}\n")
-    shown = subprocess.run([sys.executable, "-m", "coordinator.cli", "config", str(f), "--show"], capture_output=True,
+    shown = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", "config", str(f), "--show"], capture_output=True,
                            text=True, timeout=60)
     assert shown.returncode == 0 and TOKEN not in shown.stdout + shown.stderr and "token: null" in shown.stdout
     assert "security.token is set" in shown.stdout
     f.write_text(f"security:\n  token: [{TOKEN}]\n")
-    bad = subprocess.run([sys.executable, "-m", "coordinator.cli", "config", str(f)], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", "config", str(f)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "security.token" in bad.stderr and TOKEN not in bad.stderr
     out, err = capfd.readouterr()
     assert TOKEN not in out + err
@@ -149,7 +149,7 @@ def test_no_unauthenticated_reply_carries_a_secret_or_a_path_to_one(servers, cac
     """Every RPC of the parameter server and the coordinator, called without the token: neither a reply nor
     an error names the token, the token file, the TLS material or the data directory (kind 8)."""
     from coordinator.server import CoordinatorServer
-    from paramserver.wire import record_to_pb
+    from paramserver.dataplane.wire import record_to_pb
     from protos import paramserver_pb2 as pspb
 
     private = tmp_path / "private-place"
@@ -280,7 +280,7 @@ def _call(channel, service_name, method, request, metadata):
 
 def test_every_string_and_repeated_field_of_every_rpc_is_bounded(servers, cache_dir, tmp_path):
     from coordinator.server import CoordinatorServer
-    from distzo import limits
+    from distzo.infra import limits
     from protos import coordinator_pb2, paramserver_pb2
 
     srv = token_server(servers, cache_dir, tmp_path)
@@ -363,7 +363,7 @@ def test_tls_clients_without_the_ca_or_without_a_client_certificate_are_refused(
 
 
 def test_a_replica_with_the_token_follows_on_the_data_port_of_a_primary_with_a_control_port(servers, cache_dir, tmp_path):
-    from coordinator.local import free_port
+    from coordinator.cluster.local import free_port
 
     cfg = server_config(cache_dir, security={"token": TOKEN})
     primary = servers.start(cfg, tmp_path / "p", control_listen=f"127.0.0.1:{free_port()}")

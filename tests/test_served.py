@@ -1,4 +1,4 @@
-"""The served 16-bit copy: one rounding (distzo/served.py), written by the update itself."""
+"""The served 16-bit copy: one rounding (distzo/zo/served.py), written by the update itself."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from distzo import generator as g
-from distzo.blocks import ITEMSIZE
-from distzo.forward import MemoryFeed
-from distzo.generator import Distribution
-from distzo.mezo import Direction, UpdateRecord, apply_update
-from distzo.modeling import BlockModel
-from distzo.served import cast_into, to_served
+from distzo.zo import generator as g
+from distzo.model.blocks import ITEMSIZE
+from distzo.model.forward import MemoryFeed
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.model.modeling import BlockModel
+from distzo.zo.served import cast_into, to_served
 from paramserver.store import BlockStore
 
 EDGES = np.array([0.0, -0.0, np.inf, -np.inf, 65504.0, 65519.996, 65520.0, 65536.0, 3.4028235e38, -3.4028235e38,

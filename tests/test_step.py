@@ -1,4 +1,4 @@
-"""The one step function (distzo/step.py): retry, skip policy, order of run log and update."""
+"""The one step function (distzo/train/step.py): retry, skip policy, order of run log and update."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from distzo.config import JobConfig
-from distzo.step import TrainingStopped, TrainLog, run_step
+from distzo.common.config import JobConfig
+from distzo.train.step import TrainingStopped, TrainLog, run_step
 
 
 class _Data:
@@ -20,7 +20,7 @@ class _Data:
 
 
 def _cfg(**train) -> JobConfig:
-    # lr and eps set: the step takes a resolved config (distzo.defaults.resolve chooses them by the model)
+    # lr and eps set: the step takes a resolved config (distzo.train.defaults.resolve chooses them by the model)
     return JobConfig.from_dict({"train": {"steps": 10, "batch_size": 2, "lr": 5e-4, "eps": 1e-3, **train}})
 
 
@@ -67,7 +67,7 @@ def test_the_stop_policy_stops_at_the_first_non_finite_step():
 
 
 def test_a_finite_step_resets_the_run_of_skips_and_is_logged_before_it_is_sent(tmp_path):
-    from distzo.runlog import RunLog
+    from distzo.run.runlog import RunLog
 
     cfg, log, order = _cfg(), TrainLog(consecutive_skips=4), []
     run_log = RunLog(tmp_path)

@@ -1,4 +1,4 @@
-"""The restart policy shared by zoctl up's local cluster and distzo-worker-launch (distzo/supervise.py)."""
+"""The restart policy shared by zoctl up's local cluster and distzo-worker-launch (distzo/infra/supervise.py)."""
 
 import subprocess
 import sys
@@ -7,9 +7,9 @@ import pytest
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from conftest import small_config
-from coordinator import local
-from distzo.procs import ServiceFailed, ServiceProcess
-from distzo.supervise import EXIT_BAD_INPUT, RestartPolicy, Restarts
+from coordinator.cluster import local
+from distzo.infra.procs import ServiceFailed, ServiceProcess
+from distzo.infra.supervise import EXIT_BAD_INPUT, RestartPolicy, Restarts
 from gpuworker import launch
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import targets
-from coordinator.targets import TargetError, resolve
+from coordinator.zoctl import targets
+from coordinator.zoctl.targets import TargetError, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def dead_pid() -> int:
 def zoctl(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "coordinator.zoctl.cli", *args], capture_output=True, text=True, timeout=120,
                           cwd=cwd, env=env)
 
 
@@ -137,14 +137,14 @@ def test_concurrent_context_edits_all_land_and_damaged_files_are_one_line(tmp_pa
     work.mkdir()
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, "-m", "coordinator.cli", "context", "set", f"c{i}", "--coordinator",
+    procs = [subprocess.Popen([sys.executable, "-m", "coordinator.zoctl.cli", "context", "set", f"c{i}", "--coordinator",
                                f"127.0.0.1:{i + 1}"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(8)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [err for _, err in outs]
     path = home / ".config" / "distzo" / "contexts.json"
     assert sorted(json.loads(path.read_text())["contexts"]) == [f"c{i}" for i in range(8)]  # no write lost
-    from coordinator.cli import main
+    from coordinator.zoctl.cli import main
 
     monkeypatch.chdir(work)
     assert sorted(p.name for p in path.parent.iterdir()) == ["contexts.json", "contexts.json.lock"]  # no temporaries

@@ -1,4 +1,4 @@
-"""Weights in and out through fsspec, verified by SHA-256 (distzo.transfer), and a coordinator that
+"""Weights in and out through fsspec, verified by SHA-256 (distzo.model.transfer), and a coordinator that
 runs its job as a unit that completes (--exit-when-done) and pushes the export to a URL."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distzo.transfer import SUMS, TransferError, pull, push, write_sums
+from distzo.model.transfer import SUMS, TransferError, pull, push, write_sums
 from paramserver.server import ParamServer
 
 from clusterhelpers import wait_until
@@ -28,7 +28,7 @@ def model_dir(root: Path) -> Path:
 
 
 def transfer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distzo.transfer", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "distzo.model.transfer", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_pull_verifies_every_file_and_keeps_what_is_already_there(tmp_path):
@@ -117,7 +117,7 @@ def test_a_batch_coordinator_ends_with_the_job_and_pushes_the_export(cache_dir, 
 def test_an_export_url_cannot_escape_the_export_root_or_use_other_protocols(cache_dir, tmp_path):
     import grpc
 
-    from paramserver.client import ParamServerClient
+    from paramserver.dataplane.client import ParamServerClient
 
     cfg = base_config(cache_dir, server={"export_root": str(tmp_path / "exports")})
     server = ParamServer(cfg, tmp_path / "server").start()

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from distzo.blocks import BlockSpec, TensorSpec
-from distzo.generator import Distribution
-from distzo.mezo import Direction, UpdateRecord, apply_update, apply_window, base_version, perturb_block, replay_block
-from distzo.replay import pack, replay_perturb_device
-from distzo.served import to_served
+from distzo.model.blocks import BlockSpec, TensorSpec
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import Direction, UpdateRecord, apply_update, apply_window, base_version, perturb_block, replay_block
+from distzo.zo.replay import pack, replay_perturb_device
+from distzo.zo.served import to_served
 
 
 def _block(offset: int = 1_000_003) -> BlockSpec:
@@ -125,10 +125,10 @@ def test_triton_replay_kernel_in_the_interpreter_matches_numba(tmp_path) -> None
     """The GPU kernel's bits, in Triton's CPU interpreter (a fresh process: TRITON_INTERPRET is read at import)."""
     script = textwrap.dedent("""
         import numpy as np, torch
-        from distzo import generator_cuda as gc
-        from distzo.generator import Distribution, _key
-        from distzo.replay import pack, replay_perturb_cpu
-        from distzo.mezo import Direction, UpdateRecord
+        from distzo.zo import generator_cuda as gc
+        from distzo.zo.generator import Distribution, _key
+        from distzo.zo.replay import pack, replay_perturb_cpu
+        from distzo.zo.mezo import Direction, UpdateRecord
         rng = np.random.default_rng(1)
         for gaussian in (False, True):
             dist = Distribution.GAUSSIAN if gaussian else Distribution.RADEMACHER

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from distzo.config import JobConfig
-from distzo.reference import ReferenceTrainer
+from distzo.common.config import JobConfig
+from distzo.train.reference import ReferenceTrainer
 
 from test_cluster import same_weights, zoctl
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import xxhash
 
-from distzo.forward import ForwardJob
-from distzo.plan import step_plan
-from distzo.reference import ReferenceTrainer
+from distzo.model.forward import ForwardJob
+from distzo.train.plan import step_plan
+from distzo.train.reference import ReferenceTrainer
 
 from clusterhelpers import Harness, ResultSink, wait_until
 from conftest import small_config
@@ -81,7 +81,7 @@ def test_pertp_workers_each_reproduce_one_sign(harness, cache_dir, device):
 
 @pytest.mark.cluster
 def test_node_group_of_two_gloo_workers_gathers_the_whole_block(harness, tmp_path):
-    from coordinator.local import free_port
+    from coordinator.cluster.local import free_port
 
     h = harness()
     master = f"127.0.0.1:{free_port()}"
@@ -209,7 +209,7 @@ def test_a_dropped_stream_is_resumed(harness, cache_dir, tmp_path, device):
 
 
 def test_worker_reconnects_and_registers_again(harness, cache_dir):
-    from distzo.rpc import Credentials
+    from distzo.infra.rpc import Credentials
     from coordinator.server import CoordinatorServer
 
     h = harness()
