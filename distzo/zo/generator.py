@@ -22,23 +22,22 @@ The arithmetic built on z (also one rounding each, float64 inside):
 * perturb: ``out = float32(theta + c * z)``
 * update:  ``w = float32(w - (sum_j a_j * z_j + d * w))`` with directions applied in order.
 
-The CPU path is numba-compiled (the kernels are in ``zkernels.py``; vectorized, GIL released) and split across a thread pool in
-128-aligned chunks; the torch path runs on whatever device its tensors live on; on CUDA, both distributions go
-through the fused Triton kernels of ``generator_cuda.py`` when Triton is installed.
+The CPU path is numba-compiled (the kernels are in ``zkernels.py``; vectorized, GIL released) and split across
+a thread pool in 128-aligned chunks (``threads.py``); the torch path runs on whatever device its tensors live on;
+on CUDA, both distributions go through the fused Triton kernels of ``generator_cuda.py`` when Triton is installed.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from distzo.zo.served import cast_kernel, served_kind
+from distzo.zo.served import cast_kernel, served_kind, to_served
+from distzo.zo.threads import cpu_threads, run_split, set_cpu_threads  # noqa: F401 - the CPU API's thread count
 from distzo.zo.zkernels import (_ALIGN, _ATANH, _COS, _HALF_QUADRANT, _LN2, _M0, _M1, _MAGIC_U32, _MASK32, _SIN,
                              _SQRT_HALF, _TWO_52, _TWO_PI_OVER_2_32, _W0, _W1, _fill_kernel, _perturb_kernel,
                              _philox_block, _rademacher_update_aligned, _update_kernel)
@@ -52,55 +51,6 @@ class Distribution(str, Enum):
 
 
 # ----------------------------------------------------------------------------- CPU API
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
-
-
-def set_cpu_threads(threads: int) -> None:
-    """Threads the CPU kernels split work over (results never depend on it)."""
-    global _pool, _pool_threads
-    threads = max(1, int(threads))
-    if threads == _pool_threads:
-        return
-    if _pool is not None:
-        _pool.shutdown(wait=True)
-    _pool = ThreadPoolExecutor(threads, thread_name_prefix="zgen") if threads > 1 else None
-    _pool_threads = threads
-
-
-def cpu_threads() -> int:
-    return _pool_threads
-
-
-set_cpu_threads(min(2, os.cpu_count() or 1))
-
-
-def _split(n: int, start: int) -> list[tuple[int, int]]:
-    """Cut [0, n) into per-thread pieces whose global start is 128-aligned (only for speed)."""
-    threads = _pool_threads
-    if threads <= 1 or n < 1 << 16:
-        return [(0, n)]
-    step = -(-n // threads)
-    bounds = [0]
-    for t in range(1, threads):
-        cut = ((start + t * step) // _ALIGN) * _ALIGN - start
-        bounds.append(min(max(cut, bounds[-1]), n))
-    bounds.append(n)
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-def run_split(fn, n: int, start: int) -> None:  # noqa: ANN001
-    """Run ``fn(a, b)`` over 128-aligned pieces of [0, n) on the kernel thread pool (``start``: global offset)."""
-    pieces = _split(n, start)
-    if len(pieces) == 1:
-        fn(*pieces[0])
-        return
-    assert _pool is not None
-    futures = [_pool.submit(fn, a, b) for a, b in pieces]
-    for fut in futures:
-        fut.result()
-
-
 def check_seed(seed: int) -> int:
     seed = int(seed)
     if not 0 <= seed < SEED_LIMIT:
@@ -362,8 +312,6 @@ def update_torch(
         x = w[a:b].to(torch.float64)
         w[a:b] = (x - (acc + x * float(decay))).to(torch.float32)
     if kind:
-        from distzo.zo.served import to_served
-
         served.copy_(to_served(w.cpu(), served_dtype).view(torch.int16))  # type: ignore[union-attr]
 
 

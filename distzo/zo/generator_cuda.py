@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from distzo.zo import generator as g
+from distzo.zo import zkernels as zk  # the Box-Muller constants, the same as the CPU kernels'
 
 R_RADEMACHER = 8  # counters per program: 1024 elements
 R_GAUSSIAN = 256  # counters per program: 1024 elements
 _CONSTS: dict[torch.device, torch.Tensor] = {}
 # float64 constants of the Box-Muller path, in this order (indices used in the kernels)
-_CONST_VALUES = [*g._ATANH, *g._SIN, *g._COS, g._LN2, g._SQRT_HALF, g._TWO_PI_OVER_2_32]  # 6 + 6 + 7 + 3
+_CONST_VALUES = [*zk._ATANH, *zk._SIN, *zk._COS, zk._LN2, zk._SQRT_HALF, zk._TWO_PI_OVER_2_32]  # 6 + 6 + 7 + 3
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

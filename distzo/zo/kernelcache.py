@@ -20,7 +20,7 @@ from numba.core.caching import (FunctionCache, InTreeCacheLocator, UserProvidedC
                                  _CacheLocator)
 
 HERE = Path(__file__).resolve().parent
-KERNEL_MODULES = ("served.py", "zkernels.py", "generator.py", "optim.py", "windowkernels.py")  # those that compile or inline kernels
+KERNEL_MODULES = ("served.py", "zkernels.py", "generator.py", "optim.py", "windowkernels.py", "threads.py")  # those that compile or inline kernels
 
 
 def source_hash(folder: Path = HERE) -> str:

@@ -28,6 +28,7 @@ from numba import njit, types
 from numba.core.extending import intrinsic
 
 from distzo.zo import kernelcache
+from distzo.zo.threads import run_split
 
 kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
 
@@ -98,8 +99,6 @@ def served_kind(served_dtype: str) -> int:
 def cast_into(master: np.ndarray, served_dtype: str, out: np.ndarray) -> None:
     """Write the served bits of the fp32 array ``master`` into ``out`` (uint16 of the same length, or uint8 of
     twice it), split over the generator's CPU threads."""
-    from distzo.zo.generator import run_split  # the kernels' thread pool (generator imports this module)
-
     kind = served_kind(served_dtype)
     if kind == 0:
         raise ValueError("a float32 served copy is the master itself: nothing to cast")

@@ -17,6 +17,7 @@ from numba.core.extending import intrinsic
 
 from distzo.zo import kernelcache
 from distzo.zo.served import bf16_bits, f16_bits
+from distzo.zo.threads import ALIGN
 
 kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
 
@@ -43,7 +44,7 @@ _U64_MASK = np.uint64(_MASK32)
 _U64_32 = np.uint64(32)
 
 _SCRATCH = 4096  # elements generated per inner chunk (multiple of 128)
-_ALIGN = 128  # thread chunks start on Philox-call boundaries of both distributions
+_ALIGN = ALIGN  # thread chunks start on Philox-call boundaries of both distributions (threads.py splits so)
 
 
 # ----------------------------------------------------------------------------- numba kernels
