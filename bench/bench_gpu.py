@@ -232,12 +232,12 @@ def plan_rows(sizes: list[str], settings: list[str], mezo_served: list[str], zo2
 
 def recommended_window(model_dir: Path, tokens: int, seq_len: int, dtype: str) -> int:
     """The plan's update window for this model and batch on one H100-class GPU (zoctl plan, one node of one)."""
-    from distzo.model.modeldir import load_config
+    from distzo.model.modeldir import read_config
     from distzo.perf.model import recommend
     from distzo.perf.specs import CLUSTERS, ModelSpec, with_overrides
 
     cluster = with_overrides(CLUSTERS["h100x8"], gpus_per_node=1)
-    model = ModelSpec.from_hf_config(load_config(model_dir, verify=False))
+    model = ModelSpec.from_hf_config(read_config(model_dir))
     return recommend(model, cluster, tokens, dtype, seq_len).window
 
 

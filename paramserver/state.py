@@ -34,7 +34,7 @@ from distzo.infra.logs import kv
 from distzo.zo.mezo import UpdateRecord, apply_window, base_version
 from distzo.zo.optim import Optimizer
 from distzo.model.adapters import adapter_from_train
-from distzo.model.modeling import BlockModel
+from distzo.model.families import load_model
 from distzo.data.catalog import resolve_model
 from paramserver import metrics
 from paramserver.durability.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
@@ -94,7 +94,7 @@ class ServerState:
         generator.set_cpu_threads(cfg.server.update_threads)
         generator.warm_up()
         self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
-        self.model = BlockModel.from_dir(self.model_dir, adapter_from_train(cfg.train))
+        self.model = load_model(self.model_dir, adapter_from_train(cfg.train))
         self.manifest = self.model.manifest
         self.manifest_json = self.manifest.to_json()
         nblocks = len(self.manifest.blocks)

@@ -14,7 +14,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from distzo.model import families
-from distzo.model.modeling import BlockModel, ModelError, load_config
+from distzo.model.families import load_config
+from distzo.model.modeling import BlockModel, ModelError
 
 # Families transformers lists for causal LM whose toy-size model (families.tiny_config of the default config)
 # transformers itself cannot build or run: the config's own validation, a hybrid cache that needs use_cache,
@@ -84,10 +85,8 @@ KINDS = {
 
 @pytest.mark.parametrize("model_type", families.TESTED_FAMILIES)
 def test_block_forward_equals_the_family_forward(model_type, monkeypatch):
-    import distzo.model.modeling
-
     built = []
-    monkeypatch.setattr(distzo.model.modeling, "BlockModel", lambda *a, **k: built.append(BlockModel(*a, **k)) or built[-1])
+    monkeypatch.setattr(families, "BlockModel", lambda *a, **k: built.append(BlockModel(*a, **k)) or built[-1])
     config = families.tiny_config(CONFIG_MAPPING[model_type]())
     check = families.compare_with_transformers(config)
     assert check.causal, model_type

@@ -125,12 +125,12 @@ def resolve_model(name: str) -> ModelSpec:
 
         return ModelSpec.from_hf_config(preset_config(name), name=name)  # its real vocabulary, as built
     from distzo.data import catalog
-    from distzo.model.modeldir import load_config
+    from distzo.model.modeldir import read_config
 
     if name in catalog.CATALOG and catalog.CATALOG[name].kind == "model":
-        return ModelSpec.from_hf_config(load_config(catalog.locate(name), verify=False), name=name)  # MaterialError: fetch first
+        return ModelSpec.from_hf_config(read_config(catalog.locate(name)), name=name)  # MaterialError: fetch first
     if (Path(name) / "config.json").is_file():  # planning only: no numeric check of the family
-        return ModelSpec.from_hf_config(load_config(name, verify=False), name=Path(name).name)
+        return ModelSpec.from_hf_config(read_config(name), name=Path(name).name)
     raise bad_input(f"unknown model {name!r}; known models: {', '.join(MODELS)} "
                     f"(or a preset: {', '.join(PRESETS)}; or a model directory)")
 
@@ -290,13 +290,13 @@ def perturbation_report(args: argparse.Namespace, pred: Prediction):  # noqa: AN
         return None
     from distzo.model.blocks import DTYPES
     from distzo.zo.mezo import forward_precision
-    from distzo.model.modeling import BlockModel
+    from distzo.model.families import load_model
     from distzo.train.plan import direction_seed
     from distzo.train.precision import ModelDirSource, measure
 
     precision = forward_precision(_or_default(getattr(args, "eps", None), "eps"), DTYPES[pred.compute_dtype],
                                   _train_default("eps_bf16"))
-    manifest = BlockModel.from_dir(path).manifest
+    manifest = load_model(path).manifest
     return measure(manifest, ModelDirSource(path), precision, pred.served_dtype, _train_default("distribution"),
                    direction_seed(_train_default("seed"), 0, 0))
 

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distzo.model.modeldir import ModelError
+from distzo.model.modeldir import ModelError, empty_model
 from distzo.model.prefix import MODULE as PREFIX_MODULE
-from distzo.model.prefix import PrefixTarget
+from distzo.model.prefix import PrefixTarget, init_generator
 
 if TYPE_CHECKING:
     from distzo.common.config import TrainSection
@@ -117,15 +117,6 @@ def adapter_from_train(train: "TrainSection") -> "LoraTarget | PrefixTarget | No
     return None
 
 
-def init_generator(init_seed: int, name: str) -> torch.Generator:
-    """The generator of adapter tensor ``name``'s initial values: seeded by ``train.seed`` and the name (a
-    stable hash), so a tensor's values do not depend on the order tensors are made in."""
-    import hashlib
-
-    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
-    return torch.Generator().manual_seed((init_seed * 1_000_003 + digest) % (1 << 63))
-
-
 def is_adapter(name: str) -> bool:
     """Whether parameter ``name`` (the skeleton's) is an adapter tensor (LoRA's A or B, a layer's prefix)."""
     return ".lora_A." in name or ".lora_B." in name or f".{PREFIX_MODULE}." in name
@@ -148,9 +139,7 @@ def export_adapter(config, base_name, state: dict[str, torch.Tensor], adapter: "
         raise ValueError(f"--merge folds a LoRA adapter into the base; train.target {adapter.kind} cannot be merged")
     from peft import get_peft_model
 
-    from distzo.model.modeling import _empty_model
-
-    hf = _empty_model(config)
+    hf = empty_model(config)
     base = {checkpoint_name(k): v for k, v in state.items() if not is_adapter(k)}
     missing, unexpected = hf.load_state_dict(base, strict=False, assign=True)
     if unexpected:

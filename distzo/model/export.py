@@ -105,9 +105,10 @@ def export_model_dir(model, buffers: list[torch.Tensor], out_dir: str | Path, me
     the merged plain model (``distzo/model/adapters.py``). Raises ExportRefused (the destination, checked
     before anything is written), ValueError (``merge`` for a target that cannot be merged),
     RuntimeError (tensors missing), OSError; nothing of a failed export is left behind."""
+    # transformers and peft, only for an export itself: check_destination and replace_dir stay light (distzo-transfer)
     from distzo.model.adapters import export_adapter
+    from distzo.model.modeldir import empty_model
     from distzo.run.modelcard import write_model_card
-    from distzo.model.modeling import _empty_model
 
     out = check_destination(out_dir)
     if merge and model.adapter is None:
@@ -123,7 +124,7 @@ def export_model_dir(model, buffers: list[torch.Tensor], out_dir: str | Path, me
             export_adapter(model.config, base_name if base_name is not None else model.source_dir, state, model.adapter,
                            model.layers_path, tmp, merge)
         else:
-            hf = _empty_model(model.config)
+            hf = empty_model(model.config)
             missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
             if unexpected:
                 raise RuntimeError(f"export: unexpected tensors {unexpected[:5]}")

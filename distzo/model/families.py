@@ -8,6 +8,10 @@ and a forward that can be streamed block by block. Refused up front, by name, wi
   encoder-decoder families (BART, Marian, ...): not decoder-only;
 * multimodal models (``...ForConditionalGeneration``) and the families in ``UNSUPPORTED``.
 
+(The refusal and ``UNSUPPORTED`` sit in ``modeldir.py``, under the forward, so that reading a model
+directory refuses a family without building anything; they are re-exported here.) ``load_config`` and
+``load_model`` are how a job's model directory is loaded: refused, or checked numerically when untested.
+
 ``TESTED_FAMILIES`` is what ``tests/test_families.py`` checks on a tiny random model of each
 family: the block-streaming forward equals transformers' forward (logits and loss, clean and
 perturbed). A family outside it is checked the same way when a model directory is loaded
@@ -20,10 +24,21 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from distzo.data.tasks import IGNORE, Batch
+from distzo.model.adapters import LoraTarget, checkpoint_name, is_adapter
+from distzo.model.blocks import flatten_block
+from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+from distzo.model.modeldir import UNSUPPORTED, ModelError, read_config, refusal  # noqa: F401 - the refusals, by family
+from distzo.model.modeling import BlockModel
+from distzo.model.prefix import PrefixTarget
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import perturb_block
 
 # families whose tiny random model passes tests/test_families.py (README, "Model families")
 TESTED_FAMILIES: tuple[str, ...] = (
@@ -41,18 +56,6 @@ TESTED_FAMILIES: tuple[str, ...] = (
     "smollm3", "solar_open", "stablelm", "starcoder2", "vaultgemma", "xglm", "youtu",
 )
 
-# families transformers maps to a causal-LM class that distzo cannot train, with the reason
-UNSUPPORTED: dict[str, str] = {
-    "bert-generation": "its BertGenerationDecoder attends to later tokens unless built as a decoder (is_decoder): "
-                       "not a causal LM as configured",
-    "trocr": "its TrOCRForCausalLM is the text decoder of a vision encoder-decoder, and transformers computes its "
-             "loss without the causal shift",
-    "hrm_text": "its forward runs the same layers several times (recurrent reasoning loops), so weights are reused "
-                "out of layer order and cannot be streamed block by block",
-    "llama4_text": "its forward moves the token ids to the embedding weight's device before the embedding runs, "
-                   "which a streamed (not yet bound) weight does not have",
-}
-
 # the sizes of a tiny model; a key is set only where the family's config has it
 TINY_SIZES: dict[str, Any] = dict(
     hidden_size=32, n_embd=32, d_model=32, word_embed_proj_dim=32, num_hidden_layers=2, n_layer=2, num_layers=2,
@@ -65,26 +68,6 @@ TINY_SIZES: dict[str, Any] = dict(
     first_k_dense_replace=1, rotary_dim=4,
 )
 TINY_VOCAB = 512
-
-
-def refusal(config: PretrainedConfig) -> str | None:
-    """Why distzo cannot train this config's family (None: it can, subject to the block-order trace)."""
-    from transformers.models.auto import modeling_auto as auto
-
-    mt = config.model_type
-    if getattr(config, "is_encoder_decoder", False):
-        return "it is an encoder-decoder model (its decoder attends to an encoder's output)"
-    causal = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt)
-    if causal is None:
-        return "transformers has no causal-LM class for this family (tested families: see README, 'Model families')"
-    if mt in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return (f"it is an encoder family (transformers lists it for masked language modeling); its {causal} "
-                "is the bidirectional encoder run as a decoder")
-    if mt in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
-        return f"its {causal} is the decoder half of an encoder-decoder family (made to attend to an encoder)"
-    if causal.endswith("ForConditionalGeneration"):
-        return f"transformers' causal-LM class for it is the multimodal {causal}, which needs more than token ids"
-    return UNSUPPORTED.get(mt)
 
 
 def tiny_config(config: PretrainedConfig, vocab_size: int = TINY_VOCAB) -> PretrainedConfig:
@@ -138,8 +121,6 @@ class FamilyCheck:
 
 def _probe_batch(vocab: int, seed: int):  # noqa: ANN202
     """Three right-padded rows of different lengths, the last two real tokens of each labelled."""
-    from distzo.data.tasks import IGNORE, Batch
-
     g = torch.Generator().manual_seed(seed)
     lengths = (12, 9, 6)
     ids = torch.zeros(len(lengths), max(lengths), dtype=torch.int64)
@@ -160,14 +141,6 @@ def compare_with_transformers(config: PretrainedConfig, seed: int = 0, eps: floa
     (the training path: logits only where a label is predicted). Raises ModelError when distzo
     refuses the family, and what transformers raises when it cannot build or run the config.
     """
-    from transformers import AutoModelForCausalLM
-
-    from distzo.model.blocks import flatten_block
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.zo.generator import Distribution
-    from distzo.zo.mezo import perturb_block
-    from distzo.model.modeling import BlockModel
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = AutoModelForCausalLM.from_config(config).float().eval()
@@ -208,14 +181,6 @@ def compare_prefix_with_peft(config: PretrainedConfig, tokens: int = 3, seed: in
     import warnings
 
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from distzo.model.adapters import checkpoint_name, is_adapter
-    from distzo.model.blocks import flatten_block
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.model.modeling import BlockModel
-    from distzo.model.prefix import PrefixTarget
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = AutoModelForCausalLM.from_config(config).float().eval()
@@ -251,10 +216,24 @@ def _verified(config_json: str, config_class: type) -> str | None:
 
 def verify_untested(config: PretrainedConfig, where: str) -> None:
     """For a family outside TESTED_FAMILIES: refuse it (ModelError) unless the block forward is transformers'."""
-    from distzo.model.modeldir import ModelError
-
     if config.model_type in TESTED_FAMILIES:
         return
     reason = _verified(config.to_json_string(use_diff=False), type(config))
     if reason is not None:
         raise ModelError(f"{where!r} holds a {config.model_type!r} model, a family distzo has not tested, and {reason}")
+
+
+def load_config(model_dir: str | Path, verify: bool = True) -> PretrainedConfig:
+    """The model directory's config (``modeldir.read_config``: refused unless a decoder-only causal LM of a family
+    distzo can train) and, with ``verify``, for a family outside ``TESTED_FAMILIES``, the numeric check on a small
+    random model of the same config (``verify_untested``). What a job's inputs and every service load through."""
+    config = read_config(model_dir)
+    if verify:
+        verify_untested(config, where=str(Path(model_dir)))
+    return config
+
+
+def load_model(model_dir: str | Path, adapter: LoraTarget | PrefixTarget | None = None) -> BlockModel:
+    """``BlockModel.from_dir`` of a checked model directory (``load_config``: refused, or checked numerically
+    when its family is untested): the skeleton the parameter server and the reference build their blocks on."""
+    return BlockModel(load_config(model_dir), Path(model_dir), adapter)

@@ -22,12 +22,10 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -35,7 +33,7 @@ from distzo.model.adapters import LoraTarget, checkpoint_name, is_adapter
 from distzo.model.prefix import MODULE as PREFIX_MODULE
 from distzo.model.prefix import PrefixTarget
 from distzo.model.blocks import BlockSpec, Manifest, block_views, build_manifest, flatten_block
-from distzo.model.modeldir import ModelError, check_weight_files, load_config, read_safetensors
+from distzo.model.modeldir import BUILD_LOCK, ModelError, check_weight_files, empty_model, read_config, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +43,6 @@ class ParamRef:
     attr: str  # parameter attribute on the module ("weight", "bias")
     block: int  # block whose buffer stores it
     name: str  # canonical tensor name in that block
-
-
-# init_empty_weights patches nn.Module for the whole process: build one model at a time
-_BUILD_LOCK = threading.RLock()
-
-
-def _empty_model(config: PretrainedConfig) -> nn.Module:
-    """The family's causal-LM class on meta parameters; attention as transformers picks it (sdpa, else eager)."""
-    try:
-        with _BUILD_LOCK, init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for configs it cannot build
-        raise ModelError(f"transformers cannot build a {config.model_type!r} causal LM from this config: "
-                         f"{type(exc).__name__}: {exc}") from exc
-    model.tie_weights()
-    model.eval()  # no dropout: the loss must be a deterministic function of the weights
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -213,10 +192,10 @@ class BlockModel:
         self.config = config
         self.source_dir = source_dir
         self.adapter = adapter
-        self.skeleton = _empty_model(config)
+        self.skeleton = empty_model(config)
         self.layers_path, layers = _decoder_layers(self.skeleton)
         if adapter is not None:
-            with _BUILD_LOCK:
+            with BUILD_LOCK:
                 adapter.inject(self.skeleton, self.layers_path)
         self.prefix_layers = layers if isinstance(adapter, PrefixTarget) else None
         num_layers = len(layers)
@@ -225,7 +204,7 @@ class BlockModel:
         self.head_block = self.num_blocks - 1
 
         self.forward_extra, self.keeps_logits = forward_kwargs(self.skeleton)
-        with _BUILD_LOCK:
+        with BUILD_LOCK:
             call_order = _trace_call_order(self.skeleton, self.layers_path, self.forward_extra, self.keeps_logits,
                                            self.prefix_layers)
         call_index: dict[str, int] = {}
@@ -351,8 +330,10 @@ class BlockModel:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, adapter: LoraTarget | PrefixTarget | None = None) -> "BlockModel":
-        """The skeleton of a Hugging Face model directory (config.json; weights by ``load_block_buffers``)."""
-        return cls(load_config(model_dir), Path(model_dir), adapter)
+        """The skeleton of a Hugging Face model directory (config.json, refused by family; weights by
+        ``load_block_buffers``). A model a job names loads through ``families.load_model``, which also checks
+        a family outside the tested ones numerically."""
+        return cls(read_config(model_dir), Path(model_dir), adapter)
 
     # ------------------------------------------------------------------ weights
     def load_block_buffers(self, model_dir: str | Path | None = None) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ cache. The attention then sees ``cat([prefix, new])``, the same tensors peft giv
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 from dataclasses import dataclass
 
@@ -91,6 +92,13 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def init_generator(init_seed: int, name: str) -> torch.Generator:
+    """The generator of adapter tensor ``name``'s initial values (a LoRA A, a layer's prefix): seeded by
+    ``train.seed`` and the name (a stable hash), so a tensor's values do not depend on the order tensors are made in."""
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed((init_seed * 1_000_003 + digest) % (1 << 63))
+
+
 @dataclass(frozen=True)
 class PrefixTarget:
     """``train.target: prefix`` settings: the prefix length in tokens, and the seed of its initial values."""
@@ -143,8 +151,6 @@ class PrefixTarget:
     def initial_value(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Layer prefix ``name``'s initial fp32 value: N(0, 1), peft's default (an ``nn.Embedding``), seeded
         by ``init_seed`` and the name so it does not depend on the order tensors are made in."""
-        from distzo.model.adapters import init_generator  # the hub of the adapter kinds imports this module
-
         return torch.randn(shape, dtype=torch.float32, generator=init_generator(self.init_seed, name))
 
     @staticmethod

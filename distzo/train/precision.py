@@ -196,9 +196,9 @@ class ModelDirSource:
 
     def _load_whole(self) -> BufferSource:
         if self._fallback is None:
-            from distzo.model.modeling import BlockModel
+            from distzo.model.families import load_model
 
-            self._fallback = BufferSource(BlockModel.from_dir(self.path, self.adapter).load_block_buffers())
+            self._fallback = BufferSource(load_model(self.path, self.adapter).load_block_buffers())
         return self._fallback
 
 

@@ -26,7 +26,7 @@ from distzo.run.modelcard import model_card
 from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed, resolve_device
 from distzo.data.jobdata import EvalTally, JobData
 from distzo.zo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
-from distzo.model.modeling import BlockModel
+from distzo.model.families import load_model
 from distzo.train.objective import forward_sums
 from distzo.zo.optim import Optimizer
 from distzo.train.precision import PerturbationReport, forward_dtypes, job_precision, job_report
@@ -63,7 +63,7 @@ class ReferenceTrainer:
                 job.cfg = cfg
         self.cfg = cfg
         self.job = job or JobData.load(cfg)
-        self.model = BlockModel.from_dir(self.job.model_dir, adapter_from_train(cfg.train))
+        self.model = load_model(self.job.model_dir, adapter_from_train(cfg.train))
         self.buffers = self.model.load_block_buffers()
         # the workers' arithmetic: their device, and the bytes the server serves them
         self.device = resolve_device(cfg.runtime.device)
