@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import grpc
 import numpy as np
@@ -28,9 +28,6 @@ from paramserver.dataplane.hostcopy import parallel_copy
 from paramserver.dataplane.shm import SegmentGone, SharedView, StaleVersion
 from paramserver.dataplane.wire import checksum, decode_chunk
 from protos import paramserver_pb2 as pb
-
-if TYPE_CHECKING:
-    from paramserver.dataplane.client import _Shard
 
 log = logging.getLogger("distzo.paramserver.client")
 POLL_BEFORE_RPC_S = 1.0  # a shared-memory read polls the mapped version table this long before it asks the server
@@ -82,6 +79,16 @@ class SliceRead:
     copies: int = 1  # shared memory: copies made (more than one when the server rewrote the block meanwhile)
 
 
+class ServerLink(Protocol):
+    """What a transport reads of its client's connection to one server (``client._Shard``): the address, the
+    manifest (None until read), the stub, and ``FetchSlice`` as a stream of raw ``Chunk`` bytes."""
+
+    address: str
+    manifest: pb.ManifestReply | None
+    stub: Any  # paramserver_pb2_grpc.ParameterServerStub
+    fetch: Callable[..., Any]
+
+
 class BlockTransport(Protocol):
     name: str
 
@@ -94,7 +101,7 @@ class ShmTransport:
 
     name = "shm"
 
-    def __init__(self, shard: "_Shard", metadata: tuple, connect_timeout_s: float):
+    def __init__(self, shard: ServerLink, metadata: tuple, connect_timeout_s: float):
         self.shard = shard  # its stub and manifest, read at each use (a test may swap the stub)
         self.md = metadata
         self.connect_timeout_s = connect_timeout_s
@@ -172,7 +179,7 @@ class GrpcTransport:
 
     name = "grpc"
 
-    def __init__(self, shard: "_Shard", metadata: tuple, max_resumes: int):
+    def __init__(self, shard: ServerLink, metadata: tuple, max_resumes: int):
         self.shard = shard
         self.md = metadata
         self.max_resumes = max_resumes
