@@ -31,10 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from coordinator.cluster.local import LocalCluster  # noqa: E402
 from distzo.common.config import JobConfig  # noqa: E402
 from distzo.infra.logs import quiet_transformers  # noqa: E402
 from distzo.train.reference import ReferenceTrainer  # noqa: E402
-from coordinator.cluster.local import LocalCluster  # noqa: E402
 
 
 def job_config(model: str, steps: int, layout: str, workers: int, cache_dir: str | None, batch: int) -> JobConfig:
@@ -81,14 +81,14 @@ def _compute_rates(raw_cfg: dict, shard: int, barrier) -> tuple[float, float]:  
     lockstep, on one shard batch), split into forward FLOP/s and perturbed copies per second."""
     import torch
 
-    from distzo.zo import generator
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
-    from distzo.zo.generator import Distribution
     from distzo.data.jobdata import JobData
     from distzo.infra.logs import quiet_transformers
-    from distzo.zo.mezo import perturb_block
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import step_plan
+    from distzo.zo import generator
+    from distzo.zo.generator import Distribution
+    from distzo.zo.mezo import perturb_block
 
     quiet_transformers()
     cfg = JobConfig.from_dict(raw_cfg)
@@ -147,12 +147,12 @@ def calibrate(cfg: JobConfig) -> dict:
     import torch
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from distzo.zo import generator
-    from distzo.zo.generator import Distribution
     from distzo.data.jobdata import JobData
-    from distzo.zo.mezo import Direction, UpdateRecord, apply_update
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import step_plan
+    from distzo.zo import generator
+    from distzo.zo.generator import Distribution
+    from distzo.zo.mezo import Direction, UpdateRecord, apply_update
 
     torch.set_num_threads(cfg.runtime.threads)
     generator.set_cpu_threads(cfg.runtime.kernel_threads)
@@ -197,10 +197,10 @@ def calibrate(cfg: JobConfig) -> dict:
 
 
 def predict_step(cal: dict, cfg: JobConfig, tokens_per_step: float, compute: tuple[float, float]) -> float:
-    from distzo.model.modeling import BlockModel
-    from distzo.perf.specs import LayoutSpec, ModelSpec, cluster_from_calibration
-    from distzo.perf.model import predict
     from distzo.data.catalog import resolve_model
+    from distzo.model.modeling import BlockModel
+    from distzo.perf.model import predict
+    from distzo.perf.specs import LayoutSpec, ModelSpec, cluster_from_calibration
 
     model = ModelSpec.from_hf_config(BlockModel.from_dir(resolve_model(cfg.model.source, cfg.runtime.cache_dir)).config)
     rates = dict(cal)
@@ -223,8 +223,8 @@ def main() -> None:
     args = ap.parse_args()
     quiet_transformers()
     rows = []
-    from distzo.model.modeling import BlockModel
     from distzo.data.catalog import resolve_model
+    from distzo.model.modeling import BlockModel
 
     model_bytes = BlockModel.from_dir(resolve_model(args.model, args.cache_dir)).manifest.numel * 4
     specs = [(n, int(w)) for n, w in (x.split(":") for x in args.layouts.split(","))]

@@ -56,9 +56,9 @@ def build_random_opt(size: str, out: Path) -> Path:
     from safetensors.numpy import save_file
     from transformers import AutoTokenizer, OPTConfig
 
-    from distzo.zo import generator
-    from distzo.model.modeling import BlockModel
     from distzo.data.presets import preset_dir
+    from distzo.model.modeling import BlockModel
+    from distzo.zo import generator
 
     if (out / ".complete").is_file():
         return out

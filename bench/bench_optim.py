@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
+from distzo.perf.model import update_traffic_ratio
 from distzo.zo import generator
 from distzo.zo.optim import Optimizer, update_stateful_cpu
-from distzo.perf.model import update_traffic_ratio
 
 
 def measure(elements: int, repeats: int, threads: int, dist: str) -> dict[str, float]:

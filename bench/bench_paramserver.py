@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from distzo.common.config import JobConfig
+from distzo.infra.procs import ServiceProcess, python_module
 from distzo.zo.generator import z_torch
 from distzo.zo.mezo import Direction, UpdateRecord
-from distzo.infra.procs import ServiceProcess, python_module
 from paramserver.dataplane.client import ParamServerClient
 
 

@@ -25,13 +25,13 @@ import time
 import numpy as np
 import torch
 
-from distzo.zo import generator
+from distzo.data.presets import preset_dir
 from distzo.model.blocks import ITEMSIZE
-from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, perturb_block, replay_block
 from distzo.model.modeling import BlockModel
 from distzo.perf.model import mean_pending
-from distzo.data.presets import preset_dir
+from distzo.zo import generator
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import Direction, UpdateRecord, perturb_block, replay_block
 from distzo.zo.served import to_served
 from paramserver.store import BlockStore
 

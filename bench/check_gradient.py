@@ -54,13 +54,13 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from distzo.zo import generator
     from distzo.common.config import JobConfig
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
     from distzo.data.jobdata import JobData
     from distzo.infra.logs import quiet_transformers
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import step_plan
+    from distzo.zo import generator
 
     quiet_transformers()
     cfg = JobConfig.from_dict({"model": {"source": args.model}, "data": {"train": args.data},
@@ -107,14 +107,14 @@ def compare_bf16(args: argparse.Namespace) -> None:
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from distzo.zo import generator
     from distzo.common.config import JobConfig
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
     from distzo.data.jobdata import JobData
     from distzo.infra.logs import quiet_transformers
-    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardWeights
+    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import step_plan
+    from distzo.zo import generator
+    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardWeights
     from distzo.zo.served import to_served
 
     class Before(ForwardEngine):

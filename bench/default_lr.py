@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from distzo.data.catalog import resolve_model
     from distzo.common.config import JobConfig
-    from distzo.train.defaults import EPS, default_lr, model_parameters
+    from distzo.data.catalog import resolve_model
     from distzo.infra.logs import quiet_transformers
+    from distzo.train.defaults import EPS, default_lr, model_parameters
     from distzo.train.reference import ReferenceTrainer
     from distzo.train.step import TrainingStopped
 

@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
+from distzo.model.blocks import BlockSpec, TensorSpec
 from distzo.zo import generator
 from distzo.zo.generator import Distribution
 from distzo.zo.mezo import Direction, UpdateRecord, apply_update
-from distzo.model.blocks import BlockSpec, TensorSpec
 
 
 def _median_time(fn, repeats: int, sync) -> float:  # noqa: ANN001

@@ -31,13 +31,13 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=65536, help="elements sampled per kind")
     args = ap.parse_args()
 
-    from distzo.model.blocks import DTYPES
     from distzo.data.catalog import resolve_model
     from distzo.infra.logs import quiet_transformers
-    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardPrecision
+    from distzo.model.blocks import DTYPES
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import direction_seed
     from distzo.train.precision import KINDS, ModelDirSource, measure
+    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardPrecision
 
     quiet_transformers()
     dt = DTYPES[args.dtype]

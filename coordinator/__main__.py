@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from distzo.infra.procs import end_with_supervisor
 
     end_with_supervisor()  # started by zoctl up: never outlive it
-    from distzo.infra.rpc import Credentials
     from coordinator.server import run
+    from distzo.infra.rpc import Credentials
 
     if args.param_server_from:
         from distzo.infra.procs import address_from_ready_file

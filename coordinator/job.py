@@ -22,21 +22,21 @@ from typing import Any, Callable, Sequence
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
-from distzo.model.blocks import ITEMSIZE
-from distzo.common.config import JobConfig
-from distzo.data.tasks import Batch
-from distzo.common.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
-from distzo.data.jobdata import EvalTally, JobData
-from distzo.infra.logs import kv
-from distzo.zo.mezo import UpdateRecord, base_version
-from distzo.train.plan import StepPlan, step_plan, worker_roles
-from distzo.train.precision import job_precision
-from distzo.run.runlog import RunLog
-from distzo.infra.rpc import Credentials
-from distzo.train.step import ForwardKey, Losses, TrainingStopped, run_step
 from coordinator.progress import Progress, set_job_state, set_worker_gauges
 from coordinator.registry import Registry
 from coordinator.rounds import BadInput, Round, RoundFailed
+from distzo.common.config import JobConfig
+from distzo.common.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
+from distzo.data.jobdata import EvalTally, JobData
+from distzo.data.tasks import Batch
+from distzo.infra.logs import kv
+from distzo.infra.rpc import Credentials
+from distzo.model.blocks import ITEMSIZE
+from distzo.run.runlog import RunLog
+from distzo.train.plan import StepPlan, step_plan, worker_roles
+from distzo.train.precision import job_precision
+from distzo.train.step import ForwardKey, Losses, TrainingStopped, run_step
+from distzo.zo.mezo import UpdateRecord, base_version
 from paramserver.dataplane.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 

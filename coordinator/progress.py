@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from distzo.train.step import StepResult, TrainLog
 from coordinator import metrics
+from distzo.train.step import StepResult, TrainLog
 from protos import coordinator_pb2 as cpb
 
 if TYPE_CHECKING:
     from coordinator.rounds import Round
-    from distzo.model.blocks import Manifest
     from distzo.common.config import JobConfig
+    from distzo.model.blocks import Manifest
     from distzo.train.precision import PerturbationReport
 
 log = logging.getLogger("distzo.coordinator.job")

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
+from coordinator.registry import Registry, WorkerConn
 from distzo.common.config import CoordinatorSection
 from distzo.common.wire_sizes import MAX_MESSAGE_BYTES
 from distzo.data.tasks import Batch
 from distzo.infra.logs import kv
 from distzo.zo.mezo import UpdateRecord
 from paramserver.dataplane.wire import record_to_pb
-from coordinator.registry import Registry, WorkerConn
 from protos import coordinator_pb2 as cpb
 
 log = logging.getLogger("distzo.coordinator.round")

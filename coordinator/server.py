@@ -7,11 +7,11 @@ import os
 import signal
 import threading
 
+from coordinator.service import SERVICE, STATE_CHANGING, CoordinatorService
 from distzo.common.config import JobConfig
 from distzo.infra.logs import kv
 from distzo.infra.metrics import start_metrics_server
 from distzo.infra.rpc import Credentials, add_health_and_reflection, bind, make_server, write_ready_file
-from coordinator.service import SERVICE, STATE_CHANGING, CoordinatorService
 from protos import coordinator_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("distzo.coordinator")

@@ -9,11 +9,11 @@ from typing import Callable, Iterator
 
 import grpc
 
+from coordinator.job import Job
+from coordinator.registry import Registry
 from distzo.common.config import ConfigError, JobConfig
 from distzo.common.errors import BadInput
 from distzo.infra.rpc import Credentials, has_token
-from coordinator.job import Job
-from coordinator.registry import Registry
 from paramserver.dataplane.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc

@@ -19,10 +19,9 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Mapping, Sequence
 
 from distzo.infra.logs import kv, setup_logging
-from distzo.infra.procs import ServiceFailed, address_flags
+from distzo.infra.procs import ServiceFailed, worker_command
 from distzo.infra.rpc import PORTS
 from distzo.infra.supervise import RestartPolicy, Restarts
 
@@ -44,29 +43,6 @@ def gpu_count(spec: str) -> int:
     if n == 0:
         raise ValueError("--gpus all: no CUDA device is visible")
     return n
-
-
-def worker_command(coordinator: str, param_servers: Sequence[str], device: str, worker_id: str,
-                   credentials: Mapping[str, str | None], node: tuple[int, int, str, str] | None = None,
-                   extra: Sequence[str] = ()) -> list[str]:
-    """The command line of one worker process (``python -m gpuworker``): what ``distzo-worker-launch`` and
-    ``zoctl up``'s local cluster both start.
-
-    ``coordinator``: its address, or ``ready:PATH``, its ready file (``--coordinator-from``: the worker
-    waits for it); ``credentials``: token_file, tls_ca, tls_cert, tls_key (None or empty: not passed);
-    ``node``: a node group member's (rank, size, rendezvous HOST:PORT or file:// URL, node id); ``extra``:
-    more flags."""
-    where = address_flags("--coordinator", coordinator)
-    argv = [sys.executable, "-m", "gpuworker", *where, "--device", device, "--worker-id", worker_id]
-    for s in param_servers:
-        argv += ["--param-server", s]
-    for flag in ("token_file", "tls_ca", "tls_cert", "tls_key"):
-        if credentials.get(flag):
-            argv += [f"--{flag.replace('_', '-')}", str(credentials[flag])]
-    if node is not None:
-        rank, size, rendezvous, node_id = node
-        argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", rendezvous, "--node-id", node_id]
-    return argv + list(extra)
 
 
 def worker_argv(args: argparse.Namespace, rank: int, size: int) -> list[str]:

@@ -13,15 +13,15 @@ import time
 import psutil
 import torch
 
-from distzo.model.blocks import ITEMSIZE
 from distzo.common.config import JobConfig
 from distzo.data.tasks import Batch, DataError
-from distzo.model.forward import ForwardEngine, ForwardJob
-from distzo.train.precision import forward_dtypes, job_precision
 from distzo.infra.logs import kv
-from distzo.zo.mezo import UpdateRecord
 from distzo.model.adapters import adapter_from_train
+from distzo.model.blocks import ITEMSIZE
+from distzo.model.forward import ForwardEngine, ForwardJob
 from distzo.model.modeling import BlockModel
+from distzo.train.precision import forward_dtypes, job_precision
+from distzo.zo.mezo import UpdateRecord
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, FrozenBlocks, PrefetchFeed
 from gpuworker.node import GatherError, NodeGroup

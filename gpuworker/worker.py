@@ -19,12 +19,12 @@ import grpc
 import torch
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from distzo.zo import generator
 from distzo.common.config import JobConfig
-from distzo.model.forward import resolve_device
-from distzo.infra.logs import kv
 from distzo.infra.coordclient import CoordinatorClient
+from distzo.infra.logs import kv
 from distzo.infra.rpc import Credentials
+from distzo.model.forward import resolve_device
+from distzo.zo import generator
 from gpuworker import metrics
 from gpuworker.node import GatherError, NodeGroup
 from gpuworker.runner import ModelRunner

@@ -12,8 +12,8 @@ import sys  # noqa: E402
 from distzo.common.config import ConfigError, JobConfig, parse_settings
 from distzo.infra.logs import setup_logging
 from distzo.infra.procs import end_with_supervisor
-from distzo.model.modeldir import ModelError
 from distzo.infra.rpc import PORTS
+from distzo.model.modeldir import ModelError
 from paramserver.dataplane.fence import FenceUnavailable
 
 

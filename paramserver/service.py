@@ -12,20 +12,20 @@ from typing import Callable, Iterator
 
 import grpc
 
-from distzo.model.blocks import ITEMSIZE
 from distzo.common.durable import job_id as identity_digest
 from distzo.infra.limits import MAX_DIRECTIONS
 from distzo.infra.logs import kv
-from distzo.model.export import ExportRefused
-from distzo.run.modelcard import model_card
-from distzo.model.transfer import TransferError, check_export_url, is_url, push
 from distzo.infra.rpc import Admission, cancelled_event
+from distzo.model.blocks import ITEMSIZE
+from distzo.model.export import ExportRefused
+from distzo.model.transfer import TransferError, check_export_url, is_url, push
+from distzo.run.modelcard import model_card
 from paramserver import metrics
-from paramserver.durability.journal import JournalCorrupt, JournalWriteError
 from paramserver.dataplane.shm import StaleVersion
+from paramserver.dataplane.wire import MASTER_DTYPE, STATE_DTYPE, checksum, encode_chunk, identity, record_from_pb, record_to_pb
+from paramserver.durability.journal import JournalCorrupt, JournalWriteError
 from paramserver.state import ServerState, UpdateRejected
 from paramserver.store import WaitCancelled
-from paramserver.dataplane.wire import MASTER_DTYPE, STATE_DTYPE, checksum, encode_chunk, identity, record_from_pb, record_to_pb
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 

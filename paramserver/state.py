@@ -22,25 +22,25 @@ from typing import Callable
 
 import numpy as np
 
-from distzo.data.catalog import base_model_name
 from distzo.common.config import JobConfig
 from distzo.common.dtypes import ITEMSIZE
 from distzo.common.durable import CorruptFile, differences, read_checked_json, write_checked_json
+from distzo.common.locks import DirLock
+from distzo.data.catalog import base_model_name
+from distzo.data.catalog import resolve_model
+from distzo.infra.logs import kv
+from distzo.model.adapters import adapter_from_train
 from distzo.model.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
+from distzo.model.families import load_model
 from distzo.zo import generator
 from distzo.zo.generator import Distribution
-from distzo.common.locks import DirLock
-from distzo.infra.logs import kv
 from distzo.zo.mezo import UpdateRecord, apply_window, base_version
 from distzo.zo.optim import Optimizer
-from distzo.model.adapters import adapter_from_train
-from distzo.model.families import load_model
-from distzo.data.catalog import resolve_model
 from paramserver import metrics
+from paramserver.dataplane.shm import reap_stale_segments
 from paramserver.durability.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
 from paramserver.durability.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot_state, prune_snapshots,
                                   remove_temporaries)
-from paramserver.dataplane.shm import reap_stale_segments
 from paramserver.store import BlockStore
 
 log = logging.getLogger("distzo.paramserver")

@@ -9,13 +9,13 @@ import threading
 import time
 from pathlib import Path
 
-from distzo.common.config import JobConfig
-from distzo.data.jobdata import JobData
-from distzo.train.plan import step_plan
-from distzo.infra.procs import ServiceProcess
-from distzo.infra.rpc import Credentials
 from coordinator.rounds import Round
 from coordinator.server import CoordinatorServer
+from distzo.common.config import JobConfig
+from distzo.data.jobdata import JobData
+from distzo.infra.procs import ServiceProcess
+from distzo.infra.rpc import Credentials
+from distzo.train.plan import step_plan
 from gpuworker.worker import Worker
 from paramserver.server import ParamServer
 from protos import coordinator_pb2 as cpb

@@ -183,8 +183,8 @@ def test_zoctl_plan_json_is_strict(tmp_path):
 
 
 def test_eval_metrics_are_not_computed_from_non_finite_scores():
-    from distzo.data.tasks import Example
     from distzo.data.jobdata import EvalTally
+    from distzo.data.tasks import Example
 
     ex = [Example("a", 0), Example("b", 1)]
     batch = Batch(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), torch.full((2, 3), -100))

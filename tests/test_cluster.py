@@ -19,8 +19,8 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from distzo.common.config import JobConfig
 from coordinator.cluster.local import LocalCluster
+from distzo.common.config import JobConfig
 
 from clusterhelpers import wait_until
 

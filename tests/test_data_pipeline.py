@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distzo.data.tasks import IGNORE, DataError, Example, TaskEncoder
 from distzo.data.presets import DEFAULT_TRAIN
+from distzo.data.tasks import IGNORE, DataError, Example, TaskEncoder
 
 from conftest import small_config
 
@@ -112,9 +112,9 @@ def test_label_words_the_tokenizer_cannot_tell_apart_or_encode_are_refused(sp_to
 def test_ddp_gives_the_projected_gradient_of_dual(cache_dir):
     """Same step, same 8 examples, label words of 1 and 3 tokens: token-weighted shards give dual's g."""
     from distzo.model.forward import ForwardJob
-    from distzo.zo.mezo import make_update
     from distzo.train.plan import step_plan
     from distzo.train.reference import ReferenceTrainer
+    from distzo.zo.mezo import make_update
 
     words = {"label_words": ["terrible", "really quite great"]}
     dual = ReferenceTrainer(small_config(cache_dir, data=words, train={"batch_size": 8}))

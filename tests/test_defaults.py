@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from distzo.data import catalog
 from distzo.common.config import JobConfig
-from distzo.train.defaults import EPS, default_lr, model_parameters, resolve
+from distzo.data import catalog
 from distzo.data.presets import PRESETS
+from distzo.train.defaults import EPS, default_lr, model_parameters, resolve
 
 from conftest import small_config
 
@@ -45,13 +45,13 @@ def test_the_lr_in_use_is_printed_as_training_starts(cache_dir, tmp_path, capsys
 def test_a_refused_update_stops_the_reference_and_the_cluster_alike_and_is_not_logged(cache_dir, tmp_path, capsys):
     """The parameter server refuses an absurd update (server.max_update_step): `zoctl reference` applied it and
     went on, and the coordinator logged the step as applied before the server refused it."""
-    from coordinator.zoctl.cli import main
     from coordinator.job import Job
     from coordinator.registry import Registry
+    from coordinator.zoctl.cli import main
     from distzo.data.jobdata import JobData
-    from distzo.train.reference import ReferenceTrainer
     from distzo.infra.rpc import Credentials
     from distzo.run.runlog import read_history
+    from distzo.train.reference import ReferenceTrainer
 
     cfg = small_config(cache_dir, train={"lr": 1e3, "eval_at_start": False})
     path = tmp_path / "job.yaml"

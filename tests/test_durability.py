@@ -18,12 +18,12 @@ import grpc
 import numpy as np
 import pytest
 
+from distzo.common.locks import DirectoryBusy
 from distzo.zo.generator import Distribution
 from distzo.zo.mezo import apply_update
+from paramserver.__main__ import main as paramserver_main
 from paramserver.durability.journal import END, Journal, JournalCorrupt, parse_record
 from paramserver.durability.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
-from distzo.common.locks import DirectoryBusy
-from paramserver.__main__ import main as paramserver_main
 from paramserver.server import ParamServer
 from paramserver.state import RecoveryError
 

@@ -9,12 +9,12 @@ import warnings
 import pytest
 import yaml
 
-from distzo.model.adapters import LoraTarget
 from distzo.common.config import JobConfig
-from distzo.model.export import export_model_dir
-from distzo.run.modelcard import model_card
-from distzo.model.modeling import BlockModel
 from distzo.data.presets import preset_dir
+from distzo.model.adapters import LoraTarget
+from distzo.model.export import export_model_dir
+from distzo.model.modeling import BlockModel
+from distzo.run.modelcard import model_card
 from distzo.run.report import text_report
 from distzo.run.runlog import RunHistory
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.numpy import load_file
 
 from distzo.model.export import ASIDE, EXPORT_MARK, ExportRefused, check_destination, export_model_dir
-from distzo.train.reference import ReferenceTrainer
 from distzo.model.transfer import SUMS, push
+from distzo.train.reference import ReferenceTrainer
 
 from conftest import small_config
 from pshelpers import Servers, server_config

@@ -11,8 +11,8 @@ import pytest
 from distzo.zo.mezo import Direction, UpdateRecord
 from paramserver.dataplane import hostcopy
 from paramserver.dataplane.client import ParamServerClient
-from paramserver.server import ParamServer
 from paramserver.dataplane.shm import ServedSegments, SharedView, StaleVersion
+from paramserver.server import ParamServer
 
 from conftest import small_config
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from distzo.model.blocks import BlockSpec
+from distzo.model.modeling import BlockModel
 from distzo.zo.generator import Distribution
 from distzo.zo.mezo import Direction, UpdateRecord, apply_update, perturb_block
-from distzo.model.modeling import BlockModel
 
 from test_cluster import our_processes, same_weights, write_config, zoctl
 

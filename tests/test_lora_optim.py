@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from distzo.train.reference import ReferenceTrainer
 from distzo.zo.generator import Distribution
 from distzo.zo.mezo import apply_update
 from distzo.zo.optim import Optimizer
-from distzo.train.reference import ReferenceTrainer
 from paramserver import metrics
 from paramserver.durability.snapshot import list_snapshots, load_snapshot_state
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distzo.zo import generator
 from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update, learning_rate, make_update, perturb_block, projected_gradients
 from distzo.model.modeling import BlockModel
+from distzo.zo import generator
+from distzo.zo.mezo import Direction, UpdateRecord, apply_update, learning_rate, make_update, perturb_block, projected_gradients
 
 from conftest import make_model_dir
 from test_models import batch_for

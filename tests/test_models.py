@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distzo.model.blocks import block_views, flatten_block
+from distzo.data.presets import DEFAULT_TRAIN
 from distzo.data.tasks import TaskEncoder, load_jsonl
+from distzo.model.blocks import block_views, flatten_block
 from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
 from distzo.model.modeling import BlockModel, ModelError
-from distzo.data.presets import DEFAULT_TRAIN
 
 FAMILIES = ["tiny-opt", "tiny-gpt2", "tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]
 

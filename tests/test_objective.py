@@ -44,8 +44,8 @@ def test_classification_sums_are_the_cross_entropy_over_the_label_words_only():
     assert forward_sums("classification", cands, batch, 0.0, 3, scores - 5.0) == (s, n)  # a shared shift: no change
     assert s == pytest.approx(-math.log(1 / (1 + math.exp(-2))) + math.log(2) - math.log(1 / (1 + math.exp(-5))))
     # its dev loss is the same loss, per example (the plot's training and dev loss are one quantity)
-    from distzo.data.tasks import Example
     from distzo.data.jobdata import EvalTally
+    from distzo.data.tasks import Example
 
     tally = EvalTally(2, "classification")
     tally.add(0, [Example("a", 1), Example("b", 0), Example("c", 0)], batch, scores, True)

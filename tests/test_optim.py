@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from distzo.zo import generator
 from distzo.common.config import ConfigError, JobConfig
 from distzo.common.dtypes import STATE_VALUES
+from distzo.zo import generator
 from distzo.zo.generator import Distribution, fill_z
 from distzo.zo.mezo import Direction, UpdateRecord, apply_update
 from distzo.zo.optim import OPTIMIZERS, STATE_NAMES, Optimizer, power, update_stateful_cpu, update_stateful_torch
@@ -186,8 +186,8 @@ def test_the_default_is_sgd_and_job_ids_of_sgd_runs_are_unchanged():
 
 @pytest.mark.parametrize("served", ["bfloat16", "float32"])
 def test_the_plan_gives_server_memory_per_parameter_for_each_optimizer(served):
-    from distzo.perf.specs import CLUSTERS, MODELS, LayoutSpec
     from distzo.perf.model import predict
+    from distzo.perf.specs import CLUSTERS, MODELS, LayoutSpec
 
     m = MODELS["OPT-13B"]
     c = CLUSTERS["h100x8"]

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.infra.rpc import Credentials
 from distzo.model.modeling import BlockModel
 from distzo.train.reference import ReferenceTrainer
-from distzo.infra.rpc import Credentials
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import Direction, UpdateRecord, apply_update
 from paramserver.dataplane.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc

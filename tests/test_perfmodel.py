@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from distzo.perf.specs import CLUSTERS, MODELS, ClusterSpec, LayoutSpec, ModelSpec, cluster_from_calibration
 from distzo.perf.model import layouts_for, predict, recommend
+from distzo.perf.specs import CLUSTERS, MODELS, ClusterSpec, LayoutSpec, ModelSpec, cluster_from_calibration
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = CLUSTERS["h100x8"]
@@ -54,8 +54,8 @@ def test_from_hf_config_counts_exactly_what_the_catalog_computes():
 @pytest.mark.parametrize("preset", ["tiny-opt", "tiny-gpt2", "tiny-llama", "tiny-qwen3"])
 def test_from_hf_config_agrees_with_the_servers_block_manifest(preset):
     """Same parameter count (tied weights once) and block count as the blocks the server holds."""
-    from distzo.model.modeling import BlockModel
     from distzo.data.presets import PRESETS, VOCAB_SIZE
+    from distzo.model.modeling import BlockModel
 
     factory, sizes = PRESETS[preset]
     config = factory(VOCAB_SIZE, **sizes)

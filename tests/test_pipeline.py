@@ -8,9 +8,9 @@ import time
 import numpy as np
 import torch
 
-from distzo.train.reference import ReferenceTrainer
-from distzo.infra.rpc import Credentials
 from coordinator.server import CoordinatorServer
+from distzo.infra.rpc import Credentials
+from distzo.train.reference import ReferenceTrainer
 from gpuworker.worker import Worker
 from paramserver.server import ParamServer
 

@@ -8,13 +8,13 @@ import json
 
 import pytest
 
+from distzo.data.presets import preset_config, preset_dir
 from distzo.model.adapters import LoraTarget
 from distzo.model.modeling import BlockModel
+from distzo.model.prefix import PrefixTarget
 from distzo.perf.model import predict, recommend
 from distzo.perf.specs import CLUSTERS, MODELS, LayoutSpec, ModelSpec
 from distzo.perf.targets import FULL, lora_target, prefix_target
-from distzo.model.prefix import PrefixTarget
-from distzo.data.presets import preset_config, preset_dir
 
 from test_perfmodel import zoctl
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from distzo.model.blocks import BlockSpec, build_manifest
+from distzo.train.precision import BOUND, BufferSource, measure
 from distzo.zo.generator import Distribution, fill_z
 from distzo.zo.mezo import (BF16_EPS_SCALE, Direction, ForwardPrecision, UpdateRecord, forward_precision, forward_weights,
                          replay_block)
-from distzo.train.precision import BOUND, BufferSource, measure
 from distzo.zo.served import to_served
 
 EPS = 2.0 ** -10  # a power of two: x +- eps is exactly a bfloat16 number, a tie or nothing for the weights below

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from distzo.model import families
+from distzo.model.forward import ForwardJob
 from distzo.model.modeling import BlockModel, ModelError
 from distzo.model.prefix import PrefixTarget
-from distzo.model.forward import ForwardJob
 from distzo.train.reference import ReferenceTrainer
 
 from conftest import small_config

@@ -9,8 +9,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clusterhelpers import wait_until
 from distzo.zo.mezo import Direction
 from paramserver import metrics
-from paramserver.service import SERVICE
 from paramserver.dataplane.wire import UpdateRecord
+from paramserver.service import SERVICE
 from pshelpers import Servers, server_config
 
 

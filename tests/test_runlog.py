@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from distzo.run.runlog import RunLog, read_history
 from distzo.run.report import text_report, write_report
+from distzo.run.runlog import RunLog, read_history
 
 from conftest import small_config
 

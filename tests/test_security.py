@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from distzo.common.config import JobConfig
-from distzo.zo.mezo import Direction, UpdateRecord
 from distzo.infra.rpc import Credentials
+from distzo.zo.mezo import Direction, UpdateRecord
 from paramserver.dataplane.client import FetchError, ParamServerClient
 from paramserver.service import ANONYMOUS_SLOTS
 from protos import coordinator_pb2 as cpb

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from distzo.zo import generator as g
 from distzo.model.blocks import ITEMSIZE
 from distzo.model.forward import MemoryFeed
+from distzo.model.modeling import BlockModel
+from distzo.zo import generator as g
 from distzo.zo.generator import Distribution
 from distzo.zo.mezo import Direction, UpdateRecord, apply_update
-from distzo.model.modeling import BlockModel
 from distzo.zo.served import cast_into, to_served
 from paramserver.store import BlockStore
 

@@ -209,8 +209,8 @@ def test_a_dropped_stream_is_resumed(harness, cache_dir, tmp_path, device):
 
 
 def test_worker_reconnects_and_registers_again(harness, cache_dir):
-    from distzo.infra.rpc import Credentials
     from coordinator.server import CoordinatorServer
+    from distzo.infra.rpc import Credentials
 
     h = harness()
     h.add_worker("w")

@@ -32,18 +32,17 @@ import grpc
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-from distzo.common.cache import shared_kernel_cache_env
-from coordinator.zoctl.targets import CLUSTER_FILE
-from distzo.common.config import JobConfig
 from coordinator.cluster.rundir import check_run_dir, wait_for_run_dir  # noqa: F401 - check_run_dir: re-exported for zoctl up
+from distzo.common.cache import shared_kernel_cache_env
+from distzo.common.config import JobConfig
 from distzo.common.durable import record_job, write_atomic
-from distzo.infra.logs import kv
-from distzo.infra.procs import READY, SUPERVISOR_ENV, ServiceFailed, ServiceProcess, address_flags, python_module
 from distzo.infra.coordclient import CoordinatorClient
-from gpuworker.launch import worker_command
+from distzo.infra.logs import kv
+from distzo.infra.procs import (READY, SUPERVISOR_ENV, ServiceFailed, ServiceProcess, address_flags, python_module,
+                               worker_command)
 from distzo.infra.rpc import Credentials
-from distzo.run.runlog import RUN
 from distzo.infra.supervise import RestartPolicy, Restarts
+from distzo.run.runlog import CLUSTER_FILE, RUN
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
 

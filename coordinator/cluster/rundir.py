@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from coordinator.zoctl.targets import CLUSTER_FILE
 from distzo.common.config import JobConfig
 from distzo.common.durable import JobMismatch, check_same_job, differences, job_id, job_identity
 from distzo.common.errors import BadInput
 from distzo.common.locks import DirLock, alive
-from distzo.run.runlog import RUN, RUN_LOCK, read_history
+from distzo.run.runlog import CLUSTER_FILE, RUN, RUN_LOCK, read_history
 
 SURVIVORS_WAIT_S = 30.0  # how long a new zoctl up waits for the services of a killed one to end (they are told at once)
 

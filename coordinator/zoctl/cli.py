@@ -16,16 +16,16 @@ from typing import Any
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core would log to stderr too; our errors say it once
 
-from coordinator.zoctl.targets import TargetError  # noqa: E402
-from distzo.common.errors import BadInput, FetchError, counted  # noqa: E402
-from distzo.infra.logs import setup_logging  # noqa: E402
 from coordinator.zoctl.common import (  # noqa: E402, F401 - re-exported: zoctl's exit codes and output
     EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNREACHABLE, CliError,
     add_setting_options, apply_settings, print_json, strict_json)
-from coordinator.zoctl.summary import ProgressBar, print_summary, status_dict, summary_from_status  # noqa: E402, F401
 from coordinator.zoctl.control import register as register_control  # noqa: E402
 from coordinator.zoctl.plan import register as register_plan  # noqa: E402
+from coordinator.zoctl.summary import ProgressBar, print_summary, status_dict, summary_from_status  # noqa: E402, F401
+from coordinator.zoctl.targets import TargetError  # noqa: E402
 from coordinator.zoctl.targets import register as register_context  # noqa: E402
+from distzo.common.errors import BadInput, FetchError, counted  # noqa: E402
+from distzo.infra.logs import setup_logging  # noqa: E402
 
 # Only what every command needs is imported here: status and control commands must start in
 # well under a second (no torch, transformers or pydantic); commands import the rest themselves.
@@ -108,8 +108,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
     import tempfile
 
     cfg, settings = prepare_job(job_config_from_args(args))  # a misspelled model or missing data: refused at once
-    from distzo.train.reference import ReferenceTrainer, TrainingStopped
     from distzo.model.transfer import is_url, push
+    from distzo.train.reference import ReferenceTrainer, TrainingStopped
 
     if args.merge and not args.out:  # zoctl up exports to its run directory; the reference only with --out
         raise CliError("--merge names the form of the export, and zoctl reference exports only with --out DIR: "
@@ -236,9 +236,9 @@ def run_summary(cluster, st, run_dir: Path, out_dir: str, wall_s: float) -> dict
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from distzo.infra.procs import ServiceFailed
-    from coordinator.cluster.local import LocalCluster, check_run_dir
     from coordinator.cluster.hosts import check_can_make_hosts
+    from coordinator.cluster.local import LocalCluster, check_run_dir
+    from distzo.infra.procs import ServiceFailed
 
     cfg, settings = prepare_job(job_config_from_args(args))  # a misspelled model or missing data: refused at once
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("up-%Y%m%d-%H%M%S"))

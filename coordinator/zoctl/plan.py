@@ -11,12 +11,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distzo.common.dtypes import ITEMSIZE
 from coordinator.zoctl.common import EXIT_BAD_INPUT, CliError, print_json
+from distzo.common.dtypes import ITEMSIZE
 from distzo.common.errors import counted
-from distzo.perf.specs import CLUSTERS, MODELS, ClusterSpec, GiB, LayoutSpec, ModelSpec, fmt_params, with_overrides
 from distzo.perf.model import Prediction, Recommendation, mean_pending, predict, recommend
 from distzo.perf.peers import predict_peers
+from distzo.perf.specs import CLUSTERS, MODELS, ClusterSpec, GiB, LayoutSpec, ModelSpec, fmt_params, with_overrides
 from distzo.perf.targets import FULL, TargetSpec, lora_target, prefix_target
 
 DEFAULT_CLUSTER = "h100x8"
@@ -289,10 +289,10 @@ def perturbation_report(args: argparse.Namespace, pred: Prediction):  # noqa: AN
     if path is None:
         return None
     from distzo.model.blocks import DTYPES
-    from distzo.zo.mezo import forward_precision
     from distzo.model.families import load_model
     from distzo.train.plan import direction_seed
     from distzo.train.precision import ModelDirSource, measure
+    from distzo.zo.mezo import forward_precision
 
     precision = forward_precision(_or_default(getattr(args, "eps", None), "eps"), DTYPES[pred.compute_dtype],
                                   _train_default("eps_bf16"))

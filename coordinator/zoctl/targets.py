@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-CLUSTER_FILE = "cluster.json"
+from distzo.run.runlog import CLUSTER_FILE
+
 DAMAGED = "is damaged"  # a record that is not what zoctl up writes: bad input (exit 2), not an unreachable cluster
 RUNS_DIR = "runs"
 

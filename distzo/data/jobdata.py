@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from distzo.common.config import EVAL_BATCH_EXAMPLES, JobConfig
+from distzo.data.catalog import resolve_model, resolve_task
 from distzo.data.tasks import Batch, DataError, Example, TaskEncoder, load_jsonl
 from distzo.model.families import load_config
 from distzo.model.modeldir import ModelError, check_weight_files
 from distzo.train.plan import StepPlan, shard_bounds
-from distzo.data.catalog import resolve_model, resolve_task
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Starting and stopping service processes (zoctl up, tests): spawned, announced, reaped."""
+"""Starting and stopping service processes (zoctl up, tests): spawned, announced, reaped; and the worker's
+command line, which ``distzo-worker-launch`` and ``zoctl up``'s local cluster both start."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 
 class ServiceFailed(RuntimeError):
@@ -113,6 +115,29 @@ def address_flags(flag: str, address: str) -> list[str]:
     if address.startswith(READY):
         return [flag + "-from", address[len(READY):]]
     return [flag, address]
+
+
+def worker_command(coordinator: str, param_servers: Sequence[str], device: str, worker_id: str,
+                   credentials: Mapping[str, str | None], node: tuple[int, int, str, str] | None = None,
+                   extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one worker process (``python -m gpuworker``): what ``distzo-worker-launch`` and
+    ``zoctl up``'s local cluster both start.
+
+    ``coordinator``: its address, or ``ready:PATH``, its ready file (``--coordinator-from``: the worker
+    waits for it); ``credentials``: token_file, tls_ca, tls_cert, tls_key (None or empty: not passed);
+    ``node``: a node group member's (rank, size, rendezvous HOST:PORT or file:// URL, node id); ``extra``:
+    more flags."""
+    where = address_flags("--coordinator", coordinator)
+    argv = [sys.executable, "-m", "gpuworker", *where, "--device", device, "--worker-id", worker_id]
+    for s in param_servers:
+        argv += ["--param-server", s]
+    for flag in ("token_file", "tls_ca", "tls_cert", "tls_key"):
+        if credentials.get(flag):
+            argv += [f"--{flag.replace('_', '-')}", str(credentials[flag])]
+    if node is not None:
+        rank, size, rendezvous, node_id = node
+        argv += ["--node-rank", str(rank), "--node-size", str(size), "--node-master", rendezvous, "--node-id", node_id]
+    return argv + list(extra)
 
 
 def address_from_ready_file(path: str | Path, timeout_s: float = 300.0) -> str:

@@ -23,13 +23,13 @@ from typing import Protocol, Sequence
 
 import torch
 
-from distzo.model.blocks import DTYPES
 from distzo.common.config import ConfigError
 from distzo.data.tasks import Batch
-from distzo.zo.generator import Distribution
+from distzo.model.blocks import DTYPES
 from distzo.model.lockstep import Lockstep
-from distzo.zo.mezo import ForwardWeights, UpdateRecord, forward_weights, replay_block
 from distzo.model.modeling import BlockModel, causal_lm_logits
+from distzo.zo.generator import Distribution
+from distzo.zo.mezo import ForwardWeights, UpdateRecord, forward_weights, replay_block
 from distzo.zo.served import to_served
 
 IGNORE = -100

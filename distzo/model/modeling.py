@@ -30,10 +30,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from distzo.model.adapters import LoraTarget, checkpoint_name, is_adapter
-from distzo.model.prefix import MODULE as PREFIX_MODULE
-from distzo.model.prefix import PrefixTarget
 from distzo.model.blocks import BlockSpec, Manifest, block_views, build_manifest, flatten_block
 from distzo.model.modeldir import BUILD_LOCK, ModelError, check_weight_files, empty_model, read_config, read_safetensors
+from distzo.model.prefix import MODULE as PREFIX_MODULE
+from distzo.model.prefix import PrefixTarget
 
 log = logging.getLogger(__name__)
 

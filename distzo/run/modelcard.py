@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from distzo.data.catalog import base_model_name
 from distzo.common.errors import counted
+from distzo.data.catalog import base_model_name
 from distzo.run.runlog import loss_window
 
 CARD_FILE = "README.md"

@@ -39,6 +39,7 @@ from distzo.common.strictjson import strict_json
 STEPS = "steps.jsonl"
 EVALS = "evals.jsonl"
 RUN = "run.json"  # the identity of the job whose log this is (distzo.common.durable)
+CLUSTER_FILE = "cluster.json"  # a running zoctl up's cluster (its addresses and pids): coordinator.zoctl.targets reads it
 RUN_LOCK = ".lock"  # held by whoever writes the run directory: zoctl up (and its services), zoctl reference (distzo.common.locks)
 
 

@@ -14,26 +14,26 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from distzo.zo import generator
-from distzo.model.adapters import adapter_from_train
-from distzo.data.catalog import base_model_name
 from distzo.common.config import JobConfig
-from distzo.data.tasks import Batch
 from distzo.common.durable import write_atomic
-from distzo.model.export import check_destination, export_model_dir
 from distzo.common.locks import DirLock
-from distzo.run.modelcard import model_card
-from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed, resolve_device
+from distzo.data.catalog import base_model_name
 from distzo.data.jobdata import EvalTally, JobData
-from distzo.zo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
+from distzo.data.tasks import Batch
+from distzo.model.adapters import adapter_from_train
+from distzo.model.export import check_destination, export_model_dir
 from distzo.model.families import load_model
-from distzo.train.objective import forward_sums
-from distzo.zo.optim import Optimizer
-from distzo.train.precision import PerturbationReport, forward_dtypes, job_precision, job_report
-from distzo.train.plan import StepPlan, all_roles
+from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed, resolve_device
+from distzo.run.modelcard import model_card
 from distzo.run.report import eval_summary, write_report
 from distzo.run.runlog import RUN_LOCK, RunLog, loss_window, make_run_dir
+from distzo.train.objective import forward_sums
+from distzo.train.plan import StepPlan, all_roles
+from distzo.train.precision import PerturbationReport, forward_dtypes, job_precision, job_report
 from distzo.train.step import Losses, TrainingStopped, TrainLog, run_step
+from distzo.zo import generator
+from distzo.zo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
+from distzo.zo.optim import Optimizer
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
 

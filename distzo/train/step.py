@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from distzo.common.config import JobConfig
-from distzo.data.tasks import Batch
 from distzo.data.jobdata import JobData
+from distzo.data.tasks import Batch
 from distzo.infra.logs import kv
-from distzo.zo.mezo import StepOutcome, UpdateRecord, make_update
+from distzo.run.runlog import RunLog, loss_window, mean_finite
 from distzo.train.plan import StepPlan, step_plan
 from distzo.train.precision import job_precision
-from distzo.run.runlog import RunLog, loss_window, mean_finite
+from distzo.zo.mezo import StepOutcome, UpdateRecord, make_update
 
 log = logging.getLogger("distzo.step")
 

@@ -50,9 +50,9 @@ from numba import njit
 
 from distzo.zo import kernelcache
 from distzo.zo.generator import Distribution, _check_offset, update_args, z_torch
+from distzo.zo.served import served_kind
 from distzo.zo.threads import run_split
 from distzo.zo.zkernels import _ALIGN, _SCRATCH, _projected_sum, _write_served
-from distzo.zo.served import served_kind
 
 kernelcache.install()  # before the first @njit(cache=True): caches keyed by every kernel module's source
 

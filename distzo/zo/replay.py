@@ -26,8 +26,8 @@ import torch
 
 from distzo.zo import generator
 from distzo.zo.generator import _ALIGN, Distribution, _check_offset, _key, perturb_torch, update_torch
-from distzo.zo.threads import run_split
 from distzo.zo.served import served_kind, to_served
+from distzo.zo.threads import run_split
 from distzo.zo.windowkernels import rademacher_window_aligned, replay_perturb_kernel, window_kernel
 
 

@@ -15,9 +15,9 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 
+from distzo.infra.rpc import Credentials, make_channel
 from distzo.model.blocks import ITEMSIZE, Manifest
 from distzo.zo.mezo import UpdateRecord
-from distzo.infra.rpc import Credentials, make_channel
 from paramserver.dataplane.shm import SharedView
 from paramserver.dataplane.transport import (BlockTransport, FetchError, GrpcTransport, ShmTransport, SliceSpec, StaleVersionError,
                                    VersionTimeout)

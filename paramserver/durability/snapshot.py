@@ -36,8 +36,8 @@ from typing import Callable, Collection
 import numpy as np
 import xxhash
 
-from distzo.infra.logs import kv
 from distzo.common.durable import CorruptFile, FILE_MODE, read_checked_json, write_checked_json
+from distzo.infra.logs import kv
 
 log = logging.getLogger("distzo.paramserver.snapshot")
 FORMAT = "distzo-snapshot/2"
