@@ -11,7 +11,7 @@ import sys  # noqa: E402
 
 from distzo.common.config import ConfigError, JobConfig, parse_settings
 from distzo.infra.logs import setup_logging
-from distzo.infra.rpc import PORTS, add_security_args, security_from_args
+from distzo.infra.rpc import PORTS, Credentials, add_security_args, security_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from distzo.infra.procs import end_with_supervisor
 
     end_with_supervisor()  # started by zoctl up: never outlive it
+    # the service's own modules (the heavy imports) only once the flags are read and the supervisor is watched
     from coordinator.server import run
-    from distzo.infra.rpc import Credentials
 
     if args.param_server_from:
         from distzo.infra.procs import address_from_ready_file

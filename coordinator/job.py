@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import grpc
+import torch
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
 from coordinator.progress import Progress, set_job_state, set_worker_gauges
@@ -33,6 +34,8 @@ from distzo.infra.logs import kv
 from distzo.infra.rpc import Credentials
 from distzo.model.blocks import ITEMSIZE
 from distzo.run.runlog import RunLog
+from distzo.train.defaults import resolve
+from distzo.train.objective import forward_sums
 from distzo.train.plan import StepPlan, step_plan, worker_roles
 from distzo.train.precision import job_precision
 from distzo.train.step import ForwardKey, Losses, TrainingStopped, run_step
@@ -57,8 +60,6 @@ class Job:
     def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials,
                  run_dir: str | None = None):
         if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size
-            from distzo.train.defaults import resolve
-
             cfg, said = resolve(cfg)
             log.info("defaults", extra=kv(settings=said))
         self.cfg = cfg
@@ -328,10 +329,6 @@ class Job:
         self._last_round = rnd
         if not self.data.train_candidates:  # type: ignore[union-attr]
             return {k: rnd.loss(k) for k in forwards}, sum(r.tokens for r in rnd.results.values())
-        import torch
-
-        from distzo.train.objective import forward_sums
-
         cands = self.data.train_candidates  # type: ignore[union-attr]
         losses = {}
         for k in forwards:
@@ -419,7 +416,6 @@ class Job:
         pieces = [[i for i in range(len(chunks)) if i % units == w] for w in range(units)]
         rnd = self._run_round(self.step, "eval", forwards, batches, [p for p in pieces if p])
         tally = EvalTally(len(self.cfg.data.label_words), self.cfg.train.objective)
-        import torch
 
         for i, (examples, batch, candidates) in enumerate(chunks):
             if i in rnd.errors:

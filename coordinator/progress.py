@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from coordinator import metrics
+from distzo.train.precision import job_report
 from distzo.train.step import StepResult, TrainLog
 from protos import coordinator_pb2 as cpb
 
@@ -81,8 +82,6 @@ class Progress(TrainLog):
         """What the job's forwards keep of the perturbation, on its initial weights (``distzo.train.precision.job_report``):
         logged (a warning when over the bound), in the status (zoctl up prints it) and the metrics. A failure to
         measure is logged, never fatal: training goes on without the figure."""
-        from distzo.train.precision import job_report
-
         try:
             report = job_report(cfg, manifest, model_dir)
         except Exception:  # noqa: BLE001 - a figure for people, not a condition of the run

@@ -14,6 +14,8 @@ from coordinator.registry import Registry
 from distzo.common.config import ConfigError, JobConfig
 from distzo.common.errors import BadInput
 from distzo.infra.rpc import Credentials, has_token
+from distzo.run.modelcard import model_card
+from distzo.run.report import eval_summary
 from paramserver.dataplane.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
@@ -177,8 +179,6 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         job = self.job
         if job is None:
             return ""
-        from distzo.run.modelcard import model_card
-        from distzo.run.report import eval_summary
 
         st = job.status()
         evals = [{"step": e.step, "dev_loss": e.dev_loss, "dev_accuracy": e.dev_accuracy} for e in st.evals]

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from distzo.infra.procs import end_with_supervisor
 
     end_with_supervisor()  # started by zoctl up: never outlive it
+    # the service's own modules (the heavy imports) only once the flags are read and the supervisor is watched
     from distzo.infra.metrics import start_metrics_server
     from distzo.infra.rpc import Credentials, write_ready_file
     from gpuworker.node import GatherError

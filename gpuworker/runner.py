@@ -21,9 +21,11 @@ from distzo.model.blocks import ITEMSIZE
 from distzo.model.forward import ForwardEngine, ForwardJob
 from distzo.model.modeling import BlockModel
 from distzo.train.precision import forward_dtypes, job_precision
+from distzo.zo import generator
 from distzo.zo.mezo import UpdateRecord
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, FrozenBlocks, PrefetchFeed
+from gpuworker.hostreg import DirectFetch
 from gpuworker.node import GatherError, NodeGroup
 from paramserver.dataplane.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
 from paramserver.dataplane.wire import record_from_pb
@@ -62,16 +64,12 @@ class ModelRunner:
         if device.type == "cuda":  # GPU-only: one copy stream; DMA from registered shared memory when next to the server
             self.copy_stream = torch.cuda.Stream(device)
             if node is None:
-                from gpuworker.hostreg import DirectFetch
-
                 self.direct = DirectFetch(client, device, self.copy_stream)
                 if not self.direct.warm():  # registration (page pinning) happens here, before the clock
                     self.direct = None
 
     def warm_up(self) -> None:
         """Compile/load every kernel variant this worker will launch, before the first assignment."""
-        from distzo.zo import generator
-
         generator.warm_up(self.device, self.cfg.train.distribution, forward_dtypes(self.engine.compute_dtype))
 
     def close(self) -> None:

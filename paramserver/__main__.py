@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     setup_logging(args.verbose, service="paramserver")
     end_with_supervisor()  # started by zoctl up: never outlive it
+    # the service's own modules (the heavy imports) only once the flags are read and the supervisor is watched
     from paramserver.server import run
     from paramserver.state import RecoveryError
 

@@ -30,6 +30,7 @@ from distzo.common.dtypes import ITEMSIZE
 from distzo.infra.logs import kv
 from distzo.infra.procs import ServiceFailed, python_module
 from distzo.infra.rpc import make_channel
+from paramserver.dataplane.client import ParamServerClient
 from paramserver.service import SERVICE
 
 log = logging.getLogger("distzo.hostcluster")
@@ -40,8 +41,6 @@ def replica_states(primary: str | None, replicas: dict[str, str], creds) -> list
     """Per replica (``{host: address}``): state ``serving`` (following, caught up), ``behind`` (serving, more than one
     step behind the primary), ``not-serving`` (catching up, or its follower died), ``dead`` (unreachable); its
     applied version and its lag behind the primary's, in steps (None when unknown)."""
-    from paramserver.dataplane.client import ParamServerClient
-
     def version(address: str | None) -> int | None:
         if address is None:
             return None
@@ -155,7 +154,6 @@ class HostsCluster(LocalCluster):
         self.meter.begin()
         self.links_metrics_port = self.meter.serve("127.0.0.1")
         super().start()
-        from paramserver.dataplane.client import ParamServerClient
 
         client = ParamServerClient(self.server_address, self.creds).connect()
         try:

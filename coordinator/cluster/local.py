@@ -42,7 +42,9 @@ from distzo.infra.procs import (READY, SUPERVISOR_ENV, ServiceFailed, ServicePro
                                worker_command)
 from distzo.infra.rpc import Credentials
 from distzo.infra.supervise import RestartPolicy, Restarts
+from distzo.model.transfer import is_url
 from distzo.run.runlog import CLUSTER_FILE, RUN
+from distzo.train.defaults import resolve
 from protos import coordinator_pb2 as cpb
 from protos import coordinator_pb2_grpc as cpb_grpc
 
@@ -74,8 +76,6 @@ class LocalCluster:
     PRESTART = True  # start the coordinator and workers with the parameter server (_prestart); a class attribute
 
     def __post_init__(self) -> None:
-        from distzo.train.defaults import resolve
-
         self.cfg = resolve(self.cfg)[0]  # train.lr/eps chosen by the model where null: one job, one identity
         self.run_dir = self.run_dir.resolve()
         check_run_dir(self.run_dir, self.cfg, self.resume)  # before anything is written or started
@@ -367,8 +367,6 @@ class LocalCluster:
 
     def export(self, out_dir: str | Path, merge: bool = False) -> cpb.ControlReply:
         """Export the weights to ``out_dir``, a directory or a URL (``merge``: a LoRA run's merged plain model)."""
-        from distzo.model.transfer import is_url
-
         path = str(out_dir) if is_url(str(out_dir)) else os.path.abspath(out_dir)
         return self.client().call("Export", cpb.ExportJobRequest(path=path, merge=merge), timeout=600)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from distzo.common.durable import write_atomic
 from distzo.run.runlog import CLUSTER_FILE
 
 DAMAGED = "is damaged"  # a record that is not what zoctl up writes: bad input (exit 2), not an unreachable cluster
@@ -109,8 +110,6 @@ def contexts_locked() -> Iterator[None]:
 def save_contexts(doc: dict[str, Any]) -> Path:
     """Write the contexts file whole (unique temporary name, renamed into place; mode 0600); call it
     under ``contexts_locked``."""
-    from distzo.common.durable import write_atomic
-
     path = contexts_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(doc, indent=2, sort_keys=True).encode(), 0o600)

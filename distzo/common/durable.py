@@ -95,7 +95,7 @@ def job_identity(cfg: Any) -> dict[str, Any]:
     roles (``distzo.common.config._Section``): the trajectory's fields are in, at their default only when they
     were always recorded (older job ids stay valid) or their condition holds; the rest (threads, ports,
     paths, timeouts, evaluation cadence) are out, so a resume may change them."""
-    from distzo.common.config import NOT, When
+    from distzo.common.config import NOT, When  # pydantic, only here: zoctl's light commands read run files
 
     ident: dict[str, Any] = {}
     for name in type(cfg).model_fields:
@@ -119,7 +119,7 @@ def _default(info: Any) -> Any:
 
 def identity_default(key: str) -> Any:
     """The default value of identity field ``key`` ("train.lora_alpha"): what its absence means."""
-    from distzo.common.config import JobConfig
+    from distzo.common.config import JobConfig  # pydantic, only here (see job_identity)
 
     section, _, field = key.partition(".")
     try:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from distzo.common.cache import atomic_build, cache_root
+from distzo.common.durable import write_atomic
 from distzo.common.errors import BadInput, FetchError
 from distzo.data.presets import DEFAULT_DEV, DEFAULT_TRAIN, PRESETS, preset_dir
 
@@ -233,8 +234,6 @@ def _stamp_of(path: Path) -> dict:
 
 def _write_stamp(path: Path) -> None:
     """Record that ``path`` passed a full check now (best effort: a read-only cache is hashed on every use)."""
-    from distzo.common.durable import write_atomic
-
     try:
         write_atomic(path / STAMP, json.dumps(_stamp_of(path)).encode(), 0o644)
     except (OSError, ValueError):

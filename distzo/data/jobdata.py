@@ -14,8 +14,11 @@ import torch
 from distzo.common.config import EVAL_BATCH_EXAMPLES, JobConfig
 from distzo.data.catalog import resolve_model, resolve_task
 from distzo.data.tasks import Batch, DataError, Example, TaskEncoder, load_jsonl
+from distzo.model.adapters import adapter_from_train
 from distzo.model.families import load_config
 from distzo.model.modeldir import ModelError, check_weight_files
+from distzo.model.modeling import BlockModel
+from distzo.train.objective import train_candidates
 from distzo.train.plan import StepPlan, shard_bounds
 
 
@@ -40,11 +43,9 @@ class JobData:
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelError(f"no usable tokenizer in {str(model_dir)!r}: {exc}") from None
         check_tokenizer_fits_model(tokenizer, config, model_dir)
-        from distzo.model.adapters import adapter_from_train
 
         adapter = adapter_from_train(cfg.train)
         if adapter is not None:  # LoRA's target modules, a prefix's model family: checked here, not first in a service
-            from distzo.model.modeling import BlockModel
 
             BlockModel(config, model_dir, adapter)
         encoder = TaskEncoder(tokenizer, cfg.data.template, cfg.data.label_words, cfg.data.max_seq_len)
@@ -69,7 +70,6 @@ class JobData:
             dev = dev[: cfg.data.dev_examples]
         encoder.check(train)  # every row is encodable now, not at step 10 000
         encoder.check(dev, every_label=True)
-        from distzo.train.objective import train_candidates
 
         return cls(cfg, model_dir, encoder, train, dev, train_candidates(cfg.train.objective, encoder, train))
 

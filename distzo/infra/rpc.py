@@ -129,7 +129,7 @@ def add_security_args(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
 
 def security_from_args(args, base=None, client: bool = False):  # noqa: ANN001, ANN201
     """The config's security section (a SecuritySection) with the command-line flags applied on top."""
-    from distzo.common.config import SecuritySection
+    from distzo.common.config import SecuritySection  # pydantic: not for zoctl's control commands (from_files)
 
     flags = {"token_file": args.token_file, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     merged = (base or SecuritySection()).model_dump() | {k: v for k, v in flags.items() if v is not None}
@@ -256,6 +256,7 @@ def make_server(
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     max_receive: int = MAX_MESSAGE_BYTES,
 ) -> grpc.Server:
+    # a server only: the limits (pydantic, the config's sizes) and Prometheus stay out of zoctl's control commands
     from distzo.infra.limits import SizeLimits
     from distzo.infra.metrics import GrpcMetrics
 

@@ -182,7 +182,7 @@ def _push_local(src: Path, dest: Path, sums: dict[str, str]) -> None:
     import shutil
     import uuid
 
-    from distzo.model.export import ASIDE, EXPORT_MARK, check_destination, replace_dir
+    from distzo.model.export import ASIDE, EXPORT_MARK, check_destination, replace_dir  # torch: a local push only
 
     dest = check_destination(dest, marks=(EXPORT_MARK, SUMS))
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import yaml
 from distzo.common.errors import counted
 from distzo.data.catalog import base_model_name
 from distzo.run.runlog import loss_window
+from distzo.train.precision import forward_dtype_name, job_precision
 
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub spells ids
@@ -133,8 +134,6 @@ def write_model_card(out_dir: str | Path, text: str) -> Path:
 
 def _eps_text(cfg: Any) -> str:
     """train.eps, and what the forwards perturbed by when they computed in 16 bits (issue 29). ``cfg``: a JobConfig."""
-    from distzo.train.precision import forward_dtype_name, job_precision
-
     used = job_precision(cfg)
     if forward_dtype_name(cfg) == "float32":
         return f"{cfg.train.eps}"

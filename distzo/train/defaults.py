@@ -22,6 +22,7 @@ import math
 import struct
 from pathlib import Path
 from typing import Any
+from distzo.data.catalog import resolve_model
 
 EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1}
 LR_AT_100M = {"full": 2e-5, "lora": 1e-3, "prefix": 3e-2}  # lr for a 100M-parameter model, by train.target
@@ -63,8 +64,6 @@ def resolve(cfg: Any, model_dir: str | Path | None = None) -> tuple[Any, str]:
     overrides: dict[str, float] = {}
     if t.lr is None:
         if model_dir is None:
-            from distzo.data.catalog import resolve_model
-
             model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
         params = model_parameters(model_dir)
         overrides["train.lr"] = default_lr(t.target, params)

@@ -28,7 +28,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from distzo.model.adapters import adapter_from_train, checkpoint_name, is_adapter
 from distzo.model.blocks import DTYPES, BlockSpec, Manifest, TensorSpec
+from distzo.model.families import load_model
+from distzo.train.defaults import job_eps
+from distzo.train.plan import direction_seed
 from distzo.zo.generator import Distribution, fill_z
 from distzo.zo.mezo import ForwardPrecision, forward_precision, forward_weights
 from distzo.zo.served import to_served
@@ -51,8 +55,6 @@ def forward_dtype_name(cfg) -> str:  # noqa: ANN001 - a JobConfig
 def job_precision(cfg) -> ForwardPrecision:  # noqa: ANN001 - a JobConfig
     """The precision of every forward of the job (reference, workers) and the eps of its g (``mezo.forward_precision``);
     a null ``train.eps`` is the target's default (``distzo.train.defaults``)."""
-    from distzo.train.defaults import job_eps
-
     return forward_precision(job_eps(cfg.train), DTYPES[forward_dtype_name(cfg)], cfg.train.eps_bf16)
 
 
@@ -171,8 +173,6 @@ class ModelDirSource:
         return self._files.get(name)
 
     def window(self, block: BlockSpec, tensor: TensorSpec, start: int, n: int) -> torch.Tensor:
-        from distzo.model.adapters import checkpoint_name, is_adapter
-
         if is_adapter(tensor.name):
             whole = self._whole.get(tensor.name)
             if whole is None:
@@ -196,8 +196,6 @@ class ModelDirSource:
 
     def _load_whole(self) -> BufferSource:
         if self._fallback is None:
-            from distzo.model.families import load_model
-
             self._fallback = BufferSource(load_model(self.path, self.adapter).load_block_buffers())
         return self._fallback
 
@@ -311,9 +309,6 @@ def job_report(cfg, manifest: Manifest, model_dir: str | Path | None = None, buf
                per_kind: int = SAMPLE) -> PerturbationReport:  # noqa: ANN001 - cfg: a JobConfig
     """The job's figures: its forwards' precision (``job_precision``), served dtype, distribution and first seed,
     on ``buffers`` when given, else on the initial weights in ``model_dir``."""
-    from distzo.model.adapters import adapter_from_train
-    from distzo.train.plan import direction_seed
-
     source: WeightSource = BufferSource(buffers) if buffers is not None else ModelDirSource(model_dir, adapter_from_train(cfg.train))
     return measure(manifest, source, job_precision(cfg), cfg.server.served_dtype, cfg.train.distribution,
                    direction_seed(cfg.train.seed, 0, 0), per_kind)

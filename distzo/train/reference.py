@@ -27,6 +27,7 @@ from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed, resolve_
 from distzo.run.modelcard import model_card
 from distzo.run.report import eval_summary, write_report
 from distzo.run.runlog import RUN_LOCK, RunLog, loss_window, make_run_dir
+from distzo.train.defaults import resolve
 from distzo.train.objective import forward_sums
 from distzo.train.plan import StepPlan, all_roles
 from distzo.train.precision import PerturbationReport, forward_dtypes, job_precision, job_report
@@ -56,7 +57,6 @@ class ReferenceTrainer:
         """``resident``: keep the master weights on runtime.device (all-on-GPU MeZO, for the benchmarks;
         the model must fit there). By default they stay in host memory, as on the parameter server."""
         if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size
-            from distzo.train.defaults import resolve
 
             cfg = resolve(cfg, job.model_dir if job is not None else None)[0]
             if job is not None:

@@ -164,7 +164,7 @@ def warm_up(device: torch.device | str | None = None, dist: Distribution | str =
     ``device``, also the Triton variants a worker or trainer launches (perturbed copies in ``out_dtypes``,
     updates of up to ``directions`` seeds)."""
     if device is not None and torch.device(device).type == "cuda" and _triton_available():  # GPU-only
-        from distzo.zo import generator_cuda
+        from distzo.zo import generator_cuda  # Triton: optional, GPU only
 
         generator_cuda.warm_up(torch.device(device), Distribution(dist) is Distribution.GAUSSIAN, out_dtypes, directions)
     buf = np.zeros(300, np.float32)
@@ -299,7 +299,7 @@ def update_torch(
     _check_offset(offset, w.shape[0])
     kind = served_kind(served_dtype) if served is not None else 0
     if _use_triton(w):
-        from distzo.zo import generator_cuda
+        from distzo.zo import generator_cuda  # Triton: optional, GPU only
 
         generator_cuda.update(w, offset, [_key(s) for s in seeds], [float(c) for c in coefs], decay,
                               Distribution(dist) is Distribution.GAUSSIAN, served if kind else None, kind)
@@ -321,7 +321,7 @@ def perturb_device(
     """perturb_torch for several coefficients on clean's device: one fused kernel (z made once) where it can."""
     _check_offset(offset, clean.shape[0])
     if _use_triton(clean):
-        from distzo.zo import generator_cuda
+        from distzo.zo import generator_cuda  # Triton: optional, GPU only
 
         return generator_cuda.perturb(clean, offset, _key(seed), [float(c) for c in coefs], out_dtype,
                                       Distribution(dist) is Distribution.GAUSSIAN)

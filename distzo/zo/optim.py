@@ -50,7 +50,7 @@ from numba import njit
 
 from distzo.zo import kernelcache
 from distzo.zo.generator import Distribution, _check_offset, update_args, z_torch
-from distzo.zo.served import served_kind
+from distzo.zo.served import served_kind, to_served
 from distzo.zo.threads import run_split
 from distzo.zo.zkernels import _ALIGN, _SCRATCH, _projected_sum, _write_served
 
@@ -210,6 +210,4 @@ def update_stateful_torch(w: torch.Tensor, state: torch.Tensor, offset: int, ste
         upd = (m.to(torch.float64) / c1) / (torch.sqrt(sq.to(torch.float64) / c2) + eps)
         w.copy_((x - float(lr) * (upd + float(decay) * x)).to(torch.float32))
     if served is not None and served_kind(served_dtype):
-        from distzo.zo.served import to_served
-
         served.copy_(to_served(w.cpu(), served_dtype).view(torch.int16))

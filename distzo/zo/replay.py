@@ -134,7 +134,7 @@ def replay_perturb_device(clean: torch.Tensor, offset: int, packed: PackedRecord
     _check_offset(offset, clean.shape[0])
     gaussian = Distribution(dist) is Distribution.GAUSSIAN
     if generator._use_triton(clean):  # GPU-only (and the interpreter tests)
-        from distzo.zo import generator_cuda
+        from distzo.zo import generator_cuda  # Triton: optional, GPU only
 
         generator_cuda.replay_perturb(clean, offset, packed, _key(seed), [float(c) for c in coefs], out, gaussian,
                                       served_kind(served_dtype))
