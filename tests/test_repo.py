@@ -1,7 +1,8 @@
-"""The repository keeps its promises: README commands, CI, generated stubs."""
+"""The repository keeps its promises: README commands, CI, generated stubs, the layout's import graph."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -59,3 +60,20 @@ def test_the_declared_lower_bounds_are_the_tested_versions():
         assert installed.release[: len(floor.release)] == floor.release, f"{req.name}: declared {req.specifier}, tested {installed}"
         checked += 1
     assert checked == len(reqs) - sum(r.marker is not None and not r.marker.evaluate() for r in reqs)
+
+
+def test_the_layout_has_no_import_cycle_and_no_service_imports_another():
+    """scripts/import_graph.py on the source (no import runs): no import cycle, function-local imports counted;
+    gpuworker and coordinator import nothing of each other and paramserver neither (what two services share is
+    in distzo/); no package folder holds more than 12 modules."""
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    result = graph.analyse()
+    assert result["cycles"] == [], "import cycles: " + "; ".join(" -> ".join(c["cycle"]) for c in result["cycles"])
+    assert result["service_imports"] == [], result["service_imports"]
+    folders: dict[Path, int] = {}
+    for path in graph.project_modules().values():
+        if path.name not in ("__init__.py", "__main__.py"):
+            folders[path.parent] = folders.get(path.parent, 0) + 1
+    assert max(folders.values()) <= 12, {str(f.relative_to(ROOT)): n for f, n in folders.items() if n > 12}
