@@ -13,7 +13,7 @@ import torch
 
 from distzo.common.config import EVAL_BATCH_EXAMPLES, JobConfig
 from distzo.data.catalog import resolve_model, resolve_task
-from distzo.data.tasks import Batch, DataError, Example, TaskEncoder, load_jsonl
+from distzo.data.tasks import IGNORE, Batch, DataError, Example, TaskEncoder, load_jsonl
 from distzo.model.adapters import adapter_from_train
 from distzo.model.families import load_config
 from distzo.model.modeldir import ModelError, check_weight_files
@@ -125,7 +125,7 @@ class EvalTally:
         if candidates:
             t = torch.ones_like(s, dtype=torch.int64)
         else:
-            t = (batch.labels[:, 1:] != -100).sum(dim=1).view(len(examples), self.n_labels)
+            t = (batch.labels[:, 1:] != IGNORE).sum(dim=1).view(len(examples), self.n_labels)
         correct = 0
         logp = 0.0
         tok = 0

@@ -24,7 +24,7 @@ from typing import Protocol, Sequence
 import torch
 
 from distzo.common.config import ConfigError
-from distzo.data.tasks import Batch
+from distzo.data.tasks import IGNORE, Batch
 from distzo.model.blocks import DTYPES
 from distzo.model.lockstep import Lockstep
 from distzo.model.modeling import BlockModel, causal_lm_logits
@@ -32,12 +32,10 @@ from distzo.zo.generator import Distribution
 from distzo.zo.mezo import ForwardWeights, UpdateRecord, forward_weights, replay_block
 from distzo.zo.served import to_served
 
-IGNORE = -100
-
 
 @dataclass(frozen=True)
 class ForwardJob:
-    """One forward of ``batch`` (input_ids, attention_mask, labels: [B, T] int64, labels -100 where
+    """One forward of ``batch`` (input_ids, attention_mask, labels: [B, T] int64, labels IGNORE (-100) where
     no loss is taken) at the weights ``theta + coef * z(seed)``."""
 
     batch: Batch
