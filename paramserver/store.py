@@ -66,11 +66,6 @@ class RWLock:
                 self._cond.notify_all()
 
 
-def to_served(master: np.ndarray, served_dtype: str, out: np.ndarray) -> None:
-    """Write the served-dtype bytes of an fp32 block into ``out`` (uint8): ``distzo/zo/served.py``'s rounding."""
-    cast_into(master, served_dtype, out)
-
-
 class BlockStore:
     """Every owned block's fp32 master, its served copies (one per window slot) and their versions.
 
@@ -231,7 +226,7 @@ class BlockStore:
                 else:
                     np.copyto(self.opt_state[b], state)
             if self.served_dtype != "float32":
-                to_served(self.master[b], self.served_dtype, self.served[(slot, b)])
+                cast_into(self.master[b], self.served_dtype, self.served[(slot, b)])
             self.master_versions[b] = version
             self._publish(slot, b, version)
 
