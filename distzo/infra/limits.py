@@ -15,6 +15,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from distzo.common.config import MAX_CONFIG_BYTES, MAX_TEXT
+from distzo.infra.handlers import rewrap
 
 STRING = MAX_TEXT  # characters (bytes for bytes fields) of any field not listed below
 REPEATED = 4096  # entries of any repeated field not listed below
@@ -106,12 +107,4 @@ class SizeLimits(grpc.ServerInterceptor):
 
             return call
 
-        kinds = {
-            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler, unary_in),
-            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler, unary_in),
-            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler, stream_in),
-            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler, stream_in),
-        }
-        attr, make, wrap = kinds[(handler.request_streaming, handler.response_streaming)]
-        return make(wrap(getattr(handler, attr)), request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return rewrap(handler, lambda request_streams, _: stream_in if request_streams else unary_in)

@@ -14,6 +14,8 @@ from typing import Callable
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from distzo.infra.handlers import rewrap
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 GRPC_HANDLED = Counter("distzo_grpc_server_handled_total", "gRPC calls completed by the server",
@@ -81,12 +83,4 @@ class GrpcMetrics(grpc.ServerInterceptor):
 
             return call
 
-        kinds = {
-            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary),
-            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream),
-            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary),
-            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream),
-        }
-        attr, make, wrap = kinds[(handler.request_streaming, handler.response_streaming)]
-        return make(wrap(getattr(handler, attr)), request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return rewrap(handler, lambda _, response_streams: wrap_stream if response_streams else wrap_unary)
