@@ -57,6 +57,15 @@ def _nan(value: float | None) -> float:
 
 
 class Job:
+    """One training job on the coordinator, run by its own thread (``start``): from the parameter servers'
+    journaled step to ``train.steps``, each step is ``distzo.train.step.run_step`` with the workers' forwards (a
+    ``rounds.Round`` over the registry's workers) and the update sent to every parameter-server shard; the dev
+    split is evaluated when due and at the end. ``progress`` keeps the run's figures and the run log.
+
+    Control comes from the RPC handlers (``service.py``): ``pause`` and ``resume`` (between steps), ``stop``,
+    ``request_eval``; ``state`` is idle, starting, waiting_for_workers, running, paused, stopping, and at the end
+    one of ``ENDED``; ``status`` is the ``JobStatus`` zoctl shows."""
+
     def __init__(self, cfg: JobConfig, registry: Registry, param_servers: list[str], creds: Credentials,
                  run_dir: str | None = None):
         if cfg.train.lr is None or cfg.train.eps is None:  # the defaults for the target and the model's size

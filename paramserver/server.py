@@ -8,14 +8,14 @@ import signal
 import threading
 from pathlib import Path
 
+import grpc
 from grpc_health.v1 import health_pb2
 
 from distzo.common.config import JobConfig
 from distzo.infra.logs import kv
-import grpc
-
 from distzo.infra.metrics import start_metrics_server
 from distzo.infra.rpc import Credentials, RefuseMethods, add_health_and_reflection, bind, make_server, write_ready_file
+from distzo.zo import generator
 from paramserver import metrics
 from paramserver.dataplane.client import ParamServerClient
 from paramserver.durability.replication import Follower
@@ -142,6 +142,7 @@ def run(cfg: JobConfig, data_dir: str, listen: str, ready_file: str | None, bloc
         follow: str | None, name: str | None, control_listen: str | None = None,
         metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> int:
     bound_metrics = start_metrics_server(metrics_port, metrics_host)  # a port in use fails before anything starts
+    generator.set_cpu_threads(cfg.server.update_threads)  # the process's kernel threads (results never depend on them)
     server = ParamServer(cfg, data_dir, listen=listen, blocks=blocks, follow=follow, name=name,
                          control_listen=control_listen).start()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,8 +26,7 @@ from distzo.common.config import JobConfig
 from distzo.common.dtypes import ITEMSIZE
 from distzo.common.durable import CorruptFile, differences, read_checked_json, write_checked_json
 from distzo.common.locks import DirLock
-from distzo.data.catalog import base_model_name
-from distzo.data.catalog import resolve_model
+from distzo.data.catalog import base_model_name, resolve_model
 from distzo.infra.logs import kv
 from distzo.model.adapters import adapter_from_train
 from distzo.model.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
@@ -73,6 +72,16 @@ def manifest_digest(manifest_json: str) -> str:
 
 
 class ServerState:
+    """One parameter server's state for its blocks [first, end) of the model: the fp32 masters and served copies
+    (``BlockStore``), the optimizer's state, the update journal, snapshots, and the job that claimed the data directory
+    (held with an OS lock for the object's whole life).
+
+    ``recover`` loads the newest valid snapshot and replays the journal behind it; ``start`` starts the applier thread.
+    ``submit`` validates an update, journals it (fsync) and queues it; the applier applies the queue in step order,
+    block by block. ``snapshot_now`` and ``export`` write the weights at one version while training goes on; ``close``
+    stops the applier and lets the data directory go. Process-wide settings (the kernels' threads) are the caller's:
+    ``server.run``."""
+
     def __init__(self, cfg: JobConfig, data_dir: str | Path, blocks: tuple[int, int] | None = None,
                  name: str | None = None, role: str = "primary"):
         self.cfg = cfg
@@ -91,7 +100,6 @@ class ServerState:
         self.role = role
         self.dist = Distribution(cfg.train.distribution)
         self.optimizer = Optimizer.from_config(cfg.train)
-        generator.set_cpu_threads(cfg.server.update_threads)
         generator.warm_up()
         self.model_dir = resolve_model(cfg.model.source, cfg.runtime.cache_dir)
         self.model = load_model(self.model_dir, adapter_from_train(cfg.train))
