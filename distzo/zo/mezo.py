@@ -263,9 +263,9 @@ def make_update(
     sums = [losses[(j, d, s)][0] for j in range(q) for d in range(shards) for s in (1, -1)]
     if not all(math.isfinite(v) for v in sums):
         return StepOutcome(UpdateRecord(step, (), lr, weight_decay, skipped=True), math.nan, nonfinite=True)
-    per = sign_losses(losses, q, shards)
-    gs = [(per[(j, 1)] - per[(j, -1)]) / (2.0 * eps) for j in range(q)]
+    gs = projected_gradients(losses, q, shards, eps)
     dirs = tuple(Direction(seed=s, g=clip_gradient(g, clip)) for s, g in zip(seeds, gs))
+    per = sign_losses(losses, q, shards)
     plus, minus = [per[(j, 1)] for j in range(q)], [per[(j, -1)] for j in range(q)]
     return StepOutcome(UpdateRecord(step, dirs, lr, weight_decay), (sum(plus) + sum(minus)) / (2 * q),
                        loss_plus=sum(plus) / q, loss_minus=sum(minus) / q)
