@@ -243,6 +243,7 @@ def test_pertp_sends_each_sign_of_a_shard_to_its_own_worker(layout, workers, q):
 
     from coordinator.job import Job
     from distzo.train.plan import StepPlan
+    from distzo.train.precision import job_precision
 
     cfg = JobConfig.from_dict({"layout": {"name": layout, "workers": workers, "q": q}, "train": {"batch_size": 8}})
     plan = StepPlan(3, tuple(range(100, 100 + q)), tuple(range(8)), 1e-3)
@@ -251,7 +252,7 @@ def test_pertp_sends_each_sign_of_a_shard_to_its_own_worker(layout, workers, q):
     for plus, minus in zip(pieces[0::2], pieces[1::2]):
         (j, d, s), (j2, d2, s2) = plus[0], minus[0]
         assert (j, d) == (j2, d2) and (s, s2) == (1, -1)
-        assert forwards[plus[0]].coef == -forwards[minus[0]].coef == cfg.train.eps
+        assert forwards[plus[0]].coef == -forwards[minus[0]].coef == job_precision(cfg).eps  # the target's default
     assert sorted(k for p in pieces for k in p) == sorted(forwards)
 
 
