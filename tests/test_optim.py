@@ -165,7 +165,7 @@ def test_state_widths_are_one_table():
     ("momentum", 1.0, "train.momentum: Input should be less than 1"),
     ("adam_beta2", -0.1, "train.adam_beta2: Input should be greater than or equal to 0"),
     ("adam_eps", 0.0, "train.adam_eps: Input should be greater than 0"),
-    ("objective", "auc", "train.objective: Input should be 'loss', 'accuracy' or 'f1'"),
+    ("objective", "auc", "train.objective: Input should be 'loss', 'accuracy', 'f1' or 'classification'"),
 ])
 def test_the_config_names_a_bad_optimizer_setting(field, value, needle):
     with pytest.raises(ConfigError) as err:

@@ -294,7 +294,10 @@ def perturbation_report(args: argparse.Namespace, pred: Prediction):  # noqa: AN
     from distzo.train.precision import ModelDirSource, measure
     from distzo.zo.mezo import forward_precision
 
-    precision = forward_precision(_or_default(getattr(args, "eps", None), "eps"), DTYPES[pred.compute_dtype],
+    from distzo.train.defaults import EPS
+
+    eps = getattr(args, "eps", None)  # --eps, else the full target's default (train.eps is null: chosen by target)
+    precision = forward_precision(eps if eps is not None else EPS["full"], DTYPES[pred.compute_dtype],
                                   _train_default("eps_bf16"))
     manifest = load_model(path).manifest
     return measure(manifest, ModelDirSource(path), precision, pred.served_dtype, _train_default("distribution"),

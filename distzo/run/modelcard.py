@@ -21,6 +21,7 @@ import yaml
 from distzo.common.errors import counted
 from distzo.data.catalog import base_model_name
 from distzo.run.runlog import loss_window
+from distzo.train.defaults import job_eps
 from distzo.train.precision import forward_dtype_name, job_precision
 
 CARD_FILE = "README.md"
@@ -134,7 +135,7 @@ def write_model_card(out_dir: str | Path, text: str) -> Path:
 
 def _eps_text(cfg: Any) -> str:
     """train.eps, and what the forwards perturbed by when they computed in 16 bits (issue 29). ``cfg``: a JobConfig."""
-    used = job_precision(cfg)
+    used, eps = job_precision(cfg), job_eps(cfg.train)
     if forward_dtype_name(cfg) == "float32":
-        return f"{cfg.train.eps}"
-    return f"{cfg.train.eps} ({forward_dtype_name(cfg)} forwards: {used.eps:g}, 1-D tensors in float32)"
+        return f"{eps}"
+    return f"{eps} ({forward_dtype_name(cfg)} forwards: {used.eps:g}, 1-D tensors in float32)"
