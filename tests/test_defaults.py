@@ -85,10 +85,10 @@ def test_the_defaults_train_every_model_with_every_target_for_40_steps(model, ca
 
     real = model in catalog.CATALOG
     data = {"train": "rotten-tomatoes" if real and catalog.is_fetched("rotten-tomatoes") else None,
-            "dev_examples": 16, "max_seq_len": 32 if real else 64}
+            "dev_examples": 16, "max_seq_len": 32}
     for target in ("full", "lora", "prefix"):
         cfg = JobConfig.from_dict({"model": {"source": model}, "data": data, "runtime": {"cache_dir": cache_dir},
-                                   "train": {"steps": 40, "batch_size": 4 if real else 16, "target": target,
+                                   "train": {"steps": 40, "batch_size": 4 if real else 8, "target": target,
                                              "eval_every": 0}})
         tr = ReferenceTrainer(cfg)
         summary = tr.train(progress=False)  # a refused step raises (UpdateRefused)
