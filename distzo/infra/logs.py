@@ -49,7 +49,8 @@ class StderrHandler(logging.StreamHandler):
 def setup_logging(verbose: int = 0, service: str | None = None) -> None:
     """WARNING by default; -v: INFO; -vv: DEBUG. Third-party libraries stay at WARNING or above.
 
-    Idempotent: replaces the handler an earlier call installed and leaves other handlers alone.
+    Idempotent: replaces the handler an earlier call installed (and a plain handler on stderr, such as
+    ``logging.basicConfig``'s); other handlers (files, a test's capture) stay.
     """
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     root = logging.getLogger()
