@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,3 +78,26 @@ def test_the_layout_has_no_import_cycle_and_no_service_imports_another():
         if path.name not in ("__init__.py", "__main__.py"):
             folders[path.parent] = folders.get(path.parent, 0) + 1
     assert max(folders.values()) <= 12, {str(f.relative_to(ROOT)): n for f, n in folders.items() if n > 12}
+
+
+def _load_script(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_planted_bug_still_plants_where_it_says():
+    """scripts/plant_bugs.py's bugs stay current as code moves: each one's text occurs exactly once in its file
+    (or its patch applies), so the planted-bug table in tests/README.md can be re-run at any time."""
+    import subprocess
+
+    bugs = _load_script("plant_bugs")
+    for bug in bugs.BUGS:
+        if bug.patch:
+            r = subprocess.run(["git", "apply", "--check", str(ROOT / bug.patch)], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, f"{bug.name}: {bug.patch} does not apply: {r.stderr}"
+            continue
+        count = (ROOT / bug.file).read_text().count(bug.find)
+        assert count == 1, f"{bug.name}: its text occurs {count} times in {bug.file} (expected once): update scripts/plant_bugs.py"
