@@ -80,15 +80,16 @@ def _fetched(name: str) -> bool:
 def test_the_defaults_train_every_model_with_every_target_for_40_steps(model, cache_dir):
     """Every catalog model and preset, full, LoRA and prefix, at the defaults: no step refused or skipped, and the
     dev loss on a fixed set lower after 40 steps (deterministic: seeds, data order and perturbations are fixed).
-    The fetched models run on their task with short rows and small batches, to keep the test short."""
+    Rows of 16 tokens in batches of 2 (fetched models, on their task) or 4 (presets) keep the test short: what
+    it checks is that the defaults move a model the right way, not how far."""
     from distzo.train.reference import ReferenceTrainer
 
     real = model in catalog.CATALOG
     data = {"train": "rotten-tomatoes" if real and catalog.is_fetched("rotten-tomatoes") else None,
-            "dev_examples": 16, "max_seq_len": 32}
+            "dev_examples": 16, "max_seq_len": 16}
     for target in ("full", "lora", "prefix"):
         cfg = JobConfig.from_dict({"model": {"source": model}, "data": data, "runtime": {"cache_dir": cache_dir},
-                                   "train": {"steps": 40, "batch_size": 4 if real else 8, "target": target,
+                                   "train": {"steps": 40, "batch_size": 2 if real else 4, "target": target,
                                              "eval_every": 0}})
         tr = ReferenceTrainer(cfg)
         summary = tr.train(progress=False)  # a refused step raises (UpdateRefused)
