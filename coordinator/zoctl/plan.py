@@ -14,9 +14,11 @@ from typing import Any
 from coordinator.zoctl.common import EXIT_BAD_INPUT, CliError, print_json
 from distzo.common.dtypes import ITEMSIZE
 from distzo.common.errors import counted
-from distzo.perf.model import Prediction, Recommendation, mean_pending, predict, recommend
+from distzo.perf.clusters import CLUSTERS, ClusterSpec, GiB, with_overrides
+from distzo.perf.model import Prediction, mean_pending, predict
 from distzo.perf.peers import predict_peers
-from distzo.perf.specs import CLUSTERS, MODELS, ClusterSpec, GiB, LayoutSpec, ModelSpec, fmt_params, with_overrides
+from distzo.perf.recommend import Recommendation, recommend
+from distzo.perf.specs import MODELS, LayoutSpec, ModelSpec, fmt_params
 from distzo.perf.targets import FULL, TargetSpec, lora_target, prefix_target
 
 DEFAULT_CLUSTER = "h100x8"
