@@ -85,7 +85,7 @@ def register(sub: Any) -> None:
 
 
 def _train_default(name: str) -> Any:
-    from distzo.common.config import TrainSection
+    from distzo.common.configsections import TrainSection
 
     field = TrainSection.model_fields[name]
     return field.default_factory() if field.default_factory is not None else field.default

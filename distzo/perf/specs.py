@@ -159,7 +159,7 @@ class LayoutSpec:
 
     @classmethod
     def from_name(cls, name: str, workers: int, q: int = 1) -> "LayoutSpec":
-        """The layout the config's ``layout`` section means (same rules as distzo.common.config)."""
+        """The layout the config's ``layout`` section means (same rules as distzo.common.configsections.LayoutSection)."""
         if name not in ("dual", "pertp", "ddp", "2d"):
             raise ValueError(f"unknown layout {name!r} (dual, pertp, ddp, 2d)")
         pertp = 2 if name in ("pertp", "2d") else 1
