@@ -138,7 +138,7 @@ def calibrate_compute(cfg: JobConfig) -> tuple[float, float]:
 
 
 def calibrate(cfg: JobConfig) -> dict:
-    """Rates for the step-time model (distzo.perf.model) that do not depend on the layout (see its cluster_from_calibration)."""
+    """Rates for the step-time model (distzo.perf.model) that do not depend on the layout (see distzo.perf.clusters.cluster_from_calibration)."""
     import os
     from concurrent import futures
 
@@ -199,8 +199,9 @@ def calibrate(cfg: JobConfig) -> dict:
 def predict_step(cal: dict, cfg: JobConfig, tokens_per_step: float, compute: tuple[float, float]) -> float:
     from distzo.data.catalog import resolve_model
     from distzo.model.modeling import BlockModel
+    from distzo.perf.clusters import cluster_from_calibration
     from distzo.perf.model import predict
-    from distzo.perf.specs import LayoutSpec, ModelSpec, cluster_from_calibration
+    from distzo.perf.specs import LayoutSpec, ModelSpec
 
     model = ModelSpec.from_hf_config(BlockModel.from_dir(resolve_model(cfg.model.source, cfg.runtime.cache_dir)).config)
     rates = dict(cal)

@@ -233,8 +233,9 @@ def plan_rows(sizes: list[str], settings: list[str], mezo_served: list[str], zo2
 def recommended_window(model_dir: Path, tokens: int, seq_len: int, dtype: str) -> int:
     """The plan's update window for this model and batch on one H100-class GPU (zoctl plan, one node of one)."""
     from distzo.model.modeldir import read_config
-    from distzo.perf.model import recommend
-    from distzo.perf.specs import CLUSTERS, ModelSpec, with_overrides
+    from distzo.perf.clusters import CLUSTERS, with_overrides
+    from distzo.perf.recommend import recommend
+    from distzo.perf.specs import ModelSpec
 
     cluster = with_overrides(CLUSTERS["h100x8"], gpus_per_node=1)
     model = ModelSpec.from_hf_config(read_config(model_dir))

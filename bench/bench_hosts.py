@@ -93,8 +93,9 @@ def run(kind: type[HostsCluster], cfg: JobConfig, work: Path) -> dict:
 def scale(args: argparse.Namespace) -> list[dict]:
     """Tokens/s of zoctl up --hosts N for each N, beside the planner's prediction (cpu-netns, N nodes)."""
     from coordinator.zoctl.plan import resolve_model
+    from distzo.perf.clusters import CLUSTERS, with_overrides
     from distzo.perf.model import predict
-    from distzo.perf.specs import CLUSTERS, LayoutSpec, with_overrides
+    from distzo.perf.specs import LayoutSpec
 
     rows = []
     for n in (int(x) for x in args.scale.split(",")):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 from coordinator.registry import Registry, WorkerConn
-from distzo.common.config import CoordinatorSection
+from distzo.common.configsections import CoordinatorSection
 from distzo.common.wire_sizes import MAX_MESSAGE_BYTES
 from distzo.data.tasks import Batch
 from distzo.infra.logs import kv

@@ -61,7 +61,7 @@ def test_zoctl_config_and_up_refuse_an_unsendable_config_with_exit_2(tmp_path, c
 
 def _round(reg, policy=None, rows=1, cols=3):  # noqa: ANN001, ANN202
     from coordinator.rounds import Round
-    from distzo.common.config import CoordinatorSection
+    from distzo.common.configsections import CoordinatorSection
     from protos import coordinator_pb2 as cpb
 
     batch = Batch(torch.ones(rows, cols, dtype=torch.long), torch.ones(rows, cols, dtype=torch.long),
@@ -99,7 +99,7 @@ def test_a_deterministic_worker_error_is_not_retried_and_keeps_its_cause():
 
 def test_a_transient_error_repeated_to_the_limit_names_its_last_cause():
     from coordinator.rounds import RoundFailed
-    from distzo.common.config import CoordinatorSection
+    from distzo.common.configsections import CoordinatorSection
     from protos import coordinator_pb2 as cpb
 
     reg, (a,) = _registry("a")

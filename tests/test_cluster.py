@@ -259,7 +259,7 @@ def test_pertp_sends_each_sign_of_a_shard_to_its_own_worker(layout, workers, q):
 def test_late_and_duplicate_reports_are_ignored_and_counted():
     from coordinator.registry import Registry
     from coordinator.rounds import Round
-    from distzo.common.config import CoordinatorSection
+    from distzo.common.configsections import CoordinatorSection
     from distzo.data.tasks import Batch
     from protos import coordinator_pb2 as cpb
     import threading
@@ -309,7 +309,7 @@ def test_a_round_with_no_live_worker_waits_for_a_replacement(kind, caplog):
     round waits for a replacement to register, bounded by coordinator.assignment_timeout_s."""
     from coordinator.registry import Registry
     from coordinator.rounds import Round, RoundFailed
-    from distzo.common.config import CoordinatorSection
+    from distzo.common.configsections import CoordinatorSection
     from distzo.data.tasks import Batch
     from protos import coordinator_pb2 as cpb
     import threading

@@ -261,7 +261,7 @@ def _one_forward_round(server_timeout_s: float):
 
     from coordinator.registry import Registry
     from coordinator.rounds import Round
-    from distzo.common.config import CoordinatorSection
+    from distzo.common.configsections import CoordinatorSection
     from distzo.data.tasks import Batch
     from protos import coordinator_pb2 as cpb
 

@@ -120,7 +120,7 @@ def test_every_number_of_the_config_has_a_range_checked_before_anything_starts(t
     """Kind 4 of issue 28: an integer fits the protobuf field it travels in (int64 at most), a wait fits the
     timeouts of threading and gRPC, no number is inf or nan; past the range is one line, exit 2, nothing started."""
     from coordinator.zoctl.cli import main
-    from distzo.common.config import MAX_WAIT_S
+    from distzo.common.configsections import MAX_WAIT_S
     from distzo.common.wire_sizes import INT64_MAX
 
     fields = list(_numeric_fields())

@@ -186,8 +186,9 @@ def test_the_default_is_sgd_and_job_ids_of_sgd_runs_are_unchanged():
 
 @pytest.mark.parametrize("served", ["bfloat16", "float32"])
 def test_the_plan_gives_server_memory_per_parameter_for_each_optimizer(served):
+    from distzo.perf.clusters import CLUSTERS
     from distzo.perf.model import predict
-    from distzo.perf.specs import CLUSTERS, MODELS, LayoutSpec
+    from distzo.perf.specs import MODELS, LayoutSpec
 
     m = MODELS["OPT-13B"]
     c = CLUSTERS["h100x8"]

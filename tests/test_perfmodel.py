@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from distzo.perf.model import layouts_for, predict, recommend
-from distzo.perf.specs import CLUSTERS, MODELS, ClusterSpec, LayoutSpec, ModelSpec, cluster_from_calibration
+from distzo.perf.clusters import CLUSTERS, ClusterSpec, cluster_from_calibration
+from distzo.perf.model import predict
+from distzo.perf.recommend import layouts_for, recommend
+from distzo.perf.specs import MODELS, LayoutSpec, ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = CLUSTERS["h100x8"]

@@ -12,8 +12,10 @@ from distzo.data.presets import preset_config, preset_dir
 from distzo.model.adapters import LoraTarget
 from distzo.model.modeling import BlockModel
 from distzo.model.prefix import PrefixTarget
-from distzo.perf.model import predict, recommend
-from distzo.perf.specs import CLUSTERS, MODELS, LayoutSpec, ModelSpec
+from distzo.perf.clusters import CLUSTERS
+from distzo.perf.model import predict
+from distzo.perf.recommend import recommend
+from distzo.perf.specs import MODELS, LayoutSpec, ModelSpec
 from distzo.perf.targets import FULL, lora_target, prefix_target
 
 from test_perfmodel import zoctl

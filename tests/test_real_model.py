@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distzo.data import catalog
+from distzo.data import catalog, conversions
 
 pytestmark = pytest.mark.skipif(
     not (catalog.is_fetched("smollm2-135m") and catalog.is_fetched("rotten-tomatoes")),
@@ -66,7 +66,7 @@ def test_the_task_split_is_whole_and_disjoint():
     train_path, dev_path = catalog.resolve_task("rotten-tomatoes")
     train = [json.loads(x) for x in Path(train_path).read_text().splitlines()]
     dev = [json.loads(x) for x in Path(dev_path).read_text().splitlines()]
-    assert len(dev) == catalog.POLARITY_DEV_EXAMPLES and len(train) > 11_000
+    assert len(dev) == conversions.POLARITY_DEV_EXAMPLES and len(train) > 11_000
     assert not {r["text"] for r in train} & {r["text"] for r in dev}
     for split in (train, dev):
         share = sum(r["label"] for r in split) / len(split)

@@ -1,6 +1,6 @@
 """Text in and out of the job config: ``--set`` values, validation errors as one line, the user's UTF-8 files.
 
-Kept apart from the schema (``distzo.common.config``, which re-exports these) so that it stays one page.
+Kept apart from the schema (``distzo.common.config``, which re-exports these, and ``configsections``) so that it stays one page.
 """
 
 from __future__ import annotations

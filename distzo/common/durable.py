@@ -3,7 +3,7 @@
 **Job identity.** Two configs describe the same training trajectory when the fields that
 decide the weights agree: the model, the training data and its encoding, every training
 setting, the layout's arithmetic, the served dtype. ``job_identity`` derives them from the
-config schema (each section says which of its fields do: ``distzo.common.config._Section``; eval
+config schema (each section says which of its fields do: ``distzo.common.configsections.Section``; eval
 cadence, timeouts, threads and paths do not change the weights); ``job_id`` is its digest. A run directory, a run log and a parameter server's data directory record the
 identity of the job they hold, so a different job is refused instead of silently resuming
 someone else's state.
@@ -92,10 +92,10 @@ def job_identity(cfg: Any) -> dict[str, Any]:
     """The config fields that decide the weights (dotted names -> JSON values), from a ``JobConfig``.
 
     Derived from the schema, not listed here: every field of every section, by its section's identity
-    roles (``distzo.common.config._Section``): the trajectory's fields are in, at their default only when they
+    roles (``distzo.common.configsections.Section``): the trajectory's fields are in, at their default only when they
     were always recorded (older job ids stay valid) or their condition holds; the rest (threads, ports,
     paths, timeouts, evaluation cadence) are out, so a resume may change them."""
-    from distzo.common.config import NOT, When  # pydantic, only here: zoctl's light commands read run files
+    from distzo.common.configsections import NOT, When  # pydantic, only here: zoctl's light commands read run files
 
     ident: dict[str, Any] = {}
     for name in type(cfg).model_fields:

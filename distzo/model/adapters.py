@@ -30,7 +30,7 @@ from distzo.model.prefix import MODULE as PREFIX_MODULE
 from distzo.model.prefix import PrefixTarget, init_generator
 
 if TYPE_CHECKING:
-    from distzo.common.config import TrainSection
+    from distzo.common.configsections import TrainSection
 
 ADAPTER = "default"  # peft's adapter name: the skeleton's parameter names carry it
 BASE_MARK = ".base_layer."  # peft's wrapper puts the frozen linear under this attribute

@@ -29,12 +29,6 @@ overlap: the pipeline fill (one block's worth of each stage other than the slowe
 fetched before its forward starts) and the control round (the next step needs g of this one).
 ``sum_s`` is the no-overlap upper bound, so ``floor_s <= step_s <= sum_s``.
 
-Memory per GPU is a few blocks, never the model: ``prefetch + 1`` clean blocks, the perturbed
-copies of two adjacent blocks for each forward on the GPU (jobs run in lockstep), a tied
-embedding kept for the head, activations and a runtime allowance. Memory per server host is
-the fp32 master, the 16-bit served copy, the workers' pinned buffers; snapshot copy-on-write
-can add up to another fp32 copy (reported separately).
-
 ``train.target lora`` (``distzo/perf/targets.py``): of the model's P parameters, the frozen base
 (P) and the adapters (A) are all held by the server as fp32 master and served copy, but only
 the A trainable ones get optimizer state and are updated; a worker fetches the frozen blocks once
@@ -42,9 +36,11 @@ and keeps them in its memory at the served dtype (not in fetch groups of f > 1, 
 all-gathers must stay paired: they fetch every block every step), so per step only A·b travels,
 A is perturbed and A is updated; a forward computes 2·(P + A) FLOPs per token.
 
-The model, cluster and layout descriptions it is applied to are in ``specs.py``. On a CPU
-cluster the "GPUs" are worker processes, host->GPU is host->worker and NVLink the link inside a
-node; ``ClusterSpec.wording`` says each in the cluster's words (the terms keep their keys).
+Memory per GPU and per server host is in ``memory.py``, choosing a layout and update window by these
+predictions in ``recommend.py``; the model and layout descriptions it is applied to are in ``specs.py``,
+the clusters in ``clusters.py``. On a CPU cluster the "GPUs" are worker processes, host->GPU is
+host->worker and NVLink the link inside a node; ``ClusterSpec.wording`` says each in the cluster's
+words (the terms keep their keys).
 Units: seconds, bytes, bandwidths in GB/s = 1e9 bytes/s (a 400 Gb/s NIC is 50 GB/s).
 """
 
@@ -55,22 +51,19 @@ from typing import Any
 
 from distzo.common.dtypes import ITEMSIZE, STATE_VALUES
 from distzo.common.errors import counted
-from distzo.perf.specs import WORDING, GiB, ClusterSpec, LayoutSpec, ModelSpec, Wording
+from distzo.perf.clusters import WORDING, ClusterSpec, GiB, Wording
+from distzo.perf.memory import MASTER_BYTES, gpu_memory, host_memory, server_bytes_per_param
+from distzo.perf.specs import LayoutSpec, ModelSpec
 from distzo.perf.targets import FULL, TargetSpec
 
 BATCH_BYTES_PER_TOKEN = 9  # protos BatchData: int32 input_ids + int8 attention_mask + int32 labels
 CONTROL_BYTES_PER_WORKER = 512  # assignment header + loss report (assumption: a few hundred bytes)
 UPDATE_RECORD_BYTES = 128  # one journal record (step, seed, g, lr) per server host
-RUNTIME_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # CUDA context / interpreter and allocator slack (assumption)
-FROZEN_GPU_RESERVE = 0.2  # of the device: what gpuworker/feed.py leaves free when it keeps frozen blocks on the GPU
-MASTER_BYTES = 4  # the server's fp32 master
-TIE_TOLERANCE = 0.01  # layouts within 1% of the best tokens/s count as ties (then: less GPU memory wins)
 
 
 # ----------------------------------------------------------------------------- prediction
 TERMS = ("compute", "h2d", "nvlink", "network", "server_update", "host_dram", "control")
 STREAMING_TERMS = ("compute", "h2d", "nvlink", "network", "server_update")  # overlap each other
-WINDOWS = (1, 2, 4, 8, 16, 32)  # the update windows a plan considers
 
 
 @dataclass(frozen=True)
@@ -176,18 +169,6 @@ def _network_bytes(params: int, cluster: ClusterSpec, b: int, shards: int) -> tu
     return inbound, outbound
 
 
-def server_bytes_per_param(optimizer: str, served_dtype: str, trainable: bool = True, window: int = 1) -> int:
-    """Parameter-server memory per parameter (bytes): the fp32 master, the served copy (none at float32:
-    the master is served), with update window > 1 a second served slot (trainable parameters only), and for
-    a trainable parameter the optimizer's fp32 state (momentum 1 value, adam 2; distzo/zo/optim.py). A frozen
-    parameter (train.target lora's base) has no state."""
-    if optimizer not in STATE_VALUES:
-        raise ValueError(f"optimizer {optimizer!r}: expected one of {', '.join(STATE_VALUES)}")
-    state = 4 * STATE_VALUES[optimizer] if trainable else 0
-    second = ITEMSIZE[served_dtype] if trainable and window > 1 else 0
-    return MASTER_BYTES + (0 if served_dtype == "float32" else ITEMSIZE[served_dtype]) + second + state
-
-
 def update_traffic_ratio(optimizer: str, served_dtype: str) -> float:
     """DRAM bytes of one update per parameter with ``optimizer`` over sgd's: read+write of the master, its
     state, and the served copy written (the factor the sgd-calibrated server-update rate is scaled by)."""
@@ -207,60 +188,6 @@ def update_pass_bytes(optimizer: str, served_dtype: str) -> int:
 def mean_pending(window: int) -> float:
     """Records a step's workers replay on average: t - base_version(t, K) runs over K - 1 .. 2K - 2."""
     return 1.5 * (window - 1)
-
-
-def _host_memory(model: ModelSpec, cluster: ClusterSpec, served_dtype: str, shards: int,
-                 prefetch_blocks: int, optimizer: str = "sgd", target: TargetSpec = FULL,
-                 window: int = 1) -> tuple[dict[str, float], float]:
-    b = ITEMSIZE[served_dtype]
-    total, trainable = target.total(model), target.trainable(model)
-    master = MASTER_BYTES * total / shards
-    served = 0.0 if served_dtype == "float32" else b * total / shards
-    # K > 1: the second served slot (the published base while the next is written; a float32 copy's slots
-    # are the masters of two bases); a frozen block's slots share one buffer
-    second = b * trainable / shards if window > 1 else 0.0
-    state = 4 * STATE_VALUES[optimizer] * trainable / shards  # trainable blocks only
-    pinned_blocks = 1 if model.tied else 0
-    pool = (prefetch_blocks + pinned_blocks + 1) * model.largest_block() * b  # gpuworker.runner's BufferPool
-    buffers = float(cluster.gpus_per_node * pool)
-    mem = {"master_fp32": master, "served_copy": served}
-    if second:
-        mem["second_served_slot"] = second
-    if state:
-        mem["optimizer_state"] = state
-    mem.update(worker_buffers=buffers, total=master + served + second + state + buffers)
-    # a snapshot's copy-on-write copies a block's master and state, of the blocks an update changes
-    return mem, MASTER_BYTES * trainable / shards + state
-
-
-def _gpu_memory(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, b: int, cb: int, tokens_per_gpu: float,
-                prefetch_blocks: int, target: TargetSpec = FULL, kept: bool = False) -> dict[str, float]:
-    """``kept``: the worker keeps the frozen blocks (train.target lora, no fetch group)."""
-    jobs = layout.forwards_per_worker
-    streamed = model.largest_block(include_embed=not model.tied)  # a tied embedding stays resident instead
-    resident = (prefetch_blocks + 1) * streamed * b
-    perturbed = streamed if not target.frozen_base else max(1, target.adapter_params // model.layers)
-    copies = 2 * jobs * perturbed * cb  # lockstep: job 0 may be on block b+1 while job 1 is still on b
-    tied = model.embed_params * (b + jobs * cb) if model.tied else 0.0
-    if target.frozen_base and model.tied:
-        tied = 0.0 if kept else model.embed_params * b  # frozen: never perturbed (and kept with the other frozen blocks)
-    mlp = model.ffn * (2 if model.gated else 1)
-    residual = jobs * tokens_per_gpu * model.hidden * cb
-    transient = tokens_per_gpu * max((4 * model.hidden + mlp) * cb, 4 * model.vocab)  # one job computes at a time
-    runtime = float(RUNTIME_BYTES.get(cluster.device, RUNTIME_BYTES["cuda"]))
-    mem = {"resident_blocks": resident, "perturbed_copies": copies, "tied_embedding": tied,
-           "activations": residual + transient, "runtime": runtime}
-    host = 0.0
-    if kept:  # fetched once, at the served dtype, and kept as gpuworker/feed.py's FrozenBlocks keeps them
-        frozen = float(target.frozen(model) * b)
-        if cluster.device == "cpu":
-            on_device = frozen  # a CPU worker's memory holds them all
-        else:  # GPU memory up to what is free less a fifth of the device, the rest in pinned host memory
-            on_device = min(frozen, max(0.0, cluster.gpu_memory_bytes * (1 - FROZEN_GPU_RESERVE) - sum(mem.values())))
-        mem["frozen_blocks_kept"] = on_device
-        host = frozen - on_device
-    mem["total"] = sum(mem.values())
-    return mem, host
 
 
 def _check(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_per_step: int, served_dtype: str,
@@ -307,7 +234,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
     kept = bool(frozen) and f == 1  # a worker keeps the frozen blocks (not in fetch groups: feed.py)
     fetched = P - frozen if kept else P  # parameters fetched per step
     tokens_per_gpu = T / (layout.ddp * g)
-    gpu_mem, frozen_in_host = _gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks, target, kept)
+    gpu_mem, frozen_in_host = gpu_memory(model, cluster, layout, b, cb, tokens_per_gpu, prefetch_blocks, target, kept)
 
     tflops = cluster.gpu_tflops if cb == 2 else (cluster.gpu_tflops_fp32 or cluster.gpu_tflops)
     forward_s = layout.q * 2 * 2 * P * T / gpus / (tflops * 1e12 * cluster.mfu)
@@ -342,7 +269,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, layout: LayoutSpec, tokens_p
         # one CPU host: every worker's compute and fetch copy, and the server's update, share its cores
         cpu_work = layout.workers * (terms["compute"] + terms["h2d"] + terms["nvlink"]) + terms["server_update"]
         step = max(step, cpu_work / cluster.host_cores + terms["control"])
-    host_mem, headroom = _host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer, target, window)
+    host_mem, headroom = host_memory(model, cluster, served_dtype, shards, prefetch_blocks, optimizer, target, window)
     if frozen_in_host:  # every worker of a node keeps its own pinned copy of what its GPU has no room for
         host_mem["worker_frozen_copies"] = frozen_in_host * cluster.gpus_per_node / g
         host_mem["total"] += host_mem["worker_frozen_copies"]
@@ -396,92 +323,3 @@ def _assumptions(cluster: ClusterSpec, g: int, f: int, prefetch_blocks: int, opt
          "use (gpuworker/feed.py); per step the trainable blocks are fetched" if f == 1 else "fetched every step (a fetch group "
          "does not keep them)") + "; only the trainable blocks are perturbed, updated and have optimizer state",)
         if target.frozen_base else ())
-
-
-# ----------------------------------------------------------------------------- recommendation
-@dataclass(frozen=True)
-class Recommendation:
-    """The chosen layout, its prediction, why, and every layout considered."""
-
-    layout: LayoutSpec
-    prediction: Prediction
-    reason: str
-    candidates: tuple[Prediction, ...]
-
-    @property
-    def window(self) -> int:
-        """The recommended server.update_window."""
-        return self.prediction.window
-
-    def to_dict(self) -> dict[str, Any]:
-        p = self.prediction
-        return {"layout": self.layout.to_dict(), "shards": p.shards, "update_window": p.window,
-                "tokens_per_s": p.tokens_per_s, "step_s": p.step_s, "bottleneck": p.bottleneck, "fits": p.fits,
-                "reason": self.reason}
-
-
-def min_shards(model: ModelSpec, cluster: ClusterSpec, served_dtype: str = "bfloat16",
-               prefetch_blocks: int = 2, optimizer: str = "sgd", target: TargetSpec = FULL) -> int | None:
-    """The fewest server shards whose host memory fits (None: not even the most shards fit)."""
-    for s in valid_shards(cluster):
-        mem, _ = _host_memory(model, cluster, served_dtype, s, prefetch_blocks, optimizer, target)
-        if mem["total"] <= cluster.host_memory_bytes:
-            return s
-    return None
-
-
-def layouts_for(workers: int, sequences: int, q: int = 1) -> list[LayoutSpec]:
-    """Every layout of exactly ``workers`` workers with q directions whose data shards divide the batch."""
-    out = []
-    for pertp in (1, 2):
-        if workers % (pertp * q) == 0:
-            ddp = workers // (pertp * q)
-            if sequences % ddp == 0:
-                out.append(LayoutSpec(pertp, ddp, q))
-    return out
-
-
-def recommend(model: ModelSpec, cluster: ClusterSpec, tokens_per_step: int, served_dtype: str = "bfloat16",
-              seq_len: int = 2048, q: int = 1, shards: int | None = None, prefetch_blocks: int = 2,
-              optimizer: str = "sgd", target: TargetSpec = FULL, window: int | None = None) -> Recommendation:
-    """The layout and update window with the best predicted tokens/s that fit; ties (within 1%) go to the
-    smaller window (1 where the update does not bound the step), then to less GPU memory. ``window``: only
-    that one (a stateful optimizer: 1 only)."""
-    if seq_len < 1 or tokens_per_step < seq_len or tokens_per_step % seq_len:
-        raise ValueError(f"tokens per step {tokens_per_step} must be a positive multiple of the sequence length {seq_len}")
-    sequences = tokens_per_step // seq_len
-    layouts = layouts_for(cluster.workers, sequences, q)
-    if not layouts:
-        raise ValueError(f"no layout of {counted(cluster.workers, 'worker')} with q={q} divides {sequences} sequences per step "
-                         f"into data shards: change --tokens-per-step, --seq-len or --q")
-    s = shards if shards is not None else (min_shards(model, cluster, served_dtype, prefetch_blocks, optimizer, target)
-                                           or valid_shards(cluster)[-1])
-    windows = [window] if window is not None else [1] if STATE_VALUES[optimizer] else list(WINDOWS)
-    preds = [predict(model, cluster, lay, tokens_per_step, served_dtype, seq_len, s, prefetch_blocks, optimizer, target, k)
-             for lay in layouts for k in windows]
-    fitting = [p for p in preds if p.fits]
-    pool = fitting or preds
-    best_tps = max(p.tokens_per_s for p in pool)
-    ties = [p for p in pool if p.tokens_per_s >= best_tps * (1 - TIE_TOLERANCE)]
-    best = min(ties, key=lambda p: (p.window, p.memory_per_gpu_bytes["total"], p.layout.pertp))
-    return Recommendation(best.layout, best, _reason(best, pool, ties, bool(fitting)), tuple(preds))
-
-
-def _reason(best: Prediction, pool: list[Prediction], ties: list[Prediction], fits: bool) -> str:
-    lay = best.layout
-    head = (f"{lay.name} (pertp={lay.pertp}, ddp={lay.ddp}, q={lay.q}, {best.shards} shard{'s' if best.shards > 1 else ''}, "
-            f"server.update_window {best.window})")
-    if not fits:
-        return (f"{head}: nothing fits ({best.why_not_fits()}); more nodes (server shards), float32 serving "
-                f"(no 16-bit copy on the host) or fewer tokens per step may make it fit")
-    choices = counted(len({p.layout for p in pool}), 'layout') + (
-        f" x {counted(len({p.window for p in pool}), 'update window')}" if len({p.window for p in pool}) > 1 else "")
-    text = (f"{head}: best predicted {best.tokens_per_s:,.0f} tokens/s of {choices} that fit, "
-            f"bound by {best.wording.terms[best.bottleneck]}")
-    others = sorted({p.layout.name for p in ties if p.layout != best.layout})
-    if others:
-        text += f"; ties with {', '.join(others)} within {TIE_TOLERANCE:.0%}, chosen for less {best.wording.memory}"
-    larger = sorted({p.window for p in ties if p.window > best.window})
-    if larger:
-        text += f"; update windows {', '.join(map(str, larger))} within {TIE_TOLERANCE:.0%} too, the smallest chosen"
-    return text

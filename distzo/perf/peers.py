@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from distzo.common.dtypes import ITEMSIZE
-from distzo.perf.specs import ClusterSpec, ModelSpec
+from distzo.perf.clusters import ClusterSpec
+from distzo.perf.specs import ModelSpec
 
 PERTURB_PASSES = 3  # +eps, -2eps, +eps, in place (MeZO's and ZO2's perturb/restore)
 

@@ -20,7 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from distzo.common.config import JobConfig, LayoutSection
+from distzo.common.config import JobConfig
+from distzo.common.configsections import LayoutSection
 from distzo.zo.mezo import learning_rate
 
 
