@@ -2,8 +2,10 @@
 
     for t from the server's journaled step to train.steps:
         distzo.train.step.run_step, the reference trainer's step, with
-            forwards = each layout worker's forwards, version t   (rounds.Round: dispatch, collect)
-            update   = send UpdateRecord(t, (seed, g)..., lr) to every parameter-server shard
+            forwards      = each layout worker's forwards, version t   (rounds.Round: dispatch, collect)
+            dispatch next = step t+1's round, sent now: its workers wait for version t+1 while the server
+                            applies step t's update                  (roundplan.round_plan, made once)
+            update        = send UpdateRecord(t, (seed, g)..., lr) to every parameter-server shard
         eval every N steps on the dev split
 
 A restarted coordinator resumes from the parameter server's journaled step: plans are
@@ -12,35 +14,32 @@ pure functions of (master seed, t), so the run continues exactly where it was.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import replace
+from typing import Any, Callable
 
-import grpc
 import torch
-from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_exponential
 
 from coordinator.progress import Progress, set_job_state, set_worker_gauges
 from coordinator.registry import Registry
+from coordinator.roundplan import RoundPlan, UpdateWindow, round_plan
 from coordinator.rounds import BadInput, Round, RoundFailed
+from coordinator.serverlink import JobFailed, ServerLink
 from distzo.common.config import JobConfig
-from distzo.common.durable import CorruptFile, JobMismatch, differences, job_id, job_identity
+from distzo.common.durable import CorruptFile, JobMismatch, job_identity
 from distzo.data.jobdata import EvalTally, JobData
-from distzo.data.tasks import Batch
 from distzo.infra.logs import kv
 from distzo.infra.rpc import Credentials
 from distzo.model.blocks import ITEMSIZE
 from distzo.run.runlog import RunLog
 from distzo.train.defaults import resolve
 from distzo.train.objective import forward_sums
-from distzo.train.plan import StepPlan, step_plan, worker_roles
-from distzo.train.precision import job_precision
-from distzo.train.step import ForwardKey, Losses, TrainingStopped, run_step
-from distzo.zo.mezo import UpdateRecord, base_version
-from paramserver.dataplane.client import FetchError, ParamServerClient
+from distzo.train.step import Forwarded, TrainingStopped, run_step
+from distzo.zo.mezo import UpdateRecord
+from paramserver.dataplane.client import FetchError
 from protos import coordinator_pb2 as cpb
 
 ENDED = ("stopped", "done", "failed")  # a job in one of these states does not change any more
@@ -48,19 +47,11 @@ ENDED = ("stopped", "done", "failed")  # a job in one of these states does not c
 log = logging.getLogger("distzo.coordinator.job")
 
 
-class JobFailed(RuntimeError):
-    pass
-
-
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else float(value)
-
-
 class Job:
     """One training job on the coordinator, run by its own thread (``start``): from the parameter servers'
     journaled step to ``train.steps``, each step is ``distzo.train.step.run_step`` with the workers' forwards (a
-    ``rounds.Round`` over the registry's workers) and the update sent to every parameter-server shard; the dev
-    split is evaluated when due and at the end. ``progress`` keeps the run's figures and the run log.
+    ``rounds.Round`` over the registry's workers), the next step's round dispatched, and the update sent to every
+    parameter-server shard (``serverlink.ServerLink``); the dev split is evaluated when due and at the end. ``progress`` keeps the run's figures and the run log.
 
     Control comes from the RPC handlers (``service.py``): ``pause`` and ``resume`` (between steps), ``stop``,
     ``request_eval``; ``state`` is idle, starting, waiting_for_workers, running, paused, stopping, and at the end
@@ -73,17 +64,16 @@ class Job:
             log.info("defaults", extra=kv(settings=said))
         self.cfg = cfg
         self.registry = registry
-        self.param_servers = param_servers
-        self.creds = creds
         self._state = "idle"
         self.error = ""
         self.error_kind = ""  # "bad_input": a deterministic error in the job's input (zoctl exits 2)
         self.step = 0
         self.resumed_from = 0
         self.progress = Progress()
+        # the rounds whose results on_result (the RPC threads) routes: the one waited for, and the next step's,
+        # dispatched before this step's update
         self.round: Round | None = None
-        self._next: Round | None = None  # the next step's round, dispatched before this step's update
-        self._last_round: Round | None = None  # the round whose losses made the current step's record
+        self._next: Round | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._changed = threading.Condition()  # notified on every change of state (pause and resume wait for it)
@@ -91,16 +81,13 @@ class Job:
         self._eval_requests: list[threading.Event] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.client: ParamServerClient | None = None
         self.data: JobData | None = None
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
         self.run_log = RunLog(run_dir) if run_dir else None
         self.identity = job_identity(cfg)
-        self.job_id = job_id(self.identity)
-        self._claimed = False
-        # update windows: the records a step's workers replay on their base (distzo.zo.mezo.base_version)
-        self.records: dict[int, UpdateRecord] = {}
+        self.server = ServerLink(cfg, param_servers, creds, self.identity, self._stop)
+        self.window = UpdateWindow(cfg.server.update_window)  # the records a step's workers replay on their base
 
     @property
     def state(self) -> str:
@@ -180,30 +167,11 @@ class Job:
         cfg = self.cfg
         self.state = "starting"
         self.data = JobData.load(cfg)
-        self.client = self._connect_servers()
-        server_cfg = JobConfig.from_yaml_text(self.client.config_yaml, "the parameter server's job config")
-        for name, ours, theirs in (("train.distribution", cfg.train.distribution, server_cfg.train.distribution),
-                                   ("model.source", cfg.model.source, server_cfg.model.source),
-                                   ("server.update_window", cfg.server.update_window, self.client.update_window)):
-            if ours != theirs:
-                raise JobFailed(f"{name} is {ours!r} here but {theirs!r} on the parameter server")
-        status = self.client.status()
-        for shard in status:  # a server holding another job's journal is never resumed by this one
-            if shard.job_id and shard.job_id != self.job_id:
-                theirs = json.loads(shard.job_identity_json or "{}")
-                raise JobFailed(f"the parameter server holds the state of another job ({differences(theirs, self.identity)}); "
-                                "give this job a fresh data directory (zoctl up: a new --run-dir)")
-        self.resumed_from = self.step = min(s.journaled_steps for s in status)
-        base = base_version(self.step, cfg.server.update_window)
-        # resuming mid-window: the records after the base the next steps read (the server may be restarting too)
-        transient = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
-                     grpc.StatusCode.DEADLINE_EXCEEDED)
-        records = Retrying(retry=retry_if_exception(lambda e: isinstance(e, FetchError) and e.code in transient),
-                           wait=wait_exponential(multiplier=0.1, max=2.0), stop=stop_after_delay(cfg.coordinator.server_timeout_s),
-                           reraise=True)(self.client.records, base, self.step)
-        self.records = {r.step: r for r in records}
-        self.progress.on_start(self.step, cfg.train.steps, self.client.manifest.numel * ITEMSIZE[self.client.served_dtype])
-        self.progress.measure_perturbation(cfg, self.client.manifest, self.data.model_dir)  # logged, in status and metrics
+        client = self.server.connect()
+        self.resumed_from = self.step = self.server.journaled_step()
+        self.window = UpdateWindow(cfg.server.update_window, self.server.window_records(self.step))
+        self.progress.on_start(self.step, cfg.train.steps, client.manifest.numel * ITEMSIZE[client.served_dtype])
+        self.progress.measure_perturbation(cfg, client.manifest, self.data.model_dir)  # logged, in status and metrics
         if self.resumed_from:
             log.info("resuming from the parameter server's journal", extra=kv(step=self.resumed_from))
         if self.run_log is not None:  # the whole run's history, also from before a restart
@@ -211,13 +179,7 @@ class Job:
                 history = self.run_log.resume(self.step, cfg)
             except (JobMismatch, CorruptFile) as exc:
                 raise JobFailed(str(exc)) from None
-            self.progress.losses = [r["loss"] if r.get("loss") is not None else math.nan for r in history.steps]
-            self.progress.evals = [{**e, "dev_loss": _nan(e["dev_loss"]), "dev_accuracy": _nan(e["dev_accuracy"])}
-                                   for e in history.evals]
-            # the totals a summary reports are the whole run's: what the coordinator before this one counted too
-            self.progress.tokens = sum(int(r.get("tokens") or 0) for r in history.steps)
-            self.progress.skipped_steps = sum(1 for r in history.steps if r.get("skipped"))
-            self.progress.train_seconds = history.elapsed_s
+            self.progress.on_resume(history)
         self.state = "waiting_for_workers"
         need = cfg.layout.workers
         ok = self.registry.wait_for(lambda: sum(len(u) for u in self.registry.units()) >= need or self._stop.is_set(),
@@ -227,26 +189,17 @@ class Job:
                             f"in {cfg.coordinator.worker_wait_s:.0f}s")
         self.state = "running"
 
-    def _connect_servers(self) -> ParamServerClient:
-        deadline = time.monotonic() + self.cfg.coordinator.server_timeout_s
-        while True:
-            try:
-                return ParamServerClient(self.param_servers, self.creds, connect_timeout_s=10).connect()
-            except FetchError:
-                if time.monotonic() > deadline or self._stop.is_set():
-                    raise
-                time.sleep(1.0)
-
     def _train(self) -> None:
         cfg = self.cfg
         if self._eval_due(self.step):  # the zero-shot figures, or the evaluation a coordinator before this one missed
             self._evaluate()
+        ahead: RoundPlan | None = None  # step t's round when step t-1 dispatched it
         for t in range(self.step, cfg.train.steps):
             self._between_steps()
             if self._stop.is_set():
                 return
             t0 = time.perf_counter()
-            self._train_step(t)
+            ahead = self._train_step(t, ahead)
             self.step = t + 1
             self.progress.on_step_done(self.step, time.perf_counter() - t0)
             set_worker_gauges(w.state for w in list(self.registry.workers.values()))
@@ -276,99 +229,82 @@ class Job:
             self.state = "paused"
             time.sleep(0.05)
 
-    def _round_spec(self, plan: StepPlan) -> tuple[dict[ForwardKey, cpb.ForwardSpec], list[list[ForwardKey]]]:
-        """The layout's forwards of ``plan``, by (direction, shard, sign), and each worker's piece of them."""
-        eps = job_precision(self.cfg).eps  # the forwards' (train.eps_bf16 for bfloat16 forwards)
-        cands = self.data.train_candidates if self.data is not None else ()  # train.objective accuracy: scored
-        forwards: dict[ForwardKey, cpb.ForwardSpec] = {}
-        pieces = []
-        for roles in worker_roles(self.cfg.layout):
-            piece = []
-            for r in roles:
-                key = (r.direction, r.shard, r.sign)
-                forwards[key] = cpb.ForwardSpec(direction=r.direction, shard=r.shard, sign=r.sign,
-                                                seed=plan.seeds[r.direction], coef=r.sign * eps,
-                                                want_scores=bool(cands), candidates=cands)
-                piece.append(key)
-            pieces.append(piece)
-        return forwards, pieces
+    def _train_step(self, t: int, ahead: RoundPlan | None = None) -> RoundPlan | None:
+        """Step t through the one step function (``distzo.train.step.run_step``), stage by stage:
 
-    def _prestart(self, t: int) -> None:
-        """Send step t's assignments now, before step t-1's update goes to the server: the workers start
-        waiting for block 0 of version t while the server applies the update, and fetch it the moment
-        it is served (no round trip between steps). Only for a plain training step: not when an eval,
-        a pause, a stop or the end of the run comes first."""
-        cfg = self.cfg
+            forwards       a round over the workers: ``ahead``'s, sent during step t-1's update, or a new one
+            dispatch next  step t+1's round, sent before this step's update (``_dispatch_next``)
+            update         the record to every parameter-server shard
+
+        Returns step t+1's round when it was dispatched (None: that step makes its own)."""
+        assert self.data is not None
+        s0 = time.perf_counter()
+        step = ahead if ahead is not None and ahead.plan.step == t else round_plan(self.cfg, t, self.data)
+        result = run_step(self.cfg, step, forwards=self._forwards, dispatch_next=self._dispatch_next,
+                          update=self._update, train_log=self.progress, run_log=self.run_log,
+                          elapsed_s=lambda: self.progress.train_seconds + time.perf_counter() - s0,
+                          observe=self.progress.on_outcome)
+        self.progress.on_step_round(result.forwarded.ran)
+        return result.dispatched
+
+    def _forwards(self, step: RoundPlan, attempt: int) -> Forwarded:
+        """One round over the workers (on the first attempt, the one already started when there is one); the
+        losses scored by the objective (``forward_sums``), and the round that ran them."""
+        started = step.started if attempt == 0 else None
+        rnd = self._run_round(step.plan.step, "train", step.forwards, step.shard_batches(), step.pieces, started=started)
+        for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
+            raise BadInput(f"step {step.plan.step}: forward (direction, shard, sign) = {k} cannot run: {err}")
+        tokens = sum(r.tokens for r in rnd.results.values())
+        if not self.data.train_candidates:  # type: ignore[union-attr]
+            return Forwarded({k: rnd.loss(k) for k in step.forwards}, tokens, rnd)
+        cands = self.data.train_candidates  # type: ignore[union-attr]
+        losses = {}
+        for k in step.forwards:
+            r = rnd.results[k]
+            losses[k] = forward_sums(self.cfg.train.objective, cands, step.batches[k[1]], r.loss_sum, r.label_tokens,
+                                     torch.tensor(list(r.scores), dtype=torch.float64))
+        return Forwarded(losses, tokens, rnd)
+
+    def _dispatch_next(self, record: UpdateRecord) -> RoundPlan | None:
+        """Keep step t's record (the next steps' workers replay it until their base passes it), then send step
+        t+1's round now, before step t's update goes to the server: the workers start waiting for block 0 of
+        version t+1 while the server applies the update, and fetch it the moment it is served (no round trip
+        between steps). Only for a plain training step: not when an eval, a pause, a stop or the end of the run
+        comes first, nor without a worker (the step's own round waits for one). Returns the round, or None."""
+        self.window.keep(record)
+        cfg, t = self.cfg, record.step + 1
         assert self.data is not None
         due_eval = cfg.train.eval_every and t % cfg.train.eval_every == 0
         with self._lock:
             evals_waiting = bool(self._eval_requests)
         if t >= cfg.train.steps or due_eval or evals_waiting or self._paused.is_set() or self._stop.is_set():
-            return
+            return None
         if not self.registry.units():  # no worker now: the step's own round waits for one, after the update
-            return
-        plan = step_plan(cfg, t, len(self.data.train))
-        forwards, pieces = self._round_spec(plan)
-        version, pending = self._base(t)
-        rnd = Round(self.registry, cfg.coordinator, t, version, "train", forwards,
-                    dict(enumerate(self.data.shard_batches(plan))), self._stop, pending)
+            return None
+        step = round_plan(cfg, t, self.data)
+        rnd = self._new_round(t, "train", step.forwards, step.shard_batches())
         self._next = rnd
-        rnd.start(pieces)
-
-    def _train_step(self, t: int) -> None:
-        """Step t through the one step function (distzo.train.step): a round over the workers, then the server."""
-        assert self.data is not None
-        s0 = time.perf_counter()
-        self._last_round = None
-        run_step(self.cfg, t, self.data, self._forwards, self._update, self.progress, self.run_log,
-                 elapsed_s=lambda: self.progress.train_seconds + time.perf_counter() - s0,
-                 observe=self.progress.on_outcome)
-        assert self._last_round is not None
-        self.progress.on_step_round(self._last_round)
-
-    def _forwards(self, plan: StepPlan, batches: Sequence[Batch], attempt: int) -> tuple[Losses, int]:
-        """One round over the workers (the one dispatched early by ``_prestart`` on the first attempt)."""
-        forwards, pieces = self._round_spec(plan)
-        started, self._next = self._next, None
-        if attempt > 0 or started is None or started.step != plan.step:
-            started = None
-        rnd = self._run_round(plan.step, "train", forwards, dict(enumerate(batches)), pieces, started=started)
-        for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
-            raise BadInput(f"step {plan.step}: forward (direction, shard, sign) = {k} cannot run: {err}")
-        self._last_round = rnd
-        if not self.data.train_candidates:  # type: ignore[union-attr]
-            return {k: rnd.loss(k) for k in forwards}, sum(r.tokens for r in rnd.results.values())
-        cands = self.data.train_candidates  # type: ignore[union-attr]
-        losses = {}
-        for k in forwards:
-            r = rnd.results[k]
-            losses[k] = forward_sums(self.cfg.train.objective, cands, batches[k[1]], r.loss_sum, r.label_tokens,
-                                     torch.tensor(list(r.scores), dtype=torch.float64))
-        return losses, sum(r.tokens for r in rnd.results.values())
-
-    def _base(self, step: int) -> tuple[int, list[UpdateRecord]]:
-        """The base version step ``step``'s workers fetch and the records they replay on it (update windows)."""
-        version = base_version(step, self.cfg.server.update_window)
-        return version, [self.records[s] for s in range(version, step)]
+        rnd.start(step.pieces)
+        return replace(step, started=rnd)
 
     def _update(self, record: UpdateRecord) -> None:
-        """Dispatch the next step's round, then send this step's record to every server shard."""
-        self.records[record.step] = record  # the next steps' workers replay it until their base passes it
-        keep_from = base_version(record.step + 1, self.cfg.server.update_window)
-        for s in [s for s in self.records if s < keep_from]:
-            del self.records[s]
-        self._prestart(record.step + 1)
+        """Send the record to every server shard (timed: the update phase)."""
         u0 = time.perf_counter()
-        self._send_update(record)
+        self.server.send_update(record)
         self.progress.on_update(time.perf_counter() - u0)
+
+    def _new_round(self, step: int, kind: str, forwards: dict, batches: dict) -> Round:
+        """A round of step ``step``'s forwards on its base version, with the records the workers replay on it."""
+        version, pending = self.window.base(step)
+        return Round(self.registry, self.cfg.coordinator, step, version, kind, forwards, batches, self._stop, pending)
 
     def _run_round(self, step: int, kind: str, forwards: dict, batches: dict, pieces: list,
                    started: Round | None = None) -> Round:
-        rnd = started
-        if rnd is None:
-            version, pending = self._base(step)
-            rnd = Round(self.registry, self.cfg.coordinator, step, version, kind, forwards, batches, self._stop, pending)
+        """Run a round to its end: ``started`` (already sent) or a new one, sent now; the finished round."""
+        rnd = started if started is not None else self._new_round(step, kind, forwards, batches)
         self.round = rnd
+        if self._next is rnd:  # routed as the current round from now on
+            self._next = None
         try:
             if started is None:
                 rnd.start(pieces)
@@ -387,26 +323,6 @@ class Job:
             worker.inflight.discard(result.assignment_id)
             if not worker.inflight and worker.live:
                 worker.state = "idle"
-
-    def _send_update(self, record: UpdateRecord) -> None:
-        assert self.client is not None
-
-        def send() -> None:
-            # the job's identity goes with the first update: it claims (or must match) the server's data directory
-            self.client.apply_update(record, job_id=self.job_id,  # type: ignore[union-attr]
-                                     job_identity_json="" if self._claimed else json.dumps(self.identity))
-            self._claimed = True
-
-        unavailable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        try:
-            Retrying(retry=retry_if_exception(lambda e: isinstance(e, grpc.RpcError) and e.code() in unavailable),
-                     wait=wait_exponential(multiplier=0.05, max=1.0),
-                     stop=stop_after_delay(self.cfg.coordinator.server_timeout_s) | stop_when_event_set(self._stop),
-                     reraise=True,
-                     before_sleep=lambda _: log.warning("parameter server unavailable, retrying the update",
-                                                        extra=kv(step=record.step)))(send)
-        except grpc.RpcError as exc:
-            raise JobFailed(f"the parameter server refused step {record.step}: {exc.details()}") from None
 
     # ------------------------------------------------------------------ eval
     def _evaluate(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ method updates both the record (for ``zoctl status``) and the Prometheus metrics
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -22,9 +23,14 @@ if TYPE_CHECKING:
     from coordinator.rounds import Round
     from distzo.common.config import JobConfig
     from distzo.model.blocks import Manifest
+    from distzo.run.runlog import RunHistory
     from distzo.train.precision import PerturbationReport
 
 log = logging.getLogger("distzo.coordinator.job")
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
 
 WORKER_PHASES = ("fetch", "h2d", "gather", "compute", "wait")  # the phases of cpb.Timing, in seconds
 
@@ -91,6 +97,16 @@ class Progress(TrainLog):
         log.info(report.line())
         if report.warning():
             log.warning(report.warning())
+
+    def on_resume(self, history: RunHistory) -> None:
+        """The run log's history, also from before a restart: losses, evals, and the totals a summary reports,
+        which are the whole run's (what the coordinator before this one counted too)."""
+        self.losses = [r["loss"] if r.get("loss") is not None else math.nan for r in history.steps]
+        self.evals = [{**e, "dev_loss": _nan(e["dev_loss"]), "dev_accuracy": _nan(e["dev_accuracy"])}
+                      for e in history.evals]
+        self.tokens = sum(int(r.get("tokens") or 0) for r in history.steps)
+        self.skipped_steps = sum(1 for r in history.steps if r.get("skipped"))
+        self.train_seconds = history.elapsed_s
 
     def on_perturbation(self, report: PerturbationReport) -> None:
         """The job's figures of ``distzo.train.precision.measure``, measured at its start."""

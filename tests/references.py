@@ -75,7 +75,8 @@ class References:
 
     def for_flags(self, flags: list[str]) -> tuple[Reference, bool]:
         """The reference of ``zoctl reference FLAGS`` (the same parser and config resolution), and --merge."""
-        from coordinator.zoctl.cli import build_parser, job_config_from_args
+        from coordinator.zoctl.cli import build_parser
+        from coordinator.zoctl.jobs import job_config_from_args
 
         args = build_parser().parse_args(["reference", *flags])
         return self.get(job_config_from_args(args)), bool(args.merge)

@@ -163,7 +163,8 @@ def test_the_job_fails_with_the_cause_and_says_it_was_bad_input(cache_dir):
 
 
 def test_machine_readable_output_is_strict_json(capsys):
-    from coordinator.zoctl.cli import print_json, print_summary, status_dict
+    from coordinator.zoctl.common import print_json
+    from coordinator.zoctl.summary import print_summary, status_dict
     from protos import coordinator_pb2 as cpb
 
     st = cpb.JobStatus(state="running", loss=math.nan, final_loss=math.inf, tokens_per_second=3.5)

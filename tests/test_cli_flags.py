@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.zoctl.cli import build_parser, job_config_from_args
+from coordinator.zoctl.cli import build_parser
+from coordinator.zoctl.jobs import job_config_from_args
 from test_cli_input import one_clean_line
 from test_cluster import write_config, zoctl, zoctl_here
 

@@ -239,15 +239,13 @@ def test_zoctl_up_bad_data_and_bad_config_files(cache_dir, tmp_path):
 def test_pertp_sends_each_sign_of_a_shard_to_its_own_worker(layout, workers, q):
     """The coordinator's round: with PertP, worker 2k computes l+ and worker 2k+1 l- of the same direction and
     shard, one forward each (the results would be the same if one worker did both: only this sees it)."""
-    from types import SimpleNamespace
-
-    from coordinator.job import Job
+    from coordinator.roundplan import round_spec
     from distzo.train.plan import StepPlan
     from distzo.train.precision import job_precision
 
     cfg = JobConfig.from_dict({"layout": {"name": layout, "workers": workers, "q": q}, "train": {"batch_size": 8}})
     plan = StepPlan(3, tuple(range(100, 100 + q)), tuple(range(8)), 1e-3)
-    forwards, pieces = Job._round_spec(SimpleNamespace(cfg=cfg, data=None), plan)
+    forwards, pieces = round_spec(cfg, plan)
     assert len(pieces) == workers and all(len(p) == 1 for p in pieces)
     for plus, minus in zip(pieces[0::2], pieces[1::2]):
         (j, d, s), (j2, d2, s2) = plus[0], minus[0]

@@ -19,7 +19,6 @@ from distzo.common.durable import write_atomic
 from distzo.common.locks import DirLock
 from distzo.data.catalog import base_model_name
 from distzo.data.jobdata import EvalTally, JobData
-from distzo.data.tasks import Batch
 from distzo.model.adapters import adapter_from_train
 from distzo.model.export import check_destination, export_model_dir
 from distzo.model.families import load_model
@@ -29,9 +28,9 @@ from distzo.run.report import eval_summary, write_report
 from distzo.run.runlog import RUN_LOCK, RunLog, loss_window, make_run_dir
 from distzo.train.defaults import resolve
 from distzo.train.objective import forward_sums
-from distzo.train.plan import StepPlan, all_roles
+from distzo.train.plan import all_roles
 from distzo.train.precision import PerturbationReport, forward_dtypes, job_precision, job_report
-from distzo.train.step import Losses, TrainingStopped, TrainLog, run_step
+from distzo.train.step import Forwarded, PlannedStep, TrainingStopped, TrainLog, plan_step, run_step
 from distzo.zo import generator
 from distzo.zo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
 from distzo.zo.optim import Optimizer
@@ -109,12 +108,13 @@ class ReferenceTrainer:
     def step(self, t: int) -> StepOutcome:
         """Run step ``t`` (forwards, g, update of the in-memory master) and return its outcome."""
         t0 = time.perf_counter()
-        result = run_step(self.cfg, t, self.job, self._forwards, self._apply, self.log, self.run_log,
-                          elapsed_s=lambda: self.train_seconds + time.perf_counter() - t0)
+        result = run_step(self.cfg, plan_step(self.cfg, t, self.job), self._forwards, self._apply, self.log,
+                          self.run_log, elapsed_s=lambda: self.train_seconds + time.perf_counter() - t0)
         return result.outcome
 
-    def _forwards(self, plan: StepPlan, batches: Sequence[Batch], attempt: int) -> tuple[Losses, int]:
+    def _forwards(self, step: PlannedStep, attempt: int) -> Forwarded:
         """Every forward of the layout, in this process: (S, N) per (direction, shard, sign), tokens."""
+        plan, batches = step.plan, step.batches
         roles = all_roles(self.cfg.layout)
         eps = self.precision.eps
         objective, cands = self.cfg.train.objective, self.job.train_candidates
@@ -124,7 +124,7 @@ class ReferenceTrainer:
         losses = {(r.direction, r.shard, r.sign): forward_sums(objective, cands, batches[r.shard], res.loss_sum,
                                                                res.label_tokens, res.scores)
                   for r, res in zip(roles, results)}
-        return losses, sum(res.tokens for res in results)
+        return Forwarded(losses, sum(res.tokens for res in results))
 
     def _apply(self, record: UpdateRecord) -> None:
         """The parameter server's update, on the in-memory fp32 master blocks."""
