@@ -36,6 +36,7 @@ def test_bench_gpu_cpu_smoke_runs_every_side_and_prints_the_table_last(tmp_path)
     out = tmp_path / "res.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--cpu-smoke", "--work", str(tmp_path / "w"),
                         "--mezo-served", "float32", "--steps", "3", "--warmup", "1", "--zo2", "zo2",  # relative, as scripts/gpu_check.sh gives it
+                        "--windows", "auto",  # the plan's window: one distzo row per setting
                         "--json-out", str(out)], capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
@@ -50,6 +51,7 @@ def test_bench_gpu_cpu_smoke_runs_every_side_and_prints_the_table_last(tmp_path)
     for x in (x for x in rows if x["side"] != "zo2"):
         assert x["tokens_per_step"] == x["batch"] * x["seq_len"]  # every row filled to the sequence length
         assert len(x["step_durations"]) == 4  # warm-up + timed
+        assert isinstance(x["window"], int) and x["window"] >= 1, x  # "auto" resolved by the plan
     calls = [json.loads(line) for line in (tmp_path / "zo2" / "calls.jsonl").read_text().splitlines()]
     assert sorted((c["batch_size"], c["sequence_length"], c["model_dtype"], c["zo_method"], c["max_steps"]) for c in calls) == \
         [(1, 96, "fp16", "zo2", 4), (4, 32, "fp32", "zo2", 4)]

@@ -26,7 +26,7 @@ from distzo.infra.procs import ServiceFailed
 from distzo.run.runlog import read_history
 
 from clusterhelpers import wait_until
-from test_cluster import _safe_step, base_config, same_weights, write_config, zoctl
+from test_cluster import _safe_step, base_config, same_weights, write_config, zoctl, zoctl_here
 
 
 def service_pids(run_dir: Path, module: str) -> set[int]:
@@ -231,8 +231,8 @@ def test_a_run_directory_holds_one_job_and_resuming_is_explicit(cache_dir, tmp_p
                          (["--resume", "--set", "data.template={text} Overall"], "data.template is '{text} It was' there"),
                          (["--resume", "--set", "train.max_consecutive_skips=3"], "train.max_consecutive_skips is 10 there"),
                          (["--resume", "--set", "server.update_window=2"], "server.update_window is 4 there and 2 here"),
-                         ([], "pass --resume to continue it")):
-        r = zoctl("up", "--config", str(cfg), "--run-dir", str(run), *args, timeout=300)
+                         ([], "pass --resume to continue it")):  # refusals: zoctl's main() in this process
+        r = zoctl_here("up", "--config", str(cfg), "--run-dir", str(run), *args)
         assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") <= 1, (args, r.stderr[-2000:])
     assert {p: p.read_bytes() for p in journal} == before  # the old run is untouched
     # resuming is explicit, may change what does not decide the weights (threads, timeouts), and continues the
