@@ -39,7 +39,8 @@ from distzo.train.objective import forward_sums
 from distzo.train.plan import StepPlan, step_plan, worker_roles
 from distzo.train.precision import job_precision
 from distzo.train.step import ForwardKey, Losses, TrainingStopped, run_step
-from distzo.zo.mezo import UpdateRecord, base_version
+from distzo.zo.mezo import base_version
+from distzo.zo.record import UpdateRecord
 from paramserver.dataplane.client import FetchError, ParamServerClient
 from protos import coordinator_pb2 as cpb
 

@@ -33,8 +33,9 @@ from distzo.model.export import ASIDE, check_destination, check_export_root, exp
 from distzo.model.families import load_model
 from distzo.zo import generator
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import UpdateRecord, apply_window, base_version
+from distzo.zo.mezo import apply_window, base_version
 from distzo.zo.optim import Optimizer
+from distzo.zo.record import UpdateRecord
 from paramserver import metrics
 from paramserver.dataplane.shm import reap_stale_segments
 from paramserver.durability.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk

@@ -100,7 +100,7 @@ BUGS: list[Bug] = [
         find='PROTECTED = (*STATE_CHANGING, "FollowJournal")',
         replace='PROTECTED = (*(m for m in STATE_CHANGING if m != "ApplyUpdate"), "FollowJournal")'),
     Bug("replay-short", "a worker replaying one pending record too few (update windows: the newest record dropped)",
-        "distzo/zo/mezo.py",
+        "distzo/zo/forwardweights.py",
         ("tests/test_window.py", "tests/test_matrix.py::test_up_equals_the_reference_bitwise[q2-window4-f32]"),
         find="    live = [r for r in pending if not r.skipped] if block.trainable else []\n",
         replace="    live = [r for r in pending if not r.skipped][:-1] if block.trainable else []\n"),

@@ -14,7 +14,8 @@ from distzo.infra.rpc import Credentials
 from distzo.model.modeling import BlockModel
 from distzo.train.reference import ReferenceTrainer
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.zo.mezo import apply_update
+from distzo.zo.record import Direction, UpdateRecord
 from paramserver.dataplane.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
