@@ -83,12 +83,13 @@ def _compute_rates(raw_cfg: dict, shard: int, barrier) -> tuple[float, float]:  
 
     from distzo.data.jobdata import JobData
     from distzo.infra.logs import quiet_transformers
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.blockfeed import MemoryFeed
+    from distzo.model.forward import ForwardEngine, ForwardJob
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import step_plan
     from distzo.zo import generator
+    from distzo.zo.forwardweights import perturb_block
     from distzo.zo.generator import Distribution
-    from distzo.zo.mezo import perturb_block
 
     quiet_transformers()
     cfg = JobConfig.from_dict(raw_cfg)
@@ -152,7 +153,8 @@ def calibrate(cfg: JobConfig) -> dict:
     from distzo.train.plan import step_plan
     from distzo.zo import generator
     from distzo.zo.generator import Distribution
-    from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+    from distzo.zo.mezo import apply_update
+    from distzo.zo.record import Direction, UpdateRecord
 
     torch.set_num_threads(cfg.runtime.threads)
     generator.set_cpu_threads(cfg.runtime.kernel_threads)

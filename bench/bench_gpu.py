@@ -182,7 +182,7 @@ def kernel_rates(elements: int, pending: int = 8) -> dict:
     import torch
 
     from distzo.zo.generator import Distribution, perturb_device, update_torch
-    from distzo.zo.mezo import Direction, UpdateRecord
+    from distzo.zo.record import Direction, UpdateRecord
     from distzo.zo.replay import pack, replay_perturb_device
 
     w = torch.randn(elements, device="cuda")

@@ -39,7 +39,7 @@ from distzo.data.catalog import resolve_model  # noqa: E402
 from distzo.model.modeling import BlockModel  # noqa: E402
 from distzo.zo import generator  # noqa: E402
 from distzo.zo.generator import Distribution  # noqa: E402
-from distzo.zo.mezo import Direction, UpdateRecord  # noqa: E402
+from distzo.zo.record import Direction, UpdateRecord  # noqa: E402
 from paramserver.dataplane import hostcopy  # noqa: E402
 from paramserver.dataplane.client import ParamServerClient  # noqa: E402
 from paramserver.store import BlockStore  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 from distzo.common.config import JobConfig
 from distzo.infra.procs import ServiceProcess, python_module
 from distzo.zo.generator import z_torch
-from distzo.zo.mezo import Direction, UpdateRecord
+from distzo.zo.record import Direction, UpdateRecord
 from paramserver.dataplane.client import ParamServerClient
 
 

@@ -9,7 +9,7 @@
   and written, the served slot written) over K, plus one worker's read of the served copy (the DMA).
   ``update_time_ratio_k8``: wall seconds per step at K = 8 over K = 1. Targets: <= 0.5; bytes <= 3.5.
 * worker: one block's perturbed copies (dual: +eps and -eps, bf16 base as served, CPU fp32 forward weights)
-  with the mean number of pending records of window K replayed, fused (``mezo.replay_block``), against the
+  with the mean number of pending records of window K replayed, fused (``forwardweights.replay_block``), against the
   perturbation alone; and a node group of two's alternative, each member replaying its half before the
   gather (a separate pass on the slice) then perturbing the gathered block as usual.
 """
@@ -30,8 +30,9 @@ from distzo.model.blocks import ITEMSIZE
 from distzo.model.modeling import BlockModel
 from distzo.perf.model import mean_pending
 from distzo.zo import generator
+from distzo.zo.forwardweights import perturb_block, replay_block
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, perturb_block, replay_block
+from distzo.zo.record import Direction, UpdateRecord
 from distzo.zo.served import to_served
 from paramserver.store import BlockStore
 

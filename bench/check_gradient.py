@@ -57,7 +57,8 @@ def main() -> None:
     from distzo.common.config import JobConfig
     from distzo.data.jobdata import JobData
     from distzo.infra.logs import quiet_transformers
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.blockfeed import MemoryFeed
+    from distzo.model.forward import ForwardEngine, ForwardJob
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import step_plan
     from distzo.zo import generator
@@ -110,11 +111,12 @@ def compare_bf16(args: argparse.Namespace) -> None:
     from distzo.common.config import JobConfig
     from distzo.data.jobdata import JobData
     from distzo.infra.logs import quiet_transformers
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.blockfeed import MemoryFeed
+    from distzo.model.forward import ForwardEngine, ForwardJob
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import step_plan
     from distzo.zo import generator
-    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardWeights
+    from distzo.zo.forwardweights import BF16_EPS_SCALE, ForwardWeights
     from distzo.zo.served import to_served
 
     class Before(ForwardEngine):

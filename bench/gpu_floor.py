@@ -23,7 +23,8 @@ import torch
 from distzo.model.blocks import BlockSpec, TensorSpec
 from distzo.zo import generator
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.zo.mezo import apply_update
+from distzo.zo.record import Direction, UpdateRecord
 
 
 def _median_time(fn, repeats: int, sync) -> float:  # noqa: ANN001

@@ -7,7 +7,7 @@ figures of ``precision.measure`` (rms error of the seen perturbation / eps, and 
     before        every tensor rounded to the compute dtype, eps = train.eps          (distzo before issue 29)
     1-D float32   tensors of rank < 2 kept float32, eps = train.eps
     eps x 4       every tensor rounded, eps = 4 x train.eps
-    after         tensors of rank < 2 float32, eps = train.eps_bf16 default (4 x)    (mezo.forward_weights now)
+    after         tensors of rank < 2 float32, eps = train.eps_bf16 default (4 x)    (forwardweights.forward_weights now)
 
 (float16: the scale is 1, so "eps x 4" and "after" use eps itself.) No forward runs: the figures are of the
 weights the forwards would read, on the CPU.
@@ -37,7 +37,7 @@ def main() -> None:
     from distzo.model.modeling import BlockModel
     from distzo.train.plan import direction_seed
     from distzo.train.precision import KINDS, ModelDirSource, measure
-    from distzo.zo.mezo import BF16_EPS_SCALE, ForwardPrecision
+    from distzo.zo.forwardweights import BF16_EPS_SCALE, ForwardPrecision
 
     quiet_transformers()
     dt = DTYPES[args.dtype]

@@ -38,7 +38,7 @@ from distzo.run.runlog import RunLog
 from distzo.train.defaults import resolve
 from distzo.train.objective import forward_sums
 from distzo.train.step import Forwarded, TrainingStopped, run_step
-from distzo.zo.mezo import UpdateRecord
+from distzo.zo.record import UpdateRecord
 from paramserver.dataplane.client import FetchError
 from protos import coordinator_pb2 as cpb
 

@@ -19,7 +19,8 @@ from distzo.data.tasks import Batch
 from distzo.train.plan import StepPlan, worker_roles
 from distzo.train.precision import job_precision
 from distzo.train.step import ForwardKey, PlannedStep, plan_step
-from distzo.zo.mezo import UpdateRecord, base_version
+from distzo.zo.mezo import base_version
+from distzo.zo.record import UpdateRecord
 from protos import coordinator_pb2 as cpb
 
 

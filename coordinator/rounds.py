@@ -22,7 +22,7 @@ from distzo.common.configsections import CoordinatorSection
 from distzo.common.wire_sizes import MAX_MESSAGE_BYTES
 from distzo.data.tasks import Batch
 from distzo.infra.logs import kv
-from distzo.zo.mezo import UpdateRecord
+from distzo.zo.record import UpdateRecord
 from paramserver.dataplane.wire import record_to_pb
 from protos import coordinator_pb2 as cpb
 

@@ -19,7 +19,8 @@ from distzo.common.config import JobConfig
 from distzo.common.durable import differences, job_id
 from distzo.infra.logs import kv
 from distzo.infra.rpc import Credentials
-from distzo.zo.mezo import UpdateRecord, base_version
+from distzo.zo.mezo import base_version
+from distzo.zo.record import UpdateRecord
 from paramserver.dataplane.client import FetchError, ParamServerClient
 
 log = logging.getLogger("distzo.coordinator.job")

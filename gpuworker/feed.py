@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from distzo.model.blocks import DTYPES, ITEMSIZE, Manifest
+from distzo.zo.forwardweights import replay_block
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import UpdateRecord, replay_block
+from distzo.zo.record import UpdateRecord
 from gpuworker.node import NodeGroup
 from paramserver.dataplane.client import ParamServerClient
 from paramserver.dataplane.wire import checksum
@@ -100,7 +101,7 @@ class PrefetchFeed:
                  pending: Sequence[UpdateRecord] = (), dist: Distribution | str = Distribution.RADEMACHER):
         """``version``: the (materialized) base fetched. ``pending`` (a node group's update windows): the records
         each member replays on its own slice before the gather, so the group gathers the served copy of the
-        step's version (``mezo.replay_block``); a single worker replays in its forward engine instead."""
+        step's version (``forwardweights.replay_block``); a single worker replays in its forward engine instead."""
         self.client = client
         self.pending = tuple(pending) if node is not None else ()
         self.dist = Distribution(dist)

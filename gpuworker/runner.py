@@ -22,7 +22,7 @@ from distzo.model.forward import ForwardEngine, ForwardJob
 from distzo.model.modeling import BlockModel
 from distzo.train.precision import forward_dtypes, job_precision
 from distzo.zo import generator
-from distzo.zo.mezo import UpdateRecord
+from distzo.zo.record import UpdateRecord
 from gpuworker import metrics
 from gpuworker.feed import BufferPool, FrozenBlocks, PrefetchFeed
 from gpuworker.hostreg import DirectFetch

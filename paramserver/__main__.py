@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, service="paramserver")
     end_with_supervisor()  # started by zoctl up: never outlive it
     # the service's own modules (the heavy imports) only once the flags are read and the supervisor is watched
+    from paramserver.durability.datadir import RecoveryError
     from paramserver.server import run
-    from paramserver.state import RecoveryError
 
     try:
         cfg = JobConfig.from_yaml(args.config) if args.config else JobConfig()

@@ -1,5 +1,7 @@
 """Parameter-server metrics (see distzo/infra/metrics.py for the conventions)."""
 
+from typing import Callable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from distzo.infra.metrics import LATENCY_BUCKETS
@@ -38,3 +40,24 @@ SERVED_COPY_BYTES = Gauge("distzo_paramserver_served_copy_bytes",
                           "server.update_window > 1 the second slot (with a float32 copy the slots are the master's)")
 OPTIMIZER_STATE_BYTES = Gauge("distzo_paramserver_optimizer_state_bytes",
                               "train.optimizer momentum/adam state this server holds (trainable blocks only: none for frozen ones)")
+
+
+def watch(applied: Callable[[], int], materialized: Callable[[], int], journaled: Callable[[], int],
+          journal_bytes: Callable[[], int]) -> None:
+    """Point the version and journal gauges at a running server's state, read at each scrape: the version its
+    weights are at, the masters' version, the updates journaled, the journal's bytes on disk."""
+    APPLIED_VERSION.set_function(applied)
+    MATERIALIZED_VERSION.set_function(materialized)
+    JOURNALED_STEPS.set_function(journaled)
+    VERSION_LAG.set_function(lambda: max(0, journaled() - applied()))
+    JOURNAL_BYTES.set_function(journal_bytes)
+
+
+def freeze() -> None:
+    """Freeze the callback gauges at their last values: the server state they read is going away."""
+    for gauge in (APPLIED_VERSION, JOURNALED_STEPS, VERSION_LAG, JOURNAL_BYTES):
+        try:
+            last = next(iter(gauge.collect())).samples[0].value
+        except Exception:  # noqa: BLE001 - a gauge that cannot be read is frozen at 0
+            last = 0.0
+        gauge.set_function(lambda v=last: v)

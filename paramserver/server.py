@@ -18,9 +18,10 @@ from distzo.infra.rpc import Credentials, RefuseMethods, add_health_and_reflecti
 from distzo.zo import generator
 from paramserver import metrics
 from paramserver.dataplane.client import ParamServerClient
+from paramserver.durability.datadir import RecoveryError
 from paramserver.durability.replication import Follower
 from paramserver.service import PROTECTED, SERVICE, STATE_CHANGING, THREADS, ParamServerService
-from paramserver.state import RecoveryError, ServerState
+from paramserver.state import ServerState
 
 log = logging.getLogger("distzo.paramserver")
 MAX_REQUEST_BYTES = 1 << 20  # requests are small: the largest, an update of 4096 directions, is ~100 KiB

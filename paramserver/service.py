@@ -23,8 +23,9 @@ from distzo.run.modelcard import model_card
 from paramserver import metrics
 from paramserver.dataplane.shm import StaleVersion
 from paramserver.dataplane.wire import MASTER_DTYPE, STATE_DTYPE, checksum, encode_chunk, identity, record_from_pb, record_to_pb
+from paramserver.durability.datadir import UpdateRejected, staging_dir
 from paramserver.durability.journal import JournalCorrupt, JournalWriteError
-from paramserver.state import ServerState, UpdateRejected
+from paramserver.state import ServerState
 from paramserver.store import WaitCancelled
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
@@ -287,7 +288,7 @@ class ParamServerService:
         def card(version: int) -> str:
             return request.model_card or model_card(st.cfg, {}, version, merged=request.merge)
 
-        staged = st.staging_dir() if url else None  # a URL: exported privately first, then pushed, then removed
+        staged = staging_dir(st.data_dir) if url else None  # a URL: exported privately first, then pushed, then removed
         try:
             if staged is not None:
                 path, version = st.export(staged, merge=request.merge, card=card, staged=True)

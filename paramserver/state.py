@@ -3,19 +3,17 @@
 An update is validated, appended to the journal (fsync) and acknowledged; an applier
 thread then applies queued updates in step order, block by block, each block's version
 advancing as soon as it is updated. Recovery loads the newest valid snapshot and replays
-the journal behind it, so the weights are bitwise those acknowledged before a crash.
+the journal behind it (``durability/recovery.py``), so the weights are bitwise those
+acknowledged before a crash. The data directory's checks and claim: ``durability/datadir.py``.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import logging
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,36 +22,27 @@ import numpy as np
 
 from distzo.common.config import JobConfig
 from distzo.common.dtypes import ITEMSIZE
-from distzo.common.durable import CorruptFile, differences, read_checked_json, write_checked_json
-from distzo.common.locks import DirLock
 from distzo.data.catalog import base_model_name, resolve_model
 from distzo.infra.logs import kv
 from distzo.model.adapters import adapter_from_train
-from distzo.model.export import ASIDE, check_destination, check_export_root, export_model_dir, remove_leftovers
+from distzo.model.export import export_model_dir, remove_leftovers
 from distzo.model.families import load_model
 from distzo.zo import generator
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import UpdateRecord, apply_window, base_version
+from distzo.zo.mezo import apply_window, base_version
 from distzo.zo.optim import Optimizer
+from distzo.zo.record import UpdateRecord
 from paramserver import metrics
 from paramserver.dataplane.shm import reap_stale_segments
-from paramserver.durability.journal import Journal, JournalCorrupt, JournalWriteError, describe_disk
-from paramserver.durability.snapshot import (SnapshotCorrupt, SnapshotJob, list_snapshots, load_snapshot_state, prune_snapshots,
-                                  remove_temporaries)
+from paramserver.durability.datadir import (UpdateRejected, check_data_dir, claim_data_dir, export_path, lock_data_dir,
+                                            manifest_digest, remove_history)
+from paramserver.durability.journal import Journal
+from paramserver.durability.recovery import find_recovery_point, install
+from paramserver.durability.snapshot import SnapshotJob, list_snapshots, prune_snapshots, remove_temporaries
 from paramserver.store import BlockStore
 
 log = logging.getLogger("distzo.paramserver")
 KEEP_SNAPSHOTS = 2
-STATE_FILE = "state.json"  # what the data directory holds: model, layout, and the job that journals into it
-LOCK_FILE = "LOCK"  # held (flock) by the one server using the data directory (distzo.common.locks)
-
-
-class UpdateRejected(ValueError):
-    """An update the server will not apply (gap, conflicting duplicate, replica)."""
-
-
-class RecoveryError(RuntimeError):
-    """The data directory cannot be turned back into the weights."""
 
 
 @dataclass
@@ -65,10 +54,6 @@ class Marker:
     done: threading.Event | None = None
     result: object = None
     error: BaseException | None = None
-
-
-def manifest_digest(manifest_json: str) -> str:
-    return hashlib.sha256(manifest_json.encode()).hexdigest()
 
 
 class ServerState:
@@ -86,10 +71,7 @@ class ServerState:
                  name: str | None = None, role: str = "primary"):
         self.cfg = cfg
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.data_dir.chmod(0o700)  # snapshots and journal are private to the service's user
-        # one server per data directory, for its whole life: a second one would append to the same journal
-        self._lock = DirLock(self.data_dir, LOCK_FILE, "the parameter server's data directory").acquire()
+        self._lock = lock_data_dir(self.data_dir)  # one server per data directory, for the object's whole life
         try:
             self._init(cfg, blocks, name, role)
         except BaseException:
@@ -140,55 +122,11 @@ class ServerState:
     # ------------------------------------------------------------------ start
     def _check_data_dir(self) -> None:
         """The data directory must hold this model and block range (state.json); record them if it is new."""
-        path = self.data_dir / STATE_FILE
         ours = {"model.source": self.cfg.model.source, "train.distribution": self.cfg.train.distribution,
                 "blocks": f"{self.first}:{self.end}", "manifest_sha256": self.digest}
         if self.optimizer.width:  # its state is in the snapshots and the journal replays through its rule
             ours["train.optimizer"] = self.optimizer.describe()
-        if not path.exists():
-            if any(self.data_dir.glob("journal-*.log")) or any(self.data_dir.glob("snapshot-*.json")):
-                log.warning("adopting a data directory written before state.json existed", extra=kv(dir=str(self.data_dir)))
-            write_checked_json(path, {"server": ours, "job": None})
-            return
-        try:
-            body = read_checked_json(path)
-        except CorruptFile as exc:
-            raise RecoveryError(f"{exc}; it records which model and job the data directory holds, so the server "
-                                "will not guess") from None
-        recorded = body.get("server") or {}
-        if recorded != ours:
-            raise RecoveryError(f"the data directory {self.data_dir} holds the state of another model or layout: "
-                                f"{differences(recorded, ours)}. Use a new --data-dir (or the config it was made with)")
-        self.job = body.get("job")
-
-    def _claim(self, job_id: str, identity_json: str) -> None:
-        """Record the job whose updates this data directory takes; refuse another job's (UpdateRejected)."""
-        if self.job is None:
-            try:
-                identity = json.loads(identity_json) if identity_json else None
-            except ValueError:
-                identity = None
-            job = {"job_id": job_id, "identity": identity}
-            body = read_checked_json(self.data_dir / STATE_FILE)
-            try:
-                write_checked_json(self.data_dir / STATE_FILE, {**body, "job": job})
-            except OSError as exc:
-                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                raise JournalWriteError(exc.errno or errno.EIO, (f"no space left on {describe_disk(self.data_dir)}" if full
-                                        else f"writing {STATE_FILE} failed: {exc.strerror}") +
-                                        "; the update was not journaled") from None
-            self.job = job
-            log.info("data directory claimed by a job", extra=kv(job_id=job_id))
-        elif self.job.get("job_id") != job_id:
-            try:
-                theirs = json.loads(identity_json) if identity_json else None
-            except ValueError:
-                theirs = None
-            why = (f" ({differences(self.job.get('identity') or {}, theirs)})" if isinstance(theirs, dict)
-                   and isinstance(self.job.get("identity"), dict) else "")
-            raise UpdateRejected(f"this parameter server's data directory holds job {self.job.get('job_id')} "
-                                 f"(recorded in its {STATE_FILE}), not job {job_id[:32]}{why}: a new job "
-                                 "needs a new data directory")
+        self.job = check_data_dir(self.data_dir, ours)
 
     def recover(self) -> int:
         """Load a snapshot and replay the journal; returns the version reached (the next step's).
@@ -198,91 +136,40 @@ class ServerState:
         base, and queues the records after it for the applier, exactly as if they had just arrived."""
         remove_temporaries(self.data_dir)
         remove_leftovers(self.data_dir / "exports")  # exports and uploads of a server killed midway
-        snaps = list_snapshots(self.data_dir)
-        try:
-            records = list(self.journal.read_all(repair=True))
-        except JournalCorrupt as exc:
-            raise RecoveryError(str(exc)) from None
-        end = max([records[-1].step + 1 if records else 0, *(s.version for s in snaps)])
-        target = base_version(end, self.window)  # = end with K = 1
-        blocks = None
-        states: dict = {}
-        base = 0
-        reasons = []
-        for info in reversed(snaps):
-            if info.version > target:
-                reasons.append(f"snapshot at version {info.version} is newer than base {target} that the next step "
-                               f"reads (server.update_window {self.window})")
-                continue
-            try:
-                blocks, states = load_snapshot_state(info, self.digest, {b: self.manifest.blocks[b].numel for b in self.owned},
-                                                     self.optimizer.width, list(self.store.opt_state))
-                base = info.version
-                break
-            except SnapshotCorrupt as exc:
-                reasons.append(str(exc))
-                log.error("snapshot unusable, trying an older one", extra=kv(error=str(exc)))
-        if blocks is None:
-            if snaps:
-                raise RecoveryError(f"no usable snapshot in {self.data_dir}: all {len(snaps)} fail their checks"
-                                    f"{'' if self.window == 1 else ' or are newer than the base the next step reads'} "
-                                    f"({'; '.join(reasons)})")
-            if records and records[0].step != 0:
-                raise RecoveryError(f"{self.data_dir} holds a journal from step {records[0].step} but no snapshot to replay it onto")
-            if records:  # crashed before the first snapshot completed: replay onto the initial weights
-                log.warning("no snapshot yet: replaying the journal onto the model's initial weights",
-                            extra=kv(model=str(self.model_dir), records=len(records)))
-            buffers = self.model.load_block_buffers()
-            blocks = {b: buffers[b].numpy() for b in self.owned}
-        self.snapshot_version = base if snaps else -1
-        replay = [r for r in records if r.step >= base]
-        for i, r in enumerate(replay):
-            if r.step != base + i:
-                raise RecoveryError(f"the journal has step {r.step} where step {base + i} should follow the snapshot at "
-                                    f"version {base}: records are missing")
+        point = find_recovery_point(self.data_dir, self.journal, self.window, self.digest,
+                                    {b: self.manifest.blocks[b].numel for b in self.owned}, self.optimizer.width,
+                                    list(self.store.opt_state), self._initial_blocks)
+        base, replay, had_snapshots = point.base, point.replay, point.had_snapshots
+        last_step = point.records[-1].step if point.records else None
+        self.snapshot_version = base if had_snapshots else -1
         t0 = time.perf_counter()
-        if self.window == 1:
-            for b in self.owned:
-                self._check_block(blocks, b, base)
-                self.store.set_block(b, blocks[b], base, states.get(b))
-            for r in replay:
-                self.store.apply(r, self.dist)
-            self.processed_version = base + len(replay)
-        else:  # the records up to the base in one pass per block, those after it through the applier
-            upto = replay[: target - base]
-            for b in self.owned:
-                data = np.array(self._check_block(blocks, b, base), dtype=np.float32, copy=True)
-                if upto:
-                    apply_window(self.manifest.blocks[b], data, data, upto, self.dist)
-                self.store.set_block(b, data, target)
-            for r in replay[target - base:]:
-                self._queue.put(r)
-            self.processed_version = target
-        del blocks, states
+        self.processed_version, queued = install(point, self.store, self.manifest, self.owned, self.window, self.dist)
+        del point  # the snapshot's arrays: the store holds the weights now
+        for r in queued:
+            self._queue.put(r)
         version = base + len(replay)
-        self.journal.open(version, last_step=records[-1].step if records else None)
+        self.journal.open(version, last_step=last_step)
         for r in replay[-self.journal.recent.maxlen:]:
             self.journal.recent.append(r)
         log.info("recovered", extra=kv(snapshot=base, replayed=len(replay), version=version, materialized=self.store.applied_version(),
                                        seconds=round(time.perf_counter() - t0, 3)))
-        if not snaps and self.cfg.server.snapshot_at_start:
+        if not had_snapshots and self.cfg.server.snapshot_at_start:
             self._start_snapshot(self.processed_version)  # never depend on the model directory again
         return version
 
-    @staticmethod
-    def _check_block(blocks: dict, b: int, base: int) -> np.ndarray:
-        if b not in blocks:
-            raise RecoveryError(f"snapshot at version {base} lacks block {b}")
-        return blocks[b]
+    def _initial_blocks(self, records: int) -> dict[int, np.ndarray]:
+        """The owned blocks' fp32 weights from the model directory: recovery without a snapshot."""
+        if records:  # crashed before the first snapshot completed: replay onto the initial weights
+            log.warning("no snapshot yet: replaying the journal onto the model's initial weights",
+                        extra=kv(model=str(self.model_dir), records=records))
+        buffers = self.model.load_block_buffers()
+        return {b: buffers[b].numpy() for b in self.owned}
 
     def start(self) -> None:
         self._applier = threading.Thread(target=self._apply_loop, name="applier", daemon=True)
         self._applier.start()
-        metrics.APPLIED_VERSION.set_function(lambda: self.processed_version)
-        metrics.MATERIALIZED_VERSION.set_function(self.store.applied_version)
-        metrics.JOURNALED_STEPS.set_function(lambda: self.journal.next_step)
-        metrics.VERSION_LAG.set_function(lambda: max(0, self.journal.next_step - self.processed_version))
-        metrics.JOURNAL_BYTES.set_function(self.journal.total_bytes)
+        metrics.watch(lambda: self.processed_version, self.store.applied_version, lambda: self.journal.next_step,
+                      self.journal.total_bytes)
         metrics.MODEL_BYTES.set(sum(self.manifest.blocks[b].numel * ITEMSIZE["float32"] for b in self.owned))
         metrics.OPTIMIZER_STATE_BYTES.set(self.store.state_nbytes())
         master = sum(self.store.master[b].nbytes for b in self.owned)
@@ -301,7 +188,7 @@ class ServerState:
             raise RuntimeError(f"the server stopped applying updates: {self.failed}")
         with self._submit_lock:
             if job_id:
-                self._claim(job_id, identity_json)
+                self.job = claim_data_dir(self.data_dir, self.job, job_id, identity_json)
             expected = self.journal.next_step
             if record.step < expected:
                 known = next((r for r in self.journal.recent if r.step == record.step), None)
@@ -423,72 +310,46 @@ class ServerState:
             self._snapshot.done.wait()
 
     def snapshot_now(self, timeout_s: float = 600.0) -> SnapshotJob:
-        m = Marker("snapshot", done=threading.Event())
-        self._queue.put(m)
-        if not m.done.wait(timeout_s):
-            raise TimeoutError("snapshot did not start in time")
-        if m.error is not None:
-            raise m.error
-        job: SnapshotJob = m.result  # type: ignore[assignment]
+        job: SnapshotJob = self._request(Marker("snapshot", done=threading.Event()), timeout_s, "start")  # type: ignore[assignment]
         if not job.done.wait(timeout_s):
             raise TimeoutError("snapshot did not finish in time")
         if job.error is not None:
             raise job.error
         return job
 
-    def export_path(self, path: str) -> Path:
-        """Where an export to ``path`` goes (a relative path: under server.export_root, else the data
-        directory's exports/), checked before any work: raises PermissionError outside the export root,
-        ExportRefused for a destination that is a file or a directory that is not an earlier export."""
-        p = Path(path)
-        if not p.is_absolute():
-            root = self.cfg.server.export_root
-            p = (Path(root) if root else self.data_dir / "exports") / p
-        check_export_root(p, self.cfg.server.export_root)
-        return check_destination(p)
-
-    def staging_dir(self) -> Path:
-        """A new private directory path for an export on its way to a URL (removed by the caller; what a
-        killed server left there is removed when it starts again)."""
-        return self.data_dir / "exports" / f".upload{ASIDE}{uuid.uuid4().hex[:12]}"
-
     def export(self, path: str | Path, timeout_s: float = 600.0, merge: bool = False,
                card: Callable[[int], str] | None = None, staged: bool = False) -> tuple[str, int]:
-        """Export the weights to ``path`` (``export_path``; ``staged``: a ``staging_dir``, not checked against
-        the export root); ``merge``: a LoRA run's merged model; ``card(version)``: the model card written
+        """Export the weights to ``path`` (``datadir.export_path``; ``staged``: a ``datadir.staging_dir``, not checked
+        against the export root); ``merge``: a LoRA run's merged model; ``card(version)``: the model card written
         with it. Returns (path, version). Raises ValueError for ``merge`` on a run that is not LoRA, and
         what ``export_path`` raises, before anything is written."""
-        p = Path(path) if staged else self.export_path(str(path))
+        p = Path(path) if staged else export_path(str(path), self.data_dir, self.cfg.server.export_root)
         if merge and getattr(self.model.adapter, "kind", "full") != "lora":
             raise ValueError("export --merge merges a LoRA adapter into the base: this run's train.target is "
                              f"{getattr(self.model.adapter, 'kind', 'full')}")
-        m = Marker("export", arg=(p, merge, card), done=threading.Event())
+        return self._request(Marker("export", arg=(p, merge, card), done=threading.Event()), timeout_s, "finish")  # type: ignore[return-value]
+
+    def _request(self, m: Marker, timeout_s: float, within: str) -> object:
+        """``m``'s result once the applier has handled it; TimeoutError when it did not ``within`` (start, finish)
+        ``timeout_s``, or the error it met."""
         self._queue.put(m)
         if not m.done.wait(timeout_s):
-            raise TimeoutError("export did not finish in time")
+            raise TimeoutError(f"{m.kind} did not {within} in time")
         if m.error is not None:
             raise m.error
-        return m.result  # type: ignore[return-value]
+        return m.result
 
     def discard_history(self) -> None:
         """Delete the journal and the snapshots (a replica that cannot recover starts over from its primary)."""
         self.journal.close()
-        for seg in self.journal.segments():
-            seg.path.unlink()
-        for snap in list_snapshots(self.data_dir):
-            snap.path.unlink(missing_ok=True)
-            snap.path.with_suffix(".json").unlink(missing_ok=True)
+        remove_history(self.data_dir, self.journal)
 
     def restart_history(self) -> int:
         """Make the blocks' current version this server's new starting point, after they were installed
         from elsewhere (a replica's re-sync): the old journal and snapshots go, the journal restarts at
         that version, and a snapshot of it is taken now (what recovery starts from). Returns the version."""
         version = self.store.applied_version()
-        for seg in self.journal.segments():
-            seg.path.unlink()
-        for snap in list_snapshots(self.data_dir):
-            snap.path.unlink(missing_ok=True)
-            snap.path.with_suffix(".json").unlink(missing_ok=True)
+        remove_history(self.data_dir, self.journal)
         self.journal.close()
         self.journal.open(version)
         self.journal.recent.clear()
@@ -509,13 +370,7 @@ class ServerState:
         return self.processed_version
 
     def close(self) -> None:
-        # freeze the callback gauges at their last values: the store they read is going away
-        for gauge in (metrics.APPLIED_VERSION, metrics.JOURNALED_STEPS, metrics.VERSION_LAG, metrics.JOURNAL_BYTES):
-            try:
-                last = next(iter(gauge.collect())).samples[0].value
-            except Exception:  # noqa: BLE001 - a gauge that cannot be read is frozen at 0
-                last = 0.0
-            gauge.set_function(lambda v=last: v)
+        metrics.freeze()  # the store the gauges read is going away
         self._queue.put(Marker("stop"))
         if self._applier is not None:
             self._applier.join(timeout=30)

@@ -19,8 +19,9 @@ import xxhash
 
 from distzo.model.blocks import ITEMSIZE, Manifest
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import UpdateRecord, apply_update, apply_window
+from distzo.zo.mezo import apply_update, apply_window
 from distzo.zo.optim import Optimizer
+from distzo.zo.record import UpdateRecord
 from distzo.zo.served import cast_into
 from paramserver.dataplane.shm import ServedSegments, StaleVersion
 

@@ -22,10 +22,10 @@ from distzo.common.locks import DirectoryBusy
 from distzo.zo.generator import Distribution
 from distzo.zo.mezo import apply_update
 from paramserver.__main__ import main as paramserver_main
+from paramserver.durability.datadir import RecoveryError
 from paramserver.durability.journal import END, Journal, JournalCorrupt, parse_record
 from paramserver.durability.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
 from paramserver.server import ParamServer
-from paramserver.state import RecoveryError
 
 from pshelpers import Servers, server_config
 from test_paramserver import master_of, records

@@ -105,8 +105,9 @@ def test_what_the_head_does_after_the_last_layer_runs(monkeypatch):
         check = families.compare_with_transformers(cfg)
         assert check.ok, (model_type, check)
     # and it matters: with soft-capping at 0.5 every logit lies in (-0.5, 0.5)
+    from distzo.model.blockfeed import MemoryFeed
     from distzo.model.blocks import flatten_block
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.forward import ForwardEngine, ForwardJob
     from transformers import AutoModelForCausalLM
 
     cfg = families.tiny_config(CONFIG_MAPPING["gemma2"](final_logit_softcapping=0.5))

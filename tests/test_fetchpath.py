@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from distzo.zo.mezo import Direction, UpdateRecord
+from distzo.zo.record import Direction, UpdateRecord
 from paramserver.dataplane import hostcopy
 from paramserver.dataplane.client import ParamServerClient
 from paramserver.dataplane.shm import ServedSegments, SharedView, StaleVersion

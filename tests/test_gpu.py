@@ -14,8 +14,10 @@ import torch
 
 from distzo.model.blocks import BlockSpec
 from distzo.model.modeling import BlockModel
+from distzo.zo.forwardweights import perturb_block
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update, perturb_block
+from distzo.zo.mezo import apply_update
+from distzo.zo.record import Direction, UpdateRecord
 
 from test_cluster import our_processes, same_weights, write_config, zoctl
 
@@ -54,7 +56,7 @@ def test_updates_on_cuda_equal_the_cpu_bits(preset, dist):
 @pytest.mark.parametrize("served", ["float32", "bfloat16", "float16"])
 def test_the_replay_on_cuda_equals_the_cpu_bits(preset, dist, served):
     """Update windows: the fused Triton replay + perturbation against the numba one, every block of tiny-opt."""
-    from distzo.zo.mezo import replay_block
+    from distzo.zo.forwardweights import replay_block
     from distzo.zo.served import to_served
 
     specs, buffers = model_blocks(preset)
@@ -73,9 +75,9 @@ def test_the_replay_on_cuda_equals_the_cpu_bits(preset, dist, served):
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forward_weights_on_cuda_equal_the_cpu_bits(preset, dist, dtype):
-    """Issue 29's definition (mezo.forward_weights): the 16-bit copy and the float32 1-D tensors, with and without
-    pending records, every block of tiny-opt (norms and biases between its matrices)."""
-    from distzo.zo.mezo import forward_weights
+    """Issue 29's definition (forwardweights.forward_weights): the 16-bit copy and the float32 1-D tensors, with and
+    without pending records, every block of tiny-opt (norms and biases between its matrices)."""
+    from distzo.zo.forwardweights import forward_weights
     from distzo.zo.served import to_served
 
     specs, buffers = model_blocks(preset)

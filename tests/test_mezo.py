@@ -8,10 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+from distzo.model.blockfeed import MemoryFeed
+from distzo.model.forward import ForwardEngine, ForwardJob
 from distzo.model.modeling import BlockModel
 from distzo.zo import generator
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update, learning_rate, make_update, perturb_block, projected_gradients
+from distzo.zo.forwardweights import perturb_block
+from distzo.zo.mezo import apply_update, learning_rate, make_update, projected_gradients
+from distzo.zo.record import Direction, UpdateRecord
 
 from conftest import make_model_dir
 from test_models import batch_for

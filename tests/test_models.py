@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distzo.data.presets import DEFAULT_TRAIN
 from distzo.data.tasks import TaskEncoder, load_jsonl
+from distzo.model.blockfeed import MemoryFeed
 from distzo.model.blocks import block_views, flatten_block
-from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+from distzo.model.forward import ForwardEngine, ForwardJob
 from distzo.model.modeling import BlockModel, ModelError
 
 FAMILIES = ["tiny-opt", "tiny-gpt2", "tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"]

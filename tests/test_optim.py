@@ -13,8 +13,9 @@ from distzo.common.config import ConfigError, JobConfig
 from distzo.common.dtypes import STATE_VALUES
 from distzo.zo import generator
 from distzo.zo.generator import Distribution, fill_z
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.zo.mezo import apply_update
 from distzo.zo.optim import OPTIMIZERS, STATE_NAMES, Optimizer, power, update_stateful_cpu, update_stateful_torch
+from distzo.zo.record import Direction, UpdateRecord
 
 OPTS = {"momentum": Optimizer("momentum", momentum=0.8), "adam": Optimizer("adam", beta1=0.85, beta2=0.99, eps=1e-6)}
 

@@ -10,8 +10,9 @@ import pytest
 from distzo.zo.generator import Distribution
 from distzo.zo.mezo import apply_update
 from distzo.zo.optim import Optimizer
+from paramserver.durability.datadir import RecoveryError
 from paramserver.durability.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot_state
-from paramserver.state import RecoveryError, ServerState
+from paramserver.state import ServerState
 
 from clusterhelpers import wait_until
 from pshelpers import Servers, server_config

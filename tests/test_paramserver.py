@@ -14,7 +14,8 @@ from distzo.infra.rpc import Credentials
 from distzo.model.modeling import BlockModel
 from distzo.train.reference import ReferenceTrainer
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.zo.mezo import apply_update
+from distzo.zo.record import Direction, UpdateRecord
 from paramserver.dataplane.client import FetchError, ParamServerClient, StaleVersionError, VersionTimeout
 from protos import paramserver_pb2 as pb
 from protos import paramserver_pb2_grpc as pb_grpc
@@ -298,15 +299,15 @@ def test_snapshots_recover_bitwise_and_corruption_is_detected(servers, cache_dir
     data = bytearray(seg.read_bytes())
     data[14] ^= 0xFF
     seg.write_bytes(bytes(data) + b"DZJ1" + bytes(20))
-    from paramserver.state import RecoveryError
+    from paramserver.durability.datadir import RecoveryError
 
     with pytest.raises(RecoveryError, match="damaged"):
         servers.start(cfg, d)
 
 
 def test_corrupt_snapshots_fall_back_then_refuse(servers, cache_dir, tmp_path):
+    from paramserver.durability.datadir import RecoveryError
     from paramserver.durability.snapshot import SnapshotCorrupt, list_snapshots, load_snapshot
-    from paramserver.state import RecoveryError
 
     cfg = server_config(cache_dir, server={"snapshot_every": 2})
     d = tmp_path / "d"

@@ -1,4 +1,4 @@
-"""16-bit forwards that keep the perturbation (issue 29): the definition of the forward weights in mezo.py (CPU,
+"""16-bit forwards that keep the perturbation (issue 29): the definition of the forward weights in forwardweights.py (CPU,
 and the GPU's Triton kernels in Triton's interpreter), the eps of each compute dtype, the sampled measurement
 of what the forwards keep (on weights chosen so that the figure is known exactly), the 16-bit forward engine on
 a few families, and where the figure is shown (zoctl reference's start, zoctl plan)."""
@@ -17,9 +17,9 @@ import torch
 
 from distzo.model.blocks import BlockSpec, build_manifest
 from distzo.train.precision import BOUND, BufferSource, measure
+from distzo.zo.forwardweights import BF16_EPS_SCALE, ForwardPrecision, forward_precision, forward_weights, replay_block
 from distzo.zo.generator import Distribution, fill_z
-from distzo.zo.mezo import (BF16_EPS_SCALE, Direction, ForwardPrecision, UpdateRecord, forward_precision, forward_weights,
-                         replay_block)
+from distzo.zo.record import Direction, UpdateRecord
 from distzo.zo.served import to_served
 
 EPS = 2.0 ** -10  # a power of two: x +- eps is exactly a bfloat16 number, a tie or nothing for the weights below
@@ -92,18 +92,20 @@ def test_forward_weights_replay_the_pending_records_first_and_never_perturb_a_fr
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"), reason="needs triton (the test extra)")
 def test_the_gpu_path_of_the_definition_in_the_triton_interpreter():
-    """The device path of mezo.forward_weights (Triton: perturb and replay kernels per contiguous range) on CPU tensors
-    in Triton's interpreter, against the CPU's numba path: main and vectors, bitwise, with and without pending records."""
+    """The device path of forwardweights.forward_weights (Triton: perturb and replay kernels per contiguous range) on CPU
+    tensors in Triton's interpreter, against the CPU's numba path: main and vectors, bitwise, with and without pending
+    records."""
     script = textwrap.dedent("""
         import torch
-        from distzo.zo import generator, mezo
+        from distzo.zo import forwardweights, generator
+        from distzo.zo.forwardweights import forward_weights
         from distzo.zo.generator import Distribution
-        from distzo.zo.mezo import Direction, UpdateRecord, forward_weights
+        from distzo.zo.record import Direction, UpdateRecord
         from distzo.zo.served import to_served
         from test_precision import _block
         block = _block([("n1", (40,)), ("w", (30, 20)), ("b", (30,)), ("w2", (7, 9)), ("n2", (5,))], offset=(1 << 33) + 77)
         pending = [UpdateRecord(t, (Direction(100 + t, 0.5 - t),), 1e-3, 0.01) for t in range(2)]
-        host = mezo._on_host
+        host = forwardweights._on_host
         for dist in Distribution:
             for served in ("float32", "bfloat16"):
                 clean = to_served(torch.randn(block.numel, generator=torch.Generator().manual_seed(2)), served)
@@ -111,9 +113,9 @@ def test_the_gpu_path_of_the_definition_in_the_triton_interpreter():
                     for recs in ((), pending):
                         for coefs in ([4e-3, -4e-3], []):
                             want = forward_weights(block, clean, dist, 9, coefs, dt, recs)
-                            mezo._on_host, generator._use_triton = (lambda t: False), (lambda t: True)
+                            forwardweights._on_host, generator._use_triton = (lambda t: False), (lambda t: True)
                             got = forward_weights(block, clean, dist, 9, coefs, dt, recs)
-                            mezo._on_host, generator._use_triton = host, (lambda t: False)
+                            forwardweights._on_host, generator._use_triton = host, (lambda t: False)
                             for w, g in zip(want, got):
                                 assert torch.equal(w.main.view(torch.int16 if dt != torch.float32 else torch.int32),
                                                    g.main.view(torch.int16 if dt != torch.float32 else torch.int32)), (dist, served, dt)
@@ -199,8 +201,9 @@ def test_a_16_bit_forward_keeps_vectors_in_float32_and_runs_every_family(model_t
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from distzo.model import families
+    from distzo.model.blockfeed import MemoryFeed
     from distzo.model.blocks import flatten_block
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.forward import ForwardEngine, ForwardJob
     from distzo.model.modeling import BlockModel
 
     config = families.tiny_config(CONFIG_MAPPING[model_type]())

@@ -35,7 +35,8 @@ def test_block_model_gives_the_logits_of_the_transformers_forward():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distzo.data.tasks import Example, TaskEncoder, load_jsonl
-    from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+    from distzo.model.blockfeed import MemoryFeed
+    from distzo.model.forward import ForwardEngine, ForwardJob
     from distzo.model.modeling import BlockModel
 
     path = catalog.locate("smollm2-135m")

@@ -7,7 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clusterhelpers import wait_until
-from distzo.zo.mezo import Direction
+from distzo.zo.record import Direction
 from paramserver import metrics
 from paramserver.dataplane.wire import UpdateRecord
 from paramserver.service import SERVICE

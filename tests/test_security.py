@@ -11,7 +11,7 @@ import pytest
 
 from distzo.common.config import JobConfig
 from distzo.infra.rpc import Credentials
-from distzo.zo.mezo import Direction, UpdateRecord
+from distzo.zo.record import Direction, UpdateRecord
 from paramserver.dataplane.client import FetchError, ParamServerClient
 from paramserver.service import ANONYMOUS_SLOTS
 from protos import coordinator_pb2 as cpb

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from distzo.model.blockfeed import MemoryFeed
 from distzo.model.blocks import ITEMSIZE
-from distzo.model.forward import MemoryFeed
 from distzo.model.modeling import BlockModel
 from distzo.zo import generator as g
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update
+from distzo.zo.mezo import apply_update
+from distzo.zo.record import Direction, UpdateRecord
 from distzo.zo.served import cast_into, to_served
 from paramserver.store import BlockStore
 

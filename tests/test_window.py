@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from distzo.model.blocks import BlockSpec, TensorSpec
+from distzo.zo.forwardweights import perturb_block, replay_block
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import Direction, UpdateRecord, apply_update, apply_window, base_version, perturb_block, replay_block
+from distzo.zo.mezo import apply_update, apply_window, base_version
+from distzo.zo.record import Direction, UpdateRecord
 from distzo.zo.replay import pack, replay_perturb_device
 from distzo.zo.served import to_served
 
@@ -127,8 +129,8 @@ def test_triton_replay_kernel_in_the_interpreter_matches_numba(tmp_path) -> None
         import numpy as np, torch
         from distzo.zo import generator_cuda as gc
         from distzo.zo.generator import Distribution, _key
+        from distzo.zo.record import Direction, UpdateRecord
         from distzo.zo.replay import pack, replay_perturb_cpu
-        from distzo.zo.mezo import Direction, UpdateRecord
         rng = np.random.default_rng(1)
         for gaussian in (False, True):
             dist = Distribution.GAUSSIAN if gaussian else Distribution.RADEMACHER

@@ -296,7 +296,7 @@ def perturbation_report(args: argparse.Namespace, pred: Prediction):  # noqa: AN
     from distzo.model.families import load_model
     from distzo.train.plan import direction_seed
     from distzo.train.precision import ModelDirSource, measure
-    from distzo.zo.mezo import forward_precision
+    from distzo.zo.forwardweights import forward_precision
 
     from distzo.train.defaults import EPS
 

@@ -105,7 +105,7 @@ class TrainSection(Section):
     eps_bf16: float | None = Field(
         None, gt=0, description="perturbation scale of forwards that compute in bfloat16 (a GPU fed a bfloat16 served "
         "copy): None is 4 x train.eps, which keeps the perturbation bfloat16 rounding leaves within 5% rms on "
-        "SmolLM2-135M (distzo/zo/mezo.py forward_precision; bench/NOTES.md section 10)")
+        "SmolLM2-135M (distzo/zo/forwardweights.py forward_precision; bench/NOTES.md section 10)")
     forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="what the forwards compute in: auto is float32 on a CPU and the served dtype on a GPU; "
         "a 16-bit dtype on a CPU runs the GPU's arithmetic there (slower, for checks)")

@@ -68,7 +68,7 @@ class BlockSpec:
 
     def vector_segments(self) -> list[tuple[int, int]]:
         """Maximal runs [start, end) of tensors of rank < 2 (norm weights, biases), in block order: what a
-        16-bit forward keeps in float32 (``mezo.forward_weights``), packed back to back."""
+        16-bit forward keeps in float32 (``forwardweights.forward_weights``), packed back to back."""
         segs: list[tuple[int, int]] = []
         for t in self.tensors:
             if len(t.shape) >= 2:

@@ -32,13 +32,14 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from distzo.data.tasks import IGNORE, Batch
 from distzo.model.adapters import LoraTarget, checkpoint_name, is_adapter
+from distzo.model.blockfeed import MemoryFeed
 from distzo.model.blocks import flatten_block
-from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed
+from distzo.model.forward import ForwardEngine, ForwardJob
 from distzo.model.modeldir import UNSUPPORTED, ModelError, read_config, refusal  # noqa: F401 - the refusals, by family
 from distzo.model.modeling import BlockModel
 from distzo.model.prefix import PrefixTarget
+from distzo.zo.forwardweights import perturb_block
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import perturb_block
 
 # families whose tiny random model passes tests/test_families.py (README, "Model families")
 TESTED_FAMILIES: tuple[str, ...] = (

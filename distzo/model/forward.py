@@ -10,27 +10,26 @@ is the dual forward of ZO2 (both signs per fetch), generalized to any number of 
 The jobs are the skeleton's own Hugging Face ``forward`` running in threads that take
 turns in strict order (job 0 on block b, job 1 on block b, ..., job 0 on block b+1):
 only one thread computes at any time, so every job's result is bitwise that of running
-the forwards one after another, whatever the thread scheduling.
+the forwards one after another, whatever the thread scheduling. Where the blocks come from and how long
+each stays resident: ``blockfeed.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from distzo.common.config import ConfigError
 from distzo.data.tasks import IGNORE, Batch
-from distzo.model.blocks import DTYPES
-from distzo.model.lockstep import Lockstep
+from distzo.model.blockfeed import BlockFeed, BlockRun
 from distzo.model.modeling import BlockModel, causal_lm_logits
+from distzo.zo.forwardweights import ForwardWeights, forward_weights, replay_block
 from distzo.zo.generator import Distribution
-from distzo.zo.mezo import ForwardWeights, UpdateRecord, forward_weights, replay_block
-from distzo.zo.served import to_served
+from distzo.zo.record import UpdateRecord
 
 
 @dataclass(frozen=True)
@@ -59,101 +58,15 @@ class JobResult:
     logits: torch.Tensor | None = None
 
 
-class BlockFeed(Protocol):
-    """Where clean block buffers come from (memory for the reference, the server for workers)."""
-
-    def get(self, block: int) -> torch.Tensor:
-        """Block ``block``'s clean weights: a flat [numel] tensor (served dtype) on the engine's device."""
-        ...
-
-    def release(self, block: int) -> None:
-        """Every job has moved past ``block``: its buffer may be reused."""
-        ...
-
-
-@dataclass
-class _BlockState:
-    clean: torch.Tensor | None = None
-    copies: list[ForwardWeights] = field(default_factory=list)
-    views: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    error: BaseException | None = None
-
-
-class _Run:
-    def __init__(self, engine: "ForwardEngine", jobs: list[ForwardJob], feed: BlockFeed, pending: Sequence[UpdateRecord]):
-        self.engine = engine
-        self.jobs = jobs
-        self.feed = feed
-        self.pending = tuple(pending)
-        self.lockstep = Lockstep(len(jobs))
-        self.blocks: dict[int, _BlockState] = {}
-        self.current = [-1] * len(jobs)
-        self.copy_bytes = 0  # perturbed copies alive now, and the most at once
-        self.peak_copy_bytes = 0
-
-    def prepare(self, b: int) -> _BlockState:
-        """Block ``b``'s clean buffer from the feed and one perturbed copy per job (made once, by whichever
-        job enters first); an error there is raised to every job that enters ``b``."""
-        state = self.blocks.get(b)
-        if state is None:
-            state = _BlockState()
-            self.blocks[b] = state
-            try:
-                state.clean = self.feed.get(b)
-                state.copies = self.engine.make_copies(b, state.clean, self.jobs, self.pending)
-                self.copy_bytes += self._own_bytes(state)
-                self.peak_copy_bytes = max(self.peak_copy_bytes, self.copy_bytes)
-            except BaseException as exc:  # every job entering this block fails the same way
-                state.error = exc
-        if state.error is not None:
-            raise state.error
-        return state
-
-    def views(self, j: int, b: int) -> dict[str, torch.Tensor]:
-        """Job ``j``'s tensors of block ``b`` by parameter name: shaped views into its perturbed copy (no copy)."""
-        state = self.prepare(b)
-        v = state.views.get(j)
-        if v is None:
-            copy = state.copies[j]
-            v = self.engine.model.views(self.engine.model.manifest.blocks[b], copy.main, copy.vectors)
-            state.views[j] = v
-        return v
-
-    def release_passed(self) -> None:
-        """Drop every block all jobs have passed (pinned blocks stay: the tied embedding until the head)."""
-        lowest = self.lockstep.lowest_position()
-        for b in sorted(self.blocks):
-            if b < lowest and b not in self.engine.model.pinned_blocks and self.blocks[b].clean is not None:
-                self.drop(b)
-
-    @staticmethod
-    def _own_bytes(state: _BlockState) -> int:
-        """Bytes of the block's copies that are not the clean buffer itself (a shared copy counted once)."""
-        own = {id(c): c for c in state.copies}.values()
-        return sum((c.main.numel() * c.main.element_size() if c.main is not state.clean else 0)
-                   + (c.vectors.numel() * 4 if c.vectors is not None else 0) for c in own)
-
-    def drop(self, b: int) -> None:
-        """Free block ``b``'s perturbed copies and views and give its clean buffer back to the feed."""
-        state = self.blocks[b]
-        self.copy_bytes -= self._own_bytes(state)
-        self.engine.model.unbind_block(b)
-        state.copies = []
-        state.views = {}
-        if state.clean is not None:
-            state.clean = None
-            self.feed.release(b)
-
-
 class ForwardEngine:
     """Runs forward jobs over a block feed with the model's skeleton.
 
     ``dist``: the distribution of z (``distzo.zo.generator``); ``device``: where the forwards run;
     ``compute_dtype``: the dtype of the perturbed copies and of the forward (the job's, ``precision.job_precision``:
     float32 on CPU; on a GPU the served 16-bit dtype). A 16-bit forward keeps the tensors of rank < 2 in float32
-    (``mezo.forward_weights``) and runs under ``torch.autocast(compute_dtype)``; a module whose weights are all
-    such tensors (a norm) returns its floating outputs in the compute dtype when its inputs are (the activations
-    keep the forward's dtype). One ``run`` at a time per engine.
+    (``forwardweights.forward_weights``) and runs under ``torch.autocast(compute_dtype)``; a module whose weights
+    are all such tensors (a norm) returns its floating outputs in the compute dtype when its inputs are (the
+    activations keep the forward's dtype). One ``run`` at a time per engine.
     """
 
     def __init__(
@@ -183,11 +96,12 @@ class ForwardEngine:
     # ------------------------------------------------------------------ perturbation
     def make_copies(self, b: int, clean: torch.Tensor, jobs: list[ForwardJob],
                     pending: Sequence[UpdateRecord] = ()) -> list[ForwardWeights]:
-        """Each job's weights for block b, made out of place from the clean buffer (``mezo.forward_weights``).
+        """Each job's weights for block b, made out of place from the clean buffer
+        (``forwardweights.forward_weights``).
 
         ``clean``: block b's flat [numel] buffer, the fetched base; ``pending``: the update records after it
-        (update windows), replayed first (``mezo.replay_block``, fused into the perturbation when one seed
-        serves every job). Returns one ``ForwardWeights`` per job in ``compute_dtype``: x + coef * z(seed)
+        (update windows), replayed first (``forwardweights.replay_block``, fused into the perturbation when one
+        seed serves every job). Returns one ``ForwardWeights`` per job in ``compute_dtype``: x + coef * z(seed)
         (z over the block's global element indices, generated once per seed for all that seed's
         coefficients), or x itself for ``coef == 0`` and for a frozen block (train.target lora's base
         weights), x being the base with the pending records applied."""
@@ -280,16 +194,18 @@ class ForwardEngine:
         if not jobs:
             return []
         with self._lock:
-            run = _Run(self, jobs, feed, pending)
+            pending = tuple(pending)
+            run = BlockRun(self.model, feed, len(jobs), lambda b, clean: self.make_copies(b, clean, jobs, pending))
             results: list[JobResult | None] = [None] * len(jobs)
             errors: list[BaseException | None] = [None] * len(jobs)
             threads = [
-                threading.Thread(target=self._job, args=(run, j, results, errors), name=f"fwd-job-{j}", daemon=True)
+                threading.Thread(target=self._job, args=(run, j, jobs[j], results, errors), name=f"fwd-job-{j}",
+                                 daemon=True)
                 for j in range(1, len(jobs))
             ]
             for t in threads:
                 t.start()
-            self._job(run, 0, results, errors)
+            self._job(run, 0, jobs[0], results, errors)
             for t in threads:
                 t.join()
             for b in list(run.blocks):
@@ -301,12 +217,12 @@ class ForwardEngine:
                     raise err
             return results  # type: ignore[return-value]
 
-    def _job(self, run: _Run, j: int, results: list, errors: list) -> None:
+    def _job(self, run: BlockRun, j: int, job: ForwardJob, results: list, errors: list) -> None:
         self._tls.ctx = (run, j)
         try:
             run.lockstep.wait_turn(j)
             with torch.inference_mode(), self._autocast():
-                results[j] = self._forward(run.jobs[j])
+                results[j] = self._forward(job)
         except BaseException as exc:  # reported to the caller after every job has finished
             errors[j] = exc
         finally:
@@ -368,30 +284,6 @@ class ForwardEngine:
             scores=scores,
             logits=logits_full.cpu() if logits_full is not None else None,
         )
-
-
-class MemoryFeed:
-    """Blocks already in memory (the reference trainer, eval, tests).
-
-    With a served dtype other than float32, each block is rounded the way the parameter server
-    derives its served copy (``distzo/zo/served.py``), so the reference sees the very
-    bytes a worker fetches; with a device, the (rounded) block is copied there.
-    """
-
-    def __init__(self, buffers: list[torch.Tensor], device: str | torch.device | None = None,
-                 served_dtype: str = "float32"):
-        self.buffers = buffers
-        self.device = torch.device(device) if device is not None else None
-        self.served_dtype = served_dtype
-        self.dtype = DTYPES[served_dtype]
-
-    def get(self, block: int) -> torch.Tensor:
-        """Block ``block`` as the served dtype (flat [numel]), on the device when one was given."""
-        buf = to_served(self.buffers[block], self.served_dtype)
-        return buf if self.device is None else buf.to(self.device)
-
-    def release(self, block: int) -> None:
-        """Nothing to free: the buffers stay in memory."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

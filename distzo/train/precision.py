@@ -1,6 +1,6 @@
 """What a job's forwards keep of the perturbation: their precision, and a sampled measurement of it.
 
-A forward computing in dtype d reads the weights ``mezo.forward_weights`` defines: y± = float32(x ± eps z),
+A forward computing in dtype d reads the weights ``forwardweights.forward_weights`` defines: y± = float32(x ± eps z),
 x the served value, rounded to d for tensors of rank >= 2 and kept float32 for tensors of rank < 2. The
 perturbation it sees is s = (y+ - y-) / 2. ``measure`` computes, per tensor kind (matrices, embeddings: the
 rank >= 2 tensors of the embedding block, 1-D: tensors of rank < 2), on the trainable tensors:
@@ -33,8 +33,8 @@ from distzo.model.blocks import DTYPES, BlockSpec, Manifest, TensorSpec
 from distzo.model.families import load_model
 from distzo.train.defaults import job_eps
 from distzo.train.plan import direction_seed
+from distzo.zo.forwardweights import ForwardPrecision, forward_precision, forward_weights
 from distzo.zo.generator import Distribution, fill_z
-from distzo.zo.mezo import ForwardPrecision, forward_precision, forward_weights
 from distzo.zo.served import to_served
 
 BOUND = 0.05  # rms error of the seen perturbation, relative to eps, that a job should stay within
@@ -53,8 +53,8 @@ def forward_dtype_name(cfg) -> str:  # noqa: ANN001 - a JobConfig
 
 
 def job_precision(cfg) -> ForwardPrecision:  # noqa: ANN001 - a JobConfig
-    """The precision of every forward of the job (reference, workers) and the eps of its g (``mezo.forward_precision``);
-    a null ``train.eps`` is the target's default (``distzo.train.defaults``)."""
+    """The precision of every forward of the job (reference, workers) and the eps of its g
+    (``forwardweights.forward_precision``); a null ``train.eps`` is the target's default (``distzo.train.defaults``)."""
     return forward_precision(job_eps(cfg.train), DTYPES[forward_dtype_name(cfg)], cfg.train.eps_bf16)
 
 

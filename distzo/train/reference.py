@@ -20,9 +20,10 @@ from distzo.common.locks import DirLock
 from distzo.data.catalog import base_model_name
 from distzo.data.jobdata import EvalTally, JobData
 from distzo.model.adapters import adapter_from_train
+from distzo.model.blockfeed import MemoryFeed
 from distzo.model.export import check_destination, export_model_dir
 from distzo.model.families import load_model
-from distzo.model.forward import ForwardEngine, ForwardJob, MemoryFeed, resolve_device
+from distzo.model.forward import ForwardEngine, ForwardJob, resolve_device
 from distzo.run.modelcard import model_card
 from distzo.run.report import eval_summary, write_report
 from distzo.run.runlog import RUN_LOCK, RunLog, loss_window, make_run_dir
@@ -32,8 +33,9 @@ from distzo.train.plan import all_roles
 from distzo.train.precision import PerturbationReport, forward_dtypes, job_precision, job_report
 from distzo.train.step import Forwarded, PlannedStep, TrainingStopped, TrainLog, plan_step, run_step
 from distzo.zo import generator
-from distzo.zo.mezo import StepOutcome, UpdateRecord, apply_update, base_version
+from distzo.zo.mezo import StepOutcome, apply_update, base_version
 from distzo.zo.optim import Optimizer
+from distzo.zo.record import UpdateRecord
 
 __all__ = ["ReferenceTrainer", "TrainLog", "TrainingStopped", "apply_runtime_threads", "evaluate"]
 
@@ -95,7 +97,7 @@ class ReferenceTrainer:
 
     def at_step(self, step: int) -> tuple[MemoryFeed, list[UpdateRecord]]:
         """What step ``step``'s forwards (or an eval after ``step`` steps) read: the base ``base_version(step, K)``
-        and the records after it, replayed on it (``mezo.replay_block``)."""
+        and the records after it, replayed on it (``forwardweights.replay_block``)."""
         base = base_version(step, self.window)
         return self.feed(base), self.log.records[base:step]
 

@@ -30,7 +30,8 @@ from distzo.infra.logs import kv
 from distzo.run.runlog import RunLog, loss_window, mean_finite
 from distzo.train.plan import StepPlan, step_plan
 from distzo.train.precision import job_precision
-from distzo.zo.mezo import StepOutcome, UpdateRecord, make_update
+from distzo.zo.mezo import StepOutcome, make_update
+from distzo.zo.record import UpdateRecord
 
 log = logging.getLogger("distzo.step")
 

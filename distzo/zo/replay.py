@@ -52,7 +52,7 @@ class PackedRecords:
 
 
 def pack(records: Sequence, decays: bool) -> PackedRecords:
-    """Pack ``records`` (``mezo.UpdateRecord``, in step order) for a segment that decays or not."""
+    """Pack ``records`` (``record.UpdateRecord``, in step order) for a segment that decays or not."""
     live = [r for r in records if not r.skipped]
     keys, coefs, starts, decay = [], [], [0], []
     for r in live:

@@ -17,7 +17,7 @@ import numpy as np
 
 from distzo.infra.rpc import Credentials, make_channel
 from distzo.model.blocks import ITEMSIZE, Manifest
-from distzo.zo.mezo import UpdateRecord
+from distzo.zo.record import UpdateRecord
 from paramserver.dataplane.shm import SharedView
 from paramserver.dataplane.transport import (BlockTransport, FetchError, GrpcTransport, ShmTransport, SliceSpec, StaleVersionError,
                                    VersionTimeout)

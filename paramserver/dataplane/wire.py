@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import xxhash
 
-from distzo.zo.mezo import Direction, UpdateRecord
+from distzo.zo.record import Direction, UpdateRecord
 from protos import common_pb2
 from protos import paramserver_pb2 as pb
 

@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 
 from distzo.common.durable import fsync_dir
 from distzo.infra.logs import kv
-from distzo.zo.mezo import UpdateRecord
+from distzo.zo.record import UpdateRecord
 from paramserver.dataplane.wire import record_from_pb, record_to_pb
 from protos import common_pb2
 
