@@ -56,6 +56,7 @@ def main() -> None:
 
     from distzo.common.config import JobConfig
     from distzo.data.jobdata import JobData
+    from distzo.data.tasks import IGNORE
     from distzo.infra.logs import quiet_transformers
     from distzo.model.blockfeed import MemoryFeed
     from distzo.model.forward import ForwardEngine, ForwardJob
@@ -72,7 +73,7 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(job.model_dir), dtype=torch.float32).eval()
     logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     labels = batch.labels[:, 1:]
-    picked = labels != -100
+    picked = labels != IGNORE
     loss = -torch.log_softmax(logits[picked], dim=-1).gather(1, labels[picked].unsqueeze(1)).mean()
     loss.backward()
     bm = BlockModel.from_dir(job.model_dir)
@@ -110,6 +111,7 @@ def compare_bf16(args: argparse.Namespace) -> None:
 
     from distzo.common.config import JobConfig
     from distzo.data.jobdata import JobData
+    from distzo.data.tasks import IGNORE
     from distzo.infra.logs import quiet_transformers
     from distzo.model.blockfeed import MemoryFeed
     from distzo.model.forward import ForwardEngine, ForwardJob
@@ -142,7 +144,7 @@ def compare_bf16(args: argparse.Namespace) -> None:
     hf.tie_weights()
     logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     labels = batch.labels[:, 1:]
-    picked = labels != -100
+    picked = labels != IGNORE
     loss = -torch.log_softmax(logits[picked], dim=-1).gather(1, labels[picked].unsqueeze(1)).mean()
     loss.backward()
     named = dict(hf.named_parameters())

@@ -168,32 +168,42 @@ class PrefetchFeed:
         return dev.view(self.dtype)
 
     def _fetch_or_keep(self, b: int) -> torch.Tensor:
-        """A frozen block from the cache (fetched and copied there the first time), any other fetched."""
+        """A frozen block from the cache (fetched and kept there the first time), any other fetched."""
         if self.frozen is None or self.manifest.blocks[b].trainable:
             return self._fetch(b)
         kept = self.frozen.blocks
-        if b not in kept:
-            data = self._fetch(b)
-            if self._copy_stream is None:
-                kept[b] = data.clone()  # own memory: the pool buffer goes back now
-                self._give_back(b)
-                return kept[b]
-            # GPU-only: copy on the copy stream, after the host-to-device copy, and wait for it
-            with torch.cuda.stream(self._copy_stream):
-                if self.frozen.fits_on(self.device, data.numel() * data.element_size()):
-                    kept[b] = data.clone()
-                else:  # no room on the GPU: a pinned host copy, brought over at each use
-                    kept[b] = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
-                    kept[b].copy_(data)
-            self._copy_stream.synchronize()
-            self._events.pop(b, None)
-            self._give_back(b)
-            return data if not kept[b].is_cuda else kept[b]
-        if self._copy_stream is None or kept[b].is_cuda:
-            return kept[b]
-        t0 = time.perf_counter()  # GPU-only: the pinned host copy to the device, on the side stream
+        if b in kept:
+            return self._from_cache(b, kept[b])
+        data = self._fetch(b)
+        kept[b] = self._cache_copy(data)
+        self._events.pop(b, None)  # the copy waited for the host-to-device copy: nothing left to wait for
+        self._give_back(b)
+        # this use reads the copy where it computes: the cached one on its device, else the one just fetched
+        return kept[b] if kept[b].device == data.device else data
+
+    def _cache_copy(self, data: torch.Tensor) -> torch.Tensor:
+        """The frozen cache's own copy of a fetched block (the fetch's pool buffer goes back after it): on the
+        compute device, or, on a GPU without room for it, a pinned host copy brought over at each use."""
+        if self._copy_stream is None:
+            return data.clone()
+        # GPU-only: copy on the copy stream, after the host-to-device copy, and wait for it
         with torch.cuda.stream(self._copy_stream):
-            dev = kept[b].to(self.device, non_blocking=True)
+            if self.frozen.fits_on(self.device, data.numel() * data.element_size()):  # type: ignore[union-attr]
+                copy = data.clone()
+            else:
+                copy = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+                copy.copy_(data)
+        self._copy_stream.synchronize()
+        return copy
+
+    def _from_cache(self, b: int, kept: torch.Tensor) -> torch.Tensor:
+        """A cached frozen block where the compute reads it (GPU-only for a pinned host copy: brought over on
+        the side stream, its event waited for in get())."""
+        if self._copy_stream is None or kept.is_cuda:
+            return kept
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self._copy_stream):
+            dev = kept.to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self._copy_stream)
         self._events[b] = ev
