@@ -79,7 +79,7 @@ def test_a_few_distributed_steps_on_the_real_model_equal_the_reference_bitwise(t
     from test_matrix import check_up_equals_reference
 
     cfg = tmp_path / "job.yaml"
-    cfg.write_text("model: {source: smollm2-135m}\ndata: {train: rotten-tomatoes, dev_examples: 8}\n"
+    cfg.write_text("model: {source: smollm2-135m}\ndata: {train: rotten-tomatoes, dev_examples: 8, max_seq_len: 32}\n"
                    "train: {steps: 3, batch_size: 4, lr: 1.0e-5}\nserver: {snapshot_every: 0}\n")
     a, _ = check_up_equals_reference(tmp_path, references, ["--config", str(cfg)])  # weights, summary, run log
     assert a["model"] == "smollm2-135m" and a["task"] == "rotten-tomatoes"
