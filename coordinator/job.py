@@ -254,16 +254,14 @@ class Job:
         rnd = self._run_round(step.plan.step, "train", step.forwards, step.shard_batches(), step.pieces, started=started)
         for k, err in sorted(rnd.errors.items()):  # the same input fails the same way anywhere: no retry
             raise BadInput(f"step {step.plan.step}: forward (direction, shard, sign) = {k} cannot run: {err}")
-        tokens = sum(r.tokens for r in rnd.results.values())
-        if not self.data.train_candidates:  # type: ignore[union-attr]
-            return Forwarded({k: rnd.loss(k) for k in step.forwards}, tokens, rnd)
         cands = self.data.train_candidates  # type: ignore[union-attr]
         losses = {}
         for k in step.forwards:
             r = rnd.results[k]
+            scores = torch.tensor(list(r.scores), dtype=torch.float64) if cands else None
             losses[k] = forward_sums(self.cfg.train.objective, cands, step.batches[k[1]], r.loss_sum, r.label_tokens,
-                                     torch.tensor(list(r.scores), dtype=torch.float64))
-        return Forwarded(losses, tokens, rnd)
+                                     scores)
+        return Forwarded(losses, sum(r.tokens for r in rnd.results.values()), rnd)
 
     def _dispatch_next(self, record: UpdateRecord) -> RoundPlan | None:
         """Keep step t's record (the next steps' workers replay it until their base passes it), then send step

@@ -288,7 +288,3 @@ class Round:
             found = units()
         return found
 
-    def loss(self, key: Hashable) -> tuple[float, int]:
-        """(summed label loss, label tokens) of a forward that has a result."""
-        r = self.results[key]
-        return r.loss_sum, r.label_tokens

@@ -298,7 +298,8 @@ def test_late_and_duplicate_reports_are_ignored_and_counted():
                                            results=[cpb.ForwardResult(spec=re.forwards[0], loss=2.5, loss_sum=5.0,
                                                                       label_tokens=2)]))
     waiter.join(timeout=10)
-    assert rnd.done() and rnd.loss(("k", -1)) == (5.0, 2) and rnd.reassignments == 1 and rnd.late == 3
+    got = rnd.results[("k", -1)]
+    assert rnd.done() and (got.loss_sum, got.label_tokens) == (5.0, 2) and rnd.reassignments == 1 and rnd.late == 3
 
 
 @pytest.mark.parametrize("kind", ["train", "eval"])

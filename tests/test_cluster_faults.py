@@ -289,7 +289,7 @@ def test_forwards_wait_for_an_unreachable_server_without_using_up_their_attempts
     a = w.outbox.get(timeout=30).assignment
     rnd.on_result(w, cpb.WorkResult(assignment_id=a.assignment_id, step=0, results=[cpb.ForwardResult(spec=a.forwards[0], loss=1.25, loss_sum=2.5, label_tokens=2)]))
     waiter.join(timeout=30)
-    assert rnd.done() and rnd.loss("k") == (2.5, 2)
+    assert rnd.done() and (rnd.results["k"].loss_sum, rnd.results["k"].label_tokens) == (2.5, 2)
     # but not forever: past coordinator.server_timeout_s the round fails, saying why
     rnd, w = _one_forward_round(server_timeout_s=0.5)
     failed = []
