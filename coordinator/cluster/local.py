@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 import uuid
@@ -376,6 +377,11 @@ class LocalCluster:
             self.client().call("Shutdown", cpb.ControlRequest(), timeout=5)
         except grpc.RpcError:
             pass
+        # the workers and the coordinator end on that call; the servers are told now, not after them, so that the
+        # ends overlap (each takes about a second: gRPC's stop, the state's close, the interpreter's teardown)
+        for name, p in self.processes.items():
+            if not name.startswith("worker-") and name != "coordinator":
+                p.kill(signal.SIGTERM)
         deadline = time.monotonic() + 10
         for name, p in self.processes.items():
             if name.startswith("worker-"):
