@@ -26,6 +26,7 @@ from clusterhelpers import wait_until
 from coordinator.cluster.hostcluster import replica_states
 from coordinator.cluster.hosts import HostNetwork, cleanup_stale, leftovers
 from distzo.common.config import JobConfig
+from protos import coordinator_pb2 as cpb
 from test_cluster import our_processes, same_weights, write_config, zoctl
 
 ROOT = os.geteuid() == 0
@@ -140,19 +141,30 @@ def test_ctrl_c_tears_the_hosts_down(cache_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------- faults (in process: the harness cuts links)
-FAULT_STEPS = 20  # room for a 10 s outage, the rejoin and the replica's kill before the end
+class _Paused(Exception):
+    """Ends HostsCluster.wait() once the run is paused (wait() itself returns only when the run has ended)."""
 
 
-def run_hosts(cfg: JobConfig, tmp_path: Path, on_status) -> object:  # noqa: ANN001
+def run_hosts_until_paused(cfg: JobConfig, tmp_path: Path, on_status) -> tuple[object, int]:  # noqa: ANN001
+    """Run ``cfg`` on simulated hosts, calling ``on_status(cluster, status)`` at each poll, until it returns True
+    while the run is paused; export there. Returns the cluster (shut down) and the step it was paused at."""
     from coordinator.cluster.hostcluster import HostsCluster
 
     cluster = HostsCluster(cfg, tmp_path / "run")
+    paused_at: list[int] = []
+
+    def poll(st) -> None:  # noqa: ANN001
+        if on_status(cluster, st) and st.state == "paused":
+            paused_at.append(st.step)
+            raise _Paused
+        assert st.state not in ("done", "failed", "stopped"), st.error or st.state  # it trains until paused
+
     try:
         cluster.start()
-        st = cluster.wait(lambda st: on_status(cluster, st))
-        assert st.state == "done", st.error
+        with pytest.raises(_Paused):
+            cluster.wait(poll)
         cluster.export(tmp_path / "dist")
-        return cluster
+        return cluster, paused_at[0]
     finally:
         cluster.shutdown()
         assert not leftovers(cluster.net.rid)
@@ -163,10 +175,12 @@ def run_hosts(cfg: JobConfig, tmp_path: Path, on_status) -> object:  # noqa: ANN
 def test_a_host_cut_off_for_10s_and_a_killed_replica_and_the_run_ends_bitwise_equal(cache_dir, tmp_path, references):
     """Two hosts. Host 1's link goes down for 10 s (its replica and worker cut off from the coordinator and the
     primary) and comes back: it rejoins. Then host 1's replica is killed (kill -9): zoctl status shows it dead, the
-    supervisor restarts it from its own snapshot + journal, it catches up. The run ends bitwise equal."""
+    supervisor restarts it from its own snapshot + journal, it catches up. The run trains until it is paused a few
+    steps after the restart (so it cannot end before the kill, however fast its steps): its weights there equal
+    the reference's at that step."""
     # update windows of 4, served bf16: the replica follows the journal into the same slots, and the killed one
     # recovers mid-window from its own snapshot + journal (served bf16: the base it serves decides the forwards)
-    cfg = JobConfig.from_yaml(write_config(tmp_path, cache_dir, train={"steps": FAULT_STEPS, "batch_size": 6},
+    cfg = JobConfig.from_yaml(write_config(tmp_path, cache_dir, train={"steps": 100_000, "batch_size": 6},
                                            layout={"name": "ddp", "workers": 2}, cluster={"hosts": 2},
                                            coordinator={"heartbeat_timeout_s": 30.0},
                                            server={"update_window": 4, "served_dtype": "bfloat16", "snapshot_every": 3}))
@@ -181,7 +195,7 @@ def test_a_host_cut_off_for_10s_and_a_killed_replica_and_the_run_ends_bitwise_eq
         seen["up_at"] = cluster.status().step
         cluster.net.set_link(1, True)
 
-    def on_status(cluster, st) -> None:  # noqa: ANN001
+    def on_status(cluster, st) -> bool:  # noqa: ANN001 - True once the run may be paused
         if st.step >= 3 and not threads:
             threads.append(threading.Thread(target=outage, args=(cluster,), daemon=True))
             threads[0].start()
@@ -195,17 +209,23 @@ def test_a_host_cut_off_for_10s_and_a_killed_replica_and_the_run_ends_bitwise_eq
             p.kill()  # kill -9: the supervisor restarts it from its own snapshot + journal
             p.proc.wait(30)
             seen["killed"] = replica_states(cluster.server_address, {"1": cluster.replica_address(1)}, cluster.creds)
+            seen["killed_at"] = st.step
+        elif killed and cluster.restarts.get("replica-1", 0) >= 1 and st.state == "running" \
+                and st.step >= seen["killed_at"] + 2 and "pause" not in seen:  # restarted, and the run moving on
+            cluster.client().call("Pause", cpb.ControlRequest(), timeout=30)
+            seen["pause"] = True
+        return "pause" in seen
 
-    cluster = run_hosts(cfg, tmp_path, on_status)
+    cluster, step = run_hosts_until_paused(cfg, tmp_path, on_status)
     threads[0].join(30)
-    assert "up_at" in seen and seen["down_at"] < FAULT_STEPS
+    assert "up_at" in seen, seen
     # the cut was real: host 1's worker holds a data shard of every step, and it waited (heartbeat timeout 30 s)
     assert seen["up_at"] <= seen["down_at"] + 1, seen
     assert killed and cluster.restarts.get("replica-1", 0) >= 1
     before, after = seen["before"], seen["killed"]
     assert [(r["host"], r["state"]) for r in before] == [("1", "serving")] and before[0]["lag"] <= 1, before
     assert [(r["host"], r["state"], r["version"]) for r in after] == [("1", "dead", None)], after  # zoctl status shows it
-    assert same_weights(tmp_path / "dist", references.get(cfg).out)
+    assert same_weights(tmp_path / "dist", references.get(cfg.with_overrides({"train.steps": step})).out)
 
 
 def test_link_meter_counts_steady_state_apart_from_evals_and_the_last_step():
