@@ -378,7 +378,6 @@ def test_state_files_are_private_to_the_service_user(servers, cache_dir, tmp_pat
 def test_a_server_refuses_the_updates_of_another_job(servers, cache_dir, tmp_path, capsys):
     import json
 
-    from distzo.common.config import JobConfig
     from distzo.common.durable import job_id, job_identity
 
     cfg = server_config(cache_dir)

@@ -34,7 +34,7 @@ def test_the_converted_model_is_the_pretrained_one():
 def test_block_model_gives_the_logits_of_the_transformers_forward():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distzo.data.tasks import Example, TaskEncoder, load_jsonl
+    from distzo.data.tasks import TaskEncoder, load_jsonl
     from distzo.model.blockfeed import MemoryFeed
     from distzo.model.forward import ForwardEngine, ForwardJob
     from distzo.model.modeling import BlockModel
